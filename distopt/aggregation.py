@@ -1,0 +1,131 @@
+"""How per-replica gradients become one gradient.
+
+Every aggregation sends the same payload, so that one fused all-reduce
+carries everything: the (possibly weighted) gradients packed into one buffer
+per dtype, with the replica's weight appended as the last element. After the
+SUM all-reduce the receiver divides by a normaliser computed from the summed
+weight:
+
+| aggregation    | replica sends   | result                          |
+| -------------- | --------------- | ------------------------------- |
+| `Mean`         | `g_r`, 1        | `sum_r g_r / R`                 |
+| `Sum`          | `g_r`, 1        | `sum_r g_r`                     |
+| `WeightedMean` | `w_r * g_r`, w_r| `sum_r w_r g_r / sum_r w_r`     |
+
+With gradient accumulation over k micro-steps the payload is accumulated
+locally first; `Mean` then divides by `R * k` and `Sum` by `k`, so both equal
+their definition on a k-times-larger batch.
+
+If every weight is zero the mean is undefined: the step is skipped (no
+variable changes, `optimizer.skipped_steps` counts it), never a silent NaN.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class Aggregation:
+    """Base class: the weight a replica sends and the final normaliser."""
+
+    name = "aggregation"
+    #: Whether gradients are multiplied by the replica weight before sending.
+    weighted = False
+
+    def replica_weight(self, weight) -> tf.Tensor:
+        """The scalar float32 weight this replica contributes."""
+        del weight
+        return tf.constant(1.0, tf.float32)
+
+    def normalizer(self, total_weight: tf.Tensor, num_replicas: int) -> tf.Tensor:
+        """The divisor applied to the summed payload."""
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Mean(Aggregation):
+    """The mean of the replicas' gradients (the default)."""
+
+    name = "mean"
+
+    def normalizer(self, total_weight, num_replicas):
+        del num_replicas
+        return total_weight
+
+
+class Sum(Aggregation):
+    """The sum of the replicas' gradients (each replica's loss pre-scaled)."""
+
+    name = "sum"
+
+    def normalizer(self, total_weight, num_replicas):
+        # total_weight = R * micro_steps; Sum averages over micro-steps only.
+        return total_weight / tf.cast(num_replicas, total_weight.dtype)
+
+
+class WeightedMean(Aggregation):
+    """sum(w_r * g_r) / sum(w_r), with w_r passed by each replica.
+
+    Pass each replica's number of valid examples as `weight` and the result is
+    exactly the mean over all examples, even with uneven or ragged per-replica
+    batches (tensorflow#29975).
+    """
+
+    name = "weighted_mean"
+    weighted = True
+
+    def replica_weight(self, weight) -> tf.Tensor:
+        if weight is None:
+            raise ValueError(
+                "weight: WeightedMean aggregation needs `weight=` in "
+                "apply_gradients (e.g. this replica's number of examples)."
+            )
+        w = tf.convert_to_tensor(weight)
+        if w.shape.rank is not None and w.shape.rank != 0:
+            raise ValueError(f"weight: must be a scalar, got shape {w.shape}.")
+        if not (w.dtype.is_floating or w.dtype.is_integer):
+            raise ValueError(f"weight: must be a number, got dtype {w.dtype.name}.")
+        w = tf.cast(w, tf.float32)
+        if tf.executing_eagerly():
+            value = float(w.numpy())
+            if not value >= 0.0 or value == float("inf"):
+                raise ValueError(
+                    f"weight: must be finite and non-negative, got {value}."
+                )
+            return w
+        checks = [
+            tf.debugging.assert_all_finite(w, "weight: must be finite"),
+            tf.debugging.assert_non_negative(w, "weight: must be non-negative"),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(w)
+
+    def normalizer(self, total_weight, num_replicas):
+        del num_replicas
+        return total_weight
+
+
+_REGISTRY = {cls.name: cls for cls in (Mean, Sum, WeightedMean)}
+
+
+def names() -> list[str]:
+    """The names `get` accepts."""
+    return sorted(_REGISTRY)
+
+
+def get(identifier=None) -> Aggregation:
+    """An aggregation from a name, an instance or None (the default, Mean)."""
+    if identifier is None:
+        return Mean()
+    if isinstance(identifier, Aggregation):
+        return identifier
+    if isinstance(identifier, str) and identifier in _REGISTRY:
+        return _REGISTRY[identifier]()
+    raise ValueError(
+        f"aggregation: unknown {identifier!r}; valid names: {', '.join(names())}."
+    )

@@ -1,0 +1,179 @@
+"""The one module of distopt that talks to `tf.distribute`.
+
+Everything else in the library is written against these few verbs, so the
+rules that keep replicas consistent live here and nowhere else:
+
+* Per-replica values only travel into cross-replica context through
+  `merge_call` (`merge`), never through assignments in replica context: a
+  `MirroredVariable` assigned in a replica context silently diverges.
+* Variables change only through `strategy.extended.update` (`update`), which
+  writes each device's copy from that device's value.
+* Work that must run once per replica while in cross-replica context
+  (unpacking a reduced buffer, clipping it) goes through `map_per_replica`.
+* Conditions that gate communication are decided in cross-replica context on
+  values that every replica holds identically (`cond`), because a `tf.cond`
+  around a `merge_call` in replica context breaks (tensorflow#27716).
+
+Only public TensorFlow APIs are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+SUM = tf.distribute.ReduceOp.SUM
+MEAN = tf.distribute.ReduceOp.MEAN
+
+
+def current_strategy() -> tf.distribute.Strategy:
+    """The strategy in scope, or the default (no-op) strategy."""
+    return tf.distribute.get_strategy()
+
+
+def in_replica_context() -> bool:
+    """True inside `strategy.run` (and always under the default strategy)."""
+    return tf.distribute.get_replica_context() is not None
+
+
+def is_distributed(strategy: tf.distribute.Strategy) -> bool:
+    """True when values may differ between replicas or workers."""
+    return strategy.num_replicas_in_sync > 1
+
+
+def merge(fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls `fn(strategy, *args)` once, in cross-replica context.
+
+    From replica context the per-replica `args` arrive as `PerReplica`
+    values; from cross-replica context they are passed through unchanged.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return fn(current_strategy(), *args)
+    return ctx.merge_call(fn, args=args)
+
+
+def local_values(strategy: tf.distribute.Strategy, value: Any) -> tuple:
+    """This worker's per-device components of a distributed value."""
+    if not tf.distribute.has_strategy():
+        return (value,)
+    return tuple(strategy.experimental_local_results(value))
+
+
+def map_per_replica(strategy: tf.distribute.Strategy, fn: Callable, *args: Any):
+    """Runs `fn` on each local replica's component of `args`, on its device.
+
+    The result is a per-replica value (or a structure of them), usable as an
+    argument of `update` and `reduce`. Plain tensors in `args` are shared.
+    """
+    if not tf.distribute.has_strategy() or strategy.num_replicas_in_sync == 1:
+        return fn(*[_single(strategy, a) for a in args])
+    devices = strategy.extended.worker_devices
+    locals_ = [
+        local_values(strategy, a) if _is_distributed_value(a) else None for a in args
+    ]
+
+    def value_fn(ctx):
+        # Local index: multi-worker replica ids run worker by worker.
+        i = ctx.replica_id_in_sync_group % len(devices)
+        with tf.device(devices[i]):
+            return fn(*[a if l is None else l[i] for a, l in zip(args, locals_)])
+
+    return strategy.experimental_distribute_values_from_function(value_fn)
+
+
+def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):
+    """Each replica's own copy of each variable, as per-replica values."""
+    return map_per_replica(
+        strategy, lambda *vs: [tf.identity(v) for v in vs], *variables
+    )
+
+
+def reduce(
+    strategy: tf.distribute.Strategy,
+    op: tf.distribute.ReduceOp,
+    value: Any,
+    destination: Any,
+    options: tf.distribute.experimental.CommunicationOptions | None = None,
+):
+    """One all-reduce of a per-replica tensor, mirrored onto `destination`."""
+    if not is_distributed(strategy):
+        return value
+    return strategy.extended.reduce_to(
+        op, value, destinations=destination, options=options
+    )
+
+
+def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *args):
+    """Runs `fn(var_copy, *args_copy)` for every device's copy of `var`."""
+    return strategy.extended.update(var, fn, args=args, group=True)
+
+
+def first_local(strategy: tf.distribute.Strategy, value: Any):
+    """A plain tensor from a value that is identical on every replica."""
+    return local_values(strategy, value)[0] if _is_distributed_value(value) else value
+
+
+def cond(pred, true_fn: Callable[[], Any], false_fn: Callable[[], Any]):
+    """`tf.cond` in cross-replica context; a Python branch when eager.
+
+    Both branches must return nothing or tensors; `pred` must be identical on
+    every replica and worker, or collectives inside a branch would hang.
+    """
+    if tf.executing_eagerly():
+        return true_fn() if bool(pred) else false_fn()
+
+    def wrap(f):
+        def g():
+            f()
+            return tf.constant(True)
+
+        return g
+
+    return tf.cond(pred, wrap(true_fn), wrap(false_fn))
+
+
+def replica_id() -> tf.Tensor:
+    """The replica id in sync group, from replica context (0 when not distributed)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return tf.constant(0)
+    return tf.convert_to_tensor(ctx.replica_id_in_sync_group)
+
+
+def _single(strategy, a):
+    return first_local(strategy, a)
+
+
+def _is_distributed_value(a: Any) -> bool:
+    return isinstance(a, tf.distribute.DistributedValues)
+
+
+def all_reduce(op: tf.distribute.ReduceOp, tensors: Sequence[tf.Tensor]) -> list:
+    """From replica context: the reduction of `tensors` over all replicas.
+
+    Every replica receives the same values. Under the default strategy the
+    tensors come back unchanged.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        raise RuntimeError("all_reduce: call it inside strategy.run.")
+    return list(ctx.all_reduce(op, list(tensors)))
+
+
+def add_per_replica(
+    variables: Sequence[tf.Variable], deltas: Sequence[tf.Tensor]
+) -> None:
+    """From replica context: each replica adds its own delta to its own copy.
+
+    With different deltas the copies diverge on purpose: use it for a
+    temporary move that is undone with the negated deltas (SAM's
+    perturbation), never for a lasting update.
+    """
+
+    def fn(strategy, deltas):
+        for v, d in zip(variables, deltas):
+            update(strategy, v, lambda v, d: v.assign_add(tf.cast(d, v.dtype)), d)
+
+    merge(fn, tuple(deltas))

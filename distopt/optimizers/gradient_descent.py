@@ -1,0 +1,99 @@
+"""Gradient descent and momentum (heavy-ball and Nesterov)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from distopt.optimizers.base import Optimizer
+
+
+def gradient_descent(grad, var, lr):
+    """p <- p - lr * g."""
+    return var - lr * grad
+
+
+def momentum_update(grad, var, m, lr, momentum, nesterov):
+    """Heavy-ball or Nesterov momentum, in Keras's SGD arrangement.
+
+    m <- momentum * m - lr * g
+    p <- p + m                            (heavy ball, Polyak 1964)
+    p <- p + momentum * m - lr * g        (Nesterov, Sutskever et al. 2013)
+
+    Returns (new_var, new_m).
+    """
+    m = m * momentum - grad * lr
+    step = m * momentum - grad * lr if nesterov else m
+    return var + step, m
+
+
+class GradientDescent(Optimizer):
+    """Plain gradient descent: p <- p - lr * g.
+
+    Matches `keras.optimizers.SGD(momentum=0)`.
+
+    Args:
+        learning_rate: float or schedule (Keras's default, 0.01).
+        **kwargs: See `distopt.optimizers.Optimizer`.
+    """
+
+    def __init__(self, learning_rate=0.01, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+
+    def update_step(self, grad, var, slots, lr, step):
+        return gradient_descent(grad, var, lr), {}
+
+
+class Momentum(Optimizer):
+    """Gradient descent with heavy-ball or Nesterov momentum.
+
+    m <- momentum * m - lr * g;  p <- p + m  (or, Nesterov,
+    p <- p + momentum * m - lr * g). Matches `keras.optimizers.SGD` with the
+    same `momentum` and `nesterov`. References: Polyak (1964); Sutskever,
+    Martens, Dahl & Hinton (2013), "On the importance of initialization and
+    momentum in deep learning".
+
+    Args:
+        learning_rate: float or schedule.
+        momentum: in [0, 1); 0 gives plain gradient descent.
+        nesterov: use Nesterov momentum.
+        **kwargs: See `distopt.optimizers.Optimizer`.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.momentum = _check_unit("momentum", momentum)
+        self.nesterov = bool(nesterov)
+
+    def slot_initializers(self, var):
+        return {"momentum": tf.zeros(var.shape, var.dtype)}
+
+    def update_step(self, grad, var, slots, lr, step):
+        p, m = momentum_update(
+            grad,
+            var,
+            slots["momentum"],
+            lr,
+            tf.cast(self.momentum, var.dtype),
+            self.nesterov,
+        )
+        return p, {"momentum": m}
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+        }
+
+
+def _check_unit(name, value) -> float:
+    """A float in [0, 1), or a ValueError naming `name`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: must be a number in [0, 1), got {value!r}."
+        ) from None
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name}: must be in [0, 1), got {value!r}.")
+    return v

@@ -1,0 +1,51 @@
+"""Test set-up: 4 logical CPU devices stand in for GPUs.
+
+`tf.config.set_logical_device_configuration` must run before TensorFlow
+initialises its devices, so it runs here, once per test process, at import.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+NUM_DEVICES = 4
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_DEVICES
+)
+
+
+def mirrored(num_replicas: int) -> tf.distribute.MirroredStrategy:
+    """MirroredStrategy over the first `num_replicas` virtual CPUs."""
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(num_replicas)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+
+
+def local_copies(strategy, value):
+    """Every local replica's copy of a variable or value, as NumPy arrays."""
+    return [np.asarray(x) for x in strategy.experimental_local_results(value)]
+
+
+def assert_replicas_identical(strategy, variables):
+    """Every replica's copy of every variable is bit-identical."""
+    for v in variables:
+        copies = local_copies(strategy, v)
+        for c in copies[1:]:
+            np.testing.assert_array_equal(c, copies[0], err_msg=f"{v.name} diverged")
+
+
+@pytest.fixture(params=["default", "one_device", "mirrored2", "mirrored4"])
+def strategy(request):
+    """The strategies every optimizer must agree under."""
+    name = request.param
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    return mirrored(int(name[-1]))

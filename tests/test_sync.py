@@ -1,0 +1,445 @@
+"""Aggregation and sync modes against the single-device runs they must equal."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distopt
+from conftest import assert_replicas_identical, local_copies, mirrored
+from sync_harness import initial_params, make_data, numpy_grads, optimizer, train
+
+DEFAULT = tf.distribute.get_strategy()
+M2, M4 = mirrored(2), mirrored(4)
+
+
+def values(params):
+    return [np.asarray(p) for p in params]
+
+
+def single_device_batches(x, y, n, group):
+    """Concatenates each step's replica batches (first n rows), `group` steps at a time."""
+    steps, replicas = n.shape
+    rows = group * replicas * x.shape[2]  # padded, so every step has one shape
+    xs, ys, ns = [], [], []
+    for s0 in range(0, steps, group):
+        rows_x = [
+            x[s, r, : n[s, r]] for s in range(s0, s0 + group) for r in range(replicas)
+        ]
+        rows_y = [
+            y[s, r, : n[s, r]] for s in range(s0, s0 + group) for r in range(replicas)
+        ]
+        bx, by = np.concatenate(rows_x), np.concatenate(rows_y)
+        ns.append([len(bx)])
+        xs.append(np.pad(bx, ((0, rows - len(bx)), (0, 0)))[None])
+        ys.append(np.pad(by, ((0, rows - len(by)), (0, 0)))[None])
+    return np.stack(xs), np.stack(ys), np.array(ns, np.int32)
+
+
+# --- Aggregation --------------------------------------------------------------
+
+
+def test_weighted_mean_with_equal_weights_equals_mean():
+    x, y, n = make_data(4, 4)
+    mean, _, _ = train(M4, lambda: optimizer("adam", learning_rate=0.05), x, y, n)
+    weighted, _, _ = train(
+        M4,
+        lambda: optimizer("adam", learning_rate=0.05, aggregation="weighted_mean"),
+        x,
+        y,
+        n,
+        weighted=True,
+    )
+    for a, b in zip(values(mean), values(weighted)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
+def test_weighted_mean_with_uneven_batches_equals_single_device(function):
+    x, y, n = make_data(4, 4, uneven=True)
+    assert len(set(n.ravel())) > 1
+    make = lambda agg: lambda: optimizer("adam", learning_rate=0.05, aggregation=agg)  # noqa: E731
+    params, opt, _ = train(
+        M4, make("weighted_mean"), x, y, n, weighted=True, function=function
+    )
+    sx, sy, sn = single_device_batches(x, y, n, group=1)
+    ref, _, _ = train(DEFAULT, make("mean"), sx, sy, sn)
+    for a, b in zip(values(params), values(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_replicas_identical(
+        M4, params + [s for p in params for s in opt.slots(p).values()]
+    )
+    # The plain mean of uneven replica means is a different (biased) answer.
+    biased, _, _ = train(M4, make("mean"), x, y, n)
+    assert not np.allclose(values(biased)[0], values(ref)[0], atol=1e-4)
+
+
+def test_sum_is_replicas_times_mean():
+    x, y, n = make_data(1, 4)
+    summed, _, _ = train(
+        M4, lambda: optimizer(aggregation="sum", learning_rate=0.025), x, y, n
+    )
+    mean, _, _ = train(
+        M4, lambda: optimizer(aggregation="mean", learning_rate=0.1), x, y, n
+    )
+    for a, b in zip(values(summed), values(mean)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# --- Gradient accumulation ----------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", ["mean", "weighted_mean"])
+def test_accumulation_equals_k_times_larger_batch(agg):
+    k, updates = 3, 2
+    x, y, n = make_data(k * updates, 2, uneven=(agg == "weighted_mean"))
+    make = lambda: optimizer(  # noqa: E731
+        "adam", learning_rate=0.05, aggregation=agg, sync=distopt.sync.Accumulate(k)
+    )
+    params, opt, _ = train(M2, make, x, y, n, weighted=(agg == "weighted_mean"))
+    sx, sy, sn = single_device_batches(x, y, n, group=k)
+    ref, _, _ = train(
+        DEFAULT, lambda: optimizer("adam", learning_rate=0.05), sx, sy, sn
+    )
+    for a, b in zip(values(params), values(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(opt.iterations.numpy()) == updates
+    assert int(opt.sync.micro_step.numpy()) == k * updates
+    assert int(opt.allreduce_calls.numpy()) == updates
+    assert_replicas_identical(
+        M2, params + [s for p in params for s in opt.slots(p).values()]
+    )
+
+
+# --- Local SGD, DiLoCo, hierarchical ------------------------------------------
+
+
+def test_local_sgd_with_k_1_equals_synchronous_training():
+    x, y, n = make_data(5, 4)
+    for name in ["gradient_descent", "momentum"]:
+        sync, _, _ = train(M4, lambda: optimizer(name), x, y, n)
+        local, _, _ = train(
+            M4,
+            lambda: optimizer(name, sync=distopt.sync.LocalSGD(1, average_slots=True)),
+            x,
+            y,
+            n,
+        )
+        for a, b in zip(values(sync), values(local)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_replicas_identical(M4, local)
+
+
+def numpy_periodic(x, y, n, k, lr, warmup=0, outer=None):
+    """R replicas of gradient descent in NumPy, averaged (or outer-stepped) every k."""
+    steps, replicas = n.shape
+    w0, b0 = initial_params()
+    ws = [w0.astype(np.float64)] * replicas
+    bs = [b0.astype(np.float64)] * replicas
+    anchor = (w0.astype(np.float64), b0.astype(np.float64))
+    mom = (np.zeros_like(w0, np.float64), np.zeros_like(b0, np.float64))
+    for s in range(steps):
+        grads = [
+            numpy_grads(ws[r], bs[r], x[s, r], y[s, r], n[s, r])
+            for r in range(replicas)
+        ]
+        if s < warmup:
+            gw = np.mean([g[0] for g in grads], axis=0)
+            gb = np.mean([g[1] for g in grads], axis=0)
+            ws = [w - lr * gw for w in ws]
+            bs = [b - lr * gb for b in bs]
+            anchor = (ws[0], bs[0])
+            continue
+        ws = [w - lr * g[0] for w, g in zip(ws, grads)]
+        bs = [b - lr * g[1] for b, g in zip(bs, grads)]
+        if (s + 1 - warmup) % k == 0:
+            avg = (np.mean(ws, axis=0), np.mean(bs, axis=0))
+            if outer is None:
+                new = avg
+            else:
+                olr, om = outer
+                pseudo = [a - m for a, m in zip(anchor, avg)]
+                mom = tuple(om * m - olr * g for m, g in zip(mom, pseudo))
+                new = tuple(
+                    a + om * m - olr * g for a, m, g in zip(anchor, mom, pseudo)
+                )
+                anchor = new
+            ws, bs = [new[0]] * replicas, [new[1]] * replicas
+    return ws, bs
+
+
+@pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
+def test_periodic_modes_match_numpy_simulation(mode):
+    k, warmup, steps = 3, 2, 8
+    x, y, n = make_data(steps, 4, seed=3)
+    if mode == "local_sgd":
+        make_sync = lambda: distopt.sync.LocalSGD(k, warmup_steps=warmup)  # noqa: E731
+        outer = None
+    else:
+        make_sync = lambda: distopt.sync.DiLoCo(k, warmup_steps=warmup)  # noqa: E731
+        outer = (0.7, 0.9)
+    params, opt, step = train(M4, lambda: optimizer(sync=make_sync()), x, y, n)
+    ws, bs = numpy_periodic(x, y, n, k, 0.1, warmup, outer)
+    for r, (w, b) in enumerate(
+        zip(local_copies(M4, params[0]), local_copies(M4, params[1]))
+    ):
+        np.testing.assert_allclose(w, ws[r], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b, bs[r], rtol=1e-5, atol=1e-5)
+    # 8 = 2 warmup + 2 periods of 3: the copies are averaged, so identical;
+    # one more local step makes them diverge by design.
+    assert_replicas_identical(M4, params)
+    x1, y1, n1 = make_data(1, 4, seed=9)
+    step(tf.constant(x1[0]), tf.constant(y1[0]), tf.constant(n1[0]))
+    copies = local_copies(M4, params[0])
+    assert not all(np.array_equal(c, copies[0]) for c in copies[1:])
+    opt.synchronize(params)
+    assert_replicas_identical(M4, params)
+
+
+def test_hierarchical_on_one_worker_equals_synchronous():
+    # All devices of one worker sync every step, so only the (no-op) cross-
+    # worker average is periodic.
+    x, y, n = make_data(4, 4)
+    sync, _, _ = train(M4, lambda: optimizer("momentum"), x, y, n)
+    hier, opt, _ = train(
+        M4, lambda: optimizer("momentum", sync=distopt.sync.Hierarchical(2)), x, y, n
+    )
+    for a, b in zip(values(sync), values(hier)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_replicas_identical(M4, hier)
+    assert int(opt.allreduce_calls.numpy()) == 2  # weights, every 2 steps only
+
+
+# --- Transforms after the reduce ----------------------------------------------
+
+
+@pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
+def test_nonfinite_on_one_replica_skips_on_all(function):
+    x, y, n = make_data(3, 4, seed=5)
+    x[1, 2, 0, 0] = np.nan  # replica 2, step 1
+    params, opt, _ = train(
+        M4, lambda: optimizer("adam", skip_nonfinite=True), x, y, n, function=function
+    )
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.iterations.numpy()) == 2
+    keep = [0, 2]
+    ref, _, _ = train(M4, lambda: optimizer("adam"), x[keep], y[keep], n[keep])
+    for a, b in zip(values(params), values(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert np.all(np.isfinite(a))
+    assert_replicas_identical(
+        M4, params + [s for p in params for s in opt.slots(p).values()]
+    )
+
+
+def test_global_norm_clipping_applies_to_the_aggregated_gradient():
+    x, y, n = make_data(1, 4, seed=6)
+    params, _, _ = train(M4, lambda: optimizer(global_clipnorm=0.01), x, y, n)
+    w0, b0 = initial_params()
+    grads = [numpy_grads(w0, b0, x[0, r], y[0, r], n[0, r]) for r in range(4)]
+    gw, gb = np.mean([g[0] for g in grads], 0), np.mean([g[1] for g in grads], 0)
+    norm = np.sqrt((gw**2).sum() + (gb**2).sum())
+    assert norm > 0.01
+    np.testing.assert_allclose(
+        values(params)[0], w0 - 0.1 * gw * 0.01 / norm, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        values(params)[1], b0 - 0.1 * gb * 0.01 / norm, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_wire_compression_stays_within_tolerance(wire):
+    x, y, n = make_data(3, 4, seed=7)
+    exact, _, _ = train(M4, lambda: optimizer(), x, y, n)
+    packed, opt, _ = train(M4, lambda: optimizer(wire_dtype=wire), x, y, n)
+    w0, _ = initial_params()
+    # Relative error of one rounding (2^-8 for bfloat16, 2^-11 for float16),
+    # a few roundings per sum, on an update of size |w - w0|.
+    tol = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[wire] * 8
+    change = np.abs(values(exact)[0] - w0).max()
+    err = np.abs(values(packed)[0] - values(exact)[0]).max()
+    assert 0 < err <= tol * change, (err, tol * change)
+    # Gradients travel in 2 bytes; the weight stays float32 in its own reduce.
+    params = 3 * 2 + 2
+    assert int(opt.allreduce_bytes.numpy()) == 3 * (2 * params + 4)
+    assert int(opt.allreduce_calls.numpy()) == 3 * 2
+
+
+# --- Communication counted ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,k,calls,payload",
+    [
+        ("every_step", 1, 8, 8 + 1),
+        ("accumulate", 4, 2, 8 + 1),
+        ("local_sgd", 4, 2, 8),
+        ("diloco", 4, 2, 8),
+    ],
+)
+def test_allreduce_calls_and_bytes_are_counted(mode, k, calls, payload):
+    x, y, n = make_data(8, 2)
+    _, opt, _ = train(M2, lambda: optimizer(sync=distopt.sync.get(mode, k=k)), x, y, n)
+    assert int(opt.allreduce_calls.numpy()) == calls
+    assert int(opt.allreduce_bytes.numpy()) == calls * payload * 4
+
+
+# --- Checkpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,kwargs,split",
+    [
+        ("accumulate", {"k": 3}, 4),  # mid-period: one micro-step into period 2
+        ("diloco", {"k": 2, "warmup_steps": 1}, 5),  # at a period boundary
+        ("diloco", {"k": 3}, 4),  # mid-period
+        ("local_sgd", {"k": 2, "warmup_steps": 1, "average_slots": True}, 3),
+        ("local_sgd", {"k": 3}, 2),  # mid-period
+    ],
+)
+def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
+    """Save after `split` steps, restore into fresh objects, finish the run.
+
+    The reference is one uninterrupted run that makes the same
+    `synchronize()` call before the save point: a no-op for accumulation, and
+    for the divergent modes the averaging that keeps a checkpoint from holding
+    only replica 0's copy.
+    """
+    x, y, n = make_data(7, 2, seed=11)
+    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))  # noqa: E731
+    head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
+    opt.synchronize(head)
+    assert_replicas_identical(M2, head + [s for p in head for s in opt.slots(p).values()])
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "ckpt"))
+    full, full_opt, _ = train(M2, None, x[split:], y[split:], n[split:], state=(head, opt))
+
+    w0, b0 = initial_params()
+    with M2.scope():
+        params = [tf.Variable(np.zeros_like(w0)), tf.Variable(np.zeros_like(b0))]
+        fresh = make()
+        fresh.build(params)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+    resumed, fresh, _ = train(M2, None, x[split:], y[split:], n[split:], state=(params, fresh))
+    for a, b in zip(local_copies(M2, resumed[0]) + local_copies(M2, resumed[1]),
+                    local_copies(M2, full[0]) + local_copies(M2, full[1])):
+        np.testing.assert_array_equal(a, b)
+    assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
+
+
+def test_accumulation_resume_needs_no_synchronize(tmp_path):
+    """For accumulation, synchronize() is a no-op: mid-period resume is exact."""
+    x, y, n = make_data(7, 2, seed=11)
+    make = lambda: optimizer("adam", sync=distopt.sync.Accumulate(3))  # noqa: E731
+    full, _, _ = train(M2, make, x, y, n)
+    head, opt, _ = train(M2, make, x[:4], y[:4], n[:4])
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "ckpt"))
+    with M2.scope():
+        params = [tf.Variable(tf.zeros_like(p)) for p in head]
+        fresh = make()
+        fresh.build(params)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+    resumed, _, _ = train(M2, None, x[4:], y[4:], n[4:], state=(params, fresh))
+    for a, b in zip(values(resumed), values(full)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_accumulators_restore_on_a_different_replica_count(tmp_path):
+    x, y, n = make_data(2, 4, seed=12)
+    make = lambda: optimizer(sync=distopt.sync.Accumulate(4))  # noqa: E731
+    params, opt, _ = train(M4, make, x, y, n)
+    saved = [
+        np.asarray(a.read_value()) for a in opt.sync.accumulators
+    ]  # sum over replicas
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
+    with M2.scope():
+        p2 = [tf.Variable(tf.zeros_like(p)) for p in params]
+        opt2 = make()
+        opt2.build(p2)
+    tf.train.Checkpoint(params=p2, optimizer=opt2).restore(path).assert_consumed()
+    for a, s in zip(opt2.sync.accumulators, saved):
+        np.testing.assert_allclose(np.asarray(a.read_value()), s, rtol=1e-6)
+        copies = local_copies(M2, a)
+        np.testing.assert_allclose(copies[0] + copies[1], s, rtol=1e-6)
+    assert int(opt2.sync.micro_step.numpy()) == 2
+
+
+# --- Bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        distopt.sync.Accumulate,
+        distopt.sync.LocalSGD,
+        distopt.sync.DiLoCo,
+        distopt.sync.Hierarchical,
+    ],
+)
+@pytest.mark.parametrize("k", [0, -1, 1.5])
+def test_bad_period_names_k(factory, k):
+    with pytest.raises(ValueError, match="^k:"):
+        factory(k)
+
+
+@pytest.mark.parametrize(
+    "weight,match",
+    [
+        (-1.0, "non-negative"),
+        (float("nan"), "finite"),
+        ([1.0, 2.0], "scalar"),
+        (None, "needs"),
+    ],
+)
+def test_bad_weight_is_named_and_nothing_changes(weight, match):
+    var = tf.Variable([1.0, 2.0])
+    opt = optimizer(aggregation="weighted_mean")
+    with pytest.raises(ValueError, match=f"^weight:.*{match}"):
+        opt.apply_gradients([tf.constant([1.0, 1.0])], [var], weight=weight)
+    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    assert int(opt.iterations.numpy()) == 0
+
+
+def test_negative_weight_in_a_function_fails_before_any_update():
+    x, y, n = make_data(1, 2)
+    with M2.scope():
+        var = tf.Variable([1.0, 2.0])
+        opt = optimizer("adam", aggregation="weighted_mean")
+
+    @tf.function
+    def step(w):
+        M2.run(lambda: opt.apply_gradients([tf.constant([1.0, 1.0])], [var], weight=w))
+
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="weight: must be non-negative"
+    ):
+        step(tf.constant(-2.0))
+    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    assert int(opt.iterations.numpy()) == 0
+
+
+def test_all_weights_zero_skips_the_step():
+    x, y, n = make_data(2, 2)
+    n[1] = 0  # every replica has no examples at step 1
+    params, opt, _ = train(
+        M2, lambda: optimizer(aggregation="weighted_mean"), x, y, n, weighted=True
+    )
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.iterations.numpy()) == 1
+    ref, _, _ = train(
+        M2,
+        lambda: optimizer(aggregation="weighted_mean"),
+        x[:1],
+        y[:1],
+        n[:1],
+        weighted=True,
+    )
+    for a, b in zip(values(params), values(ref)):
+        np.testing.assert_array_equal(a, b)
+        assert np.all(np.isfinite(a))
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid names: accumulate, diloco"):
+        distopt.sync.get("sometimes")
+    with pytest.raises(ValueError, match="valid names: mean, sum, weighted_mean"):
+        distopt.aggregation.get("median")
