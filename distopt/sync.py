@@ -89,7 +89,10 @@ class Accumulate(Sync):
             self.weight_sum = _per_replica_zeros(tf.constant(0.0), strategy)
 
     def apply(self, optimizer, strategy, grads, weight, variables):
-        accs = self.accumulators + [self.weight_sum]
+        # Accumulators follow variables, not positions: a call may leave out
+        # variables whose gradient is None.
+        accs = [self.accumulators[optimizer._slot_index[v.ref()]] for v in variables]
+        accs.append(self.weight_sum)
         payload = grads + [weight]
         totals = dist.map_per_replica(
             strategy,
@@ -191,11 +194,13 @@ class PeriodicAverage(Sync):
         def synchronous():
             optimizer._reduce_and_apply(strategy, grads, weight, variables)
 
+        anchors = self._anchors_for(optimizer, variables)
+
         def local():
-            if self.anchors:
+            if anchors:
                 dist.cond(
                     starts_local,
-                    lambda: _copy(strategy, variables, self.anchors),
+                    lambda: _copy(strategy, variables, anchors),
                     lambda: None,
                 )
             if self.local_group == "worker":
@@ -243,16 +248,25 @@ class PeriodicAverage(Sync):
         if self.outer_optimizer is None:
             _assign(strategy, variables, averaged[:n])
         else:
+            anchors = self._anchors_for(optimizer, variables)
             pseudo = dist.map_per_replica(
                 strategy,
                 lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])],
-                *self.anchors,
+                *anchors,
                 *averaged[:n],
             )
-            self.outer_optimizer._apply_update(strategy, pseudo, self.anchors)
-            _copy(strategy, self.anchors, variables)
+            self.outer_optimizer._apply_update(strategy, pseudo, anchors)
+            _copy(strategy, anchors, variables)
         _assign(strategy, slot_vars, averaged[n:])
         self.since_average.assign(0)
+
+    def _anchors_for(self, optimizer, variables):
+        """The anchors of `variables` (a call may leave some variables out)."""
+        return (
+            [self.anchors[optimizer._slot_index[v.ref()]] for v in variables]
+            if self.anchors
+            else []
+        )
 
     def get_config(self):
         outer = self.outer_optimizer

@@ -42,7 +42,10 @@ for name, (_, _, weighted, uneven) in SCENARIOS.items():
     params, opt, _ = train(
         strategy,
         lambda: optimizer(**optimizer_kwargs(name, communication_options=options)),
-        x, y, n, weighted=weighted,
+        x,
+        y,
+        n,
+        weighted=weighted,
     )
     opt.synchronize(params)
     for i, p in enumerate(params):

@@ -35,9 +35,17 @@ def start_workers(out_dir, *extra, env=None):
     ports = free_ports(2)
     return [
         subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "mw_worker.py"), str(i), ports, str(out_dir),
-             *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                os.path.join(HERE, "mw_worker.py"),
+                str(i),
+                ports,
+                str(out_dir),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(env or {})},
         )
         for i in range(2)
@@ -55,20 +63,30 @@ def test_two_workers_match_mirrored(tmp_path):
     for name, (_, _, weighted, uneven) in SCENARIOS.items():
         x, y, n = make_data(6, 2, uneven=uneven, seed=21)
         params, opt, _ = train(
-            strategy, lambda: optimizer(**optimizer_kwargs(name)), x, y, n, weighted=weighted
+            strategy,
+            lambda: optimizer(**optimizer_kwargs(name)),
+            x,
+            y,
+            n,
+            weighted=weighted,
         )
         opt.synchronize(params)
         for i, p in enumerate(params):
             ref = np.asarray(strategy.experimental_local_results(p)[0])
-            np.testing.assert_array_equal(w0[f"{name}/{i}"], w1[f"{name}/{i}"], err_msg=name)
-            np.testing.assert_allclose(w0[f"{name}/{i}"], ref, rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
+            np.testing.assert_array_equal(
+                w0[f"{name}/{i}"], w1[f"{name}/{i}"], err_msg=name
+            )
+            np.testing.assert_allclose(
+                w0[f"{name}/{i}"], ref, rtol=1e-5, atol=1e-6, err_msg=name
+            )
         assert int(w0[f"{name}/calls"]) == int(opt.allreduce_calls.numpy()), name
 
 
 @pytest.mark.slow
 def test_dead_peer_fails_within_the_collective_timeout(tmp_path):
-    procs = start_workers(tmp_path, "--die", env={"DISTOPT_TEST_COLLECTIVE_TIMEOUT": "5"})
+    procs = start_workers(
+        tmp_path, "--die", env={"DISTOPT_TEST_COLLECTIVE_TIMEOUT": "5"}
+    )
     start = time.monotonic()
     out0 = procs[0].communicate(timeout=120)[0]
     elapsed = time.monotonic() - start
@@ -76,6 +94,6 @@ def test_dead_peer_fails_within_the_collective_timeout(tmp_path):
     assert procs[1].returncode == 3
     assert procs[0].returncode != 0, out0[-2000:]
     assert elapsed < 90
-    assert any(s in out0 for s in ("DeadlineExceeded", "Unavailable", "timed out", "deadline")), (
-        out0[-2000:]
-    )
+    assert any(
+        s in out0 for s in ("DeadlineExceeded", "Unavailable", "timed out", "deadline")
+    ), out0[-2000:]

@@ -309,9 +309,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))  # noqa: E731
     head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
     opt.synchronize(head)
-    assert_replicas_identical(M2, head + [s for p in head for s in opt.slots(p).values()])
+    assert_replicas_identical(
+        M2, head + [s for p in head for s in opt.slots(p).values()]
+    )
     path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "ckpt"))
-    full, full_opt, _ = train(M2, None, x[split:], y[split:], n[split:], state=(head, opt))
+    full, full_opt, _ = train(
+        M2, None, x[split:], y[split:], n[split:], state=(head, opt)
+    )
 
     w0, b0 = initial_params()
     with M2.scope():
@@ -319,9 +323,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
         fresh = make()
         fresh.build(params)
     tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
-    resumed, fresh, _ = train(M2, None, x[split:], y[split:], n[split:], state=(params, fresh))
-    for a, b in zip(local_copies(M2, resumed[0]) + local_copies(M2, resumed[1]),
-                    local_copies(M2, full[0]) + local_copies(M2, full[1])):
+    resumed, fresh, _ = train(
+        M2, None, x[split:], y[split:], n[split:], state=(params, fresh)
+    )
+    for a, b in zip(
+        local_copies(M2, resumed[0]) + local_copies(M2, resumed[1]),
+        local_copies(M2, full[0]) + local_copies(M2, full[1]),
+    ):
         np.testing.assert_array_equal(a, b)
     assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
 

@@ -76,9 +76,9 @@ class Adam(Optimizer):
             slots.get("vhat"),
             lr,
             step,
-            tf.cast(self.beta_1, dt),
-            tf.cast(self.beta_2, dt),
-            tf.cast(self.epsilon, dt),
+            tf.constant(self.beta_1, dt),
+            tf.constant(self.beta_2, dt),
+            tf.constant(self.epsilon, dt),
         )
         new = {"m": m, "v": v}
         if self.amsgrad:

@@ -199,8 +199,8 @@ class Optimizer(tf.Module):
         Raises:
             ValueError: naming the bad argument; no variable has changed then.
         """
-        grads, variables = _split_arguments(grads_and_vars, var_list)
-        _check_variables(variables)
+        grads, variables, all_variables = _split_arguments(grads_and_vars, var_list)
+        _check_variables(all_variables)
         grads = _check_gradients(grads, variables)
         if self._built:
             unknown = [v.name for v in variables if v.ref() not in self._slot_index]
@@ -221,7 +221,9 @@ class Optimizer(tf.Module):
             )
 
         def merge_fn(strategy, grads, w):
-            self._ensure_built(variables)
+            # Like Keras, build for every variable passed, including those
+            # without a gradient this time.
+            self._ensure_built(all_variables)
             self.sync.apply(self, strategy, list(grads), w, variables)
 
         dist.merge(merge_fn, tuple(grads), w)
@@ -325,7 +327,10 @@ class Optimizer(tf.Module):
         self._normalize_and_apply(strategy, grads, weight, variables, group_size)
 
     def _normalize_and_apply(self, strategy, grads, total, variables, num_replicas):
+        has_ok = False
+
         def finish(total, *gs):
+            nonlocal has_ok
             norm = self.aggregation.normalizer(total, num_replicas)
             nonzero = norm > 0
             scale = 1.0 / tf.where(nonzero, norm, 1.0)
@@ -333,24 +338,47 @@ class Optimizer(tf.Module):
                 gs = [g * tf.cast(scale, g.dtype) for g in gs]
                 scale = tf.constant(1.0)
             gs, ok = transforms_lib.apply(self._transforms, list(gs))
-            ok = nonzero if ok is None else tf.logical_and(ok, nonzero)
-            return [scale, ok] + list(gs)
+            # Only a step that can be skipped carries `ok` to the kernel: the
+            # select it costs there halves an XLA Adam step's throughput on
+            # CPU (benchmarks/adam_step.py). Unweighted, the summed weight is
+            # a positive constant, so only a transform can veto the step.
+            if self.aggregation.weighted:
+                ok = nonzero if ok is None else tf.logical_and(ok, nonzero)
+            has_ok = ok is not None  # the same on every replica
+            return [scale] + ([ok] if has_ok else []) + list(gs)
 
-        scale, ok, *grads = dist.map_per_replica(strategy, finish, total, *grads)
+        scale, *grads = dist.map_per_replica(strategy, finish, total, *grads)
+        ok = grads.pop(0) if has_ok else None
         self._apply_update(strategy, grads, variables, scale=scale, ok=ok)
 
     def _apply_update(self, strategy, grads, variables, scale=None, ok=None):
         """Writes every copy of every variable and slot; advances the step."""
         lr = self.learning_rate_value()
         step = self.iterations + 1
+        kernel = self._kernel_on_device(strategy)
         for g, v, slots in zip(grads, variables, self._slot_lists(variables)):
-            dist.update(strategy, v, self._kernel, g, slots, lr, step, scale, ok)
+            dist.update(strategy, v, kernel, g, slots, lr, step, scale, ok)
         if ok is None:
             self.iterations.assign_add(1)
         else:
             applied = tf.cast(dist.first_local(strategy, ok), tf.int64)
             self.iterations.assign_add(applied)
             self.skipped_steps.assign_add(1 - applied)
+
+    def _kernel_on_device(self, strategy):
+        """`self._kernel`, called with this device's own copies of the slots."""
+
+        def kernel(var, grad, slots, *args):
+            # `strategy.extended.update` hands `kernel` each device's copy of
+            # `var` but leaves distributed variables in its args (the slots)
+            # whole. The compiled kernel, a tf.function, would capture such a
+            # variable instead of taking it as an input, so variables of the
+            # same shape, which share one trace, would all update the first
+            # one's slots.
+            slots = {n: _on_device(strategy, s, var.device) for n, s in slots.items()}
+            return self._kernel(var, grad, slots, *args)
+
+        return kernel
 
     def _update_variable(self, var, grad, slots, lr, step, scale, ok):
         """One variable's update on one device: decay, rule, then assign."""
@@ -396,7 +424,7 @@ def _split_arguments(grads_and_vars, var_list):
                 f"var_list: got {len(grads)} gradients but {len(variables)} variables."
             )
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    return [g for g, _ in pairs], [v for _, v in pairs]
+    return [g for g, _ in pairs], [v for _, v in pairs], variables
 
 
 def _check_variables(variables):
@@ -429,6 +457,16 @@ def _check_gradients(grads, variables):
             raise ValueError(f"grads: gradient {i} has non-float dtype {g.dtype.name}.")
         out.append(tf.cast(g, v.dtype) if g.dtype != v.dtype else g)
     return out
+
+
+def _on_device(strategy, value, device):
+    """The copy of a distributed variable on `device`; other values as they are."""
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return value
+    for copy in strategy.experimental_local_results(value):
+        if copy.device == device:
+            return copy
+    raise RuntimeError(f"{value.name}: no copy on {device}.")
 
 
 def _counter(name):

@@ -73,7 +73,7 @@ class Momentum(Optimizer):
             var,
             slots["momentum"],
             lr,
-            tf.cast(self.momentum, var.dtype),
+            tf.constant(self.momentum, var.dtype),
             self.nesterov,
         )
         return p, {"momentum": m}

@@ -1,0 +1,185 @@
+"""Communication and speed of each sync mode on 2 localhost workers (the MLP).
+
+    python -m distopt.benchmarks.sync_modes [--steps=80] [--batch_size=128]
+
+Starts 2 worker processes of this module with TF_CONFIG on free localhost
+ports (MultiWorkerMirroredStrategy, one CPU device each). Each trains the MLP
+(784-700-500-10) with Adam for the same number of steps under every mode and
+reports, from the optimizer's own run-time counters (not assumed):
+
+* all-reduce calls and payload bytes per step and per applied update;
+* steps per second, measured after a warm-up, as a ratio to every-step sync
+  in the same run.
+
+Payload bytes are what each replica contributes to an all-reduce (the packed
+buffer); the wire traffic of a ring all-reduce is about twice that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+MODES = [
+    ("every_step", {}),
+    ("accumulate", {"k": 8}),
+    ("local_sgd", {"k": 8}),
+    ("diloco", {"k": 8}),
+]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _worker(index, ports, steps, batch_size, warmup):
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+    import numpy as np
+    import tensorflow as tf
+
+    import distopt
+    from distopt import models
+
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    rng = np.random.default_rng(index)
+    per_replica = batch_size // strategy.num_replicas_in_sync
+    images = tf.constant(rng.random((per_replica, 28, 28, 1), dtype=np.float32))
+    labels = tf.constant(rng.integers(0, 10, per_replica))
+    results = {}
+    for mode, kwargs in MODES:
+        with strategy.scope():
+            model = models.build_model("mlp", seed=0)
+            opt = distopt.optimizers.get(
+                "adam",
+                learning_rate=1e-3,
+                sync=distopt.sync.get(mode, **kwargs),
+                communication_options=options,
+            )
+        variables = model.trainable_variables
+
+        def replica_step():
+            with tf.GradientTape() as tape:
+                logits = model(images)
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+                )
+            opt.apply_gradients(tape.gradient(loss, variables), variables)
+
+        @tf.function
+        def run(n):
+            for _ in tf.range(n):
+                strategy.run(replica_step)
+
+        run(tf.constant(warmup, tf.int64))
+        calls0, bytes0 = (
+            int(opt.allreduce_calls.numpy()),
+            int(opt.allreduce_bytes.numpy()),
+        )
+        updates0 = int(opt.iterations.numpy())
+        start = time.perf_counter()
+        run(tf.constant(steps, tf.int64))
+        opt.allreduce_calls.numpy()  # waits for the run to finish
+        seconds = time.perf_counter() - start
+        calls = int(opt.allreduce_calls.numpy()) - calls0
+        nbytes = int(opt.allreduce_bytes.numpy()) - bytes0
+        updates = int(opt.iterations.numpy()) - updates0
+        results[mode] = {
+            "k": kwargs.get("k", 1),
+            "steps": steps,
+            "applied_updates": updates,
+            "allreduce_calls": calls,
+            "allreduce_calls_per_step": calls / steps,
+            "payload_bytes_per_step": nbytes / steps,
+            "payload_bytes_per_update": nbytes / max(updates, 1),
+            "steps_per_second": steps / seconds,
+            "parameters": sum(int(v.shape.num_elements()) for v in variables),
+        }
+    if index == 0:
+        print("RESULTS " + json.dumps(results), flush=True)
+
+
+def main(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=80, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=16, help="untimed steps per mode")
+    parser.add_argument("--batch_size", type=int, default=128, help="global batch")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--worker_index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ports", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker_index is not None:
+        ports = [int(p) for p in args.ports.split(",")]
+        return _worker(
+            args.worker_index, ports, args.steps, args.batch_size, args.warmup
+        )
+
+    ports = _free_ports(2)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "distopt.benchmarks.sync_modes",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--batch_size={args.batch_size}",
+        f"--ports={','.join(map(str, ports))}",
+    ]
+    print(f"starting 2 workers on localhost ports {ports} ...", flush=True)
+    procs = [
+        subprocess.Popen(
+            cmd + [f"--worker_index={i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        for i, out in enumerate(outs):
+            print(f"--- worker {i} (exit {procs[i].returncode})\n{out[-3000:]}")
+        return 1
+    line = next(x for x in outs[0].splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line[len("RESULTS ") :])
+    base = results["every_step"]["steps_per_second"]
+    print(
+        f"\nMLP, Adam, global batch {args.batch_size}, 2 workers x 1 CPU, "
+        f"{args.steps} timed steps per mode"
+    )
+    print(
+        f"{'mode':<12}{'k':>3}{'calls/step':>12}{'bytes/step':>14}{'bytes/update':>14}"
+        f"{'steps/s':>10}{'vs every':>10}"
+    )
+    for mode, r in results.items():
+        print(
+            f"{mode:<12}{r['k']:>3}{r['allreduce_calls_per_step']:>12.3f}"
+            f"{r['payload_bytes_per_step']:>14,.0f}{r['payload_bytes_per_update']:>14,.0f}"
+            f"{r['steps_per_second']:>10.1f}{r['steps_per_second'] / base:>9.2f}x"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""Distribute-aware Core-API optimizers and their registry.
+
+opt = distopt.optimizers.get("adam", learning_rate=1e-3)
+opt.apply_gradients(grads, variables)      # inside or outside strategy.run
+"""
+
+from __future__ import annotations
+
+from distopt.optimizers import schedules
+from distopt.optimizers.adagrad import Adagrad
+from distopt.optimizers.adam import Adam, AdamW
+from distopt.optimizers.base import Optimizer, _snake_case
+from distopt.optimizers.gradient_descent import GradientDescent, Momentum
+from distopt.optimizers.heun import Heun
+from distopt.optimizers.lamb import Lamb
+from distopt.optimizers.lars import Lars
+from distopt.optimizers.lion import Lion
+from distopt.optimizers.rmsprop import RMSprop
+from distopt.optimizers.sam import SAM
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Adds an Optimizer subclass to the registry under its snake_case name."""
+    _REGISTRY[_snake_case(cls.__name__)] = cls
+    return cls
+
+
+for _cls in (
+    GradientDescent,
+    Momentum,
+    Adam,
+    AdamW,
+    RMSprop,
+    Adagrad,
+    Lion,
+    Lamb,
+    Lars,
+):
+    register(_cls)
+
+register(Heun)
+# SAM wraps another optimizer (`get("sam", base_optimizer=..., rho=...)`); its
+# snake_case class name would be "s_a_m".
+_REGISTRY["sam"] = SAM
+
+
+def names() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name, **kwargs) -> Optimizer:
+    """An optimizer by registered name, e.g. `get("adam", learning_rate=1e-3)`."""
+    if isinstance(name, Optimizer):
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"optimizer: unknown {name!r}; valid names: {', '.join(names())}."
+        )
+    return _REGISTRY[name](**kwargs)
+
+
+def from_config(spec: dict) -> Optimizer:
+    """An optimizer from `{"class": name, "config": get_config()}`."""
+    cls = next((c for c in _REGISTRY.values() if c.__name__ == spec["class"]), None)
+    if cls is None:
+        raise ValueError(f"optimizer: unknown class {spec['class']!r}.")
+    return cls.from_config(spec["config"])
+
+
+__all__ = [
+    "SAM",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "GradientDescent",
+    "Heun",
+    "Lamb",
+    "Lars",
+    "Lion",
+    "Momentum",
+    "Optimizer",
+    "RMSprop",
+    "from_config",
+    "get",
+    "names",
+    "register",
+    "schedules",
+]

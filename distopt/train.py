@@ -1,0 +1,286 @@
+r"""Trains MLP or LeNet-5 on MNIST (or a TFDS image dataset) under any strategy.
+
+    python -m distopt.train --flagfile=configs/lenet_mnist.cfg
+    python -m distopt.train --model=mlp --epochs=10 --strategy=mirrored \
+        --virtual_devices=2 --model_dir=runs/mlp
+
+Works offline from a fresh clone (MNIST is bundled). Resumes automatically
+from the latest checkpoint in --model_dir. Writes TensorBoard scalars there,
+and model_dir/metrics.json at the end. See launch/README.md for multi-worker,
+Slurm, Kubernetes and TPU runs.
+"""
+
+from absl import app, flags, logging
+
+from distopt import data, train_lib
+
+FLAGS = flags.FLAGS
+_DEFAULTS = train_lib.TrainConfig()
+
+# What to train.
+flags.DEFINE_string("model", _DEFAULTS.model, "Model: mlp or lenet.")
+flags.DEFINE_string(
+    "dataset",
+    _DEFAULTS.dataset,
+    "Dataset name. mnist is bundled (offline); any other name (e.g. "
+    "fashion_mnist) is read through TensorFlow Datasets.",
+)
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Directory holding the four MNIST IDX .gz files, or prepared TFDS data "
+    "(then TFDS is used). Default: the bundled MNIST files.",
+)
+flags.DEFINE_enum(
+    "data_source",
+    _DEFAULTS.data_source,
+    ["auto", "bundled", "tfds"],
+    "Where to read data: auto (see --data_dir), bundled (the IDX files "
+    "shipped with distopt) or tfds (TensorFlow Datasets, downloading if "
+    "needed).",
+)
+
+# Where to run.
+flags.DEFINE_string(
+    "strategy",
+    _DEFAULTS.strategy,
+    "Distribution strategy: default, one_device, mirrored (all local GPUs, or "
+    "--virtual_devices CPUs), multi_worker (TF_CONFIG or Slurm) or tpu.",
+)
+flags.DEFINE_integer(
+    "virtual_devices",
+    0,
+    "Split the host CPU into this many logical devices (CPU-only hosts). "
+    f"0: {train_lib.DEFAULT_CPU_VIRTUAL_DEVICES} for --strategy=mirrored.",
+)
+flags.DEFINE_string(
+    "tpu", "", "TPU for --strategy=tpu: a name, grpc:// address or 'local'."
+)
+flags.DEFINE_float(
+    "communication_timeout",
+    _DEFAULTS.communication_timeout,
+    "multi_worker: seconds before a collective fails, so that a dead worker "
+    "stops the job instead of hanging it. 0: wait forever.",
+)
+flags.DEFINE_integer(
+    "slurm_port_base",
+    _DEFAULTS.slurm_port_base,
+    "multi_worker under Slurm: first port of the workers' servers on each node.",
+)
+
+# Optimization.
+flags.DEFINE_string(
+    "optimizer",
+    _DEFAULTS.optimizer,
+    "Optimizer name: adagrad, adam, adamw, gradient_descent, lamb, lars, lion, "
+    "momentum or rmsprop.",
+)
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate.")
+flags.DEFINE_enum(
+    "lr_schedule",
+    _DEFAULTS.lr_schedule,
+    list(train_lib.LR_SCHEDULES),
+    "Learning-rate schedule (over the whole run unless --decay_steps).",
+)
+flags.DEFINE_integer(
+    "warmup_steps", 0, "Linear learning-rate warmup from 0 over this many updates."
+)
+flags.DEFINE_integer(
+    "decay_steps",
+    0,
+    "exponential: steps per decay_rate factor; cosine: steps from peak to the "
+    "end. 0: the whole run (after warmup).",
+)
+flags.DEFINE_float(
+    "decay_rate", _DEFAULTS.decay_rate, "exponential: factor per decay_steps."
+)
+flags.DEFINE_list("lr_boundaries", [], "piecewise: update counts where lr changes.")
+flags.DEFINE_list(
+    "lr_values", [], "piecewise: learning rates (one more than boundaries)."
+)
+# Optimizer hyperparameters: passed on only when set, so each optimizer keeps
+# its own defaults.
+_HYPER_FLOATS = {
+    "beta_1": "adam, adamw, lamb, lion: first-moment decay.",
+    "beta_2": "adam, adamw, lamb, lion: second-moment decay.",
+    "epsilon": "adam, adamw, lamb, rmsprop, adagrad: numerical stabiliser.",
+    "momentum": "momentum, rmsprop, lars: momentum coefficient.",
+    "weight_decay": "Decoupled weight decay (adamw default 0.004; lars: its own).",
+    "rho": "rmsprop: decay of the squared-gradient average.",
+    "initial_accumulator_value": "adagrad: initial accumulator value.",
+    "eta": "lars: trust coefficient.",
+}
+for _name, _help in _HYPER_FLOATS.items():
+    flags.DEFINE_float(_name, None, _help + " Unset: the optimizer's default.")
+_HYPER_BOOLS = {
+    "nesterov": "momentum: Nesterov momentum.",
+    "amsgrad": "adam: the AMSGrad variant.",
+    "centered": "rmsprop: centered variant.",
+}
+for _name, _help in _HYPER_BOOLS.items():
+    flags.DEFINE_boolean(_name, None, _help + " Unset: the optimizer's default.")
+flags.DEFINE_string(
+    "optimizer_args",
+    "",
+    "More optimizer constructor arguments, key=value,... (e.g. clipvalue=1.0).",
+)
+flags.DEFINE_float(
+    "global_clipnorm", None, "Clip the aggregated gradient to this global norm."
+)
+flags.DEFINE_boolean(
+    "skip_nonfinite",
+    False,
+    "Skip (on every replica) a step whose aggregated gradient has NaN or Inf.",
+)
+
+# Distribution of the update.
+flags.DEFINE_string(
+    "aggregation",
+    _DEFAULTS.aggregation,
+    "How replicas' gradients combine: mean, sum or weighted_mean (by each "
+    "replica's example count; exact for uneven batches).",
+)
+flags.DEFINE_string(
+    "sync",
+    _DEFAULTS.sync,
+    "When replicas communicate: every_step, accumulate (k micro-steps per "
+    "update), local_sgd (average weights every k steps), diloco (outer "
+    "Nesterov step every k) or hierarchical.",
+)
+flags.DEFINE_integer(
+    "sync_period", _DEFAULTS.sync_period, "k for every --sync except every_step."
+)
+flags.DEFINE_string(
+    "sync_args",
+    "",
+    "More sync-mode arguments, key=value,... (e.g. warmup_steps=100, "
+    "average_slots=true; diloco: outer_learning_rate=0.7,outer_momentum=0.9).",
+)
+
+# Length and batch.
+flags.DEFINE_integer(
+    "batch_size", _DEFAULTS.batch_size, "Global batch size (over all replicas)."
+)
+flags.DEFINE_float("epochs", 0, "Epochs to train (or --train_steps).")
+flags.DEFINE_integer("train_steps", 0, "Steps to train in total (or --epochs).")
+flags.DEFINE_boolean(
+    "drop_remainder",
+    _DEFAULTS.drop_remainder,
+    "Drop each epoch's last partial training batch (always on TPU).",
+)
+
+# Speed.
+flags.DEFINE_integer(
+    "steps_per_loop",
+    _DEFAULTS.steps_per_loop,
+    "Training steps per tf.function call (a tf.range loop over the iterator).",
+)
+flags.DEFINE_boolean(
+    "jit_compile", _DEFAULTS.jit_compile, "Compile the step with XLA (CPU/GPU)."
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    _DEFAULTS.mixed_precision,
+    list(train_lib.MIXED_PRECISION),
+    "bfloat16: compute in bfloat16, keep float32 variables and loss.",
+)
+
+# Reproducibility.
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and shuffling.")
+flags.DEFINE_boolean(
+    "deterministic", False, "Enable TensorFlow op determinism (slower)."
+)
+
+# Output.
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Where checkpoints, TensorBoard scalars and metrics.json go; an existing "
+    "run there is resumed. Default: runs/<model>_<dataset>.",
+)
+flags.DEFINE_integer(
+    "log_every", _DEFAULTS.log_every, "Steps between progress lines and scalars."
+)
+flags.DEFINE_integer(
+    "eval_every", 0, "Steps between test-set evaluations (0: at the end only)."
+)
+flags.DEFINE_integer(
+    "eval_steps", 0, "Evaluate on this many global batches only (0: all)."
+)
+flags.DEFINE_integer("eval_batch_size", 0, "Global evaluation batch (0: --batch_size).")
+flags.DEFINE_integer(
+    "checkpoint_every",
+    _DEFAULTS.checkpoint_every,
+    "Steps between checkpoints (also one at the end). 0: at the end only.",
+)
+flags.DEFINE_integer(
+    "keep_checkpoints", _DEFAULTS.keep_checkpoints, "Checkpoints to keep."
+)
+
+
+def config_from_flags() -> train_lib.TrainConfig:
+    """Maps the parsed flags onto a TrainConfig."""
+    optimizer_args = {
+        name: FLAGS[name].value
+        for name in (*_HYPER_FLOATS, *_HYPER_BOOLS)
+        if FLAGS[name].value is not None
+    }
+    optimizer_args.update(train_lib.parse_kv(FLAGS.optimizer_args))
+    return train_lib.TrainConfig(
+        model=FLAGS.model,
+        dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir,
+        data_source=FLAGS.data_source,
+        strategy=FLAGS.strategy,
+        virtual_devices=FLAGS.virtual_devices,
+        tpu=FLAGS.tpu,
+        communication_timeout=FLAGS.communication_timeout,
+        slurm_port_base=FLAGS.slurm_port_base,
+        optimizer=FLAGS.optimizer,
+        optimizer_args=optimizer_args,
+        learning_rate=FLAGS.learning_rate,
+        lr_schedule=FLAGS.lr_schedule,
+        warmup_steps=FLAGS.warmup_steps,
+        decay_steps=FLAGS.decay_steps,
+        decay_rate=FLAGS.decay_rate,
+        lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
+        lr_values=tuple(float(v) for v in FLAGS.lr_values),
+        batch_size=FLAGS.batch_size,
+        epochs=FLAGS.epochs,
+        train_steps=FLAGS.train_steps,
+        drop_remainder=FLAGS.drop_remainder,
+        aggregation=FLAGS.aggregation,
+        sync=FLAGS.sync,
+        sync_period=FLAGS.sync_period,
+        sync_args=train_lib.parse_kv(FLAGS.sync_args),
+        global_clipnorm=FLAGS.global_clipnorm,
+        skip_nonfinite=FLAGS.skip_nonfinite,
+        steps_per_loop=FLAGS.steps_per_loop,
+        jit_compile=FLAGS.jit_compile,
+        mixed_precision=FLAGS.mixed_precision,
+        seed=FLAGS.seed,
+        deterministic=FLAGS.deterministic,
+        model_dir=FLAGS.model_dir or f"runs/{FLAGS.model}_{FLAGS.dataset}",
+        eval_every=FLAGS.eval_every,
+        eval_steps=FLAGS.eval_steps,
+        eval_batch_size=FLAGS.eval_batch_size,
+        log_every=FLAGS.log_every,
+        checkpoint_every=FLAGS.checkpoint_every,
+        keep_checkpoints=FLAGS.keep_checkpoints,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = config_from_flags()
+        train_lib.train(config)
+    except (train_lib.ConfigError, train_lib.ModelDirError, data.DataError) as e:
+        # Bad input: one clear line, no traceback.
+        logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

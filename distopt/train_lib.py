@@ -1,0 +1,1046 @@
+"""The trainer's library: strategies, input, model, optimizer, the loop.
+
+``distopt.train`` is the command line over this module; tests and the
+benchmark call it directly. The entry point is :func:`train`, which takes a
+:class:`TrainConfig` and returns the final metrics. The steps it strings
+together are public so they can be tested one by one.
+
+Order matters in :func:`train`: everything that can fail on bad input
+(names, batch divisibility, data checksums, a ``model_dir`` from another
+model) is checked before the first byte is written to ``model_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.framework import summary_pb2
+
+from distopt import aggregation as aggregation_lib
+from distopt import data as data_lib
+from distopt import models as models_lib
+from distopt import optimizers as optimizers_lib
+from distopt import sync as sync_lib
+from distopt.optimizers import schedules
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
+MIXED_PRECISION = ("none", "bfloat16")
+# Two replicas is the smallest count that exercises cross-replica aggregation,
+# and on a small CPU host more logical devices only share the same cores.
+DEFAULT_CPU_VIRTUAL_DEVICES = 2
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+# A checkpoint of another model or dataset cannot be resumed: refuse it.
+IDENTITY_KEYS = ("model", "dataset")
+
+
+class ConfigError(ValueError):
+    """A flag value or combination is invalid."""
+
+
+class ModelDirError(ValueError):
+    """``model_dir`` holds a run that this configuration cannot resume."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything :func:`train` needs; the flags of ``distopt.train`` map 1:1.
+
+    See ``distopt/train.py`` for the meaning of each field (the flag help).
+    """
+
+    model: str = "lenet"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    data_source: str = "auto"
+    strategy: str = "default"
+    virtual_devices: int = 0
+    tpu: str = ""
+    communication_timeout: float = 600.0
+    slurm_port_base: int = 8888
+    optimizer: str = "adam"
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    decay_rate: float = 0.1
+    lr_boundaries: tuple[int, ...] = ()
+    lr_values: tuple[float, ...] = ()
+    batch_size: int = 128
+    epochs: float = 0.0
+    train_steps: int = 0
+    drop_remainder: bool = True
+    aggregation: str = "mean"
+    sync: str = "every_step"
+    sync_period: int = 8
+    sync_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    global_clipnorm: float | None = None
+    skip_nonfinite: bool = False
+    steps_per_loop: int = 50
+    jit_compile: bool = True
+    mixed_precision: str = "none"
+    seed: int = 0
+    deterministic: bool = False
+    model_dir: str = "runs/default"
+    eval_every: int = 0
+    eval_steps: int = 0
+    eval_batch_size: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+
+# --- Validation ---------------------------------------------------------------
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Checks names and numbers that need no TensorFlow state.
+
+    Raises:
+      ConfigError: naming the bad value, and the valid names where there is a
+        list of them.
+    """
+
+    def choice(what, value, valid):
+        if value not in valid:
+            raise ConfigError(f"Unknown {what} {value!r}; valid {what}s: {list(valid)}")
+
+    choice("strategy", config.strategy, STRATEGIES)
+    choice("model", config.model, models_lib.names())
+    choice("optimizer", config.optimizer, optimizers_lib.names())
+    choice("aggregation", config.aggregation, aggregation_lib.names())
+    choice("sync", config.sync, sync_lib.names())
+    choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    choice("data_source", config.data_source, data_lib.SOURCES)
+    for name in ("batch_size", "steps_per_loop", "log_every", "sync_period"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(config, name)}")
+    if not (config.train_steps > 0) ^ (config.epochs > 0):
+        raise ConfigError(
+            "Set exactly one of --train_steps and --epochs (got "
+            f"train_steps={config.train_steps}, epochs={config.epochs})"
+        )
+    if config.strategy == "tpu" and not config.tpu:
+        raise ConfigError("--strategy=tpu needs --tpu (a TPU name, or 'local' on a VM)")
+    if config.lr_schedule == "piecewise" and (
+        len(config.lr_values) != len(config.lr_boundaries) + 1
+    ):
+        raise ConfigError(
+            "--lr_schedule=piecewise needs --lr_boundaries and one more "
+            f"--lr_values; got {list(config.lr_boundaries)} and "
+            f"{list(config.lr_values)}"
+        )
+
+
+# --- Strategies ---------------------------------------------------------------
+
+
+def configure_virtual_devices(num_devices: int) -> list[str]:
+    """Splits the host CPU into ``num_devices`` logical devices.
+
+    Must run before TensorFlow initialises its devices. If they already are
+    (a test process, a notebook) and there are at least ``num_devices``
+    logical CPUs, the first ones are used.
+
+    Returns:
+      The names of the logical CPU devices to use.
+
+    Raises:
+      ConfigError: too few logical CPUs exist and it is too late to make more.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+        )
+    except RuntimeError:
+        pass  # Devices already initialised: check below that enough exist.
+    logical = tf.config.list_logical_devices("CPU")
+    if len(logical) < num_devices:
+        raise ConfigError(
+            f"--virtual_devices={num_devices}: TensorFlow already initialised "
+            f"{len(logical)} logical CPU device(s); set it before any TF op runs"
+        )
+    return [d.name for d in logical[:num_devices]]
+
+
+def make_strategy(
+    name: str,
+    *,
+    virtual_devices: int = 0,
+    tpu: str = "",
+    communication_timeout: float | None = None,
+    slurm_port_base: int = 8888,
+) -> tf.distribute.Strategy:
+    """Creates a ``tf.distribute`` strategy by name.
+
+    Args:
+      name: one of ``STRATEGIES``.
+      virtual_devices: on a CPU-only host, the number of logical CPU devices
+        for ``mirrored`` (0: ``DEFAULT_CPU_VIRTUAL_DEVICES``). Ignored when
+        GPUs are present.
+      tpu: the TPU for ``tpu`` (a name, a grpc:// address, or "local").
+      communication_timeout: seconds before a collective of ``multi_worker``
+        fails, so that a dead peer errors out instead of hanging the job.
+      slurm_port_base: ``multi_worker`` under Slurm: first port on each node.
+
+    Returns:
+      The strategy. What it runs on is logged.
+
+    Raises:
+      ConfigError: unknown name (listing the valid ones).
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(
+            f"Unknown strategy {name!r}; valid strategies: {list(STRATEGIES)}"
+        )
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    elif name == "mirrored":
+        if tf.config.list_physical_devices("GPU"):
+            if virtual_devices:
+                logging.warning("--virtual_devices ignored: mirroring over the GPUs")
+            strategy = tf.distribute.MirroredStrategy()
+        else:
+            n = virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES
+            logging.info(
+                "mirrored on a CPU-only host: %d logical CPU devices (%s)",
+                n,
+                "--virtual_devices"
+                if virtual_devices
+                else "default; set --virtual_devices",
+            )
+            strategy = tf.distribute.MirroredStrategy(
+                devices=configure_virtual_devices(n)
+            )
+    elif name == "multi_worker":
+        strategy = _multi_worker_strategy(communication_timeout, slurm_port_base)
+    else:
+        strategy = _tpu_strategy(tpu)
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy has no device list.
+        devices = ["the default device"]
+    logging.info(
+        "Strategy %s: %d replica(s) in sync; local devices %s",
+        name,
+        strategy.num_replicas_in_sync,
+        ", ".join(devices),
+    )
+    return strategy
+
+
+def communication_options(timeout: float | None):
+    """Collective options with a timeout (None: wait forever)."""
+    return tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout or None
+    )
+
+
+def make_cluster_resolver(slurm_port_base: int = 8888):
+    """The cluster of a multi-worker run: TF_CONFIG, else Slurm, else None.
+
+    Args:
+      slurm_port_base: first port of the workers' servers on each Slurm node.
+
+    Returns:
+      A cluster resolver, or None for a single local worker.
+    """
+    if "TF_CONFIG" in os.environ:
+        logging.info("multi_worker: cluster from TF_CONFIG")
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if "SLURM_PROCID" in os.environ:
+        logging.info("multi_worker: cluster from Slurm (SLURM_* variables)")
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        if gpus:
+            return tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=slurm_port_base, gpus_per_node=gpus
+            )
+        # CPU nodes: the resolver divides GPUs among tasks and fails on zero
+        # (range step 0), so give it a GPU count it never exhausts and tell it
+        # not to touch CUDA_VISIBLE_DEVICES.
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=slurm_port_base,
+            gpus_per_node=1024,
+            gpus_per_task=1,
+            auto_set_gpu=False,
+        )
+    logging.warning("multi_worker: no TF_CONFIG and no Slurm job: one local worker")
+    return None
+
+
+def _multi_worker_strategy(timeout, slurm_port_base=8888):
+    # On a CPU host each worker is one device: N workers, N replicas.
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=make_cluster_resolver(slurm_port_base),
+        communication_options=communication_options(timeout),
+    )
+
+
+def _tpu_strategy(tpu):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes checkpoints, summaries and metrics."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or isinstance(
+        resolver, tf.distribute.cluster_resolver.TPUClusterResolver
+    ):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def _worker_id(strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0) if resolver else 0
+
+
+def _is_tpu(strategy) -> bool:
+    return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+# --- Data, model, optimizer ---------------------------------------------------
+
+
+def check_batch_size(global_batch_size: int, num_replicas: int) -> None:
+    """Raises ConfigError unless the global batch splits evenly over replicas."""
+    if global_batch_size % num_replicas:
+        raise ConfigError(
+            f"Global batch size {global_batch_size} is not divisible by the "
+            f"{num_replicas} replicas in sync; use a multiple of {num_replicas}"
+        )
+
+
+def make_datasets(
+    strategy: tf.distribute.Strategy,
+    source: data_lib.Source,
+    config: TrainConfig,
+    start_step: int = 0,
+):
+    """Distributed train and test datasets.
+
+    Returns:
+      (train, test): ``tf.distribute.DistributedDataset`` s. Train is infinite
+      and starts where ``start_step`` left off; test is one padded pass.
+    """
+    check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
+    eval_batch = config.eval_batch_size or config.batch_size
+    check_batch_size(eval_batch, strategy.num_replicas_in_sync)
+    # TPUs need static shapes, so never a partial batch there.
+    drop = config.drop_remainder or _is_tpu(strategy)
+    train_fn = data_lib.make_dataset_fn(
+        source,
+        "train",
+        config.batch_size,
+        training=True,
+        seed=config.seed,
+        drop_remainder=drop,
+        start_step=start_step,
+    )
+    test_fn = data_lib.make_dataset_fn(
+        source,
+        "test",
+        eval_batch,
+        training=False,
+        max_steps=config.eval_steps or None,
+    )
+    return (
+        strategy.distribute_datasets_from_function(train_fn),
+        strategy.distribute_datasets_from_function(test_fn),
+    )
+
+
+def build_model(
+    name: str, source=None, *, seed=0, mixed_precision="none", jit_compile=False
+):
+    """Builds a model for ``source``'s image shape and classes (MNIST if None).
+
+    Call inside ``strategy.scope()``.
+    """
+    shape, classes = (
+        ((28, 28, 1), 10)
+        if source is None
+        else (
+            source.image_shape,
+            source.num_classes,
+        )
+    )
+    dtype = tf.bfloat16 if mixed_precision == "bfloat16" else tf.float32
+    return models_lib.build_model(
+        name, shape, classes, seed=seed, compute_dtype=dtype, jit_compile=jit_compile
+    )
+
+
+class _Warmup:
+    """Linear warmup from 0 over ``warmup_steps``, then ``schedule(step)``."""
+
+    def __init__(self, schedule, warmup_steps):
+        self.schedule, self.warmup_steps = schedule, warmup_steps
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32)
+        after = tf.cast(self.schedule(step), tf.float32)
+        return tf.where(t < self.warmup_steps, after * t / self.warmup_steps, after)
+
+
+def make_schedule(config: TrainConfig, total_updates: int):
+    """The learning-rate schedule of ``config``, over ``total_updates`` updates.
+
+    ``decay_steps`` defaults to the whole run. ``warmup_steps`` is linear from
+    zero for every schedule (built into cosine, wrapped around the others).
+    """
+    lr = config.learning_rate
+    warmup = config.warmup_steps
+    decay_steps = config.decay_steps or max(1, total_updates - warmup)
+    if config.lr_schedule == "cosine":
+        return schedules.CosineDecay(lr, decay_steps, warmup_steps=warmup)
+    if config.lr_schedule == "exponential":
+        schedule = schedules.ExponentialDecay(lr, decay_steps, config.decay_rate)
+    elif config.lr_schedule == "piecewise":
+        schedule = schedules.PiecewiseConstant(config.lr_boundaries, config.lr_values)
+    else:
+        schedule = schedules.Constant(lr) if warmup else lr
+    return _Warmup(schedule, warmup) if warmup else schedule
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, strategy=None):
+    """Builds the optimizer, its aggregation and its sync mode from ``config``.
+
+    Call inside ``strategy.scope()``.
+
+    Raises:
+      ConfigError: unknown names, or a hyperparameter the optimizer or sync
+        mode does not take.
+    """
+    sync_kwargs = dict(config.sync_args)
+    if config.sync != "every_step":
+        sync_kwargs.setdefault("k", config.sync_period)
+    if config.sync == "diloco" and (
+        "outer_learning_rate" in sync_kwargs or "outer_momentum" in sync_kwargs
+    ):
+        sync_kwargs["outer_optimizer"] = optimizers_lib.get(
+            "momentum",
+            learning_rate=sync_kwargs.pop("outer_learning_rate", 0.7),
+            momentum=sync_kwargs.pop("outer_momentum", 0.9),
+            nesterov=True,
+            name="outer_momentum",
+        )
+    try:
+        sync = sync_lib.get(config.sync, **sync_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"--sync={config.sync} does not take {sync_kwargs}: {e}"
+        ) from e
+    # Schedules count applied updates: one per k steps when accumulating.
+    updates = (
+        total_steps // config.sync_period
+        if config.sync == "accumulate"
+        else total_steps
+    )
+    kwargs = dict(config.optimizer_args)
+    if config.strategy == "multi_worker":
+        kwargs["communication_options"] = communication_options(
+            config.communication_timeout
+        )
+    try:
+        return optimizers_lib.get(
+            config.optimizer,
+            learning_rate=make_schedule(config, max(1, updates)),
+            aggregation=aggregation_lib.get(config.aggregation),
+            sync=sync,
+            global_clipnorm=config.global_clipnorm,
+            skip_nonfinite=config.skip_nonfinite,
+            **kwargs,
+        )
+    except TypeError as e:
+        raise ConfigError(
+            f"--optimizer={config.optimizer} does not take one of "
+            f"{sorted(config.optimizer_args)}: {e}"
+        ) from e
+    except ValueError as e:  # The optimizer names the bad hyperparameter.
+        raise ConfigError(f"--optimizer={config.optimizer}: {e}") from e
+
+
+class _Sums(tf.Module):
+    """Per-replica running sums (loss, correct, count) of one metric stream.
+
+    On-read-synchronised variables: each replica adds to its own copy with no
+    communication; reading in cross-replica context sums over replicas (and
+    workers). Not checkpointed.
+    """
+
+    def __init__(self, name):
+        super().__init__(name=name)
+        self.vars = {
+            key: tf.Variable(
+                0.0,
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+                name=key,
+            )
+            for key in ("loss", "correct", "count")
+        }
+
+    def add(self, loss, correct, count):
+        self.vars["loss"].assign_add(loss)
+        self.vars["correct"].assign_add(correct)
+        self.vars["count"].assign_add(count)
+
+    def result(self) -> dict[str, float]:
+        """Reads and resets; returns mean loss, accuracy and example count."""
+        values = {k: float(v.read_value()) for k, v in self.vars.items()}
+        for v in self.vars.values():
+            v.assign(0.0)
+        n = max(values["count"], 1.0)
+        return {
+            "loss": values["loss"] / n,
+            "accuracy": values["correct"] / n,
+            "examples": values["count"],
+        }
+
+
+def _loss_and_metrics(model, images, labels, mask=None, training=False):
+    logits = model(images, training=training)
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    hits = tf.cast(
+        tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32
+    )
+    if mask is None:
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+    else:
+        per_example, hits, count = per_example * mask, hits * mask, tf.reduce_sum(mask)
+    return tf.reduce_sum(per_example), tf.reduce_sum(hits), count
+
+
+def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True):
+    """The compiled training loop: ``loop(iterator, num_steps)``.
+
+    Runs ``num_steps`` steps in one ``tf.function`` (a ``tf.range`` loop over
+    the distributed iterator), so Python runs once per loop, not per step.
+    Each replica computes its local mean loss and gradients and hands them to
+    the optimizer with its example count, which ``weighted_mean`` needs to
+    stay exact when a partial batch splits unevenly.
+
+    With ``jit_compile`` the forward and backward pass is one XLA program (the
+    optimizer's update kernels are XLA already); under a single-replica
+    strategy the whole step, update included, is. Under a multi-replica
+    strategy the optimizer's cross-replica ``merge_call`` stays outside XLA.
+    On TPU, ``strategy.run`` compiles everything anyway.
+    """
+    variables = model.trainable_variables
+
+    def grads_and_metrics(images, labels):
+        with tf.GradientTape() as tape:
+            loss_sum, correct, count = _loss_and_metrics(
+                model, images, labels, training=True
+            )
+            # The local mean: aggregation across replicas is the optimizer's job.
+            loss = loss_sum / tf.maximum(count, 1.0)
+        return tape.gradient(loss, variables), loss_sum, correct, count
+
+    def step_fn(images, labels):
+        grads, loss_sum, correct, count = grads_and_metrics(images, labels)
+        optimizer.apply_gradients(grads, variables, weight=count)
+        sums.add(loss_sum, correct, count)
+
+    whole_step = (
+        jit_compile and strategy.num_replicas_in_sync == 1 and not _is_tpu(strategy)
+    )
+    if whole_step:
+        step_fn = tf.function(step_fn, jit_compile=True)
+    elif jit_compile and not _is_tpu(strategy):
+        grads_and_metrics = tf.function(grads_and_metrics, jit_compile=True)
+
+    def replica_step(batch):
+        step_fn(*batch)
+
+    @tf.function
+    def loop(iterator, num_steps):
+        for _ in tf.range(num_steps):
+            strategy.run(replica_step, args=(next(iterator),))
+        step.assign_add(tf.cast(num_steps, tf.int64))
+
+    return loop
+
+
+def make_eval_loop(strategy, model, sums, *, jit_compile=True):
+    """The compiled evaluation: ``evaluate(distributed_dataset)`` fills ``sums``.
+
+    The test set comes padded to whole batches with a 0/1 mask (static shapes
+    for XLA and TPUs); summing masked losses and hits over replicas gives the
+    exact test metrics however the last batch falls.
+    """
+
+    def metrics(images, labels, mask):
+        return _loss_and_metrics(model, images, labels, mask)
+
+    if jit_compile and not _is_tpu(strategy):
+        metrics = tf.function(metrics, jit_compile=True)
+
+    def replica_step(batch):
+        sums.add(*metrics(*batch))
+
+    @tf.function
+    def evaluate(dataset):
+        for batch in dataset:
+            strategy.run(replica_step, args=(batch,))
+
+    return evaluate
+
+
+# --- model_dir ----------------------------------------------------------------
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What ``model_dir/run_config.json`` stores: the full config."""
+    return dataclasses.asdict(config)
+
+
+def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
+    """Checks, without writing, that ``model_dir`` can hold this run.
+
+    Returns:
+      The latest checkpoint path to resume from, or None for a fresh run.
+
+    Raises:
+      ModelDirError: the directory holds a run of another model or dataset.
+    """
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    path = os.path.join(model_dir, RUN_CONFIG_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            stored = json.load(f)
+        for key in IDENTITY_KEYS:
+            if stored.get(key) != getattr(config, key):
+                raise ModelDirError(
+                    f"{model_dir} holds a run with {key}={stored.get(key)!r} "
+                    f"(see {path}), not {key}={getattr(config, key)!r}. Nothing "
+                    "was written; use another --model_dir, or delete this one."
+                )
+        changed = {
+            k: (stored.get(k), v)
+            for k, v in run_identity(config).items()
+            if k in stored and stored[k] != v and latest
+        }
+        if changed:
+            logging.info("Resuming with changed settings (old, new): %s", changed)
+    return latest
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
+    """Restores ``path`` and checks it matches the model exactly.
+
+    Raises:
+      ModelDirError: the checkpoint's variables do not fit this model (another
+        architecture, or a model_dir with no run_config.json).
+    """
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        raise ModelDirError(
+            f"The checkpoint {path} in {model_dir} does not match this model: "
+            f"{str(e)[:500]}. Nothing was written; use another --model_dir."
+        ) from e
+
+
+class _CheckpointWriter:
+    """Saves checkpoints; the MultiWorkerMirrored pattern for non-chiefs.
+
+    Saving a distributed variable is collective, so every worker saves; only
+    the chief writes into ``model_dir``, the others into a temporary
+    directory that is deleted right after.
+    """
+
+    def __init__(self, checkpoint, model_dir, chief, worker_id, keep):
+        self.chief = chief
+        directory = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+        if not chief:
+            directory = tempfile.mkdtemp(prefix=f"distopt_worker{worker_id}_")
+        self.directory = directory
+        self.manager = tf.train.CheckpointManager(
+            checkpoint, directory, max_to_keep=keep
+        )
+
+    def save(self, step: int) -> None:
+        path = self.manager.save(checkpoint_number=step)
+        if self.chief:
+            logging.info("Saved checkpoint %s", path)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- The run ------------------------------------------------------------------
+
+
+def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
+    """``--train_steps``, or ``--epochs`` worth of global batches."""
+    if config.train_steps:
+        return config.train_steps
+    return max(1, int(config.epochs * num_train_examples) // config.batch_size)
+
+
+# tf.summary.scalar lives in the tensorboard package, which TensorFlow does not
+# require; this writes the same event (TensorBoard's "scalars" plugin) with
+# core TensorFlow only.
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class=summary_pb2.DATA_CLASS_SCALAR,
+)
+
+
+def write_scalars(writer, step: int, values: dict[str, float]) -> None:
+    """Writes TensorBoard scalars ``values`` at ``step`` with ``writer``."""
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.write(
+                name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA
+            )
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux), else None.
+
+    ``python -m distopt.train`` imports TensorFlow (through the package's
+    ``__init__``) before the script's first line runs, so only the OS knows
+    when the user pressed enter.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22, after the parenthesised command name: start time in
+            # clock ticks since boot.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def train(
+    config: TrainConfig,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+    start_time: float | None = None,
+) -> dict[str, Any]:
+    """Trains and evaluates; writes checkpoints, summaries and metrics.json.
+
+    Resumes from the latest checkpoint in ``config.model_dir`` if there is
+    one. Only the chief writes to ``model_dir``.
+
+    Args:
+      config: the run.
+      strategy: use this strategy instead of creating ``config.strategy``
+        (tests and benchmarks that already initialised TensorFlow).
+      start_time: ``time.time()`` at process start, for time to first step
+        (default: :func:`process_start_time`, else the call to ``train``).
+
+    Returns:
+      The metrics also written to ``model_dir/metrics.json``.
+
+    Raises:
+      ConfigError, ModelDirError, data.DataError: bad input; nothing was
+        written to ``model_dir`` then.
+    """
+    t0 = time.time()
+    start_time = start_time or process_start_time() or t0
+    validate_config(config)
+    _seed_everything(config.seed, config.deterministic)
+    if strategy is None:
+        # First TF device use: virtual devices must be configured before it.
+        strategy = make_strategy(
+            config.strategy,
+            virtual_devices=config.virtual_devices,
+            tpu=config.tpu,
+            communication_timeout=config.communication_timeout,
+            slurm_port_base=config.slurm_port_base,
+        )
+    num_replicas = strategy.num_replicas_in_sync
+    check_batch_size(config.batch_size, num_replicas)
+    chief = is_chief(strategy)
+    latest = check_model_dir(config.model_dir, config)
+
+    source = data_lib.load_source(config.dataset, config.data_dir, config.data_source)
+    total_steps = resolve_train_steps(config, source.num_examples["train"])
+
+    with strategy.scope():
+        model = build_model(
+            config.model,
+            source,
+            seed=config.seed,
+            mixed_precision=config.mixed_precision,
+            jit_compile=config.jit_compile,
+        )
+        optimizer = make_optimizer(config, total_steps, strategy)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        train_sums, eval_sums = _Sums("train_sums"), _Sums("eval_sums")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    if latest:
+        restore(checkpoint, latest, config.model_dir)
+    start_step = int(step.numpy())
+    logging.info(
+        "Model %s (%d parameters), %s optimizer, aggregation %s, sync %s; "
+        "global batch %d over %d replica(s); %s step %d of %d",
+        config.model,
+        models_lib.parameter_count(model),
+        config.optimizer,
+        config.aggregation,
+        config.sync
+        if config.sync == "every_step"
+        else f"{config.sync} k={config.sync_period}",
+        config.batch_size,
+        num_replicas,
+        "resuming at" if latest else "starting at",
+        start_step,
+        total_steps,
+    )
+
+    # Every check passed: from here on we write.
+    if chief:
+        tf.io.gfile.makedirs(config.model_dir)
+        with tf.io.gfile.GFile(
+            os.path.join(config.model_dir, RUN_CONFIG_FILE), "w"
+        ) as f:
+            json.dump(run_identity(config), f, indent=2, default=list)
+        train_writer = tf.summary.create_file_writer(
+            os.path.join(config.model_dir, "train")
+        )
+        eval_writer = tf.summary.create_file_writer(
+            os.path.join(config.model_dir, "eval")
+        )
+    else:
+        train_writer = eval_writer = tf.summary.create_noop_writer()
+    saver = _CheckpointWriter(
+        checkpoint,
+        config.model_dir,
+        chief,
+        _worker_id(strategy),
+        config.keep_checkpoints,
+    )
+
+    train_ds, test_ds = make_datasets(strategy, source, config, start_step)
+    iterator = iter(train_ds)
+    train_loop = make_train_loop(
+        strategy, model, optimizer, train_sums, step, jit_compile=config.jit_compile
+    )
+    eval_loop = make_eval_loop(
+        strategy, model, eval_sums, jit_compile=config.jit_compile
+    )
+    variables = model.trainable_variables
+
+    def synchronize():
+        # Local SGD / DiLoCo replicas diverge by design: average them before
+        # anything reads "the" model. The optimizer needs the strategy in scope.
+        with strategy.scope():
+            optimizer.synchronize(variables)
+
+    def evaluate(at_step):
+        synchronize()
+        t = time.time()
+        eval_loop(test_ds)
+        result = eval_sums.result()
+        logging.info(
+            "eval step %d: loss %.4f, accuracy %.2f%% on %d examples (%.1f s)",
+            at_step,
+            result["loss"],
+            100 * result["accuracy"],
+            result["examples"],
+            time.time() - t,
+        )
+        write_scalars(
+            eval_writer,
+            at_step,
+            {"loss": result["loss"], "accuracy": result["accuracy"]},
+        )
+        return result
+
+    def save(at_step):
+        synchronize()
+        saver.save(at_step)
+
+    # The loop runs in chunks of at most steps_per_loop steps, cut at every
+    # log, eval and checkpoint boundary. The first chunk is one step, so time
+    # to first step (tracing and compilation included) is measured on its own
+    # and kept out of the throughput.
+    current = start_step
+    first_step_seconds = None
+    timed_steps, timed_seconds = 0, 0.0
+    window_start, window_steps = time.time(), 0
+    boundaries = [config.log_every, config.eval_every, config.checkpoint_every]
+    while current < total_steps:
+        n = min(config.steps_per_loop, total_steps - current)
+        for every in boundaries:
+            if every > 0:
+                n = min(n, every - current % every)
+        if first_step_seconds is None:
+            n = 1
+        t = time.time()
+        train_loop(iterator, tf.constant(n, tf.int64))
+        current += n
+        if first_step_seconds is None:
+            int(step.numpy())  # Wait for the step to finish.
+            first_step_seconds = time.time() - start_time
+            logging.info("First step done %.1f s after start", first_step_seconds)
+            window_start, window_steps = time.time(), 0
+        else:
+            timed_steps += n
+            timed_seconds += time.time() - t
+            window_steps += n
+
+        if current % config.log_every == 0 or current == total_steps:
+            result = train_sums.result()
+            elapsed = time.time() - window_start
+            rate = window_steps * config.batch_size / elapsed if window_steps else 0.0
+            steps_per_second = window_steps / elapsed if window_steps else 0.0
+            eta = (
+                (total_steps - current) / steps_per_second if steps_per_second else 0.0
+            )
+            lr = float(optimizer.learning_rate_value())
+            skipped = int(optimizer.skipped_steps.numpy())
+            logging.info(
+                "step %d/%d: loss %.4f, accuracy %.2f%%, %.0f examples/s, "
+                "lr %.3g, ETA %s",
+                current,
+                total_steps,
+                result["loss"],
+                100 * result["accuracy"],
+                rate,
+                lr,
+                _format_seconds(eta),
+            )
+            write_scalars(
+                train_writer,
+                current,
+                {
+                    "loss": result["loss"],
+                    "accuracy": result["accuracy"],
+                    "learning_rate": lr,
+                    "examples_per_second": rate,
+                    "skipped_steps": skipped,
+                },
+            )
+            window_start, window_steps = time.time(), 0
+        if (
+            config.eval_every
+            and current % config.eval_every == 0
+            and current < total_steps
+        ):
+            evaluate(current)
+        if config.checkpoint_every and current % config.checkpoint_every == 0:
+            save(current)
+
+    final_step = int(step.numpy())
+    if final_step > start_step and (
+        not config.checkpoint_every or final_step % config.checkpoint_every
+    ):
+        save(final_step)
+    result = evaluate(final_step)
+    train_writer.flush()
+    eval_writer.flush()
+
+    wall = time.time() - t0
+    metrics = {
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "test_examples": int(result["examples"]),
+        "train_steps": final_step,
+        "start_step": start_step,
+        "examples_per_second": (
+            timed_steps * config.batch_size / timed_seconds if timed_seconds else None
+        ),
+        "wall_seconds": wall,
+        "seconds_to_first_step": first_step_seconds,
+        "skipped_steps": int(optimizer.skipped_steps.numpy()),
+        "num_replicas": num_replicas,
+        "global_batch_size": config.batch_size,
+        "model": config.model,
+        "dataset": config.dataset,
+        "data_source": source.origin,
+        "strategy": config.strategy,
+        "optimizer": config.optimizer,
+        "aggregation": config.aggregation,
+        "sync": config.sync,
+        "sync_period": config.sync_period,
+    }
+    if chief:
+        with tf.io.gfile.GFile(os.path.join(config.model_dir, METRICS_FILE), "w") as f:
+            json.dump(metrics, f, indent=2)
+    logging.info(
+        "Done: test accuracy %.2f%%, test loss %.4f, %d steps, %s examples/s, %.1f s",
+        100 * metrics["test_accuracy"],
+        metrics["test_loss"],
+        final_step,
+        f"{metrics['examples_per_second']:.0f}"
+        if metrics["examples_per_second"]
+        else "n/a",
+        wall,
+    )
+    return metrics
+
+
+def parse_kv(text: str) -> dict[str, Any]:
+    """Parses ``"a=1,b=0.5,c=true,d=name"`` into typed values.
+
+    Raises:
+      ConfigError: an item is not ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Expected key=value, got {item!r} in {text!r}")
+        out[key.strip()] = _typed(value.strip())
+    return out
+
+
+def _typed(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value

@@ -1,0 +1,236 @@
+"""Independent NumPy references of every distopt optimizer and schedule.
+
+Written from the papers (and, for hyperparameter conventions such as where
+epsilon goes, from Keras's documentation), not from distopt's code: each
+rule is one plain function of float64 arrays, applied variable by variable,
+step by step. Tests compare distopt against these within a tolerance.
+
+Conventions shared with distopt and Keras:
+
+* `t` is the 1-based number of the update being made.
+* The learning rate of update `t` is `lr(t - 1)`: a schedule sees the number
+  of updates already applied.
+* Decoupled weight decay (`weight_decay`, all but Lars) shrinks the
+  parameter first, `p <- p * (1 - lr * weight_decay)`, then the rule runs on
+  the decayed parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# --- Learning-rate schedules, closed form -------------------------------------
+
+
+def constant(t, learning_rate):
+    """lr(t) = learning_rate."""
+    return learning_rate
+
+
+def exponential_decay(
+    t, initial_learning_rate, decay_steps, decay_rate, staircase=False
+):
+    """lr(t) = initial * rate^(t / decay_steps), the exponent floored if staircase."""
+    e = t / decay_steps
+    if staircase:
+        e = math.floor(e)
+    return initial_learning_rate * decay_rate**e
+
+
+def piecewise_constant(t, boundaries, values):
+    """values[i] for the first boundaries[i] > t; the last value past them all."""
+    for b, v in zip(boundaries, values):
+        if t < b:
+            return v
+    return values[-1]
+
+
+def cosine_decay(t, peak_learning_rate, decay_steps, warmup_steps=0, alpha=0.0):
+    """Linear warmup from 0, then half a cosine down to alpha * peak."""
+    if t < warmup_steps:
+        return peak_learning_rate * t / warmup_steps
+    s = min(1.0, (t - warmup_steps) / decay_steps)
+    return peak_learning_rate * (
+        alpha + (1 - alpha) * 0.5 * (1 + math.cos(math.pi * s))
+    )
+
+
+# --- Update rules: (p, g, state dict, lr, t, hyperparameters) -> p ------------
+# Each mutates `state` (the slots, keyed by distopt's slot names) and returns
+# the new parameter.
+
+
+def _gradient_descent(p, g, s, lr, t):
+    return p - lr * g
+
+
+def _momentum(p, g, s, lr, t, momentum=0.9, nesterov=False):
+    # Sutskever et al. (2013) in velocity form: v is the step itself.
+    v = momentum * s.get("momentum", np.zeros_like(p)) - lr * g
+    s["momentum"] = v
+    if nesterov:
+        # Look-ahead: the step that the next velocity would take, were the
+        # gradient unchanged.
+        return p + momentum * v - lr * g
+    return p + v
+
+
+def _adam(p, g, s, lr, t, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False):
+    # Kingma & Ba (2015), Algorithm 1 with the "epsilon-hat" of Section 2:
+    # epsilon is added to sqrt(v) before the bias correction of v is folded
+    # into the step size.
+    m = beta_1 * s.get("m", np.zeros_like(p)) + (1 - beta_1) * g
+    v = beta_2 * s.get("v", np.zeros_like(p)) + (1 - beta_2) * g * g
+    s["m"], s["v"] = m, v
+    if amsgrad:
+        # Reddi et al. (2018): the running maximum of v.
+        v = np.maximum(s.get("vhat", np.zeros_like(p)), v)
+        s["vhat"] = v
+    step_size = lr * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+    return p - step_size * m / (np.sqrt(v) + epsilon)
+
+
+def _rmsprop(p, g, s, lr, t, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False):
+    # Tieleman & Hinton (2012); centered as in Graves (2013). Keras puts
+    # epsilon under the square root.
+    ms = rho * s.get("velocity", np.zeros_like(p)) + (1 - rho) * g * g
+    s["velocity"] = ms
+    var = ms
+    if centered:
+        mg = rho * s.get("average_gradient", np.zeros_like(p)) + (1 - rho) * g
+        s["average_gradient"] = mg
+        var = ms - mg * mg
+    delta = lr * g / np.sqrt(var + epsilon)
+    if momentum > 0:
+        delta = momentum * s.get("momentum", np.zeros_like(p)) + delta
+        s["momentum"] = delta
+    return p - delta
+
+
+def _adagrad(p, g, s, lr, t, initial_accumulator_value=0.1, epsilon=1e-7):
+    # Duchi, Hazan & Singer (2011), diagonal form.
+    acc = s.get("accumulator", np.full_like(p, initial_accumulator_value)) + g * g
+    s["accumulator"] = acc
+    return p - lr * g / np.sqrt(acc + epsilon)
+
+
+def _lion(p, g, s, lr, t, beta_1=0.9, beta_2=0.99):
+    # Chen et al. (2023), Program 1 (weight decay handled outside).
+    m = s.get("momentum", np.zeros_like(p))
+    direction = np.sign(beta_1 * m + (1 - beta_1) * g)
+    s["momentum"] = beta_2 * m + (1 - beta_2) * g
+    return p - lr * direction
+
+
+def _norm(x):
+    """The Euclidean norm of the whole array (one layer)."""
+    return math.sqrt(float(np.sum(np.square(x))))
+
+
+def _lamb(p, g, s, lr, t, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    # You et al. (2020), Algorithm 2 with phi = identity, one layer per
+    # variable; ratio 1 where a norm is zero.
+    m = beta_1 * s.get("momentum", np.zeros_like(p)) + (1 - beta_1) * g
+    v = beta_2 * s.get("velocity", np.zeros_like(p)) + (1 - beta_2) * g * g
+    s["momentum"], s["velocity"] = m, v
+    r = (m / (1 - beta_1**t)) / (np.sqrt(v / (1 - beta_2**t)) + epsilon)
+    wn, rn = _norm(p), _norm(r)
+    ratio = wn / rn if wn > 0 and rn > 0 else 1.0
+    return p - lr * ratio * r
+
+
+def _lars(p, g, s, lr, t, momentum=0.9, eta=0.001, weight_decay=0.0):
+    # You, Gitman & Ginsburg (2017), Algorithm 2; local lr 1 where the
+    # trust ratio is undefined (zero weights or zero denominator).
+    wn, gn = _norm(p), _norm(g)
+    den = gn + weight_decay * wn
+    local = eta * wn / den if wn > 0 and den > 0 else 1.0
+    v = momentum * s.get("momentum", np.zeros_like(p)) + lr * local * (
+        g + weight_decay * p
+    )
+    s["momentum"] = v
+    return p - v
+
+
+RULES = {
+    "gradient_descent": _gradient_descent,
+    "momentum": _momentum,
+    "adam": _adam,
+    "adamw": _adam,
+    "rmsprop": _rmsprop,
+    "adagrad": _adagrad,
+    "lion": _lion,
+    "lamb": _lamb,
+    "lars": _lars,
+}
+
+# Keras's AdamW default; the other optimizers default to no decoupled decay.
+_DEFAULT_DECAY = {"adamw": 0.004}
+
+
+def run(name, params, grad_steps, learning_rate, **hyper):
+    """Applies `len(grad_steps)` updates of optimizer `name`.
+
+    Args:
+        name: A registry name of distopt.
+        params: The initial values, a list of arrays.
+        grad_steps: One list of gradients (like `params`) per step.
+        learning_rate: A float, or a function of the 0-based step count.
+        **hyper: The optimizer's hyperparameters (distopt/Keras names),
+            including `weight_decay`.
+
+    Returns:
+        (final params, final slots): float64 arrays, and one dict of slot
+        arrays per variable.
+    """
+    rule = RULES[name]
+    lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    hyper = dict(hyper)
+    if name == "lars":
+        decay = 0.0  # Lars's weight_decay is its own, inside the rule.
+    else:
+        decay = hyper.pop("weight_decay", _DEFAULT_DECAY.get(name)) or 0.0
+    params = [np.array(p, np.float64) for p in params]
+    states = [{} for _ in params]
+    for t, grads in enumerate(grad_steps, start=1):
+        lr = float(lr_fn(t - 1))
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            p = params[i] * (1 - lr * decay)
+            params[i] = rule(p, np.asarray(g, np.float64), states[i], lr, t, **hyper)
+    # Slots an update never touched keep their initial value.
+    return params, states
+
+
+# --- Shared test problems -------------------------------------------------------
+
+#: Shapes of the variables every test optimizes: a matrix, a vector, and a
+#: zero-initialised vector (a bias: exercises the trust ratios' fallback).
+#: Few distinct shapes keep XLA compilations (one per shape) few.
+SHAPES = [(3, 4), (5,), (5,)]
+
+
+def problem(num_steps, seed=0, dtype=np.float32, num_replicas=None):
+    """Initial parameters and per-step gradients, reproducible from `seed`.
+
+    Returns:
+        (params, grad_steps): `grad_steps[t][i]` is variable i's gradient at
+        step t; with `num_replicas`, `grad_steps[t][r][i]` is replica r's.
+    """
+    rng = np.random.default_rng(seed)
+    params = [
+        rng.normal(size=s).astype(dtype) if k < 2 else np.zeros(s, dtype)
+        for k, s in enumerate(SHAPES)
+    ]
+
+    def grads():
+        return [rng.normal(size=s).astype(dtype) for s in SHAPES]
+
+    if num_replicas is None:
+        steps = [grads() for _ in range(num_steps)]
+    else:
+        steps = [[grads() for _ in range(num_replicas)] for _ in range(num_steps)]
+    return params, steps

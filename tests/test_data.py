@@ -1,0 +1,226 @@
+"""Tests of distopt.data: bundled MNIST, checksums, TFDS, the input pipeline."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from distopt import data
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return data.load_source()
+
+
+def _tiny_source(n=103, shape=(4, 4, 1)):
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones(
+        (1, *shape), np.uint8
+    )
+    labels = np.arange(n, dtype=np.int32)
+    return data._in_memory_source(
+        "tiny", "test arrays", {"train": (images, labels), "test": (images, labels)}, 10
+    )
+
+
+def _ids(batch):
+    """The example ids of a tiny-source batch (pixel value = id, mask > 0)."""
+    images = batch[0].numpy()
+    ids = np.rint(images[:, 0, 0, 0] * 255).astype(int)
+    if len(batch) == 3:
+        ids = ids[batch[2].numpy() > 0]
+    return ids.tolist()
+
+
+def _flat(lists):
+    return [x for xs in lists for x in xs]
+
+
+def test_bundled_mnist_matches_the_reference_figures(mnist):
+    images, labels = data.load_mnist_idx("train")
+    assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
+    scaled = images / 255.0
+    assert scaled.mean() == pytest.approx(0.13066, abs=1e-5)
+    assert scaled.std() == pytest.approx(0.30811, abs=1e-5)
+    counts = np.bincount(labels, minlength=10).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    test_images, test_labels = data.load_mnist_idx("test")
+    assert test_images.shape == (10000, 28, 28, 1) and len(test_labels) == 10000
+    assert mnist.num_examples == {"train": 60000, "test": 10000}
+    assert mnist.image_shape == (28, 28, 1) and mnist.num_classes == 10
+    assert "bundled" in mnist.origin and "SHA-256" in mnist.origin
+
+
+def test_sha256sums_file_agrees_with_the_code():
+    with open(os.path.join(data.bundled_dir(), "SHA256SUMS")) as f:
+        listed = dict(reversed(line.split()) for line in f if line.strip())
+    assert listed == data.MNIST_SHA256
+
+
+@pytest.fixture
+def idx_copy(tmp_path):
+    for name in data.MNIST_SHA256:
+        shutil.copy(os.path.join(data.bundled_dir(), name), tmp_path / name)
+        os.chmod(tmp_path / name, 0o644)
+    return tmp_path
+
+
+def test_corrupt_file_names_file_and_both_checksums(idx_copy):
+    name = "t10k-labels-idx1-ubyte.gz"
+    with open(idx_copy / name, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    actual = data.sha256_file(str(idx_copy / name))
+    with pytest.raises(data.DataError) as e:
+        data.load_mnist_idx("test", str(idx_copy))
+    message = str(e.value)
+    assert name in message and "corrupt" in message
+    assert data.MNIST_SHA256[name] in message and actual in message
+
+
+def test_missing_file_names_it(idx_copy):
+    name = "train-images-idx3-ubyte.gz"
+    os.remove(idx_copy / name)
+    with pytest.raises(data.DataError, match=f"{name} is missing"):
+        data.load_mnist_idx("train", str(idx_copy))
+
+
+def test_data_dir_with_idx_files_is_used_and_checked(idx_copy):
+    source = data.load_source("mnist", data_dir=str(idx_copy))
+    assert str(idx_copy) in source.origin
+    with open(idx_copy / "train-labels-idx1-ubyte.gz", "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz"):
+        data.load_source("mnist", data_dir=str(idx_copy))
+
+
+def test_bad_source_names_are_rejected():
+    with pytest.raises(ValueError, match="valid"):
+        data.load_source("mnist", source="web")
+    with pytest.raises(ValueError, match="Only mnist is bundled"):
+        data.load_source("fashion_mnist", source="bundled")
+
+
+def test_training_batches_are_seeded_normalised_and_sharded():
+    source = _tiny_source()
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0)
+    fn = data.make_dataset_fn(source, "train", 8, training=True, seed=3)
+    first = [_ids(b) for b in fn(ctx).take(6)]
+    again = [_ids(b) for b in fn(ctx).take(6)]
+    other_seed = data.make_dataset_fn(source, "train", 8, training=True, seed=4)
+    assert first == again
+    assert first != [_ids(b) for b in other_seed(ctx).take(6)]
+    batch = next(iter(fn(ctx)))
+    assert batch[0].shape == (8, 4, 4, 1) and batch[0].dtype == tf.float32
+    assert float(tf.reduce_max(batch[0])) <= 1.0
+    # Pipeline 0 of 2 reads every other example; pipeline 1 the rest.
+    epoch0 = _flat(first)
+    assert all(i % 2 == 0 for i in epoch0)
+    other = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1)
+    assert all(i % 2 == 1 for b in fn(other).take(6) for i in _ids(b))
+
+
+def test_an_epoch_visits_every_example_once_and_reshuffles():
+    source = _tiny_source(n=64)
+    fn = data.make_dataset_fn(source, "train", 16, training=True, seed=0)
+    batches = [_ids(b) for b in fn(tf.distribute.InputContext()).take(8)]
+    epoch1, epoch2 = _flat(batches[:4]), _flat(batches[4:])
+    assert sorted(epoch1) == list(range(64)) == sorted(epoch2)
+    assert epoch1 != epoch2
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_resuming_skips_exactly_the_consumed_batches(replicas):
+    source = _tiny_source()
+    ctx = tf.distribute.InputContext(num_replicas_in_sync=replicas)
+    fresh = data.make_dataset_fn(source, "train", 8, training=True, seed=1)
+    resumed = data.make_dataset_fn(
+        source, "train", 8, training=True, seed=1, start_step=5
+    )
+    expected = [_ids(b) for b in fresh(ctx).take(40)][5 * replicas :]
+    got = [_ids(b) for b in resumed(ctx).take(len(expected))]
+    assert got == expected
+
+
+@pytest.mark.parametrize("pipelines,replicas", [(1, 1), (1, 4), (2, 2), (3, 3)])
+def test_eval_is_padded_to_whole_batches_and_covers_each_example_once(
+    pipelines, replicas
+):
+    source = _tiny_source(n=103)
+    fn = data.make_dataset_fn(source, "test", 12, training=False)
+    seen, lengths = [], []
+    for pipeline in range(pipelines):
+        ctx = tf.distribute.InputContext(pipelines, pipeline, replicas)
+        batches = list(fn(ctx))
+        lengths.append(len(batches))
+        assert all(b[0].shape[0] == 12 // replicas for b in batches)
+        seen += _flat(_ids(b) for b in batches)
+    assert sorted(seen) == list(range(103))
+    assert len(set(lengths)) == 1  # Same step count on every pipeline.
+
+
+def test_eval_steps_limits_the_pass():
+    source = _tiny_source(n=103)
+    fn = data.make_dataset_fn(source, "test", 10, training=False, max_steps=3)
+    batches = list(fn(tf.distribute.InputContext()))
+    assert len(batches) == 3 and sum(len(_ids(b)) for b in batches) == 30
+
+
+def test_mirrored_distribution_splits_the_global_batch():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", "/cpu:2"])
+    source = _tiny_source(n=103)
+    fn = data.make_dataset_fn(source, "test", 12, training=False)
+    dist = strategy.distribute_datasets_from_function(fn)
+    total = 0.0
+    for batch in dist:
+        parts = strategy.experimental_local_results(batch[0])
+        assert [p.shape[0] for p in parts] == [4, 4, 4]
+        total += sum(
+            float(tf.reduce_sum(m))
+            for m in strategy.experimental_local_results(batch[2])
+        )
+    assert total == 103
+
+
+def test_tfds_path_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=40):
+        source = data.load_source("fashion_mnist")
+        assert "TensorFlow Datasets fashion_mnist" in source.origin
+        assert source.image_shape == (28, 28, 1) and source.num_classes == 10
+        assert source.num_examples["train"] == 40
+        assert not source.in_memory
+        fn = data.make_dataset_fn(source, "train", 16, training=True, seed=0)
+        images, labels = next(iter(fn(tf.distribute.InputContext())))
+        assert images.shape == (16, 28, 28, 1) and images.dtype == tf.float32
+        assert labels.dtype == tf.int32
+        # MNIST through TFDS when asked.
+        assert (
+            "TensorFlow Datasets mnist"
+            in data.load_source("mnist", source="tfds").origin
+        )
+
+
+def test_auto_picks_tfds_when_data_dir_holds_prepared_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    prepared = tmp_path / "mnist" / "3.0.1"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
+    with tfds.testing.mock_data(num_examples=20):
+        source = data.load_source("mnist", data_dir=str(tmp_path))
+    assert "TensorFlow Datasets" in source.origin
+    # Without prepared data the bundled files are used.
+    assert "bundled" in data.load_source("mnist", data_dir=str(tmp_path / "x")).origin
+
+
+def test_read_idx_rejects_a_bad_magic_number(tmp_path):
+    import gzip
+    import struct
+
+    path = tmp_path / "bad.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">iii", 1234, 1, 1) + b"\x00")
+    with pytest.raises(data.DataError, match="magic"):
+        data.read_idx(str(path))

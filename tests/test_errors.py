@@ -1,0 +1,285 @@
+"""Bad input: a ValueError naming the argument, and nothing updated.
+
+Also the two accepted call forms and the skipping of None gradients.
+"""
+
+import math
+
+import numpy as np
+import numpy_reference as ref
+import pytest
+import tensorflow as tf
+from conftest import local_copies, mirrored
+
+from distopt import optimizers
+
+NAMES = [
+    "gradient_descent",
+    "momentum",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "adagrad",
+    "lion",
+    "lamb",
+    "lars",
+]
+#: Options that give an optimizer all its slots.
+OPTIONS = {"adam": {"amsgrad": True}, "rmsprop": {"centered": True, "momentum": 0.5}}
+
+
+def _snapshot(opt, variables):
+    """Every value that an update could change, by name."""
+    values = {f"var{k}": v.numpy() for k, v in enumerate(variables)}
+    for k, v in enumerate(variables):
+        for name, s in opt.slots(v).items():
+            values[f"var{k}/{name}"] = s.numpy()
+    values["iterations"] = opt.iterations.numpy()
+    values["num_variables"] = len(opt.variables)
+    return values
+
+
+def _assert_unchanged(before, after):
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+def _stepped(name):
+    """An optimizer that has taken one step, so its slots are not initial."""
+    # The plain kernel: validation happens before it and XLA would only cost
+    # compile time here.
+    opt = optimizers.get(
+        name, learning_rate=0.1, jit_compile=False, **OPTIONS.get(name, {})
+    )
+    params, (grads,) = ref.problem(1, seed=10)
+    variables = [tf.Variable(p) for p in params]
+    opt.apply_gradients([tf.constant(g) for g in grads], variables)
+    return opt, variables, grads
+
+
+def _bad_calls(variables, grads):
+    """(argument named in the error, call) for each kind of bad input.
+
+    The bad item comes last, so that a library which validated as it went
+    would already have updated the first variables.
+    """
+    g = [tf.constant(x) for x in grads]
+    int_var = tf.Variable(np.zeros(3, np.int32))
+    wrong_shape = g[:-1] + [tf.zeros((2, 3))]
+    return {
+        "fewer_grads": ("var_list", lambda o: o.apply_gradients(g[:-1], variables)),
+        "more_grads": ("var_list", lambda o: o.apply_gradients(g + g[:1], variables)),
+        "not_pairs": ("grads_and_vars", lambda o: o.apply_gradients(g)),
+        "wrong_shape": ("grads", lambda o: o.apply_gradients(wrong_shape, variables)),
+        "wrong_shape_pairs": (
+            "grads",
+            lambda o: o.apply_gradients(list(zip(wrong_shape, variables))),
+        ),
+        "integer_variable": (
+            "var_list",
+            lambda o: o.apply_gradients(g + [tf.zeros(3)], variables + [int_var]),
+        ),
+    }
+
+
+BAD_KINDS = [
+    "fewer_grads",
+    "more_grads",
+    "not_pairs",
+    "wrong_shape",
+    "wrong_shape_pairs",
+    "integer_variable",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_updates_nothing(name, kind):
+    opt, variables, grads = _stepped(name)
+    argument, call = _bad_calls(variables, grads)[kind]
+    before = _snapshot(opt, variables)
+    assert before["iterations"] == 1
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        call(opt)
+    _assert_unchanged(before, _snapshot(opt, variables))
+
+
+@pytest.mark.parametrize("kind", ["wrong_shape", "integer_variable", "fewer_grads"])
+def test_bad_first_call_builds_nothing(kind):
+    opt = optimizers.Adam(0.1, jit_compile=False)
+    params, (grads,) = ref.problem(1, seed=11)
+    variables = [tf.Variable(p) for p in params]
+    argument, call = _bad_calls(variables, grads)[kind]
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        call(opt)
+    assert len(opt.variables) == 4  # the counters only: no slots
+    assert opt.iterations.numpy() == 0
+    for v, p in zip(variables, params):
+        np.testing.assert_array_equal(v.numpy(), p)
+
+
+def test_bad_input_inside_strategy_run_updates_no_replica():
+    strategy = mirrored(2)
+    params, (grads,) = ref.problem(1, seed=12)
+    with strategy.scope():
+        opt = optimizers.Adam(0.1, jit_compile=False)
+        variables = [tf.Variable(p) for p in params]
+        opt.build(variables)
+    wrong = [tf.constant(g) for g in grads[:-1]] + [tf.zeros((2, 3))]
+    with pytest.raises(ValueError, match=r"\bgrads\b"):
+        strategy.run(lambda: opt.apply_gradients(wrong, variables))
+    for v, p in zip(variables, params):
+        for copy in local_copies(strategy, v):
+            np.testing.assert_array_equal(copy, p)
+        for s in opt.slots(v).values():
+            for copy in local_copies(strategy, s):
+                assert not copy.any()
+    assert opt.iterations.numpy() == 0
+
+
+# --- Hyperparameters ---------------------------------------------------------
+
+BAD_RATES = [-0.1, math.nan, math.inf, "fast"]
+
+
+@pytest.mark.parametrize("value", BAD_RATES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_learning_rate(name, value):
+    with pytest.raises(ValueError, match=r"\blearning_rate\b"):
+        optimizers.get(name, learning_rate=value)
+
+
+BAD_UNIT = [-0.1, 1.0, 1.5, math.nan]
+
+#: (optimizer, argument) for every argument that must lie in [0, 1).
+UNIT_ARGUMENTS = [
+    ("adam", "beta_1"),
+    ("adam", "beta_2"),
+    ("adamw", "beta_1"),
+    ("adamw", "beta_2"),
+    ("lion", "beta_1"),
+    ("lion", "beta_2"),
+    ("lamb", "beta_1"),
+    ("lamb", "beta_2"),
+    ("momentum", "momentum"),
+    ("rmsprop", "rho"),
+    ("rmsprop", "momentum"),
+    ("lars", "momentum"),
+]
+
+
+@pytest.mark.parametrize("value", BAD_UNIT, ids=str)
+@pytest.mark.parametrize("name,argument", UNIT_ARGUMENTS)
+def test_argument_outside_unit_interval(name, argument, value):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        optimizers.get(name, **{argument: value})
+
+
+#: (optimizer, argument, bad value) for the other range checks.
+OTHER_BAD = [
+    ("adam", "epsilon", -1e-7),
+    ("rmsprop", "epsilon", -1e-7),
+    ("adagrad", "epsilon", -1e-7),
+    ("lamb", "epsilon", math.nan),
+    ("adagrad", "initial_accumulator_value", -0.1),
+    ("lars", "eta", 0.0),
+    ("lars", "eta", -1.0),
+    ("lars", "weight_decay", -1e-4),
+    ("adamw", "weight_decay", -0.1),
+    ("adam", "weight_decay", math.nan),
+]
+
+
+@pytest.mark.parametrize("name,argument,value", OTHER_BAD)
+def test_other_bad_hyperparameters(name, argument, value):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        optimizers.get(name, **{argument: value})
+
+
+@pytest.mark.parametrize("value", [0.0, 0.999999])
+@pytest.mark.parametrize("name,argument", UNIT_ARGUMENTS)
+def test_unit_interval_ends_accepted(name, argument, value):
+    # The check is [0, 1), not (0, 1) or [0, 1]: the edges are exact.
+    optimizers.get(name, **{argument: value})
+
+
+# --- Accepted forms ----------------------------------------------------------
+
+
+def _gd_reference(params, grads, lr=0.1):
+    return [
+        p - np.float32(lr) * g if g is not None else p for p, g in zip(params, grads)
+    ]
+
+
+@pytest.mark.parametrize("form", ["lists", "pairs"])
+def test_none_gradient_is_skipped(form):
+    params, grad_steps = ref.problem(2, seed=13)
+    opt = optimizers.Adam(0.1)
+    variables = [tf.Variable(p) for p in params]
+    opt.build(variables)
+    # Variable 1 has no gradient at the first step, variable 0 at the second.
+    steps = [
+        [grad_steps[0][0], None, grad_steps[0][2]],
+        [None, grad_steps[1][1], grad_steps[1][2]],
+    ]
+    for t, grads in enumerate(steps):
+        g = [None if x is None else tf.constant(x) for x in grads]
+        if form == "lists":
+            opt.apply_gradients(g, variables)
+        else:
+            opt.apply_gradients(list(zip(g, variables)))
+        if t == 0:
+            # Untouched so far: the variable, and its slots.
+            np.testing.assert_array_equal(variables[1].numpy(), params[1])
+            for name, slot in opt.slots(variables[1]).items():
+                assert not slot.numpy().any(), name
+    assert opt.iterations.numpy() == 2
+    # The reference skips None gradients too, and counts the steps (Adam's
+    # bias correction uses the optimizer's step, not the variable's).
+    want, want_slots = ref.run("adam", params, steps, 0.1)
+    for k, w in enumerate(want):
+        np.testing.assert_allclose(variables[k].numpy(), w, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            opt.slots(variables[k])["v"].numpy(), want_slots[k]["v"], rtol=2e-5
+        )
+
+
+def test_variable_without_first_gradient_trains_later():
+    params, grad_steps = ref.problem(2, seed=16)
+    opt = optimizers.GradientDescent(0.1, jit_compile=False)
+    variables = [tf.Variable(p) for p in params]
+    opt.apply_gradients([tf.constant(grad_steps[0][0]), None, None], variables)
+    opt.apply_gradients([tf.constant(g) for g in grad_steps[1]], variables)
+    want, _ = ref.run(
+        "gradient_descent", params, [[grad_steps[0][0], None, None], grad_steps[1]], 0.1
+    )
+    for v, w in zip(variables, want):
+        np.testing.assert_allclose(v.numpy(), w, rtol=1e-6)
+
+
+def test_all_none_gradients_change_no_variable():
+    params, _ = ref.problem(1, seed=14)
+    opt = optimizers.GradientDescent(0.1)
+    variables = [tf.Variable(p) for p in params]
+    opt.apply_gradients([None] * len(variables), variables)
+    for v, p in zip(variables, params):
+        np.testing.assert_array_equal(v.numpy(), p)
+
+
+@pytest.mark.parametrize("form", ["lists", "pairs", "zip"])
+def test_call_forms(form):
+    params, (grads,) = ref.problem(1, seed=15)
+    opt = optimizers.GradientDescent(0.1, jit_compile=False)
+    variables = [tf.Variable(p) for p in params]
+    g = [tf.constant(x) for x in grads]
+    if form == "lists":
+        opt.apply_gradients(g, variables)
+    elif form == "pairs":
+        opt.apply_gradients([(a, b) for a, b in zip(g, variables)])
+    else:
+        opt.apply_gradients(zip(g, variables))
+    for v, w in zip(variables, _gd_reference(params, grads)):
+        np.testing.assert_array_equal(v.numpy(), w)
+    assert opt.iterations.numpy() == 1

@@ -1,0 +1,224 @@
+"""SAM and Heun against NumPy references, without and with a mirrored strategy.
+
+Each replica of the mirrored runs has its own data (so its own loss and
+gradients): the references below say what aggregation does with them.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_replicas_identical, mirrored
+
+from distopt import distribute as dist
+from distopt import optimizers
+from distopt.optimizers import SAM, Heun
+
+STEPS = 3
+RHO = 0.3
+LR = 0.1
+QUARTIC = 0.05  # A w^4 term, so that gradients are not linear in p.
+
+_rng = np.random.default_rng(7)
+# Two replicas' data sets: 4 examples of 3 features each.
+XS = _rng.normal(size=(2, 4, 3)).astype(np.float32)
+YS = _rng.normal(size=(2, 4)).astype(np.float32)
+W0 = np.array([0.5, -1.0, 2.0], np.float32)
+B0 = np.float32(0.25)
+
+
+# --- NumPy references (float64) ---------------------------------------------
+
+
+def np_grad(p, x, y):
+    """Gradient of 0.5 * mean((x w + b - y)^2) + QUARTIC * sum(w^4); p = (w, b)."""
+    w, b = p[:3], p[3]
+    r = x @ w + b - y
+    gw = x.T @ r / len(y) + 4 * QUARTIC * w**3
+    return np.append(gw, r.mean())
+
+
+def np_sam(p, data, steps, lr, rho, perturbation, momentum=None):
+    p, m = p.astype(np.float64), np.zeros(len(p))
+    for _ in range(steps):
+        grads = [np_grad(p, x, y) for x, y in data]
+        if perturbation == "aggregated":
+            g = np.mean(grads, axis=0)
+            es = [rho * g / np.linalg.norm(g)] * len(data)
+        else:
+            es = [rho * g / np.linalg.norm(g) for g in grads]
+        g_sam = np.mean([np_grad(p + e, x, y) for e, (x, y) in zip(es, data)], axis=0)
+        if momentum is None:
+            p = p - lr * g_sam
+        else:
+            m = momentum * m - lr * g_sam
+            p = p + m
+    return p
+
+
+def np_heun(p, data, steps, lr):
+    p = p.astype(np.float64)
+    for _ in range(steps):
+        g1 = np.mean([np_grad(p, x, y) for x, y in data], axis=0)
+        trial = p - lr * g1
+        g2 = np.mean([np_grad(trial, x, y) for x, y in data], axis=0)
+        p = p - lr / 2 * (g1 + g2)
+    return p
+
+
+def np_gd(p, data, steps, lr):
+    p = p.astype(np.float64)
+    for _ in range(steps):
+        p = p - lr * np.mean([np_grad(p, x, y) for x, y in data], axis=0)
+    return p
+
+
+P0 = np.append(W0, B0)
+
+
+# --- Running the TF optimizers -------------------------------------------------
+
+
+def _strategy(kind):
+    return tf.distribute.get_strategy() if kind == "default" else mirrored(2)
+
+
+def _data(kind):
+    n = 1 if kind == "default" else 2
+    return list(zip(XS[:n], YS[:n]))
+
+
+def _train(strategy, make_opt, steps=STEPS, w0=W0, b0=B0):
+    """`steps` calls of `opt.minimize` inside strategy.run; each replica its data."""
+    with strategy.scope():
+        w = tf.Variable(w0, name="w")
+        b = tf.Variable(b0, name="b")
+        opt = make_opt()
+        opt.build([w, b])
+    xs, ys = tf.constant(XS), tf.constant(YS)
+
+    def replica_step():
+        r = dist.replica_id()
+        x, y = tf.gather(xs, r), tf.gather(ys, r)
+
+        def loss_fn():
+            pred = tf.linalg.matvec(x, w) + b
+            return 0.5 * tf.reduce_mean(tf.square(pred - y)) + QUARTIC * tf.reduce_sum(
+                w**4
+            )
+
+        return opt.minimize(loss_fn, [w, b])
+
+    @tf.function
+    def train():
+        for _ in range(steps):
+            strategy.run(replica_step)
+
+    with strategy.scope():
+        train()
+    if strategy.num_replicas_in_sync > 1:
+        assert_replicas_identical(strategy, [w, b])
+    assert int(opt.iterations.numpy()) == steps
+    return np.append(w.numpy(), b.numpy()), opt
+
+
+@pytest.mark.parametrize("kind", ["default", "mirrored2"])
+@pytest.mark.parametrize("perturbation", ["replica", "aggregated"])
+def test_sam_matches_numpy(kind, perturbation):
+    strategy = _strategy(kind)
+    got, _ = _train(
+        strategy,
+        lambda: SAM(optimizers.GradientDescent(LR), rho=RHO, perturbation=perturbation),
+    )
+    want = np_sam(P0, _data(kind), STEPS, LR, RHO, perturbation)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_sam_perturbations_differ_with_two_replicas():
+    # Otherwise the two variants' tests above could not tell them apart.
+    data = _data("mirrored2")
+    a = np_sam(P0, data, STEPS, LR, RHO, "replica")
+    b = np_sam(P0, data, STEPS, LR, RHO, "aggregated")
+    plain = np_gd(P0, data, STEPS, LR)
+    assert np.abs(a - b).max() > 1e-3
+    assert np.abs(a - plain).max() > 1e-3
+
+
+def test_sam_wraps_momentum_mirrored():
+    strategy = mirrored(2)
+    got, _ = _train(
+        strategy,
+        lambda: SAM(optimizers.Momentum(LR, momentum=0.9), rho=RHO),
+    )
+    want = np_sam(P0, _data("mirrored2"), STEPS, LR, RHO, "replica", momentum=0.9)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["default", "mirrored2"])
+def test_heun_matches_numpy(kind):
+    got, _ = _train(_strategy(kind), lambda: Heun(LR))
+    data = _data(kind)
+    want = np_heun(P0, data, STEPS, LR)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    # And it is not gradient descent.
+    assert np.abs(want - np_gd(P0, data, STEPS, LR)).max() > 1e-3
+
+
+def test_sam_undo_is_exact_per_replica():
+    # With a zero learning rate a step must leave every copy bit-identical to
+    # where it started, although each replica moved by its own e.
+    rho = 0.3
+    # For these values, in float32, undoing by subtraction would not be exact:
+    # (p + e) - e != p.
+    naive = []
+    for x, y in _data("mirrored2"):
+        g = np_grad(P0.astype(np.float64), x, y)
+        e = (rho * g / np.linalg.norm(g)).astype(np.float32)
+        naive.append((P0 + e) - e)
+    assert any((n != P0).any() for n in naive)
+    got, _ = _train(
+        mirrored(2), lambda: SAM(optimizers.GradientDescent(0.0), rho=rho), steps=1
+    )
+    np.testing.assert_array_equal(got, P0)
+
+
+def test_apply_gradients_says_use_minimize():
+    v = tf.Variable([1.0])
+    for opt in (SAM(optimizers.GradientDescent(0.1)), Heun(0.1)):
+        with pytest.raises(NotImplementedError, match=r"minimize\(loss_fn, var_list\)"):
+            opt.apply_gradients([tf.constant([1.0])], [v])
+
+
+def test_registry_and_config():
+    sam = optimizers.get(
+        "sam", base_optimizer=optimizers.get("momentum", learning_rate=0.1), rho=0.2
+    )
+    assert isinstance(sam, SAM) and sam.rho == 0.2
+    assert isinstance(sam.base_optimizer, optimizers.Momentum)
+    by_name = optimizers.get(
+        "sam", base_optimizer="adam", learning_rate=0.01, perturbation="aggregated"
+    )
+    assert isinstance(by_name.base_optimizer, optimizers.Adam)
+    assert by_name.learning_rate == 0.01
+    again = optimizers.from_config({"class": "SAM", "config": by_name.get_config()})
+    assert again.get_config() == by_name.get_config()
+    heun = optimizers.get("heun", learning_rate=0.05)
+    assert isinstance(heun, Heun) and heun.learning_rate == 0.05
+    assert {"sam", "heun"} <= set(optimizers.names())
+
+
+def test_bad_arguments():
+    gd = optimizers.GradientDescent(0.1)
+    with pytest.raises(ValueError, match="rho"):
+        SAM(gd, rho=-1.0)
+    with pytest.raises(ValueError, match="perturbation"):
+        SAM(gd, perturbation="global")
+    with pytest.raises(ValueError, match="base_optimizer"):
+        SAM(Heun(0.1))
+    with pytest.raises(ValueError, match="base_optimizer"):
+        SAM("not_an_optimizer")
+    with pytest.raises(TypeError, match="base_optimizer"):
+        SAM(object())
+    with pytest.raises(ValueError, match="base-optimizer arguments"):
+        SAM(gd, learning_rate=0.1)
+    with pytest.raises(ValueError, match="sync"):
+        Heun(0.1, sync="local_sgd")
