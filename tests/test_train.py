@@ -311,6 +311,7 @@ def test_cli_mirrored_bfloat16_deterministic_run(tmp_path):
         "--virtual_devices=2",
         "--mixed_precision=bfloat16",
         "--deterministic",
+        "--epochs=0",  # the flagfile trains by epochs; this run by steps
         "--train_steps=20",
         "--log_every=10",
         "--eval_steps=2",

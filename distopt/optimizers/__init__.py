@@ -41,9 +41,8 @@ for _cls in (
     register(_cls)
 
 register(Heun)
-# SAM wraps another optimizer (`get("sam", base_optimizer=..., rho=...)`); its
-# snake_case class name would be "s_a_m".
-_REGISTRY["sam"] = SAM
+# SAM wraps another optimizer: `get("sam", base_optimizer=..., rho=...)`.
+register(SAM)
 
 
 def names() -> list[str]:
