@@ -316,6 +316,23 @@ def normalize(images: tf.Tensor, labels: tf.Tensor, *rest: tf.Tensor) -> tuple:
     return (tf.cast(images, tf.float32) * (1.0 / 255.0), labels, *rest)
 
 
+def eval_steps(
+    num_examples: int,
+    global_batch_size: int,
+    num_input_pipelines: int = 1,
+    max_steps: int | None = None,
+) -> int:
+    """Global steps of one evaluation pass, the same on every pipeline.
+
+    Every pipeline pads its shard (at most ``ceil(num_examples / pipelines)``
+    examples) to this many steps of ``global_batch_size / pipelines``.
+    """
+    shard_size = -(-num_examples // num_input_pipelines)
+    per_pipeline_batch = global_batch_size // num_input_pipelines
+    steps = -(-shard_size // per_pipeline_batch)
+    return min(steps, max_steps) if max_steps else steps
+
+
 def make_dataset_fn(
     source: Source,
     split: str,
@@ -378,9 +395,9 @@ def make_dataset_fn(
                 ds = ds.skip(start_step * replicas_per_pipeline)
         else:
             step_examples = batch * replicas_per_pipeline
-            steps = -(-shard_size // step_examples)
-            if max_steps:
-                steps = min(steps, max_steps)
+            steps = eval_steps(
+                source.num_examples[split], global_batch_size, pipelines, max_steps
+            )
             ds = ds.map(lambda x, y: (x, y, tf.constant(1.0)))
             padding = tf.data.Dataset.from_tensors(
                 (

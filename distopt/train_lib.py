@@ -129,9 +129,9 @@ def validate_config(config: TrainConfig) -> None:
     for name in ("batch_size", "steps_per_loop", "log_every", "sync_period"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(config, name)}")
-    if not (config.train_steps > 0) ^ (config.epochs > 0):
+    if config.train_steps <= 0 and config.epochs <= 0:
         raise ConfigError(
-            "Set exactly one of --train_steps and --epochs (got "
+            "Set --train_steps or --epochs (--train_steps wins if both are set; got "
             f"train_steps={config.train_steps}, epochs={config.epochs})"
         )
     if config.strategy == "tpu" and not config.tpu:
@@ -345,8 +345,9 @@ def make_datasets(
     """Distributed train and test datasets.
 
     Returns:
-      (train, test): ``tf.distribute.DistributedDataset`` s. Train is infinite
-      and starts where ``start_step`` left off; test is one padded pass.
+      (train, test, test_steps): ``tf.distribute.DistributedDataset`` s and
+      the number of steps of one pass over test. Train is infinite and starts
+      where ``start_step`` left off; test is one padded pass.
     """
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     eval_batch = config.eval_batch_size or config.batch_size
@@ -369,10 +370,23 @@ def make_datasets(
         training=False,
         max_steps=config.eval_steps or None,
     )
-    return (
-        strategy.distribute_datasets_from_function(train_fn),
-        strategy.distribute_datasets_from_function(test_fn),
+    contexts = []
+
+    def capture_context(input_context):
+        contexts.append(input_context)
+        return test_fn(input_context)
+
+    test = strategy.distribute_datasets_from_function(capture_context)
+    # Known up front (the pass is padded to whole batches), so evaluation can
+    # run a fixed-length loop instead of checking every replica for the end
+    # of data at every step.
+    test_steps = data_lib.eval_steps(
+        source.num_examples["test"],
+        eval_batch,
+        contexts[0].num_input_pipelines,
+        config.eval_steps or None,
     )
+    return strategy.distribute_datasets_from_function(train_fn), test, test_steps
 
 
 def build_model(
@@ -382,14 +396,10 @@ def build_model(
 
     Call inside ``strategy.scope()``.
     """
-    shape, classes = (
-        ((28, 28, 1), 10)
-        if source is None
-        else (
-            source.image_shape,
-            source.num_classes,
-        )
-    )
+    if source is None:
+        shape, classes = (28, 28, 1), 10
+    else:
+        shape, classes = source.image_shape, source.num_classes
     dtype = tf.bfloat16 if mixed_precision == "bfloat16" else tf.float32
     return models_lib.build_model(
         name, shape, classes, seed=seed, compute_dtype=dtype, jit_compile=jit_compile
@@ -590,7 +600,7 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
 
 
 def make_eval_loop(strategy, model, sums, *, jit_compile=True):
-    """The compiled evaluation: ``evaluate(distributed_dataset)`` fills ``sums``.
+    """The compiled evaluation: ``evaluate(iterator, num_steps)`` fills ``sums``.
 
     The test set comes padded to whole batches with a 0/1 mask (static shapes
     for XLA and TPUs); summing masked losses and hits over replicas gives the
@@ -607,9 +617,9 @@ def make_eval_loop(strategy, model, sums, *, jit_compile=True):
         sums.add(*metrics(*batch))
 
     @tf.function
-    def evaluate(dataset):
-        for batch in dataset:
-            strategy.run(replica_step, args=(batch,))
+    def evaluate(iterator, num_steps):
+        for _ in tf.range(num_steps):
+            strategy.run(replica_step, args=(next(iterator),))
 
     return evaluate
 
@@ -643,12 +653,14 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
                     f"(see {path}), not {key}={getattr(config, key)!r}. Nothing "
                     "was written; use another --model_dir, or delete this one."
                 )
+        # Through JSON, so that tuples compare equal to the stored lists.
+        current = json.loads(json.dumps(run_identity(config), default=list))
         changed = {
-            k: (stored.get(k), v)
-            for k, v in run_identity(config).items()
-            if k in stored and stored[k] != v and latest
+            k: (stored[k], v)
+            for k, v in current.items()
+            if k in stored and stored[k] != v
         }
-        if changed:
+        if changed and latest:
             logging.info("Resuming with changed settings (old, new): %s", changed)
     return latest
 
@@ -699,7 +711,8 @@ class _CheckpointWriter:
 
 
 def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
-    """``--train_steps``, or ``--epochs`` worth of global batches."""
+    """``--train_steps`` if set (it overrides a config file's ``--epochs``),
+    else ``--epochs`` worth of global batches."""
     if config.train_steps:
         return config.train_steps
     return max(1, int(config.epochs * num_train_examples) // config.batch_size)
@@ -809,7 +822,8 @@ def train(
             source,
             seed=config.seed,
             mixed_precision=config.mixed_precision,
-            jit_compile=config.jit_compile,
+            # TPUs compile everything with XLA, whatever the flag says.
+            jit_compile=config.jit_compile or _is_tpu(strategy),
         )
         optimizer = make_optimizer(config, total_steps, strategy)
         optimizer.build(model.trainable_variables)
@@ -859,7 +873,7 @@ def train(
         config.keep_checkpoints,
     )
 
-    train_ds, test_ds = make_datasets(strategy, source, config, start_step)
+    train_ds, test_ds, test_steps = make_datasets(strategy, source, config, start_step)
     iterator = iter(train_ds)
     train_loop = make_train_loop(
         strategy, model, optimizer, train_sums, step, jit_compile=config.jit_compile
@@ -878,7 +892,7 @@ def train(
     def evaluate(at_step):
         synchronize()
         t = time.time()
-        eval_loop(test_ds)
+        eval_loop(iter(test_ds), tf.constant(test_steps, tf.int64))
         result = eval_sums.result()
         logging.info(
             "eval step %d: loss %.4f, accuracy %.2f%% on %d examples (%.1f s)",

@@ -6,18 +6,23 @@ r"""Trainer throughput against ``keras.Model.fit``, in the same process.
 For each model (MLP, LeNet-5) and strategy (default; mirrored over 2 virtual
 CPUs), trains the distopt trainer and an equivalent Keras model on the same
 MNIST input pipeline, global batch (128) and optimizer (Adam 1e-3), and
-prints examples per second and the ratio. Keras runs with its defaults
-(``jit_compile="auto"``, one step per execution); ``--keras_tuned`` adds a
-Keras run with ``jit_compile=True`` and the trainer's ``steps_per_loop`` as
-``steps_per_execution``, for the fairest comparison.
+prints examples per second and the ratio. Keras is timed with its defaults
+(``jit_compile="auto"``) and with ``jit_compile=False`` (faster for LeNet on
+CPU: XLA's MaxPool gradient is slow), and the ratio is taken against the
+faster of the two.
 
-Both sides exclude compilation: Keras is timed on a second ``fit`` call, the
-trainer reports throughput after its first (compiling) step. Run it on an
-otherwise idle machine; with shared cores the numbers mean little.
+Each measurement runs in a fresh process (one benchmark run spawns them in
+turn), so none inherits another's threads or compiled state. Both sides
+exclude compilation: Keras is timed on a second ``fit`` call, the trainer
+reports throughput after its first (compiling) step. Run it on an otherwise
+idle machine; with shared cores the numbers mean little.
 """
 
+import gc
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,11 +38,21 @@ flags.DEFINE_integer("warmup_steps", 50, "Keras: untimed steps before timing.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_integer("steps_per_loop", 50, "Trainer: steps per tf.function call.")
 flags.DEFINE_boolean("jit_compile", True, "Trainer: XLA-compile the step.")
-flags.DEFINE_integer("repeats", 1, "Measurements per configuration (best is kept).")
-flags.DEFINE_boolean(
-    "keras_tuned", False, "Also time Keras with jit_compile=True, steps_per_execution."
+flags.DEFINE_integer(
+    "repeats", 2, "Measurements per configuration and side (best is kept)."
+)
+flags.DEFINE_list(
+    "keras_variants",
+    ["default", "nojit"],
+    "Keras settings to time: default (jit_compile='auto'), nojit "
+    "(jit_compile=False), tuned (jit_compile=True and steps_per_execution="
+    "--steps_per_loop; fails under MirroredStrategy in Keras 3.15). The "
+    "ratio is against the fastest.",
 )
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
+flags.DEFINE_string(
+    "measure", None, "Internal: run one measurement (keras:<variant> or trainer)."
+)
 
 VIRTUAL_CPUS = 2
 
@@ -66,26 +81,38 @@ def _keras_model(name):
     return keras.Sequential([keras.Input((28, 28, 1)), *layers])
 
 
-def time_keras(model_name, strategy, dataset, *, tuned=False):
+KERAS_VARIANTS = {
+    "default": {},
+    "nojit": {"jit_compile": False},
+    "tuned": {"jit_compile": True, "steps_per_execution": None},
+}
+
+
+def time_keras(model_name, strategy, dataset, variant="default"):
     """Returns Keras fit's examples/s (timed after a warm-up fit)."""
     import keras
 
+    options = dict(KERAS_VARIANTS[variant])
+    if "steps_per_execution" in options:
+        options["steps_per_execution"] = FLAGS.steps_per_loop
     with strategy.scope():
         model = _keras_model(model_name)
         model.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
-            **(
-                {"jit_compile": True, "steps_per_execution": FLAGS.steps_per_loop}
-                if tuned
-                else {}
-            ),
+            **options,
         )
     model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
     start = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)
-    return FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
+    rate = FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
+    # Drop the model and its input iterators (and their prefetch threads)
+    # before the next measurement.
+    del model
+    keras.backend.clear_session()
+    gc.collect()
+    return rate
 
 
 def time_trainer(model_name, strategy_name, strategy):
@@ -111,8 +138,14 @@ def time_trainer(model_name, strategy_name, strategy):
         return train_lib.train(config, strategy=strategy)["examples_per_second"]
 
 
-def main(argv):
-    del argv
+def measure(spec: str) -> float:
+    """Runs one measurement, "keras:<variant>" or "trainer", in this process.
+
+    Every measurement gets a fresh process (see :func:`main`): Keras fit ran
+    several times slower after another model had trained in the same process
+    (its step times quantised to ~50 ms), and a second MirroredStrategy in a
+    process reuses collective instance keys.
+    """
     import tensorflow as tf
 
     # Before anything initialises TensorFlow's devices.
@@ -122,39 +155,70 @@ def main(argv):
     )
     from distopt import data
 
+    strategy = (
+        tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(VIRTUAL_CPUS)])
+        if FLAGS.strategies == ["mirrored"]
+        else tf.distribute.get_strategy()
+    )
+    (model_name,) = FLAGS.models
+    if spec == "trainer":
+        return time_trainer(model_name, FLAGS.strategies[0], strategy)
     source = data.load_source()
     # Keras reads the trainer's own pipeline (global batches), so both do the
     # same input work.
     dataset = data.make_dataset_fn(
         source, "train", FLAGS.batch_size, training=True, seed=0
     )(tf.distribute.InputContext())
+    return time_keras(model_name, strategy, dataset, spec.split(":", 1)[1])
 
-    strategies = {
-        "default": lambda: tf.distribute.get_strategy(),
-        "mirrored": lambda: tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)]
-        ),
-    }
+
+def _measure_in_subprocess(spec, model_name, strategy_name, argv):
+    command = [
+        sys.executable,
+        "-m",
+        "distopt.benchmarks.trainer_vs_keras",
+        *argv,
+        f"--models={model_name}",
+        f"--strategies={strategy_name}",
+        f"--measure={spec}",
+    ]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT):
+            return float(line[len(_RESULT) :])
+    print(f"{spec} {model_name} {strategy_name} failed:\n{proc.stderr[-2000:]}")
+    return 0.0
+
+
+_RESULT = "RESULT examples_per_second="
+
+
+def main(argv):
+    if FLAGS.measure:
+        print(f"{_RESULT}{measure(FLAGS.measure)}", flush=True)
+        return
+    del argv
+    # Flags to pass on to every measurement, minus those set per measurement.
+    passed = [
+        a
+        for a in sys.argv[1:]
+        if a.startswith("--")
+        and not a.startswith(("--models", "--strategies", "--output", "--measure"))
+    ]
     results = []
     for model_name in FLAGS.models:
         for strategy_name in FLAGS.strategies:
             row = {"model": model_name, "strategy": strategy_name}
             for _ in range(FLAGS.repeats):
-                strategy = strategies[strategy_name]()
-                keras_rate = time_keras(model_name, strategy, dataset)
-                trainer_rate = time_trainer(model_name, strategy_name, strategy)
-                row["keras"] = max(row.get("keras", 0), keras_rate)
-                row["trainer"] = max(row.get("trainer", 0), trainer_rate)
-                if FLAGS.keras_tuned:
-                    try:
-                        tuned = time_keras(model_name, strategy, dataset, tuned=True)
-                    except Exception as e:  # noqa: BLE001 (Keras bugs are reported)
-                        print(f"Keras jit+steps_per_execution failed: {str(e)[:200]}")
-                        tuned = 0.0
-                    row["keras_tuned"] = max(row.get("keras_tuned", 0), tuned)
-            row["ratio"] = row["trainer"] / row["keras"]
-            if row.get("keras_tuned"):
-                row["ratio_vs_tuned"] = row["trainer"] / row["keras_tuned"]
+                specs = [f"keras:{v}" for v in FLAGS.keras_variants] + ["trainer"]
+                for spec in specs:
+                    rate = _measure_in_subprocess(
+                        spec, model_name, strategy_name, passed
+                    )
+                    key = "trainer" if spec == "trainer" else f"keras_{spec[6:]}"
+                    row[key] = max(row.get(key, 0.0), rate)
+            row["keras"] = max(row[f"keras_{v}"] for v in FLAGS.keras_variants)
+            row["ratio"] = row["trainer"] / row["keras"] if row["keras"] else None
             results.append(row)
             print(_format(row), flush=True)
 
@@ -167,6 +231,7 @@ def main(argv):
                 {
                     "cpus": os.cpu_count(),
                     "batch_size": FLAGS.batch_size,
+                    "steps": FLAGS.steps,
                     "results": results,
                 },
                 f,
@@ -175,14 +240,12 @@ def main(argv):
 
 
 def _format(row):
-    text = (
+    variants = ", ".join(f"{v} {row[f'keras_{v}']:.0f}" for v in FLAGS.keras_variants)
+    ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "n/a"
+    return (
         f"{row['model']:<6} {row['strategy']:<9} {row['keras']:>11.0f} "
-        f"{row['trainer']:>13.0f} {row['ratio']:>6.2f}x"
+        f"{row['trainer']:>13.0f} {ratio:>6}   (Keras: {variants})"
     )
-    if row.get("keras_tuned"):
-        text += f"  (Keras jit+steps_per_execution {row['keras_tuned']:.0f}: "
-        text += f"{row['ratio_vs_tuned']:.2f}x)"
-    return text
 
 
 if __name__ == "__main__":
