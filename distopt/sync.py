@@ -22,6 +22,8 @@ exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from distopt import distribute as dist
@@ -368,7 +370,7 @@ def _per_replica_zeros(like, strategy):
     with (
         strategy.extended.colocate_vars_with(like)
         if isinstance(like, tf.Variable)
-        else _null()
+        else contextlib.nullcontext()
     ):
         return tf.Variable(
             lambda: tf.zeros(like.shape, like.dtype),
@@ -377,14 +379,6 @@ def _per_replica_zeros(like, strategy):
             aggregation=tf.VariableAggregation.SUM,
             name="accumulator",
         )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _assign(strategy, variables, values):
