@@ -19,7 +19,8 @@ Only public TensorFlow APIs are used.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -69,18 +70,69 @@ def map_per_replica(strategy: tf.distribute.Strategy, fn: Callable, *args: Any):
     """
     if not tf.distribute.has_strategy() or strategy.num_replicas_in_sync == 1:
         return fn(*[_single(strategy, a) for a in args])
-    devices = strategy.extended.worker_devices
     locals_ = [
         local_values(strategy, a) if _is_distributed_value(a) else None for a in args
     ]
+    return by_replica(
+        strategy,
+        lambda r, i: fn(*[a if l is None else l[i] for a, l in zip(args, locals_)]),
+    )
+
+
+def by_replica(strategy: tf.distribute.Strategy, fn: Callable[[int, int], Any]):
+    """A per-replica value whose component on replica `r` is `fn(r, i)`.
+
+    `r` is the replica's id in the whole sync group (across workers) and `i`
+    its index among this worker's devices; `fn` runs on that device.
+    """
+    devices = strategy.extended.worker_devices
 
     def value_fn(ctx):
-        # Local index: multi-worker replica ids run worker by worker.
-        i = ctx.replica_id_in_sync_group % len(devices)
+        r = ctx.replica_id_in_sync_group
+        # Multi-worker replica ids run worker by worker.
+        i = r % len(devices)
         with tf.device(devices[i]):
-            return fn(*[a if l is None else l[i] for a, l in zip(args, locals_)])
+            return fn(r, i)
 
     return strategy.experimental_distribute_values_from_function(value_fn)
+
+
+def gather_replicas(
+    strategy: tf.distribute.Strategy,
+    values: Sequence,
+    options: tf.distribute.experimental.CommunicationOptions | None = None,
+) -> list:
+    """Every replica's own copy of each value, stacked `[num_replicas, ...]`.
+
+    The result is mirrored: every replica, on every worker, receives all rows.
+    One batched all-reduce sums tensors that are zero outside each replica's
+    own row, so the rows arrive exactly.
+    """
+    n = strategy.num_replicas_in_sync
+    if not tf.distribute.has_strategy() or n == 1:
+        return [tf.expand_dims(first_local(strategy, v), 0) for v in values]
+    locals_ = [local_values(strategy, v) for v in values]
+
+    def own_row(r, i):
+        return [
+            tf.pad(
+                tf.expand_dims(l[i], 0), [[r, n - 1 - r]] + [[0, 0]] * l[i].shape.rank
+            )
+            for l in locals_
+        ]
+
+    rows = by_replica(strategy, own_row)
+    return list(
+        strategy.extended.batch_reduce_to(SUM, [(x, x) for x in rows], options=options)
+    )
+
+
+def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
+    """The inverse of `gather_replicas`: replica `r` gets row `r` of each value."""
+    if not tf.distribute.has_strategy() or strategy.num_replicas_in_sync == 1:
+        return [first_local(strategy, s)[0] for s in stacked]
+    locals_ = [local_values(strategy, s) for s in stacked]
+    return by_replica(strategy, lambda r, i: [tf.identity(l[i])[r] for l in locals_])
 
 
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):

@@ -17,7 +17,10 @@ meets a `merge_call` inside a `tf.cond` (tensorflow#27716).
 
 All state (accumulators, anchors, outer momentum, position in the period) is
 held in variables tracked by `tf.train.Checkpoint`, so a resumed run goes on
-exactly as an uninterrupted one.
+exactly as an uninterrupted one. A checkpoint holds one copy of a mirrored
+variable, so the divergent modes need one call before a save and one after a
+restore (`Optimizer.snapshot_replicas` / `restore_replicas`), or an average
+before the save (`Optimizer.synchronize`); see `PeriodicAverage`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 
 import tensorflow as tf
+from absl import logging
 
 from distopt import distribute as dist
 
@@ -47,6 +51,12 @@ class Sync(tf.Module):
 
     def synchronize(self, optimizer, strategy, variables) -> None:
         """Makes replicas identical (a no-op where they always are)."""
+
+    def snapshot_replicas(self, optimizer, strategy, variables) -> None:
+        """Stores every replica's own state for a checkpoint (where it differs)."""
+
+    def restore_replicas(self, optimizer, strategy, variables) -> None:
+        """Gives every replica its own state back after a restore."""
 
     def get_config(self) -> dict:
         return {"name": self.name}
@@ -130,6 +140,19 @@ class PeriodicAverage(Sync):
     every replica restarts from it (DiLoCo, Douillard et al. 2023; SlowMo,
     Wang et al. 2019): local SGD is the outer `GradientDescent(1.0)` case.
 
+    Checkpoints. A checkpoint saves one copy of each mirrored variable, so a
+    save between averages would keep replica 0's weights and slots only.
+    Either call `optimizer.synchronize(vars)` before the save (it ends the
+    period early: exact only against a run that does the same), or
+    `optimizer.snapshot_replicas(vars)` before the save and
+    `optimizer.restore_replicas(vars)` after the restore: the resumed run then
+    equals an uninterrupted one bit for bit. The snapshot holds
+    `num_replicas` copies of the variables and slots on every device until
+    the next step frees it. If the restore forgot `restore_replicas`, the next
+    step fails instead of training on replica 0's copy; on a different number
+    of replicas, `restore_replicas` starts every replica from the average of
+    the saved ones, as `synchronize()` at the save would have.
+
     Args:
         k: Local steps per average, >= 1.
         warmup_steps: Fully synchronous steps first (post-local SGD).
@@ -171,6 +194,18 @@ class PeriodicAverage(Sync):
             self.since_average = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="since_average"
             )
+            # 1 while every replica holds the same weights and slots.
+            self.replicas_identical = tf.Variable(
+                1, dtype=tf.int64, trainable=False, name="replicas_identical"
+            )
+            # The step at which `snapshots` were taken, or -1 when empty.
+            self.snapshot_step = tf.Variable(
+                -1, dtype=tf.int64, trainable=False, name="snapshot_step"
+            )
+            self.snapshots = [
+                [_empty_stack(t, strategy) for t in _state_of(optimizer, v)]
+                for v in variables
+            ]
             self.anchors = []
             if self.outer_optimizer is not None:
                 for v in variables:
@@ -189,6 +224,11 @@ class PeriodicAverage(Sync):
                 self.outer_optimizer.build(self.anchors)
 
     def apply(self, optimizer, strategy, grads, weight, variables):
+        dist.cond(
+            tf.equal(self.snapshot_step, self.step),
+            lambda: self._check_and_free_snapshot(optimizer, strategy, variables),
+            lambda: None,
+        )
         in_warmup = self.step < self.warmup_steps
         ends_period = tf.equal(self.since_average + 1, self.k)
         starts_local = tf.equal(self.step, self.warmup_steps)
@@ -211,6 +251,7 @@ class PeriodicAverage(Sync):
                 g, w, size = grads, weight, 1
             optimizer._local_apply(strategy, g, w, variables, size)
             self.since_average.assign_add(1)
+            self.replicas_identical.assign(0)
             dist.cond(
                 ends_period,
                 lambda: self._average(optimizer, strategy, variables),
@@ -238,6 +279,119 @@ class PeriodicAverage(Sync):
             _assign(
                 strategy, slot_vars, optimizer._all_reduce(strategy, local, dist.MEAN)
             )
+        self.replicas_identical.assign(1)
+
+    def snapshot_replicas(self, optimizer, strategy, variables):
+        def take():
+            tensors, snaps = self._state_and_snapshots(optimizer, variables)
+            stacked = dist.gather_replicas(
+                strategy, tensors, options=optimizer.communication_options
+            )
+            _assign(strategy, snaps, stacked)
+            self.snapshot_step.assign(self.step)
+
+        # Identical replicas need nothing: the checkpoint's one copy is theirs.
+        dist.cond(tf.equal(self.replicas_identical, 0), take, lambda: None)
+
+    def restore_replicas(self, optimizer, strategy, variables):
+        if not tf.executing_eagerly():
+            raise RuntimeError("restore_replicas: call it eagerly, after the restore.")
+        tensors, snaps = self._state_and_snapshots(optimizer, variables)
+        if int(self.snapshot_step.numpy()) < 0:
+            if not int(self.replicas_identical.numpy()):
+                raise ValueError(
+                    "restore_replicas: this checkpoint was saved while the replicas "
+                    "differed (local steps since the last average) without "
+                    "snapshot_replicas() or synchronize() before the save, so it "
+                    "holds replica 0's weights and slots only. Resume from them "
+                    "by not calling restore_replicas(), or save with "
+                    "snapshot_replicas() to resume exactly."
+                )
+            return
+        saved = int(tf.shape(dist.local_values(strategy, snaps[0])[0])[0])
+        num_replicas = strategy.num_replicas_in_sync
+        if saved == num_replicas:
+            _assign(strategy, tensors, dist.replica_rows(strategy, snaps))
+            self._free_snapshots(strategy, snaps)
+            return
+        logging.warning(
+            "restore_replicas: the checkpoint holds the state of %d replicas and "
+            "this run has %d; every replica starts from their average, as if "
+            "synchronize() had been called before the save.",
+            saved,
+            num_replicas,
+        )
+        means = [tf.reduce_mean(dist.first_local(strategy, s), axis=0) for s in snaps]
+        _assign(strategy, tensors, means)
+        self._free_snapshots(strategy, snaps)
+        self.synchronize(optimizer, strategy, variables)
+
+    def _check_and_free_snapshot(self, optimizer, strategy, variables):
+        """Fails the step if a snapshot was restored without `restore_replicas`.
+
+        Right after a save, every replica's state still equals its row of the
+        snapshot; after a restore that skipped `restore_replicas`, every
+        replica holds replica 0's copy, and some row differs.
+        """
+        tensors = [t for v in variables for t in _state_of(optimizer, v)]
+        snaps = [s for v in variables for s in self._snapshots_of(optimizer, v)]
+        everything = [s for group in self.snapshots for s in group]
+        n = strategy.num_replicas_in_sync
+        t_locals = [dist.local_values(strategy, t) for t in tensors]
+        s_locals = [dist.local_values(strategy, s) for s in snaps]
+
+        def mismatches(r, i):
+            count = tf.constant(0.0)
+            for t, s in zip(t_locals, s_locals):
+                snap = tf.convert_to_tensor(s[i])
+                count += tf.cond(
+                    tf.equal(tf.shape(snap)[0], n),
+                    lambda snap=snap, t=t: tf.cast(
+                        tf.reduce_any(tf.not_equal(snap[r], t[i])), tf.float32
+                    ),
+                    lambda: tf.constant(1.0),
+                )
+            return count
+
+        if dist.is_distributed(strategy):
+            local = dist.by_replica(strategy, mismatches)
+            total = dist.first_local(
+                strategy, dist.reduce(strategy, dist.SUM, local, local)
+            )
+        else:
+            total = mismatches(0, 0)
+        tf.debugging.assert_equal(
+            total,
+            0.0,
+            message=(
+                "The optimizer's state holds a per-replica snapshot from a "
+                "checkpoint that the replicas' copies do not match: call "
+                "optimizer.restore_replicas(var_list) after restoring."
+            ),
+        )
+        self._free_snapshots(strategy, everything)
+
+    def _free_snapshots(self, strategy, snaps):
+        for s in snaps:
+            empty = tf.zeros([0, *s.shape[1:]], s.dtype)
+            dist.update(strategy, s, lambda s, x: s.assign(x), empty)
+        self.snapshot_step.assign(-1)
+
+    def _snapshots_of(self, optimizer, var):
+        return self.snapshots[optimizer._slot_index[var.ref()]]
+
+    def _state_and_snapshots(self, optimizer, variables):
+        """All weights and slots with their snapshots; `variables` must be all."""
+        known = len(optimizer._slot_index)
+        given = {v.ref() for v in variables if v.ref() in optimizer._slot_index}
+        if len(given) != known or len(variables) != known:
+            raise ValueError(
+                f"var_list: pass every variable the optimizer updates ({known}), "
+                f"got {len(variables)} of which {len(given)} are known."
+            )
+        tensors = [t for v in variables for t in _state_of(optimizer, v)]
+        snaps = [s for v in variables for s in self._snapshots_of(optimizer, v)]
+        return tensors, snaps
 
     def _average(self, optimizer, strategy, variables, slots=False):
         tensors = list(variables)
@@ -261,6 +415,8 @@ class PeriodicAverage(Sync):
             _copy(strategy, anchors, variables)
         _assign(strategy, slot_vars, averaged[n:])
         self.since_average.assign(0)
+        has_slots = any(optimizer.slots(v) for v in variables)
+        self.replicas_identical.assign(int(bool(slot_vars) or not has_slots))
 
     def _anchors_for(self, optimizer, variables):
         """The anchors of `variables` (a call may leave some variables out)."""
@@ -284,14 +440,14 @@ class PeriodicAverage(Sync):
         }
 
 
-def LocalSGD(k, warmup_steps=0, average_slots=False):  # noqa: N802 (a mode's name)
+def LocalSGD(k, warmup_steps=0, average_slots=False):
     """Local SGD: average the weights every k local steps."""
     mode = PeriodicAverage(k, warmup_steps, average_slots)
     mode.name = "local_sgd"
     return mode
 
 
-def DiLoCo(k, outer_optimizer=None, warmup_steps=0, average_slots=False):  # noqa: N802
+def DiLoCo(k, outer_optimizer=None, warmup_steps=0, average_slots=False):
     """DiLoCo/SlowMo: an outer optimizer steps the anchor every k local steps.
 
     The default outer optimizer is Nesterov momentum, lr 0.7, momentum 0.9.
@@ -307,7 +463,7 @@ def DiLoCo(k, outer_optimizer=None, warmup_steps=0, average_slots=False):  # noq
     return mode
 
 
-def Hierarchical(k, warmup_steps=0, average_slots=False):  # noqa: N802
+def Hierarchical(k, warmup_steps=0, average_slots=False):
     """Sync a worker's devices every step, and all workers every k steps."""
     mode = PeriodicAverage(k, warmup_steps, average_slots, local_group="worker")
     mode.name = "hierarchical"
@@ -378,6 +534,22 @@ def _per_replica_zeros(like, strategy):
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.SUM,
             name="accumulator",
+        )
+
+
+def _state_of(optimizer, var):
+    """A variable and its slots: what differs between replicas in local steps."""
+    return [var, *optimizer.slots(var).values()]
+
+
+def _empty_stack(like, strategy):
+    """A variable for `[num_replicas, *like.shape]` rows, created empty."""
+    with strategy.extended.colocate_vars_with(like):
+        return tf.Variable(
+            lambda: tf.zeros([0, *like.shape], like.dtype),
+            shape=tf.TensorShape([None, *like.shape]),
+            trainable=False,
+            name="replica_snapshot",
         )
 
 

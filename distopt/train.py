@@ -72,8 +72,12 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "optimizer",
     _DEFAULTS.optimizer,
-    "Optimizer name: adagrad, adam, adamw, gradient_descent, lamb, lars, lion, "
-    "momentum or rmsprop.",
+    "Optimizer name: adagrad, adam, adamw, gradient_descent, heun, lamb, lars, "
+    "lion, momentum, rmsprop or sam. heun and sam evaluate the loss twice per "
+    "step. sam wraps a base optimizer: --optimizer_args=base_optimizer=NAME "
+    "(default adam), with --rho (the perturbation radius) and "
+    "perturbation=replica|aggregated as SAM's own arguments and all other "
+    "hyperparameters (--learning_rate included) the base optimizer's.",
 )
 flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate.")
 flags.DEFINE_enum(
@@ -106,7 +110,8 @@ _HYPER_FLOATS = {
     "epsilon": "adam, adamw, lamb, rmsprop, adagrad: numerical stabiliser.",
     "momentum": "momentum, rmsprop, lars: momentum coefficient.",
     "weight_decay": "Decoupled weight decay (adamw default 0.004; lars: its own).",
-    "rho": "rmsprop: decay of the squared-gradient average.",
+    "rho": "rmsprop: decay of the squared-gradient average; sam: the "
+    "perturbation radius.",
     "initial_accumulator_value": "adagrad: initial accumulator value.",
     "eta": "lars: trust coefficient.",
 }

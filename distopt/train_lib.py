@@ -44,6 +44,11 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 # A checkpoint of another model or dataset cannot be resumed: refuse it.
 IDENTITY_KEYS = ("model", "dataset")
+# --optimizer=sam: these --optimizer_args are SAM's (see optimizers.SAM); every
+# other one is its base optimizer's. The default base is the trainer's default
+# optimizer, whose default learning rate the trainer's defaults are tuned for.
+SAM_ARGS = ("base_optimizer", "rho", "perturbation")
+SAM_DEFAULT_BASE = "adam"
 
 
 class ConfigError(ValueError):
@@ -136,6 +141,7 @@ def validate_config(config: TrainConfig) -> None:
         )
     if config.strategy == "tpu" and not config.tpu:
         raise ConfigError("--strategy=tpu needs --tpu (a TPU name, or 'local' on a VM)")
+    _check_loss_optimizer(config)
     if config.lr_schedule == "piecewise" and (
         len(config.lr_values) != len(config.lr_boundaries) + 1
     ):
@@ -143,6 +149,29 @@ def validate_config(config: TrainConfig) -> None:
             "--lr_schedule=piecewise needs --lr_boundaries and one more "
             f"--lr_values; got {list(config.lr_boundaries)} and "
             f"{list(config.lr_values)}"
+        )
+
+
+def _check_loss_optimizer(config: TrainConfig) -> None:
+    """Rejects the sync modes that SAM and Heun (``minimize``) cannot follow."""
+    if config.optimizer == "heun" and config.sync != "every_step":
+        raise ConfigError(
+            f"--optimizer=heun needs --sync=every_step, got --sync={config.sync}: "
+            "its trial point uses the aggregated gradient of the very same step"
+        )
+    perturbation = config.optimizer_args.get("perturbation")
+    if (
+        config.optimizer == "sam"
+        and perturbation == "aggregated"
+        and config.sync not in ("every_step", "accumulate")
+    ):
+        raise ConfigError(
+            f"--optimizer=sam with perturbation=aggregated cannot follow "
+            f"--sync={config.sync}: the replicas' weights differ between "
+            "averages, so an all-reduced gradient mixes gradients taken at "
+            "different points (and communicates every step, which the sync "
+            "mode exists to avoid); use perturbation=replica (the default) or "
+            "--sync=every_step or accumulate"
         )
 
 
@@ -477,16 +506,21 @@ def make_optimizer(config: TrainConfig, total_steps: int, strategy=None):
         kwargs["communication_options"] = communication_options(
             config.communication_timeout
         )
+    kwargs.update(
+        learning_rate=make_schedule(config, max(1, updates)),
+        aggregation=aggregation_lib.get(config.aggregation),
+        sync=sync,
+        global_clipnorm=config.global_clipnorm,
+        skip_nonfinite=config.skip_nonfinite,
+    )
     try:
-        return optimizers_lib.get(
-            config.optimizer,
-            learning_rate=make_schedule(config, max(1, updates)),
-            aggregation=aggregation_lib.get(config.aggregation),
-            sync=sync,
-            global_clipnorm=config.global_clipnorm,
-            skip_nonfinite=config.skip_nonfinite,
-            **kwargs,
-        )
+        if config.optimizer == "sam":
+            # SAM's own arguments; all others (the learning rate, aggregation
+            # and sync included) build its base optimizer.
+            sam_args = {k: kwargs.pop(k) for k in SAM_ARGS if k in kwargs}
+            base = sam_args.pop("base_optimizer", SAM_DEFAULT_BASE)
+            return optimizers_lib.get("sam", base_optimizer=base, **sam_args, **kwargs)
+        return optimizers_lib.get(config.optimizer, **kwargs)
     except TypeError as e:
         raise ConfigError(
             f"--optimizer={config.optimizer} does not take one of "
@@ -562,14 +596,23 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
     strategy the whole step, update included, is. Under a multi-replica
     strategy the optimizer's cross-replica ``merge_call`` stays outside XLA.
     On TPU, ``strategy.run`` compiles everything anyway.
+
+    Optimizers that evaluate the loss themselves (``needs_loss``: SAM, Heun)
+    get ``optimizer.minimize(loss_fn, variables)`` instead; they call
+    ``loss_fn`` more than once per step, and the metrics are those of the
+    first call, at the parameters the step starts from, as with
+    ``apply_gradients``. Under a multi-replica strategy the forward pass is
+    then the XLA program (the optimizer differentiates it).
     """
     variables = model.trainable_variables
+    needs_loss = getattr(optimizer, "needs_loss", False)
+
+    def forward(images, labels):
+        return _loss_and_metrics(model, images, labels, training=True)
 
     def grads_and_metrics(images, labels):
         with tf.GradientTape() as tape:
-            loss_sum, correct, count = _loss_and_metrics(
-                model, images, labels, training=True
-            )
+            loss_sum, correct, count = forward(images, labels)
             # The local mean: aggregation across replicas is the optimizer's job.
             loss = loss_sum / tf.maximum(count, 1.0)
         return tape.gradient(loss, variables), loss_sum, correct, count
@@ -579,13 +622,31 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
         optimizer.apply_gradients(grads, variables, weight=count)
         sums.add(loss_sum, correct, count)
 
+    def minimize_step_fn(images, labels):
+        first = []
+
+        def loss_fn():
+            loss_sum, correct, count = forward(images, labels)
+            if not first:
+                first.append((loss_sum, correct, count))
+            return loss_sum / tf.maximum(count, 1.0)
+
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        optimizer.minimize(loss_fn, variables, weight=count)
+        sums.add(*first[0])
+
+    if needs_loss:
+        step_fn = minimize_step_fn
     whole_step = (
         jit_compile and strategy.num_replicas_in_sync == 1 and not _is_tpu(strategy)
     )
     if whole_step:
         step_fn = tf.function(step_fn, jit_compile=True)
     elif jit_compile and not _is_tpu(strategy):
-        grads_and_metrics = tf.function(grads_and_metrics, jit_compile=True)
+        if needs_loss:
+            forward = tf.function(forward, jit_compile=True)
+        else:
+            grads_and_metrics = tf.function(grads_and_metrics, jit_compile=True)
 
     def replica_step(batch):
         step_fn(*batch)
@@ -832,6 +893,9 @@ def train(
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
     if latest:
         restore(checkpoint, latest, config.model_dir)
+        # Local SGD / DiLoCo: each replica's own weights and slots, saved by
+        # snapshot_replicas() below, go back to their replica.
+        optimizer.restore_replicas(model.trainable_variables)
     start_step = int(step.numpy())
     logging.info(
         "Model %s (%d parameters), %s optimizer, aggregation %s, sync %s; "
@@ -910,7 +974,10 @@ def train(
         return result
 
     def save(at_step):
-        synchronize()
+        # Keeps every replica's copy in the checkpoint without averaging, so
+        # checkpointing does not change a local SGD / DiLoCo run.
+        with strategy.scope():
+            optimizer.snapshot_replicas(variables)
         saver.save(at_step)
 
     # The loop runs in chunks of at most steps_per_loop steps, cut at every

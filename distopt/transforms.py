@@ -18,7 +18,7 @@ all-reduce and back afterwards.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 

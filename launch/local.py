@@ -11,17 +11,18 @@ streamed with a ``[worker i]`` prefix. When one worker fails, the others are
 stopped and the launcher exits with that worker's status; it exits 0 only if
 every worker does.
 
-Standard library only, so it runs before (and without) the package import.
+Standard library only, so it runs before (and without) the package import:
+the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
+loaded by its path.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,32 +31,24 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_ports(count: int) -> list[int]:
-    """Returns ``count`` distinct TCP ports that are free right now.
+def _load_cluster_module():
+    """``distopt/cluster.py`` of this checkout, without importing ``distopt``.
 
-    All sockets are held open until every port is chosen, so the ports are
-    distinct; another process could still take one before a worker binds it.
+    The package's ``__init__`` imports TensorFlow, which the launcher does not
+    need; ``cluster.py`` is standard library only.
     """
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("localhost", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    path = os.path.join(REPO_ROOT, "distopt", "cluster.py")
+    spec = importlib.util.spec_from_file_location("_distopt_cluster", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def tf_config(ports: list[int], index: int) -> str:
-    """The TF_CONFIG of worker ``index`` in a localhost cluster."""
-    return json.dumps(
-        {
-            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index},
-        }
-    )
+_cluster = _load_cluster_module()
+#: ``free_ports(count)``: distinct free localhost ports.
+free_ports = _cluster.free_ports
+#: ``tf_config(ports, index)``: the TF_CONFIG of worker ``index``.
+tf_config = _cluster.localhost_tf_config
 
 
 def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:

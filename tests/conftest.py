@@ -5,13 +5,16 @@ initialises its devices, so it runs here, once per test process, at import.
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
@@ -49,3 +52,26 @@ def strategy(request):
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy("/cpu:0")
     return mirrored(int(name[-1]))
+
+
+def run_python(*args, timeout):
+    """Runs ``python *args`` in the repository root, quietly for TensorFlow.
+
+    Args:
+      *args: the interpreter's arguments (a script, or ``-m module``, and its
+        flags).
+      timeout: seconds before ``subprocess.TimeoutExpired``.
+
+    Returns:
+      The ``subprocess.CompletedProcess``, with stdout and stderr as text; a
+      non-zero exit status is the caller's to check.
+    """
+    return subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )

@@ -22,11 +22,10 @@ os.environ["TF_CONFIG"] = json.dumps(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from sync_harness import make_data, optimizer, train  # noqa: E402
-from mw_scenarios import SCENARIOS, optimizer_kwargs  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
+from sync_harness import make_data, optimizer, train
 
 TIMEOUT_S = float(os.environ.get("DISTOPT_TEST_COLLECTIVE_TIMEOUT", "30"))
 options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=TIMEOUT_S)
@@ -41,7 +40,9 @@ for name, (_, _, weighted, uneven) in SCENARIOS.items():
     x, y, n = make_data(6, len(ports), uneven=uneven, seed=21)
     params, opt, _ = train(
         strategy,
-        lambda: optimizer(**optimizer_kwargs(name, communication_options=options)),
+        lambda name=name: optimizer(
+            **optimizer_kwargs(name, communication_options=options)
+        ),
         x,
         y,
         n,
@@ -52,4 +53,27 @@ for name, (_, _, weighted, uneven) in SCENARIOS.items():
         results[f"{name}/{i}"] = np.asarray(strategy.experimental_local_results(p)[0])
     results[f"{name}/calls"] = np.asarray(opt.allreduce_calls.numpy())
     print(f"worker {index}: {name} done", flush=True)
+
+# Mid-period save and resume (see SNAPSHOT); the copies differ across workers.
+steps, split = SNAPSHOT["steps"], SNAPSHOT["split"]
+x, y, n = make_data(steps, len(ports), seed=22)
+make = lambda: optimizer(**snapshot_optimizer(communication_options=options))
+head, opt, _ = train(strategy, make, x[:split], y[:split], n[:split])
+opt.snapshot_replicas(head)
+# Every worker saves (MultiWorkerMirroredStrategy needs all of them to); each
+# to its own directory, as non-chief workers do.
+ckpt_dir = os.path.join(out_dir, f"ckpt{index}")
+path = tf.train.Checkpoint(params=head, optimizer=opt).save(os.path.join(ckpt_dir, "c"))
+with strategy.scope():
+    params = [tf.Variable(tf.zeros_like(p)) for p in head]
+    fresh = make()
+    fresh.build(params)
+tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+fresh.restore_replicas(params)
+params, fresh, _ = train(
+    strategy, None, x[split:], y[split:], n[split:], state=(params, fresh)
+)
+for i, p in enumerate(params):
+    results[f"snapshot/{i}"] = np.asarray(strategy.experimental_local_results(p)[0])
+print(f"worker {index}: snapshot resume done", flush=True)
 np.savez(os.path.join(out_dir, f"worker{index}.npz"), **results)

@@ -6,14 +6,12 @@ convergence and the final x must agree exactly.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mirrored
+from conftest import mirrored, run_python
 
 from distopt import compare
 from distopt import problems as problems_lib
@@ -228,15 +226,7 @@ def test_bad_input_clear_message_nonzero_exit(args, message, capsys):
 
 
 def test_bad_input_exit_status_from_command_line():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-m", "distopt.compare", "--optimizers=nope"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    proc = run_python("-m", "distopt.compare", "--optimizers=nope", timeout=120)
     assert proc.returncode != 0
     assert "unknown optimizer 'nope'; valid names:" in proc.stderr
 

@@ -158,7 +158,6 @@ UNIT_ARGUMENTS = [
     ("adam", "beta_2"),
     ("adamw", "beta_1"),
     ("adamw", "beta_2"),
-    ("lion", "beta_1"),
     ("lion", "beta_2"),
     ("lamb", "beta_1"),
     ("lamb", "beta_2"),
@@ -202,6 +201,18 @@ def test_other_bad_hyperparameters(name, argument, value):
 def test_unit_interval_ends_accepted(name, argument, value):
     # The check is [0, 1), not (0, 1) or [0, 1]: the edges are exact.
     optimizers.get(name, **{argument: value})
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.0000001, 1.5, math.nan, "high"])
+def test_lion_beta_1_outside_keras_range(value):
+    # Keras's Lion takes beta_1 in (0, 1]: 0 would make it SignSGD.
+    with pytest.raises(ValueError, match=r"\bbeta_1\b.*\(0, 1\]"):
+        optimizers.Lion(beta_1=value)
+
+
+@pytest.mark.parametrize("value", [1e-6, 0.5, 1.0])
+def test_lion_beta_1_range_ends_accepted(value):
+    assert optimizers.Lion(beta_1=value).beta_1 == value
 
 
 # --- Accepted forms ----------------------------------------------------------

@@ -7,21 +7,13 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local.py")
 
 
 def _launch(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, LAUNCHER, *args],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    return run_python(LAUNCHER, *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -6,33 +6,23 @@ CPUs running the same program (tests/mw_scenarios.py).
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-
 from conftest import mirrored
-from mw_scenarios import SCENARIOS, optimizer_kwargs
+from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
 from sync_harness import make_data, optimizer, train
+
+from distopt import cluster
 
 HERE = os.path.dirname(__file__)
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ",".join(map(str, ports))
-
-
 def start_workers(out_dir, *extra, env=None):
-    ports = free_ports(2)
+    ports = ",".join(map(str, cluster.free_ports(2)))
     return [
         subprocess.Popen(
             [
@@ -64,7 +54,7 @@ def test_two_workers_match_mirrored(tmp_path):
         x, y, n = make_data(6, 2, uneven=uneven, seed=21)
         params, opt, _ = train(
             strategy,
-            lambda: optimizer(**optimizer_kwargs(name)),
+            lambda name=name: optimizer(**optimizer_kwargs(name, mirrored=True)),
             x,
             y,
             n,
@@ -80,6 +70,17 @@ def test_two_workers_match_mirrored(tmp_path):
                 w0[f"{name}/{i}"], ref, rtol=1e-5, atol=1e-6, err_msg=name
             )
         assert int(w0[f"{name}/calls"]) == int(opt.allreduce_calls.numpy()), name
+
+    # Mid-period snapshot save and resume: worker i's copy is replica i's.
+    x, y, n = make_data(SNAPSHOT["steps"], 2, seed=22)
+    params, _, _ = train(strategy, lambda: optimizer(**snapshot_optimizer()), x, y, n)
+    for i, p in enumerate(params):
+        copies = strategy.experimental_local_results(p)
+        assert not np.array_equal(copies[0], copies[1])  # diverged by design
+        for w, copy in zip((w0, w1), copies):
+            np.testing.assert_allclose(
+                w[f"snapshot/{i}"], np.asarray(copy), rtol=1e-5, atol=1e-6
+            )
 
 
 @pytest.mark.slow

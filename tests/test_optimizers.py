@@ -35,6 +35,8 @@ CONFIGS = [
     ),
     ("lion", {"learning_rate": 0.1}),
     ("lion", {"learning_rate": 0.1, "beta_1": 0.5, "beta_2": 0.9}),
+    # beta_1 = 1, Keras's upper end: the direction is the kept momentum alone.
+    ("lion", {"learning_rate": 0.1, "beta_1": 1.0, "beta_2": 0.5}),
     ("lamb", {"learning_rate": 0.1}),
     ("lamb", {"learning_rate": 0.1, "beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
     ("lars", {"learning_rate": 1.0, "eta": 0.1}),

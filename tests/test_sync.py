@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import distopt
 from conftest import assert_replicas_identical, local_copies, mirrored
 from sync_harness import initial_params, make_data, numpy_grads, optimizer, train
+
+import distopt
 
 DEFAULT = tf.distribute.get_strategy()
 M2, M4 = mirrored(2), mirrored(4)
@@ -57,7 +57,7 @@ def test_weighted_mean_with_equal_weights_equals_mean():
 def test_weighted_mean_with_uneven_batches_equals_single_device(function):
     x, y, n = make_data(4, 4, uneven=True)
     assert len(set(n.ravel())) > 1
-    make = lambda agg: lambda: optimizer("adam", learning_rate=0.05, aggregation=agg)  # noqa: E731
+    make = lambda agg: lambda: optimizer("adam", learning_rate=0.05, aggregation=agg)
     params, opt, _ = train(
         M4, make("weighted_mean"), x, y, n, weighted=True, function=function
     )
@@ -92,7 +92,7 @@ def test_sum_is_replicas_times_mean():
 def test_accumulation_equals_k_times_larger_batch(agg):
     k, updates = 3, 2
     x, y, n = make_data(k * updates, 2, uneven=(agg == "weighted_mean"))
-    make = lambda: optimizer(  # noqa: E731
+    make = lambda: optimizer(
         "adam", learning_rate=0.05, aggregation=agg, sync=distopt.sync.Accumulate(k)
     )
     params, opt, _ = train(M2, make, x, y, n, weighted=(agg == "weighted_mean"))
@@ -116,10 +116,12 @@ def test_accumulation_equals_k_times_larger_batch(agg):
 def test_local_sgd_with_k_1_equals_synchronous_training():
     x, y, n = make_data(5, 4)
     for name in ["gradient_descent", "momentum"]:
-        sync, _, _ = train(M4, lambda: optimizer(name), x, y, n)
+        sync, _, _ = train(M4, lambda name=name: optimizer(name), x, y, n)
         local, _, _ = train(
             M4,
-            lambda: optimizer(name, sync=distopt.sync.LocalSGD(1, average_slots=True)),
+            lambda name=name: optimizer(
+                name, sync=distopt.sync.LocalSGD(1, average_slots=True)
+            ),
             x,
             y,
             n,
@@ -172,10 +174,10 @@ def test_periodic_modes_match_numpy_simulation(mode):
     k, warmup, steps = 3, 2, 8
     x, y, n = make_data(steps, 4, seed=3)
     if mode == "local_sgd":
-        make_sync = lambda: distopt.sync.LocalSGD(k, warmup_steps=warmup)  # noqa: E731
+        make_sync = lambda: distopt.sync.LocalSGD(k, warmup_steps=warmup)
         outer = None
     else:
-        make_sync = lambda: distopt.sync.DiLoCo(k, warmup_steps=warmup)  # noqa: E731
+        make_sync = lambda: distopt.sync.DiLoCo(k, warmup_steps=warmup)
         outer = (0.7, 0.9)
     params, opt, step = train(M4, lambda: optimizer(sync=make_sync()), x, y, n)
     ws, bs = numpy_periodic(x, y, n, k, 0.1, warmup, outer)
@@ -306,8 +308,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     only replica 0's copy.
     """
     x, y, n = make_data(7, 2, seed=11)
-    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))  # noqa: E731
-    head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
+    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))
+    head, opt, _step = train(M2, make, x[:split], y[:split], n[:split])
     opt.synchronize(head)
     assert_replicas_identical(
         M2, head + [s for p in head for s in opt.slots(p).values()]
@@ -334,10 +336,125 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
 
 
+def _fresh(strategy, make, like):
+    with strategy.scope():
+        params = [tf.Variable(tf.zeros_like(p)) for p in like]
+        opt = make()
+        opt.build(params)
+    return params, opt
+
+
+def _state(opt, params):
+    return params + [s for p in params for s in opt.slots(p).values()]
+
+
+@pytest.mark.parametrize(
+    "mode,kwargs,split",
+    [
+        ("local_sgd", {"k": 3}, 2),  # mid-period
+        ("local_sgd", {"k": 2, "warmup_steps": 1}, 3),  # boundary, slots differ
+        ("diloco", {"k": 3, "warmup_steps": 1}, 3),  # mid-period
+        ("local_sgd", {"k": 2, "average_slots": True}, 4),  # boundary: identical
+    ],
+)
+def test_snapshot_resume_equals_a_run_that_never_stopped(tmp_path, mode, kwargs, split):
+    """snapshot_replicas before the save, restore_replicas after: bit-exact.
+
+    Unlike synchronize(), the snapshot does not touch the run: the reference
+    trains straight through, and so does the run that saved.
+    """
+    x, y, n = make_data(7, 2, seed=11)
+    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))
+    full, full_opt, _ = train(M2, make, x, y, n)
+
+    head, opt, _ = train(M2, make, x[:split], y[:split], n[:split])
+    copies = [local_copies(M2, t) for t in _state(opt, head)]
+    diverged = any((c[0] != c[1]).any() for c in copies)
+    assert diverged == (split != 4)  # the test needs replicas that differ
+    opt.snapshot_replicas(head)
+    assert int(opt.sync.snapshot_step.numpy()) == (split if diverged else -1)
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
+    # The run that saved goes on unchanged, and frees the snapshot.
+    went_on, opt, _ = train(
+        M2, None, x[split:], y[split:], n[split:], state=(head, opt)
+    )
+    assert int(opt.sync.snapshot_step.numpy()) == -1
+    assert all(
+        c.shape[0] == 0 for g in opt.sync.snapshots for c in local_copies(M2, g[0])
+    )
+
+    params, fresh = _fresh(M2, make, head)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+    fresh.restore_replicas(params)
+    resumed, fresh, _ = train(
+        M2, None, x[split:], y[split:], n[split:], state=(params, fresh)
+    )
+    for run in (went_on, resumed):
+        opt_ = opt if run is went_on else fresh
+        for a, b in zip(_state(opt_, run), _state(full_opt, full)):
+            for ca, cb in zip(local_copies(M2, a), local_copies(M2, b)):
+                np.testing.assert_array_equal(ca, cb)
+    assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
+
+
+def test_a_restore_that_skips_restore_replicas_fails_the_next_step(tmp_path):
+    x, y, n = make_data(4, 2, seed=3)
+    make = lambda: optimizer("momentum", sync=distopt.sync.LocalSGD(3))
+    head, opt, _ = train(M2, make, x[:2], y[:2], n[:2])
+    opt.snapshot_replicas(head)
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
+    params, fresh = _fresh(M2, make, head)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
+    before = [local_copies(M2, t) for t in _state(fresh, params)]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="restore_replicas"):
+        train(M2, None, x[2:], y[2:], n[2:], state=(params, fresh))
+    for b, t in zip(before, _state(fresh, params)):  # nothing was updated
+        for cb, ct in zip(b, local_copies(M2, t)):
+            np.testing.assert_array_equal(cb, ct)
+
+
+def test_restore_replicas_rejects_a_diverged_save_without_snapshot(tmp_path):
+    x, y, n = make_data(2, 2, seed=3)
+    make = lambda: optimizer("momentum", sync=distopt.sync.LocalSGD(3))
+    head, opt, _ = train(M2, make, x, y, n)
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
+    params, fresh = _fresh(M2, make, head)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
+    with pytest.raises(ValueError, match="replica 0's weights"):
+        fresh.restore_replicas(params)
+
+
+@pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
+def test_snapshot_on_4_replicas_restores_on_2_as_the_average(tmp_path, mode):
+    """A different replica count resumes as if synchronize() preceded the save."""
+    x, y, n = make_data(2, 4, seed=5)
+    make = lambda: optimizer("adam", sync=distopt.sync.get(mode, k=3))
+    head, opt, _ = train(M4, make, x, y, n)
+    opt.snapshot_replicas(head)
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
+    opt.synchronize(head)  # the reference: average (and outer step) at the save
+    expected = [np.asarray(t.read_value()) for t in _state(opt, head)]
+
+    params, fresh = _fresh(M2, make, head)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+    fresh.restore_replicas(params)
+    assert_replicas_identical(M2, _state(fresh, params))
+    for t, e in zip(_state(fresh, params), expected):
+        np.testing.assert_allclose(np.asarray(t.read_value()), e, rtol=1e-6, atol=1e-7)
+    assert int(fresh.sync.since_average.numpy()) == 0
+
+
+def test_snapshot_needs_every_variable():
+    x, y, n = make_data(1, 2)
+    head, opt, _ = train(M2, lambda: optimizer(sync=distopt.sync.LocalSGD(3)), x, y, n)
+    with pytest.raises(ValueError, match="^var_list: pass every variable"):
+        opt.snapshot_replicas(head[:1])
+
+
 def test_accumulation_resume_needs_no_synchronize(tmp_path):
     """For accumulation, synchronize() is a no-op: mid-period resume is exact."""
     x, y, n = make_data(7, 2, seed=11)
-    make = lambda: optimizer("adam", sync=distopt.sync.Accumulate(3))  # noqa: E731
+    make = lambda: optimizer("adam", sync=distopt.sync.Accumulate(3))
     full, _, _ = train(M2, make, x, y, n)
     head, opt, _ = train(M2, make, x[:4], y[:4], n[:4])
     path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "ckpt"))
@@ -353,7 +470,7 @@ def test_accumulation_resume_needs_no_synchronize(tmp_path):
 
 def test_accumulators_restore_on_a_different_replica_count(tmp_path):
     x, y, n = make_data(2, 4, seed=12)
-    make = lambda: optimizer(sync=distopt.sync.Accumulate(4))  # noqa: E731
+    make = lambda: optimizer(sync=distopt.sync.Accumulate(4))
     params, opt, _ = train(M4, make, x, y, n)
     saved = [
         np.asarray(a.read_value()) for a in opt.sync.accumulators
@@ -408,7 +525,7 @@ def test_bad_weight_is_named_and_nothing_changes(weight, match):
 
 
 def test_negative_weight_in_a_function_fails_before_any_update():
-    x, y, n = make_data(1, 2)
+    _x, _y, _n = make_data(1, 2)
     with M2.scope():
         var = tf.Variable([1.0, 2.0])
         opt = optimizer("adam", aggregation="weighted_mean")

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from conftest import REPO, run_python
 
 from distopt import data, train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {
     "test_accuracy",
     "test_loss",
@@ -61,6 +61,29 @@ def _scalar_tags(directory):
     return tags
 
 
+def _scalar_values(directory, tag):
+    """{step: value} of one TensorBoard scalar written by the trainer."""
+    values = {}
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                if v.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(v.tensor))
+    return values
+
+
+def _model_weights(model_dir):
+    """The model's variables in the latest checkpoint of ``model_dir``."""
+    directory = os.path.join(model_dir, "checkpoints")
+    reader = tf.train.load_checkpoint(directory)
+    return {
+        name: reader.get_tensor(name)
+        for name, _ in tf.train.list_variables(directory)
+        if name.startswith("model/")
+    }
+
+
 def _snapshot(directory):
     out = {}
     for root, _, files in os.walk(directory):
@@ -75,15 +98,7 @@ def _snapshot(directory):
 
 
 def _run_cli(*args, timeout=240, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "distopt.train", *args],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    proc = run_python("-m", "distopt.train", *args, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -159,6 +174,26 @@ def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
                 a.get_tensor(name), b.get_tensor(name), rtol=1e-5, atol=1e-6
             )
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-4)
+
+
+def test_local_sgd_resume_mid_period_equals_a_run_without_checkpoints(tmp_path):
+    """Saving mid-period keeps each replica's copy and leaves the run unchanged."""
+    common = {
+        "strategy": "mirrored",
+        "virtual_devices": 2,
+        "sync": "local_sgd",
+        "sync_period": 3,
+    }
+    straight = train_lib.train(_config(tmp_path / "a", checkpoint_every=0, **common))
+    # Step 10 is one local step into a period: the replicas differ there.
+    train_lib.train(_config(tmp_path / "b", train_steps=10, **common))
+    resumed = train_lib.train(_config(tmp_path / "b", **common))
+    assert resumed["start_step"] == 10
+    a, b = (_model_weights(str(tmp_path / d / "run")) for d in "ab")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert resumed["test_loss"] == straight["test_loss"]
 
 
 def test_tfds_dataset_by_name_with_mock_data(tmp_path):
@@ -243,6 +278,137 @@ def test_bad_numbers_and_combinations(tmp_path):
     }
     with pytest.raises(train_lib.ConfigError):
         train_lib.parse_kv("novalue")
+
+
+def _loss_optimizer_run(tmp_path, name, optimizer, optimizer_args=None, **overrides):
+    """10 steps at lr 0.1, scalars at every step: (metrics, weights, run dir)."""
+    values = {
+        "optimizer": optimizer,
+        "optimizer_args": optimizer_args or {},
+        "learning_rate": 0.1,
+        "train_steps": 10,
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "jit_compile": False,
+    }
+    values.update(overrides)
+    config = _config(tmp_path / name, **values)
+    metrics = train_lib.train(config)
+    assert metrics == pytest.approx(_metrics(config.model_dir))
+    assert metrics["train_steps"] == 10 and metrics["optimizer"] == optimizer
+    return metrics, _model_weights(config.model_dir), config.model_dir
+
+
+def test_sam_and_heun_train_through_minimize(tmp_path):
+    gd, gd_weights, gd_dir = _loss_optimizer_run(tmp_path, "gd", "gradient_descent")
+    # SAM with rho=0 takes exactly its base optimizer's steps.
+    sam = {"base_optimizer": "gradient_descent", "rho": 0.0}
+    _, sam_weights, sam_dir = _loss_optimizer_run(tmp_path, "sam", "sam", sam)
+    for key, value in gd_weights.items():
+        np.testing.assert_allclose(sam_weights[key], value, rtol=1e-6, atol=1e-7)
+    assert SCALARS <= _scalar_tags(os.path.join(sam_dir, "train"))
+    for tag in ("loss", "accuracy"):
+        assert _scalar_values(os.path.join(sam_dir, "train"), tag) == pytest.approx(
+            _scalar_values(os.path.join(gd_dir, "train"), tag), rel=1e-6
+        )
+    heun, heun_weights, heun_dir = _loss_optimizer_run(tmp_path, "heun", "heun")
+    assert heun["test_accuracy"] > 0.3 and gd["test_accuracy"] > 0.3
+    # Heun evaluates the loss at the trial point too; the metrics are those
+    # at the start point, so step 1 (same start, same batch) matches GD's.
+    for tag in ("loss", "accuracy"):
+        heun_values = _scalar_values(os.path.join(heun_dir, "train"), tag)
+        gd_values = _scalar_values(os.path.join(gd_dir, "train"), tag)
+        assert sorted(heun_values) == list(range(1, 11))
+        assert heun_values[1] == pytest.approx(gd_values[1], rel=1e-6)
+    # And the steps are Heun's, not gradient descent's.
+    assert max(np.abs(heun_weights[k] - v).max() for k, v in gd_weights.items()) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "optimizer,optimizer_args,jit_compile",
+    [
+        ("heun", {}, False),
+        # Compiled: the whole step (1 replica) or the forward pass (2) in XLA.
+        (
+            "sam",
+            {"base_optimizer": "gradient_descent", "perturbation": "aggregated"},
+            True,
+        ),
+    ],
+    ids=["heun", "sam_aggregated_xla"],
+)
+def test_sam_and_heun_mirrored_match_one_replica(
+    tmp_path, optimizer, optimizer_args, jit_compile
+):
+    # Both use the aggregated gradient wherever they move: with equal
+    # per-replica batches, 2 replicas take the steps of 1 on the global batch.
+    common = {"jit_compile": jit_compile, "log_every": 5}
+    one, one_weights, _ = _loss_optimizer_run(
+        tmp_path, "one", optimizer, optimizer_args, **common
+    )
+    two, two_weights, _ = _loss_optimizer_run(
+        tmp_path,
+        "two",
+        optimizer,
+        optimizer_args,
+        strategy="mirrored",
+        virtual_devices=2,
+        **common,
+    )
+    assert two["num_replicas"] == 2
+    for key, value in one_weights.items():
+        np.testing.assert_allclose(two_weights[key], value, rtol=1e-5, atol=1e-6)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert two["test_accuracy"] > 0.3
+
+
+def test_sam_and_heun_flags_and_rejected_sync_modes(tmp_path):
+    from distopt import optimizers, train
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(
+            [
+                "train",
+                "--optimizer=sam",
+                "--rho=0.2",
+                "--momentum=0.5",
+                "--optimizer_args=base_optimizer=momentum,perturbation=aggregated",
+                "--learning_rate=0.03",
+                "--train_steps=1",
+            ]
+        )
+        config = train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    sam = train_lib.make_optimizer(config, 1)
+    assert isinstance(sam, optimizers.SAM)
+    assert sam.rho == 0.2 and sam.perturbation == "aggregated"
+    assert isinstance(sam.base_optimizer, optimizers.Momentum)
+    assert sam.base_optimizer.momentum == 0.5 and sam.learning_rate == 0.03
+    # Without base_optimizer, SAM wraps the trainer's default optimizer.
+    default = train_lib.make_optimizer(_config(tmp_path, optimizer="sam"), 1)
+    assert isinstance(default.base_optimizer, optimizers.Adam)
+    with pytest.raises(
+        train_lib.ConfigError, match="--optimizer=heun needs --sync=every_step"
+    ):
+        train_lib.train(_config(tmp_path, optimizer="heun", sync="local_sgd"))
+    with pytest.raises(train_lib.ConfigError, match="perturbation=aggregated"):
+        train_lib.train(
+            _config(
+                tmp_path,
+                optimizer="sam",
+                optimizer_args={"perturbation": "aggregated"},
+                sync="diloco",
+            )
+        )
+    with pytest.raises(train_lib.ConfigError, match="--optimizer=sam: base_optimizer"):
+        train_lib.train(
+            _config(
+                tmp_path, optimizer="sam", optimizer_args={"base_optimizer": "heun"}
+            )
+        )
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_schedules_from_flags():

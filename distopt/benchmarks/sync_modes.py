@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from distopt import cluster
 
 MODES = [
     ("every_step", {}),
@@ -32,23 +33,30 @@ MODES = [
 ]
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _make_run(strategy, model, opt, images, labels):
+    """``run(n)``: n training steps of ``model`` with ``opt`` in one function."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    def replica_step():
+        with tf.GradientTape() as tape:
+            logits = model(images)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            )
+        opt.apply_gradients(tape.gradient(loss, variables), variables)
+
+    @tf.function
+    def run(n):
+        for _ in tf.range(n):
+            strategy.run(replica_step)
+
+    return run
 
 
 def _worker(index, ports, steps, batch_size, warmup):
-    os.environ["TF_CONFIG"] = json.dumps(
-        {
-            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index},
-        }
-    )
+    os.environ["TF_CONFIG"] = cluster.localhost_tf_config(ports, index)
     import numpy as np
     import tensorflow as tf
 
@@ -72,20 +80,7 @@ def _worker(index, ports, steps, batch_size, warmup):
                 communication_options=options,
             )
         variables = model.trainable_variables
-
-        def replica_step():
-            with tf.GradientTape() as tape:
-                logits = model(images)
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-                )
-            opt.apply_gradients(tape.gradient(loss, variables), variables)
-
-        @tf.function
-        def run(n):
-            for _ in tf.range(n):
-                strategy.run(replica_step)
-
+        run = _make_run(strategy, model, opt, images, labels)
         run(tf.constant(warmup, tf.int64))
         calls0, bytes0 = (
             int(opt.allreduce_calls.numpy()),
@@ -131,7 +126,7 @@ def main(argv):
             args.worker_index, ports, args.steps, args.batch_size, args.warmup
         )
 
-    ports = _free_ports(2)
+    ports = cluster.free_ports(2)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [
         sys.executable,

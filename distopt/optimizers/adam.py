@@ -19,9 +19,23 @@ def adam_update(grad, var, m, v, vhat, lr, step, beta_1, beta_2, epsilon):
 
     References: Kingma & Ba (2015), "Adam: A Method for Stochastic
     Optimization"; Reddi, Kale & Kumar (2018), "On the Convergence of Adam and
-    Beyond" (AMSGrad). Returns (new_var, new_m, new_v, new_vhat).
+    Beyond" (AMSGrad).
+
+    Args:
+        grad, var, m, v, vhat: The gradient, the variable and its slots
+            (`vhat` None without AMSGrad), all in the variable's dtype.
+        lr, step, epsilon: Scalars in the variable's dtype (`step` 1-based).
+        beta_1, beta_2: Python floats or scalars; as Python floats, `1 - beta`
+            is formed in double precision and rounded once to the variable's
+            dtype, as Keras does (a float32 `1 - beta` differs by an ulp).
+
+    Returns:
+        (new_var, new_m, new_v, new_vhat).
     """
-    alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+    dt = var.dtype
+    beta_1_power = tf.pow(tf.convert_to_tensor(beta_1, dt), step)
+    beta_2_power = tf.pow(tf.convert_to_tensor(beta_2, dt), step)
+    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
     m = m + (grad - m) * (1 - beta_1)
     v = v + (tf.square(grad) - v) * (1 - beta_2)
     denom_v = v
@@ -76,8 +90,9 @@ class Adam(Optimizer):
             slots.get("vhat"),
             lr,
             step,
-            tf.constant(self.beta_1, dt),
-            tf.constant(self.beta_2, dt),
+            # Python floats, as in Keras (see `adam_update`).
+            self.beta_1,
+            self.beta_2,
             tf.constant(self.epsilon, dt),
         )
         new = {"m": m, "v": v}

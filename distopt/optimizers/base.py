@@ -19,7 +19,8 @@ function of tensors (`update_step`). This class owns everything else:
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -144,7 +145,7 @@ class Optimizer(tf.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict) -> "Optimizer":
+    def from_config(cls, config: dict) -> Optimizer:
         config = dict(config)
         config["learning_rate"] = schedules.deserialize(config["learning_rate"])
         config["sync"] = sync_lib.from_config(config.get("sync"))
@@ -245,11 +246,50 @@ class Optimizer(tf.Module):
         SGD, DiLoCo, hierarchical), where it ends the current period early.
         Call it in cross-replica context.
         """
+        self._cross_replica_call("synchronize", var_list)
+
+    @tf.autograph.experimental.do_not_convert
+    def snapshot_replicas(self, var_list: Sequence[tf.Variable]) -> None:
+        """Keeps every replica's own state for the next checkpoint save.
+
+        For sync modes whose replicas diverge by design (local SGD, DiLoCo,
+        hierarchical): a checkpoint saves one copy of each variable, so call
+        this right before `checkpoint.save`, and `restore_replicas` right
+        after `checkpoint.restore`; the resumed run then equals an
+        uninterrupted one exactly. Unlike `synchronize`, the run itself is
+        not changed. A no-op when the replicas are identical. Call it in
+        cross-replica context.
+
+        Args:
+            var_list: Every variable this optimizer updates.
+        """
+        self._cross_replica_call("snapshot_replicas", var_list)
+
+    def restore_replicas(self, var_list: Sequence[tf.Variable]) -> None:
+        """Gives every replica its own state back after `checkpoint.restore`.
+
+        The counterpart of `snapshot_replicas`; a no-op when the checkpoint
+        holds no snapshot. On a different number of replicas than at the
+        save, every replica starts from the average of the saved replicas,
+        as if `synchronize` had been called before the save (logged). Call
+        it eagerly.
+
+        Args:
+            var_list: Every variable this optimizer updates.
+
+        Raises:
+            ValueError: if the checkpoint was saved while the replicas
+                differed, with neither `snapshot_replicas` nor `synchronize`
+                before the save: it holds replica 0's copy only.
+        """
+        self._cross_replica_call("restore_replicas", var_list)
+
+    def _cross_replica_call(self, method, var_list):
         if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError("synchronize: call it outside strategy.run.")
+            raise RuntimeError(f"{method}: call it outside strategy.run.")
         if self._built:
             with self._strategy.scope():
-                self.sync.synchronize(self, self._strategy, list(var_list))
+                getattr(self.sync, method)(self, self._strategy, list(var_list))
 
     def learning_rate_value(self) -> tf.Tensor:
         """The learning rate the next update will use, as float32."""
@@ -431,7 +471,11 @@ def _check_variables(variables):
     seen = set()
     for v in variables:
         if not isinstance(v, tf.Variable):
-            raise ValueError(f"var_list: expected tf.Variable, got {type(v).__name__}.")
+            # ValueError, not TypeError: every bad argument to an optimizer
+            # raises ValueError (the contract tests/test_errors.py checks).
+            raise ValueError(  # noqa: TRY004
+                f"var_list: expected tf.Variable, got {type(v).__name__}."
+            )
         if not v.dtype.is_floating:
             raise ValueError(
                 f"var_list: variable {v.name!r} has dtype {v.dtype.name}; only "

@@ -31,14 +31,19 @@ class Lion(Optimizer):
 
     Args:
         learning_rate: float or schedule.
-        beta_1: interpolation factor of the update direction, in [0, 1).
+        beta_1: interpolation factor of the update direction, in (0, 1], as
+            in Keras: at 0 the direction is sign(g) and Lion degenerates to
+            SignSGD; at 1 it is sign(m), the kept momentum alone.
         beta_2: decay of the kept momentum, in [0, 1).
         **kwargs: See `distopt.optimizers.Optimizer`.
+
+    Raises:
+        ValueError: naming `beta_1` or `beta_2` when it is out of range.
     """
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.beta_1 = _check_unit("beta_1", beta_1)
+        self.beta_1 = _check_beta_1(beta_1)
         self.beta_2 = _check_unit("beta_2", beta_2)
 
     def slot_initializers(self, var):
@@ -60,3 +65,19 @@ class Lion(Optimizer):
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2}
+
+
+def _check_beta_1(value) -> float:
+    """A float in (0, 1] (Keras's range), or a ValueError naming `beta_1`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"beta_1: must be a number in (0, 1], got {value!r}."
+        ) from None
+    if not 0.0 < v <= 1.0:
+        raise ValueError(
+            f"beta_1: must be in (0, 1], got {value!r}; at 0 Lion degenerates to "
+            "SignSGD."
+        )
+    return v

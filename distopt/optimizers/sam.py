@@ -128,6 +128,11 @@ class SAM(tf.Module):
         return self.base_optimizer.iterations
 
     @property
+    def skipped_steps(self) -> tf.Variable:
+        """The base optimizer's count of skipped non-finite steps."""
+        return self.base_optimizer.skipped_steps
+
+    @property
     def learning_rate(self):
         return self.base_optimizer.learning_rate
 
@@ -147,6 +152,12 @@ class SAM(tf.Module):
 
     def synchronize(self, var_list) -> None:
         self.base_optimizer.synchronize(var_list)
+
+    def snapshot_replicas(self, var_list) -> None:
+        self.base_optimizer.snapshot_replicas(var_list)
+
+    def restore_replicas(self, var_list) -> None:
+        self.base_optimizer.restore_replicas(var_list)
 
     def apply_gradients(self, *args, **kwargs):
         """Not available: SAM needs the loss. Use `minimize(loss_fn, var_list)`."""

@@ -22,7 +22,7 @@ class Schedule:
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, config: dict) -> "Schedule":
+    def from_config(cls, config: dict) -> Schedule:
         return cls(**config)
 
 
@@ -61,12 +61,12 @@ class ExponentialDecay(Schedule):
         return self.initial_learning_rate * tf.pow(self.decay_rate, p)
 
     def get_config(self):
-        return dict(
-            initial_learning_rate=self.initial_learning_rate,
-            decay_steps=self.decay_steps,
-            decay_rate=self.decay_rate,
-            staircase=self.staircase,
-        )
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "decay_steps": self.decay_steps,
+            "decay_rate": self.decay_rate,
+            "staircase": self.staircase,
+        }
 
 
 class PiecewiseConstant(Schedule):
@@ -124,12 +124,12 @@ class CosineDecay(Schedule):
         return tf.where(t < self.warmup_steps, warm, decayed)
 
     def get_config(self):
-        return dict(
-            peak_learning_rate=self.peak_learning_rate,
-            decay_steps=self.decay_steps,
-            warmup_steps=self.warmup_steps,
-            alpha=self.alpha,
-        )
+        return {
+            "peak_learning_rate": self.peak_learning_rate,
+            "decay_steps": self.decay_steps,
+            "warmup_steps": self.warmup_steps,
+            "alpha": self.alpha,
+        }
 
 
 _SCHEDULES = {
