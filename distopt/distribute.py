@@ -229,3 +229,19 @@ def add_per_replica(
             update(strategy, v, lambda v, d: v.assign_add(tf.cast(d, v.dtype)), d)
 
     merge(fn, tuple(deltas))
+
+
+def assign_per_replica(variables, values) -> None:
+    """From replica context: each replica writes its own value into its own copy.
+
+    Like `add_per_replica`, but an assignment: it restores
+    a copy saved with `tf.identity` bit for bit. The write happens in
+    cross-replica context (`merge`, then `update` per device), never as an
+    assignment to a MirroredVariable in replica context.
+    """
+
+    def fn(strategy, values):
+        for v, x in zip(variables, values):
+            update(strategy, v, lambda v, x: v.assign(tf.cast(x, v.dtype)), x)
+
+    merge(fn, tuple(values))

@@ -7,7 +7,7 @@ import tensorflow as tf
 from distopt import distribute as dist
 from distopt import transforms as transforms_lib
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.sam import aggregate_in_replica_context, assign_per_replica
+from distopt.optimizers.sam import aggregate_in_replica_context
 
 
 class Heun(Optimizer):
@@ -110,7 +110,7 @@ class Heun(Optimizer):
             trial_loss = loss_fn()
         g2 = tape.gradient(trial_loss, moved)
         # Back to p exactly: p - lr*g1 + lr*g1 need not be p in floating point.
-        assign_per_replica(moved, saved)
+        dist.assign_per_replica(moved, saved)
         avg = [
             0.5 * (a + (tf.zeros_like(a) if b is None else tf.convert_to_tensor(b)))
             for a, b in zip(g1, g2)

@@ -51,7 +51,7 @@ class SAM(tf.Module):
 
     The perturbation is applied per replica with
     `distopt.distribute.add_per_replica`, and undone by writing back each
-    replica's saved copy (see `assign_per_replica`): subtracting e again
+    replica's saved copy (see `distopt.distribute.assign_per_replica`): subtracting e again
     would leave p + e - e, which in floating point is not always p, and with
     per-replica e the copies would drift apart by an ulp.
 
@@ -207,7 +207,7 @@ class SAM(tf.Module):
         with tf.GradientTape() as tape:
             perturbed_loss = loss_fn()
         sam_grads = tape.gradient(perturbed_loss, var_list)
-        assign_per_replica(moved, saved)
+        dist.assign_per_replica(moved, saved)
         self.base_optimizer.apply_gradients(
             [(g, v) for g, v in zip(sam_grads, var_list)], weight=weight
         )
@@ -259,22 +259,6 @@ def aggregate_in_replica_context(aggregation, grads, weight=None) -> list:
     *sums, total = dist.all_reduce(dist.SUM, list(grads) + [w])
     norm = aggregation.normalizer(total, strategy.num_replicas_in_sync)
     return [s / tf.cast(norm, s.dtype) for s in sums]
-
-
-def assign_per_replica(variables, values) -> None:
-    """From replica context: each replica writes its own value into its own copy.
-
-    Like `distopt.distribute.add_per_replica`, but an assignment: it restores
-    a copy saved with `tf.identity` bit for bit. The write happens in
-    cross-replica context (`merge`, then `update` per device), never as an
-    assignment to a MirroredVariable in replica context.
-    """
-
-    def fn(strategy, values):
-        for v, x in zip(variables, values):
-            dist.update(strategy, v, lambda v, x: v.assign(tf.cast(x, v.dtype)), x)
-
-    dist.merge(fn, tuple(values))
 
 
 def _check_non_negative(name, value) -> float:
