@@ -1,6 +1,22 @@
-"""distopt: distribute-aware Core-API optimizers for TensorFlow."""
+"""distopt: distribute-aware Core-API optimizers for TensorFlow.
 
-from distopt import aggregation, distribute, optimizers, sync, transforms
+The submodules load on first use (``distopt.optimizers``, ``from distopt
+import sync``, ...), so that ``import distopt`` alone does not import
+TensorFlow: ``python -m distopt.train`` imports this package first and wants
+to choose how TensorFlow is imported (see ``distopt/train.py``).
+"""
+
+import importlib as _importlib
 
 __version__ = "0.1.0"
 __all__ = ["aggregation", "distribute", "optimizers", "sync", "transforms"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *__all__} - {"_importlib"})

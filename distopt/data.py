@@ -76,8 +76,11 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: str, expected_sha256: str) -> None:
+def verify_file(path: str, expected_sha256: str) -> bytes:
     """Checks that ``path`` exists and has the expected SHA-256.
+
+    Returns:
+      The file's bytes, read once for the checksum and for the caller.
 
     Raises:
       DataError: the file is missing or its checksum differs; the message names
@@ -89,23 +92,32 @@ def verify_file(path: str, expected_sha256: str) -> None:
             f"{expected_sha256}). Reinstall distopt, or restore the file from "
             "version control."
         )
-    actual = sha256_file(path)
+    with open(path, "rb") as f:
+        contents = f.read()
+    actual = hashlib.sha256(contents).hexdigest()
     if actual != expected_sha256:
         raise DataError(
             f"MNIST data file {path} is corrupt: SHA-256 {actual}, expected "
             f"{expected_sha256}. Reinstall distopt, or restore the file from "
             "version control."
         )
+    return contents
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, contents: bytes | None = None) -> np.ndarray:
     """Reads a gzipped IDX file (uint8 payload) into a numpy array.
 
     Format: big-endian int32 magic (2051 for images, 2049 for labels), one
     big-endian int32 per dimension, then the uint8 values in row-major order.
+
+    Args:
+      path: the file, named in errors (and read if ``contents`` is None).
+      contents: the file's gzipped bytes, if already read.
     """
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    if contents is None:
+        with open(path, "rb") as f:
+            contents = f.read()
+    raw = gzip.decompress(contents)
     (magic,) = struct.unpack(">i", raw[:4])
     if magic not in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC):
         raise DataError(f"{path}: bad IDX magic number {magic}")
@@ -137,8 +149,7 @@ def load_mnist_idx(
     arrays = []
     for name in (images_file, labels_file):
         path = os.path.join(directory, name)
-        verify_file(path, MNIST_SHA256[name])
-        arrays.append(read_idx(path))
+        arrays.append(read_idx(path, verify_file(path, MNIST_SHA256[name])))
     images, labels = arrays
     if len(images) != len(labels):
         raise DataError(f"{split}: {len(images)} images but {len(labels)} labels")

@@ -67,6 +67,7 @@ class TrainConfig:
     """
 
     model: str = "lenet"
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset: str = "mnist"
     data_dir: str | None = None
     data_source: str = "auto"
@@ -256,8 +257,14 @@ def make_strategy(
                 if virtual_devices
                 else "default; set --virtual_devices",
             )
+            # Not the default RING collectives: every MirroredStrategy in a
+            # process starts from the same collective group and instance keys,
+            # so a second train() in one process whose collectives come in
+            # another order fails ("Shape mismatch in the collective
+            # instance"). Reducing onto one device keeps no such state.
             strategy = tf.distribute.MirroredStrategy(
-                devices=configure_virtual_devices(n)
+                devices=configure_virtual_devices(n),
+                cross_device_ops=tf.distribute.ReductionToOneDevice(),
             )
     elif name == "multi_worker":
         strategy = _multi_worker_strategy(communication_timeout, slurm_port_base)
@@ -419,20 +426,42 @@ def make_datasets(
 
 
 def build_model(
-    name: str, source=None, *, seed=0, mixed_precision="none", jit_compile=False
+    name: str,
+    source=None,
+    *,
+    seed=0,
+    mixed_precision="none",
+    jit_compile=False,
+    model_args=None,
 ):
     """Builds a model for ``source``'s image shape and classes (MNIST if None).
 
     Call inside ``strategy.scope()``.
+
+    Raises:
+      ConfigError: a ``model_args`` key or value the model does not take.
     """
     if source is None:
         shape, classes = (28, 28, 1), 10
     else:
         shape, classes = source.image_shape, source.num_classes
     dtype = tf.bfloat16 if mixed_precision == "bfloat16" else tf.float32
-    return models_lib.build_model(
-        name, shape, classes, seed=seed, compute_dtype=dtype, jit_compile=jit_compile
-    )
+    try:
+        return models_lib.build_model(
+            name,
+            shape,
+            classes,
+            seed=seed,
+            compute_dtype=dtype,
+            jit_compile=jit_compile,
+            model_args=model_args,
+        )
+    except TypeError as e:
+        raise ConfigError(
+            f"--model={name} does not take one of {sorted(model_args or {})}: {e}"
+        ) from e
+    except ValueError as e:  # The model names the bad value.
+        raise ConfigError(f"--model={name}: {e}") from e
 
 
 class _Warmup:
@@ -885,6 +914,7 @@ def train(
             mixed_precision=config.mixed_precision,
             # TPUs compile everything with XLA, whatever the flag says.
             jit_compile=config.jit_compile or _is_tpu(strategy),
+            model_args=config.model_args,
         )
         optimizer = make_optimizer(config, total_steps, strategy)
         optimizer.build(model.trainable_variables)

@@ -70,6 +70,26 @@ def test_he_and_glorot_scales():
     assert not mlp.layers[0].b.numpy().any()
 
 
+def test_lenet_conv_kernels_use_he_fan_in():
+    # fan_in of a conv kernel is kernel_height * kernel_width * in_channels.
+    lenet = models.build_model("lenet", seed=0)
+    assert lenet.conv1.w.numpy().std() == pytest.approx(np.sqrt(2 / 25), rel=0.15)
+    assert lenet.conv2.w.numpy().std() == pytest.approx(np.sqrt(2 / 150), rel=0.05)
+    assert lenet.fc1.w.numpy().std() == pytest.approx(np.sqrt(2 / 400), rel=0.03)
+
+
+def test_lenet_conv2_padding():
+    lenet = models.build_model("lenet", model_args={"conv2_padding": "SAME"})
+    # conv 156 + conv 2416 + 784*120+120 + 120*84+84 + 84*10+10
+    assert models.parameter_count(lenet) == 107786
+    assert lenet.fc1.w.shape == (7 * 7 * 16, 120)
+    assert lenet(IMAGES).shape == (8, 10)
+    with pytest.raises(ValueError, match="conv2_padding 'FULL'"):
+        models.build_model("lenet", model_args={"conv2_padding": "FULL"})
+    with pytest.raises(TypeError):
+        models.build_model("mlp", model_args={"conv2_padding": "SAME"})
+
+
 def test_pooling_implementations_agree_in_value_and_gradient():
     x = tf.random.stateless_normal([4, 10, 10, 3], seed=[1, 2])
     values, grads = [], []

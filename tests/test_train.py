@@ -270,6 +270,12 @@ def test_bad_numbers_and_combinations(tmp_path):
         train_lib.train(_config(tmp_path, optimizer_args={"beta_1": 2.0}))
     with pytest.raises(train_lib.ConfigError, match="does not take"):
         train_lib.train(_config(tmp_path, optimizer_args={"bogus": 1}))
+    with pytest.raises(train_lib.ConfigError, match="--model=mlp does not take"):
+        train_lib.train(_config(tmp_path, model_args={"conv2_padding": "SAME"}))
+    with pytest.raises(train_lib.ConfigError, match="conv2_padding 'FULL'"):
+        train_lib.train(
+            _config(tmp_path, model="lenet", model_args={"conv2_padding": "FULL"})
+        )
     assert train_lib.parse_kv("a=1, b=0.5,c=true,d=x") == {
         "a": 1,
         "b": 0.5,
@@ -486,6 +492,7 @@ def test_cli_mirrored_bfloat16_deterministic_run(tmp_path):
         "--strategy=mirrored",
         "--virtual_devices=2",
         "--model=mlp",  # bfloat16 convolutions are slow on CPU.
+        "--model_args=",  # the flagfile's are LeNet's
         "--mixed_precision=bfloat16",
         "--deterministic",
         "--epochs=0",  # the flagfile trains by epochs; this run by steps
