@@ -34,7 +34,7 @@ def _import_tensorflow_without_matplotlib():
 
 _import_tensorflow_without_matplotlib()
 
-from distopt import data, train_lib  # noqa: E402
+from distopt import data, train_lib
 
 FLAGS = flags.FLAGS
 _DEFAULTS = train_lib.TrainConfig()
