@@ -703,8 +703,13 @@ def _figure_paths_1d(plt, problem, label, runs, output_dir):
     ax.set_ylim(lo, hi)
     ax.set_xlabel("iteration (linear to 10, then log)")
     ax.set_ylabel("x")
+    return _save_paths_figure(plt, fig, ax, problem, label, "upper right", output_dir)
+
+
+def _save_paths_figure(plt, fig, ax, problem, label, legend_loc, output_dir):
+    """Titles a paths figure, writes it as PNG and returns its path."""
     ax.set_title(f"{label} on {problem.title}")
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.85)
+    ax.legend(loc=legend_loc, fontsize=9, framealpha=0.85)
     fig.tight_layout()
     path = os.path.join(output_dir, f"paths_{_slug(label)}.png")
     fig.savefig(path, dpi=110)
@@ -756,13 +761,7 @@ def _figure_paths_2d(plt, problem, label, runs, output_dir):
     ax.set_ylim(y0, y1)
     ax.set_xlabel("x0")
     ax.set_ylabel("x1")
-    ax.set_title(f"{label} on {problem.title}")
-    ax.legend(loc="lower right", fontsize=9, framealpha=0.85)
-    fig.tight_layout()
-    path = os.path.join(output_dir, f"paths_{_slug(label)}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_paths_figure(plt, fig, ax, problem, label, "lower right", output_dir)
 
 
 def _figure_loss_curves(plt, problem, labels, results, output_dir):

@@ -333,8 +333,7 @@ class PeriodicAverage(Sync):
         snapshot; after a restore that skipped `restore_replicas`, every
         replica holds replica 0's copy, and some row differs.
         """
-        tensors = [t for v in variables for t in _state_of(optimizer, v)]
-        snaps = [s for v in variables for s in self._snapshots_of(optimizer, v)]
+        tensors, snaps = self._state_and_snapshots(optimizer, variables, every=False)
         everything = [s for group in self.snapshots for s in group]
         n = strategy.num_replicas_in_sync
         t_locals = [dist.local_values(strategy, t) for t in tensors]
@@ -380,11 +379,14 @@ class PeriodicAverage(Sync):
     def _snapshots_of(self, optimizer, var):
         return self.snapshots[optimizer._slot_index[var.ref()]]
 
-    def _state_and_snapshots(self, optimizer, variables):
-        """All weights and slots with their snapshots; `variables` must be all."""
+    def _state_and_snapshots(self, optimizer, variables, every=True):
+        """The weights and slots of `variables`, and their snapshots.
+
+        With `every`, `variables` must be all those the optimizer updates.
+        """
         known = len(optimizer._slot_index)
         given = {v.ref() for v in variables if v.ref() in optimizer._slot_index}
-        if len(given) != known or len(variables) != known:
+        if every and (len(given) != known or len(variables) != known):
             raise ValueError(
                 f"var_list: pass every variable the optimizer updates ({known}), "
                 f"got {len(variables)} of which {len(given)} are known."

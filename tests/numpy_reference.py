@@ -234,3 +234,18 @@ def problem(num_steps, seed=0, dtype=np.float32, num_replicas=None):
     else:
         steps = [[grads() for _ in range(num_replicas)] for _ in range(num_steps)]
     return params, steps
+
+
+#: One configuration per optimizer, with its options on where it has some:
+#: the table the strategy and execution-mode tests cross with their cases.
+CONFIGS = [
+    ("gradient_descent", {"learning_rate": 0.1}),
+    ("momentum", {"learning_rate": 0.1, "nesterov": True}),
+    ("adam", {"learning_rate": 0.1, "amsgrad": True}),
+    ("adamw", {"learning_rate": 0.1, "weight_decay": 0.1}),
+    ("rmsprop", {"learning_rate": 0.1, "centered": True, "momentum": 0.5}),
+    ("adagrad", {"learning_rate": 0.1}),
+    ("lion", {"learning_rate": 0.1, "weight_decay": 0.1}),
+    ("lamb", {"learning_rate": 0.1}),
+    ("lars", {"learning_rate": 1.0, "eta": 0.1, "weight_decay": 0.01}),
+]

@@ -14,6 +14,7 @@ import numpy_reference as ref
 import pytest
 import tensorflow as tf
 from conftest import local_copies, mirrored
+from numpy_reference import CONFIGS
 
 from distopt import optimizers
 
@@ -25,18 +26,6 @@ STRATEGIES = {
     "mirrored4": mirrored(4),
 }
 
-#: One configuration per optimizer, with its options on where it has some.
-CONFIGS = [
-    ("gradient_descent", {"learning_rate": 0.1}),
-    ("momentum", {"learning_rate": 0.1, "nesterov": True}),
-    ("adam", {"learning_rate": 0.1, "amsgrad": True}),
-    ("adamw", {"learning_rate": 0.1, "weight_decay": 0.1}),
-    ("rmsprop", {"learning_rate": 0.1, "centered": True, "momentum": 0.5}),
-    ("adagrad", {"learning_rate": 0.1}),
-    ("lion", {"learning_rate": 0.1, "weight_decay": 0.1}),
-    ("lamb", {"learning_rate": 0.1}),
-    ("lars", {"learning_rate": 1.0, "eta": 0.1, "weight_decay": 0.01}),
-]
 NUM_STEPS = 2
 
 
