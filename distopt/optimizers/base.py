@@ -6,14 +6,21 @@ function of tensors (`update_step`). This class owns everything else:
 * `build(var_list)` creates the slots once, colocated with their variable,
   in cross-replica context (creating them inside `strategy.run` is what hurts
   Keras users, tensorflow#43974).
-* `apply_gradients` validates everything before touching any variable, then
-  hands the per-replica gradients to the sync mode (`distopt.sync`) through
-  one `merge_call`. The sync mode decides when to all-reduce; this class
-  packs and reduces (`_reduce`), and writes every device's copy of every
-  variable and slot through `strategy.extended.update` (`_apply_update`).
-* The per-variable update runs as one XLA kernel (`jit_compile=True`, the
-  default) even inside a user's plain `tf.function`: an Adam step then moves
-  each byte of parameters and slots once, near the memory-bandwidth floor.
+* `apply_gradients` validates everything before touching any variable, forms
+  this replica's payload (`Reducer.payload`), then hands it to the sync mode
+  (`distopt.sync`) through one `merge_call`. The sync mode decides when to
+  communicate, through the optimizer's public `reducer` (`distopt.reduce`),
+  and calls `apply_update`, which writes every device's copy of every
+  variable and slot through `strategy.extended.update`.
+* The update is one XLA kernel per device for all variables together
+  (`fused=True`, the default; a multi-tensor update like PyTorch's fused
+  Adam), even inside a user's plain `tf.function`: a step over hundreds of
+  small variables is then bound by bytes, not by per-variable dispatch.
+  `fused=False` runs one kernel per variable; both compute the same thing.
+* Mixed precision: for float16 and bfloat16 variables the slots are float32,
+  and the rule runs in float32 (gradient, weight, step and learning rate)
+  before the new value is rounded once to the variable's dtype. A bfloat16
+  step count would stop being exact past 256.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from distopt import aggregation as aggregation_lib
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
 from distopt.optimizers import schedules
@@ -54,7 +61,9 @@ class Optimizer(tf.Module):
         communication_options: `tf.distribute.experimental.CommunicationOptions`
             for every all-reduce, e.g. a `timeout_seconds` so that a dead
             peer fails the step instead of hanging it.
-        jit_compile: Run each per-variable update as an XLA kernel.
+        jit_compile: Run the update as XLA kernels.
+        fused: One update kernel per device for all variables (default), or
+            one per variable.
         name: Name of the module (its variables' name scope).
     """
 
@@ -71,6 +80,7 @@ class Optimizer(tf.Module):
         wire_dtype=None,
         communication_options=None,
         jit_compile=True,
+        fused=True,
         name=None,
     ):
         super().__init__(name=name or _snake_case(type(self).__name__))
@@ -78,37 +88,68 @@ class Optimizer(tf.Module):
         self.weight_decay = (
             schedules.check_rate("weight_decay", weight_decay) if weight_decay else None
         )
-        self.aggregation = aggregation_lib.get(aggregation)
         self.sync = sync_lib.get(sync)
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
         self.skip_nonfinite = bool(skip_nonfinite)
-        self._transforms = []
+        transforms = []
         if clipvalue is not None:
-            self._transforms.append(transforms_lib.ClipByValue(clipvalue))
+            transforms.append(transforms_lib.ClipByValue(clipvalue))
         if global_clipnorm is not None:
-            self._transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
+            transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
         if skip_nonfinite:
-            self._transforms.append(transforms_lib.SkipNonFinite())
-        self.wire_dtype = transforms_lib.check_wire_dtype(wire_dtype)
-        self.communication_options = communication_options
+            transforms.append(transforms_lib.SkipNonFinite())
         self.jit_compile = bool(jit_compile)
+        self.fused = bool(fused)
         # Created here, like Keras, so that they exist (and restore) before
         # the first step, in the scope the optimizer is created in.
         with tf.name_scope(self.name):
             self.iterations = _counter("iterations")
             self.skipped_steps = _counter("skipped_steps")
-            # Counted at run time, next to every all-reduce this library issues.
-            self.allreduce_calls = _counter("allreduce_calls")
-            self.allreduce_bytes = _counter("allreduce_bytes")
+            self.reducer = reduce_lib.Reducer(
+                aggregation,
+                wire_dtype=wire_dtype,
+                transforms=transforms,
+                communication_options=communication_options,
+            )
         self._slots = []
         self._slot_index = {}
+        self._variables = []
         self._built = False
+        kernel = self._update_all if self.fused else self._update_variable
         self._kernel = (
-            tf.function(self._update_variable, jit_compile=True, autograph=False)
+            tf.function(kernel, jit_compile=True, autograph=False)
             if self.jit_compile
-            else self._update_variable
+            else kernel
         )
+
+    @property
+    def aggregation(self):
+        """The `distopt.aggregation` instance (the reducer's)."""
+        return self.reducer.aggregation
+
+    @property
+    def wire_dtype(self):
+        return self.reducer.wire_dtype
+
+    @property
+    def communication_options(self):
+        return self.reducer.communication_options
+
+    @property
+    def allreduce_calls(self) -> tf.Variable:
+        """All-reduces issued at run time (int64), all paths included."""
+        return self.reducer.allreduce_calls
+
+    @property
+    def allreduce_bytes(self) -> tf.Variable:
+        """Payload bytes of those all-reduces (int64)."""
+        return self.reducer.allreduce_bytes
+
+    @property
+    def invalid_weight_steps(self) -> tf.Variable:
+        """Steps skipped because a replica's weight was negative, NaN or Inf."""
+        return self.reducer.invalid_weight_steps
 
     # --- What a subclass provides -------------------------------------------
 
@@ -141,6 +182,7 @@ class Optimizer(tf.Module):
             "skip_nonfinite": self.skip_nonfinite,
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
             "jit_compile": self.jit_compile,
+            "fused": self.fused,
             "name": self.name,
         }
 
@@ -169,13 +211,19 @@ class Optimizer(tf.Module):
         self._strategy = strategy
         with tf.name_scope(self.name):
             for i, var in enumerate(var_list):
+                dtype = reduce_lib.payload_dtype(var.dtype)
                 with strategy.extended.colocate_vars_with(var):
                     slots = {
-                        name: tf.Variable(init, trainable=False, name=f"{name}_{i}")
+                        name: tf.Variable(
+                            _cast_init(init, dtype),
+                            trainable=False,
+                            name=f"{name}_{i}",
+                        )
                         for name, init in self.slot_initializers(var).items()
                     }
                 self._slots.append(slots)
                 self._slot_index[var.ref()] = i
+                self._variables.append(var)
             self.sync.build(self, var_list, strategy)
         self._built = True
 
@@ -210,11 +258,7 @@ class Optimizer(tf.Module):
                     f"var_list: {unknown} were not among the variables this optimizer "
                     "was built with."
                 )
-        w = self.aggregation.replica_weight(weight)
-        if self.aggregation.weighted:
-            # A replica with no examples has a NaN mean gradient; its zero
-            # weight must still contribute exactly zero to the sum.
-            grads = [tf.math.multiply_no_nan(g, tf.cast(w, g.dtype)) for g in grads]
+        grads, w = self.reducer.payload(grads, weight)
         if not dist.in_replica_context() and self.sync.needs_replica_context:
             raise ValueError(
                 f"sync: {self.sync.name} needs per-replica gradients; call "
@@ -301,7 +345,66 @@ class Optimizer(tf.Module):
         """The slot variables of `var`, by name."""
         return self._slots[self._slot_index[var.ref()]]
 
-    # --- The update path (used by distopt.sync) ------------------------------
+    # --- The update path (public: distopt.sync calls these) ------------------
+
+    def built_variables(self) -> list[tf.Variable]:
+        """Every variable the optimizer was built with, in build order."""
+        return list(self._variables)
+
+    def slot_dtype(self, var) -> tf.DType:
+        """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""
+        return reduce_lib.payload_dtype(var.dtype)
+
+    def variable_index(self, var) -> int:
+        """The position of `var` among `built_variables()`."""
+        return self._slot_index[var.ref()]
+
+    def apply_update(
+        self, strategy, grads, variables, *, scale=None, ok=None, var_ok=None
+    ):
+        """Applies aggregated gradients: every copy of every variable and slot.
+
+        Call it in cross-replica context with the per-replica output of
+        `reducer.reduce` (or gradients already identical on every replica).
+        Advances `iterations`, or counts a skip in `skipped_steps`.
+
+        Args:
+            strategy: The strategy in scope.
+            grads: Per-replica gradients, one per variable.
+            variables: The variables to update.
+            scale: A scalar to multiply the gradients by, or None.
+            ok: A scalar bool, identical on every replica: False keeps every
+                variable and slot as it was. None: the step cannot be skipped.
+            var_ok: None, or a list with a scalar bool or None per variable,
+                to keep single variables as they were.
+        """
+        lr = self.learning_rate_value()
+        step = self.iterations + 1
+        slots = self._slot_lists(variables)
+        var_ok = list(var_ok) if var_ok is not None else [None] * len(variables)
+        if self.fused and variables:
+            dist.update_together(
+                strategy,
+                list(variables),
+                self._kernel,
+                list(grads),
+                slots,
+                lr,
+                step,
+                scale,
+                ok,
+                var_ok,
+            )
+        else:
+            kernel = self._kernel_on_device(strategy)
+            for g, v, s, vok in zip(grads, variables, slots, var_ok):
+                dist.update(strategy, v, kernel, g, s, lr, step, scale, ok, vok)
+        if ok is None:
+            self.iterations.assign_add(1)
+        else:
+            applied = tf.cast(dist.first_local(strategy, ok), tf.int64)
+            self.iterations.assign_add(applied)
+            self.skipped_steps.assign_add(1 - applied)
 
     def _ensure_built(self, variables):
         if not self._built:
@@ -310,132 +413,41 @@ class Optimizer(tf.Module):
     def _slot_lists(self, variables):
         return [dict(self.slots(v)) for v in variables]
 
-    def _all_reduce(self, strategy, tensors, op=dist.SUM, wire_dtype=None):
-        """Reduces per-replica `tensors` with one all-reduce per dtype.
-
-        Packing into one buffer makes the count of collectives independent of
-        the number of variables (Horovod's tensor fusion). Returns per-replica
-        values, identical on every replica.
-        """
-        if not dist.is_distributed(strategy):
-            return [dist.first_local(strategy, t) for t in tensors]
-        specs = [dist.local_values(strategy, t)[0] for t in tensors]
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(specs):
-            # The scalar weight stays exact: only gradients travel compressed.
-            compress = wire_dtype is not None and t.dtype.is_floating and t.shape.rank
-            groups.setdefault(
-                (t.dtype, wire_dtype if compress else t.dtype), []
-            ).append(i)
-        out = [None] * len(tensors)
-        for (dtype, wire), idx in groups.items():
-            sizes = [int(specs[i].shape.num_elements()) for i in idx]
-            shapes = [specs[i].shape for i in idx]
-
-            def pack(*ts, wire=wire):
-                return tf.cast(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), wire)
-
-            packed = dist.map_per_replica(strategy, pack, *[tensors[i] for i in idx])
-            reduced = dist.reduce(
-                strategy, op, packed, packed, options=self.communication_options
-            )
-            self.allreduce_calls.assign_add(1)
-            self.allreduce_bytes.assign_add(sum(sizes) * wire.size)
-
-            def unpack(buf, dtype=dtype, sizes=sizes, shapes=shapes):
-                parts = tf.split(tf.cast(buf, dtype), sizes)
-                return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
-
-            for i, part in zip(idx, dist.map_per_replica(strategy, unpack, reduced)):
-                out[i] = part
-        return out
-
-    def _reduce_and_apply(self, strategy, grads, weight, variables):
-        """All-reduces the payload (grads, weight) and applies one update."""
-        *grads, total = self._all_reduce(
-            strategy, list(grads) + [weight], wire_dtype=self.wire_dtype
-        )
-        num_replicas = strategy.num_replicas_in_sync
-        self._normalize_and_apply(strategy, grads, total, variables, num_replicas)
-
-    def _local_apply(self, strategy, grads, weight, variables, group_size=1):
-        """Applies each replica's own payload to its own copy (no communication).
-
-        `group_size` is the number of replicas whose payloads were summed into
-        `grads` (a worker's devices, for hierarchical sync).
-        """
-        self._normalize_and_apply(strategy, grads, weight, variables, group_size)
-
-    def _normalize_and_apply(self, strategy, grads, total, variables, num_replicas):
-        has_ok = False
-
-        def finish(total, *gs):
-            nonlocal has_ok
-            norm = self.aggregation.normalizer(total, num_replicas)
-            nonzero = norm > 0
-            scale = 1.0 / tf.where(nonzero, norm, 1.0)
-            if self._transforms:
-                gs = [g * tf.cast(scale, g.dtype) for g in gs]
-                scale = tf.constant(1.0)
-            gs, ok = transforms_lib.apply(self._transforms, list(gs))
-            # Only a step that can be skipped carries `ok` to the kernel: the
-            # select it costs there halves an XLA Adam step's throughput on
-            # CPU (benchmarks/adam_step.py). Unweighted, the summed weight is
-            # a positive constant, so only a transform can veto the step.
-            if self.aggregation.weighted:
-                ok = nonzero if ok is None else tf.logical_and(ok, nonzero)
-            has_ok = ok is not None  # the same on every replica
-            return [scale] + ([ok] if has_ok else []) + list(gs)
-
-        scale, *grads = dist.map_per_replica(strategy, finish, total, *grads)
-        ok = grads.pop(0) if has_ok else None
-        self._apply_update(strategy, grads, variables, scale=scale, ok=ok)
-
-    def _apply_update(self, strategy, grads, variables, scale=None, ok=None):
-        """Writes every copy of every variable and slot; advances the step."""
-        lr = self.learning_rate_value()
-        step = self.iterations + 1
-        kernel = self._kernel_on_device(strategy)
-        for g, v, slots in zip(grads, variables, self._slot_lists(variables)):
-            dist.update(strategy, v, kernel, g, slots, lr, step, scale, ok)
-        if ok is None:
-            self.iterations.assign_add(1)
-        else:
-            applied = tf.cast(dist.first_local(strategy, ok), tf.int64)
-            self.iterations.assign_add(applied)
-            self.skipped_steps.assign_add(1 - applied)
-
     def _kernel_on_device(self, strategy):
         """`self._kernel`, called with this device's own copies of the slots."""
 
         def kernel(var, grad, slots, *args):
-            # `strategy.extended.update` hands `kernel` each device's copy of
-            # `var` but leaves distributed variables in its args (the slots)
-            # whole. The compiled kernel, a tf.function, would capture such a
-            # variable instead of taking it as an input, so variables of the
-            # same shape, which share one trace, would all update the first
-            # one's slots.
-            slots = {n: _on_device(strategy, s, var.device) for n, s in slots.items()}
+            slots = {
+                n: dist.component_on(strategy, s, var.device) for n, s in slots.items()
+            }
             return self._kernel(var, grad, slots, *args)
 
         return kernel
 
-    def _update_variable(self, var, grad, slots, lr, step, scale, ok):
+    def _update_all(self, variables, grads, slots, lr, step, scale, ok, var_ok):
+        """Every variable's update on one device, in one kernel when compiled."""
+        for v, g, s, vok in zip(variables, grads, slots, var_ok):
+            self._update_variable(v, g, s, lr, step, scale, ok, vok)
+
+    def _update_variable(self, var, grad, slots, lr, step, scale, ok, var_ok=None):
         """One variable's update on one device: decay, rule, then assign."""
-        dtype = var.dtype
+        dtype = reduce_lib.payload_dtype(var.dtype)
         g = tf.cast(grad, dtype)
         if scale is not None:
             g = g * tf.cast(scale, dtype)
         lr = tf.cast(lr, dtype)
-        p = tf.convert_to_tensor(var)
+        p0 = tf.convert_to_tensor(var)
+        p = tf.cast(p0, dtype)
         if self.weight_decay:
             p = p - lr * self.weight_decay * p
         old = {n: tf.convert_to_tensor(s) for n, s in slots.items()}
         new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype))
-        if ok is not None:
+        new_p = tf.cast(new_p, var.dtype)
+        keep_ok = [x for x in (ok, var_ok) if x is not None]
+        if keep_ok:
             # A select, not a tf.cond: branch-free, so it fuses under XLA.
-            keep = tf.logical_not(ok)
-            new_p = tf.where(keep, tf.convert_to_tensor(var), new_p)
+            keep = tf.logical_not(tf.reduce_all(tf.stack(keep_ok)))
+            new_p = tf.where(keep, p0, new_p)
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
         var.assign(new_p)
         for n, s in slots.items():
@@ -489,8 +501,6 @@ def _check_variables(variables):
 def _check_gradients(grads, variables):
     out = []
     for i, (g, v) in enumerate(zip(grads, variables)):
-        if isinstance(g, tf.IndexedSlices):
-            g = tf.convert_to_tensor(g)
         g = tf.convert_to_tensor(g)
         if not g.shape.is_compatible_with(v.shape):
             raise ValueError(
@@ -503,14 +513,11 @@ def _check_gradients(grads, variables):
     return out
 
 
-def _on_device(strategy, value, device):
-    """The copy of a distributed variable on `device`; other values as they are."""
-    if not isinstance(value, tf.distribute.DistributedValues):
-        return value
-    for copy in strategy.experimental_local_results(value):
-        if copy.device == device:
-            return copy
-    raise RuntimeError(f"{value.name}: no copy on {device}.")
+def _cast_init(init, dtype):
+    """A slot's initial value (a tensor or a callable) in the slot's dtype."""
+    if callable(init):
+        return lambda: tf.cast(init(), dtype)
+    return tf.cast(init, dtype)
 
 
 def _counter(name):

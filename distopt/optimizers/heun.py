@@ -5,9 +5,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt import distribute as dist
-from distopt import transforms as transforms_lib
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.sam import aggregate_in_replica_context
+from distopt.optimizers.sam import reduce_in_replica_context
 
 
 class Heun(Optimizer):
@@ -99,9 +98,8 @@ class Heun(Optimizer):
             raise ValueError("var_list: loss_fn depends on none of the variables.")
         g1 = [tf.convert_to_tensor(g) for g, _ in pairs]
         moved = [v for _, v in pairs]
-        g1_mean = aggregate_in_replica_context(self.aggregation, g1, weight)
-        if self._transforms:
-            g1_mean, _ = transforms_lib.apply(self._transforms, g1_mean)
+        # Aggregated and transformed (clipped) exactly as the update will be.
+        g1_mean = reduce_in_replica_context(self, g1, weight)
         saved = [tf.identity(v) for v in moved]
         # Identical deltas on every replica (g1_mean is all-reduced): the
         # copies stay identical at the trial point.
