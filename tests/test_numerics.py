@@ -359,3 +359,88 @@ def test_fused_update_equals_the_per_variable_update(strategy, dtype):
                     atol=1e-7,
                     err_msg=name,
                 )
+
+
+def test_counters_read_naturally_in_python_under_mirrored():
+    x, y, n = make_data(2, 2)
+    _, opt, _ = train(M2, lambda: optimizer(), x, y, n)
+    assert int(opt.iterations) == 2 and float(opt.iterations) == 2.0
+    assert f"{opt.iterations:d} {opt.skipped_steps:03d}" == "2 000"
+    assert int(opt.allreduce_calls) == 2
+    assert [int(c) for c in local_copies(M2, opt.iterations.variable)] == [2, 2]
+    # Still a tensor wherever one is expected.
+    assert int(tf.cast(opt.iterations, tf.int32) + 1) == 3
+
+
+# --- Misuse -------------------------------------------------------------------------
+
+
+def test_a_variable_created_outside_the_scope_is_named():
+    var = tf.Variable([1.0], name="outside")
+    with M2.scope():
+        opt = optimizer()
+    with pytest.raises(ValueError, match=r"'outside:0' was created outside .*scope"):
+        M2.run(lambda: opt.apply_gradients([tf.constant([1.0])], [var]))
+    with pytest.raises(ValueError, match=r"create it under `strategy.scope\(\)`"):
+        with M2.scope():
+            opt.build([var])
+    np.testing.assert_array_equal(var.numpy(), [1.0])
+
+
+# --- Loss scaling -----------------------------------------------------------------
+
+
+def numpy_loss_scale(finite, initial=2.0**15, growth=3):
+    """Keras's dynamic schedule: halve on a bad step, double after `growth` good."""
+    scale, good, out = initial, 0, []
+    for ok in finite:
+        if ok:
+            good += 1
+            if good >= growth:
+                scale, good = scale * 2, 0
+        else:
+            scale, good = max(scale / 2, 1.0), 0
+        out.append(scale)
+    return out
+
+
+def test_dynamic_loss_scaling_on_2_replicas_follows_the_schedule():
+    from distopt.transforms import LossScale
+
+    finite = [True, True, False, True, True, True, True, False, True]
+    with M2.scope():
+        var = tf.Variable(tf.constant([1.0, -2.0], tf.float16))
+        opt = optimizers.GradientDescent(0.5, loss_scale=LossScale(8.0, growth_steps=3))
+
+    @tf.function
+    def step(bad):
+        def replica(bad):
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(var, tf.float32) ** 2) / 2
+                scaled = opt.scale_loss(loss)
+            (g,) = tape.gradient(scaled, [var])
+            # Only replica 1 overflows: every replica must still skip.
+            poison = tf.logical_and(bad, tf.equal(rid, 1))
+            g = tf.where(poison, tf.constant(float("inf"), g.dtype), g)
+            opt.apply_gradients([g], [var])
+
+        M2.run(replica, (bad,))
+
+    p = np.array([1.0, -2.0])
+    scales = []
+    for ok in finite:
+        step(tf.constant(not ok))
+        if ok:
+            p = p - 0.5 * p
+        scales.append(float(local_copies(M2, opt.loss_scale.scale)[0]))
+        for c in local_copies(M2, var):
+            np.testing.assert_allclose(c.astype(np.float64), p, rtol=1e-3)
+    assert scales == numpy_loss_scale(finite, initial=8.0, growth=3)
+    assert int(opt.skipped_steps) == finite.count(False)
+    assert_replicas_identical(M2, [var, opt.loss_scale.scale])
+
+
+def test_loss_scale_is_rejected_under_diverging_sync_modes():
+    with pytest.raises(ValueError, match="loss_scale: needs a synchronous sync"):
+        optimizer(loss_scale="dynamic", sync=distopt.sync.LocalSGD(2))
