@@ -303,6 +303,19 @@ def test_group_size_that_does_not_divide_the_devices_is_named():
 
 # --- The fused update -------------------------------------------------------------
 
+
+def _apply_all_step(strategy, opts, var_sets):
+    @tf.function
+    def step(g):
+        def replica(g):
+            for opt, vs in zip(opts, var_sets):
+                opt.apply_gradients(g, vs)
+
+        strategy.run(replica, (g,))
+
+    return step
+
+
 #: One configuration of each optimizer family.
 FAMILIES = list({name: (name, config) for name, config in CONFIGS}.values())
 
@@ -328,16 +341,9 @@ def test_fused_update_equals_the_per_variable_update(strategy, dtype):
             ]
             var_sets = [[tf.Variable(tf.constant(p, dtype)) for p in p0] for _ in opts]
 
-        @tf.function
-        def step(g):
-            def replica(g):
-                for opt, vs in zip(opts, var_sets):
-                    opt.apply_gradients(g, vs)
-
-            strategy.run(replica, (g,))
-
+        step = _apply_all_step(strategy, opts, var_sets)
+        n = strategy.num_replicas_in_sync
         for gs in grads:
-            n = strategy.num_replicas_in_sync
             step(
                 _per_replica(
                     strategy,
@@ -381,9 +387,11 @@ def test_a_variable_created_outside_the_scope_is_named():
         opt = optimizer()
     with pytest.raises(ValueError, match=r"'outside:0' was created outside .*scope"):
         M2.run(lambda: opt.apply_gradients([tf.constant([1.0])], [var]))
-    with pytest.raises(ValueError, match=r"create it under `strategy.scope\(\)`"):
-        with M2.scope():
-            opt.build([var])
+    with (
+        pytest.raises(ValueError, match=r"create it under `strategy.scope\(\)`"),
+        M2.scope(),
+    ):
+        opt.build([var])
     np.testing.assert_array_equal(var.numpy(), [1.0])
 
 
