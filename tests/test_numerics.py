@@ -347,7 +347,7 @@ def test_fused_update_equals_the_per_variable_update(strategy, dtype):
             step(
                 _per_replica(
                     strategy,
-                    lambda r, gs=gs: [tf.constant(x, dtype) for x in gs[r % n]],
+                    lambda r, gs=gs, n=n: [tf.constant(x, dtype) for x in gs[r % n]],
                 )
             )
         results[fused] = [
