@@ -455,3 +455,13 @@ def test_dynamic_loss_scaling_on_2_replicas_follows_the_schedule():
 def test_loss_scale_is_rejected_under_diverging_sync_modes():
     with pytest.raises(ValueError, match="loss_scale: needs a synchronous sync"):
         optimizer(loss_scale="dynamic", sync=distopt.sync.LocalSGD(2))
+
+
+def test_checkpoint_paths_of_the_model_are_not_taken_by_the_optimizer(tmp_path):
+    model = tf.Module()
+    model.w = tf.Variable([1.0])
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([tf.constant([1.0])], [model.w])
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "c"))
+    names = [n for n, _ in tf.train.list_variables(path)]
+    assert "model/w/.ATTRIBUTES/VARIABLE_VALUE" in names, names

@@ -38,9 +38,15 @@ from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
 from distopt.optimizers import schedules
 
+#: Variables below this many elements share the fused update's flat buffer.
+FLAT_MAX_ELEMENTS = 1 << 16
+
 
 class Optimizer(tf.Module):
     """Base class of distopt optimizers.
+
+    A subclass whose `update_step` is not elementwise (it reduces over a
+    variable, as Lamb's trust ratio does) sets `elementwise = False`.
 
     Args:
         learning_rate: A non-negative float, or a schedule: a callable of the
@@ -133,14 +139,15 @@ class Optimizer(tf.Module):
             )
         self._slots = []
         self._slot_index = {}
-        self._variables = []
+        # References, not the variables: a tracked list would give the model's
+        # variables a second checkpoint path under the optimizer.
+        self._variable_refs = []
         self._built = False
-        kernel = self._update_all if self.fused else self._update_variable
-        self._kernel = (
-            tf.function(kernel, jit_compile=True, autograph=False)
-            if self.jit_compile
-            else kernel
+        compile_ = lambda f: (
+            tf.function(f, jit_compile=True, autograph=False) if self.jit_compile else f
         )
+        self._kernel = compile_(self._update_variable)
+        self._flat_kernel = compile_(self._rule)
 
     @property
     def aggregation(self):
@@ -169,6 +176,10 @@ class Optimizer(tf.Module):
     def invalid_weight_steps(self) -> tf.Variable:
         """Steps skipped because a replica's weight was negative, NaN or Inf."""
         return self.reducer.invalid_weight_steps
+
+    #: Whether `update_step` acts element by element (then the fused update
+    #: may run it once over all variables concatenated).
+    elementwise = True
 
     # --- What a subclass provides -------------------------------------------
 
@@ -246,7 +257,7 @@ class Optimizer(tf.Module):
                     }
                 self._slots.append(slots)
                 self._slot_index[var.ref()] = i
-                self._variables.append(var)
+                self._variable_refs.append(var.ref())
             self.sync.build(self, var_list, strategy)
         self._built = True
 
@@ -380,7 +391,7 @@ class Optimizer(tf.Module):
 
     def built_variables(self) -> list[tf.Variable]:
         """Every variable the optimizer was built with, in build order."""
-        return list(self._variables)
+        return [r.deref() for r in self._variable_refs]
 
     def slot_dtype(self, var) -> tf.DType:
         """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""
@@ -417,7 +428,7 @@ class Optimizer(tf.Module):
             dist.update_together(
                 strategy,
                 list(variables),
-                self._kernel,
+                self._update_all,
                 list(grads),
                 slots,
                 lr,
@@ -459,33 +470,98 @@ class Optimizer(tf.Module):
         return kernel
 
     def _update_all(self, variables, grads, slots, lr, step, scale, ok, var_ok):
-        """Every variable's update on one device, in one kernel when compiled."""
-        for v, g, s, vok in zip(variables, grads, slots, var_ok):
-            self._update_variable(v, g, s, lr, step, scale, ok, vok)
+        """Every variable's update on one device (a multi-tensor update).
+
+        Small variables are where per-variable kernels lose: a step over
+        hundreds of them is bound by dispatches, not bytes (apex's
+        multi_tensor_apply, PyTorch's fused Adam). So variables below
+        `FLAT_MAX_ELEMENTS` of one dtype are concatenated into one flat
+        buffer (with their gradients and slots), updated by one compiled
+        kernel, and split back. The kernel's inputs are plain tensors, so it
+        compiles once per buffer size, in about the time of one small kernel;
+        a kernel that assigned every variable itself would compile in time
+        growing faster than the number of variables. Large variables keep
+        their own kernel (shared by every variable of the same shape), where
+        a concatenation would only add memory traffic. Rules that reduce over
+        a variable (`elementwise = False`: Lamb, Lars) and per-variable skips
+        go variable by variable.
+        """
+        flat: dict[tuple, list[int]] = {}
+        for i, v in enumerate(variables):
+            # Op by op (no XLA), a bigger buffer may round differently in
+            # vectorised kernels: keep Keras's per-variable arithmetic there.
+            if (
+                self.jit_compile
+                and self.elementwise
+                and var_ok[i] is None
+                and v.shape.num_elements() < FLAT_MAX_ELEMENTS
+            ):
+                flat.setdefault((v.dtype, tuple(sorted(slots[i]))), []).append(i)
+            else:
+                self._kernel(v, grads[i], slots[i], lr, step, scale, ok, var_ok[i])
+        for idx in flat.values():
+            if len(idx) == 1:
+                i = idx[0]
+                self._kernel(variables[i], grads[i], slots[i], lr, step, scale, ok)
+                continue
+            sizes = [int(variables[i].shape.num_elements()) for i in idx]
+
+            def concat(tensors):
+                return tf.concat([_flat(t) for t in tensors], 0)
+
+            old = {n: concat([slots[i][n] for i in idx]) for n in slots[idx[0]]}
+            new_p, new_slots = self._flat_kernel(
+                concat([variables[i] for i in idx]),
+                concat([grads[i] for i in idx]),
+                old,
+                lr,
+                step,
+                scale,
+                ok,
+            )
+            # Every reshape is an op to dispatch: 1-D variables skip them.
+            for i, part in zip(idx, tf.split(new_p, sizes)):
+                variables[i].assign(_shaped(part, variables[i].shape), read_value=False)
+            for n, value in new_slots.items():
+                for i, part in zip(idx, tf.split(value, sizes)):
+                    slots[i][n].assign(
+                        _shaped(part, variables[i].shape), read_value=False
+                    )
 
     def _update_variable(self, var, grad, slots, lr, step, scale, ok, var_ok=None):
         """One variable's update on one device: decay, rule, then assign."""
-        dtype = reduce_lib.payload_dtype(var.dtype)
+        old = {n: tf.convert_to_tensor(s) for n, s in slots.items()}
+        oks = [x for x in (ok, var_ok) if x is not None]
+        ok = tf.reduce_all(tf.stack(oks)) if oks else None
+        new_p, new_slots = self._rule(
+            tf.convert_to_tensor(var), grad, old, lr, step, scale, ok
+        )
+        var.assign(new_p, read_value=False)
+        for n, s in slots.items():
+            s.assign(new_slots[n], read_value=False)
+
+    def _rule(self, p0, grad, old, lr, step, scale, ok):
+        """Weight decay, the update rule and the skip select, on tensors.
+
+        16-bit variables compute in float32 (their slots are float32) and
+        round once at the end.
+        """
+        dtype = reduce_lib.payload_dtype(p0.dtype)
         g = tf.cast(grad, dtype)
         if scale is not None:
             g = g * tf.cast(scale, dtype)
         lr = tf.cast(lr, dtype)
-        p0 = tf.convert_to_tensor(var)
         p = tf.cast(p0, dtype)
         if self.weight_decay:
             p = p - lr * self.weight_decay * p
-        old = {n: tf.convert_to_tensor(s) for n, s in slots.items()}
         new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype))
-        new_p = tf.cast(new_p, var.dtype)
-        keep_ok = [x for x in (ok, var_ok) if x is not None]
-        if keep_ok:
+        new_p = tf.cast(new_p, p0.dtype)
+        if ok is not None:
             # A select, not a tf.cond: branch-free, so it fuses under XLA.
-            keep = tf.logical_not(tf.reduce_all(tf.stack(keep_ok)))
+            keep = tf.logical_not(ok)
             new_p = tf.where(keep, p0, new_p)
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
-        var.assign(new_p)
-        for n, s in slots.items():
-            s.assign(new_slots[n])
+        return new_p, new_slots
 
 
 # --- Argument handling --------------------------------------------------------
@@ -545,6 +621,16 @@ def _check_gradients(grads, variables):
             raise ValueError(f"grads: gradient {i} has non-float dtype {g.dtype.name}.")
         out.append(tf.cast(g, v.dtype) if g.dtype != v.dtype else g)
     return out
+
+
+def _flat(t):
+    if t.shape.rank == 1:
+        return tf.convert_to_tensor(t)
+    return tf.reshape(t, [-1])
+
+
+def _shaped(t, shape):
+    return t if shape.rank == 1 else tf.reshape(t, shape)
 
 
 def _cast_init(init, dtype):
