@@ -411,10 +411,18 @@ class Check:
     def __init__(self):
         self.max_error = None
 
-    def close(self, label, got: list[np.ndarray], want, *, exact=False):
-        """Every copy in `got` is within tolerance of `want` (bit-equal if exact)."""
+    def close(self, label, got: list[np.ndarray], want, *, exact=False, ids=None):
+        """Every copy in `got` is within tolerance of `want` (bit-equal if exact).
+
+        Args:
+            label: What is compared, for the message.
+            got: Replicas' copies.
+            want: The reference value.
+            exact: Require bit equality instead of `allclose`.
+            ids: The replica index of each copy (default 0, 1, ...).
+        """
         want = np.asarray(want, np.float64)
-        for r, g in enumerate(got):
+        for r, g in zip(ids or range(len(got)), got):
             g = np.asarray(g, np.float64)
             err = float(np.max(np.abs(g - want))) if g.size else 0.0
             self.max_error = max(self.max_error or 0.0, err)
@@ -544,7 +552,7 @@ def check_local_sgd(platform, identity, c, k=3, warmup=1, lr=0.1):
     for i, v in enumerate(run.params):
         c.moved(v.name, want[0][i], initial_params()[i])
         for r, copy in enumerate(run.copies(v)):
-            c.close(f"step {steps}: {v.name}", [copy], want[r][i])
+            c.close(f"step {steps}: {v.name}", [copy], want[r][i], ids=[r])
     w = run.copies(run.params[0])
     if all(np.array_equal(a, w[0]) for a in w[1:]):
         raise _Mismatch("the replicas did not diverge between averages")
@@ -571,7 +579,7 @@ def check_hierarchical(platform, identity, c, k=3, steps=5, lr=0.1):
     for i, v in enumerate(run.params):
         c.moved(v.name, want[0][i], initial_params()[i])
         for r, copy in enumerate(run.copies(v)):
-            c.close(f"{v.name}, replica {r}", [copy], want[r][i])
+            c.close(v.name, [copy], want[r][i], ids=[r])
     # Two steps after an average: the groups differ; within one, copies agree.
     w = run.copies(run.params[0])
     groups = [list(range(g, g + group)) for g in range(0, n, group)]
@@ -622,7 +630,7 @@ def check_identity(platform, identity, c):
     for label, copies, groups in identity:
         for g in groups:
             g = list(g)
-            c.close(label, [copies[i] for i in g], copies[g[0]], exact=True)
+            c.close(label, [copies[i] for i in g], copies[g[0]], exact=True, ids=g)
     runs = len({label.split(":")[0] for label, _, _ in identity})
     return f"{len(identity)} variables, slots and counters of {runs} runs"
 
