@@ -406,7 +406,7 @@ class _Mismatch(AssertionError):
 
 
 class Check:
-    """What one check found: the largest error, and identity obligations."""
+    """What one check has compared so far: the largest error (None: nothing)."""
 
     def __init__(self):
         self.max_error = None
@@ -425,7 +425,8 @@ class Check:
         for r, g in zip(ids or range(len(got)), got):
             g = np.asarray(g, np.float64)
             err = float(np.max(np.abs(g - want))) if g.size else 0.0
-            self.max_error = max(self.max_error or 0.0, err)
+            # A NaN is kept (and fails below): max() would drop it.
+            self.max_error = err if np.isnan(err) else max(self.max_error or 0.0, err)
             bad = (
                 not np.array_equal(g, want)
                 if exact

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
@@ -95,6 +96,23 @@ def test_a_failed_check_fails_the_exit_status_and_the_table():
     assert table[0].split() == ["check", "devices", "result", "max", "error"]
     assert "passed" in table[2] and "1.00e-07" in table[2]
     assert "FAILED" in table[3] and "5.00e-01" in table[3]
+
+
+def test_comparisons_fail_outside_tolerance_on_nan_and_on_one_bit():
+    c = hc.Check()
+    c.close("w", [np.float32([1.0, 2.0])], [1.0, 2.0 + 1e-6])  # within tolerance
+    assert c.max_error == pytest.approx(1e-6)
+    with pytest.raises(hc._Mismatch, match="w, replica 3: max .error. 0.001"):
+        c.close("w", [np.float32([1.0, 2.001])], [1.0, 2.0], ids=[3])
+    c = hc.Check()
+    with pytest.raises(hc._Mismatch, match="nan"):
+        c.close("w", [np.float32([np.nan])], [1.0])
+    assert np.isnan(c.max_error)
+    one_ulp = np.nextafter(np.float32(1.0), np.float32(2.0))
+    with pytest.raises(hc._Mismatch, match="must be 0"):
+        hc.Check().close("w", [np.float32([one_ulp])], np.float32([1.0]), exact=True)
+    with pytest.raises(hc._Mismatch, match="moved only"):
+        hc.Check().moved("w", [1.0 + 1e-3], [1.0])
 
 
 def test_the_rejection_row_needs_a_value_error_from_every_periodic_mode(monkeypatch):
