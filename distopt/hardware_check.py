@@ -35,7 +35,8 @@ Devices. With `--tpu`, that TPU. Otherwise every physical GPU, or, with a
 single GPU, that GPU split into `--split_gpu` logical GPUs (TensorFlow then
 uses RING collectives between them, not NCCL). With no GPU, `--cpu_devices`
 logical CPUs, configured before TensorFlow initialises its devices (the
-first line of output says so). The loss is written with elementwise ops
+first line of output says so; `CUDA_VISIBLE_DEVICES=-1` forces this run on
+a GPU machine). The loss is written with elementwise ops
 only, so TF32 or bfloat16 matmul passes cannot blur the comparisons.
 
 It prints one progress line per check, then a table (check, devices,
