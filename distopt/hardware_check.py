@@ -36,8 +36,8 @@ single GPU, that GPU split into `--split_gpu` logical GPUs (TensorFlow then
 uses RING collectives between them, not NCCL). With no GPU, `--cpu_devices`
 logical CPUs, configured before TensorFlow initialises its devices (the
 first line of output says so; `CUDA_VISIBLE_DEVICES=-1` forces this run on
-a GPU machine). The loss is written with elementwise ops
-only, so TF32 or bfloat16 matmul passes cannot blur the comparisons.
+a GPU machine). The loss is written with elementwise ops only, so TF32 or
+bfloat16 matmul passes cannot blur the comparisons.
 
 It prints one progress line per check, then a table (check, devices,
 result, max error), and exits 0 if every check passed, 1 if one failed,
