@@ -597,7 +597,7 @@ def check_checkpoint(platform, identity, c):
     x, y, cnt = make_data(3, n, seed=15)
     make = lambda: optimizers.Adam(learning_rate=0.05)
     run = Run(strategy, make).steps(x, y, cnt)
-    saved = run.state() + [run.opt.iterations]
+    saved = run.state() + [_variable_of(run.opt.iterations)]
     must_agree(identity, "checkpointed adam", run, saved)
     with tempfile.TemporaryDirectory() as tmp:
         path = tf.train.Checkpoint(params=run.params, optimizer=run.opt).save(
@@ -614,7 +614,7 @@ def check_checkpoint(platform, identity, c):
         status = tf.train.Checkpoint(params=params, optimizer=opt).restore(path)
         status.assert_existing_objects_matched()
     restored = params + [s for p in params for s in opt.slots(p).values()]
-    restored.append(opt.iterations)
+    restored.append(_variable_of(opt.iterations))
     if len(restored) != len(saved):
         raise _Mismatch(f"{len(restored)} variables restored, {len(saved)} saved")
     for v, s in zip(restored, saved):
@@ -622,6 +622,11 @@ def check_checkpoint(platform, identity, c):
     if int(opt.iterations.numpy()) != 3:
         raise _Mismatch(f"restored iterations {int(opt.iterations.numpy())}, want 3")
     return f"adam; {len(saved)} variables, slots and counters, bit for bit"
+
+
+def _variable_of(counter):
+    """The variable of an optimizer counter (`distopt.counter.Counter`, or a variable)."""
+    return getattr(counter, "variable", counter)
 
 
 def check_identity(platform, identity, c):
