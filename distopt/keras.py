@@ -87,7 +87,9 @@ class DistoptSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, schedule):
         self.schedule = schedules_lib.deserialize(schedule)
         if not callable(self.schedule):
-            raise ValueError(f"schedule: must be callable, got {schedule!r}.")
+            raise ValueError(  # noqa: TRY004 (every bad argument is a ValueError)
+                f"schedule: must be callable, got {schedule!r}."
+            )
 
     def __call__(self, step):
         return self.schedule(step)
@@ -95,7 +97,7 @@ class DistoptSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         config = schedules_lib.serialize(self.schedule)
         if callable(config):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004
                 f"schedule: {self.schedule!r} is not a distopt schedule and "
                 "cannot be saved; use one of distopt.optimizers.schedules or a "
                 "keras.optimizers.schedules.LearningRateSchedule."
@@ -129,7 +131,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         if isinstance(optimizer, dict):
             optimizer = optimizers_lib.from_config(optimizer)
         if not isinstance(optimizer, optimizers_lib.Optimizer):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004
                 "optimizer: expected a distopt.optimizers.Optimizer, got "
                 f"{type(optimizer).__name__}."
             )
@@ -269,7 +271,8 @@ class KerasOptimizer(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         """Reads what `save_own_variables` wrote; gives each replica its own back."""
-        keys = [k for k in store.keys() if k.startswith("state_")]
+        # Keras's H5 store has keys() but is not iterable.
+        keys = [k for k in store.keys() if k.startswith("state_")]  # noqa: SIM118
         if not self.built:
             if keys:
                 warnings.warn(
