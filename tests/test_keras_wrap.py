@@ -365,14 +365,15 @@ def test_reduce_lr_on_plateau_sets_the_rate_used(mnist):
     """On the default strategy: the rate Keras's callbacks set is the one applied."""
     x, y = mnist[0][:256], mnist[1][:256]
     model = _model(tf.distribute.get_strategy(), _adam(), hidden=0)
-    # min_delta so large that every epoch is a plateau: halved after each.
+    # min_delta so large that every epoch after the first (which sets the
+    # best) is a plateau: 1e-2 is halved once in two epochs.
     plateau = keras.callbacks.ReduceLROnPlateau(
         monitor="loss", factor=0.5, patience=0, min_delta=1e9, min_lr=0
     )
     model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[plateau])
-    np.testing.assert_allclose(float(model.optimizer.learning_rate), 2.5e-3)
+    np.testing.assert_allclose(float(model.optimizer.learning_rate), 5e-3)
     inner = model.optimizer.distopt_optimizer
-    np.testing.assert_allclose(float(inner.learning_rate_value()), 2.5e-3)
+    np.testing.assert_allclose(float(inner.learning_rate_value()), 5e-3)
     # A rate of zero set by LearningRateScheduler freezes the weights.
     before = _weights(model)
     model.fit(
