@@ -186,10 +186,13 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         """Creates the distopt optimizer's state for `variables`, once."""
         if self.built:
             return
-        super().build(variables)
-        self._model_vars.items = [_tf_variable(v) for v in variables]
+        self._build_keras_side(variables)
         with self._distribution_strategy.scope():
             self._inner.build(self._model_vars.items)
+
+    def _build_keras_side(self, variables):
+        super().build(variables)
+        self._model_vars.items = [_tf_variable(v) for v in variables]
 
     def scale_loss(self, loss):
         """Undoes Keras's division of the loss by the replica count (see module doc).
@@ -220,7 +223,10 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         pairs = list(grads_and_vars)
         variables = [v for _, v in pairs]
         if not self.built:
-            self.build(variables)
+            # Keras's fit builds before the first step. Elsewhere the first
+            # call may come from inside strategy.run, where `build` cannot
+            # run; the distopt optimizer then builds itself in its merge_call.
+            self._build_keras_side(variables)
         index = self._trainable_variables_indices
         try:
             tf_vars = [
