@@ -327,6 +327,7 @@ def straight(mnist, two):
     return get
 
 
+@pytest.mark.slow  # multi-epoch
 @pytest.mark.parametrize("mode", ["every_step", "local_sgd"])
 def test_backup_and_restore_resumes_exactly(mnist, two, tmp_path, straight, mode):
     """Interrupted in epoch 2 and resumed from the end of epoch 1 (6 steps,
@@ -344,12 +345,13 @@ def test_backup_and_restore_resumes_exactly(mnist, two, tmp_path, straight, mode
     _assert_same_replicas(two, straight(mode), resumed)
 
 
+@pytest.mark.slow  # multi-epoch
 def test_save_load_model_continues_exactly(mnist, two, tmp_path, straight):
-    """model.save mid-period under LocalSGD(4), load_model, train on: as never saved."""
+    """ModelCheckpoint (model.save) mid-period under LocalSGD(4), load_model,
+    train on: as never saved."""
     model = _model(two, _adam_for("local_sgd"))
-    _fit3(model, *mnist, epochs=1)
     path = os.path.join(tmp_path, "model.keras")
-    model.save(path)
+    _fit3(model, *mnist, epochs=1, callbacks=[keras.callbacks.ModelCheckpoint(path)])
     with two.scope():
         loaded = keras.models.load_model(path)
     assert isinstance(loaded.optimizer, dk.KerasOptimizer)
@@ -412,7 +414,9 @@ def test_string_identifier_and_config_round_trip():
 def test_example_runs():
     result = run_python(
         os.path.join(REPO, "examples", "keras_lenet_diloco.py"),
-        "--steps=4",
+        "--steps=3",
+        "--epochs=1",
+        "--eval_examples=128",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
