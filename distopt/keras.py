@@ -51,6 +51,9 @@ How Keras's conventions are kept:
   replica its own weights back. Evaluation thus reports the averaged model,
   and training goes on exactly as without evaluation. Averaging in place
   (`synchronize`) would instead end the period early and change the run.
+* **MultiWorkerMirroredStrategy.** The wrapper works there, but Keras 3.15's
+  `fit` does not, whatever the optimizer (tensorflow#72388); see
+  tests/keras_mw_worker.py for the two workarounds its test uses.
 """
 
 from __future__ import annotations
