@@ -204,7 +204,9 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         """
         loss = super().scale_loss(loss)
         if self._aggregation == "weighted_mean":
-            _replica_local.examples = _examples_in_train_step()
+            # Kept with its graph: a later trace must not pick up a tensor of
+            # an earlier one.
+            _replica_local.examples = (_current_graph(), _examples_in_train_step())
         if self._aggregation != "sum":
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             if replicas > 1:
@@ -240,8 +242,10 @@ class KerasOptimizer(keras.optimizers.Optimizer):
                 "grads_and_vars: a variable this optimizer was not built with."
             ) from None
         if self._aggregation == "weighted_mean" and weight is None:
-            weight = getattr(_replica_local, "examples", None)
+            graph, weight = getattr(_replica_local, "examples", None) or (None, None)
             _replica_local.examples = None
+            if graph is not _current_graph():
+                weight = None
             if weight is None:
                 raise ValueError(
                     "weight: aggregation='weighted_mean' found no batch: call "
@@ -430,6 +434,10 @@ class _Holder:
 def _tf_variable(v):
     """The `tf.Variable` (or distributed variable) behind a Keras variable."""
     return v.value if isinstance(v, keras.Variable) else v
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
 
 
 def _examples_in_train_step():

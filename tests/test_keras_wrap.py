@@ -405,6 +405,46 @@ def test_string_identifier_and_config_round_trip():
     assert float(again.learning_rate) == pytest.approx(3e-4)
     with pytest.raises(ValueError, match="optimizer"):
         dk.wrap(keras.optimizers.Adam())
+    with pytest.raises(ValueError, match="clipnorm"):
+        dk.KerasOptimizer(distopt.optimizers.Adam(), clipnorm=1.0)
+
+
+def test_weighted_mean_in_a_custom_train_step(mnist):
+    """Without Keras's train_step the example count cannot be found: a clear
+    error naming `weight`; passed explicitly, it is used."""
+    x, y = mnist[0][:64], mnist[1][:64]
+
+    class Custom(keras.Sequential):
+        weight = None
+
+        def train_step(self, data):
+            xb, yb = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=xb, y=yb, y_pred=self(xb, training=True))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(
+                zip(grads, self.trainable_variables), weight=self.weight
+            )
+            return {"loss": loss}
+
+    def make():
+        model = Custom([keras.Input((784,)), keras.layers.Dense(10)])
+        model.compile(
+            optimizer=dk.wrap(
+                distopt.optimizers.GradientDescent(
+                    0.1, aggregation="weighted_mean", jit_compile=False
+                )
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return model
+
+    with pytest.raises(ValueError, match="weight"):
+        make().fit(x, y, batch_size=64, verbose=0)
+    model = make()
+    model.weight = 64.0
+    model.fit(x, y, batch_size=64, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
 
 
 # --- The example ---------------------------------------------------------------------
