@@ -358,6 +358,12 @@ def test_save_load_model_continues_exactly(mnist, two, tmp_path, straight):
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 6
     _assert_same_replicas(two, model, loaded)  # each replica got its own back
+    # On one device (for inference, say) the model is the replicas' average.
+    saved = _replica_weights(two, model)
+    single = keras.models.load_model(path)
+    average = [(a + b) / 2 for a, b in zip(*saved)]
+    assert _max_diff(saved[0], saved[1]) > 1e-4
+    assert _max_diff(_weights(single), average) <= 1e-6
     _fit3(loaded, *mnist, epochs=2)
     _assert_same_replicas(two, straight("local_sgd"), loaded)
 
