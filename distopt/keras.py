@@ -145,7 +145,9 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         spec = {"class": type(optimizer).__name__, "config": optimizer.get_config()}
         lr = optimizer.learning_rate if learning_rate is None else learning_rate
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            pass
+            # Keras serializes it with this optimizer's `learning_rate`, which
+            # overrides the distopt config's on `from_config`.
+            spec["config"]["learning_rate"] = 0.0
         elif callable(lr):
             lr = DistoptSchedule(lr)
         else:
@@ -183,6 +185,8 @@ class KerasOptimizer(keras.optimizers.Optimizer):
     def _get_current_learning_rate(self):
         # Keras's base evaluates schedules at its own counter, which this
         # class does not advance.
+        if isinstance(self._learning_rate, keras.Variable):
+            return self._learning_rate
         return self._learning_rate_at(self.iterations)
 
     def build(self, variables):

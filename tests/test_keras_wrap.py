@@ -8,6 +8,7 @@ parity test, which checks the default path, because compiling a kernel per
 variable and device costs more here than the few steps it runs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -409,6 +410,12 @@ def test_string_identifier_and_config_round_trip():
     again = keras.optimizers.deserialize(config)
     assert again.get_config() == config["config"]
     assert float(again.learning_rate) == pytest.approx(3e-4)
+    # A Keras schedule given to the distopt optimizer saves as Keras's.
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 10, 0.5)
+    config = keras.optimizers.serialize(dk.wrap(distopt.optimizers.Momentum(schedule)))
+    again = keras.optimizers.deserialize(json.loads(json.dumps(config)))
+    assert again.get_config() == config["config"]
+    assert float(again.learning_rate) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="optimizer"):
         dk.wrap(keras.optimizers.Adam())
     with pytest.raises(ValueError, match="clipnorm"):
