@@ -1,0 +1,167 @@
+r"""`keras.Model.fit` with `distopt.keras.wrap(Adam)` against Keras's own Adam.
+
+    python -m distopt.benchmarks.keras_fit
+    python -m distopt.benchmarks.keras_fit --strategies=mirrored --repeats=5
+
+Protocol: every measurement runs in a fresh process (a second model or
+MirroredStrategy in one process changes Keras's speed and reuses collective
+keys); the contenders alternate (keras, distopt, keras, distopt, ...), so
+drifting machine load hits both alike; each is measured `--repeats` (>= 3)
+times. A measurement builds the model, runs one untimed `fit` of
+`--warmup_steps` (tracing, XLA compilation), then times a second `fit` of
+`--steps`. Printed per strategy: each contender's median examples/s with the
+min-max spread, and the ratio of the medians (distopt / Keras). Also printed:
+the median CPU time (user + system, all threads) per example, which other
+processes on a shared machine disturb less than wall-clock time does.
+
+Both sides use the same model (an MLP on MNIST, 784-512-512-10), global
+batch, Adam(1e-3), `model.compile` defaults, and in-memory MNIST.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list(
+    "strategies", ["default", "mirrored"], "default and/or mirrored (2 virtual CPUs)."
+)
+flags.DEFINE_integer("steps", 300, "Timed steps per measurement.")
+flags.DEFINE_integer("warmup_steps", 20, "Untimed steps before timing.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("hidden", 512, "Width of the MLP's two hidden layers.")
+flags.DEFINE_integer("repeats", 3, "Measurements per contender and strategy (>= 3).")
+flags.DEFINE_string("measure", None, "Internal: one measurement, keras or distopt.")
+
+VIRTUAL_CPUS = 2
+CONTENDERS = ("keras", "distopt")
+_RESULT = "RESULT examples_per_second="
+
+
+def measure(contender: str, strategy_name: str) -> float:
+    """Examples per second of one timed `fit`, in this (fresh) process."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_CPUS
+    )
+    import keras
+    import numpy as np
+
+    import distopt
+    import distopt.keras
+    from distopt import data
+
+    strategy = (
+        tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)],
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
+        if strategy_name == "mirrored"
+        else tf.distribute.get_strategy()
+    )
+    images, labels = data.load_mnist_idx("train")
+    x = (images.reshape(-1, 784) / 255.0).astype(np.float32)
+    steps = FLAGS.warmup_steps + FLAGS.steps
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x, labels))
+        .repeat()
+        .batch(FLAGS.batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((784,)),
+                keras.layers.Dense(FLAGS.hidden, activation="relu"),
+                keras.layers.Dense(FLAGS.hidden, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+        optimizer = (
+            keras.optimizers.Adam(1e-3)
+            if contender == "keras"
+            else distopt.keras.wrap(distopt.optimizers.Adam(1e-3))
+        )
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    model.fit(ds, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.fit(ds, steps_per_epoch=FLAGS.steps, verbose=0)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    assert int(model.optimizer.iterations.numpy()) == steps
+    examples = FLAGS.steps * FLAGS.batch_size
+    return examples / elapsed, 1e6 * cpu / examples
+
+
+def _in_subprocess(contender, strategy_name, argv):
+    command = [
+        sys.executable,
+        "-m",
+        "distopt.benchmarks.keras_fit",
+        *argv,
+        f"--strategies={strategy_name}",
+        f"--measure={contender}",
+    ]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT):
+            rate, cpu = line[len(_RESULT) :].split(" cpu_us_per_example=")
+            return float(rate), float(cpu)
+    raise RuntimeError(f"{contender} {strategy_name} failed:\n{proc.stderr[-3000:]}")
+
+
+def main(argv):
+    if FLAGS.measure:
+        (strategy_name,) = FLAGS.strategies
+        rate, cpu = measure(FLAGS.measure, strategy_name)
+        print(f"{_RESULT}{rate} cpu_us_per_example={cpu}", flush=True)
+        return
+    if FLAGS.repeats < 3:
+        raise app.UsageError("--repeats: at least 3.")
+    del argv
+    passed = [
+        f"--{name}={getattr(FLAGS, name)}"
+        for name in ("steps", "warmup_steps", "batch_size", "hidden")
+    ]
+    print(
+        f"keras.Model.fit, MLP 784-{FLAGS.hidden}-{FLAGS.hidden}-10, batch "
+        f"{FLAGS.batch_size}, {FLAGS.steps} timed steps, Adam(1e-3); "
+        f"{FLAGS.repeats} fresh processes per contender, alternating"
+    )
+    for strategy_name in FLAGS.strategies:
+        results = {c: [] for c in CONTENDERS}
+        cpu = {c: [] for c in CONTENDERS}
+        for _ in range(FLAGS.repeats):
+            for contender in CONTENDERS:
+                rate, cpu_us = _in_subprocess(contender, strategy_name, passed)
+                results[contender].append(rate)
+                cpu[contender].append(cpu_us)
+        medians = {c: statistics.median(v) for c, v in results.items()}
+        cpu_medians = {c: statistics.median(v) for c, v in cpu.items()}
+        for contender, values in results.items():
+            print(
+                f"{strategy_name:9s} {contender:8s} median {medians[contender]:9.0f} "
+                f"examples/s  (min {min(values):.0f}, max {max(values):.0f}; "
+                f"runs {', '.join(f'{v:.0f}' for v in values)}); CPU "
+                f"{cpu_medians[contender]:.1f} us/example"
+            )
+        ratio = medians["distopt"] / medians["keras"]
+        cpu_ratio = cpu_medians["keras"] / cpu_medians["distopt"]
+        print(
+            f"{strategy_name:9s} ratio of medians distopt/keras: {ratio:.3f} "
+            f"(by CPU time per example: {cpu_ratio:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,486 @@
+"""distopt inside Keras 3 `model.fit` (TensorFlow backend).
+
+`wrap(optimizer)` turns a distopt optimizer into a `keras.optimizers.Optimizer`
+that `model.compile` accepts. `fit` then trains with distopt's aggregation
+(`mean`, `sum`, `weighted_mean`), its transforms (clipping after the reduce,
+consistent non-finite skips) and its sync modes (`Accumulate`, `LocalSGD`,
+`DiLoCo`, ...), under the default strategy, `MirroredStrategy` and
+`MultiWorkerMirroredStrategy`.
+
+How Keras's conventions are kept:
+
+* **The same update as Keras's own optimizer.** Under a strategy with R
+  replicas, Keras divides each replica's loss by R and *sums* the gradients
+  across replicas. Keras's `train_step` passes the loss through
+  `optimizer.scale_loss` before taking gradients; the wrapper multiplies it
+  back by R there (for `mean` and `weighted_mean`), so each replica's
+  gradient is that of its own mean loss and distopt's mean over replicas is
+  exactly Keras's sum of the scaled gradients. With `aggregation="sum"` the
+  loss is left as Keras scaled it, so the sum is again Keras's. A custom
+  `train_step` must call `self.optimizer.scale_loss(loss)` as Keras's own does
+  (its `loss_scale_factor` needs that too).
+* **Weighted mean with no argument.** With `aggregation="weighted_mean"`,
+  `scale_loss` also records this replica's number of examples (the leading
+  dimension of the batch that Keras's `train_step` received) and
+  `apply_gradients` passes it as the replica's weight. Keras splits a last,
+  partial batch unevenly across replicas (even leaving a replica empty); the
+  update is then the mean over all the batch's examples, as on one device,
+  where Keras's own optimizer averages the replicas' means. A custom
+  `train_step` may pass `apply_gradients(..., weight=n)` itself.
+* **Learning rate and step.** `learning_rate` is Keras's: a variable that
+  `ReduceLROnPlateau` and `LearningRateScheduler` can read and set, or a
+  `keras.optimizers.schedules.LearningRateSchedule` (or a distopt schedule),
+  called with `iterations`. `iterations` is the distopt optimizer's own
+  counter of applied updates: with `Accumulate(k)` it advances once per k
+  batches, and skipped non-finite steps do not count.
+* **Saving.** `model.save`, `save_weights`, `ModelCheckpoint` and
+  `BackupAndRestore` store the learning rate and every state variable of the
+  distopt optimizer (slots, counters, accumulators, anchors, outer momentum).
+  For the modes whose replicas diverge by design (local SGD, DiLoCo,
+  hierarchical) every save first calls `snapshot_replicas`, and every load
+  ends with `restore_replicas`: a resumed run equals one that never stopped,
+  and saving does not change the run (no early average). The model weights
+  in such a file are replica 0's; the optimizer state holds every replica's.
+  Loaded on a different number of replicas (one, for inference), every
+  replica starts from the saved replicas' average. For Sequential and
+  functional models Keras loads the layers before the optimizer, which
+  `restore_replicas` needs.
+* **Evaluation under local SGD and DiLoCo.** Add `SyncCallback()` to `fit`'s
+  (and `evaluate`'s, `predict`'s) callbacks: before evaluation it sets every
+  replica's weights to the replicas' average, and after it gives every
+  replica its own weights back. Evaluation thus reports the averaged model,
+  and training goes on exactly as without evaluation. Averaging in place
+  (`synchronize`) would instead end the period early and change the run.
+* **MultiWorkerMirroredStrategy.** The wrapper works there, but Keras 3.15's
+  `fit` does not, whatever the optimizer (tensorflow#72388); see
+  tests/keras_mw_worker.py for the two workarounds its test uses.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distopt import optimizers as optimizers_lib
+from distopt.optimizers import schedules as schedules_lib
+
+# Sync modes whose replicas hold different weights between averages.
+_DIVERGENT_SYNC = ("local_sgd", "diloco", "hierarchical", "periodic_average")
+
+# Each replica of MirroredStrategy traces its step in its own thread, so what
+# `scale_loss` learns about this replica's batch for `apply_gradients` is
+# kept per thread.
+_replica_local = threading.local()
+
+
+@keras.saving.register_keras_serializable(package="distopt")
+class DistoptSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A distopt schedule (a callable of the step) as a Keras schedule.
+
+    Args:
+        schedule: A `distopt.optimizers.schedules.Schedule`, its serialized
+            form, or any callable of the int64 step (not serializable then).
+    """
+
+    def __init__(self, schedule):
+        self.schedule = schedules_lib.deserialize(schedule)
+        if not callable(self.schedule):
+            raise ValueError(  # noqa: TRY004 (every bad argument is a ValueError)
+                f"schedule: must be callable, got {schedule!r}."
+            )
+
+    def __call__(self, step):
+        return self.schedule(step)
+
+    def get_config(self):
+        config = schedules_lib.serialize(self.schedule)
+        if callable(config):
+            raise ValueError(  # noqa: TRY004
+                f"schedule: {self.schedule!r} is not a distopt schedule and "
+                "cannot be saved; use one of distopt.optimizers.schedules or a "
+                "keras.optimizers.schedules.LearningRateSchedule."
+            )
+        return {"schedule": config}
+
+
+@keras.saving.register_keras_serializable(package="distopt")
+class KerasOptimizer(keras.optimizers.Optimizer):
+    """A distopt optimizer as a Keras 3 optimizer; build it with `wrap`.
+
+    Args:
+        optimizer: A `distopt.optimizers.Optimizer`, or its spec
+            `{"class": ..., "config": ...}` (as in `get_config`). Create it in
+            the strategy's scope, like the model.
+        learning_rate: Overrides the distopt optimizer's learning rate: a
+            float or a Keras schedule (used by `from_config`).
+        name: The optimizer's name; the distopt optimizer's by default.
+    """
+
+    def __init__(self, optimizer, learning_rate=None, name=None, **kwargs):
+        # Keras's generic config keys, at their defaults, come back through
+        # `from_config`; anything else would silently do nothing here.
+        unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(sorted(unsupported))}: not supported by "
+                "distopt.keras.wrap; set clipping, weight decay and "
+                "accumulation on the distopt optimizer."
+            )
+        if isinstance(optimizer, dict):
+            optimizer = optimizers_lib.from_config(optimizer)
+        if not isinstance(optimizer, optimizers_lib.Optimizer):
+            raise ValueError(  # noqa: TRY004
+                "optimizer: expected a distopt.optimizers.Optimizer, got "
+                f"{type(optimizer).__name__}."
+            )
+        if getattr(optimizer, "_built", False):
+            raise ValueError("optimizer: wrap it before it is built or used.")
+        # Captured before the learning rate is replaced by a reader of
+        # Keras's (which is not serializable).
+        spec = {"class": type(optimizer).__name__, "config": optimizer.get_config()}
+        lr = optimizer.learning_rate if learning_rate is None else learning_rate
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            # Keras serializes it with this optimizer's `learning_rate`, which
+            # overrides the distopt config's on `from_config`.
+            spec["config"]["learning_rate"] = 0.0
+        elif callable(lr):
+            lr = DistoptSchedule(lr)
+        else:
+            lr = float(lr)
+        super().__init__(learning_rate=lr, name=name or optimizer.name)
+        self._spec = spec
+        self._aggregation = spec["config"].get("aggregation") or "mean"
+        self._sync_name = (spec["config"].get("sync") or {}).get("name", "every_step")
+        self._inner = optimizer
+        # distopt reads its learning rate at every update through this, so
+        # Keras's variable (set by callbacks) or schedule is the one in use.
+        optimizer.learning_rate = self._learning_rate_at
+        self._model_vars = _Holder([])
+
+    # --- What Keras calls -----------------------------------------------------
+
+    @property
+    def distopt_optimizer(self) -> optimizers_lib.Optimizer:
+        """The wrapped distopt optimizer."""
+        return self._inner
+
+    @property
+    def iterations(self):
+        """Updates applied (distopt's counter; not batches seen)."""
+        return self._inner.iterations
+
+    def _learning_rate_at(self, step):
+        lr = self._learning_rate
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            return lr(step)
+        if isinstance(lr, keras.Variable):
+            return lr.value
+        return lr() if callable(lr) else lr
+
+    def _get_current_learning_rate(self):
+        # Keras's base evaluates schedules at its own counter, which this
+        # class does not advance.
+        if isinstance(self._learning_rate, keras.Variable):
+            return self._learning_rate
+        return self._learning_rate_at(self.iterations)
+
+    def build(self, variables):
+        """Creates the distopt optimizer's state for `variables`, once."""
+        if self.built:
+            return
+        self._build_keras_side(variables)
+        with self._distribution_strategy.scope():
+            self._inner.build(self._model_vars.items)
+
+    def _build_keras_side(self, variables):
+        super().build(variables)
+        self._model_vars.items = [_tf_variable(v) for v in variables]
+
+    def scale_loss(self, loss):
+        """Undoes Keras's division of the loss by the replica count (see module doc).
+
+        Also records, for `weighted_mean`, this replica's number of examples.
+        """
+        loss = super().scale_loss(loss)
+        if self._aggregation == "weighted_mean":
+            # Kept with its graph: a later trace must not pick up a tensor of
+            # an earlier one.
+            _replica_local.examples = (_current_graph(), _examples_in_train_step())
+        if self._aggregation != "sum":
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            if replicas > 1:
+                loss = loss * tf.cast(replicas, loss.dtype)
+        return loss
+
+    def apply_gradients(self, grads_and_vars, weight=None):
+        """Applies one step through the distopt optimizer; inside `strategy.run`.
+
+        Args:
+            grads_and_vars: `(gradient, variable)` pairs of the model's
+                variables.
+            weight: This replica's weight for `weighted_mean`; by default the
+                number of examples Keras's `train_step` gave this replica.
+
+        Returns:
+            `iterations`.
+        """
+        pairs = list(grads_and_vars)
+        variables = [v for _, v in pairs]
+        if not self.built:
+            # Keras's fit builds before the first step. Elsewhere the first
+            # call may come from inside strategy.run, where `build` cannot
+            # run; the distopt optimizer then builds itself in its merge_call.
+            self._build_keras_side(variables)
+        index = self._trainable_variables_indices
+        try:
+            tf_vars = [
+                self._model_vars.items[index[self._var_key(v)]] for v in variables
+            ]
+        except KeyError:
+            raise ValueError(
+                "grads_and_vars: a variable this optimizer was not built with."
+            ) from None
+        if self._aggregation == "weighted_mean" and weight is None:
+            graph, weight = getattr(_replica_local, "examples", None) or (None, None)
+            _replica_local.examples = None
+            if graph is not _current_graph():
+                weight = None
+            if weight is None:
+                raise ValueError(
+                    "weight: aggregation='weighted_mean' found no batch: call "
+                    "self.optimizer.scale_loss(loss) in train_step as Keras "
+                    "does, or pass apply_gradients(..., weight=examples)."
+                )
+        self._inner.apply_gradients(
+            [(g, v) for (g, _), v in zip(pairs, tf_vars)], weight=weight
+        )
+        return self.iterations
+
+    def apply(self, grads, trainable_variables=None):
+        """Keras's `apply(grads, vars)`: the same as `apply_gradients`."""
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        return self.apply_gradients(zip(grads, trainable_variables))
+
+    # --- Saving ---------------------------------------------------------------
+
+    def _state(self):
+        """The distopt optimizer's variables, in a fixed order (not the model's)."""
+        model = {v.ref() for v in self._model_vars.items}
+        return [v for v in self._inner.variables if v.ref() not in model]
+
+    def save_own_variables(self, store):
+        """Writes the learning rate and the distopt state (see module doc)."""
+        if self.built:
+            # Every replica's own weights and slots go into the optimizer's
+            # state, so that a mid-period save resumes exactly.
+            self._inner.snapshot_replicas(self._model_vars.items)
+        if isinstance(self._learning_rate, keras.Variable):
+            store["learning_rate"] = self._learning_rate.numpy()
+        if self.built:
+            for i, v in enumerate(self._state()):
+                store[f"state_{i}"] = v.numpy()
+
+    def load_own_variables(self, store):
+        """Reads what `save_own_variables` wrote; gives each replica its own back."""
+        # Keras's H5 store has keys() but is not iterable.
+        keys = [k for k in store.keys() if k.startswith("state_")]  # noqa: SIM118
+        if not self.built:
+            if keys:
+                warnings.warn(
+                    f"Skipping the state of optimizer {self.name!r}: it is not "
+                    "built yet (call optimizer.build(model.trainable_variables)).",
+                    stacklevel=2,
+                )
+            return
+        state = self._state()
+        if len(keys) != len(state):
+            raise ValueError(
+                f"store: holds {len(keys)} state variables for optimizer "
+                f"{self.name!r}, which has {len(state)}; was it saved with "
+                "another optimizer, sync mode or model?"
+            )
+        with self._distribution_strategy.scope():
+            if "learning_rate" in store and isinstance(
+                self._learning_rate, keras.Variable
+            ):
+                self._learning_rate.assign(np.asarray(store["learning_rate"]))
+            for i, v in enumerate(state):
+                v.assign(np.asarray(store[f"state_{i}"]))
+        self._inner.restore_replicas(self._model_vars.items)
+
+    def get_config(self):
+        config = super().get_config()
+        return {
+            "name": config["name"],
+            "learning_rate": config["learning_rate"],
+            "optimizer": self._spec,
+        }
+
+    # --- Evaluation under divergent sync modes --------------------------------
+
+    def _replicas_may_differ(self):
+        return (
+            self.built
+            and self._sync_name in _DIVERGENT_SYNC
+            and self._distribution_strategy.num_replicas_in_sync > 1
+        )
+
+    def average_replicas_begin(self):
+        """Sets every replica's weights to their average, keeping each one's own.
+
+        `SyncCallback` calls this before evaluation; `average_replicas_end`
+        puts every replica's own weights back. Optimizer state is untouched.
+        """
+        if not self._replicas_may_differ() or getattr(self, "_own_weights", None):
+            return
+        strategy = self._distribution_strategy
+        variables = self._model_vars.items
+        own = _per_replica_reads(strategy, variables)
+        _per_replica_assign(strategy, variables, _replica_mean(strategy, own))
+        self._own_weights = _Holder(own)
+
+    def average_replicas_end(self):
+        """Gives every replica its own weights back after `average_replicas_begin`."""
+        own = getattr(self, "_own_weights", None)
+        if own is None:
+            return
+        _per_replica_assign(
+            self._distribution_strategy, self._model_vars.items, own.items
+        )
+        self._own_weights = None
+
+
+class SyncCallback(keras.callbacks.Callback):
+    """Evaluation and prediction see the replicas' average (local SGD, DiLoCo).
+
+    Before `evaluate` (also `fit`'s validation) and `predict`, every replica's
+    weights are set to the replicas' average; afterwards every replica gets
+    its own weights back, so training continues exactly as without the
+    evaluation. A no-op for sync modes whose replicas never differ.
+    """
+
+    def _optimizer(self):
+        opt = getattr(self.model, "optimizer", None)
+        return opt if isinstance(opt, KerasOptimizer) else None
+
+    def on_test_begin(self, logs=None):
+        if opt := self._optimizer():
+            opt.average_replicas_begin()
+
+    def on_test_end(self, logs=None):
+        if opt := self._optimizer():
+            opt.average_replicas_end()
+
+    on_predict_begin = on_test_begin
+    on_predict_end = on_test_end
+
+
+def wrap(optimizer) -> KerasOptimizer:
+    """A distopt optimizer as a Keras 3 optimizer for `model.compile`.
+
+    Create both in the strategy's scope, with the model:
+
+        with strategy.scope():
+            model = keras.Sequential([...])
+            model.compile(
+                optimizer=distopt.keras.wrap(distopt.optimizers.Adam(1e-3)),
+                loss="sparse_categorical_crossentropy",
+            )
+
+    Args:
+        optimizer: A `distopt.optimizers.Optimizer`, not yet used.
+
+    Returns:
+        A `KerasOptimizer`; see this module's docstring for the conventions.
+    """
+    return KerasOptimizer(optimizer)
+
+
+# --- String identifiers: compile(optimizer="distopt.adam") -------------------
+
+
+class _ByName:
+    """Lets Keras deserialize "distopt.<name>" into a wrapped optimizer."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def from_config(self, config):
+        return wrap(optimizers_lib.get(self.name, **(config or {})))
+
+
+def _register_names():
+    custom = keras.saving.get_custom_objects()
+    for name in optimizers_lib.names():
+        if name not in ("sam", "heun"):  # they need the loss, not gradients
+            custom[f"distopt.{name}"] = _ByName(name)
+
+
+_register_names()
+
+
+# --- Helpers -----------------------------------------------------------------
+
+
+class _Holder:
+    """Keeps a list away from Keras's and TensorFlow's attribute tracking."""
+
+    def __init__(self, items):
+        self.items = items
+
+
+def _tf_variable(v):
+    """The `tf.Variable` (or distributed variable) behind a Keras variable."""
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
+
+
+def _examples_in_train_step():
+    """This replica's batch size, from the `data` of Keras's `train_step`.
+
+    Keras hands the optimizer the gradients only; the batch is a local of
+    `Model.train_step(self, data)` (also under autograph), whose frame is
+    a caller of `scale_loss`.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        local = frame.f_locals
+        if "data" in local and isinstance(local.get("self"), keras.Model):
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(local["data"])
+            first = next(t for t in tf.nest.flatten(x) if t is not None)
+            return tf.shape(first)[0]
+        frame = frame.f_back
+    return None
+
+
+# The few tf.distribute calls below live here rather than in
+# distopt/distribute.py because they act on Keras's model variables, eagerly,
+# between steps: read each replica's own copy, average, and write per replica.
+
+
+def _per_replica_reads(strategy, variables):
+    # In replica context a mirrored variable reads as this replica's copy.
+    return strategy.run(lambda: [tf.identity(v) for v in variables])
+
+
+def _replica_mean(strategy, values):
+    def mean(*xs):
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, list(xs))
+
+    return strategy.run(mean, args=tuple(values))
+
+
+def _per_replica_assign(strategy, variables, values):
+    with strategy.scope():
+        for v, x in zip(variables, values):
+            strategy.extended.update(v, lambda c, x: c.assign(x), args=(x,))
