@@ -270,6 +270,22 @@ def assign(strategy: tf.distribute.Strategy, variables: Sequence, values) -> Non
         update(strategy, v, lambda v, x: v.assign(x), x)
 
 
+def replica_mean(strategy: tf.distribute.Strategy, values: Sequence) -> list:
+    """The mean over replicas of per-replica `values`, eagerly or in a function.
+
+    Call it in cross-replica context; every replica receives the mean. For
+    callers outside an optimizer step (Keras callbacks), uncounted.
+    """
+    if not is_distributed(strategy):
+        return list(values)
+
+    def mean(*xs):
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(MEAN, list(xs))
+
+    return list(strategy.run(mean, args=tuple(values)))
+
+
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):
     """Each replica's own copy of each variable, as per-replica values."""
     return map_per_replica(

@@ -66,11 +66,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from distopt import distribute as dist
 from distopt import optimizers as optimizers_lib
 from distopt.optimizers import schedules as schedules_lib
 
 # Sync modes whose replicas hold different weights between averages.
-_DIVERGENT_SYNC = ("local_sgd", "diloco", "hierarchical", "periodic_average")
 
 # Each replica of MirroredStrategy traces its step in its own thread, so what
 # `scale_loss` learns about this replica's batch for `apply_gradients` is
@@ -155,7 +155,6 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=lr, name=name or optimizer.name)
         self._spec = spec
         self._aggregation = spec["config"].get("aggregation") or "mean"
-        self._sync_name = (spec["config"].get("sync") or {}).get("name", "every_step")
         self._inner = optimizer
         # distopt reads its learning rate at every update through this, so
         # Keras's variable (set by callbacks) or schedule is the one in use.
@@ -212,7 +211,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             # an earlier one.
             _replica_local.examples = (_current_graph(), _examples_in_train_step())
         if self._aggregation != "sum":
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            replicas = dist.current_strategy().num_replicas_in_sync
             if replicas > 1:
                 loss = loss * tf.cast(replicas, loss.dtype)
         return loss
@@ -271,8 +270,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
 
     def _state(self):
         """The distopt optimizer's variables, in a fixed order (not the model's)."""
-        model = {v.ref() for v in self._model_vars.items}
-        return [v for v in self._inner.variables if v.ref() not in model]
+        return self._inner.state_variables()
 
     def save_own_variables(self, store):
         """Writes the learning rate and the distopt state (see module doc)."""
@@ -327,7 +325,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
     def _replicas_may_differ(self):
         return (
             self.built
-            and self._sync_name in _DIVERGENT_SYNC
+            and self._inner.sync.diverges
             and self._distribution_strategy.num_replicas_in_sync > 1
         )
 
@@ -341,8 +339,9 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             return
         strategy = self._distribution_strategy
         variables = self._model_vars.items
-        own = _per_replica_reads(strategy, variables)
-        _per_replica_assign(strategy, variables, _replica_mean(strategy, own))
+        with strategy.scope():
+            own = dist.read_per_replica(strategy, variables)
+            dist.assign(strategy, variables, dist.replica_mean(strategy, own))
         self._own_weights = _Holder(own)
 
     def average_replicas_end(self):
@@ -350,9 +349,9 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         own = getattr(self, "_own_weights", None)
         if own is None:
             return
-        _per_replica_assign(
-            self._distribution_strategy, self._model_vars.items, own.items
-        )
+        strategy = self._distribution_strategy
+        with strategy.scope():
+            dist.assign(strategy, self._model_vars.items, own.items)
         self._own_weights = None
 
 
@@ -460,27 +459,3 @@ def _examples_in_train_step():
             return tf.shape(first)[0]
         frame = frame.f_back
     return None
-
-
-# The few tf.distribute calls below live here rather than in
-# distopt/distribute.py because they act on Keras's model variables, eagerly,
-# between steps: read each replica's own copy, average, and write per replica.
-
-
-def _per_replica_reads(strategy, variables):
-    # In replica context a mirrored variable reads as this replica's copy.
-    return strategy.run(lambda: [tf.identity(v) for v in variables])
-
-
-def _replica_mean(strategy, values):
-    def mean(*xs):
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, list(xs))
-
-    return strategy.run(mean, args=tuple(values))
-
-
-def _per_replica_assign(strategy, variables, values):
-    with strategy.scope():
-        for v, x in zip(variables, values):
-            strategy.extended.update(v, lambda c, x: c.assign(x), args=(x,))

@@ -50,7 +50,9 @@ class Optimizer(tf.Module):
 
     Args:
         learning_rate: A non-negative float, or a schedule: a callable of the
-            int64 step (`optimizer.iterations`) returning a scalar.
+            int64 step (`optimizer.iterations`) returning a scalar. It may be
+            reassigned after construction (to a float or such a callable);
+            it is read at every update (`learning_rate_value`).
         weight_decay: Decoupled weight decay applied before each update, as in
             Keras: `p <- p - learning_rate * weight_decay * p`.
         aggregation: How per-replica gradients are combined: "mean"
@@ -392,6 +394,16 @@ class Optimizer(tf.Module):
     def built_variables(self) -> list[tf.Variable]:
         """Every variable the optimizer was built with, in build order."""
         return [r.deref() for r in self._variable_refs]
+
+    def state_variables(self) -> list[tf.Variable]:
+        """Every variable of the optimizer's own state, in a stable order.
+
+        Counters, slots, the sync mode's and the loss scale's state; not the
+        model's variables. The order is `tf.Module.variables`' (sorted by
+        attribute path), so it is the same for every optimizer built alike.
+        """
+        model = set(self._variable_refs)
+        return [v for v in self.variables if v.ref() not in model]
 
     def slot_dtype(self, var) -> tf.DType:
         """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""
