@@ -21,6 +21,7 @@ import glob
 import gzip
 import hashlib
 import importlib.resources
+import logging as std_logging
 import os
 import socket
 import struct
@@ -331,13 +332,22 @@ _DOWNLOAD_SOCKET_TIMEOUT = 30.0
 
 @contextlib.contextmanager
 def _fail_fast_downloads():
+    """Few retries, bounded connects, no progress bars or retry warnings."""
+    import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download import downloader
 
+    # MAX_RETRIES is a module constant read at each request; if a TFDS version
+    # drops it, its own default applies.
     saved_retries = getattr(downloader, "MAX_RETRIES", None)
     saved_timeout = socket.getdefaulttimeout()
     if saved_retries is not None:
         downloader.MAX_RETRIES = _DOWNLOAD_RETRIES
     socket.setdefaulttimeout(_DOWNLOAD_SOCKET_TIMEOUT)
+    # "Retrying ..." per file, also from download threads still running after
+    # the first failure: left at ERROR for the process (distopt makes no
+    # other HTTP requests).
+    std_logging.getLogger("urllib3").setLevel(std_logging.ERROR)
+    tfds.disable_progress_bar()
     try:
         yield
     finally:
@@ -355,6 +365,11 @@ def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
     import tensorflow_datasets as tfds  # Lazy: ~0.5 s of start-up we rarely need.
 
     if download:
+        logging.info(
+            "Downloading %s through TensorFlow Datasets into %s (--download)",
+            name,
+            data_dir or tfds_default_data_dir(),
+        )
         try:
             builder = tfds.builder(name, data_dir=data_dir)
             with _fail_fast_downloads():
