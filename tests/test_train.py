@@ -197,7 +197,10 @@ def test_local_sgd_resume_mid_period_equals_a_run_without_checkpoints(tmp_path):
 
 
 def test_tfds_dataset_by_name_with_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    # A dependency, not optional: an import failure (as in a fresh install
+    # without importlib_resources) must fail here, not skip.
+    import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=256):
         metrics = train_lib.train(
             _config(tmp_path, dataset="fashion_mnist", train_steps=4, eval_steps=0)
@@ -263,7 +266,7 @@ def test_model_dir_of_another_model_is_refused_untouched(tmp_path):
 
 def test_bad_numbers_and_combinations(tmp_path):
     with pytest.raises(train_lib.ConfigError, match="Set --train_steps or --epochs"):
-        train_lib.train(_config(tmp_path, train_steps=0))
+        train_lib.train(_config(tmp_path, train_steps=0, epochs=0))
     with pytest.raises(train_lib.ConfigError, match="--tpu"):
         train_lib.train(_config(tmp_path, strategy="tpu"))
     with pytest.raises(train_lib.ConfigError, match="beta_1"):
@@ -508,16 +511,6 @@ def test_cli_mirrored_bfloat16_deterministic_run(tmp_path):
     metrics = _metrics(model_dir)
     assert metrics["num_replicas"] == 2 and metrics["train_steps"] == 20
     assert metrics["seconds_to_first_step"] > 0
-
-
-@pytest.mark.slow
-def test_cli_bad_input_is_one_clear_line(tmp_path):
-    proc = _run_cli(
-        "--model=vgg", "--train_steps=1", f"--model_dir={tmp_path}", check=False
-    )
-    assert proc.returncode != 0
-    assert "Unknown model 'vgg'; valid models: ['lenet', 'mlp']" in proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
