@@ -7,6 +7,7 @@ work (no strategy, no data read); one subprocess checks the real command line.
 """
 
 import datetime
+import json
 import os
 import shutil
 
@@ -267,3 +268,20 @@ def test_download_without_network_fails_fast_with_one_line(cli, tmp_path, monkey
     # 4 files; TFDS on its own would retry each 10 times (40 sleeps).
     assert 1 <= len(sleeps) <= 8
     assert not (tmp_path / "run").exists()
+
+
+def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
+    worker = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker"}}
+    for index, writes in [(0, True), (1, False)]:
+        worker["task"]["index"] = index
+        monkeypatch.setenv("TF_CONFIG", json.dumps(worker))
+        assert preflight._writes_model_dir("multi_worker") is writes
+    assert preflight._writes_model_dir("mirrored")  # TF_CONFIG is not read.
+    # A worker that does not write needs no writable parent.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert preflight.check_model_dir(str(a_file / "run"), writes=False) == []
+    assert preflight.check_model_dir(str(a_file / "run"), writes=True)
+    monkeypatch.delenv("TF_CONFIG")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert not preflight._writes_model_dir("multi_worker")
