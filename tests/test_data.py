@@ -184,11 +184,16 @@ def test_mirrored_distribution_splits_the_global_batch():
     assert total == 103
 
 
-def test_tfds_path_with_mock_data():
+def test_tfds_path_with_mock_data(tmp_path):
     # A dependency, not optional: an import failure (as in a fresh install
     # without importlib_resources) must fail here, not skip.
     import tensorflow_datasets as tfds
 
+    # What --download reads before any network access: the dataset's URLs and
+    # checksums, through importlib_resources (which TFDS 4.9.10 imports
+    # without declaring it; mock_data never gets this far).
+    urls = tfds.builder("fashion_mnist", data_dir=str(tmp_path)).url_infos
+    assert len(urls) == 4 and all(info.checksum for info in urls.values())
     with tfds.testing.mock_data(num_examples=40):
         source = data.load_source("fashion_mnist")
         assert "TensorFlow Datasets fashion_mnist" in source.origin
