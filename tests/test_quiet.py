@@ -19,7 +19,12 @@ def emit(caplog):
     """Logs the same lines after configure_logging(verbosity); returns the shown."""
     caplog.set_level(logging.INFO)
     tf_logger = logging.getLogger("tensorflow")
+    absl_logger = logging.getLogger("absl")
     saved = tf_logger.handlers[:], tf_logger.filters[:], tf_logger.propagate
+    saved_absl = absl_logger.filters[:], absl_logger.level
+    # absl sets its logger's level from --verbosity, which other tests parse
+    # and reset (to WARNING): INFO, as at the default --verbosity=0.
+    absl_logger.setLevel(logging.INFO)
 
     def run(verbosity):
         quiet.configure_logging(verbosity)
@@ -27,11 +32,13 @@ def emit(caplog):
         tf_logger.info(REDUCE)
         tf_logger.warning(RETRACING)
         tf_logger.warning("A TensorFlow warning that matters")
-        logging.getLogger("absl").info("step 100/200: loss 0.5")
+        absl_logger.info("step 100/200: loss 0.5")
         return [r.getMessage() for r in caplog.records]
 
     yield run
     tf_logger.handlers[:], tf_logger.filters[:], tf_logger.propagate = saved
+    absl_logger.filters[:], level = saved_absl
+    absl_logger.setLevel(level)
 
 
 def test_tensorflow_info_and_retracing_hidden_at_verbosity_0(emit):

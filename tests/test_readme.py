@@ -28,10 +28,16 @@ ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")
 CPP_LINE = re.compile(r"^[IWEF]\d{4} .*\.(cc|h):\d+\]|absl::InitializeLog")
 
 
-def readme_blocks():
-    """The README's ``bash`` blocks, each a list of commands (comments dropped)."""
+def readme_blocks(section=None):
+    """The README's ``bash`` blocks, each a list of commands (comments dropped).
+
+    Args:
+      section: only the blocks after this ``## `` heading, up to the next one.
+    """
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
+    if section:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return [
         [
             line.strip()
@@ -120,8 +126,7 @@ def test_readme_first_command_prints_a_short_log_once(first_run):
 @pytest.mark.slow
 def test_flagfile_command_runs_after_the_first_in_the_same_directory(clone, first_run):
     assert first_run.returncode == 0
-    # The trainer section's first command.
-    command = readme_blocks()[1][0]
+    command = readme_blocks(section="The trainer")[0][0]
     assert command.startswith("python -m distopt.train --flagfile=configs/"), command
     # Shortened: the collision this guards against (a default run directory
     # that is also the config's) does not depend on the run's length.
