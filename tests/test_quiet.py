@@ -5,6 +5,7 @@ no "Reduce to" line) is checked on the README's command in test_readme.py.
 """
 
 import logging
+import os
 
 import pytest
 
@@ -59,3 +60,15 @@ def test_tensorflows_own_handler_is_removed(emit):
     tf_logger.addHandler(logging.StreamHandler())
     emit(0)
     assert not tf_logger.handlers and tf_logger.propagate
+
+
+def test_startup_output_is_held_and_shown_at_verbosity_1(capfd, monkeypatch):
+    # TensorFlow's C++ start-up block goes straight to file descriptor 2.
+    with quiet._captured_fd2() as read:
+        os.write(2, b"I0000 00:00 cudart_stub.cc:31] Could not find cuda drivers\n")
+        held = read()
+    assert "Could not find cuda drivers" in held
+    assert capfd.readouterr().err == ""
+    monkeypatch.setattr(quiet, "_startup_output", held)
+    quiet.replay_startup()
+    assert capfd.readouterr().err == held
