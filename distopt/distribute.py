@@ -19,6 +19,7 @@ Only public TensorFlow APIs are used.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,42 @@ def in_replica_context() -> bool:
 def is_distributed(strategy: tf.distribute.Strategy) -> bool:
     """True when values may differ between replicas or workers."""
     return strategy.num_replicas_in_sync > 1
+
+
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+    """True under `TPUStrategy` (one replicated program, single-trace values)."""
+    return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+def local_device_count(strategy: tf.distribute.Strategy) -> int:
+    """The number of replicas (devices) on this worker."""
+    if not tf.distribute.has_strategy():
+        return 1
+    return len(strategy.extended.worker_devices)
+
+
+def check_group_size(strategy: tf.distribute.Strategy, group_size: int) -> None:
+    """Raises ValueError unless `group_size` divides this worker's devices."""
+    n_local = local_device_count(strategy)
+    if group_size < 1 or n_local % group_size:
+        raise ValueError(
+            f"group_size: must divide the {n_local} devices of this worker, got "
+            f"{group_size}; replica groups cannot span workers."
+        )
+
+
+def check_created_in_scope(strategy: tf.distribute.Strategy, variables) -> None:
+    """Raises ValueError naming the first variable not created under `strategy`."""
+    if not tf.distribute.has_strategy():
+        return
+    for v in variables:
+        if not strategy.extended.variable_created_in_scope(v):
+            raise ValueError(
+                f"var_list: variable {v.name!r} was created outside "
+                f"{type(strategy).__name__}.scope(); create it under "
+                "`strategy.scope()` (with the model and the optimizer), so that "
+                "every replica holds a copy."
+            )
 
 
 def merge(fn: Callable[..., Any], *args: Any) -> Any:
@@ -70,6 +107,9 @@ def map_per_replica(strategy: tf.distribute.Strategy, fn: Callable, *args: Any):
     """
     if not tf.distribute.has_strategy() or strategy.num_replicas_in_sync == 1:
         return fn(*[_single(strategy, a) for a in args])
+    if is_tpu(strategy):
+        # Single-trace values: one call computes every replica's component.
+        return fn(*args)
     locals_ = [
         local_values(strategy, a) if _is_distributed_value(a) else None for a in args
     ]
@@ -133,6 +173,101 @@ def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
         return [first_local(strategy, s)[0] for s in stacked]
     locals_ = [local_values(strategy, s) for s in stacked]
     return by_replica(strategy, lambda r, i: [tf.identity(l[i])[r] for l in locals_])
+
+
+def group_sum(strategy: tf.distribute.Strategy, values: Sequence, group_size: int):
+    """Sums per-replica `values` within groups of `group_size` local replicas.
+
+    Replicas `[g * G, (g + 1) * G)` of this worker form group g. Each group's
+    sum is formed once, on its first device, and copied to the others: one
+    reduction per group, not G * (G - 1) copies. Replica groups never span
+    workers, so this needs no collective. For the sync modes whose replicas
+    diverge by design (hierarchical); it indexes per-device values.
+
+    Raises:
+        ValueError: if `group_size` does not divide this worker's devices.
+    """
+    check_group_size(strategy, group_size)
+    locals_ = [local_values(strategy, v) for v in values]
+    n_local = len(locals_[0])
+    devices = [v.device for v in locals_[0]]
+    sums = []
+    for g0 in range(0, n_local, group_size):
+        with tf.device(devices[g0]):
+            sums.append([tf.add_n(list(l[g0 : g0 + group_size])) for l in locals_])
+    return list(
+        by_replica(
+            strategy, lambda r, i: [tf.identity(s) for s in sums[i // group_size]]
+        )
+    )
+
+
+def component_on(strategy: tf.distribute.Strategy, value: Any, device: str):
+    """The copy of a distributed variable on `device`; other values as they are.
+
+    `strategy.extended.update` hands its function each device's copy of the
+    variable it updates but leaves other distributed variables in its
+    arguments whole; a compiled function would then capture them instead of
+    taking them as inputs.
+    """
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return value
+    for copy in strategy.experimental_local_results(value):
+        if copy.device == device:
+            return copy
+    raise RuntimeError(f"{value.name}: no copy on {device}.")
+
+
+def update_together(
+    strategy: tf.distribute.Strategy, variables: Sequence, fn: Callable, *args
+):
+    """Runs `fn(copies, *args_copy)` once per device, for all `variables` at once.
+
+    `copies` is the list of that device's copies of `variables`; distributed
+    values in `args` (nested lists too) arrive as that device's components.
+    This is what lets one compiled kernel per device update every variable
+    (a multi-tensor update). All `variables` must live on the same devices,
+    as every variable created under one strategy's scope does.
+    """
+    first = variables[0]
+
+    def per_device(anchor, *args):
+        device = anchor.device
+        pick = lambda x: component_on(strategy, x, device)
+        copies = [pick(v) for v in variables]
+        return fn(copies, *tf.nest.map_structure(pick, args))
+
+    return strategy.extended.update(first, per_device, args=args, group=True)
+
+
+def per_replica_zeros(strategy: tf.distribute.Strategy, like, dtype):
+    """A zero variable each replica writes alone; saved as the sum over replicas.
+
+    Args:
+        strategy: The strategy in scope.
+        like: A variable to take the shape from and colocate with, or None
+            for a scalar.
+        dtype: The variable's dtype.
+    """
+    shape = like.shape if like is not None else []
+    with (
+        strategy.extended.colocate_vars_with(like)
+        if like is not None
+        else contextlib.nullcontext()
+    ):
+        return tf.Variable(
+            lambda: tf.zeros(shape, dtype),
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+            name="accumulator",
+        )
+
+
+def assign(strategy: tf.distribute.Strategy, variables: Sequence, values) -> None:
+    """Writes each device's component of `values` into its copy of `variables`."""
+    for v, x in zip(variables, values):
+        update(strategy, v, lambda v, x: v.assign(x), x)
 
 
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):

@@ -524,22 +524,41 @@ def test_bad_weight_is_named_and_nothing_changes(weight, match):
     assert int(opt.iterations.numpy()) == 0
 
 
-def test_negative_weight_in_a_function_fails_before_any_update():
-    _x, _y, _n = make_data(1, 2)
-    with M2.scope():
+@pytest.mark.parametrize(
+    "strategy, jit",
+    [(M2, False), (DEFAULT, True)],
+    ids=["function_2_replicas", "xla_default_strategy"],
+)
+@pytest.mark.parametrize("bad", [-2.0, float("nan"), float("inf")])
+def test_invalid_weight_in_a_function_skips_everywhere_and_counts(strategy, jit, bad):
+    # Compiled code drops assertions (XLA always; tf.function here, since
+    # the weight is a runtime tensor): the invalid weight must travel as
+    # data and veto the step on every replica. Under M2, replica 1 passes a
+    # good weight. (XLA cannot compile a step that spans several devices.)
+    with strategy.scope():
         var = tf.Variable([1.0, 2.0])
-        opt = optimizer("adam", aggregation="weighted_mean")
+        opt = optimizer("gradient_descent", aggregation="weighted_mean")
 
-    @tf.function
+    def replica_step(w):
+        ctx = tf.distribute.get_replica_context()
+        w = tf.where(tf.equal(ctx.replica_id_in_sync_group, 0), w, 3.0)
+        opt.apply_gradients([tf.constant([1.0, 1.0])], [var], weight=w)
+
+    @tf.function(jit_compile=jit)
     def step(w):
-        M2.run(lambda: opt.apply_gradients([tf.constant([1.0, 1.0])], [var], weight=w))
+        strategy.run(replica_step, args=(w,))
 
-    with pytest.raises(
-        tf.errors.InvalidArgumentError, match="weight: must be non-negative"
-    ):
-        step(tf.constant(-2.0))
-    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    step(tf.constant(bad))
+    for copy in local_copies(strategy, var):
+        np.testing.assert_array_equal(copy, [1.0, 2.0])
     assert int(opt.iterations.numpy()) == 0
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.invalid_weight_steps.numpy()) == 1
+    # A valid weight afterwards trains normally: nothing was left poisoned.
+    step(tf.constant(1.0))
+    for copy in local_copies(strategy, var):
+        np.testing.assert_allclose(copy, [0.9, 1.9], rtol=1e-6)
+    assert int(opt.invalid_weight_steps.numpy()) == 1
 
 
 def test_all_weights_zero_skips_the_step():

@@ -6,14 +6,21 @@ function of tensors (`update_step`). This class owns everything else:
 * `build(var_list)` creates the slots once, colocated with their variable,
   in cross-replica context (creating them inside `strategy.run` is what hurts
   Keras users, tensorflow#43974).
-* `apply_gradients` validates everything before touching any variable, then
-  hands the per-replica gradients to the sync mode (`distopt.sync`) through
-  one `merge_call`. The sync mode decides when to all-reduce; this class
-  packs and reduces (`_reduce`), and writes every device's copy of every
-  variable and slot through `strategy.extended.update` (`_apply_update`).
-* The per-variable update runs as one XLA kernel (`jit_compile=True`, the
-  default) even inside a user's plain `tf.function`: an Adam step then moves
-  each byte of parameters and slots once, near the memory-bandwidth floor.
+* `apply_gradients` validates everything before touching any variable, forms
+  this replica's payload (`Reducer.payload`), then hands it to the sync mode
+  (`distopt.sync`) through one `merge_call`. The sync mode decides when to
+  communicate, through the optimizer's public `reducer` (`distopt.reduce`),
+  and calls `apply_update`, which writes every device's copy of every
+  variable and slot through `strategy.extended.update`.
+* The update is one XLA kernel per device for all variables together
+  (`fused=True`, the default; a multi-tensor update like PyTorch's fused
+  Adam), even inside a user's plain `tf.function`: a step over hundreds of
+  small variables is then bound by bytes, not by per-variable dispatch.
+  `fused=False` runs one kernel per variable; both compute the same thing.
+* Mixed precision: for float16 and bfloat16 variables the slots are float32,
+  and the rule runs in float32 (gradient, weight, step and learning rate)
+  before the new value is rounded once to the variable's dtype. A bfloat16
+  step count would stop being exact past 256.
 """
 
 from __future__ import annotations
@@ -24,15 +31,22 @@ from typing import Any
 
 import tensorflow as tf
 
-from distopt import aggregation as aggregation_lib
+from distopt import counter as counter_lib
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
 from distopt.optimizers import schedules
 
+#: Variables below this many elements share the fused update's flat buffer.
+FLAT_MAX_ELEMENTS = 1 << 16
+
 
 class Optimizer(tf.Module):
     """Base class of distopt optimizers.
+
+    A subclass whose `update_step` is not elementwise (it reduces over a
+    variable, as Lamb's trust ratio does) sets `elementwise = False`.
 
     Args:
         learning_rate: A non-negative float, or a schedule: a callable of the
@@ -54,7 +68,14 @@ class Optimizer(tf.Module):
         communication_options: `tf.distribute.experimental.CommunicationOptions`
             for every all-reduce, e.g. a `timeout_seconds` so that a dead
             peer fails the step instead of hanging it.
-        jit_compile: Run each per-variable update as an XLA kernel.
+        loss_scale: None, "dynamic" or a fixed number: loss scaling for
+            float16 training (`distopt.transforms.LossScale`). Multiply the
+            loss by `scale_loss(loss)` before differentiating (`minimize`
+            does); a non-finite step is skipped on every replica. Needs a
+            synchronous sync mode (every step or accumulate).
+        jit_compile: Run the update as XLA kernels.
+        fused: One update kernel per device for all variables (default), or
+            one per variable.
         name: Name of the module (its variables' name scope).
     """
 
@@ -70,7 +91,9 @@ class Optimizer(tf.Module):
         skip_nonfinite=False,
         wire_dtype=None,
         communication_options=None,
+        loss_scale=None,
         jit_compile=True,
+        fused=True,
         name=None,
     ):
         super().__init__(name=name or _snake_case(type(self).__name__))
@@ -78,37 +101,85 @@ class Optimizer(tf.Module):
         self.weight_decay = (
             schedules.check_rate("weight_decay", weight_decay) if weight_decay else None
         )
-        self.aggregation = aggregation_lib.get(aggregation)
         self.sync = sync_lib.get(sync)
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
         self.skip_nonfinite = bool(skip_nonfinite)
-        self._transforms = []
+        transforms = []
+        # Created in the optimizer's name scope below; first in the chain,
+        # so that clipping sees unscaled gradients.
+        loss_scale = transforms_lib.get_loss_scale(loss_scale)
+        if loss_scale is not None and self.sync.diverges:
+            raise ValueError(
+                f"loss_scale: needs a synchronous sync mode (every_step or "
+                f"accumulate); under {self.sync.name} replicas would disagree "
+                "on the scale."
+            )
         if clipvalue is not None:
-            self._transforms.append(transforms_lib.ClipByValue(clipvalue))
+            transforms.append(transforms_lib.ClipByValue(clipvalue))
         if global_clipnorm is not None:
-            self._transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
+            transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
         if skip_nonfinite:
-            self._transforms.append(transforms_lib.SkipNonFinite())
-        self.wire_dtype = transforms_lib.check_wire_dtype(wire_dtype)
-        self.communication_options = communication_options
+            transforms.append(transforms_lib.SkipNonFinite())
         self.jit_compile = bool(jit_compile)
+        self.fused = bool(fused)
         # Created here, like Keras, so that they exist (and restore) before
         # the first step, in the scope the optimizer is created in.
         with tf.name_scope(self.name):
             self.iterations = _counter("iterations")
             self.skipped_steps = _counter("skipped_steps")
-            # Counted at run time, next to every all-reduce this library issues.
-            self.allreduce_calls = _counter("allreduce_calls")
-            self.allreduce_bytes = _counter("allreduce_bytes")
+            self.loss_scale = loss_scale
+            if loss_scale is not None:
+                transforms.insert(0, loss_scale)
+            self.reducer = reduce_lib.Reducer(
+                aggregation,
+                wire_dtype=wire_dtype,
+                transforms=transforms,
+                communication_options=communication_options,
+            )
         self._slots = []
         self._slot_index = {}
+        # References, not the variables: a tracked list would give the model's
+        # variables a second checkpoint path under the optimizer.
+        self._variable_refs = []
         self._built = False
-        self._kernel = (
-            tf.function(self._update_variable, jit_compile=True, autograph=False)
-            if self.jit_compile
-            else self._update_variable
+        compile_ = lambda f: (
+            tf.function(f, jit_compile=True, autograph=False) if self.jit_compile else f
         )
+        self._kernel = compile_(self._update_variable)
+        self._flat_kernel = compile_(self._rule)
+
+    @property
+    def aggregation(self):
+        """The `distopt.aggregation` instance (the reducer's)."""
+        return self.reducer.aggregation
+
+    @property
+    def wire_dtype(self):
+        return self.reducer.wire_dtype
+
+    @property
+    def communication_options(self):
+        return self.reducer.communication_options
+
+    @property
+    def allreduce_calls(self) -> tf.Variable:
+        """All-reduces issued at run time (int64), all paths included."""
+        return self.reducer.allreduce_calls
+
+    @property
+    def allreduce_bytes(self) -> tf.Variable:
+        """Payload bytes of those all-reduces (int64)."""
+        return self.reducer.allreduce_bytes
+
+    @property
+    def invalid_weight_steps(self) -> tf.Variable:
+        """Steps skipped because a replica's weight was negative, NaN or Inf."""
+        return self.reducer.invalid_weight_steps
+
+    #: Whether `update_step` acts element by element (then the fused update
+    #: may run it once over all variables concatenated).
+    elementwise = True
 
     # --- What a subclass provides -------------------------------------------
 
@@ -140,7 +211,11 @@ class Optimizer(tf.Module):
             "clipvalue": self.clipvalue,
             "skip_nonfinite": self.skip_nonfinite,
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
+            "loss_scale": (
+                self.loss_scale.get_config()["loss_scale"] if self.loss_scale else None
+            ),
             "jit_compile": self.jit_compile,
+            "fused": self.fused,
             "name": self.name,
         }
 
@@ -165,17 +240,24 @@ class Optimizer(tf.Module):
         var_list = list(var_list)
         _check_variables(var_list)
         strategy = dist.current_strategy()
+        dist.check_created_in_scope(strategy, var_list)
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         with tf.name_scope(self.name):
             for i, var in enumerate(var_list):
+                dtype = reduce_lib.payload_dtype(var.dtype)
                 with strategy.extended.colocate_vars_with(var):
                     slots = {
-                        name: tf.Variable(init, trainable=False, name=f"{name}_{i}")
+                        name: tf.Variable(
+                            _cast_init(init, dtype),
+                            trainable=False,
+                            name=f"{name}_{i}",
+                        )
                         for name, init in self.slot_initializers(var).items()
                     }
                 self._slots.append(slots)
                 self._slot_index[var.ref()] = i
+                self._variable_refs.append(var.ref())
             self.sync.build(self, var_list, strategy)
         self._built = True
 
@@ -202,6 +284,7 @@ class Optimizer(tf.Module):
         """
         grads, variables, all_variables = _split_arguments(grads_and_vars, var_list)
         _check_variables(all_variables)
+        dist.check_created_in_scope(dist.current_strategy(), all_variables)
         grads = _check_gradients(grads, variables)
         if self._built:
             unknown = [v.name for v in variables if v.ref() not in self._slot_index]
@@ -210,11 +293,7 @@ class Optimizer(tf.Module):
                     f"var_list: {unknown} were not among the variables this optimizer "
                     "was built with."
                 )
-        w = self.aggregation.replica_weight(weight)
-        if self.aggregation.weighted:
-            # A replica with no examples has a NaN mean gradient; its zero
-            # weight must still contribute exactly zero to the sum.
-            grads = [tf.math.multiply_no_nan(g, tf.cast(w, g.dtype)) for g in grads]
+        grads, w = self.reducer.payload(grads, weight)
         if not dist.in_replica_context() and self.sync.needs_replica_context:
             raise ValueError(
                 f"sync: {self.sync.name} needs per-replica gradients; call "
@@ -230,11 +309,18 @@ class Optimizer(tf.Module):
         dist.merge(merge_fn, tuple(grads), w)
         return self.iterations
 
+    def scale_loss(self, loss):
+        """`loss` times the loss scale (unchanged without `loss_scale`)."""
+        if self.loss_scale is None:
+            return loss
+        return loss * tf.cast(tf.convert_to_tensor(self.loss_scale.scale), loss.dtype)
+
     def minimize(self, loss_fn, var_list, *, weight=None):
         """Computes the gradients of `loss_fn()` and applies them; returns the loss."""
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        grads = tape.gradient(loss, var_list)
+            scaled = self.scale_loss(loss)
+        grads = tape.gradient(scaled, var_list)
         self.apply_gradients(grads, var_list, weight=weight)
         return loss
 
@@ -301,7 +387,69 @@ class Optimizer(tf.Module):
         """The slot variables of `var`, by name."""
         return self._slots[self._slot_index[var.ref()]]
 
-    # --- The update path (used by distopt.sync) ------------------------------
+    # --- The update path (public: distopt.sync calls these) ------------------
+
+    def built_variables(self) -> list[tf.Variable]:
+        """Every variable the optimizer was built with, in build order."""
+        return [r.deref() for r in self._variable_refs]
+
+    def slot_dtype(self, var) -> tf.DType:
+        """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""
+        return reduce_lib.payload_dtype(var.dtype)
+
+    def variable_index(self, var) -> int:
+        """The position of `var` among `built_variables()`."""
+        return self._slot_index[var.ref()]
+
+    def apply_update(
+        self, strategy, grads, variables, *, scale=None, ok=None, var_ok=None
+    ):
+        """Applies aggregated gradients: every copy of every variable and slot.
+
+        Call it in cross-replica context with the per-replica output of
+        `reducer.reduce` (or gradients already identical on every replica).
+        Advances `iterations`, or counts a skip in `skipped_steps`.
+
+        Args:
+            strategy: The strategy in scope.
+            grads: Per-replica gradients, one per variable.
+            variables: The variables to update.
+            scale: A scalar to multiply the gradients by, or None.
+            ok: A scalar bool, identical on every replica: False keeps every
+                variable and slot as it was. None: the step cannot be skipped.
+            var_ok: None, or a list with a scalar bool or None per variable,
+                to keep single variables as they were.
+        """
+        lr = self.learning_rate_value()
+        step = self.iterations + 1
+        slots = self._slot_lists(variables)
+        var_ok = list(var_ok) if var_ok is not None else [None] * len(variables)
+        if self.fused and variables:
+            dist.update_together(
+                strategy,
+                list(variables),
+                self._update_all,
+                list(grads),
+                slots,
+                lr,
+                step,
+                scale,
+                ok,
+                var_ok,
+            )
+        else:
+            kernel = self._kernel_on_device(strategy)
+            for g, v, s, vok in zip(grads, variables, slots, var_ok):
+                dist.update(strategy, v, kernel, g, s, lr, step, scale, ok, vok)
+        if ok is None:
+            self.iterations.assign_add(1)
+        else:
+            verdict = dist.first_local(strategy, ok)
+            applied = tf.cast(verdict, tf.int64)
+            self.iterations.assign_add(applied)
+            self.skipped_steps.assign_add(1 - applied)
+            if self.loss_scale is not None:
+                self.loss_scale.update(verdict)
 
     def _ensure_built(self, variables):
         if not self._built:
@@ -310,136 +458,110 @@ class Optimizer(tf.Module):
     def _slot_lists(self, variables):
         return [dict(self.slots(v)) for v in variables]
 
-    def _all_reduce(self, strategy, tensors, op=dist.SUM, wire_dtype=None):
-        """Reduces per-replica `tensors` with one all-reduce per dtype.
-
-        Packing into one buffer makes the count of collectives independent of
-        the number of variables (Horovod's tensor fusion). Returns per-replica
-        values, identical on every replica.
-        """
-        if not dist.is_distributed(strategy):
-            return [dist.first_local(strategy, t) for t in tensors]
-        specs = [dist.local_values(strategy, t)[0] for t in tensors]
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(specs):
-            # The scalar weight stays exact: only gradients travel compressed.
-            compress = wire_dtype is not None and t.dtype.is_floating and t.shape.rank
-            groups.setdefault(
-                (t.dtype, wire_dtype if compress else t.dtype), []
-            ).append(i)
-        out = [None] * len(tensors)
-        for (dtype, wire), idx in groups.items():
-            sizes = [int(specs[i].shape.num_elements()) for i in idx]
-            shapes = [specs[i].shape for i in idx]
-
-            def pack(*ts, wire=wire):
-                return tf.cast(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), wire)
-
-            packed = dist.map_per_replica(strategy, pack, *[tensors[i] for i in idx])
-            reduced = dist.reduce(
-                strategy, op, packed, packed, options=self.communication_options
-            )
-            self.allreduce_calls.assign_add(1)
-            self.allreduce_bytes.assign_add(sum(sizes) * wire.size)
-
-            def unpack(buf, dtype=dtype, sizes=sizes, shapes=shapes):
-                parts = tf.split(tf.cast(buf, dtype), sizes)
-                return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
-
-            for i, part in zip(idx, dist.map_per_replica(strategy, unpack, reduced)):
-                out[i] = part
-        return out
-
-    def _reduce_and_apply(self, strategy, grads, weight, variables):
-        """All-reduces the payload (grads, weight) and applies one update."""
-        *grads, total = self._all_reduce(
-            strategy, list(grads) + [weight], wire_dtype=self.wire_dtype
-        )
-        num_replicas = strategy.num_replicas_in_sync
-        self._normalize_and_apply(strategy, grads, total, variables, num_replicas)
-
-    def _local_apply(self, strategy, grads, weight, variables, group_size=1):
-        """Applies each replica's own payload to its own copy (no communication).
-
-        `group_size` is the number of replicas whose payloads were summed into
-        `grads` (a worker's devices, for hierarchical sync).
-        """
-        self._normalize_and_apply(strategy, grads, weight, variables, group_size)
-
-    def _normalize_and_apply(self, strategy, grads, total, variables, num_replicas):
-        has_ok = False
-
-        def finish(total, *gs):
-            nonlocal has_ok
-            norm = self.aggregation.normalizer(total, num_replicas)
-            nonzero = norm > 0
-            scale = 1.0 / tf.where(nonzero, norm, 1.0)
-            if self._transforms:
-                gs = [g * tf.cast(scale, g.dtype) for g in gs]
-                scale = tf.constant(1.0)
-            gs, ok = transforms_lib.apply(self._transforms, list(gs))
-            # Only a step that can be skipped carries `ok` to the kernel: the
-            # select it costs there halves an XLA Adam step's throughput on
-            # CPU (benchmarks/adam_step.py). Unweighted, the summed weight is
-            # a positive constant, so only a transform can veto the step.
-            if self.aggregation.weighted:
-                ok = nonzero if ok is None else tf.logical_and(ok, nonzero)
-            has_ok = ok is not None  # the same on every replica
-            return [scale] + ([ok] if has_ok else []) + list(gs)
-
-        scale, *grads = dist.map_per_replica(strategy, finish, total, *grads)
-        ok = grads.pop(0) if has_ok else None
-        self._apply_update(strategy, grads, variables, scale=scale, ok=ok)
-
-    def _apply_update(self, strategy, grads, variables, scale=None, ok=None):
-        """Writes every copy of every variable and slot; advances the step."""
-        lr = self.learning_rate_value()
-        step = self.iterations + 1
-        kernel = self._kernel_on_device(strategy)
-        for g, v, slots in zip(grads, variables, self._slot_lists(variables)):
-            dist.update(strategy, v, kernel, g, slots, lr, step, scale, ok)
-        if ok is None:
-            self.iterations.assign_add(1)
-        else:
-            applied = tf.cast(dist.first_local(strategy, ok), tf.int64)
-            self.iterations.assign_add(applied)
-            self.skipped_steps.assign_add(1 - applied)
-
     def _kernel_on_device(self, strategy):
         """`self._kernel`, called with this device's own copies of the slots."""
 
         def kernel(var, grad, slots, *args):
-            # `strategy.extended.update` hands `kernel` each device's copy of
-            # `var` but leaves distributed variables in its args (the slots)
-            # whole. The compiled kernel, a tf.function, would capture such a
-            # variable instead of taking it as an input, so variables of the
-            # same shape, which share one trace, would all update the first
-            # one's slots.
-            slots = {n: _on_device(strategy, s, var.device) for n, s in slots.items()}
+            slots = {
+                n: dist.component_on(strategy, s, var.device) for n, s in slots.items()
+            }
             return self._kernel(var, grad, slots, *args)
 
         return kernel
 
-    def _update_variable(self, var, grad, slots, lr, step, scale, ok):
+    def _update_all(self, variables, grads, slots, lr, step, scale, ok, var_ok):
+        """Every variable's update on one device (a multi-tensor update).
+
+        Small variables are where per-variable kernels lose: a step over
+        hundreds of them is bound by dispatches, not bytes (apex's
+        multi_tensor_apply, PyTorch's fused Adam). So variables below
+        `FLAT_MAX_ELEMENTS` of one dtype are concatenated into one flat
+        buffer (with their gradients and slots), updated by one compiled
+        kernel, and split back. The kernel's inputs are plain tensors, so it
+        compiles once per buffer size, in about the time of one small kernel;
+        a kernel that assigned every variable itself would compile in time
+        growing faster than the number of variables. Large variables keep
+        their own kernel (shared by every variable of the same shape), where
+        a concatenation would only add memory traffic. Rules that reduce over
+        a variable (`elementwise = False`: Lamb, Lars) and per-variable skips
+        go variable by variable.
+        """
+        flat: dict[tuple, list[int]] = {}
+        for i, v in enumerate(variables):
+            # Op by op (no XLA), a bigger buffer may round differently in
+            # vectorised kernels: keep Keras's per-variable arithmetic there.
+            if (
+                self.jit_compile
+                and self.elementwise
+                and var_ok[i] is None
+                and v.shape.num_elements() < FLAT_MAX_ELEMENTS
+            ):
+                flat.setdefault((v.dtype, tuple(sorted(slots[i]))), []).append(i)
+            else:
+                self._kernel(v, grads[i], slots[i], lr, step, scale, ok, var_ok[i])
+        for idx in flat.values():
+            if len(idx) == 1:
+                i = idx[0]
+                self._kernel(variables[i], grads[i], slots[i], lr, step, scale, ok)
+                continue
+            sizes = [int(variables[i].shape.num_elements()) for i in idx]
+
+            def concat(tensors):
+                return tf.concat([_flat(t) for t in tensors], 0)
+
+            old = {n: concat([slots[i][n] for i in idx]) for n in slots[idx[0]]}
+            new_p, new_slots = self._flat_kernel(
+                concat([variables[i] for i in idx]),
+                concat([grads[i] for i in idx]),
+                old,
+                lr,
+                step,
+                scale,
+                ok,
+            )
+            # Every reshape is an op to dispatch: 1-D variables skip them.
+            for i, part in zip(idx, tf.split(new_p, sizes)):
+                variables[i].assign(_shaped(part, variables[i].shape), read_value=False)
+            for n, value in new_slots.items():
+                for i, part in zip(idx, tf.split(value, sizes)):
+                    slots[i][n].assign(
+                        _shaped(part, variables[i].shape), read_value=False
+                    )
+
+    def _update_variable(self, var, grad, slots, lr, step, scale, ok, var_ok=None):
         """One variable's update on one device: decay, rule, then assign."""
-        dtype = var.dtype
+        old = {n: tf.convert_to_tensor(s) for n, s in slots.items()}
+        oks = [x for x in (ok, var_ok) if x is not None]
+        ok = tf.reduce_all(tf.stack(oks)) if oks else None
+        new_p, new_slots = self._rule(
+            tf.convert_to_tensor(var), grad, old, lr, step, scale, ok
+        )
+        var.assign(new_p, read_value=False)
+        for n, s in slots.items():
+            s.assign(new_slots[n], read_value=False)
+
+    def _rule(self, p0, grad, old, lr, step, scale, ok):
+        """Weight decay, the update rule and the skip select, on tensors.
+
+        16-bit variables compute in float32 (their slots are float32) and
+        round once at the end.
+        """
+        dtype = reduce_lib.payload_dtype(p0.dtype)
         g = tf.cast(grad, dtype)
         if scale is not None:
             g = g * tf.cast(scale, dtype)
         lr = tf.cast(lr, dtype)
-        p = tf.convert_to_tensor(var)
+        p = tf.cast(p0, dtype)
         if self.weight_decay:
             p = p - lr * self.weight_decay * p
-        old = {n: tf.convert_to_tensor(s) for n, s in slots.items()}
         new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype))
+        new_p = tf.cast(new_p, p0.dtype)
         if ok is not None:
             # A select, not a tf.cond: branch-free, so it fuses under XLA.
             keep = tf.logical_not(ok)
-            new_p = tf.where(keep, tf.convert_to_tensor(var), new_p)
+            new_p = tf.where(keep, p0, new_p)
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
-        var.assign(new_p)
-        for n, s in slots.items():
-            s.assign(new_slots[n])
+        return new_p, new_slots
 
 
 # --- Argument handling --------------------------------------------------------
@@ -489,8 +611,6 @@ def _check_variables(variables):
 def _check_gradients(grads, variables):
     out = []
     for i, (g, v) in enumerate(zip(grads, variables)):
-        if isinstance(g, tf.IndexedSlices):
-            g = tf.convert_to_tensor(g)
         g = tf.convert_to_tensor(g)
         if not g.shape.is_compatible_with(v.shape):
             raise ValueError(
@@ -503,18 +623,25 @@ def _check_gradients(grads, variables):
     return out
 
 
-def _on_device(strategy, value, device):
-    """The copy of a distributed variable on `device`; other values as they are."""
-    if not isinstance(value, tf.distribute.DistributedValues):
-        return value
-    for copy in strategy.experimental_local_results(value):
-        if copy.device == device:
-            return copy
-    raise RuntimeError(f"{value.name}: no copy on {device}.")
+def _flat(t):
+    if t.shape.rank == 1:
+        return tf.convert_to_tensor(t)
+    return tf.reshape(t, [-1])
+
+
+def _shaped(t, shape):
+    return t if shape.rank == 1 else tf.reshape(t, shape)
+
+
+def _cast_init(init, dtype):
+    """A slot's initial value (a tensor or a callable) in the slot's dtype."""
+    if callable(init):
+        return lambda: tf.cast(init(), dtype)
+    return tf.cast(init, dtype)
 
 
 def _counter(name):
-    return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+    return counter_lib.Counter(name)
 
 
 def _snake_case(name: str) -> str:

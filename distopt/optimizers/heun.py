@@ -5,9 +5,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt import distribute as dist
-from distopt import transforms as transforms_lib
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.sam import aggregate_in_replica_context
+from distopt.optimizers.sam import reduce_in_replica_context
 
 
 class Heun(Optimizer):
@@ -93,21 +92,21 @@ class Heun(Optimizer):
         lr = self.learning_rate_value()
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        g1 = tape.gradient(loss, var_list)
+            scaled = self.scale_loss(loss)
+        g1 = tape.gradient(scaled, var_list)
         pairs = [(g, v) for g, v in zip(g1, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
         g1 = [tf.convert_to_tensor(g) for g, _ in pairs]
         moved = [v for _, v in pairs]
-        g1_mean = aggregate_in_replica_context(self.aggregation, g1, weight)
-        if self._transforms:
-            g1_mean, _ = transforms_lib.apply(self._transforms, g1_mean)
+        # Aggregated and transformed (clipped) exactly as the update will be.
+        g1_mean = reduce_in_replica_context(self, g1, weight)
         saved = [tf.identity(v) for v in moved]
         # Identical deltas on every replica (g1_mean is all-reduced): the
         # copies stay identical at the trial point.
         dist.add_per_replica(moved, [-tf.cast(lr, g.dtype) * g for g in g1_mean])
         with tf.GradientTape() as tape:
-            trial_loss = loss_fn()
+            trial_loss = self.scale_loss(loss_fn())
         g2 = tape.gradient(trial_loss, moved)
         # Back to p exactly: p - lr*g1 + lr*g1 need not be p in floating point.
         dist.assign_per_replica(moved, saved)

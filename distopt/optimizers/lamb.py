@@ -74,6 +74,9 @@ class Lamb(Optimizer):
         **kwargs: See `distopt.optimizers.Optimizer`.
     """
 
+    # The trust ratio needs each variable's own norms.
+    elementwise = False
+
     def __init__(
         self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs
     ):

@@ -58,6 +58,9 @@ class Lars(Optimizer):
         **kwargs: See `distopt.optimizers.Optimizer`.
     """
 
+    # The trust ratio needs each variable's own norms.
+    elementwise = False
+
     def __init__(
         self, learning_rate=0.01, momentum=0.9, eta=0.001, weight_decay=0.0, **kwargs
     ):

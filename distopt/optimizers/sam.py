@@ -2,8 +2,8 @@
 
 SAM needs the gradient at a second, perturbed point, so it cannot be written
 as `apply_gradients`: it takes the loss as a function and evaluates it twice
-per step (`minimize`). The helpers at the end of this module (aggregating
-gradients from replica context, restoring each replica's copy exactly) are
+per step (`minimize`). The helpers at the end of this module (reducing
+gradients from replica context through the optimizer's `Reducer`) are
 shared with `distopt.optimizers.heun`.
 """
 
@@ -189,14 +189,17 @@ class SAM(tf.Module):
         var_list = list(var_list)
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        grads = tape.gradient(loss, var_list)
+            # With loss scaling, the reducer divides the scale out again;
+            # the replica perturbation is scale-invariant (g / ||g||).
+            scaled = self.base_optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, var_list)
         pairs = [(g, v) for g, v in zip(grads, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
         grads = [tf.convert_to_tensor(g) for g, _ in pairs]
         moved = [v for _, v in pairs]
         if self.perturbation == "aggregated":
-            grads = aggregate_in_replica_context(self.aggregation, grads, weight)
+            grads = reduce_in_replica_context(self.base_optimizer, grads, weight)
         norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads])
         scale = self.rho / (norm + self.epsilon)
         deltas = [g * tf.cast(scale, g.dtype) for g in grads]
@@ -205,7 +208,7 @@ class SAM(tf.Module):
         saved = [tf.identity(v) for v in moved]
         dist.add_per_replica(moved, deltas)
         with tf.GradientTape() as tape:
-            perturbed_loss = loss_fn()
+            perturbed_loss = self.base_optimizer.scale_loss(loss_fn())
         sam_grads = tape.gradient(perturbed_loss, var_list)
         dist.assign_per_replica(moved, saved)
         self.base_optimizer.apply_gradients(
@@ -242,23 +245,32 @@ class SAM(tf.Module):
 # --- Helpers for optimizers that evaluate the loss ----------------------------
 
 
-def aggregate_in_replica_context(aggregation, grads, weight=None) -> list:
+def reduce_in_replica_context(optimizer, grads, weight=None) -> list:
     """The aggregated gradients, on every replica, from inside `strategy.run`.
 
-    The same combination the optimizer's update uses (`aggregation`'s replica
-    weights and normaliser), computed with one `distopt.distribute.all_reduce`.
-    Outside a multi-replica `strategy.run` the gradients are returned
-    unchanged: there they already are the aggregate.
+    The same path the optimizer's own update takes (`optimizer.reducer`): its
+    aggregation, wire dtype, transforms, communication options and counters
+    all apply. Under the default strategy the gradients are normalised the
+    same way, with no communication.
     """
-    strategy = dist.current_strategy()
-    if not (dist.in_replica_context() and dist.is_distributed(strategy)):
-        return list(grads)
-    w = aggregation.replica_weight(weight)
-    if aggregation.weighted:
-        grads = [g * tf.cast(w, g.dtype) for g in grads]
-    *sums, total = dist.all_reduce(dist.SUM, list(grads) + [w])
-    norm = aggregation.normalizer(total, strategy.num_replicas_in_sync)
-    return [s / tf.cast(norm, s.dtype) for s in sums]
+    reducer = optimizer.reducer
+    payload, w = reducer.payload(grads, weight)
+
+    def merge_fn(strategy, payload, w):
+        reduced, scale, _ = reducer.reduce(strategy, list(payload), w)
+        if scale is None:
+            return list(reduced)
+        return list(
+            dist.map_per_replica(
+                strategy,
+                lambda s, *gs: [g * tf.cast(s, g.dtype) for g in gs],
+                scale,
+                *reduced,
+            )
+        )
+
+    reduced = dist.merge(merge_fn, tuple(payload), w)
+    return [tf.cast(r, g.dtype) for r, g in zip(reduced, grads)]
 
 
 def _check_non_negative(name, value) -> float:

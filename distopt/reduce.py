@@ -1,0 +1,297 @@
+"""The Reducer: per-replica payloads in, one normalised gradient per replica out.
+
+Every path that combines gradients across replicas goes through a `Reducer`:
+the optimizer's update under every sync mode, the local steps of the
+periodic modes (a group of one replica, or a replica group), SAM's
+aggregated perturbation and Heun's trial point. So every option (aggregation,
+wire dtype, transforms, communication options) and every counter holds on
+each of them.
+
+One step, in cross-replica context, for each replica r:
+
+    payload P_r = w_r * g_r  (Mean, Sum: w_r = 1; summed over micro-steps)
+    weight  W_r = w_r        (NaN when w_r is not finite and >= 0: see below)
+    N = aggregation.normalizer(sum_r W_r, R)
+    g = sum_r P_r / N        then the transforms (clip, finite check)
+    ok = N finite and > 0 (weighted mean only), and the transforms' verdict
+
+The wire. With the payload's own dtype on the wire, the gradients and the
+weight travel in one fused all-reduce per dtype (one buffer, the weight last),
+and the division comes after. With a narrower wire (`wire_dtype`, or float16 /
+bfloat16 variables), a sum of raw payloads could overflow (w * g with w = 1e5
+is out of float16's range, and so is a sum of R gradients near its top):
+then the weights go first, in float32, in a scalar all-reduce (counted in
+`allreduce_calls` like any other), and each replica sends `P_r / N`, which
+has the magnitude of a gradient. Only that path pays the second all-reduce.
+
+Invalid weights. A negative, NaN or Inf weight cannot be caught by an
+assertion under XLA (compiled asserts are dropped), so it is carried in the
+data instead: that replica sends a zero payload and a NaN weight. The summed
+weight is then NaN on every replica, so every replica skips the step, and
+`invalid_weight_steps` counts it (as does `skipped_steps`). Eager calls also
+raise a `ValueError` before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from distopt import aggregation as aggregation_lib
+from distopt import counter as counter_lib
+from distopt import distribute as dist
+from distopt import transforms as transforms_lib
+
+
+def payload_dtype(dtype: tf.DType) -> tf.DType:
+    """The dtype gradients are summed in: float32 at least (see `Reducer`)."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype.size < 4 else dtype
+
+
+class Reducer(tf.Module):
+    """Aggregates per-replica gradients, with one fused all-reduce per dtype.
+
+    Args:
+        aggregation: A `distopt.aggregation` instance or name (default mean).
+        wire_dtype: Cast gradients to this dtype (bfloat16, float16) for the
+            all-reduce only; None sends each variable's own dtype.
+        transforms: `distopt.transforms` applied to the aggregated gradient.
+        communication_options: For every all-reduce (e.g. a timeout).
+        name: The module name.
+
+    Attributes:
+        allreduce_calls, allreduce_bytes: int64 counters of the all-reduces
+            (and replica-group reductions) issued, and of their payload bytes.
+        invalid_weight_steps: int64 count of steps skipped because some
+            replica passed a negative, NaN or Inf weight.
+        group_reductions: int64 count of replica-group reductions (this
+            worker's groups, one per group per step; no collective).
+    """
+
+    def __init__(
+        self,
+        aggregation=None,
+        *,
+        wire_dtype=None,
+        transforms: Sequence[transforms_lib.GradientTransform] = (),
+        communication_options=None,
+        name="reducer",
+    ):
+        super().__init__(name=name)
+        self.aggregation = aggregation_lib.get(aggregation)
+        self.wire_dtype = transforms_lib.check_wire_dtype(wire_dtype)
+        self.transforms = list(transforms)
+        self.communication_options = communication_options
+        with tf.name_scope(name):
+            self.allreduce_calls = _counter("allreduce_calls")
+            self.allreduce_bytes = _counter("allreduce_bytes")
+            self.invalid_weight_steps = _counter("invalid_weight_steps")
+            self.group_reductions = _counter("group_reductions")
+
+    # --- Replica context -------------------------------------------------------
+
+    def payload(self, grads: Sequence[tf.Tensor], weight=None):
+        """This replica's payload `(P_r, W_r)`; call it in replica context.
+
+        Gradients are cast to `payload_dtype` (float32 for 16-bit variables,
+        so that `w * g` cannot overflow before normalisation), and multiplied
+        by the weight for `WeightedMean`. A replica with weight 0 sends exact
+        zeros even if its gradient is NaN (an empty batch's mean).
+        """
+        w, valid = self.aggregation.replica_weight(weight)
+        grads = [tf.cast(g, payload_dtype(g.dtype)) for g in grads]
+        if self.aggregation.weighted:
+            wz = tf.where(valid, w, 0.0)
+            grads = [tf.math.multiply_no_nan(g, tf.cast(wz, g.dtype)) for g in grads]
+            w = tf.where(valid, w, float("nan"))
+        return grads, w
+
+    # --- Cross-replica context -------------------------------------------------
+
+    def reduce(self, strategy, payload, weight, *, group_size=None):
+        """The aggregated, transformed gradient on every replica.
+
+        Args:
+            strategy: The strategy in scope (from `merge_call`).
+            payload: Per-replica payloads `P_r` (see `payload`), possibly
+                summed over micro-steps.
+            weight: The per-replica `W_r`, summed likewise.
+            group_size: None to reduce over all replicas (one all-reduce per
+                dtype); 1 to use each replica's own payload (no
+                communication); G to reduce within groups of G consecutive
+                replicas of one worker (`distopt.distribute.group_sum`).
+
+        Returns:
+            `(grads, scale, ok)`: per-replica gradients in the payload dtype;
+            a per-replica scalar that the update must still multiply them by,
+            or None; and a scalar bool (False: skip the step everywhere), or
+            None when no step can be skipped.
+        """
+        payload = list(payload)
+        distributed = dist.is_distributed(strategy)
+        if group_size is None:
+            size = strategy.num_replicas_in_sync
+        else:
+            size = group_size
+        if not distributed or size == 1:
+            grads = (
+                list(payload)
+                if distributed
+                else [dist.first_local(strategy, p) for p in payload]
+            )
+            total = weight if distributed else dist.first_local(strategy, weight)
+            return self._finish(strategy, grads, total, 1)
+        if group_size is not None:
+            *grads, total = dist.group_sum(strategy, payload + [weight], group_size)
+            # One reduction per group on this worker; no collective.
+            self.group_reductions.assign_add(
+                dist.local_device_count(strategy) // group_size
+            )
+            return self._finish(strategy, grads, total, size)
+        if self._narrow_wire(strategy, payload):
+            return self._reduce_normalised_first(strategy, payload, weight, size)
+        *grads, total = self.all_reduce(strategy, payload + [weight])
+        return self._finish(strategy, grads, total, size)
+
+    def all_reduce(self, strategy, tensors, op=dist.SUM, wire_dtype=None):
+        """One all-reduce per dtype of per-replica `tensors`, packed; counted.
+
+        Packing makes the number of collectives independent of the number of
+        variables (Horovod's tensor fusion). Returns per-replica values,
+        identical on every replica.
+        """
+        tensors = list(tensors)
+        if not dist.is_distributed(strategy):
+            return [dist.first_local(strategy, t) for t in tensors]
+        specs = [dist.local_values(strategy, t)[0] for t in tensors]
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(specs):
+            wire = wire_dtype if wire_dtype is not None else t.dtype
+            groups.setdefault((t.dtype, wire), []).append(i)
+        out = [None] * len(tensors)
+        for (dtype, wire), idx in groups.items():
+            sizes = [int(specs[i].shape.num_elements()) for i in idx]
+            shapes = [specs[i].shape for i in idx]
+
+            def pack(*ts, wire=wire):
+                return tf.cast(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), wire)
+
+            packed = dist.map_per_replica(strategy, pack, *[tensors[i] for i in idx])
+            reduced = dist.reduce(
+                strategy, op, packed, packed, options=self.communication_options
+            )
+            self._count(1, sum(sizes) * wire.size)
+
+            def unpack(buf, dtype=dtype, sizes=sizes, shapes=shapes):
+                parts = tf.split(tf.cast(buf, dtype), sizes)
+                return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
+
+            for i, part in zip(idx, dist.map_per_replica(strategy, unpack, reduced)):
+                out[i] = part
+        return out
+
+    def mean(self, strategy, tensors):
+        """The mean over replicas of per-replica `tensors` (weights, slots)."""
+        return self.all_reduce(strategy, tensors, op=dist.MEAN)
+
+    # --- Internals ---------------------------------------------------------------
+
+    def _narrow_wire(self, strategy, payload):
+        """Whether some gradient travels in a dtype narrower than its payload."""
+        for p in payload:
+            spec = dist.local_values(strategy, p)[0]
+            if self._wire_of(spec.dtype) != spec.dtype:
+                return True
+        return False
+
+    def _wire_of(self, dtype):
+        if self.wire_dtype is not None and self.wire_dtype.size < dtype.size:
+            return self.wire_dtype
+        return dtype
+
+    def _normaliser(self, total, size):
+        """`(1 / N, ok)` from the summed weight, guarded so it is never Inf."""
+        norm = self.aggregation.normalizer(total, size)
+        positive = tf.logical_and(tf.math.is_finite(norm), norm > 0)
+        inv = 1.0 / tf.where(positive, norm, 1.0)
+        # A denormal total (weights near 1e-38) has no finite inverse.
+        ok = tf.logical_and(positive, tf.math.is_finite(inv))
+        return tf.where(ok, inv, 0.0), ok
+
+    def _reduce_normalised_first(self, strategy, payload, weight, size):
+        """Weights first (float32, exact), then `P_r / N` on the narrow wire."""
+        (total,) = self.all_reduce(strategy, [weight])
+        specs = [dist.local_values(strategy, p)[0] for p in payload]
+
+        def scale(total, *ps):
+            inv, _ = self._normaliser(total, size)
+            return [tf.math.multiply_no_nan(p, tf.cast(inv, p.dtype)) for p in ps]
+
+        scaled = dist.map_per_replica(strategy, scale, total, *payload)
+        scaled = scaled if isinstance(scaled, (list, tuple)) else [scaled]
+        # One all-reduce per (payload dtype, wire dtype) group.
+        by_wire: dict[tf.DType, list[int]] = {}
+        for i, s in enumerate(specs):
+            by_wire.setdefault(self._wire_of(s.dtype), []).append(i)
+        grads = [None] * len(payload)
+        for wire, idx in by_wire.items():
+            reduced = self.all_reduce(
+                strategy, [scaled[i] for i in idx], wire_dtype=wire
+            )
+            for i, r in zip(idx, reduced):
+                grads[i] = r
+        return self._finish(strategy, grads, total, size, normalised=True)
+
+    def _finish(self, strategy, grads, total, size, normalised=False):
+        """Divides by N (unless done), runs the transforms; see `reduce`."""
+        weighted = self.aggregation.weighted
+        has = {}
+
+        def finish(total, *gs):
+            inv, ok_w = self._normaliser(total, size)
+            scale = None if normalised else inv
+            if self.transforms and scale is not None:
+                gs = [g * tf.cast(scale, g.dtype) for g in gs]
+                scale = None
+            gs, ok = transforms_lib.apply(self.transforms, list(gs))
+            # Only a step that can be skipped carries `ok` to the update: the
+            # select costs an XLA Adam step up to half its throughput on CPU.
+            # Unweighted, the summed weight is a positive count.
+            if weighted:
+                ok = ok_w if ok is None else tf.logical_and(ok, ok_w)
+                invalid = tf.logical_not(tf.math.is_finite(total))
+            else:
+                invalid = None
+            has["scale"], has["ok"], has["invalid"] = (
+                scale is not None,
+                ok is not None,
+                invalid is not None,
+            )
+            extra = [x for x in (scale, ok, invalid) if x is not None]
+            return extra + list(gs)
+
+        out = list(dist.map_per_replica(strategy, finish, total, *grads))
+        scale = out.pop(0) if has["scale"] else None
+        ok = out.pop(0) if has["ok"] else None
+        invalid = out.pop(0) if has["invalid"] else None
+        if invalid is not None:
+            self.invalid_weight_steps.assign_add(
+                tf.cast(dist.first_local(strategy, invalid), tf.int64)
+            )
+        return out, scale, ok
+
+    def _count(self, calls, num_bytes):
+        self.allreduce_calls.assign_add(calls)
+        self.allreduce_bytes.assign_add(num_bytes)
+
+    def get_config(self) -> dict:
+        return {
+            "aggregation": self.aggregation.name,
+            "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
+        }
+
+
+def _counter(name):
+    return counter_lib.Counter(name)

@@ -1,0 +1,103 @@
+"""`Accumulate(k)`: local accumulation, one all-reduce and one update every k."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from distopt import distribute as dist
+from distopt.sync.base import Sync, check_period
+
+
+class Accumulate(Sync):
+    """Local accumulation over k micro-steps, then one all-reduce and one update.
+
+    Equal to one step on a k-times-larger batch (Horovod's
+    `backward_passes_per_step`, Optax's `MultiSteps`). Accumulators are
+    on-read-synchronised variables, so each replica keeps its own and a
+    checkpoint saves their sum, which restores exactly on any replica count.
+    They are kept in the payload dtype (float32 for 16-bit variables).
+    Schedules see `optimizer.iterations`, which advances once per k
+    micro-steps; `micro_step` counts calls.
+
+    A variable whose gradient is None in some micro-steps accumulates only
+    the others. At the flush, a variable with no gradient in the flush call
+    is still applied (and its buffer zeroed) when its buffer holds anything;
+    a variable with no gradient in the whole window is left as it is, as a
+    None gradient leaves it in every other mode.
+
+    Args:
+        k: Micro-steps per update, >= 1.
+    """
+
+    name = "accumulate"
+    needs_replica_context = True
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = check_period("k", k)
+
+    def build(self, optimizer, variables, strategy):
+        with tf.name_scope(self.name):
+            self.micro_step = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="micro_step"
+            )
+            self.accumulators = [
+                dist.per_replica_zeros(strategy, v, optimizer.slot_dtype(v))
+                for v in variables
+            ]
+            self.weight_sum = dist.per_replica_zeros(strategy, None, tf.float32)
+
+    def apply(self, optimizer, strategy, grads, weight, variables):
+        every = optimizer.built_variables()
+        given = {optimizer.variable_index(v): g for g, v in zip(grads, variables)}
+        present = [i in given for i in range(len(every))]
+        accs = [self.accumulators[i] for i in range(len(every)) if present[i]]
+        accs.append(self.weight_sum)
+        payload = [given[i] for i in range(len(every)) if present[i]] + [weight]
+        totals = dist.map_per_replica(
+            strategy,
+            lambda *xs: [a + p for a, p in zip(xs[: len(accs)], xs[len(accs) :])],
+            *accs,
+            *payload,
+        )
+        totals = list(totals)
+        is_last = tf.equal((self.micro_step + 1) % self.k, 0)
+
+        def flush():
+            # Every variable's buffer: the ones passed now with this call's
+            # gradient added, the others as they are.
+            buffers, k = [], 0
+            for i in range(len(every)):
+                if present[i]:
+                    buffers.append(totals[k])
+                    k += 1
+                else:
+                    buffers.append(
+                        dist.read_per_replica(strategy, [self.accumulators[i]])[0]
+                    )
+            reduced, scale, ok = optimizer.reducer.reduce(strategy, buffers, totals[-1])
+            # A variable absent from this call is applied only if its
+            # reduced buffer holds something (identical on every replica).
+            var_ok = [
+                None
+                if present[i]
+                else tf.reduce_any(
+                    tf.not_equal(dist.first_local(strategy, reduced[i]), 0)
+                )
+                for i in range(len(every))
+            ]
+            optimizer.apply_update(
+                strategy, reduced, every, scale=scale, ok=ok, var_ok=var_ok
+            )
+            for a in [*self.accumulators, self.weight_sum]:
+                dist.update(strategy, a, lambda a: a.assign(tf.zeros_like(a)))
+
+        def accumulate():
+            for a, t in zip(accs, totals):
+                dist.update(strategy, a, lambda a, t: a.assign(t), t)
+
+        dist.cond(is_last, flush, accumulate)
+        self.micro_step.assign_add(1)
+
+    def get_config(self):
+        return {"name": self.name, "k": self.k}

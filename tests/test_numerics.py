@@ -1,0 +1,467 @@
+"""The update path on real inputs: narrow wires, extreme weights, mixed
+precision, missing gradients, replica groups, the fused kernel.
+
+Each test checks the *update* `w - w0` (not `w`, which hides a small relative
+error in a small step) against NumPy, with plain gradient descent wherever a
+scale matters (Adam is invariant to a constant factor on the gradient).
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_replicas_identical, local_copies, mirrored
+from numpy_reference import CONFIGS
+from sync_harness import initial_params, make_data, numpy_grads, optimizer, train
+
+import distopt
+from distopt import optimizers
+
+DEFAULT = tf.distribute.get_strategy()
+M2, M4 = mirrored(2), mirrored(4)
+
+
+def _per_replica(strategy, fn):
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: fn(ctx.replica_id_in_sync_group)
+    )
+
+
+def _one_weighted_step(strategy, weights, grads, lr=1.0, var_dtype=tf.float32, **kw):
+    """One weighted-mean GD step from w0 = 1; returns every replica's w - w0."""
+    with strategy.scope():
+        var = tf.Variable(tf.ones([len(grads[0])], var_dtype))
+        opt = optimizers.GradientDescent(lr, aggregation="weighted_mean", **kw)
+
+    @tf.function
+    def step(g, w):
+        strategy.run(lambda g, w: opt.apply_gradients([g], [var], weight=w), (g, w))
+
+    step(
+        _per_replica(strategy, lambda r: tf.constant(grads[r], var_dtype)),
+        _per_replica(strategy, lambda r: tf.constant(weights[r], tf.float32)),
+    )
+    return [c.astype(np.float64) - 1.0 for c in local_copies(strategy, var)], opt
+
+
+# --- Weighted mean: the normaliser, the edges, narrow wires -------------------
+
+
+GRADS4 = np.array(
+    [[0.5, -1.0, 2.0], [1.5, 0.25, -0.5], [-1.0, 2.0, 1.0], [0.75, -0.75, 0.5]],
+    np.float32,
+)
+
+
+def _weighted_update(weights, grads=GRADS4, lr=1.0):
+    w = np.asarray(weights, np.float64)
+    return -lr * (w[:, None] * grads.astype(np.float64)).sum(0) / w.sum()
+
+
+def test_weighted_mean_normaliser_is_exact_with_gradient_descent():
+    # A 0.1% error in the normaliser moves this update by 1e-3 relative.
+    weights = [1.0, 2.0, 3.0, 10.0]
+    updates, _ = _one_weighted_step(M4, weights, GRADS4)
+    for u in updates:
+        np.testing.assert_allclose(u, _weighted_update(weights), rtol=1e-5)
+
+
+@pytest.mark.parametrize("wire", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e5, 1e30])
+def test_weights_from_1e_minus_6_to_1e30_on_every_wire(wire, scale):
+    weights = [scale * w for w in (1.0, 2.0, 3.0, 4.0)]
+    updates, opt = _one_weighted_step(M4, weights, GRADS4, wire_dtype=wire)
+    want = _weighted_update(weights)
+    # One rounding of each normalised gradient to the wire, then a sum of 4.
+    tol = {None: 1e-6, "float16": 2.0**-11 * 8, "bfloat16": 2.0**-8 * 8}[wire]
+    for u in updates:
+        assert np.all(np.isfinite(u))
+        np.testing.assert_allclose(u, want, rtol=0, atol=tol * np.abs(want).max())
+    assert int(opt.skipped_steps.numpy()) == 0
+    # A narrow wire pays a second, scalar all-reduce for the weights first.
+    assert int(opt.allreduce_calls.numpy()) == (1 if wire is None else 2)
+
+
+def test_float16_variables_with_weight_7e4_stay_finite():
+    weights = [7e4, 7e4, 1.0, 3.0]
+    updates, opt = _one_weighted_step(M4, weights, GRADS4, lr=0.5, var_dtype=tf.float16)
+    for u in updates:
+        assert np.all(np.isfinite(u))
+        np.testing.assert_allclose(u, _weighted_update(weights, lr=0.5), atol=2e-3)
+    assert int(opt.skipped_steps.numpy()) == 0
+
+
+def test_mean_on_a_float16_wire_does_not_grow_with_the_replica_count():
+    # 4 gradients near float16's top: their raw sum would overflow.
+    big = np.full((4, 3), 30000.0, np.float32)
+    with M4.scope():
+        var = tf.Variable(tf.zeros([3]))
+        opt = optimizers.GradientDescent(1e-4, wire_dtype="float16")
+
+    @tf.function
+    def step(g):
+        M4.run(lambda g: opt.apply_gradients([g], [var]), (g,))
+
+    step(_per_replica(M4, lambda r: tf.constant(big[r])))
+    for c in local_copies(M4, var):
+        np.testing.assert_allclose(c, -1e-4 * 30000.0, rtol=1e-3)
+
+
+def test_some_weights_zero_contribute_nothing_even_with_nan_gradients():
+    grads = GRADS4.copy()
+    grads[1] = np.nan  # replica 1 had an empty batch: its mean gradient is NaN
+    weights = [2.0, 0.0, 1.0, 0.0]
+    updates, opt = _one_weighted_step(M4, weights, grads)
+    want = _weighted_update([2.0, 1.0], GRADS4[[0, 2]])
+    for u in updates:
+        np.testing.assert_allclose(u, want, rtol=1e-6)
+    assert int(opt.skipped_steps.numpy()) == 0
+
+
+def test_global_norm_clipping_is_exact_on_the_update():
+    # A clip 1% loose moves this update by 1% (the weights alone would hide it).
+    clip = 0.25
+    with M4.scope():
+        var = tf.Variable(tf.ones([3]))
+        opt = optimizers.GradientDescent(1.0, global_clipnorm=clip)
+
+    @tf.function
+    def step(g):
+        M4.run(lambda g: opt.apply_gradients([g], [var]), (g,))
+
+    step(_per_replica(M4, lambda r: tf.constant(GRADS4[r])))
+    mean = GRADS4.astype(np.float64).mean(0)
+    norm = np.linalg.norm(mean)
+    assert norm > 2 * clip
+    for c in local_copies(M4, var):
+        np.testing.assert_allclose(c - 1.0, -mean * clip / norm, rtol=1e-5)
+
+
+# --- Mixed precision ------------------------------------------------------------
+
+
+class _StepProbe(optimizers.Optimizer):
+    """Records the step the update rule sees, in its slot."""
+
+    def slot_initializers(self, var):
+        return {"seen": tf.zeros(var.shape, var.dtype)}
+
+    def update_step(self, grad, var, slots, lr, step):
+        return var, {"seen": tf.fill(tf.shape(var), step)}
+
+
+def test_bfloat16_variables_see_an_exact_step_over_1000_steps():
+    var = tf.Variable(tf.zeros([2], tf.bfloat16))
+    opt = _StepProbe(0.1)
+
+    @tf.function
+    def run(n):
+        for _ in tf.range(n):
+            opt.apply_gradients([tf.ones([2], tf.bfloat16)], [var])
+
+    run(tf.constant(1001))
+    # bfloat16 holds 8 significant bits: 1001 would round to 1000.
+    assert opt.slots(var)["seen"].dtype == tf.float32
+    np.testing.assert_array_equal(opt.slots(var)["seen"].numpy(), [1001.0, 1001.0])
+    assert int(opt.iterations.numpy()) == 1001
+
+
+def test_adam_on_bfloat16_variables_keeps_float32_moments():
+    p0 = np.array([0.5, -1.0, 2.0], np.float32)
+    var = tf.Variable(tf.constant(p0, tf.bfloat16))
+    opt = optimizers.Adam(0.01)
+    g = np.array([0.1, -0.2, 0.3], np.float32)
+    for _ in range(3):
+        opt.apply_gradients([tf.constant(g, tf.bfloat16)], [var])
+    assert opt.slots(var)["m"].dtype == tf.float32
+    # NumPy Adam on the bfloat16-rounded gradient, in float64.
+    gb = tf.cast(tf.constant(g, tf.bfloat16), tf.float64).numpy()
+    m = v = 0.0
+    p = tf.cast(tf.constant(p0, tf.bfloat16), tf.float64).numpy()
+    for t in range(1, 4):
+        m = 0.9 * m + 0.1 * gb
+        v = 0.999 * v + 0.001 * gb**2
+        alpha = 0.01 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        p = p - alpha * m / (np.sqrt(v) + 1e-7)
+        p = tf.cast(tf.constant(p, tf.bfloat16), tf.float64).numpy()
+    np.testing.assert_allclose(opt.slots(var)["m"].numpy(), m, rtol=1e-6)
+    np.testing.assert_allclose(tf.cast(var, tf.float64).numpy(), p, rtol=2.0**-7)
+
+
+# --- Missing gradients on the flush / average step ------------------------------
+
+
+def _two_variable_run(strategy, opt, present):
+    """Steps where `present[s]` says whether variable b gets a gradient."""
+    with strategy.scope():
+        a = tf.Variable([1.0, 2.0], name="a")
+        b = tf.Variable([3.0], name="b")
+    steps = []
+    for has_b in present:
+
+        def replica(has_b=has_b):
+            r = tf.cast(
+                tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32
+            )
+            ga = tf.stack([1.0 + r, -1.0])
+            gb = tf.reshape(2.0 * (r + 1.0), [1]) if has_b else None
+            opt.apply_gradients([ga, gb], [a, b])
+
+        steps.append(tf.function(lambda replica=replica: strategy.run(replica)))
+    with strategy.scope():
+        opt.build([a, b])
+    for s in steps:
+        s()
+    return a, b
+
+
+def test_accumulate_applies_a_buffer_whose_gradient_is_none_at_the_flush():
+    k, lr = 3, 0.5
+    opt = optimizer(
+        "gradient_descent", learning_rate=lr, sync=distopt.sync.Accumulate(k)
+    )
+    # b has gradients in micro-steps 1 and 2 only; the flush (3) has None.
+    a, b = _two_variable_run(M2, opt, [True, True, False, False, False, False])
+    # Mean over 2 replicas x 3 micro-steps: b's buffer (2 steps of 2 and 4).
+    want_b = 3.0 - lr * (2 * (2.0 + 4.0)) / (2 * k)
+    for c in local_copies(M2, b):
+        np.testing.assert_allclose(c, [want_b], rtol=1e-6)
+    # The second window gave b nothing: it is left as it is, and its buffer
+    # was zeroed by the first flush (not applied twice).
+    want_a = np.array([1.0, 2.0]) - 2 * lr * np.array([1.5, -1.0])
+    for c in local_copies(M2, a):
+        np.testing.assert_allclose(c, want_a, rtol=1e-6)
+    for acc in opt.sync.accumulators:
+        np.testing.assert_array_equal(np.asarray(acc.read_value()), 0.0)
+    assert int(opt.iterations.numpy()) == 2
+
+
+def test_local_sgd_averages_a_variable_whose_gradient_is_none_at_the_average():
+    opt = optimizer(
+        "gradient_descent", learning_rate=0.5, sync=distopt.sync.LocalSGD(2)
+    )
+    a, b = _two_variable_run(M2, opt, [True, False])
+    # Step 1: replica r moves b by -0.5 * 2 (r + 1); step 2 (None) averages.
+    for c in local_copies(M2, b):
+        np.testing.assert_allclose(c, [3.0 - 0.5 * 3.0], rtol=1e-6)
+    assert_replicas_identical(M2, [a, b])
+
+
+# --- Replica groups ------------------------------------------------------------
+
+
+def numpy_groups(x, y, n, k, lr, group):
+    """GD in groups of `group` replicas: mean inside each group every step,
+    then the mean over all replicas every k steps."""
+    steps, replicas = n.shape
+    w0, b0 = initial_params()
+    ws = [w0.astype(np.float64)] * replicas
+    bs = [b0.astype(np.float64)] * replicas
+    for s in range(steps):
+        grads = [
+            numpy_grads(ws[r], bs[r], x[s, r], y[s, r], n[s, r])
+            for r in range(replicas)
+        ]
+        for g0 in range(0, replicas, group):
+            members = range(g0, g0 + group)
+            gw = np.mean([grads[r][0] for r in members], axis=0)
+            gb = np.mean([grads[r][1] for r in members], axis=0)
+            for r in members:
+                ws[r], bs[r] = ws[r] - lr * gw, bs[r] - lr * gb
+        if (s + 1) % k == 0:
+            ws = [np.mean(ws, axis=0)] * replicas
+            bs = [np.mean(bs, axis=0)] * replicas
+    return ws, bs
+
+
+def test_hierarchical_groups_of_2_on_4_replicas_match_numpy():
+    k, steps = 3, 5
+    x, y, n = make_data(steps, 4, seed=4)
+    make = lambda: optimizer(sync=distopt.sync.Hierarchical(k, group_size=2))
+    params, opt, _ = train(M4, make, x, y, n)
+    ws, bs = numpy_groups(x, y, n, k, 0.1, group=2)
+    copies_w, copies_b = local_copies(M4, params[0]), local_copies(M4, params[1])
+    for r in range(4):
+        np.testing.assert_allclose(copies_w[r], ws[r], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(copies_b[r], bs[r], rtol=1e-5, atol=1e-6)
+    # 2 steps after the average: the groups differ, each group is identical.
+    assert not np.allclose(copies_w[0], copies_w[2])
+    np.testing.assert_array_equal(copies_w[0], copies_w[1])
+    np.testing.assert_array_equal(copies_w[2], copies_w[3])
+    # One reduction per group per step (2 groups x 5 steps), and one
+    # all-reduce of the weights per period.
+    assert int(opt.reducer.group_reductions.numpy()) == 2 * steps
+    assert int(opt.allreduce_calls.numpy()) == steps // k
+
+
+def test_group_size_that_does_not_divide_the_devices_is_named():
+    with M4.scope():
+        var = tf.Variable([1.0])
+        opt = optimizer(sync=distopt.sync.Hierarchical(2, group_size=3))
+        with pytest.raises(ValueError, match="group_size: must divide the 4 devices"):
+            opt.build([var])
+
+
+# --- The fused update -------------------------------------------------------------
+
+
+def _apply_all_step(strategy, opts, var_sets):
+    @tf.function
+    def step(g):
+        def replica(g):
+            for opt, vs in zip(opts, var_sets):
+                opt.apply_gradients(g, vs)
+
+        strategy.run(replica, (g,))
+
+    return step
+
+
+#: One configuration of each optimizer family.
+FAMILIES = list({name: (name, config) for name, config in CONFIGS}.values())
+
+
+@pytest.mark.parametrize(
+    "strategy, dtype",
+    [(DEFAULT, tf.float32), (M2, tf.float32), (M2, tf.bfloat16)],
+    ids=["default-f32", "mirrored2-f32", "mirrored2-bf16"],
+)
+def test_fused_update_equals_the_per_variable_update(strategy, dtype):
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (4,), (2, 2, 3), (1,)]
+    p0 = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [
+        [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(2)]
+        for _ in range(3)
+    ]
+    results = {}
+    for fused in (True, False):
+        with strategy.scope():
+            opts = [
+                optimizers.get(name, fused=fused, **config) for name, config in FAMILIES
+            ]
+            var_sets = [[tf.Variable(tf.constant(p, dtype)) for p in p0] for _ in opts]
+
+        step = _apply_all_step(strategy, opts, var_sets)
+        n = strategy.num_replicas_in_sync
+        for gs in grads:
+            step(
+                _per_replica(
+                    strategy,
+                    lambda r, gs=gs, n=n: [tf.constant(x, dtype) for x in gs[r % n]],
+                )
+            )
+        results[fused] = [
+            [local_copies(strategy, v) for v in vs]
+            + [local_copies(strategy, s) for v in vs for s in o.slots(v).values()]
+            for o, vs in zip(opts, var_sets)
+        ]
+    # Within a few float32 ulps (XLA contracts multiply-adds); a bfloat16
+    # variable may round its last bit the other way.
+    tol = 2.0**-7 if dtype == tf.bfloat16 else 1e-6
+    for (name, _), fused, unfused in zip(FAMILIES, results[True], results[False]):
+        for f, u in zip(fused, unfused):
+            for fc, uc in zip(f, u):
+                np.testing.assert_allclose(
+                    np.asarray(fc, np.float32),
+                    np.asarray(uc, np.float32),
+                    rtol=tol if fc.dtype != np.float32 else 1e-6,
+                    atol=1e-6,
+                    err_msg=name,
+                )
+
+
+def test_counters_read_naturally_in_python_under_mirrored():
+    x, y, n = make_data(2, 2)
+    _, opt, _ = train(M2, lambda: optimizer(), x, y, n)
+    assert int(opt.iterations) == 2 and float(opt.iterations) == 2.0
+    assert f"{opt.iterations:d} {opt.skipped_steps:03d}" == "2 000"
+    assert int(opt.allreduce_calls) == 2
+    assert [int(c) for c in local_copies(M2, opt.iterations.variable)] == [2, 2]
+    # Still a tensor wherever one is expected.
+    assert int(tf.cast(opt.iterations, tf.int32) + 1) == 3
+
+
+# --- Misuse -------------------------------------------------------------------------
+
+
+def test_a_variable_created_outside_the_scope_is_named():
+    var = tf.Variable([1.0], name="outside")
+    with M2.scope():
+        opt = optimizer()
+    with pytest.raises(ValueError, match=r"'outside:0' was created outside .*scope"):
+        M2.run(lambda: opt.apply_gradients([tf.constant([1.0])], [var]))
+    with (
+        pytest.raises(ValueError, match=r"create it under `strategy.scope\(\)`"),
+        M2.scope(),
+    ):
+        opt.build([var])
+    np.testing.assert_array_equal(var.numpy(), [1.0])
+
+
+# --- Loss scaling -----------------------------------------------------------------
+
+
+def numpy_loss_scale(finite, initial=2.0**15, growth=3):
+    """Keras's dynamic schedule: halve on a bad step, double after `growth` good."""
+    scale, good, out = initial, 0, []
+    for ok in finite:
+        if ok:
+            good += 1
+            if good >= growth:
+                scale, good = scale * 2, 0
+        else:
+            scale, good = max(scale / 2, 1.0), 0
+        out.append(scale)
+    return out
+
+
+def test_dynamic_loss_scaling_on_2_replicas_follows_the_schedule():
+    from distopt.transforms import LossScale
+
+    finite = [True, True, False, True, True, True, True, False, True]
+    with M2.scope():
+        var = tf.Variable(tf.constant([1.0, -2.0], tf.float16))
+        opt = optimizers.GradientDescent(0.5, loss_scale=LossScale(8.0, growth_steps=3))
+
+    @tf.function
+    def step(bad):
+        def replica(bad):
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(var, tf.float32) ** 2) / 2
+                scaled = opt.scale_loss(loss)
+            (g,) = tape.gradient(scaled, [var])
+            # Only replica 1 overflows: every replica must still skip.
+            poison = tf.logical_and(bad, tf.equal(rid, 1))
+            g = tf.where(poison, tf.constant(float("inf"), g.dtype), g)
+            opt.apply_gradients([g], [var])
+
+        M2.run(replica, (bad,))
+
+    p = np.array([1.0, -2.0])
+    scales = []
+    for ok in finite:
+        step(tf.constant(not ok))
+        if ok:
+            p = p - 0.5 * p
+        scales.append(float(local_copies(M2, opt.loss_scale.scale)[0]))
+        for c in local_copies(M2, var):
+            np.testing.assert_allclose(c.astype(np.float64), p, rtol=1e-3)
+    assert scales == numpy_loss_scale(finite, initial=8.0, growth=3)
+    assert int(opt.skipped_steps) == finite.count(False)
+    assert_replicas_identical(M2, [var, opt.loss_scale.scale])
+
+
+def test_loss_scale_is_rejected_under_diverging_sync_modes():
+    with pytest.raises(ValueError, match="loss_scale: needs a synchronous sync"):
+        optimizer(loss_scale="dynamic", sync=distopt.sync.LocalSGD(2))
+
+
+def test_checkpoint_paths_of_the_model_are_not_taken_by_the_optimizer(tmp_path):
+    model = tf.Module()
+    model.w = tf.Variable([1.0])
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([tf.constant([1.0])], [model.w])
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "c"))
+    names = [n for n, _ in tf.train.list_variables(path)]
+    assert "model/w/.ATTRIBUTES/VARIABLE_VALUE" in names, names
