@@ -63,8 +63,15 @@ import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 from absl import flags
+
+from distopt import quiet
+
+# Before TensorFlow: its C++ start-up block is held back (--verbosity=1
+# prints it).
+quiet.import_tensorflow()
+
+import tensorflow as tf
 
 from distopt import distribute as dist
 from distopt import optimizers
@@ -128,6 +135,12 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer(
     "seed", 0, "Noise seed of --problem=noisy_quadratic.", flag_values=_FLAGS
+)
+flags.DEFINE_integer(
+    "verbosity",
+    0,
+    "1 or more: also TensorFlow's start-up output, INFO lines and retracing warnings.",
+    flag_values=_FLAGS,
 )
 flags.DEFINE_boolean(
     "figures",
@@ -885,6 +898,7 @@ def main(argv=None) -> int:
     except flags.Error as e:
         print(f"distopt.compare: error: {e}", file=sys.stderr)
         return 2
+    quiet.configure_logging(_FLAGS.verbosity)
     if len(rest) > 1:
         print(
             f"distopt.compare: error: unexpected arguments {rest[1:]}", file=sys.stderr

@@ -15,12 +15,15 @@ The input pipeline is built per input pipeline (one per worker) by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
 import hashlib
 import importlib.resources
+import logging as std_logging
 import os
+import socket
 import struct
 from collections.abc import Callable
 
@@ -204,12 +207,8 @@ def _in_memory_source(name, origin, splits, num_classes) -> Source:
     )
 
 
-def _has_idx_files(directory: str) -> bool:
-    return all(
-        os.path.isfile(os.path.join(directory, f))
-        for files in MNIST_FILES.values()
-        for f in files
-    )
+def _present_idx_files(directory: str) -> list[str]:
+    return [f for f in MNIST_SHA256 if os.path.isfile(os.path.join(directory, f))]
 
 
 def _has_tfds_data(data_dir: str, name: str) -> bool:
@@ -218,23 +217,186 @@ def _has_tfds_data(data_dir: str, name: str) -> bool:
     return bool(glob.glob(pattern, recursive=True))
 
 
+def tfds_default_data_dir() -> str:
+    """TFDS's data directory when no ``data_dir`` is given (``TFDS_DATA_DIR``)."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), "tensorflow_datasets"
+    )
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path  # gs://, s3://, hdfs://: TFDS and tf.io handle those.
+
+
+def resolve_kind(name: str, data_dir: str | None, source: str = "auto") -> str:
+    """Where ``load_source`` reads from: "bundled", "idx" or "tfds".
+
+    With ``source="auto"``, mnist comes from the bundled files without a
+    ``data_dir``; with one, from its IDX files if it holds any of them, else
+    through TFDS. Every other dataset comes through TFDS.
+    """
+    if source == "tfds" or name != BUNDLED_DATASET:
+        return "tfds"
+    if source == "bundled" or not data_dir:
+        return "bundled"
+    if _is_remote(data_dir) or _has_tfds_data(data_dir, name):
+        return "tfds"
+    return "idx" if _present_idx_files(data_dir) else "tfds"
+
+
+def check_data_dir(
+    name: str,
+    data_dir: str | None,
+    source: str = "auto",
+    download: bool = False,
+) -> list[str]:
+    """Checks, reading no data and writing nothing, that the data can be found.
+
+    Args:
+      name: dataset name.
+      data_dir: the ``--data_dir`` flag (None: not given).
+      source: "auto", "bundled" or "tfds".
+      download: whether TFDS may download what is not prepared.
+
+    Returns:
+      One line per problem, naming the flag; empty when the data is there.
+    """
+    if source == "bundled":
+        problems = []
+        if name != BUNDLED_DATASET:
+            problems.append(
+                f"--data_source=bundled has {BUNDLED_DATASET} only, not "
+                f"--dataset={name}"
+            )
+        if data_dir:
+            problems.append(
+                f"--data_dir={data_dir} is not used with --data_source=bundled; "
+                "drop one of the two"
+            )
+        return problems
+    kind = resolve_kind(name, data_dir, source)
+    if data_dir and not _is_remote(data_dir):
+        if not os.path.exists(data_dir):
+            return [f"--data_dir={data_dir} does not exist"]
+        if not os.path.isdir(data_dir):
+            return [f"--data_dir={data_dir} is not a directory"]
+        if not os.access(data_dir, os.R_OK | os.X_OK):
+            return [f"--data_dir={data_dir} is not readable"]
+    if kind == "idx":
+        missing = [f for f in MNIST_SHA256 if f not in _present_idx_files(data_dir)]
+        if missing:
+            return [
+                (
+                    f"--data_dir={data_dir} lacks the MNIST files "
+                    f"{', '.join(missing)} (it holds the others)"
+                )
+            ]
+        return []
+    if kind == "bundled" or (data_dir and _is_remote(data_dir)):
+        return []
+    directory = data_dir or tfds_default_data_dir()
+    if _has_tfds_data(directory, name):
+        return []
+    flag = f"--data_dir={data_dir}" if data_dir else "TFDS's data directory"
+    if not download:
+        hint = f"--data_dir={data_dir}" if data_dir else "--data_dir=DIR"
+        what = (
+            f"neither the MNIST IDX files ({', '.join(MNIST_SHA256)}) nor "
+            "prepared TFDS data for mnist"
+            if name == BUNDLED_DATASET and source == "auto"
+            else f"no prepared TFDS data for {name}"
+        )
+        return [
+            (
+                f"{flag} ({directory}) holds {what}; pass --download to download "
+                f"{name} through TFDS, or prepare it with `tfds build {name} "
+                f"{hint}`"
+            )
+        ]
+    # --download writes into the directory, or creates it under an existing
+    # parent (TFDS's default directory need not exist yet).
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{flag} ({directory}) is not writable; --download must write there"]
+    return []
+
+
+# TFDS retries a failed request 10 times with back-off: minutes without a
+# network. A download with --download tries this many times, each connection
+# attempt bounded by _DOWNLOAD_SOCKET_TIMEOUT seconds.
+_DOWNLOAD_RETRIES = 1
+_DOWNLOAD_SOCKET_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def _fail_fast_downloads():
+    """Few retries, bounded connects, no progress bars or retry warnings."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
+
+    # MAX_RETRIES is a module constant read at each request; if a TFDS version
+    # drops it, its own default applies.
+    saved_retries = getattr(downloader, "MAX_RETRIES", None)
+    saved_timeout = socket.getdefaulttimeout()
+    if saved_retries is not None:
+        downloader.MAX_RETRIES = _DOWNLOAD_RETRIES
+    socket.setdefaulttimeout(_DOWNLOAD_SOCKET_TIMEOUT)
+    # "Retrying ..." per file, also from download threads still running after
+    # the first failure: left at ERROR for the process (distopt makes no
+    # other HTTP requests).
+    std_logging.getLogger("urllib3").setLevel(std_logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(saved_timeout)
+        if saved_retries is not None:
+            downloader.MAX_RETRIES = saved_retries
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
     import tensorflow_datasets as tfds  # Lazy: ~0.5 s of start-up we rarely need.
 
+    if download:
+        logging.info(
+            "Downloading %s through TensorFlow Datasets into %s (--download)",
+            name,
+            data_dir or tfds_default_data_dir(),
+        )
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            with _fail_fast_downloads():
+                builder.download_and_prepare()
+        except Exception as e:  # Network, disk or TFDS errors: all fatal here.
+            raise DataError(
+                f"Downloading {name!r} through TensorFlow Datasets into "
+                f"{data_dir or tfds_default_data_dir()} failed "
+                f"({type(e).__name__}: {_first_line(e)}). Check the network, or "
+                f"prepare it elsewhere with `tfds build {name} --data_dir=DIR` and "
+                "pass --data_dir=DIR."
+            ) from e
+    splits = ("train", "test")
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
+        if not download:
+            builder = tfds.builder(name, data_dir=data_dir)
+        info = builder.info
+        image_shape = tuple(info.features["image"].shape)
+        num_classes = info.features["label"].num_classes
+        num_examples = {s: _tfds_num_examples(builder, s) for s in splits}
     except Exception as e:  # TFDS raises many types; all mean "not available".
         raise DataError(
             f"Dataset {name!r} is not available through TensorFlow Datasets "
-            f"(data_dir={data_dir!r}): {e}. Prepare it with `tfds build {name} "
-            "--data_dir=...` on a machine with network access, then pass "
-            "--data_dir."
+            f"(data_dir={data_dir!r}): {_first_line(e)}. Pass --download, or "
+            f"prepare it with `tfds build {name} --data_dir=DIR` on a machine "
+            "with network access and pass --data_dir=DIR."
         ) from e
-    info = builder.info
-    image_shape = tuple(info.features["image"].shape)
-    num_classes = info.features["label"].num_classes
 
     def examples(split):
         def fn():
@@ -243,13 +405,12 @@ def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
 
         return fn
 
-    splits = ("train", "test")
     return Source(
         name=name,
         origin=f"TensorFlow Datasets {name} {info.version} in {builder.data_dir}",
         image_shape=image_shape,
         num_classes=num_classes,
-        num_examples={s: _tfds_num_examples(builder, s) for s in splits},
+        num_examples=num_examples,
         examples={s: examples(s) for s in splits},
         in_memory=False,
     )
@@ -271,19 +432,26 @@ def load_source(
     name: str = BUNDLED_DATASET,
     data_dir: str | None = None,
     source: str = "auto",
+    *,
+    download: bool = False,
 ) -> Source:
     """Finds a dataset and describes where it comes from.
 
-    With ``source="auto"``:
-      * mnist, ``data_dir`` holding the four IDX files: those, checksummed;
-      * mnist, ``data_dir`` holding prepared TFDS data: TFDS;
-      * mnist otherwise: the bundled IDX files (offline);
-      * any other name: TFDS (prepared in ``data_dir``, or downloaded).
+    With ``source="auto"`` (see :func:`resolve_kind`):
+      * mnist without ``data_dir``: the bundled IDX files (offline);
+      * mnist, ``data_dir`` holding IDX files: those, all four, checksummed;
+      * mnist, ``data_dir`` otherwise, and any other name: TFDS, from data
+        prepared in ``data_dir`` (TFDS's own directory if None), downloaded
+        there first only if ``download``.
+
+    A ``data_dir`` that does not exist is an error, never a place to download
+    into or a reason to fall back to the bundled files.
 
     Args:
       name: dataset name; anything other than "mnist" needs TFDS.
       data_dir: optional directory with IDX files or prepared TFDS data.
       source: "auto", "bundled" (the IDX files) or "tfds".
+      download: let TFDS download and prepare missing data.
 
     Returns:
       A :class:`Source`. The choice is logged.
@@ -291,24 +459,21 @@ def load_source(
     Raises:
       ValueError: an unknown source, or a non-MNIST dataset asked of the
         bundled files.
-      DataError: the data is missing or corrupt.
+      DataError: the data is missing or corrupt, or the download failed.
     """
     if source not in SOURCES:
         raise ValueError(f"Unknown data source {source!r}; valid: {list(SOURCES)}")
     if source == "bundled" and name != BUNDLED_DATASET:
         raise ValueError(f"Only {BUNDLED_DATASET} is bundled, not {name!r}")
+    if data_dir and not _is_remote(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"data_dir {data_dir} does not exist or is not a directory")
 
-    if source == "tfds" or (
-        source == "auto"
-        and (name != BUNDLED_DATASET or (data_dir and _has_tfds_data(data_dir, name)))
-    ):
-        prepared = bool(data_dir) and _has_tfds_data(data_dir, name)
-        result = _tfds_source(name, data_dir, download=not prepared)
+    kind = resolve_kind(name, data_dir, source)
+    if kind == "tfds":
+        result = _tfds_source(name, data_dir, download)
     else:
-        directory = bundled_dir()
-        origin = "bundled IDX files"
-        if data_dir and source == "auto" and _has_idx_files(data_dir):
-            directory, origin = data_dir, "IDX files"
+        directory = data_dir if kind == "idx" else bundled_dir()
+        origin = "IDX files" if kind == "idx" else "bundled IDX files"
         splits = {s: load_mnist_idx(s, directory) for s in MNIST_FILES}
         result = _in_memory_source(
             name, f"{origin} in {directory} (SHA-256 verified)", splits, 10

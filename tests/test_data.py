@@ -184,8 +184,16 @@ def test_mirrored_distribution_splits_the_global_batch():
     assert total == 103
 
 
-def test_tfds_path_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
+def test_tfds_path_with_mock_data(tmp_path):
+    # A dependency, not optional: an import failure (as in a fresh install
+    # without importlib_resources) must fail here, not skip.
+    import tensorflow_datasets as tfds
+
+    # What --download reads before any network access: the dataset's URLs and
+    # checksums, through importlib_resources (which TFDS 4.9.10 imports
+    # without declaring it; mock_data never gets this far).
+    urls = tfds.builder("fashion_mnist", data_dir=str(tmp_path)).url_infos
+    assert len(urls) == 4 and all(info.checksum for info in urls.values())
     with tfds.testing.mock_data(num_examples=40):
         source = data.load_source("fashion_mnist")
         assert "TensorFlow Datasets fashion_mnist" in source.origin
@@ -204,15 +212,17 @@ def test_tfds_path_with_mock_data():
 
 
 def test_auto_picks_tfds_when_data_dir_holds_prepared_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     prepared = tmp_path / "mnist" / "3.0.1"
     prepared.mkdir(parents=True)
     (prepared / "dataset_info.json").write_text("{}")
     with tfds.testing.mock_data(num_examples=20):
         source = data.load_source("mnist", data_dir=str(tmp_path))
     assert "TensorFlow Datasets" in source.origin
-    # Without prepared data the bundled files are used.
-    assert "bundled" in data.load_source("mnist", data_dir=str(tmp_path / "x")).origin
+    # A data_dir that does not exist is an error, not the bundled files.
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_source("mnist", data_dir=str(tmp_path / "x"))
 
 
 def test_read_idx_rejects_a_bad_magic_number(tmp_path):

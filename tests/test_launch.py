@@ -28,6 +28,7 @@ def test_two_workers_train_and_write_metrics(tmp_path):
         "--log_every=10",
         "--eval_steps=2",
         "--checkpoint_every=10",
+        "--nojit_compile",  # The launcher is under test, not XLA: less CPU.
         f"--model_dir={model_dir}",
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
