@@ -34,7 +34,7 @@ def _import_tensorflow_without_matplotlib():
 
 _import_tensorflow_without_matplotlib()
 
-from distopt import data, train_lib
+from distopt import checkpoints, data, train_lib, trainer_faults
 
 FLAGS = flags.FLAGS
 _DEFAULTS = train_lib.TrainConfig()
@@ -163,7 +163,21 @@ flags.DEFINE_float(
 flags.DEFINE_boolean(
     "skip_nonfinite",
     False,
-    "Skip (on every replica) a step whose aggregated gradient has NaN or Inf.",
+    "Same as --on_nonfinite=skip (kept for old command lines).",
+)
+flags.DEFINE_enum(
+    "on_nonfinite",
+    _DEFAULTS.on_nonfinite,
+    ["stop", "skip", "ignore"],
+    "A NaN or Inf loss or gradient: stop (end the run with exit status 3, "
+    "keeping the last good checkpoint), skip (skip the step on every replica; "
+    "stop after --max_skipped_steps in a row) or ignore (train on).",
+)
+flags.DEFINE_integer(
+    "max_skipped_steps",
+    _DEFAULTS.max_skipped_steps,
+    "--on_nonfinite=skip: this many skipped steps in a row end the run as "
+    "diverged (exit status 3).",
 )
 
 # Distribution of the update.
@@ -289,6 +303,8 @@ def config_from_flags() -> train_lib.TrainConfig:
         sync_args=train_lib.parse_kv(FLAGS.sync_args),
         global_clipnorm=FLAGS.global_clipnorm,
         skip_nonfinite=FLAGS.skip_nonfinite,
+        on_nonfinite=FLAGS.on_nonfinite,
+        max_skipped_steps=FLAGS.max_skipped_steps,
         steps_per_loop=FLAGS.steps_per_loop,
         jit_compile=FLAGS.jit_compile,
         mixed_precision=FLAGS.mixed_precision,
@@ -312,6 +328,16 @@ def main(argv):
         train_lib.train(config)
     except (train_lib.ConfigError, train_lib.ModelDirError, data.DataError) as e:
         # Bad input: one clear line, no traceback.
+        logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+    except (trainer_faults.Preempted, trainer_faults.Diverged) as e:
+        # Exit codes documented in trainer_faults and README.md.
+        if e.exit_code == trainer_faults.EXIT_PREEMPTED:
+            logging.warning("%s", e)
+        else:
+            logging.error("error: %s", e)
+        raise SystemExit(e.exit_code) from None
+    except (checkpoints.LockError, checkpoints.CheckpointSaveError) as e:
         logging.error("%s", e)
         raise SystemExit(f"error: {e}") from None
 
