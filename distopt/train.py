@@ -335,7 +335,8 @@ def main(argv):
         if e.exit_code == trainer_faults.EXIT_PREEMPTED:
             logging.warning("%s", e)
         else:
-            logging.error("error: %s", e)
+            logging.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except (checkpoints.LockError, checkpoints.CheckpointSaveError) as e:
         logging.error("%s", e)
