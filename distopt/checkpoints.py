@@ -262,7 +262,8 @@ def verify(path: str) -> None:
     """Reads every tensor of checkpoint ``path``, which checks their checksums.
 
     Raises:
-      tf.errors.OpError, ValueError: a missing, truncated or damaged file.
+      Exception: a missing, truncated or damaged file (``tf.errors.OpError``,
+        ``IndexError`` for a short read, ``ValueError``, ...).
     """
     reader = tf.train.load_checkpoint(path)
     for name in reader.get_variable_to_shape_map():
@@ -294,7 +295,10 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
     for path in candidates(directory):
         try:
             verify(path)
-        except (tf.errors.OpError, ValueError) as e:
+        # The checkpoint reader translates TensorFlow's status codes into
+        # assorted Python errors (IndexError for a short read, ValueError,
+        # tf.errors.*): any of them means this checkpoint does not load.
+        except Exception as e:  # noqa: BLE001
             bad.append(path)
             where = move_aside(path) if chief else "left for the chief to move"
             logging.warning(
