@@ -91,7 +91,8 @@ def _tensors(model_dir):
     return {
         name: reader.get_tensor(name)
         for name, _ in tf.train.list_variables(directory)
-        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
+        # How many saves a run made is not its state.
+        if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))
     }
 
 
