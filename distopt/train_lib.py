@@ -689,8 +689,14 @@ def make_train_loop(
 
     if needs_loss:
         step_fn = minimize_step_fn
+    # Not for a single-worker multi_worker cluster (an elastic resume on one
+    # worker): its optimizer still merge_calls, which cannot run inside the
+    # nested compiled function.
     whole_step = (
-        jit_compile and strategy.num_replicas_in_sync == 1 and not _is_tpu(strategy)
+        jit_compile
+        and strategy.num_replicas_in_sync == 1
+        and not _is_tpu(strategy)
+        and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     )
     if whole_step:
         step_fn = tf.function(step_fn, jit_compile=True)
