@@ -446,3 +446,38 @@ def test_sigterm_to_the_launcher_and_elastic_resume(tmp_path):
         assert metrics["status"] == "completed", model_dir
         assert (metrics["start_step"], metrics["train_steps"]) == (reached, 40)
         assert metrics["num_replicas"] == replicas
+
+
+def test_diloco_stopped_mid_period_on_2_replicas_resumes_on_1(tmp_path, monkeypatch):
+    """In process (cheaper): SIGTERM through the test hook, the real handler.
+
+    One replica runs the whole step as one XLA function, which used to fail
+    on the first step after this resume.
+    """
+    from distopt import train_lib, trainer_faults
+
+    def config(**overrides):
+        values = {
+            "model": "mlp",
+            "batch_size": 32,
+            "eval_steps": 1,
+            "log_every": 5,
+            "steps_per_loop": 5,
+            "checkpoint_every": 10,
+            "train_steps": 8,
+            "sync": "diloco",
+            "sync_period": 4,
+            "model_dir": str(tmp_path / "run"),
+        }
+        return train_lib.TrainConfig(**{**values, **overrides})
+
+    monkeypatch.setenv(trainer_faults.SIGTERM_AT_ENV, "1")
+    with pytest.raises(trainer_faults.Preempted, match="at step 5 of 8"):
+        train_lib.train(config(strategy="mirrored", virtual_devices=2))
+    assert _metrics(str(tmp_path / "run"))["status"] == "preempted"
+    assert _latest_step(str(tmp_path / "run")) == 5  # Mid-period: 5 % 4 == 1.
+    monkeypatch.delenv(trainer_faults.SIGTERM_AT_ENV)
+    metrics = train_lib.train(config())
+    assert metrics["status"] == "completed" and metrics["start_step"] == 5
+    assert metrics["num_replicas"] == 1 and metrics["train_steps"] == 8
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler removed.
