@@ -448,6 +448,7 @@ def test_sigterm_to_the_launcher_and_elastic_resume(tmp_path):
         assert metrics["num_replicas"] == replicas
 
 
+@pytest.mark.slow  # About 20 s of tracing and compiling, 2 strategies.
 def test_diloco_stopped_mid_period_on_2_replicas_resumes_on_1(tmp_path, monkeypatch):
     """In process (cheaper): SIGTERM through the test hook, the real handler.
 
