@@ -902,16 +902,14 @@ class _Run:
     resumed_from: str | None = None
 
     def close(self):
-        if self.signals:
-            self.signals.uninstall()
         if self.lock:
             self.lock.release()
 
 
-def _setup(config, strategy, start_time) -> _Run:
+def _setup(config, strategy, start_time, signals) -> _Run:
     """Checks the input and builds strategy, model, optimizer and checkpoint.
 
-    Writes nothing.
+    Writes nothing. Installs ``signals`` as soon as the strategy exists.
     """
     t0 = time.time()
     start_time = start_time or process_start_time() or t0
@@ -926,6 +924,10 @@ def _setup(config, strategy, start_time) -> _Run:
             communication_timeout=config.communication_timeout,
             slurm_port_base=config.slurm_port_base,
         )
+    # Right after the strategy, whose coordination service (multi_worker)
+    # installs a log-only SIGTERM handler: ours replaces it, so that a notice
+    # during the set-up is not lost; it stops the run after its first step.
+    signals.install()
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     check_model_dir(config.model_dir, config)
 
@@ -965,6 +967,7 @@ def _setup(config, strategy, start_time) -> _Run:
         guard=guard,
         t0=t0,
         start_time=start_time,
+        signals=signals,
     )
 
 
@@ -1052,12 +1055,16 @@ def train(
         last checkpoint is the last good one, ``metrics.json`` says
         ``"diverged"``.
     """
-    run = _setup(config, strategy, start_time)
+    signals = trainer_faults.StopSignals()
     try:
-        _resume(run)
-        return _train_loop(run)
+        run = _setup(config, strategy, start_time, signals)
+        try:
+            _resume(run)
+            return _train_loop(run)
+        finally:
+            run.close()
     finally:
-        run.close()
+        signals.uninstall()
 
 
 def _train_loop(run: _Run) -> dict[str, Any]:
@@ -1107,9 +1114,6 @@ def _train_loop(run: _Run) -> dict[str, Any]:
     )
     agree = trainer_faults.make_agreement(strategy)
     variables = model.trainable_variables
-    # Installed after the strategy exists, so that ours replaces the
-    # coordination service's log-only SIGTERM handler (multi_worker).
-    run.signals = trainer_faults.StopSignals().install()
 
     def synchronize():
         # Local SGD / DiLoCo replicas diverge by design: average them before
