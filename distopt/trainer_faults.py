@@ -98,7 +98,9 @@ class StopSignals:
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # None: the previous handler was not installed from Python (a C
+            # library's); Python cannot put it back, so fall back to default.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
     def maybe_inject(self, step: int) -> None:
