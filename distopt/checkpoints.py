@@ -50,7 +50,9 @@ class CheckpointSaveError(RuntimeError):
 
 def _first_line(error: BaseException) -> str:
     text = getattr(error, "message", None) or str(error) or type(error).__name__
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    # TensorFlow prefixes op errors with "{{function_node ...}} ": noise here.
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --- The run lock -------------------------------------------------------------
