@@ -168,7 +168,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_enum(
     "on_nonfinite",
     _DEFAULTS.on_nonfinite,
-    ["stop", "skip", "ignore"],
+    list(trainer_faults.ON_NONFINITE),
     "A NaN or Inf loss or gradient: stop (end the run with exit status 3, "
     "keeping the last good checkpoint), skip (skip the step on every replica; "
     "stop after --max_skipped_steps in a row) or ignore (train on).",
