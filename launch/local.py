@@ -6,10 +6,12 @@ r"""Runs a multi-worker ``distopt.train`` job on this machine.
 
 Starts ``--workers`` processes of ``python -m distopt.train
 --strategy=multi_worker <trainer flags>``, each with a ``TF_CONFIG`` naming
-every worker on a free localhost port and its own index. Their output is
-streamed with a ``[worker i]`` prefix. When one worker fails, the others are
-stopped and the launcher exits with that worker's status; it exits 0 only if
-every worker does.
+every worker on a free port of ``--host`` (loopback by default) and its own
+index. Their output is streamed with a ``[worker i]`` prefix. When one worker
+fails, the others are killed at once and the launcher exits with that
+worker's status; it exits 0 only if every worker does. SIGTERM or Ctrl-C to
+the launcher is forwarded to the workers, which save a checkpoint and exit
+42; the launcher then exits 42.
 
 Standard library only, so it runs before (and without) the package import:
 the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
