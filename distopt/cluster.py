@@ -43,12 +43,13 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def localhost_tf_config(ports: list[int], index: int) -> str:
+def localhost_tf_config(ports: list[int], index: int, host: str = "localhost") -> str:
     """The ``TF_CONFIG`` of worker ``index`` in a cluster of localhost ports.
 
     Args:
       ports: one port per worker, in worker order.
       index: this worker's index into ``ports``.
+      host: the address every worker is reached at.
 
     Returns:
       The JSON string to put in the worker's ``TF_CONFIG`` environment variable.
@@ -62,7 +63,7 @@ def localhost_tf_config(ports: list[int], index: int) -> str:
         )
     return json.dumps(
         {
-            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "cluster": {"worker": [f"{host}:{p}" for p in ports]},
             "task": {"type": "worker", "index": index},
         }
     )

@@ -21,7 +21,7 @@ from distopt import quiet
 # plots, and a later `import matplotlib` works as usual).
 quiet.import_tensorflow(hide_modules=("matplotlib",))
 
-from distopt import data, preflight, train_lib
+from distopt import checkpoints, data, preflight, train_lib, trainer_faults
 
 FLAGS = flags.FLAGS
 _DEFAULTS = train_lib.TrainConfig()
@@ -157,7 +157,21 @@ flags.DEFINE_float(
 flags.DEFINE_boolean(
     "skip_nonfinite",
     False,
-    "Skip (on every replica) a step whose aggregated gradient has NaN or Inf.",
+    "Same as --on_nonfinite=skip (kept for old command lines).",
+)
+flags.DEFINE_enum(
+    "on_nonfinite",
+    _DEFAULTS.on_nonfinite,
+    list(trainer_faults.ON_NONFINITE),
+    "A NaN or Inf loss or gradient: stop (end the run with exit status 3, "
+    "keeping the last good checkpoint), skip (skip the step on every replica; "
+    "stop after --max_skipped_steps in a row) or ignore (train on).",
+)
+flags.DEFINE_integer(
+    "max_skipped_steps",
+    _DEFAULTS.max_skipped_steps,
+    "--on_nonfinite=skip: this many skipped steps in a row end the run as "
+    "diverged (exit status 3).",
 )
 
 # Distribution of the update.
@@ -287,6 +301,8 @@ def config_from_flags() -> train_lib.TrainConfig:
         sync_args=train_lib.parse_kv(FLAGS.sync_args),
         global_clipnorm=FLAGS.global_clipnorm,
         skip_nonfinite=FLAGS.skip_nonfinite,
+        on_nonfinite=FLAGS.on_nonfinite,
+        max_skipped_steps=FLAGS.max_skipped_steps,
         steps_per_loop=FLAGS.steps_per_loop,
         jit_compile=FLAGS.jit_compile,
         mixed_precision=FLAGS.mixed_precision,
@@ -347,6 +363,15 @@ def main(argv):
     except (train_lib.ConfigError, train_lib.ModelDirError) as e:
         _fail([e], EXIT_BAD_FLAGS)
     except data.DataError as e:
+        _fail([e], EXIT_FAILURE)
+    except trainer_faults.Preempted as e:
+        # Not a failure: the checkpoint and metrics.json are written. Exit
+        # codes are documented in trainer_faults and README.md.
+        logging.warning("%s", e)
+        raise SystemExit(e.exit_code) from None
+    except trainer_faults.Diverged as e:
+        _fail([e], e.exit_code)
+    except (checkpoints.LockError, checkpoints.CheckpointSaveError) as e:
         _fail([e], EXIT_FAILURE)
 
 

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -27,10 +25,12 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from distopt import aggregation as aggregation_lib
+from distopt import checkpoints as checkpoints_lib
 from distopt import data as data_lib
 from distopt import models as models_lib
 from distopt import optimizers as optimizers_lib
 from distopt import sync as sync_lib
+from distopt import trainer_faults
 from distopt.optimizers import schedules
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -98,6 +98,8 @@ class TrainConfig:
     sync_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     global_clipnorm: float | None = None
     skip_nonfinite: bool = False
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 20
     steps_per_loop: int = 50
     jit_compile: bool = True
     mixed_precision: str = "none"
@@ -138,7 +140,19 @@ def validate_config(config: TrainConfig) -> None:
     choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
     choice("data_source", config.data_source, data_lib.SOURCES)
-    for name in ("batch_size", "steps_per_loop", "log_every", "sync_period"):
+    choice("on_nonfinite", config.on_nonfinite, trainer_faults.ON_NONFINITE)
+    if config.skip_nonfinite and config.on_nonfinite == "ignore":
+        raise ConfigError(
+            "--skip_nonfinite means --on_nonfinite=skip; it contradicts "
+            "--on_nonfinite=ignore"
+        )
+    for name in (
+        "batch_size",
+        "steps_per_loop",
+        "log_every",
+        "sync_period",
+        "max_skipped_steps",
+    ):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.train_steps <= 0 and config.epochs <= 0:
@@ -546,7 +560,10 @@ def make_optimizer(config: TrainConfig, total_steps: int, strategy=None):
         aggregation=aggregation_lib.get(config.aggregation),
         sync=sync,
         global_clipnorm=config.global_clipnorm,
-        skip_nonfinite=config.skip_nonfinite,
+        # The optimizer skips (on every replica) only under the skip policy:
+        # the check costs throughput (see optimizers/base.py), and "stop"
+        # reads the loss and the weights instead.
+        skip_nonfinite=nonfinite_policy(config) == "skip",
     )
     try:
         if config.optimizer == "sam":
@@ -617,7 +634,9 @@ def _loss_and_metrics(model, images, labels, mask=None, training=False):
     return tf.reduce_sum(per_example), tf.reduce_sum(hits), count
 
 
-def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True):
+def make_train_loop(
+    strategy, model, optimizer, sums, step, *, jit_compile=True, guard=None
+):
     """The compiled training loop: ``loop(iterator, num_steps)``.
 
     Runs ``num_steps`` steps in one ``tf.function`` (a ``tf.range`` loop over
@@ -656,6 +675,8 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
         grads, loss_sum, correct, count = grads_and_metrics(images, labels)
         optimizer.apply_gradients(grads, variables, weight=count)
         sums.add(loss_sum, correct, count)
+        if guard is not None:
+            guard.watch_loss(loss_sum)
 
     def minimize_step_fn(images, labels):
         first = []
@@ -669,11 +690,25 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
         count = tf.cast(tf.shape(labels)[0], tf.float32)
         optimizer.minimize(loss_fn, variables, weight=count)
         sums.add(*first[0])
+        if guard is not None:
+            guard.watch_loss(first[0][0])
 
     if needs_loss:
         step_fn = minimize_step_fn
+    # Not for a single-worker multi_worker cluster (an elastic resume on one
+    # worker): its optimizer still merge_calls, which cannot run inside the
+    # nested compiled function. Not for local SGD / DiLoCo / hierarchical on
+    # one replica either (only an elastic resume runs them there): XLA
+    # compiles their snapshot check for the snapshot's shape at trace time,
+    # and after restore_replicas frees it, that check's untaken branch no
+    # longer compiles ("slice index 0 of dimension 0 out of bounds").
+    sync = getattr(getattr(optimizer, "base_optimizer", optimizer), "sync", None)
     whole_step = (
-        jit_compile and strategy.num_replicas_in_sync == 1 and not _is_tpu(strategy)
+        jit_compile
+        and strategy.num_replicas_in_sync == 1
+        and not _is_tpu(strategy)
+        and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and not isinstance(sync, sync_lib.PeriodicAverage)
     )
     if whole_step:
         step_fn = tf.function(step_fn, jit_compile=True)
@@ -686,10 +721,19 @@ def make_train_loop(strategy, model, optimizer, sums, step, *, jit_compile=True)
     def replica_step(batch):
         step_fn(*batch)
 
+    counting_skips = guard is not None and guard.policy == "skip"
+
     @tf.function
     def loop(iterator, num_steps):
+        skipped = tf.constant(0, tf.int64)  # Autograph: defined before the loop.
         for _ in tf.range(num_steps):
+            if counting_skips:
+                skipped = optimizer.skipped_steps.read_value()
             strategy.run(replica_step, args=(next(iterator),))
+            if counting_skips:
+                guard.count_skips(skipped)
+        if guard is not None:
+            strategy.run(guard.watch_weights, args=(variables,))
         step.assign_add(tf.cast(num_steps, tf.int64))
 
     return loop
@@ -777,32 +821,6 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
         ) from e
 
 
-class _CheckpointWriter:
-    """Saves checkpoints; the MultiWorkerMirrored pattern for non-chiefs.
-
-    Saving a distributed variable is collective, so every worker saves; only
-    the chief writes into ``model_dir``, the others into a temporary
-    directory that is deleted right after.
-    """
-
-    def __init__(self, checkpoint, model_dir, chief, worker_id, keep):
-        self.chief = chief
-        directory = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-        if not chief:
-            directory = tempfile.mkdtemp(prefix=f"distopt_worker{worker_id}_")
-        self.directory = directory
-        self.manager = tf.train.CheckpointManager(
-            checkpoint, directory, max_to_keep=keep
-        )
-
-    def save(self, step: int) -> None:
-        path = self.manager.save(checkpoint_number=step)
-        if self.chief:
-            logging.info("Saved checkpoint %s", path)
-        else:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-
 # --- The run ------------------------------------------------------------------
 
 
@@ -866,30 +884,38 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def train(
-    config: TrainConfig,
-    *,
-    strategy: tf.distribute.Strategy | None = None,
-    start_time: float | None = None,
-) -> dict[str, Any]:
-    """Trains and evaluates; writes checkpoints, summaries and metrics.json.
+@dataclasses.dataclass
+class _Run:
+    """What :func:`train` sets up once and the loop then works on."""
 
-    Resumes from the latest checkpoint in ``config.model_dir`` if there is
-    one. Only the chief writes to ``model_dir``.
+    config: TrainConfig
+    strategy: tf.distribute.Strategy
+    chief: bool
+    source: Any
+    total_steps: int
+    model: Any
+    optimizer: Any
+    step: tf.Variable
+    train_sums: _Sums
+    eval_sums: _Sums
+    checkpoint: tf.train.Checkpoint
+    guard: trainer_faults.NonfiniteGuard
+    t0: float
+    start_time: float
+    lock: checkpoints_lib.RunLock | None = None
+    signals: trainer_faults.StopSignals | None = None
+    start_step: int = 0
+    resumed_from: str | None = None
 
-    Args:
-      config: the run.
-      strategy: use this strategy instead of creating ``config.strategy``
-        (tests and benchmarks that already initialised TensorFlow).
-      start_time: ``time.time()`` at process start, for time to first step
-        (default: :func:`process_start_time`, else the call to ``train``).
+    def close(self):
+        if self.lock:
+            self.lock.release()
 
-    Returns:
-      The metrics also written to ``model_dir/metrics.json``.
 
-    Raises:
-      ConfigError, ModelDirError, data.DataError: bad input; nothing was
-        written to ``model_dir`` then.
+def _setup(config, strategy, start_time, signals) -> _Run:
+    """Checks the input and builds strategy, model, optimizer and checkpoint.
+
+    Writes nothing. Installs ``signals`` as soon as the strategy exists.
     """
     t0 = time.time()
     start_time = start_time or process_start_time() or t0
@@ -904,10 +930,12 @@ def train(
             communication_timeout=config.communication_timeout,
             slurm_port_base=config.slurm_port_base,
         )
-    num_replicas = strategy.num_replicas_in_sync
-    check_batch_size(config.batch_size, num_replicas)
-    chief = is_chief(strategy)
-    latest = check_model_dir(config.model_dir, config)
+    # Right after the strategy, whose coordination service (multi_worker)
+    # installs a log-only SIGTERM handler: ours replaces it, so that a notice
+    # during the set-up is not lost; it stops the run after its first step.
+    signals.install()
+    check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
+    check_model_dir(config.model_dir, config)
 
     source = data_lib.load_source(
         config.dataset, config.data_dir, config.data_source, download=config.download
@@ -928,29 +956,130 @@ def train(
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         train_sums, eval_sums = _Sums("train_sums"), _Sums("eval_sums")
+        guard = trainer_faults.NonfiniteGuard(
+            nonfinite_policy(config), config.max_skipped_steps, optimizer
+        )
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    return _Run(
+        config=config,
+        strategy=strategy,
+        chief=is_chief(strategy),
+        source=source,
+        total_steps=total_steps,
+        model=model,
+        optimizer=optimizer,
+        step=step,
+        train_sums=train_sums,
+        eval_sums=eval_sums,
+        checkpoint=checkpoint,
+        guard=guard,
+        t0=t0,
+        start_time=start_time,
+        signals=signals,
+    )
+
+
+def _resume(run: _Run) -> None:
+    """Locks ``model_dir`` (chief) and restores the newest checkpoint that loads.
+
+    A latest checkpoint that fails to load is moved aside with a WARNING (see
+    :func:`checkpoints.newest_loadable`).
+
+    Raises:
+      checkpoints.LockError: another trainer writes this ``model_dir``.
+      ModelDirError: the checkpoint does not fit this model.
+    """
+    config = run.config
+    if run.chief:
+        run.lock = checkpoints_lib.RunLock(config.model_dir)
+        run.lock.acquire()
+    directory = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
+    latest = checkpoints_lib.newest_loadable(directory, chief=run.chief)
     if latest:
-        restore(checkpoint, latest, config.model_dir)
+        restore(run.checkpoint, latest, config.model_dir)
         # Local SGD / DiLoCo: each replica's own weights and slots, saved by
-        # snapshot_replicas() below, go back to their replica.
-        optimizer.restore_replicas(model.trainable_variables)
-    start_step = int(step.numpy())
+        # snapshot_replicas() below, go back to their replica (on another
+        # replica count, every replica starts from their average).
+        run.optimizer.restore_replicas(run.model.trainable_variables)
+    run.resumed_from = latest
+    run.start_step = int(run.step.numpy())
     logging.info(
         "Model %s (%d parameters), %s optimizer, aggregation %s, sync %s; "
         "global batch %d over %d replica(s); %s step %d of %d",
         config.model,
-        models_lib.parameter_count(model),
+        models_lib.parameter_count(run.model),
         config.optimizer,
         config.aggregation,
         config.sync
         if config.sync == "every_step"
         else f"{config.sync} k={config.sync_period}",
         config.batch_size,
-        num_replicas,
+        run.strategy.num_replicas_in_sync,
         "resuming at" if latest else "starting at",
-        start_step,
-        total_steps,
+        run.start_step,
+        run.total_steps,
     )
+
+
+def nonfinite_policy(config: TrainConfig) -> str:
+    """``--on_nonfinite``, with ``--skip_nonfinite`` meaning ``skip``."""
+    return "skip" if config.skip_nonfinite else config.on_nonfinite
+
+
+def train(
+    config: TrainConfig,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+    start_time: float | None = None,
+) -> dict[str, Any]:
+    """Trains and evaluates; writes checkpoints, summaries and metrics.json.
+
+    Resumes from the newest checkpoint in ``config.model_dir`` that loads.
+    Only the chief writes to ``model_dir``, and only one trainer at a time
+    (a lock file). SIGTERM or SIGINT stops the run after the current chunk
+    of at most ``steps_per_loop`` steps, with a checkpoint there.
+
+    Args:
+      config: the run.
+      strategy: use this strategy instead of creating ``config.strategy``
+        (tests and benchmarks that already initialised TensorFlow).
+      start_time: ``time.time()`` at process start, for time to first step
+        (default: :func:`process_start_time`, else the call to ``train``).
+
+    Returns:
+      The metrics also written to ``model_dir/metrics.json`` (``status``
+      ``"completed"``).
+
+    Raises:
+      ConfigError, ModelDirError, data.DataError: bad input; nothing was
+        written to ``model_dir`` then.
+      checkpoints.LockError: another trainer holds ``model_dir``.
+      checkpoints.CheckpointSaveError: a save failed; the previous
+        checkpoint is still the latest.
+      trainer_faults.Preempted: a stop notice; a checkpoint was saved and
+        ``metrics.json`` says ``"preempted"``.
+      trainer_faults.Diverged: a non-finite loss or gradient under
+        ``on_nonfinite="stop"`` (or too many skipped steps in a row); the
+        last checkpoint is the last good one, ``metrics.json`` says
+        ``"diverged"``.
+    """
+    signals = trainer_faults.StopSignals()
+    try:
+        run = _setup(config, strategy, start_time, signals)
+        try:
+            _resume(run)
+            return _train_loop(run)
+        finally:
+            run.close()
+    finally:
+        signals.uninstall()
+
+
+def _train_loop(run: _Run) -> dict[str, Any]:
+    """Trains from ``run.start_step`` to the end, a stop notice or divergence."""
+    config, strategy, chief = run.config, run.strategy, run.chief
+    model, optimizer, step = run.model, run.optimizer, run.step
+    start_step, total_steps = run.start_step, run.total_steps
 
     # Every check passed: from here on we write.
     if chief:
@@ -967,22 +1096,31 @@ def train(
         )
     else:
         train_writer = eval_writer = tf.summary.create_noop_writer()
-    saver = _CheckpointWriter(
-        checkpoint,
-        config.model_dir,
+    saver = checkpoints_lib.CheckpointWriter(
+        run.checkpoint,
+        os.path.join(config.model_dir, CHECKPOINT_SUBDIR),
         chief,
         _worker_id(strategy),
         config.keep_checkpoints,
     )
 
-    train_ds, test_ds, test_steps = make_datasets(strategy, source, config, start_step)
+    train_ds, test_ds, test_steps = make_datasets(
+        strategy, run.source, config, start_step
+    )
     iterator = iter(train_ds)
     train_loop = make_train_loop(
-        strategy, model, optimizer, train_sums, step, jit_compile=config.jit_compile
+        strategy,
+        model,
+        optimizer,
+        run.train_sums,
+        step,
+        jit_compile=config.jit_compile,
+        guard=run.guard,
     )
     eval_loop = make_eval_loop(
-        strategy, model, eval_sums, jit_compile=config.jit_compile
+        strategy, model, run.eval_sums, jit_compile=config.jit_compile
     )
+    agree = trainer_faults.make_agreement(strategy)
     variables = model.trainable_variables
 
     def synchronize():
@@ -995,7 +1133,7 @@ def train(
         synchronize()
         t = time.time()
         eval_loop(iter(test_ds), tf.constant(test_steps, tf.int64))
-        result = eval_sums.result()
+        result = run.eval_sums.result()
         logging.info(
             "eval step %d: loss %.4f, accuracy %.2f%% on %d examples (%.1f s)",
             at_step,
@@ -1011,20 +1149,61 @@ def train(
         )
         return result
 
+    last_saved = [run.start_step if run.resumed_from else None]
+
     def save(at_step):
         # Keeps every replica's copy in the checkpoint without averaging, so
         # checkpointing does not change a local SGD / DiLoCo run.
         with strategy.scope():
             optimizer.snapshot_replicas(variables)
         saver.save(at_step)
+        last_saved[0] = at_step
+
+    timing = {"first_step": None, "steps": 0, "seconds": 0.0}
+
+    def finish(status, final_step, result=None):
+        train_writer.flush()
+        eval_writer.flush()
+        result = result or {}
+        metrics = {
+            "status": status,
+            "test_accuracy": result.get("accuracy"),
+            "test_loss": result.get("loss"),
+            "test_examples": int(result["examples"]) if result else None,
+            "train_steps": final_step,
+            "start_step": start_step,
+            "examples_per_second": (
+                timing["steps"] * config.batch_size / timing["seconds"]
+                if timing["seconds"]
+                else None
+            ),
+            "wall_seconds": time.time() - run.t0,
+            "seconds_to_first_step": timing["first_step"],
+            "skipped_steps": int(optimizer.skipped_steps.numpy()),
+            "num_replicas": strategy.num_replicas_in_sync,
+            "global_batch_size": config.batch_size,
+            "model": config.model,
+            "dataset": config.dataset,
+            "data_source": run.source.origin,
+            "strategy": config.strategy,
+            "optimizer": config.optimizer,
+            "aggregation": config.aggregation,
+            "sync": config.sync,
+            "sync_period": config.sync_period,
+            "last_checkpoint_step": last_saved[0],
+        }
+        if chief:
+            _write_json_atomically(
+                os.path.join(config.model_dir, METRICS_FILE), metrics
+            )
+        return metrics
 
     # The loop runs in chunks of at most steps_per_loop steps, cut at every
     # log, eval and checkpoint boundary. The first chunk is one step, so time
     # to first step (tracing and compilation included) is measured on its own
-    # and kept out of the throughput.
+    # and kept out of the throughput. Stop notices and divergence are read
+    # between chunks: a chunk is what "the current step" means for them.
     current = start_step
-    first_step_seconds = None
-    timed_steps, timed_seconds = 0, 0.0
     window_start, window_steps = time.time(), 0
     boundaries = [config.log_every, config.eval_every, config.checkpoint_every]
     while current < total_steps:
@@ -1032,23 +1211,39 @@ def train(
         for every in boundaries:
             if every > 0:
                 n = min(n, every - current % every)
-        if first_step_seconds is None:
+        if timing["first_step"] is None:
             n = 1
+        run.signals.maybe_inject(current)
         t = time.time()
         train_loop(iterator, tf.constant(n, tf.int64))
         current += n
-        if first_step_seconds is None:
+        if timing["first_step"] is None:
             int(step.numpy())  # Wait for the step to finish.
-            first_step_seconds = time.time() - start_time
-            logging.info("First step done %.1f s after start", first_step_seconds)
+            timing["first_step"] = time.time() - run.start_time
+            logging.info("First step done %.1f s after start", timing["first_step"])
             window_start, window_steps = time.time(), 0
         else:
-            timed_steps += n
-            timed_seconds += time.time() - t
+            timing["steps"] += n
+            timing["seconds"] += time.time() - t
             window_steps += n
+        if delay := trainer_faults.chunk_delay():
+            time.sleep(delay)
+
+        # One agreement per chunk: every worker stops (or diverges) together.
+        stops, bad = agree(
+            tf.constant(1.0 if run.signals.requested else 0.0), run.guard.bad
+        )
+        diverged = run.guard.diverged(float(bad))
+        if diverged:
+            finish(trainer_faults.STATUS_DIVERGED, current)
+            raise trainer_faults.Diverged(
+                f"Training diverged: {diverged} in steps {current - n + 1}-{current}"
+                f"; {_kept(last_saved[0])}. Lower --learning_rate, add "
+                "--global_clipnorm, or see --on_nonfinite"
+            )
 
         if current % config.log_every == 0 or current == total_steps:
-            result = train_sums.result()
+            result = run.train_sums.result()
             elapsed = time.time() - window_start
             rate = window_steps * config.batch_size / elapsed if window_steps else 0.0
             steps_per_second = window_steps / elapsed if window_steps else 0.0
@@ -1080,6 +1275,15 @@ def train(
                 },
             )
             window_start, window_steps = time.time(), 0
+        if float(stops) > 0:
+            if last_saved[0] != current:
+                save(current)
+            finish(trainer_faults.STATUS_PREEMPTED, current)
+            raise trainer_faults.Preempted(
+                f"Stopped by {run.signals.requested or 'a stop notice to another worker'}"
+                f" at step {current} of {total_steps}; saved a checkpoint there. "
+                "Rerun the same command to resume"
+            )
         if (
             config.eval_every
             and current % config.eval_every == 0
@@ -1090,41 +1294,16 @@ def train(
             save(current)
 
     final_step = int(step.numpy())
-    if final_step > start_step and (
-        not config.checkpoint_every or final_step % config.checkpoint_every
-    ):
+    if final_step > start_step and last_saved[0] != final_step:
         save(final_step)
     result = evaluate(final_step)
-    train_writer.flush()
-    eval_writer.flush()
-
-    wall = time.time() - t0
-    metrics = {
-        "test_accuracy": result["accuracy"],
-        "test_loss": result["loss"],
-        "test_examples": int(result["examples"]),
-        "train_steps": final_step,
-        "start_step": start_step,
-        "examples_per_second": (
-            timed_steps * config.batch_size / timed_seconds if timed_seconds else None
-        ),
-        "wall_seconds": wall,
-        "seconds_to_first_step": first_step_seconds,
-        "skipped_steps": int(optimizer.skipped_steps.numpy()),
-        "num_replicas": num_replicas,
-        "global_batch_size": config.batch_size,
-        "model": config.model,
-        "dataset": config.dataset,
-        "data_source": source.origin,
-        "strategy": config.strategy,
-        "optimizer": config.optimizer,
-        "aggregation": config.aggregation,
-        "sync": config.sync,
-        "sync_period": config.sync_period,
-    }
-    if chief:
-        with tf.io.gfile.GFile(os.path.join(config.model_dir, METRICS_FILE), "w") as f:
-            json.dump(metrics, f, indent=2)
+    skipped = int(optimizer.skipped_steps.numpy())
+    if skipped:
+        logging.warning(
+            "%d step(s) were skipped for a non-finite gradient (--on_nonfinite=skip)",
+            skipped,
+        )
+    metrics = finish(trainer_faults.STATUS_COMPLETED, final_step, result)
     logging.info(
         "Done: test accuracy %.2f%%, test loss %.4f, %d steps, %s examples/s, %.1f s",
         100 * metrics["test_accuracy"],
@@ -1133,9 +1312,24 @@ def train(
         f"{metrics['examples_per_second']:.0f}"
         if metrics["examples_per_second"]
         else "n/a",
-        wall,
+        metrics["wall_seconds"],
     )
     return metrics
+
+
+def _kept(saved_step):
+    if saved_step is None:
+        return "no checkpoint was written"
+    return f"the checkpoint of step {saved_step}, the last good one, is kept"
+
+
+def _write_json_atomically(path: str, value) -> None:
+    """Strict JSON (NaN and Infinity as null), replaced in one rename."""
+    text = json.dumps(trainer_faults.strict_json(value), indent=2, allow_nan=False)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def parse_kv(text: str) -> dict[str, Any]:

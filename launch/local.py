@@ -6,10 +6,12 @@ r"""Runs a multi-worker ``distopt.train`` job on this machine.
 
 Starts ``--workers`` processes of ``python -m distopt.train
 --strategy=multi_worker <trainer flags>``, each with a ``TF_CONFIG`` naming
-every worker on a free localhost port and its own index. Their output is
-streamed with a ``[worker i]`` prefix. When one worker fails, the others are
-stopped and the launcher exits with that worker's status; it exits 0 only if
-every worker does.
+every worker on a free port of ``--host`` (loopback by default) and its own
+index. Their output is streamed with a ``[worker i]`` prefix. When one worker
+fails, the others are killed at once and the launcher exits with that
+worker's status; it exits 0 only if every worker does. SIGTERM or Ctrl-C to
+the launcher is forwarded to the workers, which save a checkpoint and exit
+42; the launcher then exits 42.
 
 Standard library only, so it runs before (and without) the package import:
 the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
@@ -59,46 +61,74 @@ def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:
     pipe.close()
 
 
-def _stop(procs: list[subprocess.Popen], grace: float) -> None:
-    """SIGTERM every live worker's process group, then SIGKILL after ``grace``."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + grace
-    for p in live:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
+# The trainer's exit status after a stop notice (checkpoint saved); see
+# distopt/trainer_faults.py. Kept here as a number: the launcher does not
+# import distopt.
+EXIT_PREEMPTED = 42
+
+
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+    """Sends ``sig`` to every live worker's process group."""
+    for p in procs:
+        if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-            p.wait()
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILLs every live worker's process group and reaps them."""
+    _signal_all(procs, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT to the launcher, recorded for the monitoring loop."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        del frame
+        self.signum = self.signum or signum
 
 
 def launch(
     num_workers: int,
     command: list[str],
     *,
-    grace_seconds: float = 10.0,
+    grace_seconds: float = 25.0,
+    host: str = "127.0.0.1",
     out=None,
+    stop_request: _StopRequest | None = None,
 ) -> int:
     """Runs ``command`` as ``num_workers`` workers; returns the exit status.
+
+    A stop notice to the launcher (SIGTERM, SIGINT: see ``stop_request``) is
+    forwarded to every worker as SIGTERM; the trainers then save a checkpoint
+    at the same step and exit 42, and the launcher waits up to
+    ``grace_seconds`` for them. A worker that fails (any other non-zero
+    status) has the others killed at once: their peer is gone, so they could
+    only wait for a collective to time out; the last checkpoint is what
+    counts. A worker that exits 42 on its own (a notice sent to it directly)
+    has the others given ``grace_seconds`` to save and exit too.
 
     Args:
       num_workers: number of worker processes.
       command: the program and arguments of every worker.
-      grace_seconds: how long a stopped worker gets before SIGKILL.
+      grace_seconds: how long workers get to exit after a stop notice.
+      host: the address every worker's TF_CONFIG names (loopback by default).
       out: where prefixed output goes (default stdout).
+      stop_request: set by the launcher's signal handlers.
 
     Returns:
-      0 if every worker exited 0, else the status of the first that failed
-      (128 + signal number for a signal).
+      0 if every worker exited 0, 42 if they stopped on a notice, else the
+      status of the first that failed (128 + signal number for a signal).
     """
     out = out or sys.stdout
+    stop_request = stop_request or _StopRequest()
     ports = free_ports(num_workers)
     lock = threading.Lock()
     env = dict(os.environ)
@@ -108,16 +138,19 @@ def launch(
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
     procs, threads = [], []
-    with lock:
-        out.write(
-            f"[launcher] {num_workers} workers on localhost ports {ports}: "
-            f"{shlex.join(command)}\n"
-        )
+
+    def say(text):
+        with lock:
+            out.write(f"[launcher] {text}\n")
+            out.flush()
+
+    say(f"{num_workers} workers on {host} ports {ports}: {shlex.join(command)}")
+    status = 0
     try:
         for i in range(num_workers):
             proc = subprocess.Popen(
                 command,
-                env={**env, "TF_CONFIG": tf_config(ports, i)},
+                env={**env, "TF_CONFIG": tf_config(ports, i, host=host)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -131,36 +164,49 @@ def launch(
             )
             t.start()
             threads.append(t)
-        status = 0
+        deadline = None  # Set once the workers were told to stop.
         while True:
             codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                failed = [c for c in codes if c != 0]
+                status = _status(failed[0]) if failed else 0
+                break
+            if stop_request.signum and deadline is None:
+                name = signal.Signals(stop_request.signum).name
+                say(f"{name}: forwarding SIGTERM to the workers")
+                _signal_all(procs, signal.SIGTERM)
+                deadline = time.time() + grace_seconds
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i, code = failed[0]
-                status = code if code > 0 else 128 - code
-                with lock:
-                    out.write(
-                        f"[launcher] worker {i} failed with status {code}; "
-                        "stopping the others\n"
-                    )
+            preempted = [c == EXIT_PREEMPTED for _, c in failed]
+            if failed and not all(preempted):
+                i, code = next((i, c) for i, c in failed if c != EXIT_PREEMPTED)
+                status = _status(code)
+                say(f"worker {i} failed with status {code}; stopping the others")
                 break
-            if all(c == 0 for c in codes):
+            if failed and deadline is None:
+                say(
+                    f"worker {failed[0][0]} stopped on a notice; waiting "
+                    f"{grace_seconds:g} s for the others"
+                )
+                deadline = time.time() + grace_seconds
+            if deadline is not None and time.time() > deadline:
+                say(f"workers still running after {grace_seconds:g} s: killing them")
+                status = EXIT_PREEMPTED if failed else 128 + signal.SIGKILL
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
     except KeyboardInterrupt:
         status = 130
     finally:
-        _stop(procs, grace_seconds)
+        _kill_all(procs)
         for t in threads:
             t.join()
-    with lock:
-        out.write(f"[launcher] exit status {status}\n")
+    say(f"exit status {status}")
     return status
 
 
-def _interrupt(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt
+def _status(code: int) -> int:
+    """A worker's exit status as a process exit status (128 + signal)."""
+    return code if code > 0 else 128 - code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grace_seconds",
         type=float,
-        default=10.0,
-        help="Seconds a stopped worker gets to exit before SIGKILL.",
+        default=25.0,
+        help="Seconds the workers get to save and exit after a stop notice "
+        "before SIGKILL (keep it under the scheduler's grace period).",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address of this machine in the workers' TF_CONFIG (default "
+        "loopback). Note that TensorFlow's gRPC server listens on all "
+        "interfaces whatever this says.",
     )
     args = parser.parse_args(own)
     if args.workers < 1:
@@ -196,10 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.split(args.command)
     else:
         command = [sys.executable, "-m", "distopt.train", "--strategy=multi_worker"]
-    # SIGTERM to the launcher (a job scheduler's stop) stops the workers too.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM or Ctrl-C to the launcher (a job scheduler's stop) is forwarded
+    # to the workers, which save a checkpoint and exit.
+    stop_request = _StopRequest()
+    signal.signal(signal.SIGTERM, stop_request)
+    signal.signal(signal.SIGINT, stop_request)
     return launch(
-        args.workers, command + trainer_flags, grace_seconds=args.grace_seconds
+        args.workers,
+        command + trainer_flags,
+        grace_seconds=args.grace_seconds,
+        host=args.host,
+        stop_request=stop_request,
     )
 
 

@@ -1,0 +1,486 @@
+"""What real clusters do to a run: stop notices, damaged checkpoints, a full
+disk, divergence, two trainers on one directory, a different cluster size on
+resume. Every case runs the trainer (or the launcher) in a subprocess, as a
+scheduler would.
+
+Test-only hooks (environment variables, see distopt/trainer_faults.py and
+distopt/checkpoints.py): DISTOPT_FAULT_CHUNK_DELAY paces a run so that a test
+can signal it mid-way; DISTOPT_FAULT_SAVE_ERROR_AT stands in for a full disk
+where this machine cannot mount a small tmpfs.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, run_python
+
+LAUNCHER = os.path.join(REPO, "launch", "local.py")
+EXIT_DIVERGED, EXIT_PREEMPTED = 3, 42
+COMMON = (
+    "--model=mlp",
+    "--batch_size=32",
+    "--eval_steps=1",
+    "--log_every=5",
+    "--steps_per_loop=5",
+    "--checkpoint_every=10",
+)
+
+
+def _env(**extra):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def _start(argv, log_path, **env):
+    """Starts ``python argv`` with stdout and stderr into ``log_path``."""
+    log = open(log_path, "w")  # noqa: SIM115 (closed by _finish)
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(**env),
+        # Its own session: a signal to it reaches nothing else.
+        start_new_session=True,
+    )
+    proc.log = log
+    return proc
+
+
+def _finish(proc, timeout=240):
+    proc.wait(timeout=timeout)
+    proc.log.close()
+    with open(proc.log.name) as f:
+        return proc.returncode, f.read()
+
+
+def _wait_for(path, text, proc, timeout=180):
+    """Waits until ``text`` is in the file ``path`` (the process still runs)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(path) as f:
+            if text in f.read():
+                return
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}"
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not seen in {timeout} s")
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        # Strict JSON: NaN or Infinity would raise here.
+        return json.loads(f.read(), parse_constant=_no_constants)
+
+
+def _no_constants(name):
+    raise AssertionError(f"metrics.json is not strict JSON: {name}")
+
+
+def _tensors(model_dir):
+    """Every tensor of the latest checkpoint of ``model_dir``."""
+    directory = os.path.join(model_dir, "checkpoints")
+    reader = tf.train.load_checkpoint(directory)
+    return {
+        name: reader.get_tensor(name)
+        for name, _ in tf.train.list_variables(directory)
+        # How many saves a run made is not its state.
+        if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))
+    }
+
+
+def _assert_bit_identical(a_dir, b_dir):
+    a, b = _tensors(a_dir), _tensors(b_dir)
+    # Everything: weights, slots, sync state, counters (the weights' names
+    # depend on which object tracks them first, model or optimizer).
+    assert a.keys() == b.keys() and len(a) > 12
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _latest_step(model_dir):
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    return int(path.rsplit("-", 1)[1]) if path else None
+
+
+def _errors(output):
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
+    tmp_path,
+):
+    """SIGTERM mid-run: a checkpoint at the step reached, status "preempted",
+    exit 42, a resume equal to an uninterrupted run bit for bit. Meanwhile a
+    second trainer on the same directory refuses; a stale lock is taken over.
+    """
+    run_dir = str(tmp_path / "run")
+    args = ["-m", "distopt.train", *COMMON, f"--model_dir={run_dir}"]
+    log = str(tmp_path / "first.log")
+    first = _start(
+        [*args, "--train_steps=100000"], log, DISTOPT_FAULT_CHUNK_DELAY="0.3"
+    )
+    try:
+        _wait_for(log, "step 10/100000", first)
+        second = run_python(*args, "--train_steps=100000", timeout=240)
+        assert second.returncode == 1
+        assert _errors(second.stderr) == [
+            (
+                f"error: {run_dir} is in use by another trainer (host "
+                f"{socket.gethostname()}, pid {first.pid}; {run_dir}/LOCK); use another "
+                "--model_dir, or delete the lock file if that process is gone"
+            )
+        ]
+        assert "Traceback" not in second.stderr
+        os.kill(first.pid, signal.SIGTERM)
+        code, out = _finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    metrics = _metrics(run_dir)
+    reached = metrics["train_steps"]
+    assert metrics["status"] == "preempted" and reached >= 10
+    assert metrics["last_checkpoint_step"] == reached == _latest_step(run_dir)
+    assert f"Stopped by SIGTERM at step {reached} of 100000" in out
+    assert not os.path.exists(os.path.join(run_dir, "LOCK"))
+
+    # A lock left by a process that is gone is taken over.
+    with open(os.path.join(run_dir, "LOCK"), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": _dead_pid()}, f)
+    total = f"--train_steps={reached + 10}"
+    straight_dir = str(tmp_path / "straight")
+    straight = _start(
+        ["-m", "distopt.train", *COMMON, f"--model_dir={straight_dir}", total],
+        str(tmp_path / "straight.log"),
+    )
+    resumed = run_python(*args, total, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Taking over the stale lock" in resumed.stderr
+    metrics = _metrics(run_dir)
+    assert metrics["status"] == "completed"
+    assert (metrics["start_step"], metrics["train_steps"]) == (reached, reached + 10)
+    assert _finish(straight)[0] == 0
+    _assert_bit_identical(run_dir, straight_dir)
+
+
+def _flip_bit(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_damaged_latest_checkpoints_fall_back_to_the_newest_that_loads(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = [
+        "-m",
+        "distopt.train",
+        *COMMON,
+        "--checkpoint_every=5",
+        "--keep_checkpoints=5",
+        "--train_steps=25",
+        f"--model_dir={run_dir}",
+    ]
+    proc = run_python(*args, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    intact = _tensors(run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints", "ckpt-{}.{}")
+    data, index = "data-00000-of-00001", "index"
+    _truncate(ckpt.format(25, index), 100)
+    _flip_bit(ckpt.format(20, data), os.path.getsize(ckpt.format(20, data)) // 2)
+    os.remove(ckpt.format(15, data))
+    _truncate(ckpt.format(10, data), 0)
+
+    proc = run_python(*args, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "does not load" in line]
+    assert len(warnings) == 4, proc.stderr[-3000:]
+    for step, line in zip((25, 20, 15, 10), warnings):
+        assert line.startswith("W") and f"ckpt-{step} does not load" in line
+        assert "moved aside to" in line
+    assert _metrics(run_dir)["start_step"] == 5
+    # Moved aside, never deleted: every damaged file is still there.
+    corrupt = os.path.join(run_dir, "checkpoints", "corrupt")
+    kept = sorted(f for d in os.listdir(corrupt) for f in os.listdir(f"{corrupt}/{d}"))
+    assert kept == sorted(
+        [f"ckpt-25.{data}", "ckpt-25.index", f"ckpt-20.{data}", "ckpt-20.index"]
+        + ["ckpt-15.index", f"ckpt-10.{data}", "ckpt-10.index"]
+    )
+    # From step 5 again, the same data and state: the same run.
+    resumed = _tensors(run_dir)
+    assert resumed.keys() == intact.keys()
+    for name in intact:
+        np.testing.assert_array_equal(resumed[name], intact[name], err_msg=name)
+
+
+def _mount_small_tmpfs(path, size):
+    """Mounts a tmpfs of ``size`` at ``path``; False where not allowed."""
+    os.makedirs(path)
+    if not shutil.which("mount"):
+        return False
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+        capture_output=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_leaves_the_last_checkpoint(tmp_path):
+    disk = str(tmp_path / "disk")
+    # Room for one checkpoint of the MLP (10.9 MB with Adam's slots), not two.
+    mounted = _mount_small_tmpfs(disk, "16m")
+    try:
+        run_dir = os.path.join(disk, "run")
+        proc = subprocess.run(
+            [sys.executable, "-m", "distopt.train", *COMMON, "--train_steps=30"]
+            + [f"--model_dir={run_dir}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            # No mount allowed: the save of step 20 fails as a full disk does.
+            env=_env() if mounted else _env(DISTOPT_FAULT_SAVE_ERROR_AT="20"),
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        errors = _errors(proc.stderr)
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert errors[0].startswith(
+            f"error: Could not save the checkpoint of step 20 in {run_dir}/checkpoints:"
+            " ResourceExhaustedError: "
+        ), ("tmpfs" if mounted else "injected", errors)
+        assert errors[0].endswith(
+            f"The latest checkpoint is still {run_dir}/checkpoints/ckpt-10; free "
+            "space and rerun to resume"
+        )
+        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+            "checkpoint",
+            "ckpt-10.data-00000-of-00001",
+            "ckpt-10.index",
+        ]
+        assert _latest_step(run_dir) == 10
+    finally:
+        if mounted:
+            subprocess.run(["umount", disk], check=False)
+
+
+def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = run_python(
+        "-m",
+        "distopt.train",
+        *COMMON,
+        "--train_steps=60",
+        "--optimizer=gradient_descent",
+        # Sane for 10 steps (a good checkpoint), then 1e6: NaN within steps.
+        "--lr_schedule=piecewise",
+        "--lr_boundaries=10",
+        "--lr_values=0.01,1e6",
+        f"--model_dir={run_dir}",
+        timeout=240,
+    )
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert errors[0].startswith("error: Training diverged: a non-finite loss")
+    assert "the checkpoint of step 10, the last good one, is kept" in errors[0]
+    metrics = _metrics(run_dir)  # Strict JSON.
+    assert metrics["status"] == "diverged" and metrics["test_loss"] is None
+    assert metrics["last_checkpoint_step"] == 10 == _latest_step(run_dir)
+    for name, value in _tensors(run_dir).items():
+        if value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+
+
+def test_skip_policy_stops_after_max_skipped_steps_in_a_row(tmp_path):
+    from distopt import train_lib, trainer_faults
+
+    config = train_lib.TrainConfig(
+        model="mlp",
+        batch_size=32,
+        eval_steps=1,
+        log_every=5,
+        steps_per_loop=5,
+        checkpoint_every=10,
+        train_steps=200,
+        optimizer="gradient_descent",
+        learning_rate=1e6,
+        on_nonfinite="skip",
+        max_skipped_steps=8,
+        model_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(trainer_faults.Diverged, match="steps in a row skipped"):
+        train_lib.train(config)
+    metrics = _metrics(config.model_dir)
+    assert metrics["status"] == "diverged" and metrics["skipped_steps"] >= 8
+    assert metrics["train_steps"] < 200
+
+
+FAKE_WORKER = """
+import json, os, signal, sys, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+# Like a TensorFlow worker before its trainer installs a handler: SIGTERM
+# only logged.
+signal.signal(signal.SIGTERM, lambda *a: print("SIGTERM caught", flush=True))
+print(f"worker {index} up", flush=True)
+if index == 1:
+    time.sleep(1)
+    sys.exit(5)
+time.sleep(120)
+"""
+
+
+def test_launcher_ends_within_seconds_of_a_failure_and_binds_loopback(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    start = time.time()
+    proc = run_python(
+        LAUNCHER,
+        "--workers=2",
+        f"--command={sys.executable} {script}",
+        "--grace_seconds=100",
+        timeout=90,
+    )
+    assert proc.returncode == 5, proc.stdout
+    # Not the 100 s grace: the survivor is killed at once.
+    assert time.time() - start < 60
+    assert "worker 1 failed with status 5" in proc.stdout
+    assert "workers on 127.0.0.1 ports" in proc.stdout
+
+
+def _launch(model_dir, log, *extra, env=None, workers=2):
+    return _start(
+        [
+            LAUNCHER,
+            f"--workers={workers}",
+            "--",
+            *COMMON,
+            "--sync=local_sgd",
+            "--sync_period=4",
+            "--train_steps=40",
+            f"--model_dir={model_dir}",
+            *extra,
+        ],
+        log,
+        **(env or {}),
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_and_elastic_resume(tmp_path):
+    """2 workers (local SGD, k=4), SIGTERM to the launcher: both workers save
+    the same step and exit 42. Resumed on 2 workers it equals an uninterrupted
+    run bit for bit; resumed on 1 worker and on mirrored 2 it completes.
+    """
+    straight_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "run")
+    straight = _launch(straight_dir, str(tmp_path / "straight.log"))
+    log = str(tmp_path / "stopped.log")
+    stopped = _launch(run_dir, log, env={"DISTOPT_FAULT_CHUNK_DELAY": "0.5"})
+    try:
+        _wait_for(log, "[worker 0] ", stopped)
+        _wait_for(log, "step 10/40", stopped)
+        os.kill(stopped.pid, signal.SIGTERM)
+        code, out = _finish(stopped)
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+    assert code == EXIT_PREEMPTED, out[-4000:]
+    assert "[launcher] SIGTERM: forwarding SIGTERM to the workers" in out
+    metrics = _metrics(run_dir)
+    reached = metrics["train_steps"]
+    assert metrics["status"] == "preempted" and 10 <= reached < 40
+    assert _latest_step(run_dir) == reached
+    for worker in (0, 1):
+        assert f"[worker {worker}] " in out
+        assert f"Stopped by SIGTERM at step {reached} of 40" in out
+    assert out.count(f"Stopped by SIGTERM at step {reached} of 40") == 2
+
+    one_dir, mirrored_dir = str(tmp_path / "one"), str(tmp_path / "mirrored")
+    shutil.copytree(run_dir, one_dir)
+    shutil.copytree(run_dir, mirrored_dir)
+    assert _finish(straight)[0] == 0
+    resumed = _launch(run_dir, str(tmp_path / "resumed.log"))
+    one = _launch(one_dir, str(tmp_path / "one.log"), workers=1)
+    code, out = _finish(resumed)
+    assert code == 0, out[-4000:]
+    _assert_bit_identical(run_dir, straight_dir)
+    code, out = _finish(one)
+    assert code == 0, out[-4000:]
+    if reached % 4:  # Stopped mid-period: the replicas' copies are averaged.
+        assert "every replica starts from their average" in out
+    proc = run_python(
+        "-m",
+        "distopt.train",
+        *COMMON,
+        "--sync=local_sgd",
+        "--sync_period=4",
+        "--train_steps=40",
+        "--strategy=mirrored",
+        "--virtual_devices=2",
+        f"--model_dir={mirrored_dir}",
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for model_dir, replicas in ((run_dir, 2), (one_dir, 1), (mirrored_dir, 2)):
+        metrics = _metrics(model_dir)
+        assert metrics["status"] == "completed", model_dir
+        assert (metrics["start_step"], metrics["train_steps"]) == (reached, 40)
+        assert metrics["num_replicas"] == replicas
+
+
+@pytest.mark.slow  # About 20 s of tracing and compiling, 2 strategies.
+def test_diloco_stopped_mid_period_on_2_replicas_resumes_on_1(tmp_path, monkeypatch):
+    """In process (cheaper): SIGTERM through the test hook, the real handler.
+
+    One replica runs the whole step as one XLA function, which used to fail
+    on the first step after this resume.
+    """
+    from distopt import train_lib, trainer_faults
+
+    def config(**overrides):
+        values = {
+            "model": "mlp",
+            "batch_size": 32,
+            "eval_steps": 1,
+            "log_every": 5,
+            "steps_per_loop": 5,
+            "checkpoint_every": 10,
+            "train_steps": 8,
+            "sync": "diloco",
+            "sync_period": 4,
+            "model_dir": str(tmp_path / "run"),
+        }
+        return train_lib.TrainConfig(**{**values, **overrides})
+
+    monkeypatch.setenv(trainer_faults.SIGTERM_AT_ENV, "1")
+    with pytest.raises(trainer_faults.Preempted, match="at step 5 of 8"):
+        train_lib.train(config(strategy="mirrored", virtual_devices=2))
+    assert _metrics(str(tmp_path / "run"))["status"] == "preempted"
+    assert _latest_step(str(tmp_path / "run")) == 5  # Mid-period: 5 % 4 == 1.
+    monkeypatch.delenv(trainer_faults.SIGTERM_AT_ENV)
+    metrics = train_lib.train(config())
+    assert metrics["status"] == "completed" and metrics["start_step"] == 5
+    assert metrics["num_replicas"] == 1 and metrics["train_steps"] == 8
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler removed.
