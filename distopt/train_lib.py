@@ -697,18 +697,12 @@ def make_train_loop(
         step_fn = minimize_step_fn
     # Not for a single-worker multi_worker cluster (an elastic resume on one
     # worker): its optimizer still merge_calls, which cannot run inside the
-    # nested compiled function. Not for local SGD / DiLoCo / hierarchical on
-    # one replica either (only an elastic resume runs them there): XLA
-    # compiles their snapshot check for the snapshot's shape at trace time,
-    # and after restore_replicas frees it, that check's untaken branch no
-    # longer compiles ("slice index 0 of dimension 0 out of bounds").
-    sync = getattr(getattr(optimizer, "base_optimizer", optimizer), "sync", None)
+    # nested compiled function.
     whole_step = (
         jit_compile
         and strategy.num_replicas_in_sync == 1
         and not _is_tpu(strategy)
         and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and not isinstance(sync, sync_lib.PeriodicAverage)
     )
     if whole_step:
         step_fn = tf.function(step_fn, jit_compile=True)

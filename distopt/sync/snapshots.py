@@ -88,12 +88,16 @@ class ReplicaSnapshots(tf.Module):
             count = tf.constant(0.0)
             for t, s in zip(t_locals, s_locals):
                 snap = tf.convert_to_tensor(s[i])
-                count += tf.cond(
-                    tf.equal(tf.shape(snap)[0], n),
-                    lambda snap=snap, t=t: tf.cast(
-                        tf.reduce_any(tf.not_equal(snap[r], t[i])), tf.float32
-                    ),
-                    lambda: tf.constant(1.0),
+                rows = tf.shape(snap)[0]
+                # Padded so that row r exists even when the snapshot is
+                # empty: XLA compiles both branches of the cond and rejects
+                # a static out-of-bounds slice in the one not taken.
+                padded = tf.concat([snap, tf.zeros_like(t[i])[None]], 0)
+                row = padded[tf.minimum(r, rows)]
+                count += tf.where(
+                    tf.equal(rows, n),
+                    tf.cast(tf.reduce_any(tf.not_equal(row, t[i])), tf.float32),
+                    1.0,
                 )
             return count
 
