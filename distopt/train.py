@@ -225,7 +225,9 @@ flags.DEFINE_enum(
     "mixed_precision",
     _DEFAULTS.mixed_precision,
     list(train_lib.MIXED_PRECISION),
-    "bfloat16: compute in bfloat16, keep float32 variables and loss.",
+    "bfloat16: compute in bfloat16, keep float32 variables and loss. float16: "
+    "the same in float16, with dynamic loss scaling (overflowing steps are "
+    "skipped on every replica).",
 )
 
 # Reproducibility.

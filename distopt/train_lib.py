@@ -35,7 +35,7 @@ from distopt.optimizers import schedules
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
-MIXED_PRECISION = ("none", "bfloat16")
+MIXED_PRECISION = ("none", "bfloat16", "float16")
 # Two replicas is the smallest count that exercises cross-replica aggregation,
 # and on a small CPU host more logical devices only share the same cores.
 DEFAULT_CPU_VIRTUAL_DEVICES = 2
@@ -139,6 +139,15 @@ def validate_config(config: TrainConfig) -> None:
     choice("sync", config.sync, sync_lib.names())
     choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    if config.mixed_precision == "float16" and config.sync in (
+        "local_sgd",
+        "diloco",
+        "hierarchical",
+    ):
+        raise ConfigError(
+            f"--mixed_precision=float16 needs loss scaling, which needs a "
+            f"synchronous --sync (every_step or accumulate), got {config.sync}"
+        )
     choice("data_source", config.data_source, data_lib.SOURCES)
     choice("on_nonfinite", config.on_nonfinite, trainer_faults.ON_NONFINITE)
     if config.skip_nonfinite and config.on_nonfinite == "ignore":
@@ -465,7 +474,9 @@ def build_model(
         shape, classes = (28, 28, 1), 10
     else:
         shape, classes = source.image_shape, source.num_classes
-    dtype = tf.bfloat16 if mixed_precision == "bfloat16" else tf.float32
+    dtype = {"bfloat16": tf.bfloat16, "float16": tf.float16}.get(
+        mixed_precision, tf.float32
+    )
     try:
         return models_lib.build_model(
             name,
@@ -565,6 +576,10 @@ def make_optimizer(config: TrainConfig, total_steps: int, strategy=None):
         # reads the loss and the weights instead.
         skip_nonfinite=nonfinite_policy(config) == "skip",
     )
+    if config.mixed_precision == "float16":
+        # float16 gradients underflow without it; overflowing steps are
+        # skipped on every replica and halve the scale.
+        kwargs["loss_scale"] = "dynamic"
     try:
         if config.optimizer == "sam":
             # SAM's own arguments; all others (the learning rate, aggregation
@@ -669,7 +684,9 @@ def make_train_loop(
             loss_sum, correct, count = forward(images, labels)
             # The local mean: aggregation across replicas is the optimizer's job.
             loss = loss_sum / tf.maximum(count, 1.0)
-        return tape.gradient(loss, variables), loss_sum, correct, count
+            # Loss scaling (float16); the optimizer divides it out again.
+            scaled = optimizer.scale_loss(loss)
+        return tape.gradient(scaled, variables), loss_sum, correct, count
 
     def step_fn(images, labels):
         grads, loss_sum, correct, count = grads_and_metrics(images, labels)

@@ -585,3 +585,25 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
     metrics = _metrics(model_dir)
     assert metrics["start_step"] == saved and metrics["train_steps"] == saved + 10
     assert metrics["num_replicas"] == 2 and metrics["seconds_to_first_step"] > 0
+
+
+def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):
+    config = _config(tmp_path, mixed_precision="float16", learning_rate=0.01)
+    metrics = train_lib.train(config)
+    assert metrics["train_steps"] == 20
+    assert np.isfinite(metrics["test_loss"]) and metrics["test_accuracy"] > 0.3
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    scales = [
+        n
+        for n, _ in tf.train.list_variables(str(tmp_path / "run" / "checkpoints"))
+        if "loss_scale/scale" in n
+    ]
+    assert scales, "the loss scale is checkpointed"
+    # Starts at 2^15 and halves on each overflowing (skipped) step.
+    scale = float(reader.get_tensor(scales[0]))
+    assert scale == 2.0**15 / 2 ** metrics["skipped_steps"]
+
+
+def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
+    with pytest.raises(train_lib.ConfigError, match="--mixed_precision=float16 needs"):
+        train_lib.train(_config(tmp_path, mixed_precision="float16", sync="local_sgd"))
