@@ -66,6 +66,20 @@ def check_group_size(strategy: tf.distribute.Strategy, group_size: int) -> None:
         )
 
 
+def check_created_in_scope(strategy: tf.distribute.Strategy, variables) -> None:
+    """Raises ValueError naming the first variable not created under `strategy`."""
+    if not tf.distribute.has_strategy():
+        return
+    for v in variables:
+        if not strategy.extended.variable_created_in_scope(v):
+            raise ValueError(
+                f"var_list: variable {v.name!r} was created outside "
+                f"{type(strategy).__name__}.scope(); create it under "
+                "`strategy.scope()` (with the model and the optimizer), so that "
+                "every replica holds a copy."
+            )
+
+
 def merge(fn: Callable[..., Any], *args: Any) -> Any:
     """Calls `fn(strategy, *args)` once, in cross-replica context.
 

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from distopt import aggregation as aggregation_lib
+from distopt import counter as counter_lib
 from distopt import distribute as dist
 from distopt import transforms as transforms_lib
 
@@ -210,7 +211,7 @@ class Reducer(tf.Module):
         specs = [dist.local_values(strategy, t)[0] for t in tensors]
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(specs):
-            wire = wire_dtype if wire_dtype is not None and t.shape.rank else t.dtype
+            wire = wire_dtype if wire_dtype is not None else t.dtype
             groups.setdefault((t.dtype, wire), []).append(i)
         out = [None] * len(tensors)
         for (dtype, wire), idx in groups.items():
@@ -435,4 +436,4 @@ def _interleave(is_second, first, second):
 
 
 def _counter(name):
-    return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+    return counter_lib.Counter(name)

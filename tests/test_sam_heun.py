@@ -222,3 +222,58 @@ def test_bad_arguments():
         SAM(gd, learning_rate=0.1)
     with pytest.raises(ValueError, match="sync"):
         Heun(0.1, sync="local_sgd")
+
+
+# --- One reduction path: transforms, wire and counters hold for SAM and Heun -----
+
+
+def _clip(g, clipnorm):
+    return g * min(1.0, clipnorm / np.linalg.norm(g))
+
+
+def np_heun_clipped(p, data, steps, lr, clipnorm):
+    """Heun with global-norm clipping of both aggregated gradients."""
+    p = p.astype(np.float64)
+    for _ in range(steps):
+        grads1 = [np_grad(p, x, y) for x, y in data]
+        g1 = _clip(np.mean(grads1, axis=0), clipnorm)
+        trial = p - lr * g1
+        grads2 = [np_grad(trial, x, y) for x, y in data]
+        # The update clips the aggregated mean of 0.5 * (g1_r + g2_r).
+        avg = np.mean([0.5 * (a + b) for a, b in zip(grads1, grads2)], axis=0)
+        p = p - lr * _clip(avg, clipnorm)
+    return p
+
+
+def test_heun_clips_both_reductions_and_counts_them():
+    clip = 0.2
+    got, opt = _train(mirrored(2), lambda: Heun(LR, global_clipnorm=clip))
+    want = np_heun_clipped(P0, _data("mirrored2"), STEPS, LR, clip)
+    # The clip binds: without it the result is elsewhere.
+    assert not np.allclose(want, np_heun(P0, _data("mirrored2"), STEPS, LR), atol=1e-3)
+    np.testing.assert_allclose(got - P0, want - P0, rtol=1e-5, atol=1e-7)
+    # Two fused all-reduces per step (trial gradient, update), both counted.
+    assert int(opt.allreduce_calls) == 2 * STEPS
+    assert int(opt.allreduce_bytes) == 2 * STEPS * (4 * 4 + 4)
+
+
+def test_sam_aggregated_perturbation_uses_the_wire_and_counters():
+    exact, opt_exact = _train(
+        mirrored(2),
+        lambda: SAM(optimizers.GradientDescent(LR), rho=RHO, perturbation="aggregated"),
+    )
+    narrow, opt = _train(
+        mirrored(2),
+        lambda: SAM(
+            optimizers.GradientDescent(LR, wire_dtype="bfloat16"),
+            rho=RHO,
+            perturbation="aggregated",
+        ),
+    )
+    # Perturbation and update each: the weight in float32 first, then the
+    # 4 gradients in 2 bytes each.
+    assert int(opt.base_optimizer.allreduce_calls) == 2 * 2 * STEPS
+    assert int(opt.base_optimizer.allreduce_bytes) == 2 * STEPS * (4 + 4 * 2)
+    assert int(opt_exact.base_optimizer.allreduce_bytes) == 2 * STEPS * (4 * 4 + 4)
+    # bfloat16 rounding shows, within its tolerance.
+    assert 0 < np.abs(narrow - exact).max() <= 2.0**-8 * 8 * np.abs(exact - P0).max()

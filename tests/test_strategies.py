@@ -67,7 +67,7 @@ def _state(strategy, opt, variables):
     for k, v in enumerate(variables):
         for name, s in opt.slots(v).items():
             out[f"var{k}/{name}"] = local_copies(strategy, s)
-    out["iterations"] = local_copies(strategy, opt.iterations)
+    out["iterations"] = local_copies(strategy, opt.iterations.variable)
     return out
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from distopt import counter as counter_lib
 from distopt import distribute as dist
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
@@ -61,6 +62,11 @@ class Optimizer(tf.Module):
         communication_options: `tf.distribute.experimental.CommunicationOptions`
             for every all-reduce, e.g. a `timeout_seconds` so that a dead
             peer fails the step instead of hanging it.
+        loss_scale: None, "dynamic" or a fixed number: loss scaling for
+            float16 training (`distopt.transforms.LossScale`). Multiply the
+            loss by `scale_loss(loss)` before differentiating (`minimize`
+            does); a non-finite step is skipped on every replica. Needs a
+            synchronous sync mode (every step or accumulate).
         jit_compile: Run the update as XLA kernels.
         fused: One update kernel per device for all variables (default), or
             one per variable.
@@ -88,6 +94,7 @@ class Optimizer(tf.Module):
         skip_nonfinite=False,
         wire_dtype=None,
         communication_options=None,
+        loss_scale=None,
         jit_compile=True,
         fused=True,
         name=None,
@@ -102,6 +109,15 @@ class Optimizer(tf.Module):
         self.clipvalue = clipvalue
         self.skip_nonfinite = bool(skip_nonfinite)
         transforms = []
+        # Created in the optimizer's name scope below; first in the chain,
+        # so that clipping sees unscaled gradients.
+        loss_scale = transforms_lib.get_loss_scale(loss_scale)
+        if loss_scale is not None and self.sync.diverges:
+            raise ValueError(
+                f"loss_scale: needs a synchronous sync mode (every_step or "
+                f"accumulate); under {self.sync.name} replicas would disagree "
+                "on the scale."
+            )
         if clipvalue is not None:
             transforms.append(transforms_lib.ClipByValue(clipvalue))
         if global_clipnorm is not None:
@@ -115,6 +131,9 @@ class Optimizer(tf.Module):
         with tf.name_scope(self.name):
             self.iterations = _counter("iterations")
             self.skipped_steps = _counter("skipped_steps")
+            self.loss_scale = loss_scale
+            if loss_scale is not None:
+                transforms.insert(0, loss_scale)
             self.reducer = reduce_lib.Reducer(
                 aggregation,
                 wire_dtype=wire_dtype,
@@ -190,6 +209,9 @@ class Optimizer(tf.Module):
             "clipvalue": self.clipvalue,
             "skip_nonfinite": self.skip_nonfinite,
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
+            "loss_scale": (
+                self.loss_scale.get_config()["loss_scale"] if self.loss_scale else None
+            ),
             "jit_compile": self.jit_compile,
             "fused": self.fused,
             "name": self.name,
@@ -216,6 +238,7 @@ class Optimizer(tf.Module):
         var_list = list(var_list)
         _check_variables(var_list)
         strategy = dist.current_strategy()
+        dist.check_created_in_scope(strategy, var_list)
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         with tf.name_scope(self.name):
@@ -259,6 +282,7 @@ class Optimizer(tf.Module):
         """
         grads, variables, all_variables = _split_arguments(grads_and_vars, var_list)
         _check_variables(all_variables)
+        dist.check_created_in_scope(dist.current_strategy(), all_variables)
         grads = _check_gradients(grads, variables)
         if self._built:
             unknown = [v.name for v in variables if v.ref() not in self._slot_index]
@@ -283,11 +307,18 @@ class Optimizer(tf.Module):
         dist.merge(merge_fn, tuple(grads), w)
         return self.iterations
 
+    def scale_loss(self, loss):
+        """`loss` times the loss scale (unchanged without `loss_scale`)."""
+        if self.loss_scale is None:
+            return loss
+        return loss * tf.cast(tf.convert_to_tensor(self.loss_scale.scale), loss.dtype)
+
     def minimize(self, loss_fn, var_list, *, weight=None):
         """Computes the gradients of `loss_fn()` and applies them; returns the loss."""
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        grads = tape.gradient(loss, var_list)
+            scaled = self.scale_loss(loss)
+        grads = tape.gradient(scaled, var_list)
         self.apply_gradients(grads, var_list, weight=weight)
         return loss
 
@@ -440,9 +471,12 @@ class Optimizer(tf.Module):
         if ok is None:
             self.iterations.assign_add(1)
         else:
-            applied = tf.cast(dist.first_local(strategy, ok), tf.int64)
+            verdict = dist.first_local(strategy, ok)
+            applied = tf.cast(verdict, tf.int64)
             self.iterations.assign_add(applied)
             self.skipped_steps.assign_add(1 - applied)
+            if self.loss_scale is not None:
+                self.loss_scale.update(verdict)
 
     def _ensure_built(self, variables):
         if not self._built:
@@ -625,7 +659,7 @@ def _cast_init(init, dtype):
 
 
 def _counter(name):
-    return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+    return counter_lib.Counter(name)
 
 
 def _snake_case(name: str) -> str:

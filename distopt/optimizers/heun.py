@@ -92,7 +92,8 @@ class Heun(Optimizer):
         lr = self.learning_rate_value()
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        g1 = tape.gradient(loss, var_list)
+            scaled = self.scale_loss(loss)
+        g1 = tape.gradient(scaled, var_list)
         pairs = [(g, v) for g, v in zip(g1, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
@@ -105,7 +106,7 @@ class Heun(Optimizer):
         # copies stay identical at the trial point.
         dist.add_per_replica(moved, [-tf.cast(lr, g.dtype) * g for g in g1_mean])
         with tf.GradientTape() as tape:
-            trial_loss = loss_fn()
+            trial_loss = self.scale_loss(loss_fn())
         g2 = tape.gradient(trial_loss, moved)
         # Back to p exactly: p - lr*g1 + lr*g1 need not be p in floating point.
         dist.assign_per_replica(moved, saved)

@@ -189,7 +189,10 @@ class SAM(tf.Module):
         var_list = list(var_list)
         with tf.GradientTape() as tape:
             loss = loss_fn()
-        grads = tape.gradient(loss, var_list)
+            # With loss scaling, the reducer divides the scale out again;
+            # the replica perturbation is scale-invariant (g / ||g||).
+            scaled = self.base_optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, var_list)
         pairs = [(g, v) for g, v in zip(grads, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
@@ -205,7 +208,7 @@ class SAM(tf.Module):
         saved = [tf.identity(v) for v in moved]
         dist.add_per_replica(moved, deltas)
         with tf.GradientTape() as tape:
-            perturbed_loss = loss_fn()
+            perturbed_loss = self.base_optimizer.scale_loss(loss_fn())
         sam_grads = tape.gradient(perturbed_loss, var_list)
         dist.assign_per_replica(moved, saved)
         self.base_optimizer.apply_gradients(
