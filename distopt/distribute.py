@@ -210,10 +210,11 @@ def group_sum(strategy: tf.distribute.Strategy, values: Sequence, group_size: in
 
     Replicas `[g * G, (g + 1) * G)` of this worker form group g. Each group's
     sum is formed once, on its first device, and copied to the others: one
-    reduction per group, not G * (G - 1) copies. The "sum" of `IndexedSlices`
-    concatenates their rows, duplicates included (see `all_gather_slices`). Replica groups never span
+    reduction per group, not G * (G - 1) copies. Replica groups never span
     workers, so this needs no collective. For the sync modes whose replicas
-    diverge by design (hierarchical); it indexes per-device values.
+    diverge by design (hierarchical); it indexes per-device values. The "sum"
+    of `IndexedSlices` concatenates their rows, duplicates included (see
+    `all_gather_slices`).
 
     Raises:
         ValueError: if `group_size` does not divide this worker's devices.

@@ -329,3 +329,35 @@ def test_sparse_gradient_with_rows_of_the_wrong_shape_names_grads():
     with pytest.raises(ValueError, match=r"grads: gradient 0 has rows of shape"):
         optimizers.GradientDescent().apply_gradients([(bad, var)])
     np.testing.assert_array_equal(var.numpy(), 0.0)
+
+
+def test_sam_base_update_travels_sparse():
+    # The loss is linear in the table, so the gradient at the perturbed point
+    # is the gradient itself and SAM's step is gradient descent's.
+    with M4.scope():
+        table, bias = tf.Variable(W0), tf.Variable(B0)
+        sam = optimizers.SAM(optimizers.GradientDescent(**GD), rho=0.05)
+    ids, coef, bias_coef = tf.constant(IDS), tf.constant(COEF), tf.constant(BIAS_COEF)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+
+            def loss_fn():
+                rows = tf.nn.embedding_lookup(table, ids[0, r])
+                return tf.reduce_sum(rows * coef[0, r]) + tf.reduce_sum(
+                    bias * bias_coef[0, r]
+                )
+
+            sam.minimize(loss_fn, [table, bias])
+
+        M4.run(replica_fn)
+
+    step()
+    assert_replicas_identical(M4, [table, bias])
+    want, _ = _reference("gradient_descent", dict(GD), 1)
+    got = local_copies(M4, table)[0]
+    _assert_update(got, want)
+    np.testing.assert_array_equal(got[NEVER], W0[NEVER])
+    assert int(sam.base_optimizer.allreduce_bytes.numpy()) == SPARSE_STEP_BYTES
