@@ -82,7 +82,8 @@ class Reducer(tf.Module):
 
     Attributes:
         allreduce_calls, allreduce_bytes: int64 counters of the all-reduces
-            (and replica-group reductions) issued, and of their payload bytes.
+            (and replica-group reductions, and all-gathers of sparse
+            gradients) issued, and of their payload bytes.
         invalid_weight_steps: int64 count of steps skipped because some
             replica passed a negative, NaN or Inf weight.
         group_reductions: int64 count of replica-group reductions (this

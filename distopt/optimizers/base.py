@@ -17,6 +17,11 @@ function of tensors (`update_step`). This class owns everything else:
   Adam), even inside a user's plain `tf.function`: a step over hundreds of
   small variables is then bound by bytes, not by per-variable dispatch.
   `fused=False` runs one kernel per variable; both compute the same thing.
+* Sparse gradients (`tf.IndexedSlices`, from `tf.gather` or an embedding
+  lookup) stay sparse through the reduce (`distopt.reduce`); then either
+  the touched rows are updated, outside the fused kernel, or the gradient
+  is densified, per the optimizer's `sparse_rows`. A step without sparse
+  gradients runs exactly as before.
 * Mixed precision: for float16 and bfloat16 variables the slots are float32,
   and the rule runs in float32 (gradient, weight, step and learning rate)
   before the new value is rounded once to the variable's dtype. A bfloat16
@@ -272,7 +277,9 @@ class Optimizer(tf.Module):
 
         Args:
             grads_and_vars: A list of gradients (then `var_list` is the list of
-                variables), or a list of `(gradient, variable)` pairs.
+                variables), or a list of `(gradient, variable)` pairs. A
+                gradient may be `tf.IndexedSlices`: it stays sparse on the
+                wire (see `sparse_rows`).
             var_list: The variables, when the first argument is gradients.
             weight: This replica's weight for `WeightedMean` aggregation,
                 typically its number of valid examples.
