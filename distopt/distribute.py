@@ -175,6 +175,36 @@ def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
     return by_replica(strategy, lambda r, i: [tf.identity(l[i])[r] for l in locals_])
 
 
+def once_per_group(
+    strategy: tf.distribute.Strategy, fn: Callable, value: Any, group_size: int
+):
+    """`fn` of a value that groups of `group_size` local replicas share.
+
+    `fn` runs once per group, on the group's first device, and its result is
+    copied to the group's other replicas: they receive bit-identical values
+    even where `fn` itself is not deterministic (a GPU segment sum adds with
+    atomics, in no fixed order). A group of 1 is each replica alone; a group
+    of all local devices suits a value that every replica holds identically.
+    """
+    if not tf.distribute.has_strategy() or strategy.num_replicas_in_sync == 1:
+        return fn(first_local(strategy, value))
+    n_local = local_device_count(strategy)
+    if _is_distributed_value(value):
+        locals_ = local_values(strategy, value)
+    else:
+        locals_ = [value] * n_local
+    results = {}
+    for g0 in range(0, n_local, group_size):
+        with tf.device(strategy.extended.worker_devices[g0]):
+            results[g0] = fn(locals_[g0])
+    return by_replica(
+        strategy,
+        lambda r, i: tf.nest.map_structure(
+            tf.identity, results[i - i % group_size], expand_composites=True
+        ),
+    )
+
+
 def group_sum(strategy: tf.distribute.Strategy, values: Sequence, group_size: int):
     """Sums per-replica `values` within groups of `group_size` local replicas.
 
@@ -182,7 +212,9 @@ def group_sum(strategy: tf.distribute.Strategy, values: Sequence, group_size: in
     sum is formed once, on its first device, and copied to the others: one
     reduction per group, not G * (G - 1) copies. Replica groups never span
     workers, so this needs no collective. For the sync modes whose replicas
-    diverge by design (hierarchical); it indexes per-device values.
+    diverge by design (hierarchical); it indexes per-device values. The "sum"
+    of `IndexedSlices` concatenates their rows, duplicates included (see
+    `all_gather_slices`).
 
     Raises:
         ValueError: if `group_size` does not divide this worker's devices.
@@ -194,7 +226,7 @@ def group_sum(strategy: tf.distribute.Strategy, values: Sequence, group_size: in
     sums = []
     for g0 in range(0, n_local, group_size):
         with tf.device(devices[g0]):
-            sums.append([tf.add_n(list(l[g0 : g0 + group_size])) for l in locals_])
+            sums.append([_add_n(list(l[g0 : g0 + group_size])) for l in locals_])
     return list(
         by_replica(
             strategy, lambda r, i: [tf.identity(s) for s in sums[i // group_size]]
@@ -308,6 +340,40 @@ def reduce(
     )
 
 
+def is_sparse(strategy: tf.distribute.Strategy, value: Any) -> bool:
+    """Whether `value` (or each replica's component of it) is `tf.IndexedSlices`."""
+    return isinstance(local_values(strategy, value)[0], tf.IndexedSlices)
+
+
+def densify(strategy: tf.distribute.Strategy, value: Any):
+    """Each replica's component as a dense tensor (`IndexedSlices` scattered)."""
+    return map_per_replica(strategy, tf.convert_to_tensor, value)
+
+
+def all_gather_slices(
+    strategy: tf.distribute.Strategy,
+    values: Sequence,
+    options: tf.distribute.experimental.CommunicationOptions | None = None,
+) -> list:
+    """Every replica's rows of per-replica `IndexedSlices`, on every replica.
+
+    A SUM of `IndexedSlices` in `tf.distribute` is an all-gather: the result
+    holds every replica's indices and values, concatenated in replica order,
+    duplicates not summed (their sum is the dense sum, by the meaning of
+    `IndexedSlices`). Under `MirroredStrategy` the rows are concatenated on
+    one device and copied to the others; under `MultiWorkerMirroredStrategy`
+    they travel in collective all-gathers (of the row counts, the values and
+    the indices, padded when the counts differ). Identical on every replica.
+    """
+    if not is_distributed(strategy):
+        return [first_local(strategy, v) for v in values]
+    return list(
+        strategy.extended.batch_reduce_to(
+            SUM, [(x, x) for x in values], options=options
+        )
+    )
+
+
 def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *args):
     """Runs `fn(var_copy, *args_copy)` for every device's copy of `var`."""
     return strategy.extended.update(var, fn, args=args, group=True)
@@ -343,6 +409,17 @@ def replica_id() -> tf.Tensor:
     if ctx is None:
         return tf.constant(0)
     return tf.convert_to_tensor(ctx.replica_id_in_sync_group)
+
+
+def _add_n(values):
+    """`tf.add_n`, or the concatenation of `IndexedSlices` (their sum)."""
+    if isinstance(values[0], tf.IndexedSlices):
+        return tf.IndexedSlices(
+            tf.concat([v.values for v in values], 0),
+            tf.concat([v.indices for v in values], 0),
+            values[0].dense_shape,
+        )
+    return tf.add_n(values)
 
 
 def _single(strategy, a):

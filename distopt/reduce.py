@@ -24,6 +24,25 @@ then the weights go first, in float32, in a scalar all-reduce (counted in
 `allreduce_calls` like any other), and each replica sends `P_r / N`, which
 has the magnitude of a gradient. Only that path pays the second all-reduce.
 
+Sparse gradients. A `tf.IndexedSlices` gradient (from `tf.gather` or an
+embedding lookup) stays sparse on the wire: its indices and values travel in
+an all-gather (`all_reduce_sparse`), so the bytes grow with the rows touched,
+not with the table. The gathered rows of equal index are then summed
+(`sum_duplicates`), once per worker and copied to its replicas, so every
+replica holds bit-identical rows. The result equals the dense path's: the
+weight still travels in the dense all-reduce (alone, if every gradient is
+sparse); weighted mean multiplies the values by `w_r`, and normalises them
+like a dense gradient; a narrow wire carries the normalised values. The
+transforms see a sparse gradient's values after the duplicates are summed
+(the untouched rows are zero, and every transform maps zero to zero): the
+global norm is the norm of the touched rows, clipping by value and the
+finite check act on them. `allreduce_calls` counts one call per sparse
+gradient (TensorFlow may split it into collectives of the row count, the
+indices and the values), and `allreduce_bytes` the bytes of the gathered
+rows of all replicas (indices and values; more than one replica's share, the
+measure of a dense all-reduce), counted at run time since the number of rows
+may vary between steps.
+
 Invalid weights. A negative, NaN or Inf weight cannot be caught by an
 assertion under XLA (compiled asserts are dropped), so it is carried in the
 data instead: that replica sends a zero payload and a NaN weight. The summed
@@ -63,7 +82,8 @@ class Reducer(tf.Module):
 
     Attributes:
         allreduce_calls, allreduce_bytes: int64 counters of the all-reduces
-            (and replica-group reductions) issued, and of their payload bytes.
+            (and replica-group reductions, and all-gathers of sparse
+            gradients) issued, and of their payload bytes.
         invalid_weight_steps: int64 count of steps skipped because some
             replica passed a negative, NaN or Inf weight.
         group_reductions: int64 count of replica-group reductions (this
@@ -97,14 +117,22 @@ class Reducer(tf.Module):
 
         Gradients are cast to `payload_dtype` (float32 for 16-bit variables,
         so that `w * g` cannot overflow before normalisation), and multiplied
-        by the weight for `WeightedMean`. A replica with weight 0 sends exact
+        by the weight for `WeightedMean` (the values of an `IndexedSlices`,
+        which stays sparse). A replica with weight 0 sends exact
         zeros even if its gradient is NaN (an empty batch's mean).
         """
         w, valid = self.aggregation.replica_weight(weight)
-        grads = [tf.cast(g, payload_dtype(g.dtype)) for g in grads]
+        grads = [
+            _map_values(g, lambda x: tf.cast(x, payload_dtype(x.dtype))) for g in grads
+        ]
         if self.aggregation.weighted:
             wz = tf.where(valid, w, 0.0)
-            grads = [tf.math.multiply_no_nan(g, tf.cast(wz, g.dtype)) for g in grads]
+            grads = [
+                _map_values(
+                    g, lambda x: tf.math.multiply_no_nan(x, tf.cast(wz, x.dtype))
+                )
+                for g in grads
+            ]
             w = tf.where(valid, w, float("nan"))
         return grads, w
 
@@ -122,6 +150,9 @@ class Reducer(tf.Module):
                 dtype); 1 to use each replica's own payload (no
                 communication); G to reduce within groups of G consecutive
                 replicas of one worker (`distopt.distribute.group_sum`).
+
+        Sparse payloads (`tf.IndexedSlices`) come back as `IndexedSlices`
+        with each index once (see the module docstring).
 
         Returns:
             `(grads, scale, ok)`: per-replica gradients in the payload dtype;
@@ -142,9 +173,11 @@ class Reducer(tf.Module):
                 else [dist.first_local(strategy, p) for p in payload]
             )
             total = weight if distributed else dist.first_local(strategy, weight)
+            grads = self._sum_duplicates(strategy, grads, 1)
             return self._finish(strategy, grads, total, 1)
         if group_size is not None:
             *grads, total = dist.group_sum(strategy, payload + [weight], group_size)
+            grads = self._sum_duplicates(strategy, grads, group_size)
             # One reduction per group on this worker; no collective.
             self.group_reductions.assign_add(
                 dist.local_device_count(strategy) // group_size
@@ -152,7 +185,18 @@ class Reducer(tf.Module):
             return self._finish(strategy, grads, total, size)
         if self._narrow_wire(strategy, payload):
             return self._reduce_normalised_first(strategy, payload, weight, size)
-        *grads, total = self.all_reduce(strategy, payload + [weight])
+        sparse = [dist.is_sparse(strategy, p) for p in payload]
+        if not any(sparse):
+            *grads, total = self.all_reduce(strategy, payload + [weight])
+            return self._finish(strategy, grads, total, size)
+        # The weight travels with the dense gradients (alone if there are none).
+        *dense, total = self.all_reduce(
+            strategy, [p for p, s in zip(payload, sparse) if not s] + [weight]
+        )
+        rows = self.all_reduce_sparse(
+            strategy, [p for p, s in zip(payload, sparse) if s]
+        )
+        grads = _interleave(sparse, dense, rows)
         return self._finish(strategy, grads, total, size)
 
     def all_reduce(self, strategy, tensors, op=dist.SUM, wire_dtype=None):
@@ -192,6 +236,52 @@ class Reducer(tf.Module):
                 out[i] = part
         return out
 
+    def all_reduce_sparse(self, strategy, slices, wire_dtype=None):
+        """The sum over replicas of per-replica `IndexedSlices`, kept sparse; counted.
+
+        One all-gather of each gradient's indices and values (the values
+        cast to `wire_dtype` for it, if given), then the rows of equal index
+        summed, once per worker (`sum_duplicates`). Returns per-replica
+        `IndexedSlices` with each index once, in the values' own dtype,
+        identical on every replica.
+        """
+        slices = list(slices)
+        if not slices:
+            return []
+        if not dist.is_distributed(strategy):
+            return [sum_duplicates(dist.first_local(strategy, s)) for s in slices]
+        specs = [dist.local_values(strategy, s)[0] for s in slices]
+
+        def to_wire(*ss):
+            # Also makes plain values (a cross-replica call) per-replica ones.
+            return [
+                _map_values(x, lambda v: tf.cast(v, wire_dtype or v.dtype)) for x in ss
+            ]
+
+        sent = dist.map_per_replica(strategy, to_wire, *slices)
+        sent = sent if isinstance(sent, (list, tuple)) else [sent]
+        gathered = dist.all_gather_slices(
+            strategy, sent, options=self.communication_options
+        )
+        num_bytes = tf.constant(0, tf.int64)
+        for g in gathered:
+            g0 = dist.first_local(strategy, g)
+            num_rows = tf.shape(g0.indices, out_type=tf.int64)[0]
+            row = tf.reduce_prod(tf.shape(g0.values, out_type=tf.int64)[1:])
+            num_bytes += num_rows * (g0.indices.dtype.size + row * g0.values.dtype.size)
+        self._count(len(slices), num_bytes)
+        out = []
+        for g, spec in zip(gathered, specs):
+            summed = self._sum_duplicates(strategy, [g], None)[0]
+            out.append(
+                dist.map_per_replica(
+                    strategy,
+                    lambda x, dt=spec.dtype: _map_values(x, lambda v: tf.cast(v, dt)),
+                    summed,
+                )
+            )
+        return out
+
     def mean(self, strategy, tensors):
         """The mean over replicas of per-replica `tensors` (weights, slots)."""
         return self.all_reduce(strategy, tensors, op=dist.MEAN)
@@ -227,19 +317,25 @@ class Reducer(tf.Module):
 
         def scale(total, *ps):
             inv, _ = self._normaliser(total, size)
-            return [tf.math.multiply_no_nan(p, tf.cast(inv, p.dtype)) for p in ps]
+            return [
+                _map_values(
+                    p, lambda x: tf.math.multiply_no_nan(x, tf.cast(inv, x.dtype))
+                )
+                for p in ps
+            ]
 
         scaled = dist.map_per_replica(strategy, scale, total, *payload)
         scaled = scaled if isinstance(scaled, (list, tuple)) else [scaled]
-        # One all-reduce per (payload dtype, wire dtype) group.
-        by_wire: dict[tf.DType, list[int]] = {}
+        # One all-reduce per (payload dtype, wire dtype) group; an all-gather
+        # per sparse gradient.
+        by_wire: dict[tuple, list[int]] = {}
         for i, s in enumerate(specs):
-            by_wire.setdefault(self._wire_of(s.dtype), []).append(i)
+            key = (self._wire_of(s.dtype), isinstance(s, tf.IndexedSlices))
+            by_wire.setdefault(key, []).append(i)
         grads = [None] * len(payload)
-        for wire, idx in by_wire.items():
-            reduced = self.all_reduce(
-                strategy, [scaled[i] for i in idx], wire_dtype=wire
-            )
+        for (wire, sparse), idx in by_wire.items():
+            reduce_fn = self.all_reduce_sparse if sparse else self.all_reduce
+            reduced = reduce_fn(strategy, [scaled[i] for i in idx], wire_dtype=wire)
             for i, r in zip(idx, reduced):
                 grads[i] = r
         return self._finish(strategy, grads, total, size, normalised=True)
@@ -253,9 +349,17 @@ class Reducer(tf.Module):
             inv, ok_w = self._normaliser(total, size)
             scale = None if normalised else inv
             if self.transforms and scale is not None:
-                gs = [g * tf.cast(scale, g.dtype) for g in gs]
+                gs = [_map_values(g, lambda x: x * tf.cast(scale, x.dtype)) for g in gs]
                 scale = None
-            gs, ok = transforms_lib.apply(self.transforms, list(gs))
+            # A sparse gradient's transforms act on its (duplicate-free) rows.
+            flat = [g.values if isinstance(g, tf.IndexedSlices) else g for g in gs]
+            flat, ok = transforms_lib.apply(self.transforms, flat)
+            gs = [
+                tf.IndexedSlices(f, g.indices, g.dense_shape)
+                if isinstance(g, tf.IndexedSlices)
+                else f
+                for f, g in zip(flat, gs)
+            ]
             # Only a step that can be skipped carries `ok` to the update: the
             # select costs an XLA Adam step up to half its throughput on CPU.
             # Unweighted, the summed weight is a positive count.
@@ -282,6 +386,21 @@ class Reducer(tf.Module):
             )
         return out, scale, ok
 
+    def _sum_duplicates(self, strategy, grads, group_size):
+        """`sum_duplicates` of the sparse `grads`, once per replica group.
+
+        `group_size`: how many consecutive local replicas hold the same value
+        (None: all of them), so that they get bit-identical sums.
+        """
+        if group_size is None:
+            group_size = dist.local_device_count(strategy)
+        return [
+            dist.once_per_group(strategy, sum_duplicates, g, group_size)
+            if dist.is_sparse(strategy, g)
+            else g
+            for g in grads
+        ]
+
     def _count(self, calls, num_bytes):
         self.allreduce_calls.assign_add(calls)
         self.allreduce_bytes.assign_add(num_bytes)
@@ -291,6 +410,30 @@ class Reducer(tf.Module):
             "aggregation": self.aggregation.name,
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
         }
+
+
+def sum_duplicates(slices: tf.IndexedSlices) -> tf.IndexedSlices:
+    """`slices` with each index once, the rows of equal index summed.
+
+    The same dense value (an `IndexedSlices` means the sum of its rows); the
+    indices in order of first occurrence.
+    """
+    unique, position = tf.unique(slices.indices)
+    values = tf.math.unsorted_segment_sum(slices.values, position, tf.shape(unique)[0])
+    return tf.IndexedSlices(values, unique, slices.dense_shape)
+
+
+def _map_values(g, fn):
+    """`fn(g)`, or for `IndexedSlices` the same slices with `fn` of the values."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
+def _interleave(is_second, first, second):
+    """Merges two lists back into one; `is_second[i]` says which list item i is from."""
+    first, second = iter(first), iter(second)
+    return [next(second) if s else next(first) for s in is_second]
 
 
 def _counter(name):

@@ -28,6 +28,11 @@ class Adagrad(Optimizer):
     Update rule: see `adagrad_update`. Slot: `accumulator`, initialised to
     `initial_accumulator_value`.
 
+    Sparse gradients (`tf.IndexedSlices`) update the touched rows of the
+    variable and the accumulator only (`sparse_rows`), as Keras 3 does (a
+    `scatter_add` of the squared rows, then a `scatter_sub`); the result
+    equals the dense gradient's, whose zero rows change nothing.
+
     Args:
         learning_rate: float or schedule.
         initial_accumulator_value: starting value of the sum of squared
@@ -35,6 +40,8 @@ class Adagrad(Optimizer):
         epsilon: added to the accumulator under the square root, >= 0.
         **kwargs: See `distopt.optimizers.Optimizer`.
     """
+
+    sparse_rows = True
 
     def __init__(
         self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7, **kwargs

@@ -50,6 +50,12 @@ class Adam(Optimizer):
 
     Update rule: see `adam_update`.
 
+    Sparse gradients (`tf.IndexedSlices`) travel sparse, then are densified
+    for the update: Keras 3's semantics (its TF backend forms `g - m` with
+    dense `m`, so every row's moments decay, and a row touched once keeps
+    moving). The result equals the dense gradient's. A "lazy" Adam that
+    updates the touched rows only (TF Addons' `LazyAdam`) is not offered.
+
     Args:
         learning_rate: float or schedule.
         beta_1: decay of the first moment, in [0, 1).
@@ -114,7 +120,8 @@ class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
     p <- p - lr * weight_decay * p, then the Adam step. Matches
-    `keras.optimizers.AdamW` (default weight_decay 0.004).
+    `keras.optimizers.AdamW` (default weight_decay 0.004). Sparse gradients
+    are densified for the update, as for `Adam`.
     """
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, **kwargs):

@@ -17,6 +17,11 @@ function of tensors (`update_step`). This class owns everything else:
   Adam), even inside a user's plain `tf.function`: a step over hundreds of
   small variables is then bound by bytes, not by per-variable dispatch.
   `fused=False` runs one kernel per variable; both compute the same thing.
+* Sparse gradients (`tf.IndexedSlices`, from `tf.gather` or an embedding
+  lookup) stay sparse through the reduce (`distopt.reduce`); then either
+  the touched rows are updated, outside the fused kernel, or the gradient
+  is densified, per the optimizer's `sparse_rows`. A step without sparse
+  gradients runs exactly as before.
 * Mixed precision: for float16 and bfloat16 variables the slots are float32,
   and the rule runs in float32 (gradient, weight, step and learning rate)
   before the new value is rounded once to the variable's dtype. A bfloat16
@@ -80,6 +85,15 @@ class Optimizer(tf.Module):
             one per variable.
         name: Name of the module (its variables' name scope).
     """
+
+    #: How a sparse gradient (`tf.IndexedSlices`) is applied, after the
+    #: sparse reduce. False: densified, then the dense rule (Keras 3's
+    #: semantics for every optimizer: its TF backend adds the slices to dense
+    #: slots, so every row's slots decay). True: `update_step` runs on the
+    #: touched rows of the variable and its slots only, and the other rows
+    #: keep their values (decoupled weight decay still shrinks every row).
+    #: Only for rules that act row by row.
+    sparse_rows = False
 
     def __init__(
         self,
@@ -276,7 +290,9 @@ class Optimizer(tf.Module):
 
         Args:
             grads_and_vars: A list of gradients (then `var_list` is the list of
-                variables), or a list of `(gradient, variable)` pairs.
+                variables), or a list of `(gradient, variable)` pairs. A
+                gradient may be `tf.IndexedSlices`: it stays sparse on the
+                wire (see `sparse_rows`).
             var_list: The variables, when the first argument is gradients.
             weight: This replica's weight for `WeightedMean` aggregation,
                 typically its number of valid examples.
@@ -436,6 +452,35 @@ class Optimizer(tf.Module):
         step = self.iterations + 1
         slots = self._slot_lists(variables)
         var_ok = list(var_ok) if var_ok is not None else [None] * len(variables)
+        grads, variables = list(grads), list(variables)
+        # Sparse gradients (see `sparse_rows`) leave the fused kernel; a
+        # dense-only step takes the branch below exactly as before.
+        sparse = [dist.is_sparse(strategy, g) for g in grads]
+        if any(sparse) and not self.sparse_rows:
+            grads = [
+                dist.densify(strategy, g) if s else g for g, s in zip(grads, sparse)
+            ]
+            sparse = [False] * len(grads)
+        rows = [i for i, s in enumerate(sparse) if s]
+        if rows:
+            dense = [i for i, s in enumerate(sparse) if not s]
+            rows_kernel = self._kernel_on_device(strategy, self._update_rows)
+            for i in rows:
+                dist.update(
+                    strategy,
+                    variables[i],
+                    rows_kernel,
+                    grads[i],
+                    slots[i],
+                    lr,
+                    step,
+                    scale,
+                    ok,
+                    var_ok[i],
+                )
+            grads, variables, slots, var_ok = (
+                [x[i] for i in dense] for x in (grads, variables, slots, var_ok)
+            )
         if self.fused and variables:
             dist.update_together(
                 strategy,
@@ -470,14 +515,15 @@ class Optimizer(tf.Module):
     def _slot_lists(self, variables):
         return [dict(self.slots(v)) for v in variables]
 
-    def _kernel_on_device(self, strategy):
-        """`self._kernel`, called with this device's own copies of the slots."""
+    def _kernel_on_device(self, strategy, update=None):
+        """`update` (`self._kernel`), called with this device's copies of the slots."""
+        update = update or self._kernel
 
         def kernel(var, grad, slots, *args):
             slots = {
                 n: dist.component_on(strategy, s, var.device) for n, s in slots.items()
             }
-            return self._kernel(var, grad, slots, *args)
+            return update(var, grad, slots, *args)
 
         return kernel
 
@@ -575,6 +621,44 @@ class Optimizer(tf.Module):
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
         return new_p, new_slots
 
+    def _update_rows(self, var, grad, slots, lr, step, scale, ok, var_ok=None):
+        """A sparse gradient's update, on the rows it touches (`sparse_rows`).
+
+        Gathers those rows of the variable and its slots, runs `update_step`
+        on them and scatters them back. Not compiled: the number of rows
+        changes from step to step, and XLA would compile anew for each.
+        `grad` holds each index once (as `reducer.reduce` returns it), so
+        each row is written once. The arithmetic is `_update_variable`'s.
+        """
+        dtype = reduce_lib.payload_dtype(var.dtype)
+        index = grad.indices
+        g = tf.cast(grad.values, dtype)
+        if scale is not None:
+            g = g * tf.cast(scale, dtype)
+        lr = tf.cast(lr, dtype)
+        keep_ok = [x for x in (ok, var_ok) if x is not None]
+        keep = tf.logical_not(tf.reduce_all(tf.stack(keep_ok))) if keep_ok else None
+        if self.weight_decay:
+            # Decoupled decay shrinks every row, touched or not, as in Keras.
+            p0 = tf.convert_to_tensor(var)
+            p = tf.cast(p0, dtype)
+            p = p - lr * self.weight_decay * p
+            decayed = tf.cast(p, var.dtype)
+            rows0, rows = tf.gather(p0, index), tf.gather(p, index)
+            var.assign(decayed if keep is None else tf.where(keep, p0, decayed))
+        else:
+            rows0 = tf.gather(var, index)
+            rows = tf.cast(rows0, dtype)
+        old = {n: tf.gather(s, index) for n, s in slots.items()}
+        new_rows, new_slots = self.update_step(g, rows, old, lr, tf.cast(step, dtype))
+        new_rows = tf.cast(new_rows, var.dtype)
+        if keep is not None:
+            new_rows = tf.where(keep, rows0, new_rows)
+            new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
+        var.scatter_update(tf.IndexedSlices(new_rows, index))
+        for n, s in slots.items():
+            s.scatter_update(tf.IndexedSlices(new_slots[n], index))
+
 
 # --- Argument handling --------------------------------------------------------
 
@@ -623,6 +707,9 @@ def _check_variables(variables):
 def _check_gradients(grads, variables):
     out = []
     for i, (g, v) in enumerate(zip(grads, variables)):
+        if isinstance(g, tf.IndexedSlices) and v.shape.rank:
+            out.append(_check_sparse_gradient(i, g, v))
+            continue
         g = tf.convert_to_tensor(g)
         if not g.shape.is_compatible_with(v.shape):
             raise ValueError(
@@ -643,6 +730,30 @@ def _flat(t):
 
 def _shaped(t, shape):
     return t if shape.rank == 1 else tf.reshape(t, shape)
+
+
+def _check_sparse_gradient(i, g, v):
+    """An `IndexedSlices` gradient, checked and cast; it stays sparse."""
+    row_shape = v.shape[1:]
+    if not g.values.shape[1:].is_compatible_with(row_shape) or (
+        g.values.shape.rank is not None and g.values.shape.rank != v.shape.rank
+    ):
+        raise ValueError(
+            f"grads: gradient {i} has rows of shape {g.values.shape[1:]} but "
+            f"variable {v.name!r} has rows of shape {row_shape}."
+        )
+    if g.indices.dtype not in (tf.int32, tf.int64):
+        raise ValueError(
+            f"grads: gradient {i} has indices of dtype {g.indices.dtype.name}; "
+            "expected int32 or int64."
+        )
+    if not g.values.dtype.is_floating:
+        raise ValueError(
+            f"grads: gradient {i} has non-float dtype {g.values.dtype.name}."
+        )
+    if g.values.dtype != v.dtype:
+        g = tf.IndexedSlices(tf.cast(g.values, v.dtype), g.indices, g.dense_shape)
+    return g
 
 
 def _cast_init(init, dtype):

@@ -31,10 +31,16 @@ class GradientDescent(Optimizer):
 
     Matches `keras.optimizers.SGD(momentum=0)`.
 
+    Sparse gradients (`tf.IndexedSlices`) update the touched rows only
+    (`sparse_rows`), as Keras's `scatter_sub` does; the result equals the
+    dense gradient's.
+
     Args:
         learning_rate: float or schedule (Keras's default, 0.01).
         **kwargs: See `distopt.optimizers.Optimizer`.
     """
+
+    sparse_rows = True
 
     def __init__(self, learning_rate=0.01, **kwargs):
         super().__init__(learning_rate, **kwargs)
@@ -52,12 +58,23 @@ class Momentum(Optimizer):
     Martens, Dahl & Hinton (2013), "On the importance of initialization and
     momentum in deep learning".
 
+    Sparse gradients (`tf.IndexedSlices`): the touched rows only
+    (`sparse_rows`). A touched row's momentum decays and takes the gradient;
+    an untouched row keeps its momentum and its value, as in TF1's
+    `MomentumOptimizer` (`SparseApplyMomentum`) and tf.keras 2's
+    `optimizer_v2` SGD (`ResourceSparseApplyKerasMomentum`): an embedding row
+    moves only when it is looked up. This differs from the dense gradient, and from Keras 3,
+    whose SGD densifies the slices so that every row's momentum decays and
+    keeps moving the row.
+
     Args:
         learning_rate: float or schedule.
         momentum: in [0, 1); 0 gives plain gradient descent.
         nesterov: use Nesterov momentum.
         **kwargs: See `distopt.optimizers.Optimizer`.
     """
+
+    sparse_rows = True
 
     def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)

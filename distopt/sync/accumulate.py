@@ -25,6 +25,10 @@ class Accumulate(Sync):
     a variable with no gradient in the whole window is left as it is, as a
     None gradient leaves it in every other mode.
 
+    Sparse gradients (`tf.IndexedSlices`) are scatter-added into the dense
+    accumulator, so under this mode they travel dense at the flush (the
+    accumulated rows of k micro-steps are no longer few).
+
     Args:
         k: Micro-steps per update, >= 1.
     """
@@ -56,7 +60,7 @@ class Accumulate(Sync):
         payload = [given[i] for i in range(len(every)) if present[i]] + [weight]
         totals = dist.map_per_replica(
             strategy,
-            lambda *xs: [a + p for a, p in zip(xs[: len(accs)], xs[len(accs) :])],
+            lambda *xs: [_add(a, p) for a, p in zip(xs[: len(accs)], xs[len(accs) :])],
             *accs,
             *payload,
         )
@@ -101,3 +105,11 @@ class Accumulate(Sync):
 
     def get_config(self):
         return {"name": self.name, "k": self.k}
+
+
+def _add(acc, g):
+    """`acc + g`; `IndexedSlices` are scatter-added (duplicate rows summed)."""
+    if isinstance(g, tf.IndexedSlices):
+        index = tf.expand_dims(tf.cast(g.indices, tf.int64), -1)
+        return tf.tensor_scatter_nd_add(acc, index, tf.cast(g.values, acc.dtype))
+    return acc + g
