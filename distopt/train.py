@@ -209,7 +209,7 @@ flags.DEFINE_integer(
     "Training steps per tf.function call (a tf.range loop over the iterator).",
 )
 flags.DEFINE_boolean(
-    "jit_compile", _DEFAULTS.jit_compile, "Compile the step with XLA (CPU/GPU)."
+    "jit_compile", _DEFAULTS.jit_compile, "XLA for the step (default: GPU/TPU on, CPU off)."
 )
 flags.DEFINE_enum(
     "mixed_precision",
