@@ -40,6 +40,7 @@ are what to read. Targets (issue 11): trainer >= 1.2x the best Keras and >=
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -48,27 +49,38 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["lenet", "mlp"], "Models: lenet, mlp.")
-flags.DEFINE_list(
-    "strategies", ["default", "mirrored"], "default and/or mirrored (2 virtual CPUs)."
-)
-flags.DEFINE_list(
-    "contenders",
-    ["trainer", "keras_auto", "keras_nojit", "bare"],
-    "Contenders (see the module docstring).",
-)
-flags.DEFINE_integer("steps", 400, "Timed training steps per measurement.")
-flags.DEFINE_integer("warmup_steps", 50, "Keras and bare: untimed steps first.")
-flags.DEFINE_integer("repeats", 3, "Fresh-process measurements per contender.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-flags.DEFINE_integer(
-    "keras_steps_per_execution", 50, "Keras steps_per_execution (1 if it fails)."
-)
-flags.DEFINE_string("output", None, "Optional JSON file for the results.")
-flags.DEFINE_string("measure", None, "Internal: run one measurement here.")
+def parse_args(argv=None):
+    """The benchmark's command line (``argv`` without the program name)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lenet,mlp", help="lenet, mlp")
+    parser.add_argument(
+        "--strategies", default="default,mirrored", help="default, mirrored (2 vCPUs)"
+    )
+    parser.add_argument(
+        "--contenders",
+        default="trainer,keras_auto,keras_nojit,bare",
+        help="see the module docstring",
+    )
+    parser.add_argument("--steps", type=int, default=400, help="timed steps")
+    parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Keras and bare: untimed first"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="processes each")
+    parser.add_argument("--batch_size", type=int, default=128, help="global batch")
+    parser.add_argument(
+        "--keras_steps_per_execution",
+        type=int,
+        default=50,
+        help="Keras steps_per_execution (1 where it fails)",
+    )
+    parser.add_argument("--output", help="also write the results (JSON) here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("models", "strategies", "contenders"):
+        setattr(args, name, getattr(args, name).split(","))
+    return args
+
 
 VIRTUAL_CPUS = 2
 _RESULT = "RESULT "
@@ -116,7 +128,7 @@ def _setup(strategy_name):
     )
 
 
-def measure_keras(model_name, strategy_name, variant, start):
+def measure_keras(args, model_name, strategy_name, variant, start):
     """Keras fit: time to first step and examples/s (after a warm-up fit)."""
     import keras
     import tensorflow as tf
@@ -125,7 +137,7 @@ def measure_keras(model_name, strategy_name, variant, start):
 
     strategy = _setup(strategy_name)
     dataset = data.make_dataset_fn(
-        data.load_source(), "train", FLAGS.batch_size, training=True, seed=0
+        data.load_source(), "train", args.batch_size, training=True, seed=0
     )(tf.distribute.InputContext())
 
     def build(steps_per_execution):
@@ -141,28 +153,28 @@ def measure_keras(model_name, strategy_name, variant, start):
         model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
         return model
 
-    spe = FLAGS.keras_steps_per_execution
+    spe = args.keras_steps_per_execution
     try:
         model = build(spe)
         first_step = time.time() - start
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
     except Exception as e:  # noqa: BLE001 - any failure: retry without it.
         print(f"steps_per_execution={spe} failed ({type(e).__name__}); using 1")
         spe = 1
         model = build(spe)
         first_step = time.time() - start
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
     t = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
     seconds = time.perf_counter() - t
     return {
-        "examples_per_second": FLAGS.steps * FLAGS.batch_size / seconds,
+        "examples_per_second": args.steps * args.batch_size / seconds,
         "seconds_to_first_step": first_step,
         "steps_per_execution": spe,
     }
 
 
-def measure_bare(model_name, strategy_name):
+def measure_bare(args, model_name, strategy_name):
     """The ceiling: the trainer's model and optimizer over in-memory tensors."""
     import tensorflow as tf
 
@@ -171,7 +183,7 @@ def measure_bare(model_name, strategy_name):
     strategy = _setup(strategy_name)
     jit = train_lib.resolve_jit_compile(None, strategy)
     replicas = strategy.num_replicas_in_sync
-    per_replica = FLAGS.batch_size // replicas
+    per_replica = args.batch_size // replicas
     with strategy.scope():
         model = train_lib.build_model(model_name, jit_compile=jit)
         optimizer = optimizers.Adam(1e-3)
@@ -204,17 +216,17 @@ def measure_bare(model_name, strategy_name):
             strategy.run(step, args=batch)
         return optimizer.iterations
 
-    loop(tf.constant(FLAGS.warmup_steps)).numpy()
+    loop(tf.constant(args.warmup_steps)).numpy()
     t = time.perf_counter()
-    loop(tf.constant(FLAGS.steps)).numpy()
+    loop(tf.constant(args.steps)).numpy()
     seconds = time.perf_counter() - t
     return {
-        "examples_per_second": FLAGS.steps * FLAGS.batch_size / seconds,
+        "examples_per_second": args.steps * args.batch_size / seconds,
         "jit_compile": jit,
     }
 
 
-def measure_trainer(model_name, strategy_name):
+def measure_trainer(args, model_name, strategy_name):
     """``python -m distopt.train`` with default flags, as a user runs it."""
     with tempfile.TemporaryDirectory() as model_dir:
         command = [
@@ -223,8 +235,8 @@ def measure_trainer(model_name, strategy_name):
             "distopt.train",
             f"--model={model_name}",
             f"--strategy={strategy_name}",
-            f"--train_steps={FLAGS.steps + 1}",  # The first step is not timed.
-            f"--log_every={FLAGS.steps + 1}",
+            f"--train_steps={args.steps + 1}",  # The first step is not timed.
+            f"--log_every={args.steps + 1}",
             "--checkpoint_every=0",
             "--eval_steps=1",
             f"--model_dir={model_dir}",
@@ -241,10 +253,10 @@ def measure_trainer(model_name, strategy_name):
     }
 
 
-def _measure_in_subprocess(contender, model_name, strategy_name):
+def _measure_in_subprocess(args, contender, model_name, strategy_name):
     if contender == "trainer":  # Its own process already.
         try:
-            return measure_trainer(model_name, strategy_name)
+            return measure_trainer(args, model_name, strategy_name)
         except RuntimeError as e:
             print(e)
             return None
@@ -255,10 +267,10 @@ def _measure_in_subprocess(contender, model_name, strategy_name):
         f"--models={model_name}",
         f"--strategies={strategy_name}",
         f"--measure={contender}",
-        f"--steps={FLAGS.steps}",
-        f"--warmup_steps={FLAGS.warmup_steps}",
-        f"--batch_size={FLAGS.batch_size}",
-        f"--keras_steps_per_execution={FLAGS.keras_steps_per_execution}",
+        f"--steps={args.steps}",
+        f"--warmup_steps={args.warmup_steps}",
+        f"--batch_size={args.batch_size}",
+        f"--keras_steps_per_execution={args.keras_steps_per_execution}",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in reversed(proc.stdout.splitlines()):
@@ -343,28 +355,28 @@ def report(results) -> str:
     return "\n".join(lines)
 
 
-def run():
+def run(args):
     """Runs every cell, contenders alternating; returns the results dict."""
-    contenders = list(FLAGS.contenders)
+    contenders = list(args.contenders)
     load = os.getloadavg()
     cells = []
-    for model_name in FLAGS.models:
-        for strategy_name in FLAGS.strategies:
+    for model_name in args.models:
+        for strategy_name in args.strategies:
             samples = {c: [] for c in contenders}
-            for r in range(FLAGS.repeats):
+            for r in range(args.repeats):
                 # Rotate the order each round: no contender always goes first.
                 shift = r % len(contenders)
                 for c in contenders[shift:] + contenders[:shift]:
-                    result = _measure_in_subprocess(c, model_name, strategy_name)
+                    result = _measure_in_subprocess(args, c, model_name, strategy_name)
                     if result is not None:
                         samples[c].append(result)
             cell = {"model": model_name, "strategy": strategy_name}
             cell["samples"] = samples
             cells.append(summarize(cell))
     return {
-        "steps": FLAGS.steps,
-        "batch_size": FLAGS.batch_size,
-        "repeats": FLAGS.repeats,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
         "load_average": load,
         "load_end": os.getloadavg(),
@@ -372,22 +384,23 @@ def run():
     }
 
 
-def main(argv):
-    del argv
-    if FLAGS.measure:
+def main(argv=None):
+    args = parse_args(argv)
+    if args.measure:
         start = _process_start()
-        (model_name,), (strategy_name,) = FLAGS.models, FLAGS.strategies
-        if FLAGS.measure == "bare":
-            result = measure_bare(model_name, strategy_name)
+        (model_name,), (strategy_name,) = args.models, args.strategies
+        if args.measure == "bare":
+            result = measure_bare(args, model_name, strategy_name)
         else:
-            result = measure_keras(model_name, strategy_name, FLAGS.measure, start)
+            result = measure_keras(args, model_name, strategy_name, args.measure, start)
         print(_RESULT + json.dumps(result), flush=True)
-        return
-    results = run()
+        return result
+    results = run(args)
     print(report(results))
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
+    if args.output:
+        with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
+    return results
 
 
 def _process_start():
@@ -402,4 +415,4 @@ def _process_start():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
