@@ -333,26 +333,29 @@ def report(results) -> str:
     )
     lines = [header]
     for cell in results["cells"]:
-        lines.append(f"\n{cell['model']} / {cell['strategy']}")
-        lines.append(
-            f"  {'contender':<12} {'ex/s median':>11} {'(min-max)':>17}"
-            f"   {'first step s':>12} {'(min-max)':>11}"
-        )
-        for c, r in cell["examples_per_second"].items():
-            if not r:
-                lines.append(f"  {c:<12} failed")
-                continue
-            f = cell["seconds_to_first_step"].get(c)
-            first = (
-                f"   {f['median']:>12.1f} ({f['min']:.1f}-{f['max']:.1f})" if f else ""
-            )
-            lines.append(
-                f"  {c:<12} {r['median']:>11,.0f} "
-                f"({r['min']:>7,.0f}-{r['max']:>7,.0f}){first}"
-            )
-        for name, value in cell["ratios"].items():
-            lines.append(f"  {name}: {value:.2f}x")
+        lines += _report_cell(cell)
     return "\n".join(lines)
+
+
+def _report_cell(cell) -> list[str]:
+    lines = [
+        f"\n{cell['model']} / {cell['strategy']}",
+        f"  {'contender':<12} {'ex/s median':>11} {'(min-max)':>17}   "
+        + f"{'first step s':>12} {'(min-max)':>11}",
+    ]
+    for c, r in cell["examples_per_second"].items():
+        if not r:
+            lines.append(f"  {c:<12} failed")
+            continue
+        f = cell["seconds_to_first_step"].get(c)
+        first = f"   {f['median']:>12.1f} ({f['min']:.1f}-{f['max']:.1f})" if f else ""
+        lines.append(
+            f"  {c:<12} {r['median']:>11,.0f} "
+            f"({r['min']:>7,.0f}-{r['max']:>7,.0f}){first}"
+        )
+    for name, value in cell["ratios"].items():
+        lines.append(f"  {name}: {value:.2f}x")
+    return lines
 
 
 def run(args):
@@ -373,6 +376,7 @@ def run(args):
             cell = {"model": model_name, "strategy": strategy_name}
             cell["samples"] = samples
             cells.append(summarize(cell))
+            print("\n".join(_report_cell(cell)), flush=True)
     return {
         "steps": args.steps,
         "batch_size": args.batch_size,
