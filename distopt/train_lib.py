@@ -375,8 +375,10 @@ def resolve_jit_compile(jit_compile: bool | None, strategy=None) -> bool:
     if jit_compile is not None:
         return bool(jit_compile)
     strategy = strategy or tf.distribute.get_strategy()
-    if _is_tpu(strategy):
-        return True
+    return _is_tpu(strategy) or _runs_on_gpu(strategy)
+
+
+def _runs_on_gpu(strategy) -> bool:
     try:
         devices = strategy.extended.worker_devices
     except RuntimeError:  # The default strategy: TF places ops on GPU:0 if any.
@@ -440,7 +442,12 @@ def make_datasets(
         contexts.append(input_context)
         return test_fn(input_context)
 
-    test = strategy.distribute_datasets_from_function(capture_context)
+    # On CPUs the batches are in the devices' memory already: skip the
+    # per-replica prefetch copies (LeNet on 2 virtual CPUs: 1.2-1.4x faster).
+    options = None
+    if not _is_tpu(strategy) and not _runs_on_gpu(strategy):
+        options = tf.distribute.InputOptions(experimental_fetch_to_device=False)
+    test = strategy.distribute_datasets_from_function(capture_context, options)
     # Known up front (the pass is padded to whole batches), so evaluation can
     # run a fixed-length loop instead of checking every replica for the end
     # of data at every step.
@@ -450,7 +457,8 @@ def make_datasets(
         contexts[0].num_input_pipelines,
         config.eval_steps or None,
     )
-    return strategy.distribute_datasets_from_function(train_fn), test, test_steps
+    train = strategy.distribute_datasets_from_function(train_fn, options)
+    return train, test, test_steps
 
 
 def build_model(
