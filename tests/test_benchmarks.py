@@ -5,7 +5,7 @@ No timing is asserted; the figures come from full runs (BUILD_NOTES.md).
 
 import math
 
-from distopt.benchmarks import adam_step, trainer_vs_keras
+from distopt.benchmarks import adam_step, step_breakdown, trainer_vs_keras
 
 
 def test_adam_step_runs_and_reports_ratios(capsys):
@@ -37,7 +37,7 @@ def test_trainer_vs_keras_runs_and_reports_ratios(capsys):
         [
             "--models=mlp",
             "--strategies=default",
-            "--contenders=bare,keras_nojit",
+            "--contenders=keras_nojit",
             "--steps=3",
             "--warmup_steps=1",
             "--repeats=1",
@@ -45,10 +45,18 @@ def test_trainer_vs_keras_runs_and_reports_ratios(capsys):
         ]
     )
     (cell,) = results["cells"]
-    for contender in ("bare", "keras_nojit"):
-        assert cell["examples_per_second"][contender]["median"] > 0
+    assert cell["examples_per_second"]["keras_nojit"]["median"] > 0
     assert cell["seconds_to_first_step"]["keras_nojit"]["median"] > 0
     assert "mlp / default" in capsys.readouterr().out
+
+
+def test_bare_step_and_breakdown_in_process():
+    args = trainer_vs_keras.parse_args(["--steps=2", "--warmup_steps=1"])
+    bare = trainer_vs_keras.measure_bare(args, "mlp", "default")
+    assert bare["examples_per_second"] > 0
+    phases = step_breakdown.step_phases("mlp", "default", steps=2, rounds=1)
+    assert set(phases["ms_per_step"]) == set(step_breakdown.PHASES)
+    assert set(phases["attribution_ms"]) >= {"forward", "backward", "update"}
 
 
 def test_trainer_vs_keras_summary_of_every_contender():
