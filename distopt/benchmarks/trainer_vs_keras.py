@@ -21,6 +21,8 @@ virtual CPUs). Contenders in each cell, all with global batch 128 and Adam
   distributes them). Time to first step: process start to the end of a
   1-step ``fit``. Throughput: a timed ``fit`` of ``--steps`` steps after a
   warm-up ``fit``.
+* ``trainer:<flags>`` (not by default): the trainer with these further
+  flags, separated by spaces, e.g. ``"trainer:--jit_compile"``.
 * ``bare``: the ceiling. The trainer's model and optimizer (the trainer's
   default XLA choice for this device), forward, backward and update in a
   ``tf.range`` loop in one ``tf.function`` over one in-memory batch per
@@ -226,7 +228,7 @@ def measure_bare(args, model_name, strategy_name):
     }
 
 
-def measure_trainer(args, model_name, strategy_name):
+def measure_trainer(args, model_name, strategy_name, extra_flags=()):
     """``python -m distopt.train`` with default flags, as a user runs it."""
     with tempfile.TemporaryDirectory() as model_dir:
         command = [
@@ -240,6 +242,7 @@ def measure_trainer(args, model_name, strategy_name):
             "--checkpoint_every=0",
             "--eval_steps=1",
             f"--model_dir={model_dir}",
+            *extra_flags,
         ]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         path = os.path.join(model_dir, "metrics.json")
@@ -254,9 +257,10 @@ def measure_trainer(args, model_name, strategy_name):
 
 
 def _measure_in_subprocess(args, contender, model_name, strategy_name):
-    if contender == "trainer":  # Its own process already.
+    if contender.split(":")[0] == "trainer":  # Its own process already.
+        extra = contender.split(":", 1)[1].split() if ":" in contender else []
         try:
-            return measure_trainer(args, model_name, strategy_name)
+            return measure_trainer(args, model_name, strategy_name, extra)
         except RuntimeError as e:
             print(e)
             return None
