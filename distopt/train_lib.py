@@ -363,9 +363,9 @@ def resolve_jit_compile(jit_compile: bool | None, strategy=None) -> bool:
     An explicit True or False wins. None (the default) picks by the device
     type the strategy runs on: XLA on GPUs and TPUs, none on CPUs. On CPU the
     plain TensorFlow kernels (with ``max_pool2d`` pooling) were as fast as
-    XLA for the bare LeNet and MLP steps, and the trainer ran 1.2-2.2x faster
-    without XLA (BUILD_NOTES.md, 2026-12-01), with less compiling before the
-    first step. The optimizer's own update kernels are unaffected (they take
+    XLA for the bare LeNet and MLP steps, and the trainer ran faster without
+    XLA (LeNet 2.1-2.2x, MLP mirrored 1.2x, MLP default the same; BUILD_NOTES.md,
+    2026-12-01), with less compiling before the first step. The optimizer's own update kernels are unaffected (they take
     the optimizer's ``jit_compile``).
 
     Args:
