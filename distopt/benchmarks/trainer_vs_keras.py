@@ -19,7 +19,8 @@ virtual CPUs). Contenders in each cell, all with global batch 128 and Adam
   falls back to 1 if fit fails with it; the result records which ran). It
   reads the trainer's own ``tf.data`` pipeline (global batches; Keras
   distributes them). Time to first step: process start to the end of a
-  1-step ``fit``. Throughput: a timed ``fit`` of ``--steps`` steps after a
+  1-step ``fit`` (with ``steps_per_execution`` that first execution runs
+  that many steps, which can only make Keras look later). Throughput: a timed ``fit`` of ``--steps`` steps after a
   warm-up ``fit``.
 * ``trainer:<flags>`` (not by default): the trainer with these further
   flags, separated by spaces, e.g. ``"trainer:--jit_compile"``.
