@@ -219,7 +219,7 @@ flags.DEFINE_integer(
     "Training steps per tf.function call (a tf.range loop over the iterator).",
 )
 flags.DEFINE_boolean(
-    "jit_compile", _DEFAULTS.jit_compile, "Compile the step with XLA (CPU/GPU)."
+    "jit_compile", _DEFAULTS.jit_compile, "Compile with XLA (default: not on CPU)."
 )
 flags.DEFINE_enum(
     "mixed_precision",

@@ -1,63 +1,97 @@
-r"""Trainer throughput against ``keras.Model.fit``, in the same process.
+r"""Trainer throughput and time to first step against ``keras.Model.fit``.
 
-    python -m distopt.benchmarks.trainer_vs_keras
-    python -m distopt.benchmarks.trainer_vs_keras --models=lenet --steps=600
+    python -m distopt.benchmarks.trainer_vs_keras                 # all 4 cells, 3 repeats
+    python -m distopt.benchmarks.trainer_vs_keras --models=lenet --strategies=default
+    python -m distopt.benchmarks.trainer_vs_keras --steps=3 --repeats=1   # smoke run
 
-For each model (MLP, LeNet-5) and strategy (default; mirrored over 2 virtual
-CPUs), trains the distopt trainer and an equivalent Keras model on the same
-MNIST input pipeline, global batch (128) and optimizer (Adam 1e-3), and
-prints examples per second and the ratio. Keras is timed with its defaults
-(``jit_compile="auto"``) and with ``jit_compile=False`` (faster for LeNet on
-CPU: XLA's MaxPool gradient is slow), and the ratio is taken against the
-faster of the two.
+Cells: each model (MLP, LeNet-5) x strategy (default; mirrored over 2
+virtual CPUs). Contenders in each cell, all with global batch 128 and Adam
+1e-3 on MNIST:
 
-Each measurement runs in a fresh process (one benchmark run spawns them in
-turn), so none inherits another's threads or compiled state. Both sides
-exclude compilation: Keras is timed on a second ``fit`` call, the trainer
-reports throughput after its first (compiling) step. Run it on an otherwise
-idle machine; with shared cores the numbers mean little.
+* ``trainer``: ``python -m distopt.train`` with its default flags (only the
+  model, strategy, step count and a temporary ``--model_dir`` are given).
+  Throughput is the trainer's own figure (``metrics.json``), which leaves
+  out its first, compiling step; time to first step is its
+  ``seconds_to_first_step``, from process start.
+* ``keras_auto`` / ``keras_nojit``: an equivalent ``keras.Sequential`` model
+  compiled with ``jit_compile="auto"`` / ``False``, and
+  ``steps_per_execution=--keras_steps_per_execution`` where that works (it
+  falls back to 1 if fit fails with it; the result records which ran). It
+  reads the trainer's own ``tf.data`` pipeline (global batches; Keras
+  distributes them). Time to first step: process start to the end of a
+  1-step ``fit`` (with ``steps_per_execution`` that first execution runs
+  that many steps, which can only make Keras look later). Throughput: a timed ``fit`` of ``--steps`` steps after a
+  warm-up ``fit``.
+* ``trainer:<flags>`` (not by default): the trainer with these further
+  flags, separated by spaces, e.g. ``"trainer:--jit_compile"``.
+* ``bare``: the ceiling. The trainer's model and optimizer (the trainer's
+  default XLA choice for this device), forward, backward and update in a
+  ``tf.range`` loop in one ``tf.function`` over one in-memory batch per
+  replica: no input pipeline, no metrics, no Python per step.
+
+Protocol: every measurement is a fresh process, so none inherits another's
+threads, compiled state or collective keys. The contenders alternate, in an
+order rotated every round, and each runs ``--repeats`` times (>= 3 for a
+figure you report). The report gives each contender's median and min-max,
+and ratios of medians taken within the same run: trainer / best Keras
+variant, trainer / bare step, and trainer / Keras for time to first step.
+Absolute figures on a shared machine mean little; the ratios and spreads
+are what to read. Targets (issue 11): trainer >= 1.2x the best Keras and >=
+0.9x bare in every cell; time to first step <= 5 s (LeNet default), <= 6 s
+(mirrored) and no later than Keras fit's.
 """
 
-import gc
+from __future__ import annotations
+
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "lenet"], "Models to compare.")
-flags.DEFINE_list(
-    "strategies", ["default", "mirrored"], "default and/or mirrored (2 virtual CPUs)."
-)
-flags.DEFINE_integer("steps", 400, "Timed training steps per measurement.")
-flags.DEFINE_integer("warmup_steps", 50, "Keras: untimed steps before timing.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-flags.DEFINE_integer("steps_per_loop", 50, "Trainer: steps per tf.function call.")
-flags.DEFINE_boolean("jit_compile", True, "Trainer: XLA-compile the step.")
-flags.DEFINE_integer(
-    "repeats", 2, "Measurements per configuration and side (best is kept)."
-)
-flags.DEFINE_list(
-    "keras_variants",
-    ["default", "nojit"],
-    "Keras settings to time: default (jit_compile='auto'), nojit "
-    "(jit_compile=False), tuned (jit_compile=True and steps_per_execution="
-    "--steps_per_loop; fails under MirroredStrategy in Keras 3.15). The "
-    "ratio is against the fastest.",
-)
-flags.DEFINE_string("output", None, "Optional JSON file for the results.")
-flags.DEFINE_string(
-    "measure", None, "Internal: run one measurement (keras:<variant> or trainer)."
-)
+def parse_args(argv=None):
+    """The benchmark's command line (``argv`` without the program name)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lenet,mlp", help="lenet, mlp")
+    parser.add_argument(
+        "--strategies", default="default,mirrored", help="default, mirrored (2 vCPUs)"
+    )
+    parser.add_argument(
+        "--contenders",
+        default="trainer,keras_auto,keras_nojit,bare",
+        help="see the module docstring",
+    )
+    parser.add_argument("--steps", type=int, default=400, help="timed steps")
+    parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Keras and bare: untimed first"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="processes each")
+    parser.add_argument("--batch_size", type=int, default=128, help="global batch")
+    parser.add_argument(
+        "--keras_steps_per_execution",
+        type=int,
+        default=50,
+        help="Keras steps_per_execution (1 where it fails)",
+    )
+    parser.add_argument("--output", help="also write the results (JSON) here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("models", "strategies", "contenders"):
+        setattr(args, name, getattr(args, name).split(","))
+    return args
+
 
 VIRTUAL_CPUS = 2
+_RESULT = "RESULT "
+KERAS_JIT = {"keras_auto": "auto", "keras_nojit": False}
 
 
 def _keras_model(name):
+    """The Keras twin of distopt's model with the trainer's default args."""
     import keras
 
     if name == "mlp":
@@ -81,172 +115,313 @@ def _keras_model(name):
     return keras.Sequential([keras.Input((28, 28, 1)), *layers])
 
 
-KERAS_VARIANTS = {
-    "default": {},
-    "nojit": {"jit_compile": False},
-    "tuned": {"jit_compile": True, "steps_per_execution": None},
-}
-
-
-def time_keras(model_name, strategy, dataset, variant="default"):
-    """Returns Keras fit's examples/s (timed after a warm-up fit)."""
-    import keras
-
-    options = dict(KERAS_VARIANTS[variant])
-    if "steps_per_execution" in options:
-        options["steps_per_execution"] = FLAGS.steps_per_loop
-    with strategy.scope():
-        model = _keras_model(model_name)
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            **options,
-        )
-    model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
-    start = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)
-    rate = FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
-    # Drop the model and its input iterators (and their prefetch threads)
-    # before the next measurement.
-    del model
-    keras.backend.clear_session()
-    gc.collect()
-    return rate
-
-
-def time_trainer(model_name, strategy_name, strategy):
-    """Returns the distopt trainer's examples/s (after its compiling step)."""
-    from distopt import train_lib
-
-    with tempfile.TemporaryDirectory() as model_dir:
-        config = train_lib.TrainConfig(
-            model=model_name,
-            strategy=strategy_name,
-            virtual_devices=VIRTUAL_CPUS if strategy_name == "mirrored" else 0,
-            optimizer="adam",
-            learning_rate=1e-3,
-            batch_size=FLAGS.batch_size,
-            train_steps=FLAGS.steps + 1,
-            steps_per_loop=FLAGS.steps_per_loop,
-            jit_compile=FLAGS.jit_compile,
-            log_every=100,
-            checkpoint_every=0,
-            eval_steps=1,
-            model_dir=model_dir,
-        )
-        return train_lib.train(config, strategy=strategy)["examples_per_second"]
-
-
-def measure(spec: str) -> float:
-    """Runs one measurement, "keras:<variant>" or "trainer", in this process.
-
-    Every measurement gets a fresh process (see :func:`main`): Keras fit ran
-    several times slower after another model had trained in the same process
-    (its step times quantised to ~50 ms), and a second MirroredStrategy in a
-    process reuses collective instance keys.
-    """
+def _setup(strategy_name):
+    """Initialises TensorFlow's devices; returns the strategy."""
     import tensorflow as tf
 
-    # Before anything initialises TensorFlow's devices.
+    if strategy_name != "mirrored":
+        return tf.distribute.get_strategy()
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_CPUS
     )
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+
+
+def measure_keras(args, model_name, strategy_name, variant, start):
+    """Keras fit: time to first step and examples/s (after a warm-up fit)."""
+    import keras
+    import tensorflow as tf
+
     from distopt import data
 
-    strategy = (
-        tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(VIRTUAL_CPUS)])
-        if FLAGS.strategies == ["mirrored"]
-        else tf.distribute.get_strategy()
-    )
-    (model_name,) = FLAGS.models
-    if spec == "trainer":
-        return time_trainer(model_name, FLAGS.strategies[0], strategy)
-    source = data.load_source()
-    # Keras reads the trainer's own pipeline (global batches), so both do the
-    # same input work.
+    strategy = _setup(strategy_name)
     dataset = data.make_dataset_fn(
-        source, "train", FLAGS.batch_size, training=True, seed=0
+        data.load_source(), "train", args.batch_size, training=True, seed=0
     )(tf.distribute.InputContext())
-    return time_keras(model_name, strategy, dataset, spec.split(":", 1)[1])
+
+    def build(steps_per_execution):
+        with strategy.scope():
+            model = _keras_model(model_name)
+            model.compile(
+                optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+                jit_compile=KERAS_JIT[variant],
+                steps_per_execution=steps_per_execution,
+            )
+        model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
+        return model
+
+    spe = args.keras_steps_per_execution
+    try:
+        model = build(spe)
+        first_step = time.time() - start
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
+    except Exception as e:  # noqa: BLE001 - any failure: retry without it.
+        print(f"steps_per_execution={spe} failed ({type(e).__name__}); using 1")
+        spe = 1
+        model = build(spe)
+        first_step = time.time() - start
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
+    t = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
+    seconds = time.perf_counter() - t
+    return {
+        "examples_per_second": args.steps * args.batch_size / seconds,
+        "seconds_to_first_step": first_step,
+        "steps_per_execution": spe,
+    }
 
 
-def _measure_in_subprocess(spec, model_name, strategy_name, argv):
+def measure_bare(args, model_name, strategy_name):
+    """The ceiling: the trainer's model and optimizer over in-memory tensors."""
+    import tensorflow as tf
+
+    from distopt import optimizers, train_lib
+
+    strategy = _setup(strategy_name)
+    jit = train_lib.resolve_jit_compile(None, strategy)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = args.batch_size // replicas
+    with strategy.scope():
+        model = train_lib.build_model(model_name, jit_compile=jit)
+        optimizer = optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+    variables = model.trainable_variables
+
+    def batch_fn(context):
+        del context
+        images = tf.random.stateless_uniform([per_replica, 28, 28, 1], (0, 1))
+        labels = tf.random.stateless_uniform([per_replica], (0, 2), 0, 10, tf.int32)
+        return images, labels
+
+    batch = strategy.experimental_distribute_values_from_function(batch_fn)
+
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            )
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(grads, variables)
+
+    if jit and replicas == 1:
+        step = tf.function(step, jit_compile=True)
+
+    @tf.function
+    def loop(num_steps):
+        for _ in tf.range(num_steps):
+            strategy.run(step, args=batch)
+        return optimizer.iterations
+
+    loop(tf.constant(args.warmup_steps)).numpy()
+    t = time.perf_counter()
+    loop(tf.constant(args.steps)).numpy()
+    seconds = time.perf_counter() - t
+    return {
+        "examples_per_second": args.steps * args.batch_size / seconds,
+        "jit_compile": jit,
+    }
+
+
+def measure_trainer(args, model_name, strategy_name, extra_flags=()):
+    """``python -m distopt.train`` with default flags, as a user runs it."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        command = [
+            sys.executable,
+            "-m",
+            "distopt.train",
+            f"--model={model_name}",
+            f"--strategy={strategy_name}",
+            f"--train_steps={args.steps + 1}",  # The first step is not timed.
+            f"--log_every={args.steps + 1}",
+            "--checkpoint_every=0",
+            "--eval_steps=1",
+            f"--model_dir={model_dir}",
+            *extra_flags,
+        ]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        path = os.path.join(model_dir, "metrics.json")
+        if proc.returncode or not os.path.exists(path):
+            raise RuntimeError(f"trainer failed:\n{proc.stderr[-3000:]}")
+        with open(path) as f:
+            metrics = json.load(f)
+    return {
+        "examples_per_second": metrics["examples_per_second"],
+        "seconds_to_first_step": metrics["seconds_to_first_step"],
+    }
+
+
+def _measure_in_subprocess(args, contender, model_name, strategy_name):
+    if contender.split(":")[0] == "trainer":  # Its own process already.
+        extra = contender.split(":", 1)[1].split() if ":" in contender else []
+        try:
+            return measure_trainer(args, model_name, strategy_name, extra)
+        except RuntimeError as e:
+            print(e)
+            return None
     command = [
         sys.executable,
         "-m",
         "distopt.benchmarks.trainer_vs_keras",
-        *argv,
         f"--models={model_name}",
         f"--strategies={strategy_name}",
-        f"--measure={spec}",
+        f"--measure={contender}",
+        f"--steps={args.steps}",
+        f"--warmup_steps={args.warmup_steps}",
+        f"--batch_size={args.batch_size}",
+        f"--keras_steps_per_execution={args.keras_steps_per_execution}",
     ]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
-            return float(line[len(_RESULT) :])
-    print(f"{spec} {model_name} {strategy_name} failed:\n{proc.stderr[-2000:]}")
-    return 0.0
+            return json.loads(line[len(_RESULT) :])
+    print(f"{contender} {model_name} {strategy_name} failed:\n{proc.stderr[-3000:]}")
+    return None
 
 
-_RESULT = "RESULT examples_per_second="
+def _stats(values):
+    if not values:
+        return None
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
-def main(argv):
-    if FLAGS.measure:
-        print(f"{_RESULT}{measure(FLAGS.measure)}", flush=True)
-        return
-    del argv
-    # Flags to pass on to every measurement, minus those set per measurement.
-    passed = [
-        a
-        for a in sys.argv[1:]
-        if a.startswith("--")
-        and not a.startswith(("--models", "--strategies", "--output", "--measure"))
-    ]
-    results = []
-    for model_name in FLAGS.models:
-        for strategy_name in FLAGS.strategies:
-            row = {"model": model_name, "strategy": strategy_name}
-            for _ in range(FLAGS.repeats):
-                specs = [f"keras:{v}" for v in FLAGS.keras_variants] + ["trainer"]
-                for spec in specs:
-                    rate = _measure_in_subprocess(
-                        spec, model_name, strategy_name, passed
-                    )
-                    key = "trainer" if spec == "trainer" else f"keras_{spec[6:]}"
-                    row[key] = max(row.get(key, 0.0), rate)
-            row["keras"] = max(row[f"keras_{v}"] for v in FLAGS.keras_variants)
-            row["ratio"] = row["trainer"] / row["keras"] if row["keras"] else None
-            results.append(row)
-            print(_format(row), flush=True)
-
-    print("\nmodel  strategy   keras ex/s  trainer ex/s  ratio")
-    for row in results:
-        print(_format(row))
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(
-                {
-                    "cpus": os.cpu_count(),
-                    "batch_size": FLAGS.batch_size,
-                    "steps": FLAGS.steps,
-                    "results": results,
-                },
-                f,
-                indent=2,
-            )
+def summarize(cell):
+    """Medians, spreads and ratios of one cell's raw samples."""
+    samples = cell["samples"]
+    rate = {
+        c: _stats([s["examples_per_second"] for s in v]) for c, v in samples.items()
+    }
+    first = {
+        c: _stats([s["seconds_to_first_step"] for s in v])
+        for c, v in samples.items()
+        if v and "seconds_to_first_step" in v[0]
+    }
+    cell["examples_per_second"] = rate
+    cell["seconds_to_first_step"] = first
+    keras = [c for c in rate if c.startswith("keras") and rate[c]]
+    ratios = {}
+    trainer = rate.get("trainer")
+    if trainer and keras:
+        best = max(keras, key=lambda c: rate[c]["median"])
+        ratios[f"trainer/{best} (best Keras)"] = (
+            trainer["median"] / rate[best]["median"]
+        )
+    if trainer and rate.get("bare"):
+        ratios["trainer/bare"] = trainer["median"] / rate["bare"]["median"]
+    keras_first = [c for c in first if c.startswith("keras") and first[c]]
+    if first.get("trainer") and keras_first:
+        fastest = min(keras_first, key=lambda c: first[c]["median"])
+        ratios[f"first step trainer/{fastest}"] = (
+            first["trainer"]["median"] / first[fastest]["median"]
+        )
+    cell["ratios"] = ratios
+    return cell
 
 
-def _format(row):
-    variants = ", ".join(f"{v} {row[f'keras_{v}']:.0f}" for v in FLAGS.keras_variants)
-    ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "n/a"
-    return (
-        f"{row['model']:<6} {row['strategy']:<9} {row['keras']:>11.0f} "
-        f"{row['trainer']:>13.0f} {ratio:>6}   (Keras: {variants})"
+def report(results) -> str:
+    header = (
+        f"{results['steps']} timed steps, batch {results['batch_size']}, "
+        f"{results['repeats']} fresh-process repeats per contender, alternating; "
+        f"{results['cpu_count']} CPUs, load average at start "
+        f"{results['load_average'][0]:.1f}, at end {results['load_end'][0]:.1f}"
     )
+    lines = [header]
+    for cell in results["cells"]:
+        lines += _report_cell(cell)
+    return "\n".join(lines)
+
+
+def _report_cell(cell) -> list[str]:
+    lines = [
+        f"\n{cell['model']} / {cell['strategy']}",
+        f"  {'contender':<12} {'ex/s median':>11} {'(min-max)':>17}   "
+        + f"{'first step s':>12} {'(min-max)':>11}",
+    ]
+    for c, r in cell["examples_per_second"].items():
+        if not r:
+            lines.append(f"  {c:<12} failed")
+            continue
+        f = cell["seconds_to_first_step"].get(c)
+        first = f"   {f['median']:>12.1f} ({f['min']:.1f}-{f['max']:.1f})" if f else ""
+        lines.append(
+            f"  {c:<12} {r['median']:>11,.0f} "
+            f"({r['min']:>7,.0f}-{r['max']:>7,.0f}){first}"
+        )
+    for name, value in cell["ratios"].items():
+        lines.append(f"  {name}: {value:.2f}x")
+    return lines
+
+
+def run(args):
+    """Runs every cell, contenders alternating; returns the results dict."""
+    contenders = list(args.contenders)
+    load = os.getloadavg()
+    cells = []
+    for model_name in args.models:
+        for strategy_name in args.strategies:
+            samples = {c: [] for c in contenders}
+            for r in range(args.repeats):
+                # Rotate the order each round: no contender always goes first.
+                shift = r % len(contenders)
+                for c in contenders[shift:] + contenders[:shift]:
+                    result = _measure_in_subprocess(args, c, model_name, strategy_name)
+                    if result is not None:
+                        samples[c].append(result)
+            cell = {"model": model_name, "strategy": strategy_name}
+            cell["samples"] = samples
+            cells.append(summarize(cell))
+            print("\n".join(_report_cell(cell)), flush=True)
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "load_average": load,
+        "load_end": os.getloadavg(),
+        "cells": cells,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.measure:
+        start = _process_start()
+        (model_name,), (strategy_name,) = args.models, args.strategies
+        if args.measure == "bare":
+            result = measure_bare(args, model_name, strategy_name)
+        else:
+            result = measure_keras(args, model_name, strategy_name, args.measure, start)
+        print(_RESULT + json.dumps(result), flush=True)
+        return result
+    results = run(args)
+    print(report(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _process_start():
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

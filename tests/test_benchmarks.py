@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmarks: a few steps, output structure only.
+
+No timing is asserted; the figures come from full runs (BUILD_NOTES.md).
+"""
+
+import math
+
+from distopt.benchmarks import adam_step, step_breakdown, trainer_vs_keras
+
+
+def test_adam_step_runs_and_reports_ratios(capsys):
+    results = adam_step.main(
+        [
+            "--sets=tiny",
+            "--optimizers=adam",
+            "--contenders=distopt,floor",
+            "--steps=3",
+            "--repeats=1",
+        ]
+    )
+    (row,) = results["rows"]
+    assert row["num_variables"] == 4
+    assert row["ms_per_step"]["distopt"]["median"] > 0
+    assert row["first_call_s"]["distopt"]["median"] > 0
+    assert set(row["ratios"]) == {"distopt/floor"}
+    assert "adam on tiny" in capsys.readouterr().out
+
+
+def test_resnet50_shapes():
+    shapes = adam_step.resnet50_shapes()
+    assert len(shapes) == 214
+    assert sum(math.prod(s) for s in shapes) == 25_583_592
+
+
+def test_trainer_vs_keras_runs_and_reports_ratios(capsys):
+    results = trainer_vs_keras.main(
+        [
+            "--models=mlp",
+            "--strategies=default",
+            "--contenders=keras_nojit",
+            "--steps=3",
+            "--warmup_steps=1",
+            "--repeats=1",
+            "--keras_steps_per_execution=1",
+        ]
+    )
+    (cell,) = results["cells"]
+    assert cell["examples_per_second"]["keras_nojit"]["median"] > 0
+    assert cell["seconds_to_first_step"]["keras_nojit"]["median"] > 0
+    assert "mlp / default" in capsys.readouterr().out
+
+
+def test_bare_step_and_breakdown_in_process():
+    args = trainer_vs_keras.parse_args(["--steps=2", "--warmup_steps=1"])
+    bare = trainer_vs_keras.measure_bare(args, "mlp", "default")
+    assert bare["examples_per_second"] > 0
+    phases = step_breakdown.step_phases("mlp", "default", steps=2, rounds=1)
+    assert set(phases["ms_per_step"]) == set(step_breakdown.PHASES)
+    assert set(phases["attribution_ms"]) >= {"forward", "backward", "update"}
+
+
+def test_trainer_vs_keras_summary_of_every_contender():
+    def sample(rate, first=None):
+        return {"examples_per_second": rate} | (
+            {"seconds_to_first_step": first} if first else {}
+        )
+
+    cell = trainer_vs_keras.summarize(
+        {
+            "model": "lenet",
+            "strategy": "default",
+            "samples": {
+                "trainer": [sample(30.0, 4.0), sample(10.0, 6.0), sample(20.0, 5.0)],
+                "keras_auto": [sample(10.0, 5.0)],
+                "keras_nojit": [sample(16.0, 10.0)],
+                "bare": [sample(25.0)],
+            },
+        }
+    )
+    assert cell["examples_per_second"]["trainer"] == {
+        "median": 20.0,
+        "min": 10.0,
+        "max": 30.0,
+        "n": 3,
+    }
+    assert cell["ratios"] == {
+        "trainer/keras_nojit (best Keras)": 1.25,
+        "trainer/bare": 0.8,
+        "first step trainer/keras_auto": 1.0,
+    }
+    results = {
+        "steps": 3,
+        "batch_size": 128,
+        "repeats": 3,
+        "cpu_count": 2,
+        "load_average": (1.0, 1.0, 1.0),
+        "load_end": (1.0, 1.0, 1.0),
+        "cells": [cell],
+    }
+    assert "trainer/bare: 0.80x" in trainer_vs_keras.report(results)

@@ -1,0 +1,25 @@
+"""The trainer's speed defaults: XLA for the model step by device type."""
+
+import tensorflow as tf
+
+from distopt import train_lib
+
+
+def test_explicit_jit_compile_wins():
+    assert train_lib.resolve_jit_compile(True) is True
+    assert train_lib.resolve_jit_compile(False) is False
+
+
+def test_default_picks_by_device_type():
+    has_gpu = bool(tf.config.list_logical_devices("GPU"))
+    assert train_lib.TrainConfig().jit_compile is None
+    assert train_lib.resolve_jit_compile(None) is has_gpu
+    cpu = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert train_lib.resolve_jit_compile(None, cpu) is False
+
+
+def test_lenet_on_cpu_uses_the_plain_pooling():
+    if tf.config.list_logical_devices("GPU"):
+        return
+    model = train_lib.build_model("lenet")
+    assert model.pooling == "max_pool2d"
