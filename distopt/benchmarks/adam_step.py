@@ -134,6 +134,9 @@ def make_step(contender: str, set_name: str, optimizer: str, seed: int = 0):
     grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     if contender == "distopt":
         opt = _optimizer("distopt", optimizer)
+        # Slots created before the first call, as for Keras below: the first
+        # call then times tracing and compiling only.
+        opt.build(variables)
 
         @tf.function
         def step(grads):
