@@ -10,6 +10,13 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from distopt import quiet
+
+# TensorFlow's C++ start-up block ignores TF_CPP_MIN_LOG_LEVEL in 2.21; held
+# back here so that it does not trail pytest's summary (xdist's controller
+# loads this file too).
+quiet.import_tensorflow()
+
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -48,13 +48,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+
+from distopt.benchmarks import protocol
 
 OPTIMIZERS = ("adam", "momentum", "lamb")
 CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor")
@@ -68,7 +68,6 @@ TARGETS = {
     ("resnet50", "keras_xla"): 0.9,
 }
 FIRST_CALL_TARGET_S = 2.0
-_RESULT = "RESULT "
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -219,35 +218,24 @@ def measure(contender: str, set_name: str, optimizer: str, steps: int) -> dict:
 
 
 def _measure_in_subprocess(contender, set_name, optimizer, steps):
-    command = [
-        sys.executable,
-        "-m",
+    return protocol.measure_in_subprocess(
         "distopt.benchmarks.adam_step",
-        f"--measure={contender}",
-        f"--sets={set_name}",
-        f"--optimizers={optimizer}",
-        f"--steps={steps}",
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT) :])
-    print(f"{contender} {set_name} {optimizer} failed:\n{proc.stderr[-3000:]}")
-    return None
-
-
-def _stats(values):
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        [
+            f"--measure={contender}",
+            f"--sets={set_name}",
+            f"--optimizers={optimizer}",
+            f"--steps={steps}",
+        ],
+        f"{contender} {set_name} {optimizer}",
+    )
 
 
 def summarize(row):
     """Medians, spreads, ratios and target verdicts of one row's samples."""
     samples = row["samples"]
-    ms = {c: _stats([s["ms_per_step"] for s in v]) for c, v in samples.items()}
+    ms = {c: protocol.stats([s["ms_per_step"] for s in v]) for c, v in samples.items()}
     first = {
-        c: _stats([s["first_call_s"] for s in v])
+        c: protocol.stats([s["first_call_s"] for s in v])
         for c, v in samples.items()
         if v and "first_call_s" in v[0]
     }
@@ -357,7 +345,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.measure:
         result = measure(args.measure, args.sets, args.optimizers, args.steps)
-        print(_RESULT + json.dumps(result), flush=True)
+        protocol.print_result(result)
         return result
     results = run(
         args.sets.split(","),

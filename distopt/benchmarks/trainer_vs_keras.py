@@ -46,11 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from distopt.benchmarks import protocol
 
 
 def parse_args(argv=None):
@@ -86,7 +87,6 @@ def parse_args(argv=None):
 
 
 VIRTUAL_CPUS = 2
-_RESULT = "RESULT "
 KERAS_JIT = {"keras_auto": "auto", "keras_nojit": False}
 
 
@@ -258,52 +258,30 @@ def measure_trainer(args, model_name, strategy_name, extra_flags=()):
 
 
 def _measure_in_subprocess(args, contender, model_name, strategy_name):
-    if contender.split(":")[0] == "trainer":  # Its own process already.
-        extra = contender.split(":", 1)[1].split() if ":" in contender else []
-        try:
-            return measure_trainer(args, model_name, strategy_name, extra)
-        except RuntimeError as e:
-            print(e)
-            return None
-    command = [
-        sys.executable,
-        "-m",
+    return protocol.measure_in_subprocess(
         "distopt.benchmarks.trainer_vs_keras",
-        f"--models={model_name}",
-        f"--strategies={strategy_name}",
-        f"--measure={contender}",
-        f"--steps={args.steps}",
-        f"--warmup_steps={args.warmup_steps}",
-        f"--batch_size={args.batch_size}",
-        f"--keras_steps_per_execution={args.keras_steps_per_execution}",
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT) :])
-    print(f"{contender} {model_name} {strategy_name} failed:\n{proc.stderr[-3000:]}")
-    return None
-
-
-def _stats(values):
-    if not values:
-        return None
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
+        [
+            f"--models={model_name}",
+            f"--strategies={strategy_name}",
+            f"--measure={contender}",
+            f"--steps={args.steps}",
+            f"--warmup_steps={args.warmup_steps}",
+            f"--batch_size={args.batch_size}",
+            f"--keras_steps_per_execution={args.keras_steps_per_execution}",
+        ],
+        f"{contender} {model_name} {strategy_name}",
+    )
 
 
 def summarize(cell):
     """Medians, spreads and ratios of one cell's raw samples."""
     samples = cell["samples"]
     rate = {
-        c: _stats([s["examples_per_second"] for s in v]) for c, v in samples.items()
+        c: protocol.stats([s["examples_per_second"] for s in v])
+        for c, v in samples.items()
     }
     first = {
-        c: _stats([s["seconds_to_first_step"] for s in v])
+        c: protocol.stats([s["seconds_to_first_step"] for s in v])
         for c, v in samples.items()
         if v and "seconds_to_first_step" in v[0]
     }
@@ -402,7 +380,7 @@ def main(argv=None):
             result = measure_bare(args, model_name, strategy_name)
         else:
             result = measure_keras(args, model_name, strategy_name, args.measure, start)
-        print(_RESULT + json.dumps(result), flush=True)
+        protocol.print_result(result)
         return result
     results = run(args)
     print(report(results))
