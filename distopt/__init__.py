@@ -9,7 +9,16 @@ to choose how TensorFlow is imported (see ``distopt/train.py``).
 import importlib as _importlib
 
 __version__ = "0.1.0"
-__all__ = ["aggregation", "distribute", "optimizers", "sync", "transforms"]
+__all__ = [
+    "aggregation",
+    "counter",
+    "distribute",
+    "keras",
+    "optimizers",
+    "reduce",
+    "sync",
+    "transforms",
+]
 
 
 def __getattr__(name):
