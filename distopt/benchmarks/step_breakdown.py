@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+from distopt.benchmarks import protocol
+
 PHASES = ("pipeline", "forward", "forward_backward", "bare_step", "trainer_loop")
-_RESULT = "RESULT "
 
 
 def _setup(strategy_name):
@@ -223,20 +223,11 @@ def startup(model_name, strategy_name, tensorflow_imported):
 
 
 def _startup_in_subprocess(model_name, strategy_name):
-    command = [
-        sys.executable,
-        "-m",
+    return protocol.measure_in_subprocess(
         "distopt.benchmarks.step_breakdown",
-        f"--model={model_name}",
-        f"--strategy={strategy_name}",
-        "--measure_startup",
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT) :])
-    print(f"startup {model_name} {strategy_name} failed:\n{proc.stderr[-3000:]}")
-    return None
+        [f"--model={model_name}", f"--strategy={strategy_name}", "--measure_startup"],
+        f"startup {model_name} {strategy_name}",
+    )
 
 
 def main(argv=None):
@@ -259,7 +250,7 @@ def main(argv=None):
 
         del sys.modules["matplotlib"]
         result = startup(args.model, args.strategy, time.time())
-        print(_RESULT + json.dumps(result), flush=True)
+        protocol.print_result(result)
         return result
     results = {"load_average": os.getloadavg()}
     if not args.startup_only:
