@@ -14,7 +14,8 @@ rules that keep replicas consistent live here and nowhere else:
   values that every replica holds identically (`cond`), because a `tf.cond`
   around a `merge_call` in replica context breaks (tensorflow#27716).
 
-Only public TensorFlow APIs are used.
+Only public TensorFlow APIs are used, with one exception, wrapped in
+`in_xla_compiled_function` (see there for why).
 """
 
 from __future__ import annotations
@@ -80,15 +81,76 @@ def check_created_in_scope(strategy: tf.distribute.Strategy, variables) -> None:
             )
 
 
+def in_xla_compiled_function() -> bool:
+    """Whether the code being traced will be compiled by XLA as a whole.
+
+    True while tracing a `tf.function(jit_compile=True)`, or any function or
+    replica function traced inside one; False eagerly and in a plain
+    `tf.function`.
+    """
+    if tf.executing_eagerly():
+        return False
+    # No public API tells whether the function being traced is XLA-compiled.
+    # `tf.function(jit_compile=True)` enters an `XLAControlFlowContext` on its
+    # FuncGraph while it traces (`OptionalXlaContext` in TensorFlow's
+    # polymorphic_function.py), and MirroredStrategy's replica threads trace
+    # into that same graph. `tf.__internal__.get_enclosing_xla_context` finds
+    # it from the default graph through the outer graphs; it is exported for
+    # TensorFlow's own libraries (the losses use it to pick XLA-friendly
+    # code), not part of the stable API. Should a release drop it, the check
+    # it serves (`check_not_compiled_around_replicas`) is skipped and users
+    # get TensorFlow's own error instead: nothing else depends on it.
+    find = getattr(tf.__internal__, "get_enclosing_xla_context", None)
+    return find is not None and find() is not None
+
+
+def check_not_compiled_around_replicas(strategy: tf.distribute.Strategy) -> None:
+    """Raises RuntimeError inside an XLA-compiled step over several replicas.
+
+    `tf.function(jit_compile=True)` around `strategy.run` of a strategy with
+    more than one replica asks XLA to compile one program for several
+    devices. XLA compiles for one device, so TensorFlow fails at run time
+    with an error about a resource on another device that does not say
+    why. TPUStrategy is the exception: its step is one replicated XLA
+    program by design.
+    """
+    if strategy.num_replicas_in_sync <= 1 or is_tpu(strategy):
+        return
+    if not in_xla_compiled_function():
+        return
+    raise RuntimeError(
+        f"A tf.function(jit_compile=True) wraps strategy.run of "
+        f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas: "
+        "XLA compiles a program for one device and cannot compile a step that "
+        "spans several (TensorFlow would fail with an error about a resource on "
+        "another device). Keep the outer function a plain @tf.function and "
+        "compile the per-replica computation instead: inside strategy.run, "
+        "compute the loss and gradients in a tf.function(jit_compile=True) and "
+        "call apply_gradients after it, outside the compiled function (for SAM "
+        "and Heun, compile the loss_fn given to minimize). The optimizer "
+        "compiles its own update with XLA (its jit_compile=True, the default). "
+        "With Keras, model.compile(..., jit_compile=False). Only TPUStrategy "
+        "compiles the whole step."
+    )
+
+
 def merge(fn: Callable[..., Any], *args: Any) -> Any:
     """Calls `fn(strategy, *args)` once, in cross-replica context.
 
     From replica context the per-replica `args` arrive as `PerReplica`
     values; from cross-replica context they are passed through unchanged.
+
+    Raises:
+        RuntimeError: from replica context of a multi-replica strategy inside
+            a `tf.function(jit_compile=True)` (see
+            `check_not_compiled_around_replicas`).
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None:
         return fn(current_strategy(), *args)
+    # Every step of distopt passes here (apply_gradients, SAM, Heun), at
+    # trace time: the place to name an XLA-compiled multi-replica step.
+    check_not_compiled_around_replicas(ctx.strategy)
     return ctx.merge_call(fn, args=args)
 
 
@@ -439,6 +501,7 @@ def all_reduce(op: tf.distribute.ReduceOp, tensors: Sequence[tf.Tensor]) -> list
     ctx = tf.distribute.get_replica_context()
     if ctx is None:
         raise RuntimeError("all_reduce: call it inside strategy.run.")
+    check_not_compiled_around_replicas(ctx.strategy)
     return list(ctx.all_reduce(op, list(tensors)))
 
 

@@ -294,3 +294,100 @@ def test_call_forms(form):
     for v, w in zip(variables, _gd_reference(params, grads)):
         np.testing.assert_array_equal(v.numpy(), w)
     assert opt.iterations.numpy() == 1
+
+
+# --- An XLA-compiled step around several replicas -------------------------------
+
+#: Per-replica gradients of the 2-replica XLA tests, and the start point.
+XLA_GRADS = np.array([[1.0, -2.0], [3.0, 0.5]], np.float32)
+XLA_W0 = np.array([1.0, 2.0], np.float32)
+
+
+def _xla_step(strategy, jit_outer, jit_inner, kind):
+    """A step of `kind` (apply_gradients, sam, heun) on a linear loss.
+
+    Replica r's loss is `sum(XLA_GRADS[r] * var)`, so its gradient is
+    `XLA_GRADS[r]` at every point and SAM and Heun step as gradient descent
+    does. `jit_outer` compiles the function around `strategy.run`;
+    `jit_inner` the per-replica loss (and, for apply_gradients, gradient).
+    """
+    with strategy.scope():
+        var = tf.Variable(XLA_W0)
+        if kind == "sam":
+            opt = optimizers.SAM(
+                optimizers.GradientDescent(0.1), perturbation="aggregated"
+            )
+        elif kind == "heun":
+            opt = optimizers.Heun(0.1)
+        else:
+            opt = optimizers.GradientDescent(0.1)
+        opt.build([var])
+    grads = tf.constant(XLA_GRADS)
+
+    def loss_fn():
+        r = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return tf.reduce_sum(tf.gather(grads, r) * var)
+
+    def grad_fn():
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return tape.gradient(loss, [var])
+
+    if jit_inner:
+        loss_fn = tf.function(loss_fn, jit_compile=True)
+        grad_fn = tf.function(grad_fn, jit_compile=True)
+
+    def replica_step():
+        if kind == "apply_gradients":
+            opt.apply_gradients(grad_fn(), [var])
+        else:
+            opt.minimize(loss_fn, [var])
+
+    @tf.function(jit_compile=jit_outer)
+    def step():
+        strategy.run(replica_step)
+
+    return step, var, opt
+
+
+@pytest.mark.parametrize("kind", ["apply_gradients", "sam", "heun"])
+def test_jit_compile_around_a_2_replica_step_names_the_fix(kind):
+    strategy = mirrored(2)
+    step, var, opt = _xla_step(strategy, jit_outer=True, jit_inner=False, kind=kind)
+    # Without the check TensorFlow fails at run time with "Trying to access
+    # resource ... located in device CPU:1 from device CPU:0".
+    with pytest.raises(RuntimeError) as error:
+        step()
+    message = str(error.value)
+    assert "tf.function(jit_compile=True) wraps strategy.run" in message
+    assert "MirroredStrategy with 2 replicas" in message
+    assert "Keep the outer function a plain @tf.function" in message
+    assert "compile the per-replica computation" in message
+    assert "TPUStrategy" in message
+    assert "jit_compile=False" in message  # the Keras fix
+    for copy in local_copies(strategy, var):
+        np.testing.assert_array_equal(copy, XLA_W0)
+    assert int(opt.iterations) == 0
+    # The fix the message names works: the same step, outer function plain,
+    # the per-replica computation compiled. The mean gradient is constant,
+    # so every kind steps by -lr * mean.
+    step, var, opt = _xla_step(strategy, jit_outer=False, jit_inner=True, kind=kind)
+    step()
+    want = -0.1 * XLA_GRADS.astype(np.float64).mean(0)
+    for copy in local_copies(strategy, var):
+        np.testing.assert_allclose(copy - XLA_W0, want, rtol=1e-6)
+    assert int(opt.iterations) == 1
+
+
+@pytest.mark.parametrize("name", ["default", "mirrored1"])
+def test_jit_compile_around_a_single_replica_step_still_works(name):
+    # One replica is one device: XLA compiles the whole step, update included.
+    strategy = tf.distribute.get_strategy() if name == "default" else mirrored(1)
+    step, var, opt = _xla_step(
+        strategy, jit_outer=True, jit_inner=False, kind="apply_gradients"
+    )
+    step()
+    # Replica 0's gradient alone.
+    for copy in local_copies(strategy, var):
+        np.testing.assert_allclose(copy - XLA_W0, -0.1 * XLA_GRADS[0], rtol=1e-6)
+    assert int(opt.iterations) == 1
