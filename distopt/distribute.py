@@ -512,12 +512,21 @@ def add_per_replica(
 
     With different deltas the copies diverge on purpose: use it for a
     temporary move that is undone with the negated deltas (SAM's
-    perturbation), never for a lasting update.
+    perturbation), never for a lasting update. A delta may be
+    `tf.IndexedSlices` with each index once (a sparse reduced gradient):
+    it is added to the rows it names only, which gives the same values as
+    adding it densified.
     """
+
+    def add(v, d):
+        d = tf.cast(d, v.dtype)
+        if isinstance(d, tf.IndexedSlices):
+            return v.scatter_add(d)
+        return v.assign_add(d)
 
     def fn(strategy, deltas):
         for v, d in zip(variables, deltas):
-            update(strategy, v, lambda v, d: v.assign_add(tf.cast(d, v.dtype)), d)
+            update(strategy, v, add, d)
 
     merge(fn, tuple(deltas))
 

@@ -47,8 +47,10 @@ Invalid weights. A negative, NaN or Inf weight cannot be caught by an
 assertion under XLA (compiled asserts are dropped), so it is carried in the
 data instead: that replica sends a zero payload and a NaN weight. The summed
 weight is then NaN on every replica, so every replica skips the step, and
-`invalid_weight_steps` counts it (as does `skipped_steps`). Eager calls also
-raise a `ValueError` before anything is sent.
+`invalid_weight_steps` counts it (as does `skipped_steps`), once per step:
+SAM's aggregated perturbation and Heun's trial point reduce the same weights
+before the update does, and do not count (`reduce(..., count_invalid=False)`).
+Eager calls also raise a `ValueError` before anything is sent.
 """
 
 from __future__ import annotations
@@ -123,12 +125,12 @@ class Reducer(tf.Module):
         """
         w, valid = self.aggregation.replica_weight(weight)
         grads = [
-            _map_values(g, lambda x: tf.cast(x, payload_dtype(x.dtype))) for g in grads
+            map_values(g, lambda x: tf.cast(x, payload_dtype(x.dtype))) for g in grads
         ]
         if self.aggregation.weighted:
             wz = tf.where(valid, w, 0.0)
             grads = [
-                _map_values(
+                map_values(
                     g, lambda x: tf.math.multiply_no_nan(x, tf.cast(wz, x.dtype))
                 )
                 for g in grads
@@ -138,7 +140,7 @@ class Reducer(tf.Module):
 
     # --- Cross-replica context -------------------------------------------------
 
-    def reduce(self, strategy, payload, weight, *, group_size=None):
+    def reduce(self, strategy, payload, weight, *, group_size=None, count_invalid=True):
         """The aggregated, transformed gradient on every replica.
 
         Args:
@@ -150,6 +152,11 @@ class Reducer(tf.Module):
                 dtype); 1 to use each replica's own payload (no
                 communication); G to reduce within groups of G consecutive
                 replicas of one worker (`distopt.distribute.group_sum`).
+            count_invalid: Whether an invalid weight counts in
+                `invalid_weight_steps`. False for a reduction whose weights
+                the same step reduces again (SAM's aggregated perturbation,
+                Heun's trial point): the update's reduction counts the step,
+                once.
 
         Sparse payloads (`tf.IndexedSlices`) come back as `IndexedSlices`
         with each index once (see the module docstring).
@@ -160,6 +167,15 @@ class Reducer(tf.Module):
             or None; and a scalar bool (False: skip the step everywhere), or
             None when no step can be skipped.
         """
+        grads, scale, ok, invalid = self._reduce(strategy, payload, weight, group_size)
+        if invalid is not None and count_invalid:
+            self.invalid_weight_steps.assign_add(
+                tf.cast(dist.first_local(strategy, invalid), tf.int64)
+            )
+        return grads, scale, ok
+
+    def _reduce(self, strategy, payload, weight, group_size):
+        """`reduce`, and whether some weight was invalid (None: cannot be)."""
         payload = list(payload)
         distributed = dist.is_distributed(strategy)
         if group_size is None:
@@ -255,7 +271,7 @@ class Reducer(tf.Module):
         def to_wire(*ss):
             # Also makes plain values (a cross-replica call) per-replica ones.
             return [
-                _map_values(x, lambda v: tf.cast(v, wire_dtype or v.dtype)) for x in ss
+                map_values(x, lambda v: tf.cast(v, wire_dtype or v.dtype)) for x in ss
             ]
 
         sent = dist.map_per_replica(strategy, to_wire, *slices)
@@ -276,7 +292,7 @@ class Reducer(tf.Module):
             out.append(
                 dist.map_per_replica(
                     strategy,
-                    lambda x, dt=spec.dtype: _map_values(x, lambda v: tf.cast(v, dt)),
+                    lambda x, dt=spec.dtype: map_values(x, lambda v: tf.cast(v, dt)),
                     summed,
                 )
             )
@@ -318,7 +334,7 @@ class Reducer(tf.Module):
         def scale(total, *ps):
             inv, _ = self._normaliser(total, size)
             return [
-                _map_values(
+                map_values(
                     p, lambda x: tf.math.multiply_no_nan(x, tf.cast(inv, x.dtype))
                 )
                 for p in ps
@@ -341,7 +357,7 @@ class Reducer(tf.Module):
         return self._finish(strategy, grads, total, size, normalised=True)
 
     def _finish(self, strategy, grads, total, size, normalised=False):
-        """Divides by N (unless done), runs the transforms; see `reduce`."""
+        """Divides by N (unless done), runs the transforms; see `_reduce`."""
         weighted = self.aggregation.weighted
         has = {}
 
@@ -349,7 +365,7 @@ class Reducer(tf.Module):
             inv, ok_w = self._normaliser(total, size)
             scale = None if normalised else inv
             if self.transforms and scale is not None:
-                gs = [_map_values(g, lambda x: x * tf.cast(scale, x.dtype)) for g in gs]
+                gs = [map_values(g, lambda x: x * tf.cast(scale, x.dtype)) for g in gs]
                 scale = None
             # A sparse gradient's transforms act on its (duplicate-free) rows.
             flat = [g.values if isinstance(g, tf.IndexedSlices) else g for g in gs]
@@ -380,11 +396,7 @@ class Reducer(tf.Module):
         scale = out.pop(0) if has["scale"] else None
         ok = out.pop(0) if has["ok"] else None
         invalid = out.pop(0) if has["invalid"] else None
-        if invalid is not None:
-            self.invalid_weight_steps.assign_add(
-                tf.cast(dist.first_local(strategy, invalid), tf.int64)
-            )
-        return out, scale, ok
+        return out, scale, ok, invalid
 
     def _sum_duplicates(self, strategy, grads, group_size):
         """`sum_duplicates` of the sparse `grads`, once per replica group.
@@ -423,7 +435,7 @@ def sum_duplicates(slices: tf.IndexedSlices) -> tf.IndexedSlices:
     return tf.IndexedSlices(values, unique, slices.dense_shape)
 
 
-def _map_values(g, fn):
+def map_values(g, fn):
     """`fn(g)`, or for `IndexedSlices` the same slices with `fn` of the values."""
     if isinstance(g, tf.IndexedSlices):
         return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)

@@ -277,3 +277,75 @@ def test_sam_aggregated_perturbation_uses_the_wire_and_counters():
     assert int(opt_exact.base_optimizer.allreduce_bytes) == 2 * STEPS * (4 * 4 + 4)
     # bfloat16 rounding shows, within its tolerance.
     assert 0 < np.abs(narrow - exact).max() <= 2.0**-8 * 8 * np.abs(exact - P0).max()
+
+
+# --- An invalid weight: one skipped step, counted once -----------------------------
+
+
+def _weighted_mean(grads, weights):
+    return np.average(grads, axis=0, weights=weights)
+
+
+def np_weighted_step(p, data, weights, lr, kind, rho=RHO):
+    """One weighted-mean step of Heun or SAM (aggregated), float64."""
+    p = p.astype(np.float64)
+    g1 = _weighted_mean([np_grad(p, x, y) for x, y in data], weights)
+    if kind == "heun":
+        g2 = _weighted_mean([np_grad(p - lr * g1, x, y) for x, y in data], weights)
+        return p - lr / 2 * (g1 + g2)
+    e = rho * g1 / np.linalg.norm(g1)
+    return p - lr * _weighted_mean([np_grad(p + e, x, y) for x, y in data], weights)
+
+
+@pytest.mark.parametrize("bad", [-2.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["heun", "sam_aggregated"])
+def test_an_invalid_weight_skips_the_step_and_counts_it_once(kind, bad):
+    # Heun and aggregated SAM reduce the same weights twice per step (the
+    # trial point or the perturbation, then the update): one step with an
+    # invalid weight is one invalid-weight step.
+    strategy = mirrored(2)
+    with strategy.scope():
+        w = tf.Variable(W0, name="w")
+        b = tf.Variable(B0, name="b")
+        if kind == "heun":
+            opt = Heun(LR, aggregation="weighted_mean")
+            base = opt
+        else:
+            base = optimizers.GradientDescent(LR, aggregation="weighted_mean")
+            opt = SAM(base, rho=RHO, perturbation="aggregated")
+        opt.build([w, b])
+    xs, ys = tf.constant(XS), tf.constant(YS)
+
+    @tf.function
+    def step(weight0):
+        def replica_step():
+            r = dist.replica_id()
+            x, y = tf.gather(xs, r), tf.gather(ys, r)
+            # Replica 1 always passes a good weight; replica 0's is run-time.
+            weight = tf.where(tf.equal(r, 0), weight0, 3.0)
+
+            def loss_fn():
+                pred = tf.linalg.matvec(x, w) + b
+                return 0.5 * tf.reduce_mean(
+                    tf.square(pred - y)
+                ) + QUARTIC * tf.reduce_sum(w**4)
+
+            opt.minimize(loss_fn, [w, b], weight=weight)
+
+        strategy.run(replica_step)
+
+    step(tf.constant(bad))
+    assert_replicas_identical(strategy, [w, b])
+    np.testing.assert_array_equal(np.append(w.numpy(), b.numpy()) - P0, 0.0)
+    assert int(base.invalid_weight_steps) == 1
+    assert int(opt.skipped_steps) == 1
+    assert int(opt.iterations) == 0
+    # A valid step afterwards: the weighted mean, and nothing more counted.
+    step(tf.constant(2.0))
+    assert_replicas_identical(strategy, [w, b])
+    got = np.append(w.numpy(), b.numpy())
+    want = np_weighted_step(P0, _data("mirrored2"), [2.0, 3.0], LR, kind[:4])
+    np.testing.assert_allclose(got - P0, want - P0, rtol=1e-5, atol=1e-7)
+    assert int(base.invalid_weight_steps) == 1
+    assert int(opt.skipped_steps) == 1
+    assert int(opt.iterations) == 1

@@ -361,3 +361,106 @@ def test_sam_base_update_travels_sparse():
     _assert_update(got, want)
     np.testing.assert_array_equal(got[NEVER], W0[NEVER])
     assert int(sam.base_optimizer.allreduce_bytes.numpy()) == SPARSE_STEP_BYTES
+
+
+# --- SAM's perturbation and Heun's trial point travel sparse ----------------------
+
+V2, D2, N2 = 1_000, 8, 12
+QUARTIC = 0.05  # A row^4 term: the gradient at the moved point differs.
+_rng2 = np.random.default_rng(11)
+# 2 replicas, 2 steps; ids repeat within a replica and across the two.
+IDS2 = _rng2.integers(0, 40, (2, 2, N2)).astype(np.int32)
+COEF2 = _rng2.standard_normal((2, 2, N2, D2)).astype(np.float32)
+TABLE2 = _rng2.standard_normal((V2, D2)).astype(np.float32)
+
+
+def _grad2(table, t, r):
+    """Replica r's gradient at step t of `sum(rows * c) + QUARTIC * sum(rows^4)`."""
+    g = np.zeros_like(table)
+    rows = table[IDS2[t, r]]
+    np.add.at(g, IDS2[t, r], COEF2[t, r] + 4 * QUARTIC * rows**3)
+    return g
+
+
+def _reference2(kind, lr, rho, steps=2):
+    """The float64 table after `steps` steps of SAM (aggregated) or Heun."""
+    p = TABLE2.astype(np.float64)
+    for t in range(steps):
+        g1 = np.mean([_grad2(p, t, r) for r in range(2)], axis=0)
+        if kind == "heun":
+            g2 = np.mean([_grad2(p - lr * g1, t, r) for r in range(2)], axis=0)
+            p = p - lr / 2 * (g1 + g2)
+        else:
+            e = rho * g1 / np.linalg.norm(g1)
+            p = p - lr * np.mean([_grad2(p + e, t, r) for r in range(2)], axis=0)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["sam_aggregated", "heun"])
+def test_sam_perturbation_and_heun_trial_point_travel_sparse(kind):
+    """Both reductions of a step keep an embedding's gradient sparse.
+
+    The dense path looks the rows up with a one-hot matmul, whose gradient
+    is the dense table: the same numbers, every row on the wire.
+    """
+    lr, rho = 0.1, 0.05
+    strategy = mirrored(2)
+    ids, coef = tf.constant(IDS2), tf.constant(COEF2)
+    results = {}
+    for sparse in (True, False):
+        with strategy.scope():
+            table = tf.Variable(TABLE2)
+            if kind == "heun":
+                opt = optimizers.Heun(lr)
+                base = opt
+            else:
+                base = optimizers.GradientDescent(lr)
+                opt = optimizers.SAM(base, rho=rho, perturbation="aggregated")
+            opt.build([table])
+
+        @tf.function
+        def step(t, table=table, opt=opt, sparse=sparse):
+            def replica_fn():
+                r = tf.distribute.get_replica_context().replica_id_in_sync_group
+
+                def loss_fn():
+                    if sparse:
+                        rows = tf.nn.embedding_lookup(table, ids[t, r])
+                    else:
+                        rows = tf.matmul(tf.one_hot(ids[t, r], V2), table)
+                    return tf.reduce_sum(rows * coef[t, r]) + QUARTIC * tf.reduce_sum(
+                        rows**4
+                    )
+
+                opt.minimize(loss_fn, [table])
+
+            strategy.run(replica_fn)
+
+        step_bytes = []
+        for t in range(2):
+            before = int(base.allreduce_bytes)
+            step(tf.constant(t))
+            step_bytes.append(int(base.allreduce_bytes) - before)
+        assert_replicas_identical(strategy, [table])
+        results[sparse] = (local_copies(strategy, table)[0], step_bytes)
+    (got, sparse_bytes), (dense_got, dense_bytes) = results[True], results[False]
+    want = _reference2(kind, lr, rho)
+    _assert_update(got, want, TABLE2)
+    _assert_update(got, dense_got, TABLE2, rtol=1e-6)
+    untouched = np.setdiff1d(np.arange(V2), IDS2)
+    np.testing.assert_array_equal(got[untouched], TABLE2[untouched])
+    # Two reductions per step: the dense path sends the table twice (and the
+    # weight); the sparse path sends the rows each replica looked up, with
+    # their int32 indices, and the weight. Heun's update sends the rows of
+    # (g1 + g2) / 2 each index once.
+    table_bytes = V2 * D2 * 4
+    row = 4 + D2 * 4
+    for t in range(2):
+        assert dense_bytes[t] == 2 * (table_bytes + 4)
+        first = 4 + 2 * N2 * row
+        if kind == "heun":
+            update = 4 + sum(len(np.unique(IDS2[t, r])) for r in range(2)) * row
+        else:
+            update = first
+        assert sparse_bytes[t] == first + update
+        assert sparse_bytes[t] < table_bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt.optimizers.base import Optimizer
 from distopt.optimizers.sam import reduce_in_replica_context
 
@@ -36,7 +37,11 @@ class Heun(Optimizer):
     identical: g1 is all-reduced to place the trial point, and the final
     update applies the replicas' (g1 + g2) / 2 through the ordinary update
     path, which aggregates it; aggregation is linear, so that is exactly
-    (mean g1 + mean g2) / 2. Two all-reduces per step.
+    (mean g1 + mean g2) / 2. Two all-reduces per step. A `tf.IndexedSlices`
+    gradient (an embedding) stays sparse in both: the trial point moves only
+    the rows g1 touches, and the update sends the rows of (g1 + g2) / 2,
+    each index once. An invalid weight skips the step and counts once in
+    `invalid_weight_steps`.
 
     The final update goes through the ordinary path, so `weight_decay`,
     `global_clipnorm`, `clipvalue` and `skip_nonfinite` act on it (the
@@ -97,22 +102,47 @@ class Heun(Optimizer):
         pairs = [(g, v) for g, v in zip(g1, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
-        g1 = [tf.convert_to_tensor(g) for g, _ in pairs]
+        # A `tf.IndexedSlices` gradient (an embedding) stays sparse.
+        g1 = [g for g, _ in pairs]
         moved = [v for _, v in pairs]
-        # Aggregated and transformed (clipped) exactly as the update will be.
+        # Aggregated and transformed (clipped) exactly as the update will be;
+        # sparse on the wire, back with each index once.
         g1_mean = reduce_in_replica_context(self, g1, weight)
         saved = [tf.identity(v) for v in moved]
         # Identical deltas on every replica (g1_mean is all-reduced): the
         # copies stay identical at the trial point.
-        dist.add_per_replica(moved, [-tf.cast(lr, g.dtype) * g for g in g1_mean])
+        dist.add_per_replica(
+            moved,
+            [
+                reduce_lib.map_values(g, lambda x: -tf.cast(lr, x.dtype) * x)
+                for g in g1_mean
+            ],
+        )
         with tf.GradientTape() as tape:
             trial_loss = self.scale_loss(loss_fn())
         g2 = tape.gradient(trial_loss, moved)
         # Back to p exactly: p - lr*g1 + lr*g1 need not be p in floating point.
         dist.assign_per_replica(moved, saved)
-        avg = [
-            0.5 * (a + (tf.zeros_like(a) if b is None else tf.convert_to_tensor(b)))
-            for a, b in zip(g1, g2)
-        ]
+        avg = [_half_sum(a, b) for a, b in zip(g1, g2)]
         super().apply_gradients(avg, moved, weight=weight)
         return loss
+
+
+def _half_sum(a, b):
+    """`(a + b) / 2` of two gradients of one variable; `b` may be None.
+
+    Two `tf.IndexedSlices` stay sparse: their rows are halved (exact) and
+    concatenated, and the rows of equal index summed here, so that the
+    update's all-gather carries each index once (g1 and g2 of an embedding
+    touch the same rows). Otherwise the sum is dense.
+    """
+    if b is None:
+        return reduce_lib.map_values(a, lambda x: 0.5 * x)
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        both = tf.IndexedSlices(
+            tf.concat([0.5 * a.values, 0.5 * tf.cast(b.values, a.values.dtype)], 0),
+            tf.concat([a.indices, tf.cast(b.indices, a.indices.dtype)], 0),
+            a.dense_shape,
+        )
+        return reduce_lib.sum_duplicates(both)
+    return 0.5 * (tf.convert_to_tensor(a) + tf.convert_to_tensor(b))

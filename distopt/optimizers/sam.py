@@ -14,6 +14,7 @@ import math
 import tensorflow as tf
 
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt.optimizers.base import Optimizer
 
 PERTURBATIONS = ("replica", "aggregated")
@@ -45,7 +46,9 @@ class SAM(tf.Module):
     * `"aggregated"`: e comes from the aggregated gradient (one extra
       all-reduce per step), so SAM over R replicas equals SAM on the union of
       their batches (for equal per-replica batches, or with `weighted_mean`
-      aggregation), the m = global-batch variant.
+      aggregation), the m = global-batch variant. A `tf.IndexedSlices`
+      gradient (an embedding) stays sparse on that all-reduce too, and e
+      moves only the rows it touches.
 
     Without a strategy, or called in cross-replica context, both coincide.
 
@@ -196,13 +199,23 @@ class SAM(tf.Module):
         pairs = [(g, v) for g, v in zip(grads, var_list) if g is not None]
         if not pairs:
             raise ValueError("var_list: loss_fn depends on none of the variables.")
-        grads = [tf.convert_to_tensor(g) for g, _ in pairs]
         moved = [v for _, v in pairs]
         if self.perturbation == "aggregated":
-            grads = reduce_in_replica_context(self.base_optimizer, grads, weight)
+            # A `tf.IndexedSlices` gradient (an embedding) stays sparse on the
+            # wire and comes back with each index once, as in the update.
+            grads = reduce_in_replica_context(
+                self.base_optimizer, [g for g, _ in pairs], weight
+            )
+        else:
+            # No communication; the dense sum merges duplicate indices.
+            grads = [tf.convert_to_tensor(g) for g, _ in pairs]
+        # The norm of a sparse gradient is that of its rows (each index once).
         norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads])
         scale = self.rho / (norm + self.epsilon)
-        deltas = [g * tf.cast(scale, g.dtype) for g in grads]
+        deltas = [
+            reduce_lib.map_values(g, lambda x: x * tf.cast(scale, x.dtype))
+            for g in grads
+        ]
         # This replica's copy, read before the move (automatic control
         # dependencies keep the read before the write in a tf.function).
         saved = [tf.identity(v) for v in moved]
@@ -251,19 +264,30 @@ def reduce_in_replica_context(optimizer, grads, weight=None) -> list:
     The same path the optimizer's own update takes (`optimizer.reducer`): its
     aggregation, wire dtype, transforms, communication options and counters
     all apply. Under the default strategy the gradients are normalised the
-    same way, with no communication.
+    same way, with no communication. A `tf.IndexedSlices` gradient stays
+    sparse (an all-gather of its rows) and comes back as `IndexedSlices`
+    with each index once.
+
+    An invalid weight is not counted in `invalid_weight_steps` here: the
+    caller's update reduces the same weight in the same step and counts it
+    there, so a step counts once.
     """
     reducer = optimizer.reducer
     payload, w = reducer.payload(grads, weight)
 
     def merge_fn(strategy, payload, w):
-        reduced, scale, _ = reducer.reduce(strategy, list(payload), w)
+        reduced, scale, _ = reducer.reduce(
+            strategy, list(payload), w, count_invalid=False
+        )
         if scale is None:
             return list(reduced)
         return list(
             dist.map_per_replica(
                 strategy,
-                lambda s, *gs: [g * tf.cast(s, g.dtype) for g in gs],
+                lambda s, *gs: [
+                    reduce_lib.map_values(g, lambda x: x * tf.cast(s, x.dtype))
+                    for g in gs
+                ],
                 scale,
                 *reduced,
             )
