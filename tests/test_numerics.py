@@ -14,6 +14,7 @@ from numpy_reference import CONFIGS
 from sync_harness import initial_params, make_data, numpy_grads, optimizer, train
 
 import distopt
+from distopt import distribute as dist
 from distopt import optimizers
 
 DEFAULT = tf.distribute.get_strategy()
@@ -464,3 +465,78 @@ def test_checkpoint_paths_of_the_model_are_not_taken_by_the_optimizer(tmp_path):
     path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "c"))
     names = [n for n, _ in tf.train.list_variables(path)]
     assert "model/w/.ATTRIBUTES/VARIABLE_VALUE" in names, names
+
+
+# --- Invalid weights checked by XLA on 2 replicas -----------------------------------
+
+XLA_COEF = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5]], np.float32)
+
+
+@pytest.mark.parametrize("bad", [-2.0, float("nan"), float("inf")])
+def test_invalid_weight_checked_by_xla_on_2_replicas_skips_everywhere_and_counts(bad):
+    """Replica 0's weight is invalid at run time, checked inside XLA.
+
+    What XLA compiles: on each replica, one `tf.function(jit_compile=True)`
+    called inside `strategy.run` computes the loss, its gradient and the
+    payload (`opt.reducer.payload`): the weight check of `weighted_mean`
+    (finite and >= 0), the zero payload and the NaN weight an invalid
+    weight becomes. The weight enters that function as a run-time tensor
+    (an argument of the outer function), so the check cannot be folded at
+    trace time. Then, on each device, the optimizer's own update kernel
+    (`jit_compile=True`, the default) with the select that skips the step.
+    Not compiled: the outer function (a plain `tf.function`; XLA cannot
+    compile a step over 2 devices, see test_errors.py), the all-reduce, and
+    the reducer's verdict on the summed weight between them. The compiled
+    payload goes to the reduce and the update through `reducer.reduce` and
+    `apply_update`, the public names the sync modes call; `apply_gradients`
+    would form the payload again, outside XLA.
+    """
+    with M2.scope():
+        var = tf.Variable(tf.ones([3]))
+        opt = optimizers.GradientDescent(0.5, aggregation="weighted_mean")
+        opt.build([var])
+    coef = tf.constant(XLA_COEF)
+
+    @tf.function(jit_compile=True)
+    def replica_payload(c, weight):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(c * var) + 0.25 * tf.reduce_sum(var**2)
+        return opt.reducer.payload(tape.gradient(loss, [var]), weight)
+
+    def apply(strategy, payload, weight):
+        grads, scale, ok = opt.reducer.reduce(strategy, list(payload), weight)
+        opt.apply_update(strategy, grads, [var], scale=scale, ok=ok)
+
+    @tf.function
+    def step(w0):
+        def replica_step():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            # Replica 1 always passes a good weight.
+            weight = tf.where(tf.equal(r, 0), w0, 3.0)
+            payload, w = replica_payload(tf.gather(coef, r), weight)
+            dist.merge(apply, tuple(payload), w)
+
+        M2.run(replica_step)
+
+    # XLA compiles the weight check: its HLO tests the weight for finiteness.
+    hlo = replica_payload.experimental_get_compiler_ir(coef[0], tf.constant(bad))(
+        stage="hlo"
+    )
+    assert "is-finite" in hlo
+    step(tf.constant(bad))
+    for copy in local_copies(M2, var):
+        np.testing.assert_array_equal(copy - 1.0, 0.0)
+    assert int(opt.iterations) == 0
+    assert int(opt.skipped_steps) == 1
+    assert int(opt.invalid_weight_steps) == 1
+    # A valid weight afterwards trains normally: nothing was left poisoned.
+    step(tf.constant(2.0))
+    w = np.array([2.0, 3.0])
+    grads = XLA_COEF.astype(np.float64) + 0.5  # c_r + 0.5 * w0, at w0 = 1
+    want = -0.5 * (w[:, None] * grads).sum(0) / w.sum()
+    for copy in local_copies(M2, var):
+        np.testing.assert_allclose(copy.astype(np.float64) - 1.0, want, rtol=1e-6)
+    assert_replicas_identical(M2, [var])
+    assert int(opt.iterations) == 1
+    assert int(opt.skipped_steps) == 1
+    assert int(opt.invalid_weight_steps) == 1
