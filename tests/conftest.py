@@ -82,3 +82,34 @@ def run_python(*args, timeout):
         timeout=timeout,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
+
+
+#: Modules whose tests start processes or train for many steps, in rough order
+#: of cost. They run first so that, under xdist, the suite does not end with
+#: one worker busy on a 30 s test while the other idles. Module order only:
+#: a module's tests stay together, so module-scoped fixtures are built once.
+EXPENSIVE_FIRST = (
+    "test_faults.py",
+    "test_multi_worker.py",
+    "test_hardware_check.py",
+    "test_readme.py",
+    "test_keras_wrap.py",
+    "test_launch.py",
+    "test_train.py",
+    "test_strategies.py",
+    "test_sync.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Orders the expensive modules first (stable within each module)."""
+
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return (
+            EXPENSIVE_FIRST.index(name)
+            if name in EXPENSIVE_FIRST
+            else len(EXPENSIVE_FIRST)
+        )
+
+    items.sort(key=rank)
