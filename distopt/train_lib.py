@@ -1180,10 +1180,37 @@ def _train_loop(run: _Run) -> dict[str, Any]:
         with strategy.scope():
             optimizer.synchronize(variables)
 
+    def stop_agreed():
+        stops, _ = agree(
+            tf.constant(1.0 if run.signals.requested else 0.0), run.guard.bad
+        )
+        return float(stops) > 0
+
     def evaluate(at_step):
+        """The test metrics, or None when a stop notice cut the pass short.
+
+        The pass runs in chunks of ``steps_per_loop`` batches with a stop
+        agreement between them: a large test set must not outlast the grace
+        period a scheduler gives after SIGTERM.
+        """
         synchronize()
         t = time.time()
-        eval_loop(iter(test_ds), tf.constant(test_steps, tf.int64))
+        test_iterator, done = iter(test_ds), 0
+        while done < test_steps:
+            run.signals.maybe_inject(at_step)
+            n = min(config.steps_per_loop, test_steps - done)
+            eval_loop(test_iterator, tf.constant(n, tf.int64))
+            done += n
+            if done < test_steps and stop_agreed():
+                run.eval_sums.result()  # Drops the partial sums.
+                logging.warning(
+                    "Evaluation at step %d cut short by a stop notice (%d of %d "
+                    "batches)",
+                    at_step,
+                    done,
+                    test_steps,
+                )
+                return None
         result = run.eval_sums.result()
         logging.info(
             "eval step %d: loss %.4f, accuracy %.2f%% on %d examples (%.1f s)",
@@ -1248,6 +1275,16 @@ def _train_loop(run: _Run) -> dict[str, Any]:
                 os.path.join(config.model_dir, METRICS_FILE), metrics
             )
         return metrics
+
+    def preempt(at_step, when=""):
+        if last_saved[0] != at_step:
+            save(at_step)
+        finish(trainer_faults.STATUS_PREEMPTED, at_step)
+        raise trainer_faults.Preempted(
+            f"Stopped by {run.signals.requested or 'a stop notice to another worker'}"
+            f" at step {at_step} of {total_steps}{when}; saved a checkpoint there. "
+            "Rerun the same command to resume"
+        )
 
     # The loop runs in chunks of at most steps_per_loop steps, cut at every
     # log, eval and checkpoint boundary. The first chunk is one step, so time
@@ -1327,20 +1364,14 @@ def _train_loop(run: _Run) -> dict[str, Any]:
             )
             window_start, window_steps = time.time(), 0
         if float(stops) > 0:
-            if last_saved[0] != current:
-                save(current)
-            finish(trainer_faults.STATUS_PREEMPTED, current)
-            raise trainer_faults.Preempted(
-                f"Stopped by {run.signals.requested or 'a stop notice to another worker'}"
-                f" at step {current} of {total_steps}; saved a checkpoint there. "
-                "Rerun the same command to resume"
-            )
+            preempt(current)
         if (
             config.eval_every
             and current % config.eval_every == 0
             and current < total_steps
+            and evaluate(current) is None
         ):
-            evaluate(current)
+            preempt(current)
         if config.checkpoint_every and current % config.checkpoint_every == 0:
             save(current)
 
@@ -1348,6 +1379,8 @@ def _train_loop(run: _Run) -> dict[str, Any]:
     if final_step > start_step and last_saved[0] != final_step:
         save(final_step)
     result = evaluate(final_step)
+    if result is None:
+        preempt(final_step, " during the final evaluation")
     skipped = int(optimizer.skipped_steps.numpy())
     if skipped:
         logging.warning(

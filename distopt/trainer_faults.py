@@ -39,7 +39,8 @@ STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_DIVERGED = (
 )
 
 # Test-only fault injection: DISTOPT_FAULT_SIGTERM_AT=N makes the trainer send
-# itself SIGTERM when it starts the first chunk at or after step N, through
+# itself SIGTERM when it starts the first chunk (of training, or of an
+# evaluation at a step) at or after step N, through
 # the same os.kill a scheduler uses. DISTOPT_FAULT_CHUNK_DELAY=S sleeps S
 # seconds after each chunk so that a test can signal a run mid-way.
 SIGTERM_AT_ENV = "DISTOPT_FAULT_SIGTERM_AT"

@@ -178,6 +178,41 @@ def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
     _assert_bit_identical(run_dir, straight_dir)
 
 
+def test_sigterm_during_the_final_evaluation_cuts_it_short(tmp_path):
+    """A stop notice in the final evaluation ends it at the next chunk (a big
+    test set must not outlast the grace period): exit 42, "preempted", the
+    final checkpoint kept. The rerun trains no further and evaluates in full.
+    """
+    run_dir = str(tmp_path / "run")
+    args = [
+        "-m",
+        "distopt.train",
+        *COMMON,
+        "--train_steps=10",
+        "--eval_steps=6",
+        "--steps_per_loop=2",
+        f"--model_dir={run_dir}",
+    ]
+    # Step 10 is the last: the hook fires as the final evaluation starts.
+    code, out = _finish(
+        _start(args, str(tmp_path / "first.log"), DISTOPT_FAULT_SIGTERM_AT="10")
+    )
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "Evaluation at step 10 cut short by a stop notice (2 of 6 batches)" in out
+    assert "Stopped by SIGTERM at step 10 of 10 during the final evaluation" in out
+    metrics = _metrics(run_dir)
+    assert metrics["status"] == "preempted" and metrics["test_accuracy"] is None
+    assert metrics["last_checkpoint_step"] == metrics["train_steps"] == 10
+    assert _latest_step(run_dir) == 10
+
+    resumed = run_python(*args, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = _metrics(run_dir)
+    assert metrics["status"] == "completed"
+    assert (metrics["start_step"], metrics["train_steps"]) == (10, 10)
+    assert metrics["test_examples"] == 6 * 32 and metrics["test_accuracy"] is not None
+
+
 def _flip_bit(path, offset):
     with open(path, "r+b") as f:
         f.seek(offset)
