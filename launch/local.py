@@ -13,6 +13,17 @@ worker's status; it exits 0 only if every worker does. SIGTERM or Ctrl-C to
 the launcher is forwarded to the workers, which save a checkpoint and exit
 42; the launcher then exits 42.
 
+Network: TensorFlow's gRPC server listens on every interface whatever
+TF_CONFIG says (``"0.0.0.0:"`` is hard-coded in its ``grpc_server_lib``), so
+by default (``--network=private``) the launcher re-runs itself in a network
+namespace of its own (``unshare --user --map-root-user --net``, no root
+needed) where the only interface is loopback: the workers reach each other
+on 127.0.0.1 and nothing outside this launch can reach them. That namespace
+has no other network, so a remote ``--model_dir`` (``gs://``...),
+``--download`` or a ``--host`` other than loopback selects
+``--network=host`` by itself, saying so; where unprivileged namespaces are
+disabled the launcher says so and runs on the host's network.
+
 Standard library only, so it runs before (and without) the package import:
 the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
 loaded by its path.
@@ -204,6 +215,68 @@ def launch(
     return status
 
 
+#: Set in the re-run launcher: it already runs in its own network namespace.
+_IN_PRIVATE_NETWORK_ENV = "DISTOPT_LAUNCH_PRIVATE_NETWORK"
+_UNSHARE = ["unshare", "--user", "--map-root-user", "--net"]
+
+
+def _why_host_network(host: str, trainer_flags: list[str]) -> str | None:
+    """Why this launch needs the host's network, or None if it does not."""
+    if host not in ("127.0.0.1", "localhost"):
+        return f"--host={host} is not loopback"
+    for flag in trainer_flags:
+        if "://" in flag:
+            return f"{flag} is remote"
+        if flag in ("--download", "--download=true"):
+            return "--download needs the network"
+    return None
+
+
+def _private_network_available() -> bool:
+    try:
+        probe = subprocess.run(
+            [*_UNSHARE, "true"], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _bring_loopback_up() -> None:
+    """Sets ``lo`` up: a new network namespace starts with it down."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
+
+
+def _enter_private_network(argv: list[str]) -> None:
+    """Re-runs this launcher in a loopback-only network namespace.
+
+    ``exec`` keeps the process id, so a scheduler's signal to the launcher
+    still reaches it. Returns (without exec) when already inside.
+    """
+    if os.environ.get(_IN_PRIVATE_NETWORK_ENV):
+        _bring_loopback_up()
+        print(
+            "[launcher] private network: the workers see only loopback "
+            "(--network=host to use this machine's)",
+            flush=True,
+        )
+        return
+    env = {**os.environ, _IN_PRIVATE_NETWORK_ENV: "1"}
+    os.execvpe(
+        _UNSHARE[0],
+        [*_UNSHARE, sys.executable, os.path.abspath(__file__), *argv],
+        env,
+    )
+
+
 def _status(code: int) -> int:
     """A worker's exit status as a process exit status (128 + signal)."""
     return code if code > 0 else 128 - code
@@ -240,12 +313,35 @@ def main(argv: list[str] | None = None) -> int:
         "--host",
         default="127.0.0.1",
         help="Address of this machine in the workers' TF_CONFIG (default "
-        "loopback). Note that TensorFlow's gRPC server listens on all "
-        "interfaces whatever this says.",
+        "loopback). TensorFlow's gRPC server listens on all interfaces "
+        "whatever this says: see --network.",
+    )
+    parser.add_argument(
+        "--network",
+        choices=("private", "host"),
+        default="private",
+        help="private (default): the workers run in a network namespace of "
+        "their own where only loopback exists, so nothing outside this launch "
+        "can reach their servers; host: the machine's network (needed for a "
+        "remote --model_dir, --download, or --host other than loopback, "
+        "which select it by themselves).",
     )
     args = parser.parse_args(own)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.network == "private":
+        why = _why_host_network(args.host, trainer_flags)
+        if why:
+            print(f"[launcher] --network=host: {why}", flush=True)
+        elif os.environ.get(_IN_PRIVATE_NETWORK_ENV) or _private_network_available():
+            _enter_private_network(argv)
+        else:
+            print(
+                "[launcher] WARNING: no private network namespace here (unprivileged "
+                "user namespaces are disabled): the workers' gRPC servers listen on "
+                "every interface of this machine",
+                flush=True,
+            )
     if args.command:
         command = shlex.split(args.command)
     else:

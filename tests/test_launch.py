@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -86,12 +87,18 @@ def test_a_failing_worker_stops_the_others_and_fails_the_launch(tmp_path):
         os.kill(pid, 0)
 
 
-def test_tf_config_and_ports():
+def local_launcher():
+    """``launch/local.py`` as a module."""
     sys.path.insert(0, os.path.join(REPO, "launch"))
     try:
         import local
     finally:
         sys.path.pop(0)
+    return local
+
+
+def test_tf_config_and_ports():
+    local = local_launcher()
     ports = local.free_ports(3)
     assert len(set(ports)) == 3
     config = json.loads(local.tf_config(ports, 2))
@@ -116,3 +123,99 @@ def test_kubernetes_job_sets_tf_config():
     assert "TF_CONFIG" in text and "JOB_COMPLETION_INDEX" in text
     assert "--strategy=multi_worker" in text
     assert "clusterIP: None" in text
+
+
+# A stand-in worker: it listens on 0.0.0.0 like TensorFlow's gRPC server
+# (whose "0.0.0.0:" is hard-coded), checks that it reaches its peer on
+# 127.0.0.1, and stays up until the test has tried to reach it from outside.
+LISTENING_WORKER = r"""
+import json, os, socket, sys, time
+cluster = json.loads(os.environ["TF_CONFIG"])
+index = cluster["task"]["index"]
+addresses = cluster["cluster"]["worker"]
+port = int(addresses[index].rsplit(":", 1)[1])
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", port))
+server.listen()
+out = sys.argv[1]
+peer_port = int(addresses[1 - index].rsplit(":", 1)[1])
+deadline = time.time() + 30
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", peer_port), timeout=1).close()
+        break
+    except OSError:
+        assert time.time() < deadline, "peer not reachable on loopback"
+        time.sleep(0.1)
+with open(f"{out}/ready-{index}", "w") as f:
+    json.dump({"port": port, "interfaces": open("/proc/net/dev").read()}, f)
+while not os.path.exists(f"{out}/done") and time.time() < deadline:
+    time.sleep(0.1)
+"""
+
+
+def _reachable_from_here(port):
+    """Whether a connection from this process to ``port`` is accepted, on
+    loopback or on this machine's own address."""
+    for host in ("127.0.0.1", socket.gethostbyname(socket.gethostname())):
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.parametrize("network", ["private", "host"])
+def test_workers_are_reachable_only_from_inside_the_launch(tmp_path, network):
+    """--network=private (the default): the workers reach each other on
+    loopback, while their servers, listening on 0.0.0.0 as TensorFlow's do,
+    are out of reach of everything else on the machine. --network=host is
+    the contrast: the same servers are reachable from outside.
+    """
+    if network == "private" and not local_launcher()._private_network_available():
+        pytest.skip("unprivileged user namespaces are disabled on this machine")
+    script = tmp_path / "listening_worker.py"
+    script.write_text(LISTENING_WORKER)
+    args = [LAUNCHER, "--workers=2", f"--command={sys.executable} {script} {tmp_path}"]
+    if network == "host":
+        args.append("--network=host")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "workers not ready"
+            time.sleep(0.1)
+        time.sleep(0.2)  # The ready files are written in one go; let them land.
+        ready = [json.loads((tmp_path / f"ready-{i}").read_text()) for i in range(2)]
+        reachable = [_reachable_from_here(r["port"]) for r in ready]
+        interfaces = [
+            line.split(":")[0].strip()
+            for line in ready[0]["interfaces"].splitlines()[2:]
+        ]
+    finally:
+        (tmp_path / "done").write_text("")
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    if network == "private":
+        assert reachable == [False, False], out
+        assert interfaces == ["lo"], interfaces
+        assert "[launcher] private network: the workers see only loopback" in out
+    else:
+        assert reachable == [True, True], out
+
+
+def test_remote_paths_and_downloads_select_the_host_network():
+    local = local_launcher()
+    assert local._why_host_network("127.0.0.1", ["--model_dir=runs/a"]) is None
+    assert "remote" in local._why_host_network("127.0.0.1", ["--model_dir=gs://b/r"])
+    assert "--download" in local._why_host_network("127.0.0.1", ["--download"])
+    assert "not loopback" in local._why_host_network("10.0.0.2", [])
