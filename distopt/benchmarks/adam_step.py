@@ -26,6 +26,12 @@ Contenders, each through its public API:
   reads p, g, m and writes p, m: 20 B) at the streaming bandwidth NumPy
   reaches (``np.add(a, b, out=c)`` over buffers of the set's size, on one
   thread and on one per core, the faster).
+* ``touch``: the per-variable floor: in a plain ``tf.function``, every
+  variable read once (concatenated), one XLA kernel ``p - 1e-3 g`` over the
+  flat buffer, and every variable assigned once from the split. No slots:
+  the least any update pays while the model's parameters are separate
+  ``tf.Variable`` objects, whose reads and assignments TensorFlow's executor
+  dispatches one op at a time.
 
 Protocol: every measurement is a fresh process (nothing compiled, cached
 or allocated is shared), the contenders alternate in an order rotated every
@@ -57,7 +63,7 @@ import numpy as np
 from distopt.benchmarks import protocol
 
 OPTIMIZERS = ("adam", "momentum", "lamb")
-CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor")
+CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor", "touch")
 SETS = ("16x1M", "320var", "resnet50")  # And "tiny" (4 x [8]) for smoke tests.
 BYTES_PER_PARAM = {"adam": 28, "lamb": 28, "momentum": 20}
 # (set, denominator) -> the most distopt / denominator may be.
@@ -131,7 +137,24 @@ def make_step(contender: str, set_name: str, optimizer: str, seed: int = 0):
     shapes = variable_shapes(set_name)
     variables = [tf.Variable(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
-    if contender == "distopt":
+    if contender == "touch":
+        sizes = [math.prod(s) for s in shapes]
+
+        @tf.function(jit_compile=True)
+        def kernel(p, g):
+            return p - 1e-3 * g
+
+        @tf.function
+        def step(grads):
+            new = kernel(
+                tf.concat([tf.reshape(v, [-1]) for v in variables], 0),
+                tf.concat([tf.reshape(g, [-1]) for g in grads], 0),
+            )
+            for v, part in zip(variables, tf.split(new, sizes)):
+                v.assign(tf.reshape(part, v.shape), read_value=False)
+            return tf.constant(0)
+
+    elif contender == "distopt":
         opt = _optimizer("distopt", optimizer)
         # Slots created before the first call, as for Keras below: the first
         # call then times tracing and compiling only.
@@ -242,7 +265,7 @@ def summarize(row):
     row["ms_per_step"], row["first_call_s"] = ms, first
     ratios, verdicts = {}, {}
     if ms.get("distopt"):
-        for other in ("keras_plain", "keras_xla", "floor"):
+        for other in ("keras_plain", "keras_xla", "floor", "touch"):
             if ms.get(other):
                 key = f"distopt/{other}"
                 ratios[key] = ms["distopt"]["median"] / ms[other]["median"]
@@ -281,7 +304,11 @@ def run(sets, optimizers, contenders, repeats, steps):
             }
             rows.append(summarize(row))
             print(report_row(row), flush=True)
-    # Only for the versions, after the measurements.
+    # Only for the versions, after the measurements (quietly: TensorFlow's
+    # start-up lines would trail the report).
+    from distopt import quiet
+
+    quiet.import_tensorflow()
     import keras
     import tensorflow as tf
 
