@@ -655,10 +655,12 @@ class DatasetFeed:
 class InMemoryFeed:
     """Training batches gathered on the replicas' devices from in-memory data.
 
-    The split is placed once on every local replica's device, as uint8 rows
-    (packed 4 bytes to an int32 where a row allows: GPUs have no uint8
-    gather kernel, and a uint8 gather placed on the host would copy the
-    whole array every step). Epoch ``e`` visits the examples in the order
+    The split is placed once on every local replica's device, images as
+    uint8 rows packed 8 bytes to an int64 where a row allows, labels as
+    int64; both are unpacked after the gather. GPUs have no uint8 gather
+    kernel, and TensorFlow keeps int32 tensors of GPU ops in host memory: in
+    either case the gather would run on, or copy from, the host every step.
+    Epoch ``e`` visits the examples in the order
     ``stateless_shuffle(range(N), seed=(seed, e))`` (Philox, on the host),
     and global step ``s`` is the ``s % steps_per_epoch``-th run of
     ``global_batch_size`` consecutive indices of that order; replica ``r``
@@ -728,19 +730,20 @@ class InMemoryFeed:
         self._row_bytes = int(np.prod(self._image_shape))
         with tf.device("/cpu:0"):
             rows = tf.reshape(images, [self.num_examples, self._row_bytes])
-            if self._row_bytes % 4 == 0:
+            if self._row_bytes % 8 == 0:
                 # A bitcast moves no data; unpacking after the gather is free.
                 rows = tf.bitcast(
-                    tf.reshape(rows, [self.num_examples, self._row_bytes // 4, 4]),
-                    tf.int32,
+                    tf.reshape(rows, [self.num_examples, self._row_bytes // 8, 8]),
+                    tf.int64,
                 )
+            labels = tf.cast(labels, tf.int64)
         self._inputs = (
             distribute.copy_to_replicas(strategy, rows),
             distribute.copy_to_replicas(strategy, labels),
         )
 
     def inputs(self) -> tuple:
-        """(rows, labels): each a copy on every replica's device."""
+        """(rows, labels): each a copy on every replica's device (packed)."""
         return self._inputs
 
     def permutation(self, epoch: tf.Tensor) -> tf.Tensor:
@@ -813,10 +816,10 @@ class InMemoryFeed:
                     )
                 ]
         batch_rows = tf.gather(rows, indices)
-        if rows.dtype == tf.int32:
+        if rows.dtype == tf.int64:
             batch_rows = tf.bitcast(batch_rows, tf.uint8)
         images = tf.reshape(batch_rows, [-1, *self._image_shape])
-        return normalize(images, tf.gather(labels, indices))
+        return normalize(images, tf.cast(tf.gather(labels, indices), tf.int32))
 
 
 def can_feed_from_memory(strategy: tf.distribute.Strategy, source: Source) -> str:
