@@ -89,7 +89,7 @@ class TrainConfig:
     lr_values: tuple[float, ...] = ()
     batch_size: int = 128
     # One epoch by default: `python -m distopt.train` alone trains a useful
-    # model (LeNet-5 on MNIST, 97.9% on 2 replicas with seed 0).
+    # model (LeNet-5 on MNIST, 97.6% on 2 replicas with seed 0, in memory).
     epochs: float = 1.0
     train_steps: int = 0
     drop_remainder: bool = True
