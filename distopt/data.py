@@ -9,8 +9,16 @@ Any other TFDS image-classification dataset (``fashion_mnist``, ``kmnist``,
 ...) is read through TensorFlow Datasets, which is imported lazily: it costs
 start-up time and the bundled path never needs it.
 
-The input pipeline is built per input pipeline (one per worker) by
-:func:`make_dataset_fn`, for ``strategy.distribute_datasets_from_function``.
+Training batches reach the replicas in one of two ways (``--input``):
+
+* :class:`InMemoryFeed`: the split, already in memory (bundled MNIST), is
+  placed once on every replica's device, and each step gathers its global
+  batch there from a per-epoch permutation that is a pure function of (seed,
+  epoch). No input pipeline runs at all; single-host strategies only.
+* :class:`DatasetFeed`: a ``tf.data`` pipeline built per input pipeline (one
+  per worker) by :func:`make_dataset_fn`, for
+  ``strategy.distribute_datasets_from_function``. Any source, any strategy;
+  evaluation always reads this way.
 """
 
 from __future__ import annotations
@@ -31,8 +39,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from distopt import distribute
+
 BUNDLED_DATASET = "mnist"
 SOURCES = ("auto", "bundled", "tfds")
+# How training batches reach the replicas (see the module docstring).
+INPUTS = ("auto", "memory", "dataset")
 
 # name -> (images file, labels file), the names used by the original MNIST site.
 MNIST_FILES = {
@@ -173,6 +185,8 @@ class Source:
         ``tf.data.Dataset`` of (uint8 image, int32 label).
       in_memory: True when ``examples`` already reads from memory, so that a
         ``cache()`` would only store a second copy.
+      tensors: split name -> (uint8 images, int32 labels) as host tensors,
+        for in-memory sources (what :class:`InMemoryFeed` reads); else None.
     """
 
     name: str
@@ -182,6 +196,7 @@ class Source:
     num_examples: dict[str, int]
     examples: dict[str, Callable[[], tf.data.Dataset]]
     in_memory: bool
+    tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] | None = None
 
 
 def _in_memory_source(name, origin, splits, num_classes) -> Source:
@@ -204,6 +219,7 @@ def _in_memory_source(name, origin, splits, num_classes) -> Source:
         num_examples={s: len(labels) for s, (_, labels) in splits.items()},
         examples={s: examples(s) for s in splits},
         in_memory=True,
+        tensors=tensors,
     )
 
 
@@ -588,3 +604,228 @@ def make_dataset_fn(
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
+
+
+# --- Training feeds -------------------------------------------------------------
+#
+# The compiled training loop drives either feed through the same four calls:
+#
+#     inputs = feed.inputs()                   # eagerly, once per run
+#     state = feed.start(first_step)           # in the loop's tf.function
+#     args, state = feed.next(inputs, state, step)      # once per step
+#     strategy.run(fn, args=args) -> feed.replica_batch(*args)  # per replica
+#
+# ``inputs`` is what the tf.function takes as an argument (the distributed
+# iterator, or the per-replica tensors); ``state`` is carried by the
+# ``tf.range`` loop.
+
+
+class DatasetFeed:
+    """Training batches from a distributed ``tf.data`` dataset.
+
+    Args:
+      dataset: the distributed training dataset (infinite, already started
+        at the run's first step; see :func:`make_dataset_fn`).
+    """
+
+    kind = "dataset"
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def inputs(self):
+        """A new distributed iterator over the dataset."""
+        return iter(self.dataset)
+
+    def start(self, step: tf.Tensor) -> tuple:
+        """No state: the iterator itself knows where it is."""
+        del step
+        return ()
+
+    def next(self, iterator, state: tuple, step: tf.Tensor):
+        """The next per-replica batch, as ``strategy.run`` arguments."""
+        del step
+        return (next(iterator),), state
+
+    def replica_batch(self, batch):
+        """The replica's (images, labels), as the pipeline made them."""
+        return batch
+
+
+class InMemoryFeed:
+    """Training batches gathered on the replicas' devices from in-memory data.
+
+    The split is placed once on every local replica's device, images as
+    uint8 rows packed 8 bytes to an int64 where a row allows, labels as
+    int64; both are unpacked after the gather. GPUs have no uint8 gather
+    kernel, and TensorFlow keeps int32 tensors of GPU ops in host memory: in
+    either case the gather would run on, or copy from, the host every step.
+    Epoch ``e`` visits the examples in the order
+    ``stateless_shuffle(range(N), seed=(seed, e))`` (Philox, on the host),
+    and global step ``s`` is the ``s % steps_per_epoch``-th run of
+    ``global_batch_size`` consecutive indices of that order; replica ``r``
+    takes the ``r``-th contiguous slice of it. So:
+
+    * the batch of a step is a pure function of (seed, step): a run resumed at
+      any step sees exactly the batches of the uninterrupted run, with nothing
+      stored in the checkpoint;
+    * N replicas with global batch B see the examples one device sees with
+      batch B, for any N, on every step.
+
+    ``drop_remainder`` applies per epoch to the *global* batch: each epoch has
+    ``N // B`` steps (without it, ``ceil(N / B)``, the last one short, split
+    into the replicas' contiguous slices, so the last replicas may get fewer
+    examples or none). The ``tf.data`` path batches per replica, so with
+    several replicas its epoch ends differ (and a step may straddle two
+    epochs there).
+
+    Only for single-host strategies (default, OneDevice, Mirrored): every
+    device holds a full copy, and the replicas' slices are picked by
+    replica id inside ``strategy.run``, with no Python per step.
+
+    Args:
+      strategy: the strategy whose replicas train.
+      source: an in-memory source (``source.tensors`` set).
+      global_batch_size: examples per step over all replicas.
+      seed: the permutation seed.
+      drop_remainder: drop each epoch's last partial global batch.
+      split: the split to train on.
+
+    Raises:
+      ValueError: the source is not in memory, or an epoch has no whole
+        batch with ``drop_remainder``.
+    """
+
+    kind = "memory"
+
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        source: Source,
+        global_batch_size: int,
+        *,
+        seed: int = 0,
+        drop_remainder: bool = True,
+        split: str = "train",
+    ):
+        if source.tensors is None:
+            raise ValueError(f"{source.name}: not an in-memory source")
+        images, labels = source.tensors[split]
+        self.num_examples = int(images.shape[0])
+        self.global_batch_size = global_batch_size
+        self.num_replicas = strategy.num_replicas_in_sync
+        self.seed = seed
+        self.drop_remainder = drop_remainder
+        self.steps_per_epoch = (
+            self.num_examples // global_batch_size
+            if drop_remainder
+            else -(-self.num_examples // global_batch_size)
+        )
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"global batch {global_batch_size} is larger than the "
+                f"{self.num_examples} {split} examples, and the remainder is dropped"
+            )
+        self._image_shape = tuple(images.shape[1:])
+        self._row_bytes = int(np.prod(self._image_shape))
+        with tf.device("/cpu:0"):
+            rows = tf.reshape(images, [self.num_examples, self._row_bytes])
+            if self._row_bytes % 8 == 0:
+                # A bitcast moves no data; unpacking after the gather is free.
+                rows = tf.bitcast(
+                    tf.reshape(rows, [self.num_examples, self._row_bytes // 8, 8]),
+                    tf.int64,
+                )
+            labels = tf.cast(labels, tf.int64)
+        self._inputs = (
+            distribute.copy_to_replicas(strategy, rows),
+            distribute.copy_to_replicas(strategy, labels),
+        )
+
+    def inputs(self) -> tuple:
+        """(rows, labels): each a copy on every replica's device (packed)."""
+        return self._inputs
+
+    def permutation(self, epoch: tf.Tensor) -> tf.Tensor:
+        """The order of epoch ``epoch``: int32 [N], a function of (seed, epoch)."""
+        # On the host, with Philox named: the same order on any device type
+        # (StatelessShuffle has no GPU kernel anyway) and TF version.
+        with tf.device("/cpu:0"):
+            seed = tf.stack(
+                [tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)]
+            )
+            return tf.random.experimental.stateless_shuffle(
+                tf.range(self.num_examples, dtype=tf.int32), seed=seed, alg="philox"
+            )
+
+    def start(self, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The loop state at global step ``step``: (permutation, its epoch)."""
+        epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
+        return self.permutation(epoch), epoch
+
+    def next(self, inputs: tuple, state: tuple, step: tf.Tensor):
+        """The global batch's indices at ``step``, as ``strategy.run`` arguments.
+
+        Args:
+          inputs: :meth:`inputs`.
+          state: the previous step's state (or :meth:`start`'s).
+          step: the global step, 0-based.
+
+        Returns:
+          ``((rows, labels, indices), state)``; ``indices`` are the global
+          batch's example indices (int32 [B], or shorter at an epoch's end).
+        """
+        permutation, epoch = state
+        step = tf.cast(step, tf.int64)
+        new_epoch = step // self.steps_per_epoch
+        # One shuffle per epoch (and per loop call, in start), not per step.
+        permutation = tf.cond(
+            tf.equal(new_epoch, epoch),
+            lambda: permutation,
+            lambda: self.permutation(new_epoch),
+        )
+        begin = tf.cast(
+            (step - new_epoch * self.steps_per_epoch) * self.global_batch_size,
+            tf.int32,
+        )
+        with tf.device("/cpu:0"):
+            if self.drop_remainder:
+                # A static size: a fixed shape for XLA.
+                indices = tf.slice(permutation, [begin], [self.global_batch_size])
+            else:
+                indices = permutation[begin : begin + self.global_batch_size]
+        return (*inputs, indices), (permutation, new_epoch)
+
+    def replica_batch(self, rows, labels, indices):
+        """The replica's normalised (images, labels): its slice of ``indices``.
+
+        Call it inside ``strategy.run``; replica ``r`` of ``n`` takes
+        ``indices[r * B / n : (r + 1) * B / n]`` (clipped to a short batch).
+        """
+        n = self.num_replicas
+        if n > 1:
+            per_replica = self.global_batch_size // n
+            r = tf.cast(distribute.replica_id(), tf.int32)
+            if self.drop_remainder:
+                indices = tf.reshape(indices, [n, per_replica])[r]
+            else:
+                size = tf.size(indices)
+                indices = indices[
+                    tf.minimum(r * per_replica, size) : tf.minimum(
+                        (r + 1) * per_replica, size
+                    )
+                ]
+        batch_rows = tf.gather(rows, indices)
+        if rows.dtype == tf.int64:
+            batch_rows = tf.bitcast(batch_rows, tf.uint8)
+        images = tf.reshape(batch_rows, [-1, *self._image_shape])
+        return normalize(images, tf.cast(tf.gather(labels, indices), tf.int32))
+
+
+def can_feed_from_memory(strategy: tf.distribute.Strategy, source: Source) -> str:
+    """Why :class:`InMemoryFeed` cannot serve this run; "" when it can."""
+    if source.tensors is None:
+        return f"{source.name} is not in memory ({source.origin})"
+    if not distribute.is_single_host(strategy):
+        return f"{type(strategy).__name__} is not a single-host strategy"
+    return ""

@@ -50,6 +50,39 @@ def is_tpu(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.TPUStrategy)
 
 
+def is_default(strategy: tf.distribute.Strategy) -> bool:
+    """True for the default (no-op) strategy."""
+    with strategy.scope():
+        return not tf.distribute.has_strategy()
+
+
+def is_single_host(strategy: tf.distribute.Strategy) -> bool:
+    """True for the default, `OneDeviceStrategy` and `MirroredStrategy`.
+
+    Their replicas are all devices of this process, so a value can be copied
+    to each of them (`copy_to_replicas`) with no collective.
+    """
+    return is_default(strategy) or isinstance(
+        strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy)
+    )
+
+
+def copy_to_replicas(strategy: tf.distribute.Strategy, value: tf.Tensor):
+    """A copy of `value` on each local replica's device, made once, eagerly.
+
+    Under one replica, a tensor on its device (the default device under the
+    default strategy); otherwise a per-replica value, which `strategy.run`
+    hands to each replica as its own device's copy. Single-host strategies
+    only (`is_single_host`).
+    """
+    if is_default(strategy):
+        return tf.identity(value)
+    if strategy.num_replicas_in_sync == 1:
+        with tf.device(strategy.extended.worker_devices[0]):
+            return tf.identity(value)
+    return by_replica(strategy, lambda r, i: tf.identity(value))
+
+
 def local_device_count(strategy: tf.distribute.Strategy) -> int:
     """The number of replicas (devices) on this worker."""
     if not tf.distribute.has_strategy():

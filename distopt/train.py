@@ -61,6 +61,15 @@ flags.DEFINE_enum(
     "Where to read data: auto (see --data_dir), bundled (the IDX files "
     "shipped with distopt) or tfds (TensorFlow Datasets; see --download).",
 )
+flags.DEFINE_enum(
+    "input",
+    _DEFAULTS.input,
+    ["auto", "memory", "dataset"],
+    "How training batches reach the replicas: memory (the split is copied "
+    "once to every replica's device and each step gathers its batch there; "
+    "in-memory data such as bundled MNIST, single-host strategies only), "
+    "dataset (a tf.data pipeline) or auto (memory where it applies).",
+)
 
 # Where to run.
 flags.DEFINE_string(
@@ -278,6 +287,7 @@ def config_from_flags() -> train_lib.TrainConfig:
         dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir,
         data_source=FLAGS.data_source,
+        input=FLAGS.input,
         download=FLAGS.download,
         strategy=FLAGS.strategy,
         virtual_devices=FLAGS.virtual_devices,

@@ -98,3 +98,25 @@ def test_trainer_vs_keras_summary_of_every_contender():
         "cells": [cell],
     }
     assert "trainer/bare: 0.80x" in trainer_vs_keras.report(results)
+
+
+def test_trainer_contenders_run_the_trainer_command(monkeypatch):
+    # The trainer is its own process: no --measure re-entry (which only knows
+    # Keras and bare), with trainer:<flags> passed on.
+    calls = []
+
+    def fake(args, model_name, strategy_name, extra_flags=()):
+        calls.append((model_name, strategy_name, list(extra_flags)))
+        return {"examples_per_second": 1.0, "seconds_to_first_step": 1.0}
+
+    monkeypatch.setattr(trainer_vs_keras, "measure_trainer", fake)
+    args = trainer_vs_keras.parse_args([])
+    for contender in ("trainer", "trainer:--input=dataset --jit_compile"):
+        result = trainer_vs_keras._measure_in_subprocess(
+            args, contender, "mlp", "mirrored"
+        )
+        assert result["examples_per_second"] == 1.0
+    assert calls == [
+        ("mlp", "mirrored", []),
+        ("mlp", "mirrored", ["--input=dataset", "--jit_compile"]),
+    ]

@@ -234,3 +234,117 @@ def test_read_idx_rejects_a_bad_magic_number(tmp_path):
         f.write(struct.pack(">iii", 1234, 1, 1) + b"\x00")
     with pytest.raises(data.DataError, match="magic"):
         data.read_idx(str(path))
+
+
+# --- The in-memory feed ---------------------------------------------------------
+
+
+def _expected_ids(step, n, batch, seed, drop, replicas):
+    """Each replica's example ids at global ``step``, rebuilt in NumPy.
+
+    Only the permutation comes from TensorFlow, called directly (Philox
+    ``stateless_shuffle`` of ``range(n)`` with seed ``(seed, epoch)``); the
+    epoch arithmetic and the slicing are NumPy's.
+    """
+    steps_per_epoch = n // batch if drop else -(-n // batch)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=[seed, epoch], alg="philox"
+    ).numpy()
+    assert sorted(order) == list(range(n))
+    global_batch = order[position * batch : (position + 1) * batch]
+    per_replica = batch // replicas
+    return [
+        global_batch[r * per_replica : (r + 1) * per_replica].tolist()
+        for r in range(replicas)
+    ]
+
+
+def _feed_batches(strategy, feed, first, count):
+    """Every replica's (images, labels) for ``count`` steps from ``first``.
+
+    The steps run in one tf.function with the state carried from step to
+    step, as the trainer's loop carries it (epoch changes included).
+    """
+
+    @tf.function
+    def run(inputs):
+        state = feed.start(tf.constant(first, tf.int64))
+        out = []
+        for s in range(first, first + count):
+            args, state = feed.next(inputs, state, tf.constant(s, tf.int64))
+            out.append(strategy.run(feed.replica_batch, args=args))
+        return out
+
+    return [
+        [
+            (x.numpy(), y.numpy())
+            for x, y in zip(
+                strategy.experimental_local_results(images),
+                strategy.experimental_local_results(labels),
+            )
+        ]
+        for images, labels in run(feed.inputs())
+    ]
+
+
+@pytest.mark.parametrize(
+    "replicas,drop,shape",
+    [(1, True, (4, 4, 1)), (2, True, (4, 4, 1)), (2, False, (3, 3, 1))],
+    ids=["default", "mirrored2", "mirrored2_partial_unpacked"],
+)
+def test_in_memory_batches_match_a_numpy_reconstruction(replicas, drop, shape):
+    from conftest import mirrored
+
+    n, batch, seed = 50, 8, 5
+    strategy = tf.distribute.get_strategy() if replicas == 1 else mirrored(replicas)
+    source = _tiny_source(n=n, shape=shape)
+    images, labels = (t.numpy() for t in source.tensors["train"])
+    feed = data.InMemoryFeed(strategy, source, batch, seed=seed, drop_remainder=drop)
+    assert feed.steps_per_epoch == (6 if drop else 7)
+    # Two epochs and more in one call; then a call that starts mid-epoch,
+    # as a resumed run does, across the next epoch's start.
+    for first, count in [(0, 2 * feed.steps_per_epoch + 2), (9, 8)]:
+        got = _feed_batches(strategy, feed, first, count)
+        for step, replica_batches in zip(range(first, first + count), got):
+            expected = _expected_ids(step, n, batch, seed, drop, replicas)
+            assert len(replica_batches) == replicas
+            for (x, y), ids in zip(replica_batches, expected):
+                np.testing.assert_array_equal(y, labels[ids], err_msg=f"step {step}")
+                np.testing.assert_array_equal(
+                    x,
+                    images[ids].astype(np.float32) * np.float32(1 / 255),
+                    err_msg=f"step {step}",
+                )
+    if not drop:
+        # 50 = 6 * 8 + 2: the last step gives replica 0 two examples, 1 none.
+        last = _feed_batches(strategy, feed, 6, 1)[0]
+        assert [len(y) for _, y in last] == [2, 0]
+
+
+def test_in_memory_epochs_differ_and_cover_every_example():
+    source = _tiny_source(n=64)
+    feed = data.InMemoryFeed(tf.distribute.get_strategy(), source, 16, seed=0)
+    ids = [
+        y.tolist()
+        for ((_, y),) in _feed_batches(tf.distribute.get_strategy(), feed, 0, 8)
+    ]
+    epoch1, epoch2 = _flat(ids[:4]), _flat(ids[4:])
+    assert sorted(epoch1) == list(range(64)) == sorted(epoch2)
+    assert epoch1 != epoch2
+    other = data.InMemoryFeed(tf.distribute.get_strategy(), source, 16, seed=1)
+    assert (
+        _feed_batches(tf.distribute.get_strategy(), other, 0, 1)[0][0][1].tolist()
+        != ids[0]
+    )
+
+
+def test_in_memory_feed_refuses_what_it_cannot_serve():
+    source = _tiny_source(n=10)
+    with pytest.raises(ValueError, match="larger than the 10"):
+        data.InMemoryFeed(tf.distribute.get_strategy(), source, 16)
+    assert data.can_feed_from_memory(tf.distribute.get_strategy(), source) == ""
+    not_in_memory = data.Source(**{**vars(source), "tensors": None, "in_memory": False})
+    assert "not in memory" in data.can_feed_from_memory(
+        tf.distribute.get_strategy(), not_in_memory
+    )

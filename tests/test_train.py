@@ -215,6 +215,57 @@ def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-4)
 
 
+def test_in_memory_input_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+    """Batches are a function of (seed, step): a resume needs no input state.
+
+    2048 examples / 64 = 32 steps per epoch: the resumed run starts at step
+    22, mid-epoch, and crosses into the next epoch inside a loop call.
+    """
+    common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
+    straight = train_lib.train(_config(tmp_path / "a", **common))
+    assert straight["input"] == "memory"
+    train_lib.train(_config(tmp_path / "b", **{**common, "train_steps": 22}))
+    resumed = train_lib.train(_config(tmp_path / "b", **common))
+    assert resumed["start_step"] == 22 and resumed["train_steps"] == 40
+    a, b = (_model_weights(str(tmp_path / d / "run")) for d in "ab")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_in_memory_input_on_2_replicas_equals_1_on_the_same_global_batches(
+    tmp_path,
+):
+    # Replica r takes the r-th half of the global batch that one device takes
+    # whole; the mean of the halves' mean gradients is the whole batch's.
+    # Across an epoch's end (32 steps of 64).
+    common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
+    one = train_lib.train(_config(tmp_path / "one", **common))
+    two = train_lib.train(
+        _config(tmp_path / "two", strategy="mirrored", virtual_devices=2, **common)
+    )
+    assert two["num_replicas"] == 2 and two["input"] == "memory"
+    a, b = (_model_weights(str(tmp_path / d / "run")) for d in ("one", "two"))
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+
+
+def test_input_flag_picks_the_feed(tmp_path):
+    # auto: in memory for bundled MNIST; dataset: the tf.data pipeline.
+    auto = train_lib.train(_config(tmp_path / "auto", train_steps=10))
+    dataset = train_lib.train(
+        _config(tmp_path / "dataset", train_steps=10, input="dataset")
+    )
+    assert (auto["input"], dataset["input"]) == ("memory", "dataset")
+    assert dataset["train_steps"] == 10 and dataset["test_accuracy"] > 0.2
+    # Different batches (another shuffle): the feeds are not the same code path.
+    assert dataset["test_loss"] != auto["test_loss"]
+    with pytest.raises(train_lib.ConfigError, match="valid inputs"):
+        train_lib.validate_config(_config(tmp_path, input="disk"))
+
+
 def test_local_sgd_resume_mid_period_equals_a_run_without_checkpoints(tmp_path):
     """Saving mid-period keeps each replica's copy and leaves the run unchanged."""
     common = {
@@ -249,6 +300,17 @@ def test_tfds_dataset_by_name_with_mock_data(tmp_path):
         )
     assert "TensorFlow Datasets fashion_mnist" in metrics["data_source"]
     assert metrics["dataset"] == "fashion_mnist" and metrics["test_examples"] == 256
+    # Not in memory: --input=auto reads through tf.data, and memory is refused
+    # before anything is written.
+    assert metrics["input"] == "dataset"
+    with (
+        tfds.testing.mock_data(num_examples=256),
+        pytest.raises(train_lib.ConfigError, match="--input=memory: fashion"),
+    ):
+        train_lib.train(
+            _config(tmp_path / "m", dataset="fashion_mnist", input="memory")
+        )
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize(
