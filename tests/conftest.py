@@ -101,6 +101,17 @@ EXPENSIVE_FIRST = (
 )
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the CPUs, at most 4.
+
+    Many tests wait on subprocesses, sleeps between a run's chunks, or
+    files; one extra worker fills that idle time. On 2 cores, 3 workers ran
+    the suite in 260 s against 305 s for 2 (2026-12-01).
+    """
+    del config
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Orders the expensive modules first (stable within each module)."""
 
