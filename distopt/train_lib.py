@@ -1242,7 +1242,12 @@ def _train_loop(run: _Run) -> dict[str, Any]:
     )
 
     feed = make_train_feed(strategy, run.source, config, run.input, start_step)
-    test_ds, test_steps = make_eval_dataset(strategy, run.source, config)
+    # The test pipeline is built at the first evaluation, not before the
+    # first step; its batch size is checked now, before anything runs.
+    check_batch_size(
+        config.eval_batch_size or config.batch_size, strategy.num_replicas_in_sync
+    )
+    test_data = []
     inputs = feed.inputs()
     train_loop = make_train_loop(
         strategy,
@@ -1281,6 +1286,9 @@ def _train_loop(run: _Run) -> dict[str, Any]:
         """
         synchronize()
         t = time.time()
+        if not test_data:
+            test_data.extend(make_eval_dataset(strategy, run.source, config))
+        test_ds, test_steps = test_data
         test_iterator, done = iter(test_ds), 0
         while done < test_steps:
             run.signals.maybe_inject(at_step)
