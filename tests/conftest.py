@@ -87,7 +87,8 @@ def run_python(*args, timeout):
 #: Modules whose tests start processes or train for many steps, in rough order
 #: of cost. They run first so that, under xdist, the suite does not end with
 #: one worker busy on a 30 s test while the other idles. Module order only:
-#: a module's tests stay together, so module-scoped fixtures are built once.
+#: a module's tests stay together, so a worker builds its module-scoped
+#: fixtures once (worksteal may still hand a module's tail to another worker).
 EXPENSIVE_FIRST = (
     "test_faults.py",
     "test_multi_worker.py",
