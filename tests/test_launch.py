@@ -158,7 +158,12 @@ while not os.path.exists(f"{out}/done") and time.time() < deadline:
 def _reachable_from_here(port):
     """Whether a connection from this process to ``port`` is accepted, on
     loopback or on this machine's own address."""
-    for host in ("127.0.0.1", socket.gethostbyname(socket.gethostname())):
+    hosts = ["127.0.0.1"]
+    try:
+        hosts.append(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass  # No address for this host's name: loopback is the one to try.
+    for host in hosts:
         try:
             socket.create_connection((host, port), timeout=2).close()
             return True
