@@ -46,3 +46,20 @@ def stats(values) -> dict | None:
         "max": max(values),
         "n": len(values),
     }
+
+
+def random_mnist_batch(strategy, per_replica: int):
+    """One MNIST-shaped batch per replica, made on its device (for bare steps).
+
+    Images uniform in [0, 1), labels in [0, 10): the bare-step ceilings run on
+    in-memory tensors, with no input pipeline.
+    """
+    import tensorflow as tf
+
+    def batch_fn(context):
+        del context
+        images = tf.random.stateless_uniform([per_replica, 28, 28, 1], (0, 1))
+        labels = tf.random.stateless_uniform([per_replica], (0, 2), 0, 10, tf.int32)
+        return images, labels
+
+    return strategy.experimental_distribute_values_from_function(batch_fn)

@@ -77,13 +77,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     replicas = strategy.num_replicas_in_sync
     per_replica = batch_size // replicas
 
-    def batch_fn(context):
-        del context
-        images = tf.random.stateless_uniform([per_replica, 28, 28, 1], (0, 1))
-        labels = tf.random.stateless_uniform([per_replica], (0, 2), 0, 10, tf.int32)
-        return images, labels
-
-    batch = strategy.experimental_distribute_values_from_function(batch_fn)
+    batch = protocol.random_mnist_batch(strategy, per_replica)
 
     def loss_of(images, labels):
         logits = model(images, training=True)

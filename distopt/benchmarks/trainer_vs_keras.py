@@ -197,13 +197,7 @@ def measure_bare(args, model_name, strategy_name):
         optimizer.build(model.trainable_variables)
     variables = model.trainable_variables
 
-    def batch_fn(context):
-        del context
-        images = tf.random.stateless_uniform([per_replica, 28, 28, 1], (0, 1))
-        labels = tf.random.stateless_uniform([per_replica], (0, 2), 0, 10, tf.int32)
-        return images, labels
-
-    batch = strategy.experimental_distribute_values_from_function(batch_fn)
+    batch = protocol.random_mnist_batch(strategy, per_replica)
 
     def step(images, labels):
         with tf.GradientTape() as tape:
