@@ -5,6 +5,9 @@ No timing is asserted; the figures come from full runs (BUILD_NOTES.md).
 
 import math
 
+import numpy as np
+import pytest
+
 from distopt.benchmarks import adam_step, step_breakdown, trainer_vs_keras
 
 
@@ -24,6 +27,30 @@ def test_adam_step_runs_and_reports_ratios(capsys):
     assert row["first_call_s"]["distopt"]["median"] > 0
     assert set(row["ratios"]) == {"distopt/floor"}
     assert "adam on tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("contender", ["touch", "assign_add"])
+def test_the_per_variable_floors_write_every_variable(contender, monkeypatch):
+    # A floor that skipped writes would flatter nothing but itself; check
+    # each one changes every variable by -1e-3 g per call.
+    import tensorflow as tf
+
+    made = []
+    real = tf.Variable
+    monkeypatch.setattr(
+        tf, "Variable", lambda *a, **k: made.append(real(*a, **k)) or made[-1]
+    )
+    step = adam_step.make_step(contender, "tiny", "adam")
+    before = [v.numpy() for v in made]
+    step()
+    step()
+    rng = np.random.default_rng(0)
+    shapes = adam_step.variable_shapes("tiny")
+    [rng.standard_normal(s, dtype=np.float32) for s in shapes]  # The variables.
+    grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    assert len(made) == len(shapes)
+    for v, p0, g in zip(made, before, grads):
+        np.testing.assert_allclose(v.numpy() - p0, -2e-3 * g, rtol=1e-4, atol=1e-6)
 
 
 def test_resnet50_shapes():

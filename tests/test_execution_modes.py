@@ -67,10 +67,13 @@ def test_modes_agree(name, config, kernel_jit):
         # ...and the same numbers as eager. With a compiled kernel (the
         # default), every mode runs that same kernel: bit-identical. With a
         # plain kernel, graph rewrites (Grappler's x / sqrt(y) -> x * rsqrt(y))
-        # and XLA's fused multiply-adds may change the last bit.
+        # and XLA's fused multiply-adds may change the last bit. So may a
+        # layer-wise rule's norms when the kernel is compiled inside the
+        # user's XLA function: XLA may then order those sums differently.
+        layerwise = optimizers.get(name).layerwise
         for k, (a, b) in enumerate(zip(values, results["eager"])):
             msg = f"{mode} vs eager, value {k}"
-            if kernel_jit:
+            if kernel_jit and not (layerwise and mode == "xla"):
                 np.testing.assert_array_equal(a, b, err_msg=msg)
             else:
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=msg)

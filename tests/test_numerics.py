@@ -370,6 +370,41 @@ def test_fused_update_equals_the_per_variable_update():
                 )
 
 
+def _xla_calls(graph):
+    """Calls of XLA-compiled functions in `graph` (the update kernels)."""
+    count = 0
+    for op in graph.get_operations():
+        try:
+            count += bool(op.get_attr("_XlaMustCompile"))
+        except ValueError:
+            pass
+    return count
+
+
+@pytest.mark.parametrize("strategy", [None, M2], ids=["default", "mirrored2"])
+@pytest.mark.parametrize("name,config", FAMILIES, ids=[n for n, _ in FAMILIES])
+def test_the_fused_update_is_one_kernel_per_device(name, config, strategy):
+    # Layer-wise rules (Lamb, Lars) included: their norms are taken per
+    # variable inside the one kernel. The per-variable path is the contrast.
+    strategy = strategy or tf.distribute.get_strategy()
+    shapes = [(3, 4), (5,), (2, 2, 3), (5,)]
+    kernels = {}
+    for fused in (True, False):
+        with strategy.scope():
+            variables = [tf.Variable(tf.ones(s)) for s in shapes]
+            opt = optimizers.get(name, fused=fused, **config)
+            opt.build(variables)
+
+        @tf.function
+        def step(grads, opt=opt, variables=variables):
+            strategy.run(lambda g: opt.apply_gradients(g, variables), (grads,))
+
+        spec = [tf.TensorSpec(s) for s in shapes]
+        kernels[fused] = _xla_calls(step.get_concrete_function(spec).graph)
+    devices = strategy.num_replicas_in_sync
+    assert kernels == {True: devices, False: devices * len(shapes)}, name
+
+
 def test_counters_read_naturally_in_python_under_mirrored():
     x, y, n = make_data(2, 2)
     _, opt, _ = train(M2, lambda: optimizer(), x, y, n)

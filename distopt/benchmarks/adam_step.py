@@ -32,6 +32,11 @@ Contenders, each through its public API:
   the least any update pays while the model's parameters are separate
   ``tf.Variable`` objects, whose reads and assignments TensorFlow's executor
   dispatches one op at a time.
+* ``assign_add``: the one-op floor: in a plain ``tf.function``, one
+  ``assign_add`` per variable of a tensor computed before the step (so no
+  read, no arithmetic, no slots). Any update that changes every variable
+  pays at least this while they are separate ``tf.Variable`` objects; it is
+  how issue 11 measured "touching each variable once".
 
 Protocol: every measurement is a fresh process (nothing compiled, cached
 or allocated is shared), the contenders alternate in an order rotated every
@@ -63,7 +68,7 @@ import numpy as np
 from distopt.benchmarks import protocol
 
 OPTIMIZERS = ("adam", "momentum", "lamb")
-CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor", "touch")
+CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor", "touch", "assign_add")
 SETS = ("16x1M", "320var", "resnet50")  # And "tiny" (4 x [8]) for smoke tests.
 BYTES_PER_PARAM = {"adam": 28, "lamb": 28, "momentum": 20}
 # (set, denominator) -> the most distopt / denominator may be.
@@ -152,6 +157,16 @@ def make_step(contender: str, set_name: str, optimizer: str, seed: int = 0):
             )
             for v, part in zip(variables, tf.split(new, sizes)):
                 v.assign(tf.reshape(part, v.shape), read_value=False)
+            return tf.constant(0)
+
+    elif contender == "assign_add":
+        deltas = [tf.constant(-1e-3 * g.numpy()) for g in grads]
+
+        @tf.function
+        def step(grads):
+            del grads  # Computed before the step: only the writes are timed.
+            for v, d in zip(variables, deltas):
+                v.assign_add(d, read_value=False)
             return tf.constant(0)
 
     elif contender == "distopt":
@@ -265,7 +280,7 @@ def summarize(row):
     row["ms_per_step"], row["first_call_s"] = ms, first
     ratios, verdicts = {}, {}
     if ms.get("distopt"):
-        for other in ("keras_plain", "keras_xla", "floor", "touch"):
+        for other in CONTENDERS[1:]:
             if ms.get(other):
                 key = f"distopt/{other}"
                 ratios[key] = ms["distopt"]["median"] / ms[other]["median"]

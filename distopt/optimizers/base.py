@@ -30,6 +30,7 @@ function of tensors (`update_step`). This class owns everything else:
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +52,10 @@ class Optimizer(tf.Module):
     """Base class of distopt optimizers.
 
     A subclass whose `update_step` is not elementwise (it reduces over a
-    variable, as Lamb's trust ratio does) sets `elementwise = False`.
+    variable, as Lamb's trust ratio does) sets `elementwise = False`. If its
+    only reductions are L2 norms over the variable, taken through the `norm`
+    argument its `update_step` then accepts, it also sets `layerwise = True`,
+    and the fused update still takes all variables in one kernel.
 
     Args:
         learning_rate: A non-negative float, or a schedule: a callable of the
@@ -196,6 +200,10 @@ class Optimizer(tf.Module):
     #: Whether `update_step` acts element by element (then the fused update
     #: may run it once over all variables concatenated).
     elementwise = True
+    #: Whether `update_step(..., norm=)` reduces over the variable only
+    #: through `norm(x)`: the L2 norm of `x` over the variable, a scalar, or
+    #: in the fused update each element's own variable's norm (`run_norms`).
+    layerwise = False
 
     # --- What a subclass provides -------------------------------------------
 
@@ -540,9 +548,11 @@ class Optimizer(tf.Module):
         a kernel that assigned every variable itself would compile in time
         growing faster than the number of variables. Large variables keep
         their own kernel (shared by every variable of the same shape), where
-        a concatenation would only add memory traffic. Rules that reduce over
-        a variable (`elementwise = False`: Lamb, Lars) and per-variable skips
-        go variable by variable.
+        a concatenation would only add memory traffic. Layer-wise rules (Lamb,
+        Lars) join the flat buffer too, their norms taken per variable by
+        `run_norms`; other rules that reduce over a variable
+        (`elementwise = False`) and per-variable skips go variable by
+        variable.
         """
         flat: dict[tuple, list[int]] = {}
         for i, v in enumerate(variables):
@@ -550,7 +560,7 @@ class Optimizer(tf.Module):
             # vectorised kernels: keep Keras's per-variable arithmetic there.
             if (
                 self.jit_compile
-                and self.elementwise
+                and (self.elementwise or self.layerwise)
                 and var_ok[i] is None
                 and v.shape.num_elements() < FLAT_MAX_ELEMENTS
             ):
@@ -562,7 +572,13 @@ class Optimizer(tf.Module):
                 i = idx[0]
                 self._kernel(variables[i], grads[i], slots[i], lr, step, scale, ok)
                 continue
+            # Equal sizes side by side: a layer-wise rule's norms are then
+            # one row reduction per run of them (`run_norms`).
+            idx = sorted(idx, key=lambda i: variables[i].shape.num_elements())
             sizes = [int(variables[i].shape.num_elements()) for i in idx]
+            runs = tuple(
+                (size, len(list(group))) for size, group in itertools.groupby(sizes)
+            )
 
             def concat(tensors):
                 return tf.concat([_flat(t) for t in tensors], 0)
@@ -576,6 +592,7 @@ class Optimizer(tf.Module):
                 step,
                 scale,
                 ok,
+                runs if self.layerwise else None,
             )
             # Every reshape is an op to dispatch: 1-D variables skip them.
             for i, part in zip(idx, tf.split(new_p, sizes)):
@@ -598,11 +615,12 @@ class Optimizer(tf.Module):
         for n, s in slots.items():
             s.assign(new_slots[n], read_value=False)
 
-    def _rule(self, p0, grad, old, lr, step, scale, ok):
+    def _rule(self, p0, grad, old, lr, step, scale, ok, runs=None):
         """Weight decay, the update rule and the skip select, on tensors.
 
         16-bit variables compute in float32 (their slots are float32) and
-        round once at the end.
+        round once at the end. `runs`: for a layer-wise rule over a flat
+        buffer, its layout (see `run_norms`); None for one variable.
         """
         dtype = reduce_lib.payload_dtype(p0.dtype)
         g = tf.cast(grad, dtype)
@@ -612,7 +630,10 @@ class Optimizer(tf.Module):
         p = tf.cast(p0, dtype)
         if self.weight_decay:
             p = p - lr * self.weight_decay * p
-        new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype))
+        norm = {}
+        if self.layerwise:
+            norm["norm"] = l2_norm if runs is None else run_norms(runs)
+        new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype), **norm)
         new_p = tf.cast(new_p, p0.dtype)
         if ok is not None:
             # A select, not a tf.cond: branch-free, so it fuses under XLA.
@@ -720,6 +741,38 @@ def _check_gradients(grads, variables):
             raise ValueError(f"grads: gradient {i} has non-float dtype {g.dtype.name}.")
         out.append(tf.cast(g, v.dtype) if g.dtype != v.dtype else g)
     return out
+
+
+def l2_norm(x):
+    """The L2 norm of `x` over all its elements (one layer-wise norm)."""
+    return tf.sqrt(tf.reduce_sum(tf.square(x)))
+
+
+def run_norms(runs):
+    """The `norm` of a flat buffer of variables: each element gets its own.
+
+    Args:
+        runs: `((size, count), ...)`: the buffer holds `count` variables of
+            `size` elements each, one run after another.
+
+    Returns:
+        A function of a flat tensor laid out like that, returning for every
+        element the L2 norm of the variable it belongs to. Each run is a
+        `[count, size]` matrix whose row norms are one reduction: a segment
+        sum without `unsorted_segment_sum`'s scatter, which XLA on CPU runs
+        one element at a time.
+    """
+
+    def norm(x):
+        parts, start = [], 0
+        for size, count in runs:
+            rows = tf.reshape(x[start : start + size * count], [count, size])
+            n = tf.sqrt(tf.reduce_sum(tf.square(rows), axis=1, keepdims=True))
+            parts.append(tf.reshape(tf.broadcast_to(n, [count, size]), [-1]))
+            start += size * count
+        return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+    return norm
 
 
 def _flat(t):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from distopt.optimizers.base import Optimizer
+from distopt.optimizers.base import Optimizer, l2_norm
 from distopt.optimizers.gradient_descent import _check_unit
 from distopt.optimizers.schedules import check_rate
 
@@ -24,7 +24,7 @@ def trust_ratio(numerator_norm, denominator_norm):
     )
 
 
-def lamb_update(grad, var, m, v, lr, step, beta_1, beta_2, epsilon):
+def lamb_update(grad, var, m, v, lr, step, beta_1, beta_2, epsilon, norm=l2_norm):
     """One Lamb step, in Keras's arrangement.
 
     m <- m + (1 - beta_1) * (g - m)
@@ -42,6 +42,8 @@ def lamb_update(grad, var, m, v, lr, step, beta_1, beta_2, epsilon):
         beta_1, beta_2: Python floats or scalars; as Python floats, `1 - beta`
             is formed in double precision, as Keras does.
         lr, step, epsilon: Scalars in the variable's dtype (`step` 1-based).
+        norm: The norm over one variable (`l2_norm`; the fused update passes
+            one that gives each element its own variable's norm).
 
     Returns:
         (new_var, new_m, new_v).
@@ -54,9 +56,7 @@ def lamb_update(grad, var, m, v, lr, step, beta_1, beta_2, epsilon):
     m_hat = m / (1.0 - beta_1_power)
     v_sqrt = tf.sqrt(v / (1.0 - beta_2_power)) + epsilon
     update = m_hat / v_sqrt
-    w_norm = tf.sqrt(tf.reduce_sum(tf.square(var)))
-    u_norm = tf.sqrt(tf.reduce_sum(tf.square(update)))
-    ratio = trust_ratio(w_norm, u_norm)
+    ratio = trust_ratio(norm(var), norm(update))
     return var - ratio * lr * update, m, v
 
 
@@ -76,6 +76,7 @@ class Lamb(Optimizer):
 
     # The trust ratio needs each variable's own norms.
     elementwise = False
+    layerwise = True
 
     def __init__(
         self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs
@@ -88,7 +89,7 @@ class Lamb(Optimizer):
     def slot_initializers(self, var):
         return {n: tf.zeros(var.shape, var.dtype) for n in ("momentum", "velocity")}
 
-    def update_step(self, grad, var, slots, lr, step):
+    def update_step(self, grad, var, slots, lr, step, norm=l2_norm):
         # The betas stay Python floats, as in Keras (see `lamb_update`).
         p, m, v = lamb_update(
             grad,
@@ -100,6 +101,7 @@ class Lamb(Optimizer):
             self.beta_1,
             self.beta_2,
             tf.constant(self.epsilon, var.dtype),
+            norm,
         )
         return p, {"momentum": m, "velocity": v}
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from distopt.optimizers.base import Optimizer
+from distopt.optimizers.base import Optimizer, l2_norm
 from distopt.optimizers.gradient_descent import _check_unit
 from distopt.optimizers.schedules import check_rate
 
 
-def lars_update(grad, var, v, lr, momentum, eta, weight_decay):
+def lars_update(grad, var, v, lr, momentum, eta, weight_decay, norm=l2_norm):
     """One Lars step (You, Gitman & Ginsburg, 2017, Algorithm 2).
 
     local_lr = eta * ||p|| / (||g|| + weight_decay * ||p||)
@@ -27,12 +27,14 @@ def lars_update(grad, var, v, lr, momentum, eta, weight_decay):
     Args:
         grad, var, v: The gradient, the variable's value and the momentum.
         lr, momentum, eta, weight_decay: Scalars in the variable's dtype.
+        norm: The norm over one variable (`l2_norm`; the fused update passes
+            one that gives each element its own variable's norm).
 
     Returns:
         (new_var, new_v).
     """
-    w_norm = tf.sqrt(tf.reduce_sum(tf.square(var)))
-    g_norm = tf.sqrt(tf.reduce_sum(tf.square(grad)))
+    w_norm = norm(var)
+    g_norm = norm(grad)
     denominator = g_norm + weight_decay * w_norm
     ok = tf.logical_and(w_norm > 0, denominator > 0)
     # The inner select keeps the unused branch finite (no 0/0 under XLA).
@@ -60,6 +62,7 @@ class Lars(Optimizer):
 
     # The trust ratio needs each variable's own norms.
     elementwise = False
+    layerwise = True
 
     def __init__(
         self, learning_rate=0.01, momentum=0.9, eta=0.001, weight_decay=0.0, **kwargs
@@ -75,7 +78,7 @@ class Lars(Optimizer):
     def slot_initializers(self, var):
         return {"momentum": tf.zeros(var.shape, var.dtype)}
 
-    def update_step(self, grad, var, slots, lr, step):
+    def update_step(self, grad, var, slots, lr, step, norm=l2_norm):
         dt = var.dtype
         # tf.constant, not tf.cast: casting a Python float goes through
         # float32, which would round float64 hyperparameters.
@@ -87,6 +90,7 @@ class Lars(Optimizer):
             tf.constant(self.momentum, dt),
             tf.constant(self.eta, dt),
             tf.constant(self.lars_weight_decay, dt),
+            norm,
         )
         return p, {"momentum": v}
 
