@@ -84,6 +84,17 @@ def test_bare_step_and_breakdown_in_process():
     phases = step_breakdown.step_phases("mlp", "default", steps=2, rounds=1)
     assert set(phases["ms_per_step"]) == set(step_breakdown.PHASES)
     assert set(phases["attribution_ms"]) >= {"forward", "backward", "update"}
+    kernels = step_breakdown.lenet_kernels(steps=1, rounds=1)
+    assert list(kernels) == [
+        "conv1 forward",
+        "conv1 filter gradient",
+        "pool1 forward + gradient",
+        "conv2 forward",
+        "conv2 input gradient",
+        "conv2 filter gradient",
+        "pool2 forward + gradient",
+    ]
+    assert all(k["median"] > 0 for k in kernels.values())
 
 
 def test_trainer_vs_keras_summary_of_every_contender():

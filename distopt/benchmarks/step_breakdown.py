@@ -3,27 +3,36 @@
     python -m distopt.benchmarks.step_breakdown --model=lenet --strategy=default
     python -m distopt.benchmarks.step_breakdown --model=lenet --strategy=mirrored
     python -m distopt.benchmarks.step_breakdown --startup_only --repeats=3
+    python -m distopt.benchmarks.step_breakdown --kernels --repeats=0
 
 Per step (one process, the phases interleaved round by round so that load
 drift hits them alike; ms per step, median and min-max over rounds), each a
 ``tf.range`` loop in one ``tf.function``, the trainer's default settings for
 this device (``train_lib.resolve_jit_compile``) and its optimizer:
 
-* ``pipeline``: the trainer's distributed input iterator alone.
+* ``pipeline``: the trainer's input alone (its feed: in memory for MNIST
+  on one host, as ``distopt.train`` picks by default, else ``tf.data``).
 * ``forward``: loss on one in-memory batch per replica.
 * ``forward_backward``: and the gradients.
 * ``bare_step``: and ``optimizer.apply_gradients`` (the ceiling of
   ``trainer_vs_keras``).
 * ``trainer_loop``: ``train_lib.make_train_loop`` on the trainer's own
-  iterator, exactly as ``distopt.train`` runs it.
+  feed, exactly as ``distopt.train`` runs it.
 
 Differences of medians attribute the step: backward = forward_backward -
 forward, update = bare_step - forward_backward, input and bookkeeping =
 trainer_loop - bare_step.
 
+LeNet's kernels (``--kernels``, one process, interleaved rounds): each
+convolution and pooling kernel of the training step alone, at the step's
+batch size and with the ops the step runs without XLA (the CPU default):
+forward, input gradient and filter gradient of each convolution, and
+each pooling's forward and gradient. Keras's LeNet runs the same kernels, so
+their sum bounds how far ahead of Keras fit a CPU trainer can get.
+
 Time to first step (``--startup``, each repeat a fresh process, seconds from
 process start): importing TensorFlow, the data, model and optimizer, the
-datasets, tracing the training loop, and its first call (graph
+training input, tracing the training loop, and its first call (graph
 optimisation, XLA compilation of whatever is compiled, one step).
 """
 
@@ -116,24 +125,33 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
 
         return lambda n: loop(n)
 
-    train_ds, _, _ = train_lib.make_datasets(strategy, source, config)
-    iterator = iter(train_ds)
+    # The trainer's own feed (in memory here, unless --input says otherwise).
+    kind = train_lib.resolve_input(config, strategy, source)
+    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    inputs = feed.inputs()
 
-    def consume(images, labels):
+    def consume(*args):
+        images, labels = feed.replica_batch(*args)
         sink.assign_add(tf.cast(labels[0], tf.float32) + images[0, 0, 0, 0])
 
     @tf.function
     def pipeline(num_steps):
-        for _ in tf.range(num_steps):
-            strategy.run(consume, args=next(iterator))
+        first = tf.identity(step)
+        state = feed.start(first)
+        for i in tf.range(num_steps):
+            args, state = feed.next(inputs, state, first + tf.cast(i, tf.int64))
+            strategy.run(consume, args=args)
+        step.assign_add(num_steps)
 
-    trainer_loop = train_lib.make_train_loop(strategy, model, optimizer, sums, step)
+    trainer_loop = train_lib.make_train_loop(
+        strategy, model, optimizer, sums, step, feed=feed
+    )
     loops = {
         "pipeline": pipeline,
         "forward": in_memory_loop(forward),
         "forward_backward": in_memory_loop(forward_backward),
         "bare_step": in_memory_loop(bare_step),
-        "trainer_loop": lambda n: trainer_loop(iterator, n),
+        "trainer_loop": lambda n: trainer_loop(inputs, n),
     }
 
     def run(name, n):
@@ -172,6 +190,91 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     }
 
 
+def lenet_kernels(steps, rounds, batch_size=128):
+    """ms per call of each LeNet conv/pool kernel, median and min-max over rounds."""
+    import numpy as np
+    import tensorflow as tf
+
+    from distopt import models
+
+    model = models.LeNet5(pooling="max_pool2d")
+    rng = np.random.default_rng(0)
+
+    def tensor(*shape):
+        return tf.constant(rng.standard_normal(shape, dtype=np.float32))
+
+    kernels = {}
+    x = tensor(batch_size, 28, 28, 1)
+    for name, conv in (("conv1", model.conv1), ("conv2", model.conv2)):
+        w = tf.convert_to_tensor(conv.w)
+        y = tf.nn.conv2d(x, w, 1, conv.padding)
+        dy = tensor(*y.shape)
+        pad = conv.padding
+        kernels[f"{name} forward"] = lambda x=x, w=w, p=pad: tf.nn.conv2d(x, w, 1, p)
+        if name != "conv1":  # The images need no gradient.
+            kernels[f"{name} input gradient"] = lambda x=x, w=w, dy=dy, p=pad: (
+                tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(x),
+                    filter=w,
+                    out_backprop=dy,
+                    strides=[1, 1, 1, 1],
+                    padding=p,
+                )
+            )
+        kernels[f"{name} filter gradient"] = lambda x=x, w=w, dy=dy, p=pad: (
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=x,
+                filter_sizes=tf.shape(w),
+                out_backprop=dy,
+                strides=[1, 1, 1, 1],
+                padding=p,
+            )
+        )
+        pooled = tf.nn.max_pool2d(y, 2, 2, "VALID")
+        pool = name.replace("conv", "pool")
+        # Forward and gradient together, as in the step: with the forward in
+        # the same graph the gradient reuses its workspace (oneDNN); alone,
+        # it is several times slower than in training.
+        dpool = tensor(*pooled.shape)
+        kernels[f"{pool} forward + gradient"] = lambda y=y, d=dpool: (
+            tf.raw_ops.MaxPoolGrad(
+                orig_input=y,
+                orig_output=tf.nn.max_pool2d(y, 2, 2, "VALID"),
+                grad=d,
+                ksize=[1, 2, 2, 1],
+                strides=[1, 2, 2, 1],
+                padding="VALID",
+            )
+        )
+        x = pooled
+
+    def loop_of(fn):
+        @tf.function
+        def loop(n):
+            total = tf.constant(0.0)
+            for _ in tf.range(n):
+                # A one-element read keeps the kernel; it costs next to nothing.
+                total += tf.reshape(fn(), [-1])[0]
+            return total
+
+        return loop
+
+    loops = {name: loop_of(fn) for name, fn in kernels.items()}
+    for loop in loops.values():
+        loop(tf.constant(3)).numpy()
+    samples = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            loops[name](tf.constant(steps)).numpy()
+            samples[name].append(1e3 * (time.perf_counter() - t) / steps)
+    return {
+        name: {"median": statistics.median(s), "min": min(s), "max": max(s)}
+        for name, s in samples.items()
+    }
+
+
 def startup(model_name, strategy_name, tensorflow_imported):
     """Seconds from process start to the end of each phase (a fresh process).
 
@@ -200,13 +303,14 @@ def startup(model_name, strategy_name, tensorflow_imported):
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
         sums = train_lib._Sums("sums")
     marks.append(("model and optimizer", time.time()))
-    train_ds, _, _ = train_lib.make_datasets(strategy, source, config)
-    iterator = iter(train_ds)
-    marks.append(("datasets", time.time()))
-    loop = train_lib.make_train_loop(strategy, model, optimizer, sums, step)
-    loop.get_concrete_function(iterator, tf.TensorSpec([], tf.int64))
+    kind = train_lib.resolve_input(config, strategy, source)
+    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    inputs = feed.inputs()
+    marks.append(("input", time.time()))
+    loop = train_lib.make_train_loop(strategy, model, optimizer, sums, step, feed=feed)
+    loop.get_concrete_function(inputs, tf.TensorSpec([], tf.int64))
     marks.append(("trace", time.time()))
-    loop(iterator, tf.constant(1, tf.int64))
+    loop(inputs, tf.constant(1, tf.int64))
     int(step.numpy())
     marks.append(("first call", time.time()))
     phases, previous = {}, start
@@ -232,6 +336,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="startup processes")
     parser.add_argument("--startup_only", action="store_true")
+    parser.add_argument(
+        "--kernels", action="store_true", help="also time LeNet's conv/pool kernels"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--measure_startup", action="store_true", help=argparse.SUPPRESS
@@ -262,6 +369,20 @@ def main(argv=None):
         print("  attribution (differences of medians, ms):")
         for name, value in phases["attribution_ms"].items():
             print(f"    {name:<22} {value:7.2f}")
+    if args.kernels:
+        kernels = lenet_kernels(args.steps, args.rounds)
+        results["lenet_kernels"] = kernels
+        total = sum(k["median"] for k in kernels.values())
+        print(
+            f"LeNet kernels without XLA, batch 128: ms per call, median (min-max) "
+            f"of {args.rounds} interleaved rounds of {args.steps} calls"
+        )
+        for name, k in kernels.items():
+            print(f"  {name:<26} {k['median']:7.3f} ({k['min']:.3f}-{k['max']:.3f})")
+        print(f"  {'sum':<26} {total:7.3f}")
+        if "step" in results:
+            bare = results["step"]["ms_per_step"]["bare_step"]["median"]
+            print(f"  {'sum / bare step':<26} {total / bare:7.3f}")
     runs = [
         _startup_in_subprocess(args.model, args.strategy) for _ in range(args.repeats)
     ]
