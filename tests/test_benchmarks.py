@@ -158,3 +158,24 @@ def test_trainer_contenders_run_the_trainer_command(monkeypatch):
         ("mlp", "mirrored", []),
         ("mlp", "mirrored", ["--input=dataset", "--jit_compile"]),
     ]
+
+
+def test_adam_step_targets_apply_to_the_optimizers_they_name():
+    def row(optimizer, set_name):
+        sample = [{"ms_per_step": 1.0, "first_call_s": 1.0}]
+        samples = {"distopt": sample, "keras_plain": sample, "keras_xla": sample}
+        return adam_step.summarize(
+            {"set": set_name, "optimizer": optimizer, "samples": samples}
+        )["targets"]
+
+    # The 16x1M targets are Adam's no-regression figures...
+    assert set(row("adam", "16x1M")) == {
+        "distopt/keras_plain",
+        "distopt/keras_xla",
+        "first call s",
+    }
+    assert set(row("momentum", "16x1M")) == {"first call s"}
+    # ...the 320-variable and ResNet-50 targets every optimizer's.
+    for name in adam_step.OPTIMIZERS:
+        assert row(name, "320var")["distopt/keras_xla"] == [0.4, False]
+        assert row(name, "resnet50")["distopt/keras_xla"] == [0.9, False]
