@@ -759,8 +759,9 @@ def run_norms(runs):
         A function of a flat tensor laid out like that, returning for every
         element the L2 norm of the variable it belongs to. Each run is a
         `[count, size]` matrix whose row norms are one reduction: a segment
-        sum without `unsorted_segment_sum`'s scatter, which XLA on CPU runs
-        one element at a time.
+        sum without `unsorted_segment_sum`'s scatter, which XLA runs about
+        5x slower on CPU (0.76M elements in 320 segments: 4.1 ms against
+        0.85 ms, BUILD_NOTES.md).
     """
 
     def norm(x):
