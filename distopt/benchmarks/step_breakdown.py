@@ -27,8 +27,8 @@ LeNet's kernels (``--kernels``, one process, interleaved rounds): each
 convolution and pooling kernel of the training step alone, at the step's
 batch size and with the ops the step runs without XLA (the CPU default):
 forward, input gradient and filter gradient of each convolution, and
-each pooling's forward and gradient. Keras's LeNet runs the same kernels, so
-their sum bounds how far ahead of Keras fit a CPU trainer can get.
+each pooling's forward and gradient. Keras's LeNet runs the same kernels,
+so their time is time no CPU trainer saves over Keras fit.
 
 Time to first step (``--startup``, each repeat a fresh process, seconds from
 process start): importing TensorFlow, the data, model and optimizer, the
@@ -125,7 +125,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
 
         return lambda n: loop(n)
 
-    # The trainer's own feed (in memory here, unless --input says otherwise).
+    # The trainer's own feed, as distopt.train picks it (in memory for MNIST).
     kind = train_lib.resolve_input(config, strategy, source)
     feed = train_lib.make_train_feed(strategy, source, config, kind)
     inputs = feed.inputs()
