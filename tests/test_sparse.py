@@ -190,6 +190,50 @@ def test_embedding_on_4_replicas_travels_sparse_and_updates_like_the_dense_path(
             _assert_update(final, dense_final)
 
 
+@pytest.mark.parametrize("name", ["gradient_descent", "momentum", "adagrad"])
+def test_weight_decay_shrinks_every_row_under_a_sparse_update(name):
+    # Decoupled decay is a dense term: rows the gradient never touches still
+    # shrink by (1 - lr * wd) every step, as in Keras. The touched rows then
+    # take the rule on their decayed value. Default strategy, a small table.
+    lr, wd = 0.5, 0.1
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((8, 3)).astype(np.float32)
+    steps = [
+        (np.array([1, 3, 1]), rng.standard_normal((3, 3))),
+        (np.array([3, 5]), rng.standard_normal((2, 3))),
+    ]
+    table = tf.Variable(w0)
+    opt = optimizers.get(name, learning_rate=lr, weight_decay=wd)
+    for ids, coef in steps:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids) * coef)
+        g = tape.gradient(loss, table)
+        assert isinstance(g, tf.IndexedSlices)
+        opt.apply_gradients([(g, table)])
+    # NumPy: decay every row, then the rule. A zero gradient leaves a row
+    # alone under gradient descent and Adagrad; distopt's sparse Momentum
+    # moves the touched rows only (see test above).
+    w, slots = w0.astype(np.float64), {}
+    for t, (ids, coef) in enumerate(steps):
+        g = np.zeros_like(w)
+        np.add.at(g, ids, coef)
+        w = w * (1 - lr * wd)
+        if name != "momentum":
+            w = ref.RULES[name](w, g, slots, lr, t + 1)
+            continue
+        touched = np.unique(ids)
+        sub = {k: v[touched] for k, v in slots.items()}
+        w[touched] = ref.RULES[name](w[touched], g[touched], sub, lr, t + 1)
+        for k, v in sub.items():
+            slots.setdefault(k, np.zeros_like(w))[touched] = v
+    got = table.numpy()
+    _assert_update(got, w, w0)
+    never = np.setdiff1d(np.arange(8), np.concatenate([i for i, _ in steps]))
+    np.testing.assert_allclose(
+        got[never] - w0[never], w0[never] * ((1 - lr * wd) ** 2 - 1), rtol=1e-5
+    )
+
+
 GD = {"learning_rate": 0.5}
 OPTIONS = [
     ({"aggregation": "weighted_mean"}, {"weights": WEIGHTS}, 1e-5),
