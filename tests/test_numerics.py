@@ -137,6 +137,25 @@ def test_global_norm_clipping_is_exact_on_the_update():
         np.testing.assert_allclose(c - 1.0, -mean * clip / norm, rtol=1e-5)
 
 
+def test_value_clipping_is_exact_on_the_update():
+    # Elementwise, after the mean: a clip 1% loose moves the clipped elements
+    # of this update by 1%, and the others not at all.
+    clip = 0.3
+    with M4.scope():
+        var = tf.Variable(tf.ones([3]))
+        opt = optimizers.GradientDescent(1.0, clipvalue=clip)
+
+    @tf.function
+    def step(g):
+        M4.run(lambda g: opt.apply_gradients([g], [var]), (g,))
+
+    step(_per_replica(M4, lambda r: tf.constant(GRADS4[r])))
+    mean = GRADS4.astype(np.float64).mean(0)
+    assert np.any(np.abs(mean) > 1.5 * clip) and np.any(np.abs(mean) < clip)
+    for c in local_copies(M4, var):
+        np.testing.assert_allclose(c - 1.0, -np.clip(mean, -clip, clip), rtol=1e-5)
+
+
 # --- Mixed precision ------------------------------------------------------------
 
 
