@@ -65,7 +65,7 @@ import time
 import numpy as np
 from absl import flags
 
-from distopt import quiet
+from distopt import cli, quiet
 
 # Before TensorFlow: its C++ start-up block is held back (--verbosity=1
 # prints it).
@@ -887,28 +887,14 @@ def mirrored_strategy(num_replicas: int):
 
 def main(argv=None) -> int:
     """Runs the tool with command-line `argv`; returns the exit status."""
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(_FLAGS.get_help())
-        return 0
-    _FLAGS.unparse_flags()
-    try:
-        rest = _FLAGS(argv)
-    except flags.Error as e:
-        print(f"distopt.compare: error: {e}", file=sys.stderr)
-        return 2
+    status = cli.parse("distopt.compare", __doc__, _FLAGS, argv)
+    if status is not None:
+        return status
     quiet.configure_logging(_FLAGS.verbosity)
-    if len(rest) > 1:
-        print(
-            f"distopt.compare: error: unexpected arguments {rest[1:]}", file=sys.stderr
-        )
-        return 2
     try:
         return _run(_FLAGS)
     except ValueError as e:
-        print(f"distopt.compare: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("distopt.compare", e)
 
 
 def _run(f) -> int:

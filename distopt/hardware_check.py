@@ -60,7 +60,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from distopt import optimizers
+from distopt import cli, optimizers
 from distopt import sync as sync_lib
 
 # Flags live in their own FlagValues: the module is importable next to other
@@ -796,23 +796,16 @@ def exit_status(rows: list[Row]) -> int:
 
 def main(argv=None) -> int:
     """Runs the program with command-line `argv`; returns the exit status."""
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(_FLAGS.get_help())
-        return 0
-    _FLAGS.unparse_flags()
+    status = cli.parse("distopt.hardware_check", __doc__, _FLAGS, argv)
+    if status is not None:
+        return status
     try:
-        rest = _FLAGS(argv)
-        if len(rest) > 1:
-            raise UsageError(f"unexpected arguments {rest[1:]}")
         t0 = time.perf_counter()
         platform = make_platform(
             _FLAGS.tpu, _FLAGS.cpu_devices, _FLAGS.split_gpu, _FLAGS.gpu_memory_mb
         )
-    except (flags.Error, UsageError) as e:
-        print(f"distopt.hardware_check: error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return cli.error("distopt.hardware_check", e)
     print(platform.notice, flush=True)
     rows = run_checks(platform)
     print()

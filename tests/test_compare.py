@@ -220,6 +220,7 @@ def test_noisy_quadratic_is_seeded():
         (["--strategy=tpu"], "valid names: default, mirrored"),
         (["--max_iters=0"], "max_iters"),
         (["--no_such_flag=1"], "no_such_flag"),
+        (["stray"], "distopt.compare: error: unexpected arguments ['stray']"),
     ],
 )
 def test_bad_input_clear_message_nonzero_exit(args, message, capsys):

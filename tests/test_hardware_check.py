@@ -161,6 +161,13 @@ def test_usage_errors_exit_2(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_help_exits_0_and_names_every_flag(capsys):
+    assert hc.main(["hardware_check", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cpu_devices", "tpu", "split_gpu", "gpu_memory_mb", "json"):
+        assert f"--{name}" in out, name
+
+
 # --- On accelerators ---------------------------------------------------------------
 
 
