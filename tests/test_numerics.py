@@ -506,6 +506,31 @@ def test_dynamic_loss_scaling_on_2_replicas_follows_the_schedule():
     assert_replicas_identical(M2, [var, opt.loss_scale.scale])
 
 
+def test_loss_scale_stops_halving_at_1():
+    # Below 1 the "scale" would shrink the loss and underflow float16
+    # gradients: Keras keeps it at 1 however many steps overflow.
+    from distopt.transforms import LossScale
+
+    finite = [False, False, False, True, False]
+    var = tf.Variable(tf.constant([1.0, -2.0], tf.float16))
+    opt = optimizers.GradientDescent(0.5, loss_scale=LossScale(2.0, growth_steps=3))
+    scales, p = [], np.array([1.0, -2.0])
+    for ok in finite:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(var, tf.float32) ** 2) / 2
+            scaled = opt.scale_loss(loss)
+        (g,) = tape.gradient(scaled, [var])
+        if not ok:
+            g = tf.fill(tf.shape(g), tf.constant(float("inf"), g.dtype))
+        opt.apply_gradients([g], [var])
+        if ok:
+            p = p - 0.5 * p
+        scales.append(float(opt.loss_scale.scale.numpy()))
+        np.testing.assert_allclose(var.numpy().astype(np.float64), p, rtol=1e-3)
+    assert scales == numpy_loss_scale(finite, initial=2.0, growth=3)
+    assert scales == [1.0, 1.0, 1.0, 1.0, 1.0]
+
+
 def test_loss_scale_is_rejected_under_diverging_sync_modes():
     with pytest.raises(ValueError, match="loss_scale: needs a synchronous sync"):
         optimizer(loss_scale="dynamic", sync=distopt.sync.LocalSGD(2))
