@@ -156,6 +156,45 @@ def test_value_clipping_is_exact_on_the_update():
         np.testing.assert_allclose(c - 1.0, -np.clip(mean, -clip, clip), rtol=1e-5)
 
 
+@pytest.mark.parametrize("skipper", ["skip_nonfinite", "loss_scale"])
+def test_one_nonfinite_variable_on_one_replica_skips_every_variable(skipper):
+    # Overflow usually hits some layers only: one NaN anywhere skips the whole
+    # step, on every replica, for the finite variables too. Under a loss
+    # scale of 4 (halved to 2 by the skip) the gradients are unscaled by 2.
+    from distopt.transforms import LossScale
+
+    kwargs = (
+        {"skip_nonfinite": True}
+        if skipper == "skip_nonfinite"
+        else {"loss_scale": LossScale(4.0)}
+    )
+    with M2.scope():
+        a, b = tf.Variable([1.0, 2.0]), tf.Variable([3.0])
+        opt = optimizers.GradientDescent(0.5, **kwargs)
+
+    @tf.function
+    def step(poison):
+        def replica(poison):
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            bad = tf.logical_and(poison, tf.equal(rid, 1))
+            ga = tf.where(bad, tf.constant([np.nan, 1.0]), tf.constant([1.0, 1.0]))
+            opt.apply_gradients([ga, tf.constant([2.0])], [a, b])
+
+        M2.run(replica, (poison,))
+
+    step(tf.constant(True))
+    for v, want in ((a, [1.0, 2.0]), (b, [3.0])):
+        for c in local_copies(M2, v):
+            np.testing.assert_array_equal(c, want)
+    assert (int(opt.skipped_steps), int(opt.iterations)) == (1, 0)
+    step(tf.constant(False))
+    unscale = 1.0 if skipper == "skip_nonfinite" else 2.0
+    for v, g0, g in ((a, [1.0, 2.0], 1.0), (b, [3.0], 2.0)):
+        for c in local_copies(M2, v):
+            np.testing.assert_array_equal(c, np.array(g0) - 0.5 * g / unscale)
+    assert (int(opt.skipped_steps), int(opt.iterations)) == (1, 1)
+
+
 # --- Mixed precision ------------------------------------------------------------
 
 
