@@ -1,7 +1,9 @@
 """What real clusters do to a run: stop notices, damaged checkpoints, a full
 disk, divergence, two trainers on one directory, a different cluster size on
-resume. Every case runs the trainer (or the launcher) in a subprocess, as a
-scheduler would.
+resume. Most cases run the trainer (or the launcher) in a subprocess, as a
+scheduler would; the thresholds of the non-finite policies and the
+checkpoint fallback's bookkeeping are also checked in process, where a
+whole run could not tell an off-by-one.
 
 Test-only hooks (environment variables, see distopt/trainer_faults.py and
 distopt/checkpoints.py): DISTOPT_FAULT_CHUNK_DELAY paces a run so that a test
@@ -371,6 +373,56 @@ def test_skip_policy_stops_after_max_skipped_steps_in_a_row(tmp_path):
     metrics = _metrics(config.model_dir)
     assert metrics["status"] == "diverged" and metrics["skipped_steps"] >= 8
     assert metrics["train_steps"] < 200
+
+
+def test_one_nonfinite_step_is_divergence_and_skips_stop_at_exactly_the_limit():
+    from distopt import optimizers, trainer_faults
+
+    opt = optimizers.GradientDescent(0.1, skip_nonfinite=True)
+    stop = trainer_faults.NonfiniteGuard("stop", 3, opt)
+    assert stop.diverged(0.0) is None
+    stop.watch_loss(tf.constant(float("nan")))  # One bad step in a chunk.
+    assert "non-finite loss" in stop.diverged(float(stop.bad.read_value()))
+
+    var = tf.Variable([1.0])
+    skip = trainer_faults.NonfiniteGuard("skip", 3, opt)
+
+    def step(grad):
+        before = opt.skipped_steps.read_value()
+        opt.apply_gradients([tf.constant([grad])], [var])
+        skip.count_skips(before)
+        return skip.diverged(0.0)
+
+    nan = float("nan")
+    # Two skips, a good step (the run restarts), then skips 1, 2 and 3.
+    verdicts = [step(g) for g in (nan, nan, 1.0, nan, nan, nan)]
+    assert verdicts[:5] == [None] * 5
+    assert "3 steps in a row skipped" in verdicts[5]
+    np.testing.assert_allclose(var.numpy(), [0.9])
+
+
+def test_fallback_drops_damaged_checkpoints_from_the_state_file(tmp_path):
+    from distopt import checkpoints
+
+    directory = str(tmp_path)
+    ckpt = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0]))
+    manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=5)
+    for _ in range(3):
+        manager.save()
+    name = os.path.join(directory, "ckpt-{}")
+    assert checkpoints.candidates(directory) == [name.format(i) for i in (3, 2, 1)]
+    _truncate(name.format(3) + ".data-00000-of-00001", 0)
+
+    # A worker that is not the chief leaves files and state file alone.
+    assert checkpoints.newest_loadable(directory, chief=False) == name.format(2)
+    assert tf.train.latest_checkpoint(directory) == name.format(3)
+    assert checkpoints.newest_loadable(directory, chief=True) == name.format(2)
+    state = tf.train.get_checkpoint_state(directory)
+    assert state.model_checkpoint_path == name.format(2)
+    assert list(state.all_model_checkpoint_paths) == [name.format(1), name.format(2)]
+    assert not os.path.exists(name.format(3) + ".index")
+    # Gone from every listing: the next start does not trip over it again.
+    assert checkpoints.candidates(directory) == [name.format(2), name.format(1)]
 
 
 FAKE_WORKER = """
