@@ -1,0 +1,355 @@
+"""A mutation sweep: small planted bugs that the tests must catch.
+
+Not a test module (pytest does not collect it). Run it by hand after
+changing the numerics or the fault handling:
+
+    python tests/mutation_sweep.py                # every mutant
+    python tests/mutation_sweep.py adam_lr lion_betas
+
+Each mutant is one textual change of the kind a review plants: a factor of
+1.001 or 1.01 in a rate, normaliser or clip, an epsilon doubled, an
+off-by-one in a threshold, `reduce_any` for `reduce_all`, a write dropped.
+It is applied to a scratch `git worktree` of HEAD (commit first; the
+checkout is never touched), and the test modules that own the code run with `-x`. A mutant
+that leaves them passing is a hole: add a test that fails on it.
+
+The one known equivalent mutant, `run_norms_rows` (a common factor in
+both norms of a trust ratio cancels), is listed to keep it from being
+"fixed" again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: str  # pytest arguments: modules, then options such as -k
+
+
+EQUIVALENT = {"run_norms_rows"}
+
+MUTANTS = [
+    Mutant(
+        "adam_lr",
+        "distopt/optimizers/adam.py",
+        "alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)",
+        "alpha = lr * 1.001 * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "adam_eps",
+        "distopt/optimizers/adam.py",
+        "(tf.sqrt(denom_v) + epsilon)",
+        "(tf.sqrt(denom_v) + 2 * epsilon)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "adam_amsgrad",
+        "distopt/optimizers/adam.py",
+        "vhat = tf.maximum(vhat, v)",
+        "vhat = v",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "lamb_ratio",
+        "distopt/optimizers/lamb.py",
+        "numerator_norm / safe, one)",
+        "numerator_norm / safe * 1.001, one)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "lamb_eps",
+        "distopt/optimizers/lamb.py",
+        "v_sqrt = tf.sqrt(v / (1.0 - beta_2_power)) + epsilon",
+        "v_sqrt = tf.sqrt(v / (1.0 - beta_2_power)) + 2 * epsilon",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "wd_scale",
+        "distopt/optimizers/base.py",
+        "p = p - lr * self.weight_decay * p",
+        "p = p - 1.01 * lr * self.weight_decay * p",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "sparse_wd_touched_only",
+        "distopt/optimizers/base.py",
+        "var.assign(decayed if keep is None else tf.where(keep, p0, decayed))",
+        "pass",
+        "tests/test_sparse.py",
+    ),
+    Mutant(
+        "grad_scale",
+        "distopt/optimizers/base.py",
+        "g = g * tf.cast(scale, dtype)\n        lr = tf.cast(lr, dtype)\n        p = tf.cast(p0, dtype)",
+        "g = g * tf.cast(scale * 1.001, dtype)\n        lr = tf.cast(lr, dtype)\n        p = tf.cast(p0, dtype)",
+        "tests/test_strategies.py tests/test_numerics.py",
+    ),
+    Mutant(
+        "weighted_norm",
+        "distopt/aggregation.py",
+        "    def normalizer(self, total_weight, num_replicas):\n        del num_replicas\n        return total_weight\n\n\n_REGISTRY",
+        "    def normalizer(self, total_weight, num_replicas):\n        del num_replicas\n        return total_weight * 1.001\n\n\n_REGISTRY",
+        "tests/test_sync.py tests/test_strategies.py tests/test_numerics.py",
+    ),
+    Mutant(
+        "sum_norm",
+        "distopt/aggregation.py",
+        "return total_weight / tf.cast(num_replicas, total_weight.dtype)",
+        "return total_weight / tf.cast(num_replicas, total_weight.dtype) * 1.001",
+        "tests/test_sync.py tests/test_strategies.py tests/test_numerics.py",
+    ),
+    Mutant(
+        "clipnorm_loose",
+        "distopt/transforms.py",
+        "tf.clip_by_global_norm(grads, self.clipnorm)",
+        "tf.clip_by_global_norm(grads, self.clipnorm * 1.01)",
+        "tests/test_strategies.py tests/test_numerics.py tests/test_optimizers.py",
+    ),
+    Mutant(
+        "clipvalue_loose",
+        "distopt/transforms.py",
+        "tf.clip_by_value(g, -self.clipvalue, self.clipvalue)",
+        "tf.clip_by_value(g, -self.clipvalue * 1.01, self.clipvalue * 1.01)",
+        "tests/test_numerics.py",
+    ),
+    Mutant(
+        "loss_scale_growth",
+        "distopt/transforms.py",
+        "tf.where(grow, scale * 2.0, scale)",
+        "tf.where(grow, scale * 4.0, scale)",
+        "tests/test_numerics.py tests/test_strategies.py tests/test_optimizers.py",
+    ),
+    Mutant(
+        "rmsprop_rho",
+        "distopt/optimizers/rmsprop.py",
+        "velocity = rho * velocity + (1 - rho) * tf.square(grad)",
+        "velocity = rho * velocity + (1 - rho) * 1.001 * tf.square(grad)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "rmsprop_centered",
+        "distopt/optimizers/rmsprop.py",
+        "average_grad = rho * average_grad + (1 - rho) * grad",
+        "average_grad = rho * average_grad + (1 - rho) * 1.01 * grad",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "adagrad_eps",
+        "distopt/optimizers/adagrad.py",
+        "tf.sqrt(accumulator + epsilon)",
+        "tf.sqrt(accumulator + 2 * epsilon)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "nesterov",
+        "distopt/optimizers/gradient_descent.py",
+        "step = m * momentum - grad * lr if nesterov else m",
+        "step = m * momentum - grad * lr * 1.001 if nesterov else m",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "lion_betas",
+        "distopt/optimizers/lion.py",
+        "return new_var, m * beta_2 + grad * (1.0 - beta_2)",
+        "return new_var, m * beta_1 + grad * (1.0 - beta_1)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "outer_pseudo_sign",
+        "distopt/sync/periodic.py",
+        "lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])]",
+        "lambda *xs: [(a - m) * 1.001 for a, m in zip(xs[:n], xs[n:])]",
+        "tests/test_sync.py",
+    ),
+    Mutant(
+        "run_norms_rows",
+        "distopt/optimizers/base.py",
+        "n = tf.sqrt(tf.reduce_sum(tf.square(rows), axis=1, keepdims=True))",
+        "n = tf.sqrt(tf.reduce_sum(tf.square(rows), axis=1, keepdims=True) * 1.001)",
+        "tests/test_optimizers.py tests/test_numerics.py",
+    ),
+    Mutant(
+        "accumulate_last",
+        "distopt/sync/accumulate.py",
+        "is_last = tf.equal((self.micro_step + 1) % self.k, 0)",
+        "is_last = tf.equal((self.micro_step) % self.k, 0)",
+        "tests/test_sync.py",
+    ),
+    Mutant(
+        "loss_scale_shrink",
+        "distopt/transforms.py",
+        "tf.maximum(scale * 0.5, 1.0)",
+        "tf.maximum(scale * 0.25, 1.0)",
+        "tests/test_numerics.py tests/test_strategies.py tests/test_optimizers.py",
+    ),
+    Mutant(
+        "loss_scale_floor",
+        "distopt/transforms.py",
+        "tf.maximum(scale * 0.5, 1.0)",
+        "tf.maximum(scale * 0.5, 0.5)",
+        "tests/test_numerics.py -k loss_scale",
+    ),
+    Mutant(
+        "cosine_warmup_edge",
+        "distopt/optimizers/schedules.py",
+        "return tf.where(t < self.warmup_steps, warm, decayed)",
+        "return tf.where(t <= self.warmup_steps, warm, decayed)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "cosine_alpha",
+        "distopt/optimizers/schedules.py",
+        "(self.alpha + (1.0 - self.alpha) * cos)",
+        "(self.alpha + (1.0 - self.alpha) * cos * 1.001)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "skip_any_vs_all",
+        "distopt/transforms.py",
+        "return grads, tf.reduce_all(tf.stack(finite)) if finite else None\n",
+        "return grads, tf.reduce_any(tf.stack(finite)) if finite else None\n",
+        "tests/test_numerics.py -k nonfinite",
+    ),
+    Mutant(
+        "local_sgd_no_slot_avg",
+        "distopt/sync/periodic.py",
+        "        if slot_vars and not self.average_slots:\n",
+        "        if False:\n",
+        "tests/test_sync.py",
+    ),
+    Mutant(
+        "outer_no_copy",
+        "distopt/sync/periodic.py",
+        "            _copy(strategy, anchors, variables)\n",
+        "            pass\n",
+        "tests/test_sync.py",
+    ),
+    Mutant(
+        "lars_eta",
+        "distopt/optimizers/lars.py",
+        "local_lr = tf.where(ok, eta * w_norm / tf.where(ok, denominator, 1.0), 1.0)",
+        "local_lr = tf.where(ok, eta * w_norm / tf.where(ok, denominator, 1.0) * 1.001, 1.0)",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "lion_sign",
+        "distopt/optimizers/lion.py",
+        "tf.sign(m * beta_1 + grad * (1.0 - beta_1))",
+        "tf.sign(m * beta_2 + grad * (1.0 - beta_2))",
+        "tests/test_optimizers.py",
+    ),
+    Mutant(
+        "diverge_tolerates_one",
+        "distopt/trainer_faults.py",
+        'if self.policy == "stop" and bad_total > 0:',
+        'if self.policy == "stop" and bad_total > 1:',
+        "tests/test_faults.py -k exactly_the_limit",
+    ),
+    Mutant(
+        "skip_run_off_by_one",
+        "distopt/trainer_faults.py",
+        "if run >= self.max_skipped:",
+        "if run > self.max_skipped:",
+        "tests/test_faults.py -k exactly_the_limit",
+    ),
+    Mutant(
+        "verify_reads_nothing",
+        "distopt/checkpoints.py",
+        "    for name in reader.get_variable_to_shape_map():\n        reader.get_tensor(name)\n",
+        "    del reader\n",
+        "tests/test_faults.py -k state_file",
+    ),
+    Mutant(
+        "candidates_oldest_first",
+        "distopt/checkpoints.py",
+        "return sorted(found, key=found.get, reverse=True)",
+        "return sorted(found, key=found.get)",
+        "tests/test_faults.py -k state_file",
+    ),
+    Mutant(
+        "state_file_keeps_bad",
+        "distopt/checkpoints.py",
+        "remaining = [p for p in reversed(candidates(directory)) if p not in bad]",
+        "remaining = list(reversed(candidates(directory)))",
+        "tests/test_faults.py -k state_file",
+    ),
+]
+
+
+def run(mutant: Mutant, tree: str) -> tuple[str, float]:
+    """Applies `mutant` in `tree`, runs its tests; returns (verdict, seconds)."""
+    subprocess.run(["git", "checkout", "-q", "."], cwd=tree, check=True)
+    path = os.path.join(tree, mutant.path)
+    with open(path) as f:
+        text = f.read()
+    if text.count(mutant.old) < 1:
+        return "STALE (the code it mutates changed)", 0.0
+    with open(path, "w") as f:
+        f.write(text.replace(mutant.old, mutant.new, 1))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+        + mutant.tests.split(),
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": tree},
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode == 0:
+        verdict = "equivalent" if mutant.name in EQUIVALENT else "SURVIVED"
+    elif "failed" in proc.stdout:
+        verdict = "caught"
+    else:
+        verdict = f"ERROR (pytest exit {proc.returncode})"
+    return verdict, seconds
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(
+            f"mutation_sweep: error: unknown mutants {sorted(unknown)}", file=sys.stderr
+        )
+        return 2
+    holes = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = os.path.join(scratch, "tree")
+        subprocess.run(
+            ["git", "worktree", "add", "-q", "--detach", tree, "HEAD"],
+            cwd=REPO,
+            check=True,
+        )
+        try:
+            for i, mutant in enumerate(chosen, 1):
+                verdict, seconds = run(mutant, tree)
+                holes += verdict not in ("caught", "equivalent")
+                print(
+                    f"[{i}/{len(chosen)}] {mutant.name}: {verdict} ({seconds:.0f} s)",
+                    flush=True,
+                )
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False
+            )
+    print(f"{len(chosen) - holes}/{len(chosen)} caught or equivalent")
+    return 1 if holes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
