@@ -252,6 +252,13 @@ MUTANTS = [
         "tests/test_optimizers.py",
     ),
     Mutant(
+        "accumulate_sparse_overwrites",
+        "distopt/sync/accumulate.py",
+        "acc.scatter_add(",
+        "acc.scatter_update(",
+        "tests/test_sparse.py",
+    ),
+    Mutant(
         "diverge_tolerates_one",
         "distopt/trainer_faults.py",
         'if self.policy == "stop" and bad_total > 0:',

@@ -333,6 +333,39 @@ def test_local_steps_and_accumulation_with_sparse_gradients():
         _assert_update(final, want)
 
 
+def _op_types(concrete):
+    """Every op type in a traced function, its nested functions included."""
+    graph_def = concrete.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for f in graph_def.library.function:
+        nodes += list(f.node_def)
+    return [n.op for n in nodes]
+
+
+def test_accumulate_adds_a_sparse_gradient_in_place():
+    # Each micro-step writes the rows it touched into the accumulator; adding
+    # to the value read would copy the whole table every micro-step (5.3 ms
+    # against 0.4 ms for a 1M x 16 table, BUILD_NOTES.md).
+    table = tf.Variable(tf.zeros([1000, 4]))
+    opt = optimizers.GradientDescent(0.1, sync=sync.Accumulate(3))
+
+    @tf.function
+    def step(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids))
+        opt.apply_gradients([(tape.gradient(loss, table), table)])
+
+    ids = tf.constant([5, 7, 5])
+    ops = _op_types(step.get_concrete_function(ids))
+    assert "ResourceScatterAdd" in ops
+    assert "TensorScatterAdd" not in ops
+    for _ in range(3):
+        step(ids)
+    want = np.zeros((1000, 4))
+    want[5], want[7] = -0.1 * 2, -0.1 * 1  # Mean of 3 equal micro-steps.
+    np.testing.assert_allclose(table.numpy(), want, rtol=1e-6)
+
+
 def test_keras_3_densifies_adam_and_momentum_but_not_adagrad():
     """The semantics the docstrings name, against Keras 3 itself (no strategy)."""
     rng = np.random.default_rng(3)

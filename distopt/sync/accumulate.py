@@ -26,8 +26,9 @@ class Accumulate(Sync):
     None gradient leaves it in every other mode.
 
     Sparse gradients (`tf.IndexedSlices`) are scatter-added into the dense
-    accumulator, so under this mode they travel dense at the flush (the
-    accumulated rows of k micro-steps are no longer few).
+    accumulator in place (each micro-step writes its rows only), so under
+    this mode they travel dense at the flush (the accumulated rows of k
+    micro-steps are no longer few).
 
     Args:
         k: Micro-steps per update, >= 1.
@@ -54,37 +55,24 @@ class Accumulate(Sync):
     def apply(self, optimizer, strategy, grads, weight, variables):
         every = optimizer.built_variables()
         given = {optimizer.variable_index(v): g for g, v in zip(grads, variables)}
-        present = [i in given for i in range(len(every))]
-        accs = [self.accumulators[i] for i in range(len(every)) if present[i]]
-        accs.append(self.weight_sum)
-        payload = [given[i] for i in range(len(every)) if present[i]] + [weight]
-        totals = dist.map_per_replica(
-            strategy,
-            lambda *xs: [_add(a, p) for a, p in zip(xs[: len(accs)], xs[len(accs) :])],
-            *accs,
-            *payload,
-        )
-        totals = list(totals)
+        # Added in place: a sparse gradient then costs its rows, not a copy
+        # of the whole buffer (`acc + g` on the value read would be one).
+        for i, g in given.items():
+            dist.update(strategy, self.accumulators[i], _add_into, g)
+        dist.update(strategy, self.weight_sum, _add_into, weight)
         is_last = tf.equal((self.micro_step + 1) % self.k, 0)
 
         def flush():
-            # Every variable's buffer: the ones passed now with this call's
-            # gradient added, the others as they are.
-            buffers, k = [], 0
-            for i in range(len(every)):
-                if present[i]:
-                    buffers.append(totals[k])
-                    k += 1
-                else:
-                    buffers.append(
-                        dist.read_per_replica(strategy, [self.accumulators[i]])[0]
-                    )
-            reduced, scale, ok = optimizer.reducer.reduce(strategy, buffers, totals[-1])
+            buffers = dist.read_per_replica(strategy, self.accumulators)
+            (total,) = dist.read_per_replica(strategy, [self.weight_sum])
+            reduced, scale, ok = optimizer.reducer.reduce(
+                strategy, list(buffers), total
+            )
             # A variable absent from this call is applied only if its
             # reduced buffer holds something (identical on every replica).
             var_ok = [
                 None
-                if present[i]
+                if i in given
                 else tf.reduce_any(
                     tf.not_equal(dist.first_local(strategy, reduced[i]), 0)
                 )
@@ -96,20 +84,21 @@ class Accumulate(Sync):
             for a in [*self.accumulators, self.weight_sum]:
                 dist.update(strategy, a, lambda a: a.assign(tf.zeros_like(a)))
 
-        def accumulate():
-            for a, t in zip(accs, totals):
-                dist.update(strategy, a, lambda a, t: a.assign(t), t)
-
-        dist.cond(is_last, flush, accumulate)
+        dist.cond(is_last, flush, lambda: None)
         self.micro_step.assign_add(1)
 
     def get_config(self):
         return {"name": self.name, "k": self.k}
 
 
-def _add(acc, g):
-    """`acc + g`; `IndexedSlices` are scatter-added (duplicate rows summed)."""
+def _add_into(acc, g):
+    """`acc += g`; `IndexedSlices` add their rows in place (duplicates summed).
+
+    A dense gradient writes a new buffer instead (`acc + g`, then assign):
+    `assign_add` measured about 15% slower per micro-step on a 1M x 16
+    table here (BUILD_NOTES.md, session 6).
+    """
     if isinstance(g, tf.IndexedSlices):
-        index = tf.expand_dims(tf.cast(g.indices, tf.int64), -1)
-        return tf.tensor_scatter_nd_add(acc, index, tf.cast(g.values, acc.dtype))
-    return acc + g
+        acc.scatter_add(tf.IndexedSlices(tf.cast(g.values, acc.dtype), g.indices))
+    else:
+        acc.assign(tf.convert_to_tensor(acc) + tf.cast(g, acc.dtype))
