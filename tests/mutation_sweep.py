@@ -13,9 +13,14 @@ It is applied to a scratch `git worktree` of HEAD (commit first; the
 checkout is never touched), and the test modules that own the code run with `-x`. A mutant
 that leaves them passing is a hole: add a test that fails on it.
 
-The one known equivalent mutant, `run_norms_rows` (a common factor in
-both norms of a trust ratio cancels), is listed to keep it from being
-"fixed" again.
+Two known mutants are equivalent, and are listed so that nobody "fixes"
+them again:
+* `run_norms_rows`: a common factor in both norms of a trust ratio
+  cancels.
+* `weight_zero_guard`: dropping `norm > 0` from the normaliser's guard
+  changes nothing. A zero total still fails the guard's `is_finite(1 / norm)`,
+  and a negative total cannot arrive, because a negative weight is sent as
+  NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class Mutant(NamedTuple):
     tests: str  # pytest arguments: modules, then options such as -k
 
 
-EQUIVALENT = {"run_norms_rows"}
+EQUIVALENT = {"run_norms_rows", "weight_zero_guard"}
 
 MUTANTS = [
     Mutant(
