@@ -118,42 +118,38 @@ def test_some_weights_zero_contribute_nothing_even_with_nan_gradients():
     assert int(opt.skipped_steps.numpy()) == 0
 
 
-def test_global_norm_clipping_is_exact_on_the_update():
-    # A clip 1% loose moves this update by 1% (the weights alone would hide it).
-    clip = 0.25
+def _gd_updates_of_grads4(**kwargs):
+    """Each replica's update `w - w0` after one GD step (lr 1) on GRADS4."""
     with M4.scope():
         var = tf.Variable(tf.ones([3]))
-        opt = optimizers.GradientDescent(1.0, global_clipnorm=clip)
+        opt = optimizers.GradientDescent(1.0, **kwargs)
 
     @tf.function
     def step(g):
         M4.run(lambda g: opt.apply_gradients([g], [var]), (g,))
 
     step(_per_replica(M4, lambda r: tf.constant(GRADS4[r])))
+    return [c - 1.0 for c in local_copies(M4, var)]
+
+
+def test_global_norm_clipping_is_exact_on_the_update():
+    # A clip 1% loose moves this update by 1% (the weights alone would hide it).
+    clip = 0.25
     mean = GRADS4.astype(np.float64).mean(0)
     norm = np.linalg.norm(mean)
     assert norm > 2 * clip
-    for c in local_copies(M4, var):
-        np.testing.assert_allclose(c - 1.0, -mean * clip / norm, rtol=1e-5)
+    for update in _gd_updates_of_grads4(global_clipnorm=clip):
+        np.testing.assert_allclose(update, -mean * clip / norm, rtol=1e-5)
 
 
 def test_value_clipping_is_exact_on_the_update():
     # Elementwise, after the mean: a clip 1% loose moves the clipped elements
     # of this update by 1%, and the others not at all.
     clip = 0.3
-    with M4.scope():
-        var = tf.Variable(tf.ones([3]))
-        opt = optimizers.GradientDescent(1.0, clipvalue=clip)
-
-    @tf.function
-    def step(g):
-        M4.run(lambda g: opt.apply_gradients([g], [var]), (g,))
-
-    step(_per_replica(M4, lambda r: tf.constant(GRADS4[r])))
     mean = GRADS4.astype(np.float64).mean(0)
     assert np.any(np.abs(mean) > 1.5 * clip) and np.any(np.abs(mean) < clip)
-    for c in local_copies(M4, var):
-        np.testing.assert_allclose(c - 1.0, -np.clip(mean, -clip, clip), rtol=1e-5)
+    for update in _gd_updates_of_grads4(clipvalue=clip):
+        np.testing.assert_allclose(update, -np.clip(mean, -clip, clip), rtol=1e-5)
 
 
 @pytest.mark.parametrize("skipper", ["skip_nonfinite", "loss_scale"])
