@@ -128,8 +128,8 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         if unsupported:
             raise ValueError(
                 f"{', '.join(sorted(unsupported))}: not supported by "
-                "distopt.keras.wrap; set clipping, weight decay and "
-                "accumulation on the distopt optimizer."
+                "distopt.keras.wrap; set clipping, weight decay, the moving "
+                "average and accumulation on the distopt optimizer."
             )
         if isinstance(optimizer, dict):
             optimizer = optimizers_lib.from_config(optimizer)
@@ -259,6 +259,18 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             [(g, v) for (g, _), v in zip(pairs, tf_vars)], weight=weight
         )
         return self.iterations
+
+    def finalize_variable_values(self, var_list):
+        """What `fit` calls at its end: the moving average into the variables.
+
+        See the distopt optimizer's `use_ema`; a no-op without it.
+        """
+        if not self.built:
+            return
+        index = self._trainable_variables_indices
+        self._inner.finalize_variable_values(
+            [self._model_vars.items[index[self._var_key(v)]] for v in var_list]
+        )
 
     def apply(self, grads, trainable_variables=None):
         """Keras's `apply(grads, vars)`: the same as `apply_gradients`."""

@@ -1471,7 +1471,15 @@ def _train_loop(run: _Run) -> dict[str, Any]:
             save(current)
 
     final_step = int(step.numpy())
-    if final_step > start_step and last_saved[0] != final_step:
+    averaged = optimizer.use_ema and final_step > 0
+    if averaged:
+        # As at the end of Keras's fit: the moving average becomes the weights
+        # that are saved and evaluated. Idempotent (the average is not
+        # changed), so a resumed final phase repeats it harmlessly.
+        with strategy.scope():
+            optimizer.finalize_variable_values(variables)
+        logging.info("Weights set to their moving average (use_ema)")
+    if averaged or (final_step > start_step and last_saved[0] != final_step):
         save(final_step)
     result = evaluate(final_step)
     if result is None:

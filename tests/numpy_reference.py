@@ -13,6 +13,10 @@ Conventions shared with distopt and Keras:
 * Decoupled weight decay (`weight_decay`, all but Lars) shrinks the
   parameter first, `p <- p * (1 - lr * weight_decay)`, then the rule runs on
   the decayed parameter.
+* The moving average (`use_ema`, as Keras documents it): after the first
+  update it equals the parameter, after each later one
+  `ema <- ema_momentum * ema + (1 - ema_momentum) * p`; every
+  `ema_overwrite_frequency`-th update then sets `p <- ema`.
 """
 
 from __future__ import annotations
@@ -192,6 +196,9 @@ def run(name, params, grad_steps, learning_rate, **hyper):
         decay = 0.0  # Lars's weight_decay is its own, inside the rule.
     else:
         decay = hyper.pop("weight_decay", _DEFAULT_DECAY.get(name)) or 0.0
+    use_ema = hyper.pop("use_ema", False)
+    ema_momentum = hyper.pop("ema_momentum", 0.99)
+    overwrite = hyper.pop("ema_overwrite_frequency", None)
     params = [np.array(p, np.float64) for p in params]
     states = [{} for _ in params]
     for t, grads in enumerate(grad_steps, start=1):
@@ -201,6 +208,15 @@ def run(name, params, grad_steps, learning_rate, **hyper):
                 continue
             p = params[i] * (1 - lr * decay)
             params[i] = rule(p, np.asarray(g, np.float64), states[i], lr, t, **hyper)
+            if use_ema:
+                s = states[i]
+                s["ema"] = (
+                    ema_momentum * s["ema"] + (1 - ema_momentum) * params[i]
+                    if "ema" in s
+                    else params[i].copy()
+                )
+                if overwrite and t % overwrite == 0:
+                    params[i] = s["ema"].copy()
     # Slots an update never touched keep their initial value.
     return params, states
 
@@ -241,6 +257,17 @@ def problem(num_steps, seed=0, dtype=np.float32, num_replicas=None):
 CONFIGS = [
     ("gradient_descent", {"learning_rate": 0.1}),
     ("momentum", {"learning_rate": 0.1, "nesterov": True}),
+    # A moving average that overwrites the variables at the 2nd update, so
+    # that comparing the variables compares the average too.
+    (
+        "momentum",
+        {
+            "learning_rate": 0.1,
+            "use_ema": True,
+            "ema_momentum": 0.9,
+            "ema_overwrite_frequency": 2,
+        },
+    ),
     ("adam", {"learning_rate": 0.1, "amsgrad": True}),
     ("adamw", {"learning_rate": 0.1, "weight_decay": 0.1}),
     ("rmsprop", {"learning_rate": 0.1, "centered": True, "momentum": 0.5}),

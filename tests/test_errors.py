@@ -165,6 +165,7 @@ UNIT_ARGUMENTS = [
     ("rmsprop", "rho"),
     ("rmsprop", "momentum"),
     ("lars", "momentum"),
+    ("gradient_descent", "ema_momentum"),
 ]
 
 
@@ -187,6 +188,9 @@ OTHER_BAD = [
     ("lars", "weight_decay", -1e-4),
     ("adamw", "weight_decay", -0.1),
     ("adam", "weight_decay", math.nan),
+    ("adam", "ema_overwrite_frequency", 0),
+    ("adam", "ema_overwrite_frequency", 2.0),
+    ("adam", "ema_overwrite_frequency", True),
 ]
 
 

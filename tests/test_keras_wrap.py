@@ -76,6 +76,12 @@ PARITY = {
         lambda: keras.optimizers.Adam(1e-3),
         lambda: distopt.optimizers.Adam(1e-3),
     ),
+    # The moving average: `fit` ends with `finalize_variable_values`, which
+    # puts it in the weights compared.
+    "adam_ema": (
+        lambda: keras.optimizers.Adam(1e-3, use_ema=True, ema_momentum=0.9),
+        lambda: distopt.optimizers.Adam(1e-3, use_ema=True, ema_momentum=0.9),
+    ),
     # A Keras schedule as the learning rate: it must see the same step.
     "momentum_schedule": (
         lambda: keras.optimizers.SGD(

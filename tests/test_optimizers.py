@@ -49,6 +49,15 @@ CONFIGS = [
     ("adagrad", {"learning_rate": 0.1, "weight_decay": 0.5}),
     ("lion", {"learning_rate": 0.1, "weight_decay": 0.5}),
     ("lamb", {"learning_rate": 0.1, "weight_decay": 0.5}),
+    # The moving average (a slot, checked below with the others); with an
+    # overwrite every 2 updates, over a fused elementwise and a fused
+    # layer-wise rule.
+    ("adam", {"learning_rate": 0.1, "use_ema": True, "ema_momentum": 0.5}),
+    (
+        "gradient_descent",
+        {"learning_rate": 0.1, "use_ema": True, "ema_overwrite_frequency": 2},
+    ),
+    ("lamb", {"learning_rate": 0.1, "use_ema": True, "ema_overwrite_frequency": 2}),
 ]
 
 #: Relative/absolute tolerance per dtype: float32 accumulates a few ulps of

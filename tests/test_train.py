@@ -198,6 +198,22 @@ def test_strategies_end_with_metrics(tmp_path, overrides):
         assert metrics["test_examples"] == SUBSET["test"]
 
 
+def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
+    # `--optimizer_args=use_ema=true`: as at the end of Keras's fit, the
+    # final checkpoint's weights are their averages, not the last step's.
+    config = _config(tmp_path, optimizer_args={"use_ema": True, "ema_momentum": 0.5})
+    train_lib.train(config)
+    reader = tf.train.load_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    names = list(reader.get_variable_to_shape_map())
+    model = [reader.get_tensor(n) for n in names if n.startswith("model/")]
+    averages = [reader.get_tensor(n) for n in names if "/ema/" in n]
+    assert len(averages) == len(model) > 0
+    for average in averages:
+        assert any(
+            m.shape == average.shape and np.array_equal(m, average) for m in model
+        )
+
+
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     straight = train_lib.train(_config(tmp_path / "a", train_steps=30))
     train_lib.train(_config(tmp_path / "b", train_steps=20))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.gradient_descent import _check_unit
+from distopt.optimizers.schedules import check_unit
 
 
 def adam_update(grad, var, m, v, vhat, lr, step, beta_1, beta_2, epsilon):
@@ -75,8 +75,8 @@ class Adam(Optimizer):
         **kwargs,
     ):
         super().__init__(learning_rate, **kwargs)
-        self.beta_1 = _check_unit("beta_1", beta_1)
-        self.beta_2 = _check_unit("beta_2", beta_2)
+        self.beta_1 = check_unit("beta_1", beta_1)
+        self.beta_2 = check_unit("beta_2", beta_2)
         self.epsilon = float(epsilon)
         if not self.epsilon >= 0:
             raise ValueError(f"epsilon: must be >= 0, got {epsilon!r}.")

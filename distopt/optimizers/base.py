@@ -22,6 +22,10 @@ function of tensors (`update_step`). This class owns everything else:
   the touched rows are updated, outside the fused kernel, or the gradient
   is densified, per the optimizer's `sparse_rows`. A step without sparse
   gradients runs exactly as before.
+* `use_ema`: a moving average of each variable is one more slot ("ema"),
+  updated by the same kernel after the rule (and kept by the same skip
+  select), so every path above (fused, per-variable, sparse rows, every
+  strategy) carries it without code of its own.
 * Mixed precision: for float16 and bfloat16 variables the slots are float32,
   and the rule runs in float32 (gradient, weight, step and learning rate)
   before the new value is rounded once to the variable's dtype. A bfloat16
@@ -43,6 +47,9 @@ from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
 from distopt.optimizers import schedules
+
+#: The slot that holds a variable's moving average (`use_ema`).
+EMA = "ema"
 
 #: Variables below this many elements share the fused update's flat buffer.
 FLAT_MAX_ELEMENTS = 1 << 16
@@ -84,6 +91,16 @@ class Optimizer(tf.Module):
             loss by `scale_loss(loss)` before differentiating (`minimize`
             does); a non-finite step is skipped on every replica. Needs a
             synchronous sync mode (every step or accumulate).
+        use_ema: Keep an exponential moving average of every variable, in
+            a slot named "ema" (float32 for 16-bit variables), updated after
+            each applied update of that variable: `ema <- p` after the first
+            one, then `ema <- m * ema + (1 - m) * p`. A skipped step leaves
+            it as it is. `finalize_variable_values(var_list)` copies it into
+            the variables. As in Keras; needs a synchronous sync mode.
+        ema_momentum: `m` above, in [0, 1).
+        ema_overwrite_frequency: None, or every this many updates (counted by
+            `iterations`) the variables take their average's value, as in
+            Keras.
         jit_compile: Run the update as XLA kernels.
         fused: One update kernel per device for all variables (default), or
             one per variable.
@@ -112,6 +129,9 @@ class Optimizer(tf.Module):
         wire_dtype=None,
         communication_options=None,
         loss_scale=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
         jit_compile=True,
         fused=True,
         name=None,
@@ -134,6 +154,17 @@ class Optimizer(tf.Module):
                 f"loss_scale: needs a synchronous sync mode (every_step or "
                 f"accumulate); under {self.sync.name} replicas would disagree "
                 "on the scale."
+            )
+        self.use_ema = bool(use_ema)
+        self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
+        self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
+        if self.use_ema and self.sync.diverges:
+            # Each replica's average would follow its own copy, and
+            # `finalize_variable_values` would make the copies differ for good.
+            raise ValueError(
+                f"use_ema: needs a synchronous sync mode (every_step or "
+                f"accumulate); under {self.sync.name} each replica would "
+                "average its own copy."
             )
         if clipvalue is not None:
             transforms.append(transforms_lib.ClipByValue(clipvalue))
@@ -238,6 +269,9 @@ class Optimizer(tf.Module):
             "loss_scale": (
                 self.loss_scale.get_config()["loss_scale"] if self.loss_scale else None
             ),
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
             "jit_compile": self.jit_compile,
             "fused": self.fused,
             "name": self.name,
@@ -270,6 +304,14 @@ class Optimizer(tf.Module):
         with tf.name_scope(self.name):
             for i, var in enumerate(var_list):
                 dtype = reduce_lib.payload_dtype(var.dtype)
+                inits = dict(self.slot_initializers(var))
+                if self.use_ema:
+                    if EMA in inits:
+                        raise ValueError(
+                            f"use_ema: {type(self).__name__} has a slot named "
+                            f"{EMA!r} already."
+                        )
+                    inits[EMA] = tf.zeros(var.shape, dtype)
                 with strategy.extended.colocate_vars_with(var):
                     slots = {
                         name: tf.Variable(
@@ -277,7 +319,7 @@ class Optimizer(tf.Module):
                             trainable=False,
                             name=f"{name}_{i}",
                         )
-                        for name, init in self.slot_initializers(var).items()
+                        for name, init in inits.items()
                     }
                 self._slots.append(slots)
                 self._slot_index[var.ref()] = i
@@ -402,6 +444,27 @@ class Optimizer(tf.Module):
         if self._built:
             with self._strategy.scope():
                 getattr(self.sync, method)(self, self._strategy, list(var_list))
+
+    def finalize_variable_values(self, var_list: Sequence[tf.Variable]) -> None:
+        """Copies each variable's moving average into it (`use_ema`); else nothing.
+
+        Keras's name: `model.fit` calls it at the end of training. Call it in
+        cross-replica context; every copy of a variable gets the same value.
+        """
+        if not self.use_ema or not self._built:
+            return
+        if dist.in_replica_context() and tf.distribute.has_strategy():
+            raise RuntimeError(
+                "finalize_variable_values: call it outside strategy.run."
+            )
+        with self._strategy.scope():
+            for var in var_list:
+                dist.update(
+                    self._strategy,
+                    var,
+                    lambda v, e: v.assign(tf.cast(e, v.dtype), read_value=False),
+                    self.slots(var)[EMA],
+                )
 
     def learning_rate_value(self) -> tf.Tensor:
         """The learning rate the next update will use, as float32."""
@@ -633,14 +696,35 @@ class Optimizer(tf.Module):
         norm = {}
         if self.layerwise:
             norm["norm"] = l2_norm if runs is None else run_norms(runs)
-        new_p, new_slots = self.update_step(g, p, old, lr, tf.cast(step, dtype), **norm)
+        rule_old = {n: v for n, v in old.items() if n != EMA}
+        new_p, new_slots = self.update_step(
+            g, p, rule_old, lr, tf.cast(step, dtype), **norm
+        )
         new_p = tf.cast(new_p, p0.dtype)
+        if self.use_ema:
+            new_p, new_slots[EMA] = self._average(new_p, old[EMA], step)
         if ok is not None:
             # A select, not a tf.cond: branch-free, so it fuses under XLA.
             keep = tf.logical_not(ok)
             new_p = tf.where(keep, p0, new_p)
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
         return new_p, new_slots
+
+    def _average(self, new_p, ema, step):
+        """The moving average after an update to `new_p`; the overwrite.
+
+        Keras's arithmetic: the average of the value stored (rounded to a
+        16-bit variable's dtype), with momentum 0 at the first update.
+
+        Returns:
+            (new_p, new_ema): `new_p` is the average on an overwrite step.
+        """
+        m = tf.cast(step > 1, ema.dtype) * self.ema_momentum
+        new_ema = m * ema + (1 - m) * tf.cast(new_p, ema.dtype)
+        if self.ema_overwrite_frequency:
+            overwrite = tf.equal(step % self.ema_overwrite_frequency, 0)
+            new_p = tf.where(overwrite, tf.cast(new_ema, new_p.dtype), new_p)
+        return new_p, new_ema
 
     def _update_rows(self, var, grad, slots, lr, step, scale, ok, var_ok=None):
         """A sparse gradient's update, on the rows it touches (`sparse_rows`).
@@ -670,15 +754,29 @@ class Optimizer(tf.Module):
         else:
             rows0 = tf.gather(var, index)
             rows = tf.cast(rows0, dtype)
-        old = {n: tf.gather(s, index) for n, s in slots.items()}
+        rule_slots = {n: s for n, s in slots.items() if n != EMA}
+        old = {n: tf.gather(s, index) for n, s in rule_slots.items()}
         new_rows, new_slots = self.update_step(g, rows, old, lr, tf.cast(step, dtype))
         new_rows = tf.cast(new_rows, var.dtype)
         if keep is not None:
             new_rows = tf.where(keep, rows0, new_rows)
             new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
         var.scatter_update(tf.IndexedSlices(new_rows, index))
-        for n, s in slots.items():
+        for n, s in rule_slots.items():
             s.scatter_update(tf.IndexedSlices(new_slots[n], index))
+        if self.use_ema:
+            # Every row: the average moves towards untouched rows too.
+            p1 = tf.convert_to_tensor(var)
+            ema0 = tf.convert_to_tensor(slots[EMA])
+            new_p, new_ema = self._average(p1, ema0, step)
+            if keep is not None:
+                new_p, new_ema = (
+                    tf.where(keep, p1, new_p),
+                    tf.where(keep, ema0, new_ema),
+                )
+            slots[EMA].assign(new_ema, read_value=False)
+            if self.ema_overwrite_frequency:
+                var.assign(new_p, read_value=False)
 
 
 # --- Argument handling --------------------------------------------------------
@@ -808,6 +906,18 @@ def _check_sparse_gradient(i, g, v):
     if g.values.dtype != v.dtype:
         g = tf.IndexedSlices(tf.cast(g.values, v.dtype), g.indices, g.dense_shape)
     return g
+
+
+def _check_frequency(value):
+    """None, or a positive int naming `ema_overwrite_frequency` if not."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"ema_overwrite_frequency: must be None or a positive integer, "
+            f"got {value!r}."
+        )
+    return value
 
 
 def _cast_init(init, dtype):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer
+from distopt.optimizers.schedules import check_unit
 
 
 def gradient_descent(grad, var, lr):
@@ -78,7 +79,7 @@ class Momentum(Optimizer):
 
     def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.momentum = _check_unit("momentum", momentum)
+        self.momentum = check_unit("momentum", momentum)
         self.nesterov = bool(nesterov)
 
     def slot_initializers(self, var):
@@ -101,16 +102,3 @@ class Momentum(Optimizer):
             "momentum": self.momentum,
             "nesterov": self.nesterov,
         }
-
-
-def _check_unit(name, value) -> float:
-    """A float in [0, 1), or a ValueError naming `name`."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name}: must be a number in [0, 1), got {value!r}."
-        ) from None
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"{name}: must be in [0, 1), got {value!r}.")
-    return v

@@ -5,8 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer, l2_norm
-from distopt.optimizers.gradient_descent import _check_unit
-from distopt.optimizers.schedules import check_rate
+from distopt.optimizers.schedules import check_rate, check_unit
 
 
 def trust_ratio(numerator_norm, denominator_norm):
@@ -82,8 +81,8 @@ class Lamb(Optimizer):
         self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs
     ):
         super().__init__(learning_rate, **kwargs)
-        self.beta_1 = _check_unit("beta_1", beta_1)
-        self.beta_2 = _check_unit("beta_2", beta_2)
+        self.beta_1 = check_unit("beta_1", beta_1)
+        self.beta_2 = check_unit("beta_2", beta_2)
         self.epsilon = check_rate("epsilon", epsilon)
 
     def slot_initializers(self, var):

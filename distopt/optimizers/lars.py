@@ -5,8 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer, l2_norm
-from distopt.optimizers.gradient_descent import _check_unit
-from distopt.optimizers.schedules import check_rate
+from distopt.optimizers.schedules import check_rate, check_unit
 
 
 def lars_update(grad, var, v, lr, momentum, eta, weight_decay, norm=l2_norm):
@@ -69,7 +68,7 @@ class Lars(Optimizer):
     ):
         # The base's decoupled decay stays off: Lars's decay is in its rule.
         super().__init__(learning_rate, **kwargs)
-        self.momentum = _check_unit("momentum", momentum)
+        self.momentum = check_unit("momentum", momentum)
         self.eta = check_rate("eta", eta)
         if self.eta == 0:
             raise ValueError(f"eta: must be > 0, got {eta!r}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.gradient_descent import _check_unit
+from distopt.optimizers.schedules import check_unit
 
 
 def lion_update(grad, var, m, lr, beta_1, beta_2):
@@ -44,7 +44,7 @@ class Lion(Optimizer):
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.beta_1 = _check_beta_1(beta_1)
-        self.beta_2 = _check_unit("beta_2", beta_2)
+        self.beta_2 = check_unit("beta_2", beta_2)
 
     def slot_initializers(self, var):
         return {"momentum": tf.zeros(var.shape, var.dtype)}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.gradient_descent import _check_unit
-from distopt.optimizers.schedules import check_rate
+from distopt.optimizers.schedules import check_rate, check_unit
 
 
 def rmsprop_update(grad, var, velocity, average_grad, mom, lr, rho, momentum, epsilon):
@@ -76,8 +75,8 @@ class RMSprop(Optimizer):
         **kwargs,
     ):
         super().__init__(learning_rate, **kwargs)
-        self.rho = _check_unit("rho", rho)
-        self.momentum = _check_unit("momentum", momentum)
+        self.rho = check_unit("rho", rho)
+        self.momentum = check_unit("momentum", momentum)
         self.epsilon = check_rate("epsilon", epsilon)
         self.centered = bool(centered)
 

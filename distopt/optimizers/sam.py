@@ -143,6 +143,10 @@ class SAM(tf.Module):
     def aggregation(self):
         return self.base_optimizer.aggregation
 
+    @property
+    def use_ema(self) -> bool:
+        return self.base_optimizer.use_ema
+
     def learning_rate_value(self) -> tf.Tensor:
         return self.base_optimizer.learning_rate_value()
 
@@ -161,6 +165,9 @@ class SAM(tf.Module):
 
     def restore_replicas(self, var_list) -> None:
         self.base_optimizer.restore_replicas(var_list)
+
+    def finalize_variable_values(self, var_list) -> None:
+        self.base_optimizer.finalize_variable_values(var_list)
 
     def apply_gradients(self, *args, **kwargs):
         """Not available: SAM needs the loss. Use `minimize(loss_fn, var_list)`."""

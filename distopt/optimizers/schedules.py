@@ -175,6 +175,19 @@ def check_rate(name: str, value) -> float:
     return v
 
 
+def check_unit(name: str, value) -> float:
+    """A float in [0, 1), or a ValueError naming `name`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: must be a number in [0, 1), got {value!r}."
+        ) from None
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name}: must be in [0, 1), got {value!r}.")
+    return v
+
+
 def _check_steps(name, value) -> int:
     v = int(value)
     if v <= 0:
