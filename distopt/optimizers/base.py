@@ -23,9 +23,10 @@ function of tensors (`update_step`). This class owns everything else:
   is densified, per the optimizer's `sparse_rows`. A step without sparse
   gradients runs exactly as before.
 * `use_ema`: a moving average of each variable is one more slot ("ema"),
-  updated by the same kernel after the rule (and kept by the same skip
-  select), so every path above (fused, per-variable, sparse rows, every
-  strategy) carries it without code of its own.
+  updated by the same kernel after the rule and kept by the same skip
+  select, so the fused and per-variable paths, under every strategy and
+  sync mode, carry it with no code of their own. The sparse-row path adds
+  one dense pass: the average moves on rows the gradient did not touch.
 * Mixed precision: for float16 and bfloat16 variables the slots are float32,
   and the rule runs in float32 (gradient, weight, step and learning rate)
   before the new value is rounded once to the variable's dtype. A bfloat16
