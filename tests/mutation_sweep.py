@@ -347,6 +347,58 @@ MUTANTS = [
         "remaining = list(reversed(candidates(directory)))",
         "tests/test_faults.py -k state_file",
     ),
+    # The moving average (`use_ema`).
+    Mutant(
+        "ema_momentum",
+        "distopt/optimizers/base.py",
+        "m = tf.cast(step > 1, ema.dtype) * self.ema_momentum",
+        "m = tf.cast(step > 1, ema.dtype) * self.ema_momentum * 1.001",
+        "tests/test_ema.py",
+    ),
+    Mutant(
+        "ema_first_update",
+        "distopt/optimizers/base.py",
+        "m = tf.cast(step > 1, ema.dtype)",
+        "m = tf.cast(step > 0, ema.dtype)",
+        "tests/test_ema.py",
+    ),
+    Mutant(
+        "ema_overwrite_off_by_one",
+        "distopt/optimizers/base.py",
+        "overwrite = tf.equal(step % self.ema_overwrite_frequency, 0)",
+        "overwrite = tf.equal(step % self.ema_overwrite_frequency, 1)",
+        "tests/test_optimizers.py -k ema",
+    ),
+    Mutant(
+        "ema_sparse_rows_dropped",
+        "distopt/optimizers/base.py",
+        "            slots[EMA].assign(new_ema, read_value=False)\n",
+        "",
+        "tests/test_ema.py",
+    ),
+    Mutant(
+        "ema_not_kept_on_a_skip",
+        "distopt/optimizers/base.py",
+        "            new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}\n"
+        "        return new_p, new_slots",
+        "            new_slots = {**new_slots, **{n: tf.where(keep, old[n], new_slots[n])"
+        " for n in rule_old}}\n        return new_p, new_slots",
+        "tests/test_ema.py",
+    ),
+    Mutant(
+        "wrap_finalize_dropped",
+        "distopt/keras.py",
+        "        self._inner.finalize_variable_values(\n",
+        "        return\n        self._inner.finalize_variable_values(\n",
+        "tests/test_keras_wrap.py -k fit_matches",
+    ),
+    Mutant(
+        "trainer_finalize_dropped",
+        "distopt/train_lib.py",
+        "            optimizer.finalize_variable_values(variables)\n",
+        "            pass\n",
+        "tests/test_train.py -k use_ema",
+    ),
 ]
 
 
