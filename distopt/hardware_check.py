@@ -676,9 +676,17 @@ def checks(platform) -> list[tuple[str, str, Callable]]:
         ),
         (
             "every_step_momentum",
-            f"every step, mean, momentum: {n} replicas == 1 device",
+            f"every step, mean, momentum with an EMA: {n} replicas == 1 device",
+            # The moving average overwrites the weights at the 2nd update.
             lambda p, i, c: check_every_step(
-                p, i, c, "momentum", learning_rate=0.1, momentum=0.9
+                p,
+                i,
+                c,
+                "momentum",
+                learning_rate=0.1,
+                momentum=0.9,
+                use_ema=True,
+                ema_overwrite_frequency=2,
             ),
         ),
         (

@@ -182,3 +182,20 @@ def test_under_accumulation_the_average_moves_once_per_applied_update():
     np.testing.assert_allclose(
         opt.slots(var)["ema"].numpy() - W0, want - W0, rtol=1e-5, atol=1e-7
     )
+
+
+def test_sam_keeps_the_average_of_its_base_optimizer():
+    # SAM's update is its base optimizer's: so is the average, and
+    # `finalize_variable_values` reaches it through SAM.
+    var = tf.Variable(W0)
+    sam = optimizers.SAM("gradient_descent", rho=0.05, learning_rate=0.1, use_ema=True)
+    values = []
+    for g in GRADS[:3]:
+        target = tf.constant(g)
+        sam.minimize(lambda t=target: tf.reduce_sum(var * t + 0.5 * var**2), [var])
+        values.append(var.numpy())
+    assert sam.use_ema
+    want = _numpy_averages(values, 0.99)[-1]
+    np.testing.assert_allclose(sam.slots(var)["ema"].numpy(), want, rtol=1e-6)
+    sam.finalize_variable_values([var])
+    np.testing.assert_array_equal(var.numpy(), sam.slots(var)["ema"].numpy())
