@@ -158,7 +158,10 @@ for _name, _help in _HYPER_BOOLS.items():
 flags.DEFINE_string(
     "optimizer_args",
     "",
-    "More optimizer constructor arguments, key=value,... (e.g. clipvalue=1.0).",
+    "More optimizer constructor arguments, key=value,... (e.g. clipvalue=1.0). "
+    "use_ema=true[,ema_momentum=0.999] keeps a moving average of the weights, "
+    "which becomes the weights at the end of the run (saved and evaluated), "
+    "as in Keras's fit.",
 )
 flags.DEFINE_float(
     "global_clipnorm", None, "Clip the aggregated gradient to this global norm."
