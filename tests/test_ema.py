@@ -199,3 +199,33 @@ def test_sam_keeps_the_average_of_its_base_optimizer():
     np.testing.assert_allclose(sam.slots(var)["ema"].numpy(), want, rtol=1e-6)
     sam.finalize_variable_values([var])
     np.testing.assert_array_equal(var.numpy(), sam.slots(var)["ema"].numpy())
+
+
+def test_a_bfloat16_variable_has_a_float32_average():
+    # The average of the stored (rounded) values, kept in float32: in
+    # bfloat16, (1 - 0.99) * p would mostly round away.
+    var = tf.Variable(tf.constant(W0, tf.bfloat16))
+    opt = optimizers.GradientDescent(0.1, use_ema=True, ema_momentum=0.99)
+    values = []
+    for g in GRADS:
+        opt.apply_gradients([tf.constant(g, tf.bfloat16)], [var])
+        values.append(tf.cast(var, tf.float64).numpy())
+    ema = opt.slots(var)["ema"]
+    assert ema.dtype == tf.float32
+    want = _numpy_averages(values, 0.99)[-1]
+    np.testing.assert_allclose(ema.numpy(), want, rtol=1e-6)
+    # Not representable in bfloat16: the average holds more than 8 bits.
+    assert not np.array_equal(
+        ema.numpy(), tf.cast(tf.cast(ema, tf.bfloat16), tf.float32).numpy()
+    )
+
+
+def test_finalize_with_a_foreign_variable_changes_nothing():
+    known, other = tf.Variable(W0), tf.Variable(W0[0])
+    opt = optimizers.GradientDescent(0.1, use_ema=True, ema_momentum=0.5)
+    for g in GRADS[:2]:
+        opt.apply_gradients([tf.constant(g)], [known])
+    before = known.numpy()
+    with pytest.raises(ValueError, match=r"^var_list: .* nothing was changed"):
+        opt.finalize_variable_values([known, other])
+    np.testing.assert_array_equal(known.numpy(), before)

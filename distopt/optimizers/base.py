@@ -458,13 +458,22 @@ class Optimizer(tf.Module):
             raise RuntimeError(
                 "finalize_variable_values: call it outside strategy.run."
             )
+        var_list = list(var_list)
+        # Every average found before any variable is written.
+        unknown = [v.name for v in var_list if v.ref() not in self._slot_index]
+        if unknown:
+            raise ValueError(
+                f"var_list: {unknown} are not variables this optimizer was "
+                "built with; nothing was changed."
+            )
+        averages = [self.slots(v)[EMA] for v in var_list]
         with self._strategy.scope():
-            for var in var_list:
+            for var, ema in zip(var_list, averages):
                 dist.update(
                     self._strategy,
                     var,
                     lambda v, e: v.assign(tf.cast(e, v.dtype), read_value=False),
-                    self.slots(var)[EMA],
+                    ema,
                 )
 
     def learning_rate_value(self) -> tf.Tensor:
