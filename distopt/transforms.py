@@ -64,6 +64,25 @@ class ClipByValue(GradientTransform):
         return {"clipvalue": self.clipvalue}
 
 
+class ClipByNorm(GradientTransform):
+    """g <- g * min(1, clipnorm / ||g||_2), with each gradient's own norm.
+
+    Keras's `clipnorm`, and its arithmetic (`tf.clip_by_norm`). A sparse
+    gradient's norm is that of its rows, each index once: the norm of the
+    dense gradient.
+    """
+
+    def __init__(self, clipnorm: float):
+        _check_positive("clipnorm", clipnorm)
+        self.clipnorm = float(clipnorm)
+
+    def __call__(self, grads):
+        return [tf.clip_by_norm(g, self.clipnorm) for g in grads], None
+
+    def get_config(self):
+        return {"clipnorm": self.clipnorm}
+
+
 class SkipNonFinite(GradientTransform):
     """Skips the step (on every replica) if any gradient has a NaN or Inf."""
 

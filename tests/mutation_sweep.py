@@ -347,6 +347,21 @@ MUTANTS = [
         "remaining = list(reversed(candidates(directory)))",
         "tests/test_faults.py -k state_file",
     ),
+    # Keras's clipnorm: each variable by its own norm.
+    Mutant(
+        "clipnorm_loose",
+        "distopt/transforms.py",
+        "return [tf.clip_by_norm(g, self.clipnorm) for g in grads], None",
+        "return [tf.clip_by_norm(g, self.clipnorm * 1.01) for g in grads], None",
+        "tests/test_numerics.py -k clip",
+    ),
+    Mutant(
+        "clipnorm_global",
+        "distopt/transforms.py",
+        "return [tf.clip_by_norm(g, self.clipnorm) for g in grads], None",
+        "return tf.clip_by_global_norm(grads, self.clipnorm)[0], None",
+        "tests/test_numerics.py -k clip",
+    ),
     # The moving average (`use_ema`).
     Mutant(
         "ema_momentum",

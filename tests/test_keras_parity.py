@@ -40,6 +40,10 @@ CASES = [
     ("Lion", "Lion", {"beta_1": 0.5, "beta_2": 0.9, "weight_decay": 0.1}),
     ("Lamb", "Lamb", {"learning_rate": 0.01}),
     ("Lamb", "Lamb", {"beta_2": 0.9, "epsilon": 1e-4, "weight_decay": 0.05}),
+    # Keras's clipnorm: each variable's gradient to norm 0.5 (these are
+    # about 3.5 and 2.6), in Keras's arithmetic.
+    ("Adam", "Adam", {"clipnorm": 0.5, "learning_rate": 0.01}),
+    ("Momentum", "SGD", {"momentum": 0.9, "clipnorm": 0.5}),
     # Keras's moving average; the overwrite brings it into the variables.
     (
         "Adam",

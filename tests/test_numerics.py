@@ -152,6 +152,28 @@ def test_value_clipping_is_exact_on_the_update():
         np.testing.assert_allclose(update, -np.clip(mean, -clip, clip), rtol=1e-5)
 
 
+def test_per_variable_norm_clipping_is_exact_on_the_update():
+    # After the mean, each variable by its own norm: `a`'s mean gradient
+    # [3, 4] (norm 5) is clipped to norm 1, `b`'s [0.3] is not. Clipping
+    # before the mean would give [0.3, 0.4]; one global norm would shrink
+    # `b` too; a clip 1% loose moves `a`'s update by 1%.
+    with M2.scope():
+        a, b = tf.Variable([0.0, 0.0]), tf.Variable([0.0])
+        opt = optimizers.GradientDescent(1.0, clipnorm=1.0)
+
+    @tf.function
+    def step(ga, gb):
+        M2.run(lambda ga, gb: opt.apply_gradients([ga, gb], [a, b]), (ga, gb))
+
+    ga = _per_replica(M2, lambda r: tf.constant([[6.0, 8.0], [0.0, 0.0]][r]))
+    gb = _per_replica(M2, lambda r: tf.constant([[0.6], [0.0]][r]))
+    step(ga, gb)
+    for copy in local_copies(M2, a):
+        np.testing.assert_allclose(copy, [-0.6, -0.8], rtol=1e-6)
+    for copy in local_copies(M2, b):
+        np.testing.assert_allclose(copy, [-0.3], rtol=1e-6)
+
+
 @pytest.mark.parametrize("skipper", ["skip_nonfinite", "loss_scale"])
 def test_one_nonfinite_variable_on_one_replica_skips_every_variable(skipper):
     # Overflow usually hits some layers only: one NaN anywhere skips the whole

@@ -80,6 +80,9 @@ class Optimizer(tf.Module):
             "hierarchical").
         global_clipnorm: Clip the aggregated gradient to this global norm.
         clipvalue: Clip the aggregated gradient elementwise to this value.
+        clipnorm: Clip each variable's aggregated gradient to this L2 norm
+            (Keras's `clipnorm`). With several clips: value, then each
+            variable's norm, then the global norm.
         skip_nonfinite: Skip the step on every replica if the aggregated
             gradient has a NaN or Inf; `skipped_steps` counts such steps.
         wire_dtype: Cast gradients to "bfloat16" or "float16" for the
@@ -126,6 +129,7 @@ class Optimizer(tf.Module):
         sync=None,
         global_clipnorm=None,
         clipvalue=None,
+        clipnorm=None,
         skip_nonfinite=False,
         wire_dtype=None,
         communication_options=None,
@@ -145,6 +149,7 @@ class Optimizer(tf.Module):
         self.sync = sync_lib.get(sync)
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
+        self.clipnorm = clipnorm
         self.skip_nonfinite = bool(skip_nonfinite)
         transforms = []
         # Created in the optimizer's name scope below; first in the chain,
@@ -169,6 +174,8 @@ class Optimizer(tf.Module):
             )
         if clipvalue is not None:
             transforms.append(transforms_lib.ClipByValue(clipvalue))
+        if clipnorm is not None:
+            transforms.append(transforms_lib.ClipByNorm(clipnorm))
         if global_clipnorm is not None:
             transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
         if skip_nonfinite:
@@ -265,6 +272,7 @@ class Optimizer(tf.Module):
             "sync": self.sync.get_config(),
             "global_clipnorm": self.global_clipnorm,
             "clipvalue": self.clipvalue,
+            "clipnorm": self.clipnorm,
             "skip_nonfinite": self.skip_nonfinite,
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
             "loss_scale": (
