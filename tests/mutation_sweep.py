@@ -349,14 +349,14 @@ MUTANTS = [
     ),
     # Keras's clipnorm: each variable by its own norm.
     Mutant(
-        "clipnorm_loose",
+        "per_variable_clipnorm_loose",
         "distopt/transforms.py",
         "return [tf.clip_by_norm(g, self.clipnorm) for g in grads], None",
         "return [tf.clip_by_norm(g, self.clipnorm * 1.01) for g in grads], None",
         "tests/test_numerics.py -k clip",
     ),
     Mutant(
-        "clipnorm_global",
+        "per_variable_clipnorm_global",
         "distopt/transforms.py",
         "return [tf.clip_by_norm(g, self.clipnorm) for g in grads], None",
         "return tf.clip_by_global_norm(grads, self.clipnorm)[0], None",
