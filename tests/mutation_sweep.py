@@ -448,6 +448,11 @@ def run(mutant: Mutant, tree: str) -> tuple[str, float]:
 
 
 def main(names: list[str]) -> int:
+    seen = [m.name for m in MUTANTS]
+    repeated = sorted({n for n in seen if seen.count(n) > 1})
+    if repeated:
+        print(f"mutation_sweep: error: repeated names {repeated}", file=sys.stderr)
+        return 2
     chosen = [m for m in MUTANTS if not names or m.name in names]
     unknown = set(names) - {m.name for m in MUTANTS}
     if unknown:
