@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import time
 from typing import Any
 
@@ -949,9 +950,18 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        # TensorFlow's message prints every unmatched variable with its
+        # values; the names are what says which setting changed.
+        names = re.findall(r"<tf\.Variable '([^']+)'", str(e))
+        detail = (
+            f"{len(names)} variable(s) of this run are not in it: "
+            f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+            if names
+            else str(e)[:500]
+        )
         raise ModelDirError(
             f"The checkpoint {path} in {model_dir} does not match this model: "
-            f"{str(e)[:500]}. Nothing was written; use another --model_dir."
+            f"{detail}. Nothing was written; use another --model_dir."
         ) from e
 
 
