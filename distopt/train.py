@@ -103,7 +103,7 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "optimizer",
     _DEFAULTS.optimizer,
-    "Optimizer name: adagrad, adam, adamw, gradient_descent, heun, lamb, lars, "
+    "Optimizer name: adagrad, adam, adamax, adamw, gradient_descent, heun, lamb, lars, "
     "lion, momentum, rmsprop or sam. heun and sam evaluate the loss twice per "
     "step. sam wraps a base optimizer: --optimizer_args=base_optimizer=NAME "
     "(default adam), with --rho (the perturbation radius) and "

@@ -347,6 +347,20 @@ MUTANTS = [
         "remaining = list(reversed(candidates(directory)))",
         "tests/test_faults.py -k state_file",
     ),
+    Mutant(
+        "adamax_eps",
+        "distopt/optimizers/adamax.py",
+        "((1 - beta_1_power) * (u + epsilon))",
+        "((1 - beta_1_power) * (u + 2 * epsilon))",
+        "tests/test_optimizers.py -k adamax",
+    ),
+    Mutant(
+        "adamax_signed_norm",
+        "distopt/optimizers/adamax.py",
+        "u = tf.maximum(beta_2 * u, tf.abs(grad))",
+        "u = tf.maximum(beta_2 * u, grad)",
+        "tests/test_optimizers.py -k adamax",
+    ),
     # Keras's clipnorm: each variable by its own norm.
     Mutant(
         "per_variable_clipnorm_loose",

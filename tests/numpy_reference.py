@@ -96,6 +96,16 @@ def _adam(p, g, s, lr, t, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False)
     return p - step_size * m / (np.sqrt(v) + epsilon)
 
 
+def _adamax(p, g, s, lr, t, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    # Kingma & Ba (2015), Section 7.1 (AdaMax): the second moment becomes an
+    # exponentially weighted infinity norm, which needs no bias correction;
+    # epsilon (Keras's) keeps a zero gradient from dividing by zero.
+    m = beta_1 * s.get("momentum", np.zeros_like(p)) + (1 - beta_1) * g
+    u = np.maximum(beta_2 * s.get("norm", np.zeros_like(p)), np.abs(g))
+    s["momentum"], s["norm"] = m, u
+    return p - (lr / (1 - beta_1**t)) * m / (u + epsilon)
+
+
 def _rmsprop(p, g, s, lr, t, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False):
     # Tieleman & Hinton (2012); centered as in Graves (2013). Keras puts
     # epsilon under the square root.
@@ -163,6 +173,7 @@ RULES = {
     "momentum": _momentum,
     "adam": _adam,
     "adamw": _adam,
+    "adamax": _adamax,
     "rmsprop": _rmsprop,
     "adagrad": _adagrad,
     "lion": _lion,
@@ -270,6 +281,7 @@ CONFIGS = [
     ),
     ("adam", {"learning_rate": 0.1, "amsgrad": True}),
     ("adamw", {"learning_rate": 0.1, "weight_decay": 0.1}),
+    ("adamax", {"learning_rate": 0.1}),
     ("rmsprop", {"learning_rate": 0.1, "centered": True, "momentum": 0.5}),
     ("adagrad", {"learning_rate": 0.1}),
     ("lion", {"learning_rate": 0.1, "weight_decay": 0.1}),

@@ -30,6 +30,8 @@ CASES = [
     ("Adam", "Adam", {"learning_rate": 0.01}),
     ("AdamW", "AdamW", {"weight_decay": 0.1, "epsilon": 1e-4}),
     ("AdamW", "AdamW", {"learning_rate": 0.01, "amsgrad": True}),
+    ("Adamax", "Adamax", {}),
+    ("Adamax", "Adamax", {"beta_1": 0.5, "beta_2": 0.9, "learning_rate": 0.01}),
     ("RMSprop", "RMSprop", {"learning_rate": 0.01}),
     ("RMSprop", "RMSprop", {"centered": True, "rho": 0.8, "weight_decay": 0.05}),
     ("RMSprop", "RMSprop", {"momentum": 0.9}),

@@ -21,6 +21,9 @@ CONFIGS = [
     ("adam", {"learning_rate": 0.1, "amsgrad": True}),
     ("adamw", {"learning_rate": 0.1}),
     ("adamw", {"learning_rate": 0.1, "weight_decay": 0.5, "amsgrad": True}),
+    ("adamax", {"learning_rate": 0.1}),
+    ("adamax", {"learning_rate": 0.1, "beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
+    ("adamax", {"learning_rate": 0.1, "weight_decay": 0.5}),
     ("rmsprop", {"learning_rate": 0.1}),
     ("rmsprop", {"learning_rate": 0.1, "centered": True}),
     ("rmsprop", {"learning_rate": 0.1, "momentum": 0.9, "rho": 0.8}),
@@ -246,6 +249,7 @@ NAMES = [
     "adagrad",
     "adam",
     "adamw",
+    "adamax",
     "gradient_descent",
     "lamb",
     "lars",
@@ -258,6 +262,7 @@ CLASSES = {
     "momentum": "Momentum",
     "adam": "Adam",
     "adamw": "AdamW",
+    "adamax": "Adamax",
     "rmsprop": "RMSprop",
     "adagrad": "Adagrad",
     "lion": "Lion",
@@ -284,7 +289,7 @@ def test_registry_get(name):
 
 def test_registry_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="optimizer") as info:
-        optimizers.get("adamax")
+        optimizers.get("adadelta")
     for name in NAMES:
         assert name in str(info.value)
 

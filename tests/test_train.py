@@ -334,7 +334,7 @@ def test_tfds_dataset_by_name_with_mock_data(tmp_path):
     [
         ("strategy", "horovod", "'default', 'one_device', 'mirrored'"),
         ("model", "resnet", "'lenet', 'mlp'"),
-        ("optimizer", "adamax", "'adam', 'adamw'"),
+        ("optimizer", "adadelta", "'adam', 'adamax', 'adamw'"),
         ("aggregation", "median", "'mean'"),
         ("sync", "gossip", "'local_sgd'"),
     ],

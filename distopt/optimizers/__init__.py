@@ -9,6 +9,7 @@ from __future__ import annotations
 from distopt.optimizers import schedules
 from distopt.optimizers.adagrad import Adagrad
 from distopt.optimizers.adam import Adam, AdamW
+from distopt.optimizers.adamax import Adamax
 from distopt.optimizers.base import Optimizer, _snake_case
 from distopt.optimizers.gradient_descent import GradientDescent, Momentum
 from distopt.optimizers.heun import Heun
@@ -32,6 +33,7 @@ for _cls in (
     Momentum,
     Adam,
     AdamW,
+    Adamax,
     RMSprop,
     Adagrad,
     Lion,
@@ -74,6 +76,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "GradientDescent",
     "Heun",
     "Lamb",
