@@ -235,15 +235,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             # call may come from inside strategy.run, where `build` cannot
             # run; the distopt optimizer then builds itself in its merge_call.
             self._build_keras_side(variables)
-        index = self._trainable_variables_indices
-        try:
-            tf_vars = [
-                self._model_vars.items[index[self._var_key(v)]] for v in variables
-            ]
-        except KeyError:
-            raise ValueError(
-                "grads_and_vars: a variable this optimizer was not built with."
-            ) from None
+        tf_vars = self._tf_variables(variables, "grads_and_vars")
         if self._aggregation == "weighted_mean" and weight is None:
             graph, weight = getattr(_replica_local, "examples", None) or (None, None)
             _replica_local.examples = None
@@ -267,10 +259,17 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             return
+        self._inner.finalize_variable_values(self._tf_variables(var_list, "var_list"))
+
+    def _tf_variables(self, variables, argument):
+        """The distopt optimizer's `tf.Variable` behind each Keras variable."""
         index = self._trainable_variables_indices
-        self._inner.finalize_variable_values(
-            [self._model_vars.items[index[self._var_key(v)]] for v in var_list]
-        )
+        try:
+            return [self._model_vars.items[index[self._var_key(v)]] for v in variables]
+        except KeyError:
+            raise ValueError(
+                f"{argument}: a variable this optimizer was not built with."
+            ) from None
 
     def apply(self, grads, trainable_variables=None):
         """Keras's `apply(grads, vars)`: the same as `apply_gradients`."""
