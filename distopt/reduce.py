@@ -86,6 +86,9 @@ class Reducer(tf.Module):
         allreduce_calls, allreduce_bytes: int64 counters of the all-reduces
             (and replica-group reductions, and all-gathers of sparse
             gradients) issued, and of their payload bytes.
+        allgather_calls, allgather_bytes: int64 counters of the all-gathers
+            of compressed payloads and sharded parameters, and of the bytes
+            gathered (every replica's share).
         invalid_weight_steps: int64 count of steps skipped because some
             replica passed a negative, NaN or Inf weight.
         group_reductions: int64 count of replica-group reductions (this
@@ -109,6 +112,8 @@ class Reducer(tf.Module):
         with tf.name_scope(name):
             self.allreduce_calls = _counter("allreduce_calls")
             self.allreduce_bytes = _counter("allreduce_bytes")
+            self.allgather_calls = _counter("allgather_calls")
+            self.allgather_bytes = _counter("allgather_bytes")
             self.invalid_weight_steps = _counter("invalid_weight_steps")
             self.group_reductions = _counter("group_reductions")
 
@@ -416,6 +421,23 @@ class Reducer(tf.Module):
     def _count(self, calls, num_bytes):
         self.allreduce_calls.assign_add(calls)
         self.allreduce_bytes.assign_add(num_bytes)
+
+    def counters(self) -> dict[str, int]:
+        """Every communication counter by name, as Python ints (read eagerly).
+
+        `bytes_sent` is `allreduce_bytes + allgather_bytes`: the payload
+        bytes this replica put into collectives.
+        """
+        names = (
+            "allreduce_calls",
+            "allreduce_bytes",
+            "allgather_calls",
+            "allgather_bytes",
+            "group_reductions",
+        )
+        out = {n: int(getattr(self, n)) for n in names}
+        out["bytes_sent"] = out["allreduce_bytes"] + out["allgather_bytes"]
+        return out
 
     def get_config(self) -> dict:
         return {
