@@ -27,9 +27,11 @@ import tensorflow as tf
 from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
 from sync_harness import make_data, optimizer, train
 
+from distopt import distribute
+
 TIMEOUT_S = float(os.environ.get("DISTOPT_TEST_COLLECTIVE_TIMEOUT", "30"))
 options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=TIMEOUT_S)
-strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+strategy = distribute.make_strategy("multi_worker", communication_options=options)
 assert strategy.num_replicas_in_sync == len(ports)
 
 if "--die" in sys.argv and index == 1:

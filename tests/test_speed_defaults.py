@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from distopt import train_lib
+from distopt import distribute, train_lib
 
 
 def test_explicit_jit_compile_wins():
@@ -14,7 +14,7 @@ def test_default_picks_by_device_type():
     has_gpu = bool(tf.config.list_logical_devices("GPU"))
     assert train_lib.TrainConfig().jit_compile is None
     assert train_lib.resolve_jit_compile(None) is has_gpu
-    cpu = tf.distribute.OneDeviceStrategy("/cpu:0")
+    cpu = distribute.make_strategy("one_device")
     assert train_lib.resolve_jit_compile(None, cpu) is False
 
 
