@@ -866,23 +866,11 @@ def mirrored_strategy(num_replicas: int):
     """
     if num_replicas < 1:
         raise ValueError(f"virtual_devices: must be >= 1, got {num_replicas}.")
-    cpus = tf.config.list_physical_devices("CPU")
     try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
-        )
-    except RuntimeError:
-        pass  # Devices already initialised (e.g. in a test process): use them.
-    logical = tf.config.list_logical_devices("CPU")
-    if len(logical) < num_replicas:
-        raise ValueError(
-            f"virtual_devices: {num_replicas} requested but TensorFlow already runs "
-            f"with {len(logical)} logical CPUs; start a fresh process."
-        )
-    return tf.distribute.MirroredStrategy(
-        [d.name for d in logical[:num_replicas]],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+        devices = dist.logical_cpu_devices(num_replicas)
+    except ValueError as e:
+        raise ValueError(f"virtual_devices: {e}") from None
+    return dist.make_strategy("mirrored", devices=devices)
 
 
 def main(argv=None) -> int:

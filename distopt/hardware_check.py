@@ -60,7 +60,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from distopt import cli, optimizers
+from distopt import cli, distribute, optimizers
 from distopt import sync as sync_lib
 
 # Flags live in their own FlagValues: the module is importable next to other
@@ -183,10 +183,7 @@ def make_platform(
         UsageError: fewer than 2 replicas would result.
     """
     if tpu:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy = tf.distribute.TPUStrategy(resolver)
+        strategy = distribute.make_strategy("tpu", tpu=tpu)
         n = strategy.num_replicas_in_sync
         return Platform(
             strategy,
@@ -197,7 +194,7 @@ def make_platform(
         )
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) >= 2:
-        strategy = tf.distribute.MirroredStrategy()
+        strategy = distribute.make_strategy("mirrored", cross_device_ops="default")
         n = strategy.num_replicas_in_sync
         return Platform(
             strategy,
@@ -218,7 +215,9 @@ def make_platform(
             split_gpu,
             tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_mb),
         )
-        strategy = tf.distribute.MirroredStrategy(names)
+        strategy = distribute.make_strategy(
+            "mirrored", devices=names, cross_device_ops="default"
+        )
         return Platform(
             strategy,
             "GPU",
@@ -229,13 +228,13 @@ def make_platform(
         )
     if cpu_devices < 2:
         raise UsageError(f"cpu_devices: must be >= 2, got {cpu_devices}.")
-    names = _logical_devices(
-        "CPU",
-        tf.config.list_physical_devices("CPU")[0],
-        cpu_devices,
-        tf.config.LogicalDeviceConfiguration(),
+    try:
+        names = distribute.logical_cpu_devices(cpu_devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    strategy = distribute.make_strategy(
+        "mirrored", devices=names, cross_device_ops="default"
     )
-    strategy = tf.distribute.MirroredStrategy(names)
     return Platform(
         strategy,
         "CPU",

@@ -29,9 +29,11 @@ import threading
 import tensorflow as tf
 from absl import logging
 
+# The policies' names live with the flags (no TensorFlow there); used here.
+from distopt.trainer.config import ON_NONFINITE  # noqa: F401
+
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 42
-ON_NONFINITE = ("stop", "skip", "ignore")
 STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_DIVERGED = (
     "completed",
     "preempted",
@@ -138,6 +140,25 @@ def make_agreement(strategy: tf.distribute.Strategy):
         return total[0], total[1]
 
     return agree
+
+
+class StopAgreement:
+    """Whether to stop, and whether a replica diverged, agreed by every worker.
+
+    Call between chunks of steps (and of evaluation batches): one tiny
+    all-reduce under ``multi_worker`` (see :func:`make_agreement`).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, signals: StopSignals, guard):
+        self._agree = make_agreement(strategy)
+        self._signals, self._guard = signals, guard
+
+    def __call__(self) -> tuple[bool, float]:
+        """(stop, bad): whether any worker got a stop notice; the bad count."""
+        stops, bad = self._agree(
+            tf.constant(1.0 if self._signals.requested else 0.0), self._guard.bad
+        )
+        return float(stops) > 0, float(bad)
 
 
 def strict_json(value):

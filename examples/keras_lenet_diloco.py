@@ -35,17 +35,13 @@ def parse_args(argv=None):
 
 def make_strategy(virtual_cpus):
     """MirroredStrategy over the GPUs, or over `virtual_cpus` logical CPUs."""
+    from distopt import distribute
+
     if tf.config.list_physical_devices("GPU"):
-        return tf.distribute.MirroredStrategy()
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * virtual_cpus
-    )
-    devices = [f"/cpu:{i}" for i in range(virtual_cpus)]
+        # NCCL between GPUs: TensorFlow's default cross-device ops.
+        return distribute.make_strategy("mirrored", cross_device_ops="default")
     # NCCL-free reduction through one device: what CPU replicas can do.
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
+    return distribute.make_strategy("mirrored", num_cpu_devices=virtual_cpus)
 
 
 def lenet(keras):

@@ -423,9 +423,9 @@ MUTANTS = [
     ),
     Mutant(
         "trainer_finalize_dropped",
-        "distopt/train_lib.py",
-        "            optimizer.finalize_variable_values(variables)\n",
-        "            pass\n",
+        "distopt/trainer/loop.py",
+        "                run.optimizer.finalize_variable_values(run.model.trainable_variables)\n",
+        "                pass\n",
         "tests/test_train.py -k use_ema",
     ),
 ]

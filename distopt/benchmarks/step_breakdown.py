@@ -8,7 +8,7 @@
 Per step (one process, the phases interleaved round by round so that load
 drift hits them alike; ms per step, median and min-max over rounds), each a
 ``tf.range`` loop in one ``tf.function``, the trainer's default settings for
-this device (``train_lib.resolve_jit_compile``) and its optimizer:
+this device (``trainer.strategy.resolve_jit_compile``) and its optimizer:
 
 * ``pipeline``: the trainer's input alone (its feed: in memory for MNIST
   on one host, as ``distopt.train`` picks by default, else ``tf.data``).
@@ -16,7 +16,7 @@ this device (``train_lib.resolve_jit_compile``) and its optimizer:
 * ``forward_backward``: and the gradients.
 * ``bare_step``: and ``optimizer.apply_gradients`` (the ceiling of
   ``trainer_vs_keras``).
-* ``trainer_loop``: ``train_lib.make_train_loop`` on the trainer's own
+* ``trainer_loop``: ``trainer.step.make_train_loop`` on the trainer's own
   feed, exactly as ``distopt.train`` runs it.
 
 Differences of medians attribute the step: backward = forward_backward -
@@ -51,10 +51,11 @@ PHASES = ("pipeline", "forward", "forward_backward", "bare_step", "trainer_loop"
 
 
 def _setup(strategy_name):
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import strategy as tstrategy
 
-    return train_lib.make_strategy(
-        strategy_name, virtual_devices=train_lib.DEFAULT_CPU_VIRTUAL_DEVICES
+    return tstrategy.make_strategy(
+        strategy_name, virtual_devices=tconfig.DEFAULT_CPU_VIRTUAL_DEVICES
     )
 
 
@@ -63,26 +64,29 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     import tensorflow as tf
 
     from distopt import data as data_lib
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import factories, inputs
+    from distopt.trainer import step as tstep
+    from distopt.trainer import strategy as tstrategy
 
     strategy = _setup(strategy_name)
-    config = train_lib.TrainConfig(
+    config = tconfig.TrainConfig(
         model=model_name, strategy=strategy_name, batch_size=batch_size
     )
     source = data_lib.load_source()
     with strategy.scope():
-        model = train_lib.build_model(model_name, source)
-        optimizer = train_lib.make_optimizer(config, 10**6, strategy)
+        model = factories.build_model(model_name, source)
+        optimizer = factories.make_optimizer(config, 10**6)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        sums = train_lib._Sums("sums")
+        sums = tstep.Sums("sums")
         sink = tf.Variable(
             0.0,
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.SUM,
         )
     variables = model.trainable_variables
-    jit = train_lib.resolve_jit_compile(None, strategy)
+    jit = tstrategy.resolve_jit_compile(None, strategy)
     replicas = strategy.num_replicas_in_sync
     per_replica = batch_size // replicas
 
@@ -126,8 +130,8 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         return lambda n: loop(n)
 
     # The trainer's own feed, as distopt.train picks it (in memory for MNIST).
-    kind = train_lib.resolve_input(config, strategy, source)
-    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    kind = inputs.resolve_input(config, strategy, source)
+    feed = inputs.make_train_feed(strategy, source, config, kind)
     inputs = feed.inputs()
 
     def consume(*args):
@@ -143,7 +147,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
             strategy.run(consume, args=args)
         step.assign_add(num_steps)
 
-    trainer_loop = train_lib.make_train_loop(
+    trainer_loop = tstep.make_train_loop(
         strategy, model, optimizer, sums, step, feed=feed
     )
     loops = {
@@ -275,6 +279,24 @@ def lenet_kernels(steps, rounds, batch_size=128):
     }
 
 
+def _process_start_time() -> float:
+    """Wall-clock time this process started (Linux; else now).
+
+    Each measurement is a fresh ``python`` process started directly by the
+    benchmark, so the process's start is the interpreter's.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22, after the parenthesised command name: start time in
+            # clock ticks since boot.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def startup(model_name, strategy_name, tensorflow_imported):
     """Seconds from process start to the end of each phase (a fresh process).
 
@@ -283,13 +305,15 @@ def startup(model_name, strategy_name, tensorflow_imported):
     import tensorflow as tf
 
     from distopt import data as data_lib
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import factories, inputs
+    from distopt.trainer import step as tstep
 
     marks = [("import tensorflow", tensorflow_imported)]
     marks.append(("import distopt", time.time()))
 
-    start = train_lib.process_start_time()
-    config = train_lib.TrainConfig(
+    start = _process_start_time()
+    config = tconfig.TrainConfig(
         model=model_name, strategy=strategy_name, train_steps=1, eval_steps=1
     )
     strategy = _setup(strategy_name)
@@ -297,17 +321,17 @@ def startup(model_name, strategy_name, tensorflow_imported):
     source = data_lib.load_source()
     marks.append(("data", time.time()))
     with strategy.scope():
-        model = train_lib.build_model(model_name, source)
-        optimizer = train_lib.make_optimizer(config, 1, strategy)
+        model = factories.build_model(model_name, source)
+        optimizer = factories.make_optimizer(config, 1)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        sums = train_lib._Sums("sums")
+        sums = tstep.Sums("sums")
     marks.append(("model and optimizer", time.time()))
-    kind = train_lib.resolve_input(config, strategy, source)
-    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    kind = inputs.resolve_input(config, strategy, source)
+    feed = inputs.make_train_feed(strategy, source, config, kind)
     inputs = feed.inputs()
     marks.append(("input", time.time()))
-    loop = train_lib.make_train_loop(strategy, model, optimizer, sums, step, feed=feed)
+    loop = tstep.make_train_loop(strategy, model, optimizer, sums, step, feed=feed)
     loop.get_concrete_function(inputs, tf.TensorSpec([], tf.int64))
     marks.append(("trace", time.time()))
     loop(inputs, tf.constant(1, tf.int64))

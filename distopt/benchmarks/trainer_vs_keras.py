@@ -123,16 +123,11 @@ def _setup(strategy_name):
     """Initialises TensorFlow's devices; returns the strategy."""
     import tensorflow as tf
 
+    from distopt import distribute
+
     if strategy_name != "mirrored":
         return tf.distribute.get_strategy()
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_CPUS
-    )
-    return tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+    return distribute.make_strategy("mirrored", num_cpu_devices=VIRTUAL_CPUS)
 
 
 def measure_keras(args, model_name, strategy_name, variant, start):
@@ -185,14 +180,16 @@ def measure_bare(args, model_name, strategy_name):
     """The ceiling: the trainer's model and optimizer over in-memory tensors."""
     import tensorflow as tf
 
-    from distopt import optimizers, train_lib
+    from distopt import optimizers
+    from distopt.trainer import factories
+    from distopt.trainer import strategy as tstrategy
 
     strategy = _setup(strategy_name)
-    jit = train_lib.resolve_jit_compile(None, strategy)
+    jit = tstrategy.resolve_jit_compile(None, strategy)
     replicas = strategy.num_replicas_in_sync
     per_replica = args.batch_size // replicas
     with strategy.scope():
-        model = train_lib.build_model(model_name, jit_compile=jit)
+        model = factories.build_model(model_name, jit_compile=jit)
         optimizer = optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
     variables = model.trainable_variables
