@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -41,7 +42,12 @@ _CKPT_INDEX = re.compile(r"^(?P<prefix>.+-(?P<step>\d+))\.index$")
 # Test-only fault injection: DISTOPT_FAULT_SAVE_ERROR_AT=N makes the save at
 # step N fail as a full disk does (after the temp directory was written).
 # The tests use a real full tmpfs where the machine allows a mount.
+# DISTOPT_FAULT_KILL_IN_SAVE_AT=N kills the process with SIGKILL in the save
+# of step N, after it wrote the temporary files a sharded save writes first
+# (``ckpt-N_temp/part-*``) and before they became ``ckpt-N``: what a
+# ``kill -9`` during a save leaves.
 _SAVE_ERROR_ENV = "DISTOPT_FAULT_SAVE_ERROR_AT"
+_KILL_IN_SAVE_ENV = "DISTOPT_FAULT_KILL_IN_SAVE_AT"
 
 
 class LockError(RuntimeError):
@@ -324,6 +330,7 @@ class CheckpointWriter:
         if not chief:
             directory = tempfile.mkdtemp(prefix=f"distopt_worker{worker_id}_")
         self.directory = directory
+        self._checkpoint = checkpoint
         self.manager = tf.train.CheckpointManager(
             checkpoint, directory, max_to_keep=keep
         )
@@ -338,6 +345,13 @@ class CheckpointWriter:
           CheckpointSaveError: nothing new is on disk, the latest is unchanged.
         """
         try:
+            if os.environ.get(_KILL_IN_SAVE_ENV) == str(step):
+                self._checkpoint.write(
+                    os.path.join(
+                        self.directory, f"ckpt-{step}_temp", "part-00000-of-00001"
+                    )
+                )
+                os.kill(os.getpid(), signal.SIGKILL)
             if os.environ.get(_SAVE_ERROR_ENV) == str(step):
                 tf.io.gfile.makedirs(os.path.join(self.directory, f"ckpt-{step}_temp"))
                 raise tf.errors.ResourceExhaustedError(

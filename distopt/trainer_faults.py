@@ -44,7 +44,8 @@ STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_DIVERGED = (
 # itself SIGTERM when it starts the first chunk (of training, or of an
 # evaluation at a step) at or after step N, through
 # the same os.kill a scheduler uses. DISTOPT_FAULT_CHUNK_DELAY=S sleeps S
-# seconds after each chunk so that a test can signal a run mid-way.
+# seconds after each chunk (of training or of an evaluation) so that a test
+# can signal a run, or fill its disk, mid-way.
 SIGTERM_AT_ENV = "DISTOPT_FAULT_SIGTERM_AT"
 CHUNK_DELAY_ENV = "DISTOPT_FAULT_CHUNK_DELAY"
 

@@ -12,6 +12,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
+from distopt import trainer_faults
 from distopt.trainer.inputs import make_eval_dataset
 from distopt.trainer.step import make_eval_loop
 from distopt.trainer.summaries import write_scalars
@@ -61,6 +62,8 @@ class Evaluator:
             n = min(run.config.steps_per_loop, test_steps - done)
             self._loop(iterator, tf.constant(n, tf.int64))
             done += n
+            if delay := trainer_faults.chunk_delay():
+                time.sleep(delay)
             if done < test_steps and self._agreement()[0]:
                 run.eval_sums.result()  # Drops the partial sums.
                 logging.warning(
