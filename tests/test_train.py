@@ -705,3 +705,85 @@ def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):
 def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="--mixed_precision=float16 needs"):
         run_lib.train(_config(tmp_path, mixed_precision="float16", sync="local_sgd"))
+
+
+@pytest.mark.parametrize(
+    "change,flag",
+    [
+        ({"optimizer": "gradient_descent"}, "--optimizer"),
+        ({"sync": "local_sgd"}, "--sync"),
+    ],
+    ids=["optimizer", "sync"],
+)
+def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
+    tmp_path, caplog, change, flag
+):
+    train_lib_config = _config(tmp_path, train_steps=10)
+    run_lib.train(train_lib_config)
+    before = _snapshot(train_lib_config.model_dir)
+    changed = _config(tmp_path, train_steps=20, **change)
+    (new,) = change.values()
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(changed)
+    message = str(info.value)
+    assert message.startswith(f"{flag}={new} cannot resume {changed.model_dir}: ")
+    assert f"rerun with {flag}=" in message and len(message) < 400
+    assert "<tf.Variable" not in message and "/" not in message.split(": ", 1)[1][:40]
+    # Refused before the checkpoint is read: no "unrestored values" warnings.
+    assert not [r for r in caplog.records if "could not be found" in r.getMessage()]
+    assert not [r for r in caplog.records if "nrestored" in r.getMessage()]
+    assert _snapshot(train_lib_config.model_dir) == before
+
+
+def _eval_accuracies(model_dir):
+    return _scalar_values(os.path.join(model_dir, "eval"), "accuracy")
+
+
+def test_target_accuracy_stops_at_the_first_evaluation_that_reaches_it(tmp_path):
+    config = _config(
+        tmp_path,
+        strategy="mirrored",
+        virtual_devices=2,
+        train_steps=60,
+        eval_every=5,
+        log_every=5,
+        checkpoint_every=0,
+        learning_rate=3e-3,
+        target_accuracy=0.9,
+    )
+    metrics = run_lib.train(config)
+    assert metrics == pytest.approx(_metrics(config.model_dir))
+    accuracies = _eval_accuracies(config.model_dir)
+    reached = [step for step, accuracy in sorted(accuracies.items()) if accuracy >= 0.9]
+    assert reached, accuracies
+    # Evaluations below the target let the run go on; the first at or above
+    # it ended the run: no later one.
+    assert min(accuracies) < reached[0]
+    assert max(accuracies) == reached[0] < 60
+    assert metrics["status"] == "target_reached"
+    assert metrics["target_reached_at_step"] == metrics["train_steps"] == reached[0]
+    assert metrics["test_accuracy"] == pytest.approx(accuracies[reached[0]])
+    assert metrics["target_accuracy"] == 0.9
+    assert 0 < metrics["training_seconds_excluding_eval"] <= metrics["wall_seconds"]
+    # every_step on 2 replicas: each step all-reduces every float32 gradient.
+    model_bytes = 4 * sum(
+        np.prod(shape)
+        for name, shape in tf.train.list_variables(
+            os.path.join(config.model_dir, "checkpoints")
+        )
+        if name.startswith("model/") and name.endswith(".ATTRIBUTES/VARIABLE_VALUE")
+    )
+    assert model_bytes > 0
+    # (The replica's example count, one float32, travels with the gradients.)
+    assert metrics["communication_bytes_sent"] == reached[0] * (model_bytes + 4)
+    assert metrics["communication_allreduce_calls"] > 0
+    assert metrics["last_checkpoint_step"] == reached[0]
+
+
+def test_an_unreachable_target_ends_completed(tmp_path):
+    config = _config(tmp_path, train_steps=10, eval_every=5, target_accuracy=1.0)
+    metrics = run_lib.train(config)
+    assert metrics["status"] == "completed" and metrics["train_steps"] == 10
+    assert metrics["target_reached_at_step"] is None
+    assert sorted(_eval_accuracies(config.model_dir)) == [5, 10]
+    assert metrics["communication_bytes_sent"] == 0  # One replica: no collective.
