@@ -6,8 +6,9 @@ r"""Checks, on the accelerators of this machine, that N replicas compute what on
 
 The tests run these equivalences on virtual CPU devices; this program runs
 them where collectives and kernels are the real ones: NCCL all-reduces
-between GPUs (a plain `tf.distribute.MirroredStrategy()`, default
-cross-device ops), or a `TPUStrategy`. Each check compares against an
+between GPUs (a `MirroredStrategy` with TensorFlow's default cross-device
+ops, from `distribute.make_strategy`, so with collective keys of its own),
+or a `TPUStrategy`. Each check compares against an
 independent reference, either the same program on one device (the default
 strategy) or a NumPy simulation in float64:
 

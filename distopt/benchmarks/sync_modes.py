@@ -61,10 +61,10 @@ def _worker(index, ports, steps, batch_size, warmup):
     import tensorflow as tf
 
     import distopt
-    from distopt import models
+    from distopt import distribute, models
 
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = distribute.make_strategy("multi_worker", communication_options=options)
     rng = np.random.default_rng(index)
     per_replica = batch_size // strategy.num_replicas_in_sync
     images = tf.constant(rng.random((per_replica, 28, 28, 1), dtype=np.float32))
