@@ -481,7 +481,11 @@ def main(argv):
     _check_names_and_paths(config, run_dir)
     if run_dir:
         logging.info("Run directory %s (--model_dir to resume a run)", config.model_dir)
-    _train(config)
+    try:
+        _train(config)
+    finally:
+        if run_dir:
+            run_dir.discard()  # Only if the run wrote nothing: a failed start.
 
 
 if __name__ == "__main__":

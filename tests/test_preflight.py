@@ -225,15 +225,23 @@ def test_bad_flag_is_one_line_exit_2(cli, args, message):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_default_run_directory_is_new_per_run(cli, tmp_path):
-    status, lines, work = cli("--train_steps=1")
+def test_default_run_directory_is_new_per_run(cli, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(
+        run_lib,
+        "train",
+        lambda config, **_: started.append((config, os.listdir(config.model_dir))),
+    )
+    status, lines, _ = cli("--train_steps=1")
     assert status == 0 and lines == []
-    (config,) = work
+    ((config, contents),) = started
     assert config.model_dir.startswith(os.path.join("runs", "lenet_mnist_"))
     assert config.model_dir.endswith(f"-{os.getpid()}")
-    # Created by the command line before the run, empty.
-    assert os.listdir(tmp_path / config.model_dir) == []
     assert config.epochs == 1 and config.train_steps == 1
+    # Created by the command line before the run started, empty; a run that
+    # wrote nothing there (this one) leaves nothing behind.
+    assert contents == []
+    assert not os.path.exists(config.model_dir)
     # Two runs in the same second and the same process id (as on two hosts
     # of the same name, or a paused run whose name another run took): the
     # second never gets the directory the first created.
@@ -258,6 +266,21 @@ def test_a_run_directory_under_a_file_is_one_line(cli, tmp_path):
             "a directory"
         )
     ]
+
+
+def test_a_run_time_config_error_leaves_no_run_directory(cli, tmp_path, monkeypatch):
+    # Found once the strategy exists (4 replicas), after the run directory
+    # was created: it is removed again.
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    status, lines, _ = cli(
+        "--model=mlp", "--strategy=mirrored", "--virtual_devices=4", "--batch_size=30"
+    )
+    assert status == 2
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "30 is not divisible by the 4" in errors[0], lines
+    assert _tree(tmp_path) == before
 
 
 def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):

@@ -787,3 +787,37 @@ def test_an_unreachable_target_ends_completed(tmp_path):
     assert metrics["target_reached_at_step"] is None
     assert sorted(_eval_accuracies(config.model_dir)) == [5, 10]
     assert metrics["communication_bytes_sent"] == 0  # One replica: no collective.
+
+
+def test_a_damaged_run_config_does_not_block_the_rerun(tmp_path):
+    # An older trainer wrote it in place; one killed mid-write left it short.
+    run_lib.train(_config(tmp_path, train_steps=10))
+    path = tmp_path / "run" / "run_config.json"
+    path.write_text(path.read_text()[:25])
+    resumed = run_lib.train(_config(tmp_path, train_steps=20))
+    assert resumed["start_step"] == 10 and resumed["status"] == "completed"
+    assert json.loads(path.read_text())["train_steps"] == 20
+
+
+def test_json_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from distopt.trainer import checkpointing
+
+    path = tmp_path / "metrics.json"
+    checkpointing.write_json_atomically(str(path), {"status": "completed", "x": 1.5})
+    before = path.read_text()
+
+    def no_rename(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.io.gfile, "rename", no_rename)
+    with pytest.raises(checkpointing.WriteError) as info:
+        checkpointing.write_json_atomically(str(path), {"status": "preempted"})
+    message = str(info.value)
+    assert message.startswith(f"Could not write {path}: No space left on device")
+    assert "\n" not in message
+    assert path.read_text() == before  # The old file, whole.
+    assert os.listdir(tmp_path) == ["metrics.json"]  # No temporary file left.
+    # Strict JSON: NaN is null.
+    monkeypatch.undo()
+    checkpointing.write_json_atomically(str(path), {"loss": float("nan")})
+    assert json.loads(path.read_text()) == {"loss": None}

@@ -219,3 +219,39 @@ def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
         "train",
     ]
     assert _metrics(run)["start_step"] == 10
+
+
+def test_an_empty_or_damaged_lock_is_stale_and_release_tolerates_errors(
+    tmp_path, monkeypatch
+):
+    from distopt import checkpoints
+
+    for content in ("", '{"host": "'):
+        (tmp_path / "LOCK").write_text(content)
+        lock = checkpoints.RunLock(str(tmp_path))
+        lock.acquire()  # Taken over: no trainer writes an empty lock.
+        with open(tmp_path / "LOCK") as f:
+            assert json.load(f)["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / "LOCK").exists()
+    # A live process's lock (the parent of this one, on this host) holds.
+    (tmp_path / "LOCK").write_text(
+        json.dumps({"host": os.uname().nodename, "pid": os.getppid()})
+    )
+    with pytest.raises(checkpoints.LockError, match="in use by another trainer"):
+        checkpoints.RunLock(str(tmp_path)).acquire()
+    os.remove(tmp_path / "LOCK")
+    # A lock that cannot be removed (the directory turned read-only): a
+    # warning, not a second error after the run's own.
+    lock = checkpoints.RunLock(str(tmp_path))
+    lock.acquire()
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoints.os, "remove", read_only)
+    lock.release()
+    monkeypatch.undo()
+    assert (tmp_path / "LOCK").exists()
+    # ... and the next trainer in this process takes it over.
+    checkpoints.RunLock(str(tmp_path)).acquire()

@@ -96,6 +96,10 @@ def create_run_dir(
             os.mkdir(path)
         except FileExistsError:
             continue
+        except FileNotFoundError:
+            # The root went away (another run that failed removed it, empty).
+            created += _make_parents(root)
+            continue
         except OSError as e:
             RunDir("", created).discard()
             raise RunDirError(
