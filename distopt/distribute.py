@@ -707,23 +707,31 @@ def make_strategy(
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if kind == "mirrored":
-        if devices is None and num_cpu_devices:
-            devices = logical_cpu_devices(num_cpu_devices)
-        ops = (
-            tf.distribute.ReductionToOneDevice()
-            if cross_device_ops == "one_device"
-            else None
-        )
-        return _with_own_collective_keys(
-            tf.distribute.MirroredStrategy,
-            devices=list(devices) if devices is not None else None,
-            cross_device_ops=ops,
-        )
+        return _mirrored(num_cpu_devices, devices, cross_device_ops)
     if kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=cluster_resolver,
             communication_options=communication_options,
         )
+    return _tpu(tpu)
+
+
+def _mirrored(num_cpu_devices, devices, cross_device_ops):
+    if devices is None and num_cpu_devices:
+        devices = logical_cpu_devices(num_cpu_devices)
+    ops = (
+        tf.distribute.ReductionToOneDevice()
+        if cross_device_ops == "one_device"
+        else None
+    )
+    return _with_own_collective_keys(
+        tf.distribute.MirroredStrategy,
+        devices=list(devices) if devices is not None else None,
+        cross_device_ops=ops,
+    )
+
+
+def _tpu(tpu):
     if not tpu:
         raise ValueError("tpu: kind='tpu' needs a TPU name, address or 'local'.")
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)

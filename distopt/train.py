@@ -290,6 +290,14 @@ flags.DEFINE_float(
 )
 
 
+def _numbers(name: str, kind) -> tuple:
+    """A list flag's items as numbers of ``kind``."""
+    try:
+        return tuple(kind(item) for item in FLAGS[name].value)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"--{name}: {e}") from None
+
+
 def config_from_flags() -> config_lib.TrainConfig:
     """Maps the parsed flags onto a TrainConfig."""
     optimizer_args = {
@@ -318,8 +326,8 @@ def config_from_flags() -> config_lib.TrainConfig:
         warmup_steps=FLAGS.warmup_steps,
         decay_steps=FLAGS.decay_steps,
         decay_rate=FLAGS.decay_rate,
-        lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-        lr_values=tuple(float(v) for v in FLAGS.lr_values),
+        lr_boundaries=_numbers("lr_boundaries", int),
+        lr_values=_numbers("lr_values", float),
         batch_size=FLAGS.batch_size,
         epochs=FLAGS.epochs,
         train_steps=FLAGS.train_steps,
