@@ -718,9 +718,9 @@ def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
 def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
     tmp_path, caplog, change, flag
 ):
-    train_lib_config = _config(tmp_path, train_steps=10)
-    run_lib.train(train_lib_config)
-    before = _snapshot(train_lib_config.model_dir)
+    first = _config(tmp_path, train_steps=10)
+    run_lib.train(first)
+    before = _snapshot(first.model_dir)
     changed = _config(tmp_path, train_steps=20, **change)
     (new,) = change.values()
     with pytest.raises(config_lib.ModelDirError) as info:
@@ -732,7 +732,7 @@ def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
     # Refused before the checkpoint is read: no "unrestored values" warnings.
     assert not [r for r in caplog.records if "could not be found" in r.getMessage()]
     assert not [r for r in caplog.records if "nrestored" in r.getMessage()]
-    assert _snapshot(train_lib_config.model_dir) == before
+    assert _snapshot(first.model_dir) == before
 
 
 def _eval_accuracies(model_dir):
