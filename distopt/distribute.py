@@ -40,6 +40,15 @@ def in_replica_context() -> bool:
     return tf.distribute.get_replica_context() is not None
 
 
+def require_cross_replica_context(method: str, hint: str = "") -> None:
+    """Raises RuntimeError naming `method` when called inside `strategy.run`."""
+    if in_replica_context() and tf.distribute.has_strategy():
+        raise RuntimeError(
+            f"{method}: call it in cross-replica context (outside strategy.run)."
+            + (f" {hint}" if hint else "")
+        )
+
+
 def is_distributed(strategy: tf.distribute.Strategy) -> bool:
     """True when values may differ between replicas or workers."""
     return strategy.num_replicas_in_sync > 1

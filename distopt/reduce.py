@@ -110,12 +110,12 @@ class Reducer(tf.Module):
         self.transforms = list(transforms)
         self.communication_options = communication_options
         with tf.name_scope(name):
-            self.allreduce_calls = _counter("allreduce_calls")
-            self.allreduce_bytes = _counter("allreduce_bytes")
-            self.allgather_calls = _counter("allgather_calls")
-            self.allgather_bytes = _counter("allgather_bytes")
-            self.invalid_weight_steps = _counter("invalid_weight_steps")
-            self.group_reductions = _counter("group_reductions")
+            self.allreduce_calls = counter_lib.Counter("allreduce_calls")
+            self.allreduce_bytes = counter_lib.Counter("allreduce_bytes")
+            self.allgather_calls = counter_lib.Counter("allgather_calls")
+            self.allgather_bytes = counter_lib.Counter("allgather_bytes")
+            self.invalid_weight_steps = counter_lib.Counter("invalid_weight_steps")
+            self.group_reductions = counter_lib.Counter("group_reductions")
 
     # --- Replica context -------------------------------------------------------
 
@@ -143,9 +143,55 @@ class Reducer(tf.Module):
             w = tf.where(valid, w, float("nan"))
         return grads, w
 
+    def reduce_in_replica_context(self, grads, weight=None) -> list:
+        """The aggregated gradients, on every replica, from inside `strategy.run`.
+
+        For optimizers that need an aggregated gradient before their update
+        (SAM's perturbation, Heun's trial point). The same path as the
+        update's: aggregation, wire dtype, transforms, communication options
+        and counters all apply; under the default strategy the gradients are
+        normalised the same way, with no communication. A `tf.IndexedSlices`
+        gradient stays sparse and comes back with each index once. Never
+        compressed: compression and its residuals belong to the update.
+
+        An invalid weight is not counted in `invalid_weight_steps` here: the
+        caller's update reduces the same weight in the same step and counts
+        it there, so a step counts once.
+        """
+        payload, w = self.payload(grads, weight)
+
+        def merge_fn(strategy, payload, w):
+            reduced, scale, _ = self.reduce(
+                strategy, list(payload), w, count_invalid=False, compress=False
+            )
+            if scale is None:
+                return list(reduced)
+            return list(
+                dist.map_per_replica(
+                    strategy,
+                    lambda s, *gs: [
+                        map_values(g, lambda x: x * tf.cast(s, x.dtype)) for g in gs
+                    ],
+                    scale,
+                    *reduced,
+                )
+            )
+
+        reduced = dist.merge(merge_fn, tuple(payload), w)
+        return [tf.cast(r, g.dtype) for r, g in zip(reduced, grads)]
+
     # --- Cross-replica context -------------------------------------------------
 
-    def reduce(self, strategy, payload, weight, *, group_size=None, count_invalid=True):
+    def reduce(
+        self,
+        strategy,
+        payload,
+        weight,
+        *,
+        group_size=None,
+        count_invalid=True,
+        compress=True,
+    ):
         """The aggregated, transformed gradient on every replica.
 
         Args:
@@ -468,7 +514,3 @@ def _interleave(is_second, first, second):
     """Merges two lists back into one; `is_second[i]` says which list item i is from."""
     first, second = iter(first), iter(second)
     return [next(second) if s else next(first) for s in is_second]
-
-
-def _counter(name):
-    return counter_lib.Counter(name)

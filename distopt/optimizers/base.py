@@ -185,8 +185,8 @@ class Optimizer(tf.Module):
         # Created here, like Keras, so that they exist (and restore) before
         # the first step, in the scope the optimizer is created in.
         with tf.name_scope(self.name):
-            self.iterations = _counter("iterations")
-            self.skipped_steps = _counter("skipped_steps")
+            self.iterations = counter_lib.Counter("iterations")
+            self.skipped_steps = counter_lib.Counter("skipped_steps")
             self.loss_scale = loss_scale
             if loss_scale is not None:
                 transforms.insert(0, loss_scale)
@@ -290,7 +290,15 @@ class Optimizer(tf.Module):
     def from_config(cls, config: dict) -> Optimizer:
         config = dict(config)
         config["learning_rate"] = schedules.deserialize(config["learning_rate"])
-        config["sync"] = sync_lib.from_config(config.get("sync"))
+        sync = config.get("sync")
+        outer = (sync or {}).get("outer_optimizer")
+        if outer is not None:
+            # The registry lives in this package's __init__, which imports
+            # this module: hence the import here, inside the package.
+            from distopt import optimizers as registry
+
+            outer = registry.from_config(outer)
+        config["sync"] = sync_lib.from_config(sync, outer_optimizer=outer)
         return cls(**config)
 
     # --- Public API -----------------------------------------------------------
@@ -299,11 +307,9 @@ class Optimizer(tf.Module):
         """Creates the slots of `var_list` once. Call in cross-replica context."""
         if self._built:
             return
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(
-                "build: call it in cross-replica context (outside strategy.run); "
-                "apply_gradients builds lazily by itself."
-            )
+        dist.require_cross_replica_context(
+            "build", "apply_gradients builds lazily by itself."
+        )
         var_list = list(var_list)
         _check_variables(var_list)
         strategy = dist.current_strategy()
@@ -448,8 +454,7 @@ class Optimizer(tf.Module):
         self._cross_replica_call("restore_replicas", var_list)
 
     def _cross_replica_call(self, method, var_list):
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(f"{method}: call it outside strategy.run.")
+        dist.require_cross_replica_context(method)
         if self._built:
             with self._strategy.scope():
                 getattr(self.sync, method)(self, self._strategy, list(var_list))
@@ -462,10 +467,7 @@ class Optimizer(tf.Module):
         """
         if not self.use_ema or not self._built:
             return
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(
-                "finalize_variable_values: call it outside strategy.run."
-            )
+        dist.require_cross_replica_context("finalize_variable_values")
         var_list = list(var_list)
         # Every average found before any variable is written.
         unknown = [v.name for v in var_list if v.ref() not in self._slot_index]
@@ -943,10 +945,6 @@ def _cast_init(init, dtype):
     if callable(init):
         return lambda: tf.cast(init(), dtype)
     return tf.cast(init, dtype)
-
-
-def _counter(name):
-    return counter_lib.Counter(name)
 
 
 def _snake_case(name: str) -> str:

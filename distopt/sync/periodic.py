@@ -64,6 +64,9 @@ class PeriodicAverage(Sync):
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
         self.average_slots = bool(average_slots)
         self.outer_optimizer = outer_optimizer
+        #: Whether the mode steps an outer optimizer (DiLoCo): its default is
+        #: made at build.
+        self.has_outer = outer_optimizer is not None
         if group_size is not None:
             check_period("group_size", group_size)
         self.group_size = group_size
@@ -99,6 +102,8 @@ class PeriodicAverage(Sync):
                 [_state_of(optimizer, v) for v in variables], strategy
             )
             self.anchors = []
+            if self.has_outer and self.outer_optimizer is None:
+                self.outer_optimizer = default_outer_optimizer()
             if self.outer_optimizer is not None:
                 for v in variables:
                     with strategy.extended.colocate_vars_with(v):
@@ -297,17 +302,35 @@ def LocalSGD(k, warmup_steps=0, average_slots=False):
 def DiLoCo(k, outer_optimizer=None, warmup_steps=0, average_slots=False):
     """DiLoCo/SlowMo: an outer optimizer steps the anchor every k local steps.
 
-    The default outer optimizer is Nesterov momentum, lr 0.7, momentum 0.9.
+    The default outer optimizer is Nesterov momentum, lr 0.7, momentum 0.9
+    (Douillard et al. 2023), made when the mode is built (`outer_optimizer`
+    is None until then), by the factory `distopt.optimizers` registers.
     """
-    if outer_optimizer is None:
-        from distopt.optimizers import Momentum
-
-        outer_optimizer = Momentum(
-            learning_rate=0.7, momentum=0.9, nesterov=True, name="outer_momentum"
-        )
     mode = PeriodicAverage(k, warmup_steps, average_slots, outer_optimizer)
     mode.name = "diloco"
+    mode.has_outer = True
     return mode
+
+
+#: Makes DiLoCo's default outer optimizer. Registered by `distopt.optimizers`
+#: (`set_default_outer_optimizer`): the sync modes sit below the optimizers,
+#: so this module must not import them.
+_default_outer_factory = None
+
+
+def set_default_outer_optimizer(factory) -> None:
+    """Registers the callable that makes DiLoCo's default outer optimizer."""
+    global _default_outer_factory
+    _default_outer_factory = factory
+
+
+def default_outer_optimizer():
+    """A new default outer optimizer (Nesterov momentum, lr 0.7, momentum 0.9).
+
+    Called at build, when the inner optimizer exists, so `distopt.optimizers`
+    has been imported and has registered the factory.
+    """
+    return _default_outer_factory()
 
 
 def Hierarchical(k, warmup_steps=0, average_slots=False, group_size=None):
