@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from distopt import compression as compression_lib
 from distopt import distribute as dist
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
@@ -119,6 +120,19 @@ class PeriodicAverage(Sync):
                             )
                         )
                 self.outer_optimizer.build(self.anchors)
+            # The outer gradient is compressed like the inner ones, with
+            # residuals of its own (a copy of the inner compressor).
+            self.outer_compression = None
+            if self.outer_optimizer is not None and optimizer.compression is not None:
+                self.outer_compression = compression_lib.from_config(
+                    optimizer.compression.get_config()
+                )
+                self.outer_compression.build(strategy, self.anchors)
+
+    @property
+    def sends_gradients(self) -> bool:
+        """DiLoCo sends an outer gradient (compressible); local SGD weights."""
+        return self.has_outer
 
     # The snapshot's names, as tests and users know them.
     @property
@@ -141,7 +155,7 @@ class PeriodicAverage(Sync):
         reducer = optimizer.reducer
 
         def synchronous():
-            g, scale, ok = reducer.reduce(strategy, grads, weight)
+            g, scale, ok = reducer.reduce(strategy, grads, weight, variables=variables)
             optimizer.apply_update(strategy, g, variables, scale=scale, ok=ok)
 
         every = optimizer.built_variables()
@@ -251,25 +265,55 @@ class PeriodicAverage(Sync):
         slot_vars = []
         if self.average_slots or slots:
             slot_vars = [s for v in variables for s in optimizer.slots(v).values()]
-        local = dist.read_per_replica(strategy, variables + slot_vars)
-        averaged = optimizer.reducer.mean(strategy, local)
         n = len(variables)
         if self.outer_optimizer is None:
+            local = dist.read_per_replica(strategy, variables + slot_vars)
+            averaged = optimizer.reducer.mean(strategy, local)
             dist.assign(strategy, variables, averaged[:n])
         else:
             anchors = self._anchors_for(optimizer, variables)
-            pseudo = dist.map_per_replica(
-                strategy,
-                lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])],
-                *anchors,
-                *averaged[:n],
+            local = dist.read_per_replica(strategy, anchors + variables + slot_vars)
+            pseudo = self._outer_gradient(
+                optimizer, strategy, local[:n], local[n : 2 * n]
             )
+            averaged = [None] * n + optimizer.reducer.mean(strategy, local[2 * n :])
             self.outer_optimizer.apply_update(strategy, list(pseudo), anchors)
             _copy(strategy, anchors, variables)
         dist.assign(strategy, slot_vars, averaged[n:])
         self.since_average.assign(0)
         has_slots = any(optimizer.slots(v) for v in variables)
         self.replicas_identical.assign(int(bool(slot_vars) or not has_slots))
+
+    def _outer_gradient(self, optimizer, strategy, anchors, weights):
+        """`anchor - mean_r(w_r)`, on every replica.
+
+        With compression, each replica sends its own share `(anchor - w_r)
+        / R` through the outer compressor (Streaming DiLoCo compresses its
+        outer gradients too, arXiv 2501.18512), with residuals of its own;
+        otherwise one all-reduce of the weights.
+        """
+        n = len(anchors)
+        if self.outer_compression is None:
+            mean = optimizer.reducer.mean(strategy, weights)
+            return dist.map_per_replica(
+                strategy,
+                lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])],
+                *anchors,
+                *mean,
+            )
+        size = strategy.num_replicas_in_sync
+        shares = dist.map_per_replica(
+            strategy,
+            lambda *xs: [(a - w) / size for a, w in zip(xs[:n], xs[n:])],
+            *anchors,
+            *weights,
+        )
+        compressor = self.outer_compression
+        pseudo = compressor.aggregate(
+            optimizer.reducer, strategy, list(shares), self.anchors
+        )
+        compressor.commit(strategy, None)
+        return pseudo
 
     def _anchors_for(self, optimizer, variables):
         return (
