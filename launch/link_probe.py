@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import links as links_lib  # A sibling file, not a package: after the path.
@@ -92,8 +93,10 @@ def measure(
       the sender's upload bytes (``Links.counters``) over the payload of the
       whole transfer; ``wire_bits_per_second``, the product of the two;
       ``sent_bytes``/``received_bytes``, the sender's upload and the
-      receiver's download counters over the transfer. A sender's upload
-      also carries the acknowledgements of what it receives at the time.
+      receiver's download counters over the transfer, and
+      ``download_drops``, the frames the receiver's download queue dropped
+      (full). A sender's upload also carries the acknowledgements of what
+      it receives at the time.
     """
     python = [sys.executable, "-c"]
     before = links.counters()
@@ -123,6 +126,10 @@ def measure(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    # The sender's last frames may still wait in the receiver's download
+    # queue: let it drain (a frame waits at most QUEUE_LATENCY, then is
+    # sent or dropped) before reading what went through.
+    time.sleep(0.3)
     after = links.counters()
     return [_rates(before, after, pair, r) for pair, r in zip(pairs, results)]
 
@@ -132,6 +139,7 @@ def _rates(before: list[dict], after: list[dict], pair, result: dict) -> dict:
     sender, receiver = pair
     sent = after[sender]["tx_bytes"] - before[sender]["tx_bytes"]
     received = after[receiver]["rx_bytes"] - before[receiver]["rx_bytes"]
+    drops = after[receiver]["rx_drops"] - before[receiver]["rx_drops"]
     payload_rate = 8 * result["window_bytes"] / result["seconds"]
     overhead = sent / result["total_bytes"]
     return {
@@ -143,6 +151,7 @@ def _rates(before: list[dict], after: list[dict], pair, result: dict) -> dict:
         "wire_bits_per_second": payload_rate * overhead,
         "sent_bytes": sent,
         "received_bytes": received,
+        "download_drops": drops,
     }
 
 

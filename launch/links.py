@@ -256,7 +256,11 @@ class Links:
         return result
 
     def close(self) -> None:
-        """Ends the namespace holders (idempotent)."""
+        """Ends the holders and deletes the bridge and its ports (idempotent).
+
+        The launcher's namespace would delete them as it ends; deleting them
+        here lets one process build links again (the probe, a benchmark).
+        """
         for holder in self._holders:
             holder.stdin.close()  # EOF: cat exits.
             try:
@@ -265,6 +269,16 @@ class Links:
                 holder.kill()
                 holder.wait()
             holder.stderr.close()
+        # Deleting wk<i> deletes its pair; -force: on past what is gone.
+        ports = "".join(f"link del wk{i}\n" for i in range(len(self._holders)))
+        subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input=ports + "link del br0\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     def __enter__(self) -> Self:
         return self

@@ -317,8 +317,12 @@ def test_link_probe_measures_the_rate_each_way(links_here, rate):
     and both ways at once (the links are full duplex, as a NIC's).
 
     The rate is the kernel's token bucket, not our code's speed, so it is
-    checked with a tolerance: within 15% of the rate at 20mbit and 100mbit;
-    at 1gbit only not above it (a loaded 2-core host may not fill a gigabit).
+    checked with a tolerance: the frames each way within 15% of the rate at
+    20mbit and 100mbit (the limit counts frames; TCP payload is 95.6% of
+    them); at 1gbit only not above it (a loaded 2-core host may not fill a
+    gigabit). Both ways at once, only not above it either: each link then
+    also carries the other transfer's acknowledgements, and on this shared
+    2-core machine such runs measured 0.80 to 0.95 of the rate in payload.
     """
     sys.path.insert(0, os.path.join(REPO, "launch"))
     try:
@@ -329,18 +333,20 @@ def test_link_probe_measures_the_rate_each_way(links_here, rate):
     limit = result["rate_bits_per_second"]
     for figures in (result["directions"], result["duplex"]):
         assert [(d["from"], d["to"]) for d in figures] == [(0, 1), (1, 0)]
+    for d in result["directions"]:
+        if limit < 10**9:
+            assert d["wire_bits_per_second"] >= 0.85 * limit, d
     for d in result["directions"] + result["duplex"]:
         for kind in ("wire", "payload"):
-            measured = d[f"{kind}_bits_per_second"] / limit
-            assert measured <= 1.15, (kind, d)
-            if limit < 10**9:
-                assert measured >= 0.85, (kind, d)
+            assert d[f"{kind}_bits_per_second"] <= 1.15 * limit, (kind, d)
         # Whole frames per payload byte, as counted by the token buckets:
         # 1514 per 1448 for full-size segments (1.046), plus the handshake
         # (and, both ways at once, the other transfer's acknowledgements).
         assert 1.0 < d["frame_bytes_per_payload_byte"] < 1.1, d
-        # The receiver's download carried what the sender's upload did.
-        assert d["received_bytes"] == d["sent_bytes"], d
+        # The receiver's download carried what the sender's upload did,
+        # unless its queue overflowed (which tbf counts).
+        assert d["received_bytes"] <= d["sent_bytes"], d
+        assert d["received_bytes"] == d["sent_bytes"] or d["download_drops"], d
 
 
 def test_a_failed_link_setup_leaves_nothing_running(links_here):
