@@ -455,6 +455,10 @@ class LogicalState(tf.Module):
         """Writes each local replica's piece of the logical `value`."""
         raise NotImplementedError
 
+    def storage_variables(self) -> list:
+        """The variables that hold the pieces (not tracked: see `Untracked`)."""
+        raise NotImplementedError
+
     # --- Variable-like reads and writes (keras.wrap saves through these) ----
 
     def numpy(self):

@@ -216,6 +216,9 @@ class ReplicaRows(dist.LogicalState):
         """The variable each replica writes alone."""
         return self._storage.value
 
+    def storage_variables(self) -> list:
+        return [self.storage]
+
     @property
     def dtype(self):
         return self._dtype

@@ -179,6 +179,12 @@ class Optimizer(tf.Module):
         self.use_ema = bool(use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
+        if self.shard_state and self.sync.diverges:
+            raise ValueError(
+                f"shard_state: needs a synchronous sync mode (every_step or "
+                f"accumulate); under {self.sync.name} each replica holds its own "
+                "weights and slots."
+            )
         if self.use_ema and self.sync.diverges:
             # Each replica's average would follow its own copy, and
             # `finalize_variable_values` would make the copies differ for good.
@@ -226,6 +232,7 @@ class Optimizer(tf.Module):
         # variables a second checkpoint path under the optimizer.
         self._variable_refs = []
         self._built = False
+        self._strategy = None
         compile_ = lambda f: (
             tf.function(f, jit_compile=True, autograph=False) if self.jit_compile else f
         )
@@ -353,7 +360,10 @@ class Optimizer(tf.Module):
         self._strategy = strategy
         sharded = self._shards_over(strategy)
         with tf.name_scope(self.name):
-            inits = [self._slot_inits(var) for var in var_list]
+            # Eager values even when a tf.function builds lazily: the sharded
+            # state assigns them piece by piece, outside the trace.
+            with tf.init_scope():
+                inits = [self._slot_inits(var) for var in var_list]
             if sharded:
                 self._sharded_slots = sharded_lib.ShardedSlots(
                     strategy, var_list, inits
@@ -536,6 +546,9 @@ class Optimizer(tf.Module):
                 "built with; nothing was changed."
             )
         averages = [self.slots(v)[EMA] for v in var_list]
+        if self._sharded_slots is not None:
+            # Each average is in pieces on the replicas: the whole of it.
+            averages = [a.logical_value() for a in averages]
         with self._strategy.scope():
             for var, ema in zip(var_list, averages):
                 dist.update(
@@ -561,15 +574,52 @@ class Optimizer(tf.Module):
         """Every variable the optimizer was built with, in build order."""
         return [r.deref() for r in self._variable_refs]
 
-    def state_variables(self) -> list[tf.Variable]:
+    def state_variables(self) -> list:
         """Every variable of the optimizer's own state, in a stable order.
 
-        Counters, slots, the sync mode's and the loss scale's state; not the
-        model's variables. The order is `tf.Module.variables`' (sorted by
-        attribute path), so it is the same for every optimizer built alike.
+        Counters, slots, the sync mode's, the compressor's and the loss
+        scale's state; not the model's variables. Sharded slots and
+        compression residuals are `distribute.LogicalState` views, which read
+        (`numpy()`) and write (`assign()`) their whole logical value like a
+        variable. The order is `tf.Module`'s (by attribute path), so it is
+        the same for every optimizer built alike.
         """
         model = set(self._variable_refs)
-        return [v for v in self.variables if v.ref() not in model]
+        variables = [v for v in self.variables if v.ref() not in model]
+        return variables + [
+            m for m in self.submodules if isinstance(m, dist.LogicalState)
+        ]
+
+    def state_bytes_per_device(self) -> dict[str, int]:
+        """Bytes of optimizer state held on each device, read from the variables.
+
+        Slots (whole or sharded), moving averages, compression residuals,
+        sync state, snapshots and counters; not the model's variables. Each
+        variable's copies are counted on the devices they live on, at their
+        current size.
+
+        Returns:
+            `{device name: bytes}`.
+        """
+        model = set(self._variable_refs)
+        held = [v for v in self.variables if v.ref() not in model]
+        for m in self.submodules:
+            if isinstance(m, dist.LogicalState):
+                held += m.storage_variables()
+        if self._sharded_slots is not None:
+            held += self._sharded_slots.storage_variables()
+        strategy = self._strategy or dist.current_strategy()
+        out: dict[str, int] = {}
+        seen = set()
+        with strategy.scope():
+            for v in held:
+                if v.ref() in seen:
+                    continue
+                seen.add(v.ref())
+                for copy in dist.local_values(strategy, v):
+                    size = int(tf.size(copy)) * copy.dtype.size
+                    out[copy.device] = out.get(copy.device, 0) + size
+        return out
 
     def slot_dtype(self, var) -> tf.DType:
         """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""

@@ -303,51 +303,58 @@ def _step_group(
     ok,
 ):
     """Each replica's new parameter shard; writes the slot shards."""
+    masked = not all(present) or any(x is not None for x in var_ok)
+    dtype = optimizer.slot_dtype(members[0])
 
     def inputs(r, i):
-        keep = _keep_mask(group, r, present, [_local(strategy, x, i) for x in var_ok])
-        p = _shard_of(group, r, [_local(strategy, v, i) for v in members], group.dtype)
-        dtype = optimizer.slot_dtype(members[0])
-        gr = _shard_of(group, r, [_local(strategy, x, i) for x in grads], dtype)
-        return p, gr, keep
+        pick = lambda xs: [_local(strategy, x, i) for x in xs]
+        p = _shard_of(group, r, pick(members), group.dtype)
+        g = _shard_of(group, r, pick(grads), dtype)
+        if not masked:
+            return p, g
+        return p, g, _keep_mask(group, r, present, pick(var_ok))
 
-    p, gr, keep = dist.by_replica(strategy, inputs)
-    segments = dist.by_replica(strategy, lambda r, i: tf.constant(r))
+    p, g, *keep = dist.by_replica(strategy, inputs)
+    keep = keep[0] if keep else None
+    # Which replica a device's copy serves: its shard's place, static.
+    devices = [c.device for c in dist.local_values(strategy, members[0])]
+    rid = dict(zip(devices, dist.local_replica_ids(strategy)))
     totals = None
     if optimizer.layerwise:
         partial = dist.update_together(
             strategy,
+            members,
+            _partials_on_device(optimizer, group, rid),
             stores,
-            _partials_on_device(optimizer, group),
             p,
-            gr,
+            g,
             lr,
             step,
             scale,
-            segments,
         )
         (totals,) = optimizer.reducer.all_reduce(strategy, [partial])
+    # Anchored on the group's variables (a rule without slots has no
+    # stores); nothing writes them here.
     return dist.update_together(
         strategy,
+        members,
+        _update_on_device(optimizer, group, rid),
         stores,
-        _update_on_device(optimizer, group),
         p,
-        gr,
+        g,
         lr,
         step,
         scale,
         ok,
         keep,
-        segments,
         totals,
     )
 
 
-def _update_on_device(optimizer, group):
-    def update(stores, p, g, lr, step, scale, ok, keep, rid, totals):
-        r = int(tf.get_static_value(rid))
+def _update_on_device(optimizer, group, rid):
+    def update(members, stores, p, g, lr, step, scale, ok, keep, totals):
+        r = rid[members[0].device]
         old = {n: tf.convert_to_tensor(s) for n, s in zip(group.slot_names, stores)}
-        ok_all = _combine(ok, keep)
         layout = ("segments", group.segments(r), len(group.members) + 1)
         new_p, new = optimizer._flat_kernel(
             p,
@@ -356,7 +363,7 @@ def _update_on_device(optimizer, group):
             lr,
             step,
             scale,
-            ok_all,
+            _combine(ok, keep),
             layout if totals is not None else None,
             totals,
         )
@@ -367,9 +374,9 @@ def _update_on_device(optimizer, group):
     return update
 
 
-def _partials_on_device(optimizer, group):
-    def partials(stores, p, g, lr, step, scale, rid):
-        r = int(tf.get_static_value(rid))
+def _partials_on_device(optimizer, group, rid):
+    def partials(members, stores, p, g, lr, step, scale):
+        r = rid[members[0].device]
         old = {n: tf.convert_to_tensor(s) for n, s in zip(group.slot_names, stores)}
         layout = ("segments", group.segments(r), len(group.members) + 1)
         return optimizer._norm_partials(p, g, old, lr, step, scale, layout)
