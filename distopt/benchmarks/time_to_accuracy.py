@@ -344,7 +344,7 @@ def main(argv):
         cells.append(("every_step", "1", "none"))
 
     def repeats_of(cell):
-        m, w, link = cell
+        _, w, link = cell
         return (
             FLAGS.repeats if (w, link) in HEADLINE or w == "1" else FLAGS.other_repeats
         )
