@@ -11,6 +11,7 @@ import importlib as _importlib
 __version__ = "0.1.0"
 __all__ = [
     "aggregation",
+    "compression",
     "counter",
     "distribute",
     "keras",
