@@ -67,7 +67,7 @@ class TopK(Compressor):
             payload, own = [], []
             for x, k, shape in zip(xs_, ks, shapes):
                 flat = tf.reshape(x, [-1])
-                _, idx = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
+                _, idx = tf.math.top_k(_magnitude(flat), k=k, sorted=False)
                 values = tf.gather(flat, idx)
                 payload += [tf.bitcast(values, tf.int32), idx]
                 own.append(tf.reshape(_scatter(idx, values, flat.shape[0]), shape))
@@ -93,6 +93,21 @@ class TopK(Compressor):
 
     def get_config(self):
         return {**super().get_config(), "fraction": self.fraction}
+
+
+def _magnitude(flat):
+    """`|flat|`, with NaN ranked first (as +Inf).
+
+    `top_k` leaves a NaN unselected (it compares false), so a NaN share would
+    stay behind in the residual while the aggregate looked finite: the step
+    would be applied, `skip_nonfinite` would not see it, and the residual
+    would be NaN for good. Selected, it reaches every replica, which then
+    skips the step (or applies the NaN, as without compression).
+    """
+    magnitude = tf.abs(flat)
+    return tf.where(
+        tf.math.is_nan(magnitude), tf.constant(float("inf"), flat.dtype), magnitude
+    )
 
 
 def _scatter(idx, values, d):
