@@ -173,12 +173,16 @@ class Compressor(tf.Module):
         else:
             out = compressed()
         n = len(shares)
-        self._pending = (state, out[n:])
+        # Untracked: a tf.Module attribute holding variables would be a
+        # checkpoint dependency (the residuals' storage saved a second time,
+        # as a sum over replicas, and restored over them at the next trace),
+        # and assigning None later does not remove it.
+        self._pending = dist.Untracked((state, out[n:]))
         return out[:n]
 
     def commit(self, strategy, ok) -> None:
         """Writes the staged state; where `ok` is False, keeps the old."""
-        state, values = self._pending
+        state, values = self._pending.value
         self._pending = None
         for var, value in zip(state, values):
             dist.update(strategy, var, _keep_unless, value, ok)
