@@ -78,14 +78,20 @@ class TopK(Compressor):
         local = out[1:]
 
         def decompress(rows):
+            # Every replica's row at once: one scatter into [R, d] per
+            # variable (the (row, index) pairs are distinct, so no two values
+            # meet in the scatter), then the rows added in replica order.
+            n = rows.shape[0]
+            row_ids = tf.range(n)[:, None]
             agg, start = [], 0
             for k, shape in zip(ks, shapes):
                 d = int(shape.num_elements())
                 values = tf.bitcast(rows[:, start : start + k], tf.float32)
                 idx = rows[:, start + k : start + 2 * k]
                 start += 2 * k
-                parts = [_scatter(idx[r], values[r], d) for r in range(rows.shape[0])]
-                agg.append(tf.reshape(tf.add_n(parts), shape))
+                where = tf.stack([tf.broadcast_to(row_ids, [n, k]), idx], axis=-1)
+                dense = tf.scatter_nd(where, values, [n, d])
+                agg.append(tf.reshape(tf.add_n(tf.unstack(dense)), shape))
             return agg
 
         aggregate = _as_list(dist.map_per_replica(strategy, decompress, rows))
