@@ -54,14 +54,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np
-import tensorflow as tf
 from absl import flags
 
-from distopt import cli, optimizers
-from distopt import sync as sync_lib
+from distopt import cli, quiet
 
 # Flags live in their own FlagValues: the module is importable next to other
 # absl programs (tests, notebooks) without clashing.
@@ -95,6 +90,19 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "json", "", "Also write the rows, as JSON, to this file.", flag_values=_FLAGS
 )
+
+if __name__ == "__main__":
+    # --help at once, not after TensorFlow's import.
+    cli.exit_if_help(__doc__, _FLAGS)
+    # TensorFlow's start-up lines held: the first line of output says what
+    # was found (see quiet.py).
+    quiet.import_tensorflow_for_tool()
+
+import numpy as np
+import tensorflow as tf
+
+from distopt import optimizers
+from distopt import sync as sync_lib
 
 #: The model: y = x w + b on DIM_IN inputs, DIM_OUT outputs.
 DIM_IN, DIM_OUT = 3, 2

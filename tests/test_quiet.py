@@ -72,3 +72,41 @@ def test_startup_output_is_held_and_shown_at_verbosity_1(capfd, monkeypatch):
     monkeypatch.setattr(quiet, "_startup_output", held)
     quiet.replay_startup()
     assert capfd.readouterr().err == held
+
+
+# TensorFlow 2.21's start-up lines on this CPU-only host (import and device
+# discovery), with TF_CPP_MIN_LOG_LEVEL=2.
+STARTUP = [
+    (
+        "WARNING: All log messages before absl::InitializeLog() is called are "
+        "written to STDERR\n"
+    ),
+    (
+        "I0000 00:00:1796403530.799675   21989 cudart_stub.cc:31] Could not find "
+        "cuda drivers on your machine, GPU will not be used.\n"
+    ),
+    (
+        "I0000 00:00:1796403530.912425   21989 cpu_feature_guard.cc:227] This "
+        "TensorFlow binary is optimized to use available CPU instructions.\n"
+    ),
+    (
+        "To enable the following instructions: AVX2 FMA, in other operations, "
+        "rebuild TensorFlow with the appropriate compiler flags.\n"
+    ),
+    (
+        "E0000 00:00:1796403537.110513   21989 cuda_platform.cc:52] failed call to "
+        "cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+    ),
+]
+
+
+def test_library_import_drops_only_the_known_startup_lines():
+    other = [
+        "a line of the user's own\n",
+        "E0000 00:00:1796403537.2 21989 some_op.cc:1] a real error\n",
+    ]
+    text = "".join(STARTUP[:3] + other[:1] + STARTUP[3:] + other[1:])
+    assert quiet.drop_startup_noise(text) == "".join(other)
+    # With a CUDA driver present, a failed cuInit is a real error: kept.
+    with_driver = "".join(line for line in STARTUP if "cudart_stub" not in line)
+    assert quiet.drop_startup_noise(with_driver) == STARTUP[-1]
