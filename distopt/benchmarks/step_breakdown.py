@@ -5,6 +5,10 @@
     python -m distopt.benchmarks.step_breakdown --startup_only --repeats=3
     python -m distopt.benchmarks.step_breakdown --kernels --repeats=0
 
+Default run: about 2-4 min on this 2-core host (the phases in this process,
+then 3 start-up processes; 3.8 min with other jobs on the machine,
+2026-12-04).
+
 Per step (one process, the phases interleaved round by round so that load
 drift hits them alike; ms per step, median and min-max over rounds), each a
 ``tf.range`` loop in one ``tf.function``, the trainer's default settings for
@@ -43,7 +47,6 @@ optimisation, XLA compilation of whatever is compiled, one step).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -452,9 +455,7 @@ def main(argv=None):
             f"({min(total):.2f}-{max(total):.2f})"
         )
     results["load_end"] = os.getloadavg()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.json, results)
     return results
 
 
