@@ -13,9 +13,6 @@ rules that keep replicas consistent live here and nowhere else:
 * Conditions that gate communication are decided in cross-replica context on
   values that every replica holds identically (`cond`), because a `tf.cond`
   around a `merge_call` in replica context breaks (tensorflow#27716).
-* Eager reductions and gathers on a single-host strategy (snapshots,
-  restores, evaluation averages) use no collective keys (`_keyless_ops`),
-  so they work whatever other strategies the process has run.
 
 Only public TensorFlow APIs are used, with one exception, wrapped in
 `in_xla_compiled_function` (see there for why).
