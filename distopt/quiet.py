@@ -215,6 +215,7 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        text = ""
         try:
             with _captured_fd2() as read:
                 try:
@@ -222,6 +223,9 @@ class _QuietLoader(importlib.abc.Loader):
                     _discover_devices(module)
                 finally:
                     text = read()
+        except BaseException:
+            sys.stderr.write(text)  # The import failed: all of it.
+            raise
         finally:
             # Everything after the import sees TensorFlow's own loader.
             module.__loader__ = module.__spec__.loader = self._loader

@@ -6,8 +6,11 @@ no "Reduce to" line) is checked on the README's command in test_readme.py.
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 
 from distopt import quiet
 
@@ -110,3 +113,51 @@ def test_library_import_drops_only_the_known_startup_lines():
     # With a CUDA driver present, a failed cuInit is a real error: kept.
     with_driver = "".join(line for line in STARTUP if "cudart_stub" not in line)
     assert quiet.drop_startup_noise(with_driver) == STARTUP[-1]
+
+
+FAKE_TENSORFLOW = """
+import os, types
+for line in STARTUP + ["not TensorFlow's: kept\\n"]:
+    os.write(2, line.encode())
+if os.environ.get("FAIL"):
+    raise ImportError("the fake TensorFlow failed")
+config = types.SimpleNamespace(list_physical_devices=lambda: [])
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_import_distopt_quiets_the_next_tensorflow_import(tmp_path, fail):
+    """A stand-in `tensorflow` package that prints TF 2.21's start-up lines."""
+    package = tmp_path / "tensorflow"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"STARTUP = {STARTUP!r}\n" + FAKE_TENSORFLOW)
+    code = (
+        "import distopt, sys\n"
+        "import tensorflow\n"
+        "print(type(tensorflow.__loader__).__name__)\n"
+        "print(sys.meta_path[0].__class__.__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    if fail:
+        env["FAIL"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    if fail:
+        # The import failed: everything it printed is shown, then the error.
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("".join(STARTUP) + "not TensorFlow's: kept\n")
+        assert "ImportError: the fake TensorFlow failed" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "not TensorFlow's: kept\n"
+        # Afterwards TensorFlow's own loader, and no finder left behind.
+        loader, first_finder = proc.stdout.split()
+        assert loader == "SourceFileLoader"
+        assert first_finder != "_QuietTensorFlowFinder"
