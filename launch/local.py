@@ -64,6 +64,14 @@ free_ports = _cluster.free_ports
 tf_config = _cluster.localhost_tf_config
 
 
+def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:
+    for line in iter(pipe.readline, ""):
+        with lock:
+            out.write(f"{prefix}{line}")
+            out.flush()
+    pipe.close()
+
+
 # TensorFlow's coordination service reports a peer that has exited: the
 # leader's service that a worker "stopped sending heartbeats", a worker's
 # heartbeat thread that it "Failed to send RPC to coordination service"
@@ -87,26 +95,43 @@ _PEER_GONE_MORE = (
 )
 
 
-def _stream(prefix: str, pipe, out, lock: threading.Lock, held=None) -> None:
-    """Copies ``pipe`` to ``out`` with ``prefix``; appends to ``held`` what it holds.
+class _HoldPeerGone:
+    """A worker's output stream that holds back a peer-gone report (`_PEER_GONE`).
 
-    ``held``: a list for the lines of a peer-gone message (see ``_PEER_GONE``),
-    or None to print every line.
+    Args:
+        out: Where every other line goes.
+        prefix: The worker's prefix (``[worker i] ``), which `_stream` adds.
     """
-    holding = False
-    for line in iter(pipe.readline, ""):
-        if held is not None:
-            if any(p in line for p in _PEER_GONE) and line.startswith("E0000"):
-                holding = True
-            elif not (holding and line.startswith(_PEER_GONE_MORE)):
-                holding = False
-            if holding:
-                held.append(f"{prefix}{line}")
-                continue
-        with lock:
-            out.write(f"{prefix}{line}")
-            out.flush()
-    pipe.close()
+
+    def __init__(self, out, prefix: str):
+        self.out, self.prefix = out, prefix
+        self.held: list[str] = []
+        self._holding = False
+
+    def write(self, text: str) -> None:
+        line = text.removeprefix(self.prefix)
+        if line.startswith("E0000") and any(p in line for p in _PEER_GONE):
+            self._holding = True
+        elif not line.startswith(_PEER_GONE_MORE):
+            self._holding = False
+        if self._holding:
+            self.held.append(text)
+        else:
+            self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def report(self, succeeded: bool, say) -> None:
+        """After the run: drops the held lines (saying so) or prints them."""
+        if self.held and succeeded:
+            say(
+                f"{self.prefix.strip('[] ')}: held back TensorFlow's "
+                f"{len(self.held)}-line report of a peer that had exited; every "
+                "worker succeeded"
+            )
+        elif self.held:
+            self.out.write("".join(self.held))
 
 
 # The trainer's exit status after a stop notice (checkpoint saved); see
@@ -185,8 +210,7 @@ def launch(
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, threads = [], []
-    held = [[] for _ in range(num_workers)]  # See `_PEER_GONE`.
+    procs, threads, streams = [], [], []
 
     def say(text):
         with lock:
@@ -208,9 +232,10 @@ def launch(
                 start_new_session=True,
             )
             procs.append(proc)
+            streams.append(_HoldPeerGone(out, f"[worker {i}] "))
             t = threading.Thread(
                 target=_stream,
-                args=(f"[worker {i}] ", proc.stdout, out, lock, held[i]),
+                args=(f"[worker {i}] ", proc.stdout, streams[i], lock),
             )
             t.start()
             threads.append(t)
@@ -250,14 +275,8 @@ def launch(
         _kill_all(procs)
         for t in threads:
             t.join()
-    for i, lines in enumerate(held):
-        if lines and status == 0:
-            say(
-                f"worker {i}: held back TensorFlow's {len(lines)}-line report of "
-                "a peer that had exited; every worker succeeded"
-            )
-        elif lines:
-            out.write("".join(lines))
+    for stream in streams:
+        stream.report(status == 0, say)
     say(f"exit status {status}")
     return status
 
