@@ -258,7 +258,8 @@ def gather_replicas(
 
     The result is mirrored: every replica, on every worker, receives all rows.
     One batched all-reduce sums tensors that are zero outside each replica's
-    own row, so the rows arrive exactly.
+    own row, so the rows arrive exactly (keyless when eager on one host: see
+    `_keyless_ops`).
     """
     n = strategy.num_replicas_in_sync
     if not tf.distribute.has_strategy() or n == 1:
@@ -274,9 +275,7 @@ def gather_replicas(
         ]
 
     rows = by_replica(strategy, own_row)
-    return list(
-        strategy.extended.batch_reduce_to(SUM, [(x, x) for x in rows], options=options)
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in rows], options)
 
 
 def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
@@ -582,22 +581,6 @@ def assign(strategy: tf.distribute.Strategy, variables: Sequence, values) -> Non
         update(strategy, v, lambda v, x: v.assign(x), x)
 
 
-def replica_mean(strategy: tf.distribute.Strategy, values: Sequence) -> list:
-    """The mean over replicas of per-replica `values`, eagerly or in a function.
-
-    Call it in cross-replica context; every replica receives the mean. For
-    callers outside an optimizer step (Keras callbacks), uncounted.
-    """
-    if not is_distributed(strategy):
-        return list(values)
-
-    def mean(*xs):
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_reduce(MEAN, list(xs))
-
-    return list(strategy.run(mean, args=tuple(values)))
-
-
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):
     """Each replica's own copy of each variable, as per-replica values."""
     return map_per_replica(
@@ -612,11 +595,50 @@ def reduce(
     destination: Any,
     options: tf.distribute.experimental.CommunicationOptions | None = None,
 ):
-    """One all-reduce of a per-replica tensor, mirrored onto `destination`."""
+    """One all-reduce of a per-replica tensor, mirrored onto `destination`.
+
+    Eagerly on a single-host strategy, without collective keys (see
+    `_keyless_ops`); otherwise with the strategy's own cross-device ops.
+    """
     if not is_distributed(strategy):
         return value
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return keyless.reduce(op, value, destination, options=options)
     return strategy.extended.reduce_to(
         op, value, destinations=destination, options=options
+    )
+
+
+def _keyless_ops(strategy: tf.distribute.Strategy):
+    """A `ReductionToOneDevice` for an eager reduction on one host, else None.
+
+    TensorFlow gives every strategy of a process the same collective keys
+    (group keys from 1, instance keys from 100; tensorflow#61314, #62790).
+    Once one strategy with collective cross-device ops (MirroredStrategy's
+    default on several CPUs or logical GPUs) has run an eager collective, or
+    Keras `fit`, the next strategy's eager collective meets that cached
+    instance and fails: "Shape mismatch in the collective instance 100". So
+    distopt's own eager, cross-replica reductions on a single-host strategy
+    (snapshots, restores, evaluation averages) copy to one device, add there
+    and copy back, through the public `tf.distribute.ReductionToOneDevice`:
+    no collective keys, and the user's strategy is left as it is. Inside a
+    `tf.function` (the training step) the strategy's own cross-device ops
+    run, NCCL between GPUs; across processes (MultiWorkerMirroredStrategy)
+    only collectives can.
+    """
+    if tf.executing_eagerly() and is_single_host(strategy):
+        return tf.distribute.ReductionToOneDevice()
+    return None
+
+
+def _batch_reduce(strategy, op, value_destination_pairs, options):
+    """`batch_reduce_to` of the pairs; keyless eagerly on one host (see `reduce`)."""
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return list(keyless.batch_reduce(op, value_destination_pairs, options=options))
+    return list(
+        strategy.extended.batch_reduce_to(op, value_destination_pairs, options=options)
     )
 
 
@@ -647,11 +669,7 @@ def all_gather_slices(
     """
     if not is_distributed(strategy):
         return [first_local(strategy, v) for v in values]
-    return list(
-        strategy.extended.batch_reduce_to(
-            SUM, [(x, x) for x in values], options=options
-        )
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in values], options)
 
 
 def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *args):
