@@ -45,6 +45,15 @@ def in_replica_context() -> bool:
     return tf.distribute.get_replica_context() is not None
 
 
+def require_cross_replica_context(method: str, hint: str = "") -> None:
+    """Raises RuntimeError naming `method` when called inside `strategy.run`."""
+    if in_replica_context() and tf.distribute.has_strategy():
+        raise RuntimeError(
+            f"{method}: call it in cross-replica context (outside strategy.run)."
+            + (f" {hint}" if hint else "")
+        )
+
+
 def is_distributed(strategy: tf.distribute.Strategy) -> bool:
     """True when values may differ between replicas or workers."""
     return strategy.num_replicas_in_sync > 1
@@ -219,6 +228,14 @@ def map_per_replica(strategy: tf.distribute.Strategy, fn: Callable, *args: Any):
     )
 
 
+def local_replica_ids(strategy: tf.distribute.Strategy) -> list[int]:
+    """The replica ids (in the whole sync group) of this worker's devices, in order."""
+    if not is_distributed(strategy):
+        return [0]
+    ids = by_replica(strategy, lambda r, i: tf.constant(r))
+    return [int(tf.get_static_value(x)) for x in local_values(strategy, ids)]
+
+
 def by_replica(strategy: tf.distribute.Strategy, fn: Callable[[int, int], Any]):
     """A per-replica value whose component on replica `r` is `fn(r, i)`.
 
@@ -246,7 +263,8 @@ def gather_replicas(
 
     The result is mirrored: every replica, on every worker, receives all rows.
     One batched all-reduce sums tensors that are zero outside each replica's
-    own row, so the rows arrive exactly.
+    own row, so the rows arrive exactly (keyless when eager on one host: see
+    `_keyless_ops`).
     """
     n = strategy.num_replicas_in_sync
     if not tf.distribute.has_strategy() or n == 1:
@@ -262,9 +280,7 @@ def gather_replicas(
         ]
 
     rows = by_replica(strategy, own_row)
-    return list(
-        strategy.extended.batch_reduce_to(SUM, [(x, x) for x in rows], options=options)
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in rows], options)
 
 
 def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
@@ -372,16 +388,22 @@ def update_together(
     return strategy.extended.update(first, per_device, args=args, group=True)
 
 
-def per_replica_zeros(strategy: tf.distribute.Strategy, like, dtype):
+def per_replica_zeros(
+    strategy: tf.distribute.Strategy, like, dtype, *, shape=None, name="accumulator"
+):
     """A zero variable each replica writes alone; saved as the sum over replicas.
 
     Args:
         strategy: The strategy in scope.
         like: A variable to take the shape from and colocate with, or None
-            for a scalar.
+            (then `shape`, default a scalar).
         dtype: The variable's dtype.
+        shape: The shape when `like` is None.
+        name: The variable's name.
     """
-    shape = like.shape if like is not None else []
+    if like is not None:
+        shape = like.shape
+    shape = [] if shape is None else shape
     with (
         strategy.extended.colocate_vars_with(like)
         if like is not None
@@ -392,30 +414,176 @@ def per_replica_zeros(strategy: tf.distribute.Strategy, like, dtype):
             trainable=False,
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.SUM,
-            name="accumulator",
+            name=name,
         )
+
+
+def assign_components(strategy: tf.distribute.Strategy, variable, values) -> None:
+    """Writes replica r's own value into its copy of a `per_replica_zeros`.
+
+    Args:
+        strategy: The strategy in scope.
+        variable: A variable each replica writes alone.
+        values: A per-replica value (or, with one replica, a tensor).
+    """
+    update(strategy, variable, lambda v, x: v.assign(x, read_value=False), values)
+
+
+class LogicalState(tf.Module):
+    """State stored piecewise on the devices, checkpointed as one logical tensor.
+
+    A subclass says how the pieces make the logical tensor
+    (`logical_value`) and how a logical tensor is cut into pieces again
+    (`assign_logical`). The checkpoint then holds the logical tensor under
+    the same key a `tf.Variable` at the same path would use, so a checkpoint
+    restores on any number of replicas, and into a plain variable (or from
+    one): sharded optimizer state (`distopt.optimizers.sharded`) and the
+    per-replica residuals of compression (`distopt.compression`) use it.
+
+    The private part, wrapped here once: `tf.train.Checkpoint` asks a
+    trackable for its tensors through `_serialize_to_tensors` and gives them
+    back through `_restore_from_tensors`. Those are underscore names of
+    TensorFlow's `Trackable` (the hooks its own `DenseHashTable` and
+    `ShardedVariable` implement); there is no public way to make a checkpoint
+    hold a value other than a variable's own. Without it, a sharded slot
+    could only be saved after an explicit consolidation call (PyTorch's
+    `consolidate_state_dict()`), which is what this avoids.
+    `tests/test_sharded.py` fails if TensorFlow stops calling them.
+    """
+
+    def logical_value(self) -> tf.Tensor:
+        """The logical tensor, assembled from every replica's piece."""
+        raise NotImplementedError
+
+    def assign_logical(self, value) -> None:
+        """Writes each local replica's piece of the logical `value`."""
+        raise NotImplementedError
+
+    def storage_variables(self) -> list:
+        """The variables that hold the pieces (not tracked: see `Untracked`)."""
+        raise NotImplementedError
+
+    # --- Variable-like reads and writes (keras.wrap saves through these) ----
+
+    def numpy(self):
+        return self.logical_value().numpy()
+
+    def assign(self, value, read_value=False):
+        del read_value
+        self.assign_logical(tf.convert_to_tensor(value, self.dtype))
+
+    # --- TensorFlow's checkpoint hooks ---------------------------------------
+
+    def _serialize_to_tensors(self):
+        return {"VARIABLE_VALUE": self.logical_value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        with tf.init_scope():
+            self.assign_logical(restored_tensors["VARIABLE_VALUE"])
+        return tf.no_op()
+
+
+class Untracked:
+    """A holder whose contents `tf.Module` neither tracks nor lists.
+
+    For variables whose checkpoint value is a `LogicalState` view: tracked
+    directly, they would be saved twice (and as one replica's piece).
+    """
+
+    def __init__(self, value):
+        self.value = value
+
+
+def all_gather_rows(
+    strategy: tf.distribute.Strategy,
+    values: Sequence,
+    options: tf.distribute.experimental.CommunicationOptions | None = None,
+) -> list:
+    """Every replica's 1-D tensor, stacked `[num_replicas, n]`, on every replica.
+
+    Each of `values` is per-replica, of the same length on every replica.
+    The rows arrive bit for bit (no arithmetic touches them), whatever their
+    dtype, so packed bits and bitcast floats travel safely. On one host the
+    rows are copied from device to device; across workers they travel in
+    `tf.distribute`'s all-gather of `IndexedSlices` (a SUM of slices is a
+    concatenation), one row per replica, put back in replica order.
+    """
+    n = strategy.num_replicas_in_sync
+    if not is_distributed(strategy):
+        return [first_local(strategy, v)[None] for v in values]
+    locals_ = [local_values(strategy, v) for v in values]
+    if is_single_host(strategy):
+        return list(
+            by_replica(
+                strategy,
+                lambda r, i: [tf.stack([tf.identity(c) for c in l]) for l in locals_],
+            )
+        )
+    rows = by_replica(
+        strategy,
+        lambda r, i: [
+            tf.IndexedSlices(
+                tf.identity(l[i])[None],
+                tf.constant([r], tf.int64),
+                tf.constant([n, l[i].shape[0]], tf.int64),
+            )
+            for l in locals_
+        ],
+    )
+    gathered = all_gather_slices(strategy, list(rows), options=options)
+    return [
+        map_per_replica(
+            strategy,
+            lambda g: tf.gather(g.values, tf.argsort(g.indices)),
+            x,
+        )
+        for x in gathered
+    ]
+
+
+def cond_per_replica(strategy, pred, true_fn, false_fn):
+    """`tf.cond` in cross-replica context whose branches return per-replica lists.
+
+    Both branches return lists of equal length of per-replica values (or
+    tensors); `pred` must be identical on every replica and worker. The
+    branches' local components travel through the cond as plain tensors,
+    and come out as per-replica values again.
+    """
+    if tf.executing_eagerly():
+        return true_fn() if bool(pred) else false_fn()
+    n_local = local_device_count(strategy)
+    counts = {}
+
+    def flat(fn):
+        def g():
+            out = list(fn())
+            counts["n"] = len(out)
+            parts = [local_values(strategy, x) for x in out]
+            return [tf.identity(c) for p in parts for c in _pad_locals(p, n_local)]
+
+        return g
+
+    comps = tf.cond(pred, flat(true_fn), flat(false_fn))
+    k = counts["n"]
+    if not is_distributed(strategy):
+        return list(comps)
+    return list(
+        by_replica(
+            strategy,
+            lambda r, i: [tf.identity(comps[j * n_local + i]) for j in range(k)],
+        )
+    )
+
+
+def _pad_locals(parts, n_local):
+    """Local components of a value; a plain tensor counts for every device."""
+    return list(parts) * n_local if len(parts) == 1 and n_local > 1 else list(parts)
 
 
 def assign(strategy: tf.distribute.Strategy, variables: Sequence, values) -> None:
     """Writes each device's component of `values` into its copy of `variables`."""
     for v, x in zip(variables, values):
         update(strategy, v, lambda v, x: v.assign(x), x)
-
-
-def replica_mean(strategy: tf.distribute.Strategy, values: Sequence) -> list:
-    """The mean over replicas of per-replica `values`, eagerly or in a function.
-
-    Call it in cross-replica context; every replica receives the mean. For
-    callers outside an optimizer step (Keras callbacks), uncounted.
-    """
-    if not is_distributed(strategy):
-        return list(values)
-
-    def mean(*xs):
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_reduce(MEAN, list(xs))
-
-    return list(strategy.run(mean, args=tuple(values)))
 
 
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):
@@ -432,11 +600,50 @@ def reduce(
     destination: Any,
     options: tf.distribute.experimental.CommunicationOptions | None = None,
 ):
-    """One all-reduce of a per-replica tensor, mirrored onto `destination`."""
+    """One all-reduce of a per-replica tensor, mirrored onto `destination`.
+
+    Eagerly on a single-host strategy, without collective keys (see
+    `_keyless_ops`); otherwise with the strategy's own cross-device ops.
+    """
     if not is_distributed(strategy):
         return value
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return keyless.reduce(op, value, destination, options=options)
     return strategy.extended.reduce_to(
         op, value, destinations=destination, options=options
+    )
+
+
+def _keyless_ops(strategy: tf.distribute.Strategy):
+    """A `ReductionToOneDevice` for an eager reduction on one host, else None.
+
+    TensorFlow gives every strategy of a process the same collective keys
+    (group keys from 1, instance keys from 100; tensorflow#61314, #62790).
+    Once one strategy with collective cross-device ops (MirroredStrategy's
+    default on several CPUs or logical GPUs) has run an eager collective, or
+    Keras `fit`, the next strategy's eager collective meets that cached
+    instance and fails: "Shape mismatch in the collective instance 100". So
+    distopt's own eager, cross-replica reductions on a single-host strategy
+    (snapshots, restores, evaluation averages) copy to one device, add there
+    and copy back, through the public `tf.distribute.ReductionToOneDevice`:
+    no collective keys, and the user's strategy is left as it is. Inside a
+    `tf.function` (the training step) the strategy's own cross-device ops
+    run, NCCL between GPUs; across processes (MultiWorkerMirroredStrategy)
+    only collectives can.
+    """
+    if tf.executing_eagerly() and is_single_host(strategy):
+        return tf.distribute.ReductionToOneDevice()
+    return None
+
+
+def _batch_reduce(strategy, op, value_destination_pairs, options):
+    """`batch_reduce_to` of the pairs; keyless eagerly on one host (see `reduce`)."""
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return list(keyless.batch_reduce(op, value_destination_pairs, options=options))
+    return list(
+        strategy.extended.batch_reduce_to(op, value_destination_pairs, options=options)
     )
 
 
@@ -467,11 +674,7 @@ def all_gather_slices(
     """
     if not is_distributed(strategy):
         return [first_local(strategy, v) for v in values]
-    return list(
-        strategy.extended.batch_reduce_to(
-            SUM, [(x, x) for x in values], options=options
-        )
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in values], options)
 
 
 def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *args):

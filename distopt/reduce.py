@@ -60,6 +60,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from distopt import aggregation as aggregation_lib
+from distopt import compression as compression_lib
 from distopt import counter as counter_lib
 from distopt import distribute as dist
 from distopt import transforms as transforms_lib
@@ -88,7 +89,13 @@ class Reducer(tf.Module):
             gradients) issued, and of their payload bytes.
         allgather_calls, allgather_bytes: int64 counters of the all-gathers
             of compressed payloads and sharded parameters, and of the bytes
-            gathered (every replica's share).
+            gathered (every replica's share, what each replica receives).
+        bytes_sent: int64 count of the bytes this replica put into all of
+            them: an all-reduce's whole buffer, its own share of an
+            all-gather. The compression ratio is the ratio of two runs'
+            `bytes_sent` (a ring all-reduce moves about twice its buffer
+            per replica, a ring all-gather the gathered bytes; see
+            BUILD_NOTES.md).
         invalid_weight_steps: int64 count of steps skipped because some
             replica passed a negative, NaN or Inf weight.
         group_reductions: int64 count of replica-group reductions (this
@@ -102,20 +109,23 @@ class Reducer(tf.Module):
         wire_dtype=None,
         transforms: Sequence[transforms_lib.GradientTransform] = (),
         communication_options=None,
+        compression=None,
         name="reducer",
     ):
         super().__init__(name=name)
         self.aggregation = aggregation_lib.get(aggregation)
+        self.compression = compression_lib.get(compression)
         self.wire_dtype = transforms_lib.check_wire_dtype(wire_dtype)
         self.transforms = list(transforms)
         self.communication_options = communication_options
         with tf.name_scope(name):
-            self.allreduce_calls = _counter("allreduce_calls")
-            self.allreduce_bytes = _counter("allreduce_bytes")
-            self.allgather_calls = _counter("allgather_calls")
-            self.allgather_bytes = _counter("allgather_bytes")
-            self.invalid_weight_steps = _counter("invalid_weight_steps")
-            self.group_reductions = _counter("group_reductions")
+            self.allreduce_calls = counter_lib.Counter("allreduce_calls")
+            self.allreduce_bytes = counter_lib.Counter("allreduce_bytes")
+            self.allgather_calls = counter_lib.Counter("allgather_calls")
+            self.allgather_bytes = counter_lib.Counter("allgather_bytes")
+            self.bytes_sent = counter_lib.Counter("bytes_sent")
+            self.invalid_weight_steps = counter_lib.Counter("invalid_weight_steps")
+            self.group_reductions = counter_lib.Counter("group_reductions")
 
     # --- Replica context -------------------------------------------------------
 
@@ -143,9 +153,56 @@ class Reducer(tf.Module):
             w = tf.where(valid, w, float("nan"))
         return grads, w
 
+    def reduce_in_replica_context(self, grads, weight=None) -> list:
+        """The aggregated gradients, on every replica, from inside `strategy.run`.
+
+        For optimizers that need an aggregated gradient before their update
+        (SAM's perturbation, Heun's trial point). The same path as the
+        update's: aggregation, wire dtype, transforms, communication options
+        and counters all apply; under the default strategy the gradients are
+        normalised the same way, with no communication. A `tf.IndexedSlices`
+        gradient stays sparse and comes back with each index once. Never
+        compressed: compression and its residuals belong to the update.
+
+        An invalid weight is not counted in `invalid_weight_steps` here: the
+        caller's update reduces the same weight in the same step and counts
+        it there, so a step counts once.
+        """
+        payload, w = self.payload(grads, weight)
+
+        def merge_fn(strategy, payload, w):
+            reduced, scale, _ = self.reduce(
+                strategy, list(payload), w, count_invalid=False, compress=False
+            )
+            if scale is None:
+                return list(reduced)
+            return list(
+                dist.map_per_replica(
+                    strategy,
+                    lambda s, *gs: [
+                        map_values(g, lambda x: x * tf.cast(s, x.dtype)) for g in gs
+                    ],
+                    scale,
+                    *reduced,
+                )
+            )
+
+        reduced = dist.merge(merge_fn, tuple(payload), w)
+        return [tf.cast(r, g.dtype) for r, g in zip(reduced, grads)]
+
     # --- Cross-replica context -------------------------------------------------
 
-    def reduce(self, strategy, payload, weight, *, group_size=None, count_invalid=True):
+    def reduce(
+        self,
+        strategy,
+        payload,
+        weight,
+        *,
+        group_size=None,
+        count_invalid=True,
+        compress=True,
+        variables=None,
+    ):
         """The aggregated, transformed gradient on every replica.
 
         Args:
@@ -157,6 +214,11 @@ class Reducer(tf.Module):
                 dtype); 1 to use each replica's own payload (no
                 communication); G to reduce within groups of G consecutive
                 replicas of one worker (`distopt.distribute.group_sum`).
+            compress: Whether `compression` (if any) applies; False for
+                SAM's perturbation and Heun's trial point.
+            variables: The variables of `payload`, in order: compression
+                keeps its state per variable, so it applies only when they
+                are given (the sync modes give them).
             count_invalid: Whether an invalid weight counts in
                 `invalid_weight_steps`. False for a reduction whose weights
                 the same step reduces again (SAM's aggregated perturbation,
@@ -172,7 +234,20 @@ class Reducer(tf.Module):
             or None; and a scalar bool (False: skip the step everywhere), or
             None when no step can be skipped.
         """
-        grads, scale, ok, invalid = self._reduce(strategy, payload, weight, group_size)
+        if (
+            compress
+            and variables is not None
+            and self.compression is not None
+            and group_size is None
+            and dist.is_distributed(strategy)
+        ):
+            grads, scale, ok, invalid = self._reduce_compressed(
+                strategy, payload, weight, list(variables)
+            )
+        else:
+            grads, scale, ok, invalid = self._reduce(
+                strategy, payload, weight, group_size
+            )
         if invalid is not None and count_invalid:
             self.invalid_weight_steps.assign_add(
                 tf.cast(dist.first_local(strategy, invalid), tf.int64)
@@ -290,7 +365,9 @@ class Reducer(tf.Module):
             num_rows = tf.shape(g0.indices, out_type=tf.int64)[0]
             row = tf.reduce_prod(tf.shape(g0.values, out_type=tf.int64)[1:])
             num_bytes += num_rows * (g0.indices.dtype.size + row * g0.values.dtype.size)
-        self._count(len(slices), num_bytes)
+        # Gathered rows of every replica; a replica sent its own (on average
+        # a 1/R share).
+        self._count(len(slices), num_bytes, num_bytes // strategy.num_replicas_in_sync)
         out = []
         for g, spec in zip(gathered, specs):
             summed = self._sum_duplicates(strategy, [g], None)[0]
@@ -302,6 +379,99 @@ class Reducer(tf.Module):
                 )
             )
         return out
+
+    def all_gather(self, strategy, tensors):
+        """Every replica's 1-D `tensors` as `[R, n]` rows on every replica; counted.
+
+        For payloads that do not add up (top-k entries, packed signs,
+        parameter shards). Each call is one all-gather per tensor.
+        """
+        tensors = list(tensors)
+        rows = dist.all_gather_rows(
+            strategy, tensors, options=self.communication_options
+        )
+        n = strategy.num_replicas_in_sync
+        out = []
+        for t, r in zip(tensors, rows):
+            spec = dist.local_values(strategy, t)[0]
+            size = int(spec.shape.num_elements())
+            own = size * spec.dtype.size
+            self.allgather_calls.assign_add(1)
+            self.allgather_bytes.assign_add(own * n)
+            self.bytes_sent.assign_add(own)
+            # Across workers the rows come back from an all-gather of
+            # slices, of unknown static length; the decompressors index
+            # them by replica, so the shape is restored here.
+            out.append(
+                dist.map_per_replica(
+                    strategy, lambda x, size=size: tf.ensure_shape(x, [n, size]), r
+                )
+            )
+        return out
+
+    def build(self, strategy, variables) -> None:
+        """Creates the compression state for `variables` (a no-op without one)."""
+        if self.compression is not None:
+            self.compression.build(strategy, variables)
+
+    def _reduce_compressed(self, strategy, payload, weight, variables):
+        """`_reduce` with each replica's normalised share compressed.
+
+        As on a narrow wire, each replica sends `P_r / N`, the magnitude of a
+        gradient: the compressor's residuals are then in the units of the
+        aggregated gradient, whatever the weights. The weighted mean first
+        sums the weights (float32, one scalar all-reduce); the mean and the
+        sum know `N` from the replica count and the local weight (the
+        micro-steps, equal on every replica), without communication. Sparse
+        and float64 gradients travel as without compression. The compressor's
+        new state is written once the step's verdict is known: a skipped
+        step leaves it untouched.
+        """
+        size = strategy.num_replicas_in_sync
+        if self.aggregation.weighted:
+            (total,) = self.all_reduce(strategy, [weight])
+        else:
+            total = dist.map_per_replica(
+                strategy, lambda w: w * tf.cast(size, w.dtype), weight
+            )
+
+        def share(total, *ps):
+            inv, _ = self._normaliser(total, size)
+            return [map_values(p, lambda x: x * tf.cast(inv, x.dtype)) for p in ps]
+
+        shares = _as_list(dist.map_per_replica(strategy, share, total, *payload))
+        kinds = [self._kind(strategy, s, v) for s, v in zip(shares, variables)]
+        out = [None] * len(shares)
+        comp = [i for i, k in enumerate(kinds) if k == "compress"]
+        if comp:
+            agg = self.compression.aggregate(
+                self, strategy, [shares[i] for i in comp], [variables[i] for i in comp]
+            )
+            for i, a in zip(comp, agg):
+                out[i] = a
+        sparse = [i for i, k in enumerate(kinds) if k == "sparse"]
+        for i, r in zip(
+            sparse, self.all_reduce_sparse(strategy, [shares[i] for i in sparse])
+        ):
+            out[i] = r
+        dense = [i for i, k in enumerate(kinds) if k == "dense"]
+        for i, r in zip(dense, self.all_reduce(strategy, [shares[i] for i in dense])):
+            out[i] = r
+        grads, scale, ok, invalid = self._finish(
+            strategy, out, total, size, normalised=True
+        )
+        if comp:
+            self.compression.commit(strategy, ok)
+        return grads, scale, ok, invalid
+
+    def _kind(self, strategy, share, var):
+        """How a share travels: "compress", "sparse" or "dense" (uncompressed)."""
+        spec = dist.local_values(strategy, share)[0]
+        if isinstance(spec, tf.IndexedSlices):
+            return "sparse"
+        if spec.dtype == tf.float32 and self.compression.knows(var):
+            return "compress"
+        return "dense"
 
     def mean(self, strategy, tensors):
         """The mean over replicas of per-replica `tensors` (weights, slots)."""
@@ -418,30 +588,29 @@ class Reducer(tf.Module):
             for g in grads
         ]
 
-    def _count(self, calls, num_bytes):
+    def _count(self, calls, num_bytes, sent=None):
         self.allreduce_calls.assign_add(calls)
         self.allreduce_bytes.assign_add(num_bytes)
+        self.bytes_sent.assign_add(num_bytes if sent is None else sent)
 
     def counters(self) -> dict[str, int]:
-        """Every communication counter by name, as Python ints (read eagerly).
-
-        `bytes_sent` is `allreduce_bytes + allgather_bytes`: the payload
-        bytes this replica put into collectives.
-        """
+        """Every communication counter by name, as Python ints (read eagerly)."""
         names = (
             "allreduce_calls",
             "allreduce_bytes",
             "allgather_calls",
             "allgather_bytes",
+            "bytes_sent",
             "group_reductions",
         )
-        out = {n: int(getattr(self, n)) for n in names}
-        out["bytes_sent"] = out["allreduce_bytes"] + out["allgather_bytes"]
-        return out
+        return {n: int(getattr(self, n)) for n in names}
 
     def get_config(self) -> dict:
         return {
             "aggregation": self.aggregation.name,
+            "compression": (
+                self.compression.get_config() if self.compression else None
+            ),
             "wire_dtype": self.wire_dtype.name if self.wire_dtype else None,
         }
 
@@ -464,11 +633,11 @@ def map_values(g, fn):
     return fn(g)
 
 
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def _interleave(is_second, first, second):
     """Merges two lists back into one; `is_second[i]` says which list item i is from."""
     first, second = iter(first), iter(second)
     return [next(second) if s else next(first) for s in is_second]
-
-
-def _counter(name):
-    return counter_lib.Counter(name)

@@ -24,6 +24,14 @@ has no other network, so a remote ``--model_dir`` (``gs://``...),
 ``--network=host`` by itself, saying so; where unprivileged namespaces are
 disabled the launcher says so and runs on the host's network.
 
+Rate-limited links: with ``--link_rate=RATE`` (``20mbit``, ``1gbit``...)
+every worker runs in a network namespace of its own, joined to a bridge by
+a veth pair whose two ends are limited to RATE by a token bucket (its upload
+and its download), and TF_CONFIG names the workers' own addresses
+(10.23.0.1, 10.23.0.2, ...). The bytes each worker sent and received through
+its link are said at the end (``--link_stats=PATH`` writes them as JSON).
+See ``launch/links.py``; ``launch/link_probe.py`` measures such links.
+
 Standard library only, so it runs before (and without) the package import:
 the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
 loaded by its path.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shlex
 import signal
@@ -64,12 +73,86 @@ free_ports = _cluster.free_ports
 tf_config = _cluster.localhost_tf_config
 
 
+def _load_links_module():
+    """``launch/links.py`` (``--link_rate``), loaded by its path like cluster.py."""
+    path = os.path.join(REPO_ROOT, "launch", "links.py")
+    spec = importlib.util.spec_from_file_location("_distopt_links", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+links_lib = _load_links_module()
+
+
 def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:
     for line in iter(pipe.readline, ""):
         with lock:
             out.write(f"{prefix}{line}")
             out.flush()
     pipe.close()
+
+
+# TensorFlow's coordination service reports a peer that has exited: the
+# leader's service that a worker "stopped sending heartbeats", a worker's
+# heartbeat thread that it "Failed to send RPC to coordination service"
+# (Connection refused). After a job ends, each worker's interpreter takes 2 to
+# 7 s to tear TensorFlow down (measured here), and its heartbeat thread runs
+# until the end, so in about 1 launch of 5 one of these is logged after every
+# worker has finished. TensorFlow 2.21 has no public call that stops the
+# coordination agent before exit, so no order of exits in the trainer avoids
+# it. The launcher holds these lines back and drops them only if every worker
+# exits 0 (saying so); otherwise they are printed before the exit status.
+_PEER_GONE = (
+    "Failed to send RPC to coordination service",
+    "(stopped sending heartbeats)",
+)
+# The lines TensorFlow continues such a message with.
+_PEER_GONE_MORE = (
+    "Additional GRPC error information from remote target",
+    ":UNKNOWN:Error received from peer",
+    "/job:",
+    "The tasks have crashed.",
+)
+
+
+class _HoldPeerGone:
+    """A worker's output stream that holds back a peer-gone report (`_PEER_GONE`).
+
+    Args:
+        out: Where every other line goes.
+        prefix: The worker's prefix (``[worker i] ``), which `_stream` adds.
+    """
+
+    def __init__(self, out, prefix: str):
+        self.out, self.prefix = out, prefix
+        self.held: list[str] = []
+        self._holding = False
+
+    def write(self, text: str) -> None:
+        line = text.removeprefix(self.prefix)
+        if line.startswith("E0000") and any(p in line for p in _PEER_GONE):
+            self._holding = True
+        elif not line.startswith(_PEER_GONE_MORE):
+            self._holding = False
+        if self._holding:
+            self.held.append(text)
+        else:
+            self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def report(self, succeeded: bool, say) -> None:
+        """After the run: drops the held lines (saying so) or prints them."""
+        if self.held and succeeded:
+            say(
+                f"{self.prefix.strip('[] ')}: held back TensorFlow's "
+                f"{len(self.held)}-line report of a peer that had exited; every "
+                "worker succeeded"
+            )
+        elif self.held:
+            self.out.write("".join(self.held))
 
 
 # The trainer's exit status after a stop notice (checkpoint saved); see
@@ -114,6 +197,8 @@ def launch(
     host: str = "127.0.0.1",
     out=None,
     stop_request: _StopRequest | None = None,
+    links=None,
+    link_stats: str | None = None,
 ) -> int:
     """Runs ``command`` as ``num_workers`` workers; returns the exit status.
 
@@ -133,6 +218,10 @@ def launch(
       host: the address every worker's TF_CONFIG names (loopback by default).
       out: where prefixed output goes (default stdout).
       stop_request: set by the launcher's signal handlers.
+      links: a ``links.Links`` (``--link_rate``): worker i runs in its
+        namespace and TF_CONFIG names the workers' own addresses instead of
+        ``host``; each worker's bytes through its link are said at the end.
+      link_stats: with ``links``, a JSON file to write those counters to.
 
     Returns:
       0 if every worker exited 0, 42 if they stopped on a notice, else the
@@ -148,20 +237,29 @@ def launch(
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, threads = [], []
+    procs, threads, streams = [], [], []
 
     def say(text):
         with lock:
             out.write(f"[launcher] {text}\n")
             out.flush()
 
-    say(f"{num_workers} workers on {host} ports {ports}: {shlex.join(command)}")
+    if links is None:
+        say(f"{num_workers} workers on {host} ports {ports}: {shlex.join(command)}")
+    else:
+        where = ", ".join(f"{a}:{p}" for a, p in zip(links.addresses, ports))
+        say(f"{num_workers} workers at {where}: {shlex.join(command)}")
     status = 0
     try:
         for i in range(num_workers):
+            if links is None:
+                argv, cluster = command, tf_config(ports, i, host=host)
+            else:
+                argv = links.command(i, command)
+                cluster = links_lib.tf_config(links.addresses, ports, i)
             proc = subprocess.Popen(
-                command,
-                env={**env, "TF_CONFIG": tf_config(ports, i, host=host)},
+                argv,
+                env={**env, "TF_CONFIG": cluster},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -170,8 +268,10 @@ def launch(
                 start_new_session=True,
             )
             procs.append(proc)
+            streams.append(_HoldPeerGone(out, f"[worker {i}] "))
             t = threading.Thread(
-                target=_stream, args=(f"[worker {i}] ", proc.stdout, out, lock)
+                target=_stream,
+                args=(f"[worker {i}] ", proc.stdout, streams[i], lock),
             )
             t.start()
             threads.append(t)
@@ -211,8 +311,38 @@ def launch(
         _kill_all(procs)
         for t in threads:
             t.join()
+    for stream in streams:
+        stream.report(status == 0, say)
+    if links is not None:
+        _report_links(links, say, link_stats)
     say(f"exit status {status}")
     return status
+
+
+def _report_links(links, say, path: str | None) -> None:
+    """Says each worker's bytes through its link; writes them to ``path``."""
+    try:
+        counters = links.counters()
+    except links_lib.LinkError as e:
+        say(f"no link counters: {e}")
+        return
+    for i, c in enumerate(counters):
+        say(
+            f"worker {i} sent {c['tx_bytes']} bytes, received {c['rx_bytes']} "
+            f"bytes through its {links_lib.format_rate(links.rate)} link"
+        )
+    if path:
+        stats = {
+            "link_rate": links_lib.format_rate(links.rate),
+            "rate_bits_per_second": links.rate,
+            "workers": [
+                {"index": i, "address": a, **c}
+                for i, (a, c) in enumerate(zip(links.addresses, counters))
+            ],
+        }
+        with open(path, "w") as f:
+            json.dump(stats, f, indent=2)
+            f.write("\n")
 
 
 #: Set in the re-run launcher: it already runs in its own network namespace.
@@ -256,7 +386,7 @@ def _bring_loopback_up() -> None:
             fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
 
 
-def _enter_private_network(argv: list[str]) -> None:
+def _enter_private_network(argv: list[str], link_rate: int | None = None) -> None:
     """Re-runs this launcher in a loopback-only network namespace.
 
     ``exec`` keeps the process id, so a scheduler's signal to the launcher
@@ -264,8 +394,15 @@ def _enter_private_network(argv: list[str]) -> None:
     """
     if os.environ.get(_IN_PRIVATE_NETWORK_ENV):
         _bring_loopback_up()
+        if link_rate is None:
+            what = "the workers see only loopback"
+        else:
+            what = (
+                "each worker in a namespace of its own, its only link "
+                f"{links_lib.format_rate(link_rate)} each way to a bridge"
+            )
         print(
-            "[launcher] private network: the workers see only loopback "
+            f"[launcher] private network: {what} "
             "(--network=host to use this machine's)",
             flush=True,
         )
@@ -283,13 +420,8 @@ def _status(code: int) -> int:
     return code if code > 0 else 128 - code
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:
-        split = argv.index("--")
-        own, trainer_flags = argv[:split], argv[split + 1 :]
-    else:
-        own, trainer_flags = argv, []
+def _parser() -> argparse.ArgumentParser:
+    """The launcher's own flags (those before ``--``)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -327,15 +459,84 @@ def main(argv: list[str] | None = None) -> int:
         "remote --model_dir, --download, or --host other than loopback, "
         "which select it by themselves).",
     )
+    parser.add_argument(
+        "--link_rate",
+        default=None,
+        help="Give every worker a network namespace of its own, joined to a "
+        "bridge by a link limited to this rate in each direction (its upload "
+        "and its download, like one network card behind a switch); TF_CONFIG "
+        f"names the workers' own addresses. A rate is {links_lib.RATE_FORMS}. "
+        "Needs --network=private and the ip, tc and nsenter tools.",
+    )
+    parser.add_argument(
+        "--link_stats",
+        default=None,
+        metavar="PATH",
+        help="With --link_rate: write each worker's bytes and packets sent and "
+        "received through its link (Ethernet frames, as the limit counts them) "
+        "to this JSON file at the end.",
+    )
+    return parser
+
+
+def _check_links(args, trainer_flags: list[str]) -> tuple[int | None, str | None]:
+    """``--link_rate``'s rate in bits per second, or why it cannot be had.
+
+    Everything is checked before the launcher enters its namespace and
+    before anything starts; the last check builds throwaway links.
+
+    Args:
+      args: the launcher's parsed flags.
+      trainer_flags: the flags after ``--``.
+
+    Returns:
+      ``(rate, None)`` (``rate`` None without ``--link_rate``), or
+      ``(None, message)`` for a one-line error.
+    """
+    if args.link_rate is None:
+        return None, "--link_stats needs --link_rate" if args.link_stats else None
+    try:
+        rate = links_lib.parse_rate(args.link_rate)
+    except ValueError as e:
+        return None, f"--link_rate: {e}"
+    if args.network == "host":
+        return None, (
+            "--link_rate needs --network=private (the default): the links are "
+            "built in the launcher's own network namespace"
+        )
+    why = _why_host_network(args.host, trainer_flags)
+    if why:
+        return None, f"--link_rate needs the private network, but {why}"
+    if args.workers > links_lib.MAX_WORKERS:
+        return None, f"--link_rate: at most {links_lib.MAX_WORKERS} workers"
+    if not os.environ.get(_IN_PRIVATE_NETWORK_ENV):
+        why = links_lib.unavailable()
+        if why:
+            return None, f"--link_rate: {why}"
+    return rate, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        own, trainer_flags = argv[:split], argv[split + 1 :]
+    else:
+        own, trainer_flags = argv, []
+    parser = _parser()
     args = parser.parse_args(own)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    rate, error = _check_links(args, trainer_flags)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.network == "private":
         why = _why_host_network(args.host, trainer_flags)
         if why:
             print(f"[launcher] --network=host: {why}", flush=True)
         elif os.environ.get(_IN_PRIVATE_NETWORK_ENV) or _private_network_available():
-            _enter_private_network(argv)
+            _enter_private_network(argv, rate)
         else:
             print(
                 "[launcher] WARNING: no private network namespace here (unprivileged "
@@ -352,13 +553,29 @@ def main(argv: list[str] | None = None) -> int:
     stop_request = _StopRequest()
     signal.signal(signal.SIGTERM, stop_request)
     signal.signal(signal.SIGINT, stop_request)
-    return launch(
-        args.workers,
-        command + trainer_flags,
-        grace_seconds=args.grace_seconds,
-        host=args.host,
-        stop_request=stop_request,
-    )
+    links = None
+    if rate is not None:
+        # All of it before any worker starts; a failure leaves nothing behind.
+        try:
+            links = links_lib.build(args.workers, rate)
+        except links_lib.LinkError as e:
+            print(
+                f"error: --link_rate: could not build the links: {e}", file=sys.stderr
+            )
+            return 2
+    try:
+        return launch(
+            args.workers,
+            command + trainer_flags,
+            grace_seconds=args.grace_seconds,
+            host=args.host,
+            stop_request=stop_request,
+            links=links,
+            link_stats=args.link_stats,
+        )
+    finally:
+        if links is not None:
+            links.close()
 
 
 if __name__ == "__main__":

@@ -57,18 +57,23 @@ def strategy(request):
     return mirrored(int(name[-1]))
 
 
-def run_python(*args, timeout):
+def run_python(*args, timeout, tf_log_level="2"):
     """Runs ``python *args`` in the repository root, quietly for TensorFlow.
 
     Args:
       *args: the interpreter's arguments (a script, or ``-m module``, and its
         flags).
       timeout: seconds before ``subprocess.TimeoutExpired``.
+      tf_log_level: the ``TF_CPP_MIN_LOG_LEVEL`` it runs with; None: unset,
+        as for a user who never set it.
 
     Returns:
       The ``subprocess.CompletedProcess``, with stdout and stderr as text; a
       non-zero exit status is the caller's to check.
     """
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if tf_log_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level
     return subprocess.run(
         [sys.executable, *args],
         check=False,
@@ -76,7 +81,7 @@ def run_python(*args, timeout):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=env,
     )
 
 

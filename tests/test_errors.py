@@ -114,7 +114,7 @@ def test_bad_first_call_builds_nothing(kind):
     argument, call = _bad_calls(variables, grads)[kind]
     with pytest.raises(ValueError, match=rf"\b{argument}\b"):
         call(opt)
-    assert len(opt.variables) == 8  # the 8 counters only: no slots
+    assert len(opt.variables) == 9  # the 9 counters only: no slots
     assert opt.iterations.numpy() == 0
     for v, p in zip(variables, params):
         np.testing.assert_array_equal(v.numpy(), p)

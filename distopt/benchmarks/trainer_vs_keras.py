@@ -4,6 +4,9 @@ r"""Trainer throughput and time to first step against ``keras.Model.fit``.
     python -m distopt.benchmarks.trainer_vs_keras --models=lenet --strategies=default
     python -m distopt.benchmarks.trainer_vs_keras --steps=3 --repeats=1   # smoke run
 
+Default run: about 8-15 min on this 2-core host (48 fresh processes; 8 min
+on a quiet machine, BUILD_NOTES.md).
+
 Cells: each model (MLP, LeNet-5) x strategy (default; mirrored over 2
 virtual CPUs). Contenders in each cell, all with global batch 128 and Adam
 1e-3 on MNIST:
@@ -352,14 +355,13 @@ def run(args):
     cells = []
     for model_name in args.models:
         for strategy_name in args.strategies:
-            samples = {c: [] for c in contenders}
-            for r in range(args.repeats):
-                # Rotate the order each round: no contender always goes first.
-                shift = r % len(contenders)
-                for c in contenders[shift:] + contenders[:shift]:
-                    result = _measure_in_subprocess(args, c, model_name, strategy_name)
-                    if result is not None:
-                        samples[c].append(result)
+            samples = protocol.alternate(
+                contenders,
+                args.repeats,
+                lambda c, m=model_name, s=strategy_name: _measure_in_subprocess(
+                    args, c, m, s
+                ),
+            )
             cell = {"model": model_name, "strategy": strategy_name}
             cell["samples"] = samples
             cells.append(summarize(cell))
@@ -388,9 +390,7 @@ def main(argv=None):
         return result
     results = run(args)
     print(report(results))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.output, results)
     return results
 
 

@@ -18,6 +18,7 @@ from distopt.optimizers.lars import Lars
 from distopt.optimizers.lion import Lion
 from distopt.optimizers.rmsprop import RMSprop
 from distopt.optimizers.sam import SAM
+from distopt.sync import periodic
 
 _REGISTRY: dict[str, type] = {}
 
@@ -43,6 +44,13 @@ for _cls in (
     register(_cls)
 
 register(Heun)
+# DiLoCo's default outer step (Douillard et al. 2023), given to the sync modes
+# as a factory: they sit below the optimizers and do not import them.
+periodic.set_default_outer_optimizer(
+    lambda: Momentum(
+        learning_rate=0.7, momentum=0.9, nesterov=True, name="outer_momentum"
+    )
+)
 # SAM wraps another optimizer: `get("sam", base_optimizer=..., rho=...)`.
 register(SAM)
 

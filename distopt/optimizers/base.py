@@ -42,12 +42,14 @@ from typing import Any
 
 import tensorflow as tf
 
+from distopt import compression as compression_lib
 from distopt import counter as counter_lib
 from distopt import distribute as dist
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
 from distopt.optimizers import schedules
+from distopt.optimizers import sharded as sharded_lib
 
 #: The slot that holds a variable's moving average (`use_ema`).
 EMA = "ema"
@@ -105,6 +107,16 @@ class Optimizer(tf.Module):
         ema_overwrite_frequency: None, or every this many updates (counted by
             `iterations`) the variables take their average's value, as in
             Keras.
+        compression: Compress the gradients each replica sends, with error
+            feedback: a `distopt.compression` compressor or its name
+            ("powersgd", "topk", "onebit"). Applies to every reduction of
+            gradients (every step, an `Accumulate` flush, DiLoCo's outer
+            gradient); not with `LocalSGD` or `Hierarchical`, which send
+            weights.
+        shard_state: Keep 1/N of every slot on each of the N replicas
+            (ZeRO stage 1, `distopt.optimizers.sharded`); each replica
+            updates its shard and the parameters are gathered. A no-op with
+            one replica.
         jit_compile: Run the update as XLA kernels.
         fused: One update kernel per device for all variables (default), or
             one per variable.
@@ -137,6 +149,8 @@ class Optimizer(tf.Module):
         use_ema=False,
         ema_momentum=0.99,
         ema_overwrite_frequency=None,
+        compression=None,
+        shard_state=False,
         jit_compile=True,
         fused=True,
         name=None,
@@ -151,6 +165,7 @@ class Optimizer(tf.Module):
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.shard_state = bool(shard_state)
         transforms = []
         # Created in the optimizer's name scope below; first in the chain,
         # so that clipping sees unscaled gradients.
@@ -164,6 +179,12 @@ class Optimizer(tf.Module):
         self.use_ema = bool(use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
+        if self.shard_state and self.sync.diverges:
+            raise ValueError(
+                f"shard_state: needs a synchronous sync mode (every_step or "
+                f"accumulate); under {self.sync.name} each replica holds its own "
+                "weights and slots."
+            )
         if self.use_ema and self.sync.diverges:
             # Each replica's average would follow its own copy, and
             # `finalize_variable_values` would make the copies differ for good.
@@ -180,13 +201,22 @@ class Optimizer(tf.Module):
             transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
         if skip_nonfinite:
             transforms.append(transforms_lib.SkipNonFinite())
+        # Checked before any variable exists: a bad compression builds nothing.
+        compression = compression_lib.get(compression)
+        if compression is not None and not self.sync.sends_gradients:
+            raise ValueError(
+                f"compression: not available with sync={self.sync.name}, whose "
+                "replicas send weights, not gradients (DiLoCo compresses its "
+                "outer gradient: use sync=DiLoCo(k, outer_optimizer="
+                "GradientDescent(1.0)) for local SGD with compression)."
+            )
         self.jit_compile = bool(jit_compile)
         self.fused = bool(fused)
         # Created here, like Keras, so that they exist (and restore) before
         # the first step, in the scope the optimizer is created in.
         with tf.name_scope(self.name):
-            self.iterations = _counter("iterations")
-            self.skipped_steps = _counter("skipped_steps")
+            self.iterations = counter_lib.Counter("iterations")
+            self.skipped_steps = counter_lib.Counter("skipped_steps")
             self.loss_scale = loss_scale
             if loss_scale is not None:
                 transforms.insert(0, loss_scale)
@@ -195,23 +225,32 @@ class Optimizer(tf.Module):
                 wire_dtype=wire_dtype,
                 transforms=transforms,
                 communication_options=communication_options,
+                compression=compression,
             )
         self._slots = []
         self._slot_index = {}
+        self._sharded_slots = None
         # References, not the variables: a tracked list would give the model's
         # variables a second checkpoint path under the optimizer.
         self._variable_refs = []
         self._built = False
+        self._strategy = None
         compile_ = lambda f: (
             tf.function(f, jit_compile=True, autograph=False) if self.jit_compile else f
         )
         self._kernel = compile_(self._update_variable)
         self._flat_kernel = compile_(self._rule)
+        self._norm_partials = compile_(self._partial_norms)
 
     @property
     def aggregation(self):
         """The `distopt.aggregation` instance (the reducer's)."""
         return self.reducer.aggregation
+
+    @property
+    def compression(self):
+        """The `distopt.compression` compressor (the reducer's), or None."""
+        return self.reducer.compression
 
     @property
     def wire_dtype(self):
@@ -281,6 +320,10 @@ class Optimizer(tf.Module):
             "use_ema": self.use_ema,
             "ema_momentum": self.ema_momentum,
             "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "compression": (
+                self.compression.get_config() if self.compression else None
+            ),
+            "shard_state": self.shard_state,
             "jit_compile": self.jit_compile,
             "fused": self.fused,
             "name": self.name,
@@ -290,7 +333,16 @@ class Optimizer(tf.Module):
     def from_config(cls, config: dict) -> Optimizer:
         config = dict(config)
         config["learning_rate"] = schedules.deserialize(config["learning_rate"])
-        config["sync"] = sync_lib.from_config(config.get("sync"))
+        sync = config.get("sync")
+        outer = (sync or {}).get("outer_optimizer")
+        if outer is not None:
+            # The registry lives in this package's __init__, which imports
+            # this module: hence the import here, inside the package.
+            from distopt import optimizers as registry
+
+            outer = registry.from_config(outer)
+        config["sync"] = sync_lib.from_config(sync, outer_optimizer=outer)
+        config["compression"] = compression_lib.from_config(config.get("compression"))
         return cls(**config)
 
     # --- Public API -----------------------------------------------------------
@@ -299,42 +351,67 @@ class Optimizer(tf.Module):
         """Creates the slots of `var_list` once. Call in cross-replica context."""
         if self._built:
             return
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(
-                "build: call it in cross-replica context (outside strategy.run); "
-                "apply_gradients builds lazily by itself."
-            )
+        dist.require_cross_replica_context(
+            "build", "apply_gradients builds lazily by itself."
+        )
         var_list = list(var_list)
         _check_variables(var_list)
         strategy = dist.current_strategy()
         dist.check_created_in_scope(strategy, var_list)
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
+        sharded = self._shards_over(strategy)
         with tf.name_scope(self.name):
+            # Eager values even when a tf.function builds lazily: the sharded
+            # state assigns them piece by piece, outside the trace.
+            with tf.init_scope():
+                inits = [self._slot_inits(var) for var in var_list]
+            if sharded:
+                self._sharded_slots = sharded_lib.ShardedSlots(
+                    strategy, var_list, inits
+                )
             for i, var in enumerate(var_list):
-                dtype = reduce_lib.payload_dtype(var.dtype)
-                inits = dict(self.slot_initializers(var))
-                if self.use_ema:
-                    if EMA in inits:
-                        raise ValueError(
-                            f"use_ema: {type(self).__name__} has a slot named "
-                            f"{EMA!r} already."
-                        )
-                    inits[EMA] = tf.zeros(var.shape, dtype)
-                with strategy.extended.colocate_vars_with(var):
-                    slots = {
-                        name: tf.Variable(
-                            _cast_init(init, dtype),
-                            trainable=False,
-                            name=f"{name}_{i}",
-                        )
-                        for name, init in inits.items()
-                    }
+                if sharded:
+                    slots = self._sharded_slots.views[i]
+                else:
+                    with strategy.extended.colocate_vars_with(var):
+                        slots = {
+                            name: tf.Variable(
+                                _cast_init(init, dtype),
+                                trainable=False,
+                                name=f"{name}_{i}",
+                            )
+                            for name, (init, dtype) in inits[i].items()
+                        }
                 self._slots.append(slots)
                 self._slot_index[var.ref()] = i
                 self._variable_refs.append(var.ref())
+            self.reducer.build(strategy, var_list)
             self.sync.build(self, var_list, strategy)
         self._built = True
+
+    def _slot_inits(self, var) -> dict:
+        """`{slot name: (initial value, dtype)}` of `var`, the moving average included."""
+        dtype = reduce_lib.payload_dtype(var.dtype)
+        inits = dict(self.slot_initializers(var))
+        if self.use_ema:
+            if EMA in inits:
+                raise ValueError(
+                    f"use_ema: {type(self).__name__} has a slot named {EMA!r} already."
+                )
+            inits[EMA] = tf.zeros(var.shape, dtype)
+        return {name: (init, dtype) for name, init in inits.items()}
+
+    def _shards_over(self, strategy) -> bool:
+        """Whether the state is sharded: `shard_state` and several replicas."""
+        if not self.shard_state or strategy.num_replicas_in_sync == 1:
+            return False
+        if dist.is_tpu(strategy):
+            raise ValueError(
+                "shard_state: not available under TPUStrategy (one replicated "
+                "program holds one copy of each slot)."
+            )
+        return True
 
     # The library branches with explicit tf.cond only; autograph must not
     # rewrite its Python (some of which it cannot parse).
@@ -448,8 +525,7 @@ class Optimizer(tf.Module):
         self._cross_replica_call("restore_replicas", var_list)
 
     def _cross_replica_call(self, method, var_list):
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(f"{method}: call it outside strategy.run.")
+        dist.require_cross_replica_context(method)
         if self._built:
             with self._strategy.scope():
                 getattr(self.sync, method)(self, self._strategy, list(var_list))
@@ -462,10 +538,7 @@ class Optimizer(tf.Module):
         """
         if not self.use_ema or not self._built:
             return
-        if dist.in_replica_context() and tf.distribute.has_strategy():
-            raise RuntimeError(
-                "finalize_variable_values: call it outside strategy.run."
-            )
+        dist.require_cross_replica_context("finalize_variable_values")
         var_list = list(var_list)
         # Every average found before any variable is written.
         unknown = [v.name for v in var_list if v.ref() not in self._slot_index]
@@ -475,6 +548,9 @@ class Optimizer(tf.Module):
                 "built with; nothing was changed."
             )
         averages = [self.slots(v)[EMA] for v in var_list]
+        if self._sharded_slots is not None:
+            # Each average is in pieces on the replicas: the whole of it.
+            averages = [a.logical_value() for a in averages]
         with self._strategy.scope():
             for var, ema in zip(var_list, averages):
                 dist.update(
@@ -500,15 +576,52 @@ class Optimizer(tf.Module):
         """Every variable the optimizer was built with, in build order."""
         return [r.deref() for r in self._variable_refs]
 
-    def state_variables(self) -> list[tf.Variable]:
+    def state_variables(self) -> list:
         """Every variable of the optimizer's own state, in a stable order.
 
-        Counters, slots, the sync mode's and the loss scale's state; not the
-        model's variables. The order is `tf.Module.variables`' (sorted by
-        attribute path), so it is the same for every optimizer built alike.
+        Counters, slots, the sync mode's, the compressor's and the loss
+        scale's state; not the model's variables. Sharded slots and
+        compression residuals are `distribute.LogicalState` views, which read
+        (`numpy()`) and write (`assign()`) their whole logical value like a
+        variable. The order is `tf.Module`'s (by attribute path), so it is
+        the same for every optimizer built alike.
         """
         model = set(self._variable_refs)
-        return [v for v in self.variables if v.ref() not in model]
+        variables = [v for v in self.variables if v.ref() not in model]
+        return variables + [
+            m for m in self.submodules if isinstance(m, dist.LogicalState)
+        ]
+
+    def state_bytes_per_device(self) -> dict[str, int]:
+        """Bytes of optimizer state held on each device, read from the variables.
+
+        Slots (whole or sharded), moving averages, compression residuals,
+        sync state, snapshots and counters; not the model's variables. Each
+        variable's copies are counted on the devices they live on, at their
+        current size.
+
+        Returns:
+            `{device name: bytes}`.
+        """
+        model = set(self._variable_refs)
+        held = [v for v in self.variables if v.ref() not in model]
+        for m in self.submodules:
+            if isinstance(m, dist.LogicalState):
+                held += m.storage_variables()
+        if self._sharded_slots is not None:
+            held += self._sharded_slots.storage_variables()
+        strategy = self._strategy or dist.current_strategy()
+        out: dict[str, int] = {}
+        seen = set()
+        with strategy.scope():
+            for v in held:
+                if v.ref() in seen:
+                    continue
+                seen.add(v.ref())
+                for copy in dist.local_values(strategy, v):
+                    size = int(tf.size(copy)) * copy.dtype.size
+                    out[copy.device] = out.get(copy.device, 0) + size
+        return out
 
     def slot_dtype(self, var) -> tf.DType:
         """The dtype of `var`'s slots and update math: float32 for 16-bit vars."""
@@ -539,44 +652,22 @@ class Optimizer(tf.Module):
         """
         lr = self.learning_rate_value()
         step = self.iterations + 1
-        slots = self._slot_lists(variables)
         var_ok = list(var_ok) if var_ok is not None else [None] * len(variables)
         grads, variables = list(grads), list(variables)
-        # Sparse gradients (see `sparse_rows`) leave the fused kernel; a
-        # dense-only step takes the branch below exactly as before.
         sparse = [dist.is_sparse(strategy, g) for g in grads]
-        if any(sparse) and not self.sparse_rows:
+        if any(sparse) and (self._sharded_slots is not None or not self.sparse_rows):
+            # Densified as Keras 3 does; the sharded update always is.
             grads = [
                 dist.densify(strategy, g) if s else g for g, s in zip(grads, sparse)
             ]
             sparse = [False] * len(grads)
-        rows = [i for i, s in enumerate(sparse) if s]
-        if rows:
-            dense = [i for i, s in enumerate(sparse) if not s]
-            rows_kernel = self._kernel_on_device(strategy, self._update_rows)
-            for i in rows:
-                dist.update(
-                    strategy,
-                    variables[i],
-                    rows_kernel,
-                    grads[i],
-                    slots[i],
-                    lr,
-                    step,
-                    scale,
-                    ok,
-                    var_ok[i],
-                )
-            grads, variables, slots, var_ok = (
-                [x[i] for i in dense] for x in (grads, variables, slots, var_ok)
-            )
-        if self.fused and variables:
-            dist.update_together(
+        if self._sharded_slots is not None:
+            sharded_lib.apply(
+                self,
+                self._sharded_slots,
                 strategy,
-                list(variables),
-                self._update_all,
-                list(grads),
-                slots,
+                grads,
+                variables,
                 lr,
                 step,
                 scale,
@@ -584,18 +675,75 @@ class Optimizer(tf.Module):
                 var_ok,
             )
         else:
-            kernel = self._kernel_on_device(strategy)
-            for g, v, s, vok in zip(grads, variables, slots, var_ok):
-                dist.update(strategy, v, kernel, g, s, lr, step, scale, ok, vok)
+            self._update_rows_of(
+                strategy, grads, variables, sparse, lr, step, scale, ok, var_ok
+            )
+            dense = [i for i, s in enumerate(sparse) if not s]
+            self._update_dense(
+                strategy,
+                [grads[i] for i in dense],
+                [variables[i] for i in dense],
+                lr,
+                step,
+                scale,
+                ok,
+                [var_ok[i] for i in dense],
+            )
+        self._count_step(strategy, ok)
+
+    def _update_rows_of(
+        self, strategy, grads, variables, sparse, lr, step, scale, ok, var_ok
+    ):
+        """The sparse-row updates (`sparse_rows`): each variable's touched rows."""
+        rows_kernel = self._kernel_on_device(strategy, self._update_rows)
+        for i in (i for i, s in enumerate(sparse) if s):
+            dist.update(
+                strategy,
+                variables[i],
+                rows_kernel,
+                grads[i],
+                dict(self.slots(variables[i])),
+                lr,
+                step,
+                scale,
+                ok,
+                var_ok[i],
+            )
+
+    def _update_dense(self, strategy, grads, variables, lr, step, scale, ok, var_ok):
+        """Every copy of `variables` and their slots: one kernel, or one each."""
+        if not variables:
+            return
+        slots = self._slot_lists(variables)
+        if self.fused:
+            dist.update_together(
+                strategy,
+                variables,
+                self._update_all,
+                grads,
+                slots,
+                lr,
+                step,
+                scale,
+                ok,
+                var_ok,
+            )
+            return
+        kernel = self._kernel_on_device(strategy)
+        for g, v, s, vok in zip(grads, variables, slots, var_ok):
+            dist.update(strategy, v, kernel, g, s, lr, step, scale, ok, vok)
+
+    def _count_step(self, strategy, ok):
+        """Advances `iterations`, or counts a skip (and tells the loss scale)."""
         if ok is None:
             self.iterations.assign_add(1)
-        else:
-            verdict = dist.first_local(strategy, ok)
-            applied = tf.cast(verdict, tf.int64)
-            self.iterations.assign_add(applied)
-            self.skipped_steps.assign_add(1 - applied)
-            if self.loss_scale is not None:
-                self.loss_scale.update(verdict)
+            return
+        verdict = dist.first_local(strategy, ok)
+        applied = tf.cast(verdict, tf.int64)
+        self.iterations.assign_add(applied)
+        self.skipped_steps.assign_add(1 - applied)
+        if self.loss_scale is not None:
+            self.loss_scale.update(verdict)
 
     def _ensure_built(self, variables):
         if not self._built:
@@ -673,7 +821,7 @@ class Optimizer(tf.Module):
                 step,
                 scale,
                 ok,
-                runs if self.layerwise else None,
+                ("runs", runs) if self.layerwise else None,
             )
             # Every reshape is an op to dispatch: 1-D variables skip them.
             for i, part in zip(idx, tf.split(new_p, sizes)):
@@ -696,37 +844,63 @@ class Optimizer(tf.Module):
         for n, s in slots.items():
             s.assign(new_slots[n], read_value=False)
 
-    def _rule(self, p0, grad, old, lr, step, scale, ok, runs=None):
+    def _rule(self, p0, grad, old, lr, step, scale, ok, layout=None, totals=None):
         """Weight decay, the update rule and the skip select, on tensors.
 
         16-bit variables compute in float32 (their slots are float32) and
-        round once at the end. `runs`: for a layer-wise rule over a flat
-        buffer, its layout (see `run_norms`); None for one variable.
+        round once at the end. `ok` may be a scalar or one bool per element.
+
+        Args:
+            layout: For a layer-wise rule, what `p0` holds: None (one
+                variable), `("runs", runs)` (the fused flat buffer; see
+                `run_norms`) or `("segments", segments, n)` (a shard of the
+                sharded update, with `totals`; see `segment_norms`).
+            totals: A shard's all-reduced sums of squares per variable.
         """
+        g, lr, p = self._inputs(p0, grad, lr, scale, decay=True)
+        norm = {"norm": _norm_fn(layout, totals)} if self.layerwise else {}
+        rule_old = {n: v for n, v in old.items() if n != EMA}
+        new_p, new_slots = self.update_step(
+            g, p, rule_old, lr, tf.cast(step, g.dtype), **norm
+        )
+        new_p = tf.cast(new_p, p0.dtype)
+        if self.use_ema:
+            new_p, new_slots[EMA] = self._average(new_p, old[EMA], step)
+        return _select(ok, p0, new_p, old, new_slots)
+
+    def _partial_norms(self, p0, grad, old, lr, step, scale, layout):
+        """A shard's sums of squares per variable, of each `norm` argument.
+
+        The first pass of a layer-wise rule on a shard (`layout` as in
+        `_rule`): the rule runs with a `norm` that records the partial sums
+        of its argument and returns ones; the rule is pure, so the second
+        pass, with the all-reduced sums, sees the same arguments. Returns
+        `[calls, n]`.
+        """
+        g, lr, p = self._inputs(p0, grad, lr, scale, decay=True)
+        _, segments, n = layout
+        ids = _segment_ids(segments)
+        records = []
+
+        def record(x):
+            records.append(tf.math.unsorted_segment_sum(tf.square(x), ids, n))
+            return tf.ones_like(x)
+
+        rule_old = {k: v for k, v in old.items() if k != EMA}
+        self.update_step(g, p, rule_old, lr, tf.cast(step, g.dtype), norm=record)
+        return tf.stack(records)
+
+    def _inputs(self, p0, grad, lr, scale, decay):
+        """The rule's inputs in the payload dtype: `(g, lr, p)`, `p` decayed."""
         dtype = reduce_lib.payload_dtype(p0.dtype)
         g = tf.cast(grad, dtype)
         if scale is not None:
             g = g * tf.cast(scale, dtype)
         lr = tf.cast(lr, dtype)
         p = tf.cast(p0, dtype)
-        if self.weight_decay:
+        if decay and self.weight_decay:
             p = p - lr * self.weight_decay * p
-        norm = {}
-        if self.layerwise:
-            norm["norm"] = l2_norm if runs is None else run_norms(runs)
-        rule_old = {n: v for n, v in old.items() if n != EMA}
-        new_p, new_slots = self.update_step(
-            g, p, rule_old, lr, tf.cast(step, dtype), **norm
-        )
-        new_p = tf.cast(new_p, p0.dtype)
-        if self.use_ema:
-            new_p, new_slots[EMA] = self._average(new_p, old[EMA], step)
-        if ok is not None:
-            # A select, not a tf.cond: branch-free, so it fuses under XLA.
-            keep = tf.logical_not(ok)
-            new_p = tf.where(keep, p0, new_p)
-            new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
-        return new_p, new_slots
+        return g, lr, p
 
     def _average(self, new_p, ema, step):
         """The moving average after an update to `new_p`; the overwrite.
@@ -753,32 +927,27 @@ class Optimizer(tf.Module):
         `grad` holds each index once (as `reducer.reduce` returns it), so
         each row is written once. The arithmetic is `_update_variable`'s.
         """
-        dtype = reduce_lib.payload_dtype(var.dtype)
         index = grad.indices
-        g = tf.cast(grad.values, dtype)
-        if scale is not None:
-            g = g * tf.cast(scale, dtype)
-        lr = tf.cast(lr, dtype)
+        p0 = tf.convert_to_tensor(var)
+        # The values' dtype and scale as a dense gradient's; no decay yet.
+        g, lr, _ = self._inputs(p0, grad.values, lr, scale, decay=False)
         keep_ok = [x for x in (ok, var_ok) if x is not None]
-        keep = tf.logical_not(tf.reduce_all(tf.stack(keep_ok))) if keep_ok else None
+        ok = tf.reduce_all(tf.stack(keep_ok)) if keep_ok else None
         if self.weight_decay:
             # Decoupled decay shrinks every row, touched or not, as in Keras.
-            p0 = tf.convert_to_tensor(var)
-            p = tf.cast(p0, dtype)
-            p = p - lr * self.weight_decay * p
-            decayed = tf.cast(p, var.dtype)
+            _, _, p = self._inputs(p0, grad.values, lr, None, decay=True)
+            decayed, _ = _select(ok, p0, tf.cast(p, var.dtype), {}, {})
+            var.assign(decayed)
             rows0, rows = tf.gather(p0, index), tf.gather(p, index)
-            var.assign(decayed if keep is None else tf.where(keep, p0, decayed))
         else:
-            rows0 = tf.gather(var, index)
-            rows = tf.cast(rows0, dtype)
+            rows0 = tf.gather(p0, index)
+            rows = tf.cast(rows0, g.dtype)
         rule_slots = {n: s for n, s in slots.items() if n != EMA}
         old = {n: tf.gather(s, index) for n, s in rule_slots.items()}
-        new_rows, new_slots = self.update_step(g, rows, old, lr, tf.cast(step, dtype))
-        new_rows = tf.cast(new_rows, var.dtype)
-        if keep is not None:
-            new_rows = tf.where(keep, rows0, new_rows)
-            new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}
+        new_rows, new_slots = self.update_step(g, rows, old, lr, tf.cast(step, g.dtype))
+        new_rows, new_slots = _select(
+            ok, rows0, tf.cast(new_rows, var.dtype), old, new_slots
+        )
         var.scatter_update(tf.IndexedSlices(new_rows, index))
         for n, s in rule_slots.items():
             s.scatter_update(tf.IndexedSlices(new_slots[n], index))
@@ -787,11 +956,8 @@ class Optimizer(tf.Module):
             p1 = tf.convert_to_tensor(var)
             ema0 = tf.convert_to_tensor(slots[EMA])
             new_p, new_ema = self._average(p1, ema0, step)
-            if keep is not None:
-                new_p, new_ema = (
-                    tf.where(keep, p1, new_p),
-                    tf.where(keep, ema0, new_ema),
-                )
+            new_p, kept = _select(ok, p1, new_p, {EMA: ema0}, {EMA: new_ema})
+            new_ema = kept[EMA]
             slots[EMA].assign(new_ema, read_value=False)
             if self.ema_overwrite_frequency:
                 var.assign(new_p, read_value=False)
@@ -892,6 +1058,53 @@ def run_norms(runs):
     return norm
 
 
+def segment_norms(segments, totals):
+    """The `norm` of a shard: each element gets its variable's whole norm.
+
+    Args:
+        segments: `((segment, length), ...)`: the shard's pieces in order.
+        totals: `[calls, n]`: for each call of `norm` in the rule, every
+            variable's sum of squares over all shards (all-reduced).
+    """
+    ids = _segment_ids(segments)
+    calls = iter(range(totals.shape[0]))
+
+    def norm(x):
+        del x
+        return tf.gather(tf.sqrt(totals[next(calls)]), ids)
+
+    return norm
+
+
+def _segment_ids(segments):
+    return tf.repeat(
+        tf.constant([k for k, _ in segments], tf.int32),
+        [n for _, n in segments],
+    )
+
+
+def _norm_fn(layout, totals):
+    """The `norm` a layer-wise rule gets for `layout` (see `Optimizer._rule`)."""
+    if layout is None:
+        return l2_norm
+    if layout[0] == "runs":
+        return run_norms(layout[1])
+    return segment_norms(layout[1], totals)
+
+
+def _select(ok, p0, new_p, old, new_slots):
+    """Keeps the old values where `ok` is False (a select, not a tf.cond).
+
+    Branch-free, so it fuses under XLA. `ok`: None (nothing to keep), a
+    scalar, or one bool per element.
+    """
+    if ok is None:
+        return new_p, new_slots
+    keep = tf.logical_not(ok)
+    new_p = tf.where(keep, p0, new_p)
+    return new_p, {n: tf.where(keep, old[n], new_slots[n]) for n in old}
+
+
 def _flat(t):
     if t.shape.rank == 1:
         return tf.convert_to_tensor(t)
@@ -943,10 +1156,6 @@ def _cast_init(init, dtype):
     if callable(init):
         return lambda: tf.cast(init(), dtype)
     return tf.cast(init, dtype)
-
-
-def _counter(name):
-    return counter_lib.Counter(name)
 
 
 def _snake_case(name: str) -> str:

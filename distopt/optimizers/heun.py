@@ -7,7 +7,6 @@ import tensorflow as tf
 from distopt import distribute as dist
 from distopt import reduce as reduce_lib
 from distopt.optimizers.base import Optimizer
-from distopt.optimizers.sam import reduce_in_replica_context
 
 
 class Heun(Optimizer):
@@ -107,7 +106,7 @@ class Heun(Optimizer):
         moved = [v for _, v in pairs]
         # Aggregated and transformed (clipped) exactly as the update will be;
         # sparse on the wire, back with each index once.
-        g1_mean = reduce_in_replica_context(self, g1, weight)
+        g1_mean = self.reducer.reduce_in_replica_context(g1, weight)
         saved = [tf.identity(v) for v in moved]
         # Identical deltas on every replica (g1_mean is all-reduced): the
         # copies stay identical at the trial point.

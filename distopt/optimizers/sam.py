@@ -210,8 +210,8 @@ class SAM(tf.Module):
         if self.perturbation == "aggregated":
             # A `tf.IndexedSlices` gradient (an embedding) stays sparse on the
             # wire and comes back with each index once, as in the update.
-            grads = reduce_in_replica_context(
-                self.base_optimizer, [g for g, _ in pairs], weight
+            grads = self.base_optimizer.reducer.reduce_in_replica_context(
+                [g for g, _ in pairs], weight
             )
         else:
             # No communication; the dense sum merges duplicate indices.
@@ -260,48 +260,6 @@ class SAM(tf.Module):
         if isinstance(base, dict):
             base = registry.from_config(base)
         return cls(base, **config)
-
-
-# --- Helpers for optimizers that evaluate the loss ----------------------------
-
-
-def reduce_in_replica_context(optimizer, grads, weight=None) -> list:
-    """The aggregated gradients, on every replica, from inside `strategy.run`.
-
-    The same path the optimizer's own update takes (`optimizer.reducer`): its
-    aggregation, wire dtype, transforms, communication options and counters
-    all apply. Under the default strategy the gradients are normalised the
-    same way, with no communication. A `tf.IndexedSlices` gradient stays
-    sparse (an all-gather of its rows) and comes back as `IndexedSlices`
-    with each index once.
-
-    An invalid weight is not counted in `invalid_weight_steps` here: the
-    caller's update reduces the same weight in the same step and counts it
-    there, so a step counts once.
-    """
-    reducer = optimizer.reducer
-    payload, w = reducer.payload(grads, weight)
-
-    def merge_fn(strategy, payload, w):
-        reduced, scale, _ = reducer.reduce(
-            strategy, list(payload), w, count_invalid=False
-        )
-        if scale is None:
-            return list(reduced)
-        return list(
-            dist.map_per_replica(
-                strategy,
-                lambda s, *gs: [
-                    reduce_lib.map_values(g, lambda x: x * tf.cast(s, x.dtype))
-                    for g in gs
-                ],
-                scale,
-                *reduced,
-            )
-        )
-
-    reduced = dist.merge(merge_fn, tuple(payload), w)
-    return [tf.cast(r, g.dtype) for r, g in zip(reduced, grads)]
 
 
 def _check_non_negative(name, value) -> float:

@@ -49,20 +49,25 @@ def get(identifier=None, **kwargs) -> Sync:
     )
 
 
-def from_config(config) -> Sync:
-    """Inverse of `Sync.get_config` (None gives the default)."""
+def from_config(config, outer_optimizer=None) -> Sync:
+    """Inverse of `Sync.get_config` (None gives the default).
+
+    Args:
+        config: A `get_config()` dict, or None.
+        outer_optimizer: DiLoCo's outer optimizer, already deserialised by
+            the caller (`Optimizer.from_config`): sync modes sit below the
+            optimizers and never import them.
+    """
     if config is None:
         return EveryStep()
     config = dict(config)
     name = config.pop("name")
-    outer = config.pop("outer_optimizer", None)
+    config.pop("outer_optimizer", None)
     group_size = config.pop("group_size", None)
     if name == "hierarchical":
         config["group_size"] = group_size
-    if outer is not None:
-        from distopt import optimizers
-
-        config["outer_optimizer"] = optimizers.from_config(outer)
+    if outer_optimizer is not None:
+        config["outer_optimizer"] = outer_optimizer
     return get(name, **config)
 
 

@@ -66,7 +66,7 @@ class Accumulate(Sync):
             buffers = dist.read_per_replica(strategy, self.accumulators)
             (total,) = dist.read_per_replica(strategy, [self.weight_sum])
             reduced, scale, ok = optimizer.reducer.reduce(
-                strategy, list(buffers), total
+                strategy, list(buffers), total, variables=every
             )
             # A variable absent from this call is applied only if its
             # reduced buffer holds something (identical on every replica).

@@ -29,6 +29,9 @@ class Sync(tf.Module):
     needs_replica_context = False
     #: Whether replicas' weights differ between synchronisations.
     diverges = False
+    #: Whether the mode reduces gradients (or DiLoCo's outer gradient), so
+    #: that `compression` applies.
+    sends_gradients = True
 
     def __init__(self):
         super().__init__(name=self.name)

@@ -11,5 +11,7 @@ class EveryStep(Sync):
     name = "every_step"
 
     def apply(self, optimizer, strategy, grads, weight, variables):
-        grads, scale, ok = optimizer.reducer.reduce(strategy, grads, weight)
+        grads, scale, ok = optimizer.reducer.reduce(
+            strategy, grads, weight, variables=variables
+        )
         optimizer.apply_update(strategy, grads, variables, scale=scale, ok=ok)

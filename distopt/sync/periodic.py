@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from distopt import compression as compression_lib
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
 
@@ -64,6 +66,9 @@ class PeriodicAverage(Sync):
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
         self.average_slots = bool(average_slots)
         self.outer_optimizer = outer_optimizer
+        #: Whether the mode steps an outer optimizer (DiLoCo): its default is
+        #: made at build.
+        self.has_outer = outer_optimizer is not None
         if group_size is not None:
             check_period("group_size", group_size)
         self.group_size = group_size
@@ -99,6 +104,8 @@ class PeriodicAverage(Sync):
                 [_state_of(optimizer, v) for v in variables], strategy
             )
             self.anchors = []
+            if self.has_outer and self.outer_optimizer is None:
+                self.outer_optimizer = default_outer_optimizer()
             if self.outer_optimizer is not None:
                 for v in variables:
                     with strategy.extended.colocate_vars_with(v):
@@ -114,6 +121,19 @@ class PeriodicAverage(Sync):
                             )
                         )
                 self.outer_optimizer.build(self.anchors)
+            # The outer gradient is compressed like the inner ones, with
+            # residuals of its own (a copy of the inner compressor).
+            self.outer_compression = None
+            if self.outer_optimizer is not None and optimizer.compression is not None:
+                self.outer_compression = compression_lib.from_config(
+                    optimizer.compression.get_config()
+                )
+                self.outer_compression.build(strategy, self.anchors)
+
+    @property
+    def sends_gradients(self) -> bool:
+        """DiLoCo sends an outer gradient (compressible); local SGD weights."""
+        return self.has_outer
 
     # The snapshot's names, as tests and users know them.
     @property
@@ -136,7 +156,7 @@ class PeriodicAverage(Sync):
         reducer = optimizer.reducer
 
         def synchronous():
-            g, scale, ok = reducer.reduce(strategy, grads, weight)
+            g, scale, ok = reducer.reduce(strategy, grads, weight, variables=variables)
             optimizer.apply_update(strategy, g, variables, scale=scale, ok=ok)
 
         every = optimizer.built_variables()
@@ -246,25 +266,85 @@ class PeriodicAverage(Sync):
         slot_vars = []
         if self.average_slots or slots:
             slot_vars = [s for v in variables for s in optimizer.slots(v).values()]
-        local = dist.read_per_replica(strategy, variables + slot_vars)
-        averaged = optimizer.reducer.mean(strategy, local)
         n = len(variables)
         if self.outer_optimizer is None:
+            local = dist.read_per_replica(strategy, variables + slot_vars)
+            averaged = optimizer.reducer.mean(strategy, local)
             dist.assign(strategy, variables, averaged[:n])
         else:
             anchors = self._anchors_for(optimizer, variables)
-            pseudo = dist.map_per_replica(
-                strategy,
-                lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])],
-                *anchors,
-                *averaged[:n],
+            local = dist.read_per_replica(strategy, anchors + variables + slot_vars)
+            pseudo = self._outer_gradient(
+                optimizer, strategy, local[:n], local[n : 2 * n]
             )
+            averaged = [None] * n + optimizer.reducer.mean(strategy, local[2 * n :])
             self.outer_optimizer.apply_update(strategy, list(pseudo), anchors)
             _copy(strategy, anchors, variables)
         dist.assign(strategy, slot_vars, averaged[n:])
         self.since_average.assign(0)
         has_slots = any(optimizer.slots(v) for v in variables)
         self.replicas_identical.assign(int(bool(slot_vars) or not has_slots))
+
+    def _outer_gradient(self, optimizer, strategy, anchors, weights):
+        """`anchor - mean_r(w_r)`, on every replica.
+
+        With compression, each replica sends its own share `(anchor - w_r)
+        / R` through the outer compressor (Streaming DiLoCo compresses its
+        outer gradients too, arXiv 2501.18512), with residuals of its own,
+        in float32 (16-bit weights are widened first, as the Reducer widens
+        16-bit gradients); float64 weights travel as without compression,
+        in one all-reduce of the weights.
+        """
+        n = len(anchors)
+        compressor = self.outer_compression
+        comp = []
+        if compressor is not None:
+            comp = [
+                i
+                for i, a in enumerate(self.anchors)
+                if reduce_lib.payload_dtype(a.dtype) == tf.float32
+            ]
+        rest = [i for i in range(n) if i not in comp]
+        out = [None] * n
+        if rest:
+            mean = optimizer.reducer.mean(strategy, [weights[i] for i in rest])
+            diffs = dist.map_per_replica(
+                strategy,
+                lambda *xs: [a - m for a, m in zip(xs[: len(rest)], xs[len(rest) :])],
+                *[anchors[i] for i in rest],
+                *mean,
+            )
+            for i, d in zip(rest, _as_list(diffs)):
+                out[i] = d
+        if comp:
+            size = strategy.num_replicas_in_sync
+
+            def share(*xs):
+                k = len(comp)
+                return [
+                    (tf.cast(a, tf.float32) - tf.cast(w, tf.float32)) / size
+                    for a, w in zip(xs[:k], xs[k:])
+                ]
+
+            shares = dist.map_per_replica(
+                strategy,
+                share,
+                *[anchors[i] for i in comp],
+                *[weights[i] for i in comp],
+            )
+            pseudo = compressor.aggregate(
+                optimizer.reducer,
+                strategy,
+                _as_list(shares),
+                [self.anchors[i] for i in comp],
+            )
+            compressor.commit(strategy, None)
+            for i, p in zip(comp, pseudo):
+                dtype = self.anchors[i].dtype
+                out[i] = dist.map_per_replica(
+                    strategy, lambda x, dtype=dtype: tf.cast(x, dtype), p
+                )
+        return out
 
     def _anchors_for(self, optimizer, variables):
         return (
@@ -297,17 +377,35 @@ def LocalSGD(k, warmup_steps=0, average_slots=False):
 def DiLoCo(k, outer_optimizer=None, warmup_steps=0, average_slots=False):
     """DiLoCo/SlowMo: an outer optimizer steps the anchor every k local steps.
 
-    The default outer optimizer is Nesterov momentum, lr 0.7, momentum 0.9.
+    The default outer optimizer is Nesterov momentum, lr 0.7, momentum 0.9
+    (Douillard et al. 2023), made when the mode is built (`outer_optimizer`
+    is None until then), by the factory `distopt.optimizers` registers.
     """
-    if outer_optimizer is None:
-        from distopt.optimizers import Momentum
-
-        outer_optimizer = Momentum(
-            learning_rate=0.7, momentum=0.9, nesterov=True, name="outer_momentum"
-        )
     mode = PeriodicAverage(k, warmup_steps, average_slots, outer_optimizer)
     mode.name = "diloco"
+    mode.has_outer = True
     return mode
+
+
+#: Makes DiLoCo's default outer optimizer. Registered by `distopt.optimizers`
+#: (`set_default_outer_optimizer`): the sync modes sit below the optimizers,
+#: so this module must not import them.
+_default_outer_factory = None
+
+
+def set_default_outer_optimizer(factory) -> None:
+    """Registers the callable that makes DiLoCo's default outer optimizer."""
+    global _default_outer_factory
+    _default_outer_factory = factory
+
+
+def default_outer_optimizer():
+    """A new default outer optimizer (Nesterov momentum, lr 0.7, momentum 0.9).
+
+    Called at build, when the inner optimizer exists, so `distopt.optimizers`
+    has been imported and has registered the factory.
+    """
+    return _default_outer_factory()
 
 
 def Hierarchical(k, warmup_steps=0, average_slots=False, group_size=None):
@@ -332,3 +430,7 @@ def _state_of(optimizer, var):
 
 def _copy(strategy, sources, targets):
     dist.assign(strategy, targets, dist.read_per_replica(strategy, sources))
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]

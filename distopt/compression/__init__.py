@@ -1,0 +1,71 @@
+"""Gradient compression with error feedback: PowerSGD, top-k and 1-bit.
+
+    opt = distopt.optimizers.Adam(1e-3, compression="powersgd")
+    opt = distopt.optimizers.Adam(1e-3, compression=distopt.compression.TopK(0.01))
+
+A compressor runs inside the optimizer's `Reducer`, on every reduction that
+sends gradients (every step, an `Accumulate` flush, DiLoCo's outer
+gradient), so aggregation, transforms, skips and counters hold as without
+it. See `distopt.compression.base` for the data path and the state.
+
+| compressor      | sends per replica, per variable of d floats | collective |
+| --------------- | ------------------------------------------- | ---------- |
+| `PowerSGD(r)`   | (rows + cols) * r floats                     | all-reduce |
+| `TopK(f)`       | ceil(f * d) values + int32 indices           | all-gather |
+| `OneBit()`      | ceil(d / 32) int32 words + 1 scale           | all-gather |
+"""
+
+from __future__ import annotations
+
+from distopt.compression.base import Compressor
+from distopt.compression.onebit import OneBit
+from distopt.compression.powersgd import PowerSGD
+from distopt.compression.topk import TopK
+
+_REGISTRY = {cls.name: cls for cls in (PowerSGD, TopK, OneBit)}
+
+
+def names() -> list[str]:
+    """The names `get` accepts."""
+    return sorted(_REGISTRY)
+
+
+def get(identifier=None, **kwargs) -> Compressor | None:
+    """A compressor from a name (with its arguments), an instance, or None.
+
+    Raises:
+        ValueError: an unknown name (listing the valid ones) or a bad
+            argument (naming it); nothing is built then.
+    """
+    if identifier is None:
+        if kwargs:
+            raise ValueError(
+                f"compression_args: given ({', '.join(kwargs)}) without a compression."
+            )
+        return None
+    if isinstance(identifier, Compressor):
+        if kwargs:
+            raise ValueError(
+                f"compression_args: given ({', '.join(kwargs)}) with a compressor "
+                "instance; pass them to its constructor."
+            )
+        return identifier
+    if isinstance(identifier, str) and identifier in _REGISTRY:
+        try:
+            return _REGISTRY[identifier](**kwargs)
+        except TypeError as e:
+            raise ValueError(f"compression_args: {e}") from None
+    raise ValueError(
+        f"compression: unknown {identifier!r}; valid names: {', '.join(names())}."
+    )
+
+
+def from_config(config) -> Compressor | None:
+    """Inverse of `Compressor.get_config` (None gives None)."""
+    if config is None:
+        return None
+    config = dict(config)
+    return get(config.pop("name"), **config)
+
+
+__all__ = ["Compressor", "OneBit", "PowerSGD", "TopK", "from_config", "get", "names"]

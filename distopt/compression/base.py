@@ -1,0 +1,320 @@
+"""`Compressor`: what a gradient compressor does, and the state it keeps.
+
+A compressor is called by the `distopt.reduce.Reducer` once per reduction
+that sends gradients (`Reducer.reduce`), in cross-replica context, with
+each replica's normalised share of the gradient, `s_r = P_r / N` (see
+`distopt.reduce`: `g_r / R` for the mean, `g_r` for the sum,
+`w_r g_r / sum(w)` for the weighted mean). It returns `sum_r C(s_r + e_r)`,
+decompressed, on every replica, bit for bit the same everywhere. Like a
+PyTorch DDP communication hook with its state object:
+
+    x_r = s_r + e_r                  error feedback (Karimireddy et al. 2019;
+                                     Stich et al. 2018): what replica r
+                                     did not send before is sent now
+    exchange                         the subclass: compress, communicate
+                                     through the Reducer's counted
+                                     collectives, decompress
+    e_r <- x_r - D_r                 D_r: replica r's own decompressed part
+
+The new residuals (and a subclass's own state, PowerSGD's Q) are staged by
+`aggregate` and written by `commit(ok)` once the Reducer knows whether the
+step is applied: a skipped step (a non-finite gradient, an invalid weight,
+a loss-scale overflow) leaves every residual and every Q as it was.
+
+Residuals are per replica: each replica writes its own copy
+(`distribute.per_replica_zeros`), and a checkpoint holds every replica's row
+(`ReplicaRows`), so a run resumed on the same number of replicas goes on
+bit for bit. On another number of replicas the rows have no owner: the
+residuals restart at zero, with one WARNING (what they held is at most one
+step's compression error per replica).
+
+Only float32 shares are compressed; float64 ones travel uncompressed in the
+Reducer's fused all-reduce (16-bit variables have float32 payloads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+from absl import logging
+
+from distopt import counter as counter_lib
+from distopt import distribute as dist
+
+
+class Compressor(tf.Module):
+    """Base class of gradient compressors (see the module docstring).
+
+    A subclass implements `exchange` (and may keep state of its own through
+    `build_state` and `extra_state`).
+
+    Args:
+        error_feedback: Keep each replica's residual and add it to the next
+            share (default). Without it, what is not sent is lost.
+        start_step: Reductions that send plain, uncompressed all-reduces
+            first (PyTorch's `start_powerSGD_iter`); residuals stay zero.
+        name: The module's name.
+    """
+
+    name = "compressor"
+
+    def __init__(self, *, error_feedback=True, start_step=0, name=None):
+        super().__init__(name=name or type(self).name)
+        self.error_feedback = bool(error_feedback)
+        self.start_step = check_int("start_step", start_step, minimum=0)
+        self._built = False
+        self._pending = None
+        self._warned_restart = False
+
+    # --- What a subclass provides --------------------------------------------
+
+    def compresses(self, shape: tf.TensorShape) -> bool:
+        """Whether a float32 variable of `shape` is compressed (and has a residual)."""
+        del shape
+        return True
+
+    def build_state(self, strategy, variables, compressed) -> None:
+        """Creates the subclass's own state; `compressed[i]` is `compresses(...)`."""
+
+    def extra_state(self, indices) -> list:
+        """The subclass's state variables for the variables at `indices`."""
+        del indices
+        return []
+
+    def exchange(self, reducer, strategy, xs, indices):
+        """Compresses, communicates and decompresses.
+
+        Args:
+            reducer: The `distopt.reduce.Reducer`: its `all_reduce` and
+                `all_gather` are the counted collectives to use.
+            strategy: The strategy in scope.
+            xs: Per-replica float32 tensors, one per variable (share plus
+                residual).
+            indices: Each one's variable index (in `build`'s order).
+
+        Returns:
+            `(aggregate, local, extra)`: per-replica tensors identical on
+            every replica, one per `xs`; for each compressed one, this
+            replica's own decompressed part (or None where not compressed);
+            the new values of `extra_state(indices)`.
+        """
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {
+            "name": type(self).name,
+            "error_feedback": self.error_feedback,
+            "start_step": self.start_step,
+        }
+
+    # --- The Reducer's calls ---------------------------------------------------
+
+    def build(self, strategy, variables: Sequence[tf.Variable]) -> None:
+        """Creates the residuals and the subclass state for `variables`, once."""
+        if self._built:
+            return
+        variables = list(variables)
+        self._index = {v.ref(): i for i, v in enumerate(variables)}
+        self._shapes = [v.shape for v in variables]
+        compressed = [_float32(v) and self.compresses(v.shape) for v in variables]
+        self._compressed = compressed
+        with tf.name_scope(self.name):
+            self.steps = counter_lib.Counter("steps")
+            self.residuals = {}
+            if self.error_feedback:
+                for i, v in enumerate(variables):
+                    if compressed[i]:
+                        self.residuals[str(i)] = ReplicaRows(
+                            strategy,
+                            v.shape,
+                            tf.float32,
+                            f"residual_{i}",
+                            on_mismatch=self._warn_restart,
+                        )
+            self.build_state(strategy, variables, compressed)
+        self._strategy = strategy
+        self._built = True
+
+    def _warn_restart(self, saved, current):
+        """Logs the restart of the residuals at zero: once, not per variable."""
+        if self._warned_restart:
+            return
+        self._warned_restart = True
+        logging.warning(
+            "compression (%s): the checkpoint holds the residuals of %d replicas "
+            "and this run has %d; they restart at zero.",
+            self.name,
+            saved,
+            current,
+        )
+
+    def knows(self, var) -> bool:
+        return self._built and var.ref() in self._index
+
+    def aggregate(self, reducer, strategy, shares, variables) -> list:
+        """`sum_r` of the replicas' shares, compressed; stages the new state.
+
+        Args:
+            reducer: The Reducer (for its counted collectives).
+            strategy: The strategy in scope.
+            shares: Per-replica float32 shares, one per variable.
+            variables: The variables, in the same order.
+
+        Returns:
+            Per-replica tensors, identical on every replica.
+        """
+        indices = [self._index[v.ref()] for v in variables]
+        state = self._state_of(indices)
+
+        def compressed():
+            xs = list(shares)
+            if self.error_feedback:
+                xs = _add_residuals(strategy, xs, indices, self.residuals)
+            agg, local, extra = self.exchange(reducer, strategy, xs, indices)
+            new_res = [
+                dist.map_per_replica(strategy, tf.subtract, x, d)
+                for x, d, i in zip(xs, local, indices)
+                if self.error_feedback and self._compressed[i]
+            ]
+            return list(agg) + new_res + list(extra)
+
+        def plain():
+            return list(reducer.all_reduce(strategy, shares)) + list(
+                dist.read_per_replica(strategy, state) if state else []
+            )
+
+        if self.start_step:
+            out = dist.cond_per_replica(
+                strategy, self.steps.variable < self.start_step, plain, compressed
+            )
+        else:
+            out = compressed()
+        n = len(shares)
+        # Untracked: a tf.Module attribute holding variables would be a
+        # checkpoint dependency (the residuals' storage saved a second time,
+        # as a sum over replicas, and restored over them at the next trace),
+        # and assigning None later does not remove it.
+        self._pending = dist.Untracked((state, out[n:]))
+        return out[:n]
+
+    def commit(self, strategy, ok) -> None:
+        """Writes the staged state; where `ok` is False, keeps the old."""
+        state, values = self._pending.value
+        self._pending = None
+        for var, value in zip(state, values):
+            dist.update(strategy, var, _keep_unless, value, ok)
+        self.steps.assign_add(1)
+
+    def _state_of(self, indices):
+        """The state variables the step writes, in `aggregate`'s order."""
+        res = [
+            self.residuals[str(i)].storage
+            for i in indices
+            if self.error_feedback and self._compressed[i]
+        ]
+        return res + list(self.extra_state(indices))
+
+
+class ReplicaRows(dist.LogicalState):
+    """A per-replica tensor (each replica writes its own), saved as `[R, ...]`.
+
+    The checkpoint holds every replica's row. Restored on the same number of
+    replicas, replica r gets row r back; on another number, zeros, and
+    `on_mismatch(saved, current)` is called (the compressor logs one WARNING
+    for all its residuals; without it, each logs its own).
+    """
+
+    def __init__(self, strategy, shape, dtype, name, on_mismatch=None):
+        super().__init__(name=name)
+        self._strategy = strategy
+        self._on_mismatch = on_mismatch
+        self._shape = tf.TensorShape(shape)
+        self._dtype = tf.as_dtype(dtype)
+        self._storage = dist.Untracked(
+            dist.per_replica_zeros(strategy, None, dtype, shape=self._shape, name=name)
+        )
+
+    @property
+    def storage(self) -> tf.Variable:
+        """The variable each replica writes alone."""
+        return self._storage.value
+
+    def storage_variables(self) -> list:
+        return [self.storage]
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def shape(self):
+        return tf.TensorShape([self._strategy.num_replicas_in_sync]).concatenate(
+            self._shape
+        )
+
+    def logical_value(self):
+        with self._strategy.scope():
+            rows = dist.all_gather_rows(
+                self._strategy, [_flat_per_replica(self._strategy, self.storage)]
+            )[0]
+            return tf.reshape(dist.first_local(self._strategy, rows), self.shape)
+
+    def assign_logical(self, value):
+        with self._strategy.scope():
+            self._assign_rows(tf.convert_to_tensor(value, self._dtype))
+
+    def _assign_rows(self, value):
+        n = self._strategy.num_replicas_in_sync
+        if value.shape[0] != n:
+            if self._on_mismatch is not None:
+                self._on_mismatch(value.shape[0], n)
+            else:
+                logging.warning(
+                    "%s: the checkpoint holds the rows of %d replicas and this "
+                    "run has %d; they restart at zero.",
+                    self.name,
+                    value.shape[0],
+                    n,
+                )
+            rows = dist.by_replica(
+                self._strategy, lambda r, i: tf.zeros(self._shape, self._dtype)
+            )
+        else:
+            rows = dist.by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
+        dist.assign_components(self._strategy, self.storage, rows)
+
+
+def check_int(name, value, minimum) -> int:
+    """`value` as an int >= `minimum`, or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _float32(v) -> bool:
+    return v.dtype in (tf.float16, tf.bfloat16, tf.float32)
+
+
+def _keep_unless(var, value, ok):
+    if ok is not None:
+        value = tf.where(ok, value, tf.convert_to_tensor(var))
+    return var.assign(value, read_value=False)
+
+
+def _add_residuals(strategy, xs, indices, residuals):
+    out = []
+    for x, i in zip(xs, indices):
+        rows = residuals.get(str(i))
+        if rows is None:
+            out.append(x)
+            continue
+        (r,) = dist.read_per_replica(strategy, [rows.storage])
+        out.append(dist.map_per_replica(strategy, tf.add, x, r))
+    return out
+
+
+def _flat_per_replica(strategy, variable):
+    return dist.map_per_replica(
+        strategy, lambda v: tf.reshape(tf.convert_to_tensor(v), [-1]), variable
+    )
