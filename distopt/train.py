@@ -209,6 +209,24 @@ flags.DEFINE_integer(
     "sync_period", _DEFAULTS.sync_period, "k for every --sync except every_step."
 )
 flags.DEFINE_string(
+    "compression",
+    "",
+    "Compress the gradients each replica sends, with error feedback: powersgd, "
+    "topk or onebit (distopt.compression); empty for none.",
+)
+flags.DEFINE_string(
+    "compression_args",
+    "",
+    "The compressor's arguments, key=value,... (powersgd: rank=2,start_step=100; "
+    "topk: fraction=0.01).",
+)
+flags.DEFINE_boolean(
+    "shard_optimizer_state",
+    False,
+    "Keep 1/N of every optimizer slot on each of N replicas (ZeRO stage 1); "
+    "every_step and accumulate only.",
+)
+flags.DEFINE_string(
     "sync_args",
     "",
     "More sync-mode arguments, key=value,... (e.g. warmup_steps=100, "
@@ -337,6 +355,9 @@ def config_from_flags() -> config_lib.TrainConfig:
         sync_period=FLAGS.sync_period,
         sync_args=config_lib.parse_kv(FLAGS.sync_args),
         global_clipnorm=FLAGS.global_clipnorm,
+        compression=FLAGS.compression,
+        compression_args=config_lib.parse_kv(FLAGS.compression_args),
+        shard_optimizer_state=FLAGS.shard_optimizer_state,
         skip_nonfinite=FLAGS.skip_nonfinite,
         on_nonfinite=FLAGS.on_nonfinite,
         max_skipped_steps=FLAGS.max_skipped_steps,

@@ -27,9 +27,10 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 # A checkpoint of another model or dataset cannot be resumed: refuse it.
 IDENTITY_KEYS = ("model", "dataset")
-# Nor one of another optimizer or sync mode: their state (slots, replicas'
-# snapshots, an outer optimizer) would be partly restored and partly new.
-RESUME_KEYS = ("optimizer", "sync")
+# Nor one of another optimizer, sync mode or compressor: their state (slots,
+# replicas' snapshots, an outer optimizer, residuals) would be partly restored
+# and partly new. Sharding may change: a checkpoint holds the logical state.
+RESUME_KEYS = ("optimizer", "sync", "compression")
 
 
 class WriteError(OSError):

@@ -19,6 +19,8 @@ ON_NONFINITE = ("stop", "skip", "ignore")
 DEFAULT_CPU_VIRTUAL_DEVICES = 2
 # The sync modes whose replicas diverge between averages.
 DIVERGING_SYNC = ("local_sgd", "diloco", "hierarchical")
+# distopt.compression's names (checked here, before TensorFlow is imported).
+COMPRESSIONS = ("onebit", "powersgd", "topk")
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,10 @@ class TrainConfig:
     sync_period: int = 8
     sync_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     global_clipnorm: float | None = None
+    # "" (none), or a distopt.compression name, with its arguments.
+    compression: str = ""
+    compression_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    shard_optimizer_state: bool = False
     skip_nonfinite: bool = False
     on_nonfinite: str = "stop"
     max_skipped_steps: int = 20
@@ -180,6 +186,7 @@ def _check_floats(config: TrainConfig) -> None:
 
 def _check_combinations(config: TrainConfig) -> None:
     """Flags that contradict each other, by name only."""
+    _check_compression_and_sharding(config)
     if config.mixed_precision == "float16" and config.sync in DIVERGING_SYNC:
         raise ConfigError(
             f"--mixed_precision=float16 needs loss scaling, which needs a "
@@ -300,3 +307,24 @@ def _typed(value: str):
         except ValueError:
             pass
     return value
+
+
+def _check_compression_and_sharding(config: TrainConfig) -> None:
+    """--compression and --shard_optimizer_state against each other's flags."""
+    if config.compression and config.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"--compression: unknown {config.compression!r}; valid: "
+            f"{', '.join(COMPRESSIONS)} (or none)"
+        )
+    if config.compression_args and not config.compression:
+        raise ConfigError("--compression_args needs --compression")
+    if config.compression and config.sync in ("local_sgd", "hierarchical"):
+        raise ConfigError(
+            f"--compression compresses gradients; --sync={config.sync} sends "
+            "weights (--sync=diloco compresses its outer gradient)"
+        )
+    if config.shard_optimizer_state and config.sync in DIVERGING_SYNC:
+        raise ConfigError(
+            f"--shard_optimizer_state needs a synchronous --sync (every_step or "
+            f"accumulate); under {config.sync} each replica keeps its own slots"
+        )

@@ -12,6 +12,7 @@ from typing import Any
 import tensorflow as tf
 
 from distopt import aggregation as aggregation_lib
+from distopt import compression as compression_lib
 from distopt import models as models_lib
 from distopt import optimizers as optimizers_lib
 from distopt import sync as sync_lib
@@ -137,6 +138,8 @@ def optimizer_kwargs(config: TrainConfig, total_steps: int) -> dict[str, Any]:
         aggregation=aggregation_lib.get(config.aggregation),
         sync=make_sync(config),
         global_clipnorm=config.global_clipnorm,
+        compression=make_compression(config),
+        shard_state=config.shard_optimizer_state,
         # The optimizer skips (on every replica) only under the skip policy:
         # the check costs throughput (see optimizers/base.py), and "stop"
         # reads the loss and the weights instead.
@@ -151,6 +154,20 @@ def optimizer_kwargs(config: TrainConfig, total_steps: int) -> dict[str, Any]:
         # skipped on every replica and halve the scale.
         kwargs["loss_scale"] = "dynamic"
     return kwargs
+
+
+def make_compression(config: TrainConfig):
+    """The compressor of ``--compression`` and ``--compression_args``, or None.
+
+    Raises:
+      ConfigError: an argument the compressor does not take or accept.
+    """
+    if not config.compression:
+        return None
+    try:
+        return compression_lib.get(config.compression, **config.compression_args)
+    except ValueError as e:
+        raise ConfigError(f"--compression_args: {e}") from None
 
 
 def make_optimizer(config: TrainConfig, total_steps: int):

@@ -170,7 +170,7 @@ class TrainLoop:
         # (unless the moving average replaced them).
         if self._target_result is not None and not averaged:
             return self._target_result
-        result = self.out.evaluator.evaluate(final_step)
+        result = self.out.evaluator.evaluate(final_step, final=True)
         if result is None:
             self._preempt(final_step, " during the final evaluation")
         return result

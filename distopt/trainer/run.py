@@ -235,6 +235,7 @@ def resume(run: Run) -> None:
         run.optimizer.restore_replicas(run.model.trainable_variables)
     run.resumed_from = latest
     run.start_step = int(run.step.numpy())
+    _log_state_bytes(run)
     logging.info(
         "Model %s (%d parameters), %s optimizer, aggregation %s, sync %s; "
         "global batch %d over %d replica(s); %s step %d of %d",
@@ -251,6 +252,27 @@ def resume(run: Run) -> None:
         run.start_step,
         run.total_steps,
     )
+
+
+def _log_state_bytes(run: Run) -> None:
+    """The optimizer state each device holds (sharded or not), once."""
+    held = run.optimizer.state_bytes_per_device()
+    if not held:
+        return
+    sizes = sorted(held.values())
+    sharded = " (sharded)" if run.config.shard_optimizer_state else ""
+    logging.info(
+        "Optimizer state%s: %s per device on %d device(s)",
+        sharded,
+        _megabytes(sizes[-1])
+        if sizes[0] == sizes[-1]
+        else f"{_megabytes(sizes[0])}-{_megabytes(sizes[-1])}",
+        len(held),
+    )
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def open_outputs(run: Run) -> Outputs:
