@@ -148,7 +148,7 @@ def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(disk, tmp
 def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tmp_path):
     logs, run = tmp_path, f"{disk}/run"
     # The disk fills while the final evaluation runs (after the last save):
-    # metrics.json cannot be written.
+    # its record (evaluations.json) cannot be written, nor then metrics.json.
     script = (
         f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
         + _run("full", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
@@ -163,9 +163,11 @@ def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tm
     assert proc.returncode == 0, proc.stderr
     status, lines = _report(logs, "full")
     assert status == 1, lines[-12:]
-    _assert_one_error_last(lines, f"error: Could not write {run}/metrics.json: ")
+    _assert_one_error_last(
+        lines, f"error: Could not write {run}/evaluations.json: "
+    )
     assert "No space left on device" in lines[-1]
-    # Neither metrics.json nor its temporary file, and the lock released.
+    # No metrics.json, no evaluations.json, no temporary file; lock released.
     assert sorted((logs / "left").read_text().split()) == [
         "checkpoints",
         "eval",
@@ -214,6 +216,7 @@ def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
     assert sorted(os.listdir(run)) == [
         "checkpoints",
         "eval",
+        "evaluations.json",
         "metrics.json",
         "run_config.json",
         "train",

@@ -141,6 +141,11 @@ def run_once(mode, workers, link, seed, setting, workdir) -> dict | None:
         return None
     with open(path) as f:
         metrics = json.load(f)
+    evaluations = []
+    history = os.path.join(model_dir, "evaluations.json")
+    if os.path.exists(history):
+        with open(history) as f:
+            evaluations = json.load(f)
     link_bytes = None
     if os.path.exists(stats):
         with open(stats) as f:
@@ -159,7 +164,7 @@ def run_once(mode, workers, link, seed, setting, workdir) -> dict | None:
         "bytes_sent": metrics.get("communication_bytes_sent"),
         "link_bytes_sent": link_bytes,
         "examples_per_second": metrics.get("examples_per_second"),
-        "evaluations": metrics.get("evaluations", []),
+        "evaluations": evaluations,
     }
 
 
