@@ -299,7 +299,7 @@ def plot(runs, output_dir):
         ):
             ax.set_xlabel(x)
             ax.set_ylabel("test accuracy")
-            ax.set_ylim(0.9, 1.0)
+            ax.set_ylim(FLAGS.target - 0.05, min(1.0, FLAGS.target + 0.02))
             ax.axhline(FLAGS.target, color="gray", lw=0.5)
             ax.grid(alpha=0.3)
         b.set_xscale("log")
