@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np
+import sharded_harness
 import tensorflow as tf
 from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
 from sync_harness import make_data, optimizer, train
@@ -76,4 +77,9 @@ params, fresh, _ = train(
 for i, p in enumerate(params):
     results[f"snapshot/{i}"] = np.asarray(strategy.experimental_local_results(p)[0])
 print(f"worker {index}: snapshot resume done", flush=True)
+
+# Sharded optimizer state: every optimizer, sharded, 20 steps (checked in
+# sharded_harness.check_two_workers).
+results.update(sharded_harness.table_results(strategy))
+print(f"worker {index}: shard_table done", flush=True)
 np.savez(os.path.join(out_dir, f"worker{index}.npz"), **results)

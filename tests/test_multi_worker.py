@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import sharded_harness
 from conftest import mirrored
 from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
 from sync_harness import make_data, optimizer, train
@@ -94,6 +95,10 @@ def test_two_workers_match_mirrored(tmp_path, dead_peer_workers):
             np.testing.assert_allclose(
                 w[f"snapshot/{i}"], np.asarray(copy), rtol=1e-5, atol=1e-6
             )
+
+    # Sharded optimizer state, every optimizer: equal on both workers at
+    # every step, to the unsharded update and to the NumPy reference.
+    sharded_harness.check_two_workers(w0, w1)
 
 
 @pytest.mark.slow
