@@ -80,6 +80,10 @@ print(f"worker {index}: snapshot resume done", flush=True)
 
 # Sharded optimizer state: every optimizer, sharded, 20 steps (checked in
 # sharded_harness.check_two_workers).
-results.update(sharded_harness.table_results(strategy))
+results.update(
+    sharded_harness.table_results(
+        strategy, os.path.join(out_dir, f"shard_ckpt{index}", "c")
+    )
+)
 print(f"worker {index}: shard_table done", flush=True)
 np.savez(os.path.join(out_dir, f"worker{index}.npz"), **results)

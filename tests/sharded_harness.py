@@ -287,25 +287,38 @@ def _mean(per_replica):
 # --- The 2-worker run (mw_worker.py, test_multi_worker.py) ----------------------
 
 
-def table_results(strategy):
+def table_results(strategy, checkpoint_prefix):
     """Every optimizer sharded (SAM and Heun also not), with default options.
 
     Default options: the XLA kernels with Grappler on, as users run them
-    (test_sharded.py runs op by op). Returns `{key: [steps, *shape]}` for
-    `np.savez`, keyed `shard_table/<name>/<shard_state>/<variable>`.
+    (test_sharded.py runs op by op). Returns `{key: array}` for `np.savez`:
+    `shard_table/<name>/<shard_state>/<variable>` the trajectories
+    (`[steps, *shape]`), `shard_slots/<name>/<variable>/<slot>` the sharded
+    registry optimizers' slots, read whole (on several workers, a read of a
+    sharded slot is a collective: every worker reads). Also saves the
+    sharded Adam and its variables to `checkpoint_prefix`.
     """
     entries = [(k, True) for k in sorted(CONFIGS)] + [(k, False) for k in LOSS_BASED]
     runs = train(strategy, entries)
-    return {
+    out = {
         f"shard_table/{name}/{int(shard)}/{i}": np.stack([step[i] for step in traj])
         for (name, shard), (traj, _, _) in runs.items()
         for i in range(len(SHAPES))
     }
+    for (name, shard), (_, opt, variables) in runs.items():
+        if shard and name not in LOSS_BASED:
+            for i, v in enumerate(variables):
+                for key, slot in opt.slots(v).items():
+                    out[f"shard_slots/{name}/{i}/{key}"] = slot.numpy()
+    _, opt, variables = runs[("adam", True)]
+    tf.train.Checkpoint(opt=opt, params=variables).save(checkpoint_prefix)
+    return out
 
 
-def check_two_workers(w0, w1):
+def check_two_workers(w0, w1, checkpoint):
     """`table_results` of 2 workers: equal on both at every step, equal to
-    the unsharded update (bitwise but for Lamb and Lars) and to NumPy."""
+    the unsharded update (bitwise but for Lamb and Lars) and to NumPy; the
+    slots too, and the checkpoint continues on one device, unsharded."""
     names = sorted(CONFIGS)
     single = single_device([k for k in names if k not in LOSS_BASED])
     params = problem(2)[0]
@@ -322,10 +335,12 @@ def check_two_workers(w0, w1):
                 want = w0[other]
             else:
                 want = np.stack([step[i] for step in single[name][0]])
-            if exact:
-                np.testing.assert_array_equal(got, want, err_msg=key)
-            else:
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=key)
+                _, opt, variables = single[name]
+                for slot, value in opt.slots(variables[i]).items():
+                    skey = f"shard_slots/{name}/{i}/{slot}"
+                    np.testing.assert_array_equal(w0[skey], w1[skey], err_msg=skey)
+                    assert_close(w0[skey], value.numpy(), exact, skey)
+            assert_close(got, want, exact, key)
             np.testing.assert_allclose(
                 got - params[i],
                 np.stack([step[i] for step in reference]) - params[i],
@@ -333,3 +348,23 @@ def check_two_workers(w0, w1):
                 atol=1e-5,
                 err_msg=f"{key}: NumPy reference",
             )
+    # Saved on 2 sharded workers, restored unsharded on one device.
+    _, adam, variables = single["adam"]
+    fresh = make("adam")
+    fresh_vars = [tf.Variable(tf.zeros_like(v)) for v in variables]
+    fresh.build(fresh_vars)
+    tf.train.Checkpoint(opt=fresh, params=fresh_vars).restore(
+        checkpoint
+    ).assert_consumed()
+    for v, u in zip(fresh_vars, variables):
+        np.testing.assert_array_equal(v.numpy(), u.numpy())
+        for slot, value in adam.slots(u).items():
+            np.testing.assert_array_equal(fresh.slots(v)[slot].numpy(), value.numpy())
+
+
+def assert_close(got, want, exact, msg):
+    """Bitwise if `exact`, else to float32 rounding."""
+    if exact:
+        np.testing.assert_array_equal(got, want, err_msg=msg)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=msg)
