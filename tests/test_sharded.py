@@ -656,17 +656,19 @@ def test_tensorflow_calls_the_logical_state_hooks(tmp_path):
 
 def test_eager_use_after_another_strategy_ran_collectives(tmp_path):
     """Built, stepped, read, saved, restored and finalized eagerly under a
-    new MirroredStrategy (its default cross-device ops), after another one
-    ran collectives in this process: equal to the unsharded optimizer."""
-    other = STRATEGIES[4]
-    total = other.reduce(
-        tf.distribute.ReduceOp.SUM,
-        other.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(float(ctx.replica_id_in_sync_group))
-        ),
-        axis=None,
-    )
-    assert float(total) == 6.0
+    new MirroredStrategy (its default cross-device ops: collectives on
+    CPUs), after another one ran collectives in this process: equal to the
+    unsharded optimizer."""
+    other = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def all_reduce():
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce("sum", tf.cast(ctx.replica_id_in_sync_group, tf.float32))
+
+    for run in (other.run, tf.function(other.run)):
+        assert [
+            float(x) for x in other.experimental_local_results(run(all_reduce))
+        ] == [1, 1]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     params, grads, _ = harness.problem(2, steps=3)
     state = {}
