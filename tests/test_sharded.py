@@ -754,3 +754,17 @@ def test_keras_fit_and_save_keep_the_sharded_state(tmp_path):
     assert again._sharded_slots is not None
     for a, b in zip(inner.state_variables(), again.state_variables()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # On one device the same optimizer is not sharded (one replica): its
+    # state, in the same file, goes to the same slots (`state_variables` is
+    # in one order whether the slots are views or variables).
+    single = keras.models.load_model(path)
+    alone, plain_inner = (
+        single.optimizer.distopt_optimizer,
+        plain.optimizer.distopt_optimizer,
+    )
+    assert alone._sharded_slots is None
+    assert int(alone.iterations.numpy()) == int(inner.iterations.numpy())
+    for v, u in zip(alone.built_variables(), plain_inner.built_variables()):
+        np.testing.assert_array_equal(v.numpy(), u.numpy())
+        for key, s in alone.slots(v).items():
+            np.testing.assert_array_equal(s.numpy(), plain_inner.slots(u)[key].numpy())
