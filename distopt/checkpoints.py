@@ -1,6 +1,6 @@
 """Checkpoints that survive real clusters: a run lock, atomic saves, fallback.
 
-Three things the trainer needs beyond ``tf.train.CheckpointManager``:
+Four things the trainer needs beyond ``tf.train.CheckpointManager``:
 
 * :class:`RunLock`: one trainer per ``model_dir``. Two trainers saving into
   the same directory overwrite each other's checkpoints and both report
@@ -8,11 +8,14 @@ Three things the trainer needs beyond ``tf.train.CheckpointManager``:
 * :class:`CheckpointWriter`: a save either completes or leaves the directory
   as it was (the previous checkpoint still the latest, no ``ckpt-N_temp``
   directory, no half-written ``ckpt-N`` files) and fails with one line.
-* :func:`restore_newest_loadable`: a latest checkpoint that does not load
+* :func:`remove_temporaries`: what a save killed mid-way left (a
+  ``ckpt-N_temp`` directory) is removed at the next start.
+* :func:`newest_loadable`: a latest checkpoint that does not load
   (truncated, a flipped bit, a missing file) is moved aside with a WARNING and
   the newest one that does load is used.
 
-Public TensorFlow APIs only (``tf.train``, ``tf.io.gfile``).
+Public TensorFlow APIs only (``tf.train``, ``tf.io.gfile``), and none that is
+deprecated.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
 
 import tensorflow as tf
 from absl import logging
+from google.protobuf import text_format
 
 LOCK_FILE = "LOCK"
 # Where checkpoints that failed to load are moved (inside the checkpoint
@@ -37,7 +42,12 @@ _CKPT_INDEX = re.compile(r"^(?P<prefix>.+-(?P<step>\d+))\.index$")
 # Test-only fault injection: DISTOPT_FAULT_SAVE_ERROR_AT=N makes the save at
 # step N fail as a full disk does (after the temp directory was written).
 # The tests use a real full tmpfs where the machine allows a mount.
+# DISTOPT_FAULT_KILL_IN_SAVE_AT=N kills the process with SIGKILL in the save
+# of step N, after it wrote the temporary files a sharded save writes first
+# (``ckpt-N_temp/part-*``) and before they became ``ckpt-N``: what a
+# ``kill -9`` during a save leaves.
 _SAVE_ERROR_ENV = "DISTOPT_FAULT_SAVE_ERROR_AT"
+_KILL_IN_SAVE_ENV = "DISTOPT_FAULT_KILL_IN_SAVE_AT"
 
 
 class LockError(RuntimeError):
@@ -48,7 +58,8 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the previous one is still the latest."""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, without TensorFlow's prefixes."""
     text = getattr(error, "message", None) or str(error) or type(error).__name__
     # TensorFlow prefixes op errors with "{{function_node ...}} ": noise here.
     text = re.sub(r"\{\{[^}]*\}\}\s*", "", text).strip()
@@ -71,9 +82,10 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """``model_dir/LOCK``: the host and pid of the trainer writing there.
 
-    Created with ``O_EXCL``, so of two trainers starting together exactly one
-    gets it. A lock left by a process that is gone (same host, pid not alive)
-    is stale and taken over with a WARNING; a lock held by a live process, or
+    Created atomically (a hard link of a complete file, or ``O_EXCL``), so of
+    two trainers starting together exactly one gets it. A lock left by a
+    process that is gone (same host, pid not alive), and an empty or damaged
+    one, is stale and taken over with a WARNING; a lock held by a live process, or
     by another host (whose processes cannot be checked from here), makes the
     second trainer refuse. The lock is a local-filesystem guard: on
     ``gs://``-style storage ``O_EXCL`` does not exist and no lock is taken.
@@ -86,60 +98,110 @@ class RunLock:
     def acquire(self) -> None:
         """Takes the lock.
 
+        The lock file appears complete or not at all: its content is written
+        to a file of its own, which is then hard-linked into place (``link``
+        fails if the lock exists, like ``O_EXCL``). A full disk therefore
+        leaves no empty lock behind to block the rerun.
+
         Raises:
-          LockError: a live trainer (or one on another host) holds it.
+          LockError: a live trainer (or one on another host) holds it, or the
+            lock cannot be written (one line, naming the cause).
         """
         if "://" in self.path:
             logging.info("No run lock on %s (not a local filesystem)", self.path)
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if not self._stale(holder):
-                    raise LockError(
-                        f"{os.path.dirname(self.path)} is in use by another trainer "
-                        f"(host {holder.get('host')}, pid {holder.get('pid')}; "
-                        f"{self.path}); use another --model_dir, or delete the lock "
-                        "file if that process is gone"
-                    ) from None
-                logging.warning(
-                    "Taking over the stale lock %s of host %s pid %s (no such process)",
-                    self.path,
-                    holder.get("host"),
-                    holder.get("pid"),
-                )
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._held = True
-            return
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            for _ in range(2):
+                if self._create():
+                    self._held = True
+                    return
+                self._take_over_if_stale()
+        except OSError as e:
+            raise LockError(
+                f"Could not write the lock file {self.path}: "
+                f"{e.strerror or type(e).__name__}; free space or fix the "
+                "permissions, then rerun"
+            ) from None
         raise LockError(f"Could not take the lock {self.path}: another trainer races")
 
-    def _read(self) -> dict:
+    def _create(self) -> bool:
+        """Creates the lock with this process's details; False if it exists."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        tmp = f"{self.path}.{socket.gethostname()}-{os.getpid()}.tmp"
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            # Being written by its holder right now, or damaged: a damaged
-            # file older than a minute is stale, a fresh one is not.
+            with open(tmp, "w") as f:
+                json.dump(me, f)
             try:
-                age = time.time() - os.stat(self.path).st_mtime
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
             except OSError:
-                age = 0.0
-            return {"host": "?", "pid": None, "damaged_age": age}
+                # No hard links on this filesystem: O_EXCL, written in place.
+                return self._create_in_place(me)
+            return True
+        finally:
+            _remove_quietly(tmp)
+
+    def _create_in_place(self, me: dict) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError:
+            _remove_quietly(self.path)
+            raise
+        return True
+
+    def _take_over_if_stale(self) -> None:
+        holder = self._read()
+        if holder is None:
+            return  # Released a moment ago: try again.
+        if not self._stale(holder):
+            raise LockError(
+                f"{os.path.dirname(self.path)} is in use by another trainer "
+                f"(host {holder.get('host')}, pid {holder.get('pid')}; "
+                f"{self.path}); use another --model_dir, or delete the lock "
+                "file if that process is gone"
+            )
+        logging.warning(
+            "Taking over the stale lock %s of host %s pid %s (%s)",
+            self.path,
+            holder.get("host"),
+            holder.get("pid"),
+            "no such process" if holder.get("pid") else "empty or damaged",
+        )
+        _remove_quietly(self.path)
+
+    def _read(self) -> dict | None:
+        """The holder's details; ``{"pid": None}`` if empty or damaged, None if gone.
+
+        A lock written in place (no hard links) may be read while its holder
+        writes it: it is read again for up to a second before it counts as
+        damaged.
+        """
+        deadline = time.time() + 1.0
+        while True:
+            try:
+                with open(self.path) as f:
+                    holder = json.load(f)
+                if isinstance(holder, dict) and "pid" in holder:
+                    return holder
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                pass
+            if time.time() > deadline:
+                return {"host": "?", "pid": None}
+            time.sleep(0.1)
 
     @staticmethod
     def _stale(holder: dict) -> bool:
         if holder.get("pid") is None:
-            return holder.get("damaged_age", 0.0) > 60
+            return True  # Empty or damaged: no trainer writes it any more.
         if holder.get("host") != socket.gethostname():
             return False
         if holder["pid"] == os.getpid():
@@ -147,13 +209,30 @@ class RunLock:
         return not _pid_alive(int(holder["pid"]))
 
     def release(self) -> None:
-        """Removes the lock if this process holds it."""
+        """Removes the lock if this process holds it.
+
+        A lock that cannot be removed (the directory became read-only) is
+        reported as a WARNING and left: the next trainer finds it stale.
+        """
         if self._held:
             self._held = False
             try:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                logging.warning(
+                    "Could not remove the lock %s (%s); the next run takes it over",
+                    self.path,
+                    e.strerror or type(e).__name__,
+                )
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 # --- Saving -------------------------------------------------------------------
@@ -177,6 +256,61 @@ def _remove_partial(directory: str, step: int) -> None:
             logging.warning("Could not remove %s after a failed save: %s", path, e)
 
 
+def remove_temporaries(directory: str) -> list[str]:
+    """Deletes what saves killed mid-way left in ``directory``; returns it.
+
+    ``ckpt-N_temp`` directories (a sharded save writes there, then merges
+    into ``ckpt-N.*``) and ``checkpoint.tmp*`` state files never became a
+    checkpoint, and no other trainer writes here (the caller holds the run
+    lock), so deleting them loses nothing. A process killed with SIGKILL
+    during a save leaves them; the next run removes them at its start.
+    """
+    removed = []
+    patterns = ("ckpt-*_temp*", "checkpoint.tmp*")
+    for pattern in patterns:
+        for path in tf.io.gfile.glob(os.path.join(directory, pattern)):
+            try:
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                else:
+                    tf.io.gfile.remove(path)
+            except (tf.errors.OpError, OSError) as e:
+                logging.warning(
+                    "Could not remove %s of an unfinished save: %s", path, e
+                )
+                continue
+            removed.append(path)
+    if removed:
+        logging.info(
+            "Removed %d leftover(s) of an unfinished save: %s",
+            len(removed),
+            ", ".join(os.path.basename(p) for p in removed),
+        )
+    return removed
+
+
+def _write_state(directory: str, chosen: str, paths: list[str]) -> None:
+    """Rewrites the ``checkpoint`` state file: ``chosen`` latest, ``paths`` kept.
+
+    The state file is a text ``CheckpointState`` proto. It is built with the
+    public ``generate_checkpoint_state_proto`` and replaced in one rename, as
+    ``CheckpointManager`` does; ``update_checkpoint_state`` would do the same
+    but prints a deprecation notice.
+    """
+    state = tf.compat.v1.train.generate_checkpoint_state_proto(
+        directory, chosen, all_model_checkpoint_paths=paths
+    )
+    path = os.path.join(directory, "checkpoint")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text_format.MessageToString(state))
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+
+
 class CheckpointWriter:
     """Atomic checkpoint saves; the MultiWorkerMirrored pattern for non-chiefs.
 
@@ -196,6 +330,7 @@ class CheckpointWriter:
         if not chief:
             directory = tempfile.mkdtemp(prefix=f"distopt_worker{worker_id}_")
         self.directory = directory
+        self._checkpoint = checkpoint
         self.manager = tf.train.CheckpointManager(
             checkpoint, directory, max_to_keep=keep
         )
@@ -210,6 +345,13 @@ class CheckpointWriter:
           CheckpointSaveError: nothing new is on disk, the latest is unchanged.
         """
         try:
+            if os.environ.get(_KILL_IN_SAVE_ENV) == str(step):
+                self._checkpoint.write(
+                    os.path.join(
+                        self.directory, f"ckpt-{step}_temp", "part-00000-of-00001"
+                    )
+                )
+                os.kill(os.getpid(), signal.SIGKILL)
             if os.environ.get(_SAVE_ERROR_ENV) == str(step):
                 tf.io.gfile.makedirs(os.path.join(self.directory, f"ckpt-{step}_temp"))
                 raise tf.errors.ResourceExhaustedError(
@@ -223,7 +365,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.directory, ignore_errors=True)
             raise CheckpointSaveError(
                 f"Could not save the checkpoint of step {step} in {self.directory}: "
-                f"{type(e).__name__}: {_first_line(e)}. The latest checkpoint is "
+                f"{type(e).__name__}: {first_line(e)}. The latest checkpoint is "
                 f"still {previous or 'none'}; free space and rerun to resume"
             ) from None
         if self.chief:
@@ -308,7 +450,7 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
                 "falling back to the previous one",
                 path,
                 type(e).__name__,
-                _first_line(e),
+                first_line(e),
                 where,
             )
             continue
@@ -317,9 +459,7 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
     if bad and chief:
         remaining = [p for p in reversed(candidates(directory)) if p not in bad]
         if chosen:
-            tf.compat.v1.train.update_checkpoint_state(
-                directory, chosen, all_model_checkpoint_paths=remaining
-            )
+            _write_state(directory, chosen, remaining)
         elif tf.io.gfile.exists(os.path.join(directory, "checkpoint")):
             tf.io.gfile.remove(os.path.join(directory, "checkpoint"))
     if bad and not chosen:

@@ -31,9 +31,8 @@ def parse(prog: str, doc: str, flag_values: flags.FlagValues, argv) -> int | Non
         `--help`, 2 after a bad flag or a stray positional argument).
     """
     argv = list(sys.argv if argv is None else argv)
-    if any(a in HELP for a in argv[1:]):
-        print(doc)
-        print(flag_values.get_help())
+    if _wants_help(argv):
+        _print_help(doc, flag_values)
         return 0
     flag_values.unparse_flags()
     try:
@@ -49,3 +48,28 @@ def error(prog: str, message) -> int:
     """Prints `prog: error: message` on stderr; returns exit status 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+def exit_if_help(doc: str, flag_values: flags.FlagValues, argv=None) -> None:
+    """Prints the help and exits with status 0 if `argv` asks for it.
+
+    For a tool's module body, before it imports TensorFlow: `--help` then
+    answers at once instead of after TensorFlow's import (seconds).
+
+    Args:
+        doc: Printed above the flags' help.
+        flag_values: The tool's flags.
+        argv: The command line, program name first (`sys.argv` if None).
+    """
+    if _wants_help(list(sys.argv if argv is None else argv)):
+        _print_help(doc, flag_values)
+        sys.exit(0)
+
+
+def _wants_help(argv) -> bool:
+    return any(a in HELP for a in argv[1:])
+
+
+def _print_help(doc: str, flag_values: flags.FlagValues) -> None:
+    print(doc)
+    print(flag_values.get_help())

@@ -647,8 +647,13 @@ def _figure_problem(plt, problem, output_dir):
             ax.set_xlabel("x0")
             ax.set_ylabel("x1")
             ax.legend(loc="upper left")
+    return _save_figure(plt, fig, output_dir, "loss_and_gradient.png")
+
+
+def _save_figure(plt, fig, output_dir, name):
+    """Lays out `fig`, writes it to `output_dir/name` (PNG) and closes it."""
     fig.tight_layout()
-    path = os.path.join(output_dir, "loss_and_gradient.png")
+    path = os.path.join(output_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -723,11 +728,7 @@ def _save_paths_figure(plt, fig, ax, problem, label, legend_loc, output_dir):
     """Titles a paths figure, writes it as PNG and returns its path."""
     ax.set_title(f"{label} on {problem.title}")
     ax.legend(loc=legend_loc, fontsize=9, framealpha=0.85)
-    fig.tight_layout()
-    path = os.path.join(output_dir, f"paths_{_slug(label)}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, output_dir, f"paths_{_slug(label)}.png")
 
 
 def _figure_paths_2d(plt, problem, label, runs, output_dir):
@@ -804,11 +805,7 @@ def _figure_loss_curves(plt, problem, labels, results, output_dir):
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("L(x) - L*")
     fig.suptitle(f"Loss gap along each run: {problem.title}")
-    fig.tight_layout()
-    path = os.path.join(output_dir, "loss_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, output_dir, "loss_curves.png")
 
 
 def _drawable(run, bounds):
@@ -866,23 +863,11 @@ def mirrored_strategy(num_replicas: int):
     """
     if num_replicas < 1:
         raise ValueError(f"virtual_devices: must be >= 1, got {num_replicas}.")
-    cpus = tf.config.list_physical_devices("CPU")
     try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
-        )
-    except RuntimeError:
-        pass  # Devices already initialised (e.g. in a test process): use them.
-    logical = tf.config.list_logical_devices("CPU")
-    if len(logical) < num_replicas:
-        raise ValueError(
-            f"virtual_devices: {num_replicas} requested but TensorFlow already runs "
-            f"with {len(logical)} logical CPUs; start a fresh process."
-        )
-    return tf.distribute.MirroredStrategy(
-        [d.name for d in logical[:num_replicas]],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+        devices = dist.logical_cpu_devices(num_replicas)
+    except ValueError as e:
+        raise ValueError(f"virtual_devices: {e}") from None
+    return dist.make_strategy("mirrored", devices=devices)
 
 
 def main(argv=None) -> int:

@@ -14,13 +14,18 @@ rules that keep replicas consistent live here and nowhere else:
   values that every replica holds identically (`cond`), because a `tf.cond`
   around a `merge_call` in replica context breaks (tensorflow#27716).
 
-Only public TensorFlow APIs are used, with one exception, wrapped in
-`in_xla_compiled_function` (see there for why).
+It is also the one place that makes strategies (`make_strategy`, with
+`logical_cpu_devices`).
+
+Only public TensorFlow APIs are used, with two exceptions, each wrapped once:
+`in_xla_compiled_function` and `_with_own_collective_keys` (see there for
+why).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -258,7 +263,8 @@ def gather_replicas(
 
     The result is mirrored: every replica, on every worker, receives all rows.
     One batched all-reduce sums tensors that are zero outside each replica's
-    own row, so the rows arrive exactly.
+    own row, so the rows arrive exactly (keyless when eager on one host: see
+    `_keyless_ops`).
     """
     n = strategy.num_replicas_in_sync
     if not tf.distribute.has_strategy() or n == 1:
@@ -274,9 +280,7 @@ def gather_replicas(
         ]
 
     rows = by_replica(strategy, own_row)
-    return list(
-        strategy.extended.batch_reduce_to(SUM, [(x, x) for x in rows], options=options)
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in rows], options)
 
 
 def replica_rows(strategy: tf.distribute.Strategy, stacked: Sequence) -> list:
@@ -582,22 +586,6 @@ def assign(strategy: tf.distribute.Strategy, variables: Sequence, values) -> Non
         update(strategy, v, lambda v, x: v.assign(x), x)
 
 
-def replica_mean(strategy: tf.distribute.Strategy, values: Sequence) -> list:
-    """The mean over replicas of per-replica `values`, eagerly or in a function.
-
-    Call it in cross-replica context; every replica receives the mean. For
-    callers outside an optimizer step (Keras callbacks), uncounted.
-    """
-    if not is_distributed(strategy):
-        return list(values)
-
-    def mean(*xs):
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_reduce(MEAN, list(xs))
-
-    return list(strategy.run(mean, args=tuple(values)))
-
-
 def read_per_replica(strategy: tf.distribute.Strategy, variables: Sequence):
     """Each replica's own copy of each variable, as per-replica values."""
     return map_per_replica(
@@ -612,11 +600,50 @@ def reduce(
     destination: Any,
     options: tf.distribute.experimental.CommunicationOptions | None = None,
 ):
-    """One all-reduce of a per-replica tensor, mirrored onto `destination`."""
+    """One all-reduce of a per-replica tensor, mirrored onto `destination`.
+
+    Eagerly on a single-host strategy, without collective keys (see
+    `_keyless_ops`); otherwise with the strategy's own cross-device ops.
+    """
     if not is_distributed(strategy):
         return value
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return keyless.reduce(op, value, destination, options=options)
     return strategy.extended.reduce_to(
         op, value, destinations=destination, options=options
+    )
+
+
+def _keyless_ops(strategy: tf.distribute.Strategy):
+    """A `ReductionToOneDevice` for an eager reduction on one host, else None.
+
+    TensorFlow gives every strategy of a process the same collective keys
+    (group keys from 1, instance keys from 100; tensorflow#61314, #62790).
+    Once one strategy with collective cross-device ops (MirroredStrategy's
+    default on several CPUs or logical GPUs) has run an eager collective, or
+    Keras `fit`, the next strategy's eager collective meets that cached
+    instance and fails: "Shape mismatch in the collective instance 100". So
+    distopt's own eager, cross-replica reductions on a single-host strategy
+    (snapshots, restores, evaluation averages) copy to one device, add there
+    and copy back, through the public `tf.distribute.ReductionToOneDevice`:
+    no collective keys, and the user's strategy is left as it is. Inside a
+    `tf.function` (the training step) the strategy's own cross-device ops
+    run, NCCL between GPUs; across processes (MultiWorkerMirroredStrategy)
+    only collectives can.
+    """
+    if tf.executing_eagerly() and is_single_host(strategy):
+        return tf.distribute.ReductionToOneDevice()
+    return None
+
+
+def _batch_reduce(strategy, op, value_destination_pairs, options):
+    """`batch_reduce_to` of the pairs; keyless eagerly on one host (see `reduce`)."""
+    keyless = _keyless_ops(strategy)
+    if keyless is not None:
+        return list(keyless.batch_reduce(op, value_destination_pairs, options=options))
+    return list(
+        strategy.extended.batch_reduce_to(op, value_destination_pairs, options=options)
     )
 
 
@@ -647,11 +674,7 @@ def all_gather_slices(
     """
     if not is_distributed(strategy):
         return [first_local(strategy, v) for v in values]
-    return list(
-        strategy.extended.batch_reduce_to(
-            SUM, [(x, x) for x in values], options=options
-        )
-    )
+    return _batch_reduce(strategy, SUM, [(x, x) for x in values], options)
 
 
 def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *args):
@@ -763,3 +786,158 @@ def assign_per_replica(variables, values) -> None:
             update(strategy, v, lambda v, x: v.assign(tf.cast(x, v.dtype)), x)
 
     merge(fn, tuple(values))
+
+
+# --- Making strategies ----------------------------------------------------------
+
+STRATEGY_KINDS = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+CROSS_DEVICE_OPS = ("one_device", "default")
+
+# Collective keys: TensorFlow starts every MirroredStrategy's group keys at 1
+# and each group's instance keys at 100 (tensorflow#61314, #62790), and the
+# collective executor of a process remembers each (group, instance) it ran.
+# A second strategy's first eager collective of another shape then fails with
+# "Shape mismatch in the collective instance 100". TensorFlow's own tests
+# give each strategy another start (`_collective_key_base`, read by
+# `MirroredExtended.__init__` from the strategy object being built:
+# mirrored_strategy.py, TF 2.21 lines 338 and 374). No public API sets it, so
+# `_with_own_collective_keys` sets it on the instance (never on the class, so
+# that strategies created elsewhere keep TensorFlow's keys and never meet
+# ours). tests/test_strategies.py fails if TensorFlow stops reading it.
+_COLLECTIVE_KEY_STEP = 100_000
+_collective_key_bases = itertools.count(1)
+
+
+def _with_own_collective_keys(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` whose collective keys no other strategy uses.
+
+    The group keys of the strategy start at a multiple of 100,000 taken from
+    a process-wide counter: room for 100,000 device groups per strategy and
+    over 20,000 strategies per process within 32-bit keys.
+    """
+    strategy = cls.__new__(cls)
+    strategy._collective_key_base = next(_collective_key_bases) * _COLLECTIVE_KEY_STEP
+    strategy.__init__(*args, **kwargs)
+    return strategy
+
+
+def logical_cpu_devices(num_devices: int) -> list[str]:
+    """The names of ``num_devices`` logical CPU devices, made if still possible.
+
+    Splits the host CPU into ``num_devices`` logical devices. That must happen
+    before TensorFlow initialises its devices (the first op, variable or
+    strategy); if it already has (a test process, a notebook), or the CPU is
+    already split into more, and at least ``num_devices`` logical CPUs exist,
+    the first ones are used.
+
+    Raises:
+      ValueError: ``num_devices`` < 1, or too few logical CPUs exist and it is
+        too late to make more.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_cpu_devices: must be >= 1, got {num_devices}.")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    configured = tf.config.get_logical_device_configuration(cpu) or []
+    # A split of at least num_devices (a test process's) is kept, not shrunk.
+    if len(configured) < num_devices:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+            )
+        except RuntimeError:
+            pass  # Devices already initialised: check below that enough exist.
+    logical = tf.config.list_logical_devices("CPU")
+    if len(logical) < num_devices:
+        raise ValueError(
+            f"num_cpu_devices: {num_devices} logical CPU devices requested, but "
+            f"TensorFlow already initialised {len(logical)}; split the CPU before "
+            "any TensorFlow op runs (or start a fresh process)."
+        )
+    return [d.name for d in logical[:num_devices]]
+
+
+def make_strategy(
+    kind: str,
+    *,
+    num_cpu_devices: int | None = None,
+    devices: Sequence[str] | None = None,
+    cross_device_ops: str = "one_device",
+    tpu: str | None = None,
+    cluster_resolver=None,
+    communication_options: tf.distribute.experimental.CommunicationOptions
+    | None = None,
+) -> tf.distribute.Strategy:
+    """A strategy of ``kind``: the one helper for "N logical CPUs, then kind K".
+
+    Args:
+      kind: one of ``STRATEGY_KINDS``. ``default`` is TensorFlow's default
+        (no-op) strategy; ``one_device`` the first GPU, else the CPU;
+        ``mirrored`` mirrors over ``devices``, else ``num_cpu_devices``
+        logical CPUs, else all local GPUs (or the CPU); ``multi_worker`` is
+        MultiWorkerMirroredStrategy over ``cluster_resolver`` (None:
+        TF_CONFIG); ``tpu`` is TPUStrategy over the TPU named ``tpu``.
+      num_cpu_devices: ``mirrored``: split the CPU into this many logical
+        devices (see :func:`logical_cpu_devices`) and mirror over them.
+      devices: ``mirrored``: mirror over these device names instead.
+      cross_device_ops: ``mirrored``: ``one_device`` (``ReductionToOneDevice``:
+        copies to one device and back, the fastest on CPUs here) or
+        ``default`` (TensorFlow's choice: NCCL between GPUs, RING
+        collectives between CPUs or logical GPUs).
+      tpu: ``tpu``: a TPU name, a grpc:// address or "local".
+      cluster_resolver: ``multi_worker``: the cluster (None: TF_CONFIG).
+      communication_options: ``multi_worker``: collective options (timeouts).
+
+    Every MirroredStrategy made here has collective keys of its own, so it
+    works next to strategies created before it in the process (by the user,
+    by Keras, by an earlier call). MultiWorkerMirroredStrategy keeps
+    TensorFlow's keys: they must agree between worker processes, and a
+    process holds one such strategy.
+
+    Raises:
+      ValueError: an unknown ``kind`` or ``cross_device_ops``, ``tpu``
+        without a TPU name, or too few logical CPUs.
+    """
+    if kind not in STRATEGY_KINDS:
+        raise ValueError(f"kind: unknown {kind!r}; valid kinds: {STRATEGY_KINDS}.")
+    if cross_device_ops not in CROSS_DEVICE_OPS:
+        raise ValueError(
+            f"cross_device_ops: unknown {cross_device_ops!r}; valid: "
+            f"{CROSS_DEVICE_OPS}."
+        )
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if kind == "mirrored":
+        return _mirrored(num_cpu_devices, devices, cross_device_ops)
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=cluster_resolver,
+            communication_options=communication_options,
+        )
+    return _tpu(tpu)
+
+
+def _mirrored(num_cpu_devices, devices, cross_device_ops):
+    if devices is None and num_cpu_devices:
+        devices = logical_cpu_devices(num_cpu_devices)
+    ops = (
+        tf.distribute.ReductionToOneDevice()
+        if cross_device_ops == "one_device"
+        else None
+    )
+    return _with_own_collective_keys(
+        tf.distribute.MirroredStrategy,
+        devices=list(devices) if devices is not None else None,
+        cross_device_ops=ops,
+    )
+
+
+def _tpu(tpu):
+    if not tpu:
+        raise ValueError("tpu: kind='tpu' needs a TPU name, address or 'local'.")
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)

@@ -6,8 +6,9 @@ r"""Checks, on the accelerators of this machine, that N replicas compute what on
 
 The tests run these equivalences on virtual CPU devices; this program runs
 them where collectives and kernels are the real ones: NCCL all-reduces
-between GPUs (a plain `tf.distribute.MirroredStrategy()`, default
-cross-device ops), or a `TPUStrategy`. Each check compares against an
+between GPUs (a `MirroredStrategy` with TensorFlow's default cross-device
+ops, from `distribute.make_strategy`, so with collective keys of its own),
+or a `TPUStrategy`. Each check compares against an
 independent reference, either the same program on one device (the default
 strategy) or a NumPy simulation in float64:
 
@@ -54,14 +55,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np
-import tensorflow as tf
 from absl import flags
 
-from distopt import cli, optimizers
-from distopt import sync as sync_lib
+from distopt import cli, quiet
 
 # Flags live in their own FlagValues: the module is importable next to other
 # absl programs (tests, notebooks) without clashing.
@@ -95,6 +91,19 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "json", "", "Also write the rows, as JSON, to this file.", flag_values=_FLAGS
 )
+
+if __name__ == "__main__":
+    # --help at once, not after TensorFlow's import.
+    cli.exit_if_help(__doc__, _FLAGS)
+    # TensorFlow's start-up lines held: the first line of output says what
+    # was found (see quiet.py).
+    quiet.import_tensorflow_for_tool()
+
+import numpy as np
+import tensorflow as tf
+
+from distopt import distribute, optimizers
+from distopt import sync as sync_lib
 
 #: The model: y = x w + b on DIM_IN inputs, DIM_OUT outputs.
 DIM_IN, DIM_OUT = 3, 2
@@ -183,10 +192,7 @@ def make_platform(
         UsageError: fewer than 2 replicas would result.
     """
     if tpu:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy = tf.distribute.TPUStrategy(resolver)
+        strategy = distribute.make_strategy("tpu", tpu=tpu)
         n = strategy.num_replicas_in_sync
         return Platform(
             strategy,
@@ -197,7 +203,7 @@ def make_platform(
         )
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) >= 2:
-        strategy = tf.distribute.MirroredStrategy()
+        strategy = distribute.make_strategy("mirrored", cross_device_ops="default")
         n = strategy.num_replicas_in_sync
         return Platform(
             strategy,
@@ -218,7 +224,9 @@ def make_platform(
             split_gpu,
             tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_mb),
         )
-        strategy = tf.distribute.MirroredStrategy(names)
+        strategy = distribute.make_strategy(
+            "mirrored", devices=names, cross_device_ops="default"
+        )
         return Platform(
             strategy,
             "GPU",
@@ -229,13 +237,13 @@ def make_platform(
         )
     if cpu_devices < 2:
         raise UsageError(f"cpu_devices: must be >= 2, got {cpu_devices}.")
-    names = _logical_devices(
-        "CPU",
-        tf.config.list_physical_devices("CPU")[0],
-        cpu_devices,
-        tf.config.LogicalDeviceConfiguration(),
+    try:
+        names = distribute.logical_cpu_devices(cpu_devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    strategy = distribute.make_strategy(
+        "mirrored", devices=names, cross_device_ops="default"
     )
-    strategy = tf.distribute.MirroredStrategy(names)
     return Platform(
         strategy,
         "CPU",
@@ -461,6 +469,21 @@ def must_agree(identity, label, run, variables, groups=None):
         identity.append((f"{label}: {v.name}", run.copies(v), groups or [range(n)]))
 
 
+def each_replica_matches(c, run, want, label=""):
+    """Replica r's copy of each parameter equals `want[r]` (NumPy's), which moved.
+
+    Args:
+        c: The `Check` that records the errors.
+        run: The `Run`.
+        want: Per replica, the reference `(w, b)`.
+        label: Prefixes each parameter's name in messages.
+    """
+    for i, v in enumerate(run.params):
+        c.moved(v.name, want[0][i], initial_params()[i])
+        for r, copy in enumerate(run.copies(v)):
+            c.close(f"{label}{v.name}", [copy], want[r][i], ids=[r])
+
+
 # --- The checks --------------------------------------------------------------------------
 
 
@@ -551,10 +574,7 @@ def check_local_sgd(platform, identity, c, k=3, warmup=1, lr=0.1):
     # Two local steps later: each replica its own way.
     run.steps(x[b:], y[b:], cnt[b:])
     want = numpy_periodic(x, y, cnt, k, lr, warmup)
-    for i, v in enumerate(run.params):
-        c.moved(v.name, want[0][i], initial_params()[i])
-        for r, copy in enumerate(run.copies(v)):
-            c.close(f"step {steps}: {v.name}", [copy], want[r][i], ids=[r])
+    each_replica_matches(c, run, want, f"step {steps}: ")
     w = run.copies(run.params[0])
     if all(np.array_equal(a, w[0]) for a in w[1:]):
         raise _Mismatch("the replicas did not diverge between averages")
@@ -578,10 +598,7 @@ def check_hierarchical(platform, identity, c, k=3, steps=5, lr=0.1):
         ),
     ).steps(x, y, cnt)
     want = numpy_periodic(x, y, cnt, k, lr, group=group)
-    for i, v in enumerate(run.params):
-        c.moved(v.name, want[0][i], initial_params()[i])
-        for r, copy in enumerate(run.copies(v)):
-            c.close(v.name, [copy], want[r][i], ids=[r])
+    each_replica_matches(c, run, want)
     # Two steps after an average: the groups differ; within one, copies agree.
     w = run.copies(run.params[0])
     groups = [list(range(g, g + group)) for g in range(0, n, group)]

@@ -352,7 +352,10 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         variables = self._model_vars.items
         with strategy.scope():
             own = dist.read_per_replica(strategy, variables)
-            dist.assign(strategy, variables, dist.replica_mean(strategy, own))
+            # The reducer's own mean (counted like every all-reduce); eagerly
+            # it needs no collective keys and no eager `strategy.run`.
+            mean = self._inner.reducer.mean(strategy, own)
+            dist.assign(strategy, variables, mean)
         self._own_weights = _Holder(own)
 
     def average_replicas_end(self):
@@ -372,7 +375,11 @@ class SyncCallback(keras.callbacks.Callback):
     Before `evaluate` (also `fit`'s validation) and `predict`, every replica's
     weights are set to the replicas' average; afterwards every replica gets
     its own weights back, so training continues exactly as without the
-    evaluation. A no-op for sync modes whose replicas never differ.
+    evaluation. A no-op for sync modes whose replicas never differ. The
+    average is the optimizer's own mean over replicas (counted in
+    `allreduce_calls`); eagerly on one host it uses no collective keys, so
+    it works after other strategies in the process and without TensorFlow's
+    warning about eager `strategy.run`.
     """
 
     def _optimizer(self):

@@ -1,7 +1,9 @@
 """Quiet command lines: TensorFlow's start-up noise and duplicate log lines.
 
-Imported by ``distopt.train`` and ``distopt.compare`` before TensorFlow. Three
-sources of noise are handled, each only as far as needed:
+Every entry point (``distopt.train``, ``distopt.compare``,
+``distopt.hardware_check``, the benchmarks, the example) imports TensorFlow
+through :func:`import_tensorflow`. Three sources of noise are handled, each
+only as far as needed:
 
 * TensorFlow's C++ start-up block (oneDNN, "Could not find cuda drivers",
   "failed call to cuInit" on CPU hosts, printed once per shared library, so
@@ -16,13 +18,26 @@ sources of noise are handled, each only as far as needed:
   removes that handler, and hides TensorFlow's own INFO lines (e.g. "Reduce to
   ... then broadcast" per all-reduce under MirroredStrategy) and its retracing
   warnings unless ``--verbosity`` is 1 or more.
+
+Library use (``import distopt``, then any module that imports TensorFlow) is
+quieter too, without taking a user's settings away (:func:`quiet_library_import`):
+``TF_CPP_MIN_LOG_LEVEL`` is set to 2 only if unset, and the first TensorFlow
+import drops only the start-up lines that this level should hide and
+TensorFlow 2.21 prints anyway (:func:`drop_startup_noise`); everything else
+written to file descriptor 2 meanwhile is passed on. With
+``TF_CPP_MIN_LOG_LEVEL`` set to 0 or 1 (INFO or WARNING lines wanted), or
+TensorFlow imported first, nothing changes. Every ``python -m distopt.*``
+program imports the package first, so this holds for each of them too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -87,6 +102,7 @@ def import_tensorflow(hide_modules: tuple[str, ...] = ()) -> None:
     global _startup_output
     if "tensorflow" in sys.modules:
         return
+    _remove_finder()  # This import holds all of it (see replay_startup).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_CPP_MIN_LOG_LEVEL)
     hidden = [m for m in hide_modules if m not in sys.modules]
     for name in hidden:
@@ -108,6 +124,23 @@ def import_tensorflow(hide_modules: tuple[str, ...] = ()) -> None:
     finally:
         for name in hidden:
             del sys.modules[name]
+
+
+def import_tensorflow_for_tool(hide_modules: tuple[str, ...] = ()) -> None:
+    """`import_tensorflow` for a tool without ``--verbosity``.
+
+    The held start-up output is printed if the user set
+    ``TF_CPP_MIN_LOG_LEVEL`` to 0 or 1 (asking for INFO or WARNING lines).
+    """
+    asked = _wants_cpp_info_or_warnings()
+    import_tensorflow(hide_modules)
+    if asked:
+        replay_startup()
+
+
+def _wants_cpp_info_or_warnings() -> bool:
+    """Whether the user set ``TF_CPP_MIN_LOG_LEVEL`` to show INFO or WARNING lines."""
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() in ("0", "1")
 
 
 def replay_startup() -> None:
@@ -139,3 +172,122 @@ def configure_logging(verbosity: int) -> None:
             logger.addFilter(_FILTER)
     else:
         replay_startup()
+
+
+# --- Library use -------------------------------------------------------------------
+
+# What TensorFlow 2.21 prints on its import and device discovery that
+# TF_CPP_MIN_LOG_LEVEL=2 should hide but does not (absl is not initialised
+# yet): the pre-initialisation banner, INFO and WARNING lines, and the line
+# continuing cpu_feature_guard's.
+_BANNER = "WARNING: All log messages before absl::InitializeLog() is called"
+_INFO_OR_WARNING = re.compile(r"^[IW]\d{4} ")
+_CPU_FEATURES = "To enable the following instructions:"
+# On a host without a CUDA driver, TensorFlow says so (an INFO line), then
+# logs the failed cuInit as an ERROR: an expected consequence, not an error.
+# With a driver present the same line is a real error and is kept.
+_NO_DRIVER = "Could not find cuda drivers on your machine"
+_CUINIT = re.compile(r"^E\d{4} .*cuda_platform\.cc.*failed call to cuInit")
+
+
+def drop_startup_noise(text: str) -> str:
+    """`text` without TensorFlow's known start-up lines; every other line kept."""
+    no_driver = _NO_DRIVER in text
+    kept = []
+    for line in text.splitlines(keepends=True):
+        noise = (
+            line.startswith((_BANNER, _CPU_FEATURES))
+            or _INFO_OR_WARNING.match(line)
+            or (no_driver and _CUINIT.match(line))
+        )
+        if not noise:
+            kept.append(line)
+    return "".join(kept)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """TensorFlow's own loader, run with fd 2 held; the known noise dropped."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        text = ""
+        try:
+            with _captured_fd2() as read:
+                try:
+                    self._loader.exec_module(module)
+                    _discover_devices(module)
+                finally:
+                    text = read()
+        except BaseException:
+            sys.stderr.write(text)  # The import failed: all of it.
+            raise
+        finally:
+            # Everything after the import sees TensorFlow's own loader.
+            module.__loader__ = module.__spec__.loader = self._loader
+        sys.stderr.write(drop_startup_noise(text))
+        sys.stderr.flush()
+
+
+def _discover_devices(tf) -> None:
+    """Lists the physical devices, whose discovery logs cuInit's failure.
+
+    Listing does not initialise the devices (see `import_tensorflow`). A
+    failure is left to the user's first use of a device, which meets it
+    again and reports it there; its C++ lines are passed on.
+    """
+    try:
+        tf.config.list_physical_devices()
+    except Exception:  # noqa: BLE001, S110 (see the docstring)
+        pass
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once, through the other finders, with `_QuietLoader`."""
+
+    def find_spec(self, name, path=None, target=None):
+        del path, target
+        if name != "tensorflow":
+            return None
+        _remove_finder()
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+_FINDER = _QuietTensorFlowFinder()
+
+
+def _remove_finder() -> None:
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def quiet_library_import() -> bool:
+    """Quiets the first import of TensorFlow, unless INFO or WARNING lines are wanted.
+
+    Called by ``import distopt``. Does nothing when TensorFlow is already
+    imported or ``TF_CPP_MIN_LOG_LEVEL`` is 0 or 1; otherwise sets it to 2
+    if unset and makes the coming ``import tensorflow`` (whoever imports it)
+    drop the lines :func:`drop_startup_noise` drops and pass every other
+    line on.
+
+    Returns:
+        Whether the import will be quieted.
+    """
+    if "tensorflow" in sys.modules or _wants_cpp_info_or_warnings():
+        return False
+    try:
+        os.fstat(2)
+    except OSError:
+        return False  # No file descriptor 2 to hold.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_CPP_MIN_LOG_LEVEL)
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+    return True

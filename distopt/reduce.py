@@ -386,17 +386,28 @@ class Reducer(tf.Module):
         For payloads that do not add up (top-k entries, packed signs,
         parameter shards). Each call is one all-gather per tensor.
         """
+        tensors = list(tensors)
         rows = dist.all_gather_rows(
-            strategy, list(tensors), options=self.communication_options
+            strategy, tensors, options=self.communication_options
         )
         n = strategy.num_replicas_in_sync
-        for t in tensors:
+        out = []
+        for t, r in zip(tensors, rows):
             spec = dist.local_values(strategy, t)[0]
-            own = int(spec.shape.num_elements()) * spec.dtype.size
+            size = int(spec.shape.num_elements())
+            own = size * spec.dtype.size
             self.allgather_calls.assign_add(1)
             self.allgather_bytes.assign_add(own * n)
             self.bytes_sent.assign_add(own)
-        return rows
+            # Across workers the rows come back from an all-gather of
+            # slices, of unknown static length; the decompressors index
+            # them by replica, so the shape is restored here.
+            out.append(
+                dist.map_per_replica(
+                    strategy, lambda x, size=size: tf.ensure_shape(x, [n, size]), r
+                )
+            )
+        return out
 
     def build(self, strategy, variables) -> None:
         """Creates the compression state for `variables` (a no-op without one)."""

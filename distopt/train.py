@@ -10,21 +10,26 @@ and model_dir/metrics.json at the end. See launch/README.md for multi-worker,
 Slurm, Kubernetes and TPU runs.
 """
 
+import time
+
+# The user's clock starts here, the interpreter's first milliseconds: the time
+# to the first step counts from it (the OS process may be older: a shell that
+# exec'd Python after other work).
+_STARTED = time.time()
+
 import sys
 
 from absl import app, flags, logging
 
 from distopt import quiet
 
-# Before TensorFlow: its C++ start-up block is held back (--verbosity=1 prints
-# it), and Keras's matplotlib import is skipped (0.5-0.6 s; the trainer never
-# plots, and a later `import matplotlib` works as usual).
-quiet.import_tensorflow(hide_modules=("matplotlib",))
-
-from distopt import checkpoints, data, preflight, train_lib, trainer_faults
+# No TensorFlow yet: the flags are checked and the run directory is created
+# first (see main). These two modules import none.
+from distopt.trainer import config as config_lib
+from distopt.trainer import paths
 
 FLAGS = flags.FLAGS
-_DEFAULTS = train_lib.TrainConfig()
+_DEFAULTS = config_lib.TrainConfig()
 
 # What to train.
 flags.DEFINE_string("model", _DEFAULTS.model, "Model: mlp or lenet.")
@@ -82,7 +87,7 @@ flags.DEFINE_integer(
     "virtual_devices",
     0,
     "Split the host CPU into this many logical devices (CPU-only hosts). "
-    f"0: {train_lib.DEFAULT_CPU_VIRTUAL_DEVICES} for --strategy=mirrored.",
+    f"0: {config_lib.DEFAULT_CPU_VIRTUAL_DEVICES}. --strategy=mirrored only.",
 )
 flags.DEFINE_string(
     "tpu", "", "TPU for --strategy=tpu: a name, grpc:// address or 'local'."
@@ -114,7 +119,7 @@ flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate
 flags.DEFINE_enum(
     "lr_schedule",
     _DEFAULTS.lr_schedule,
-    list(train_lib.LR_SCHEDULES),
+    list(config_lib.LR_SCHEDULES),
     "Learning-rate schedule (over the whole run unless --decay_steps).",
 )
 flags.DEFINE_integer(
@@ -174,7 +179,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_enum(
     "on_nonfinite",
     _DEFAULTS.on_nonfinite,
-    list(trainer_faults.ON_NONFINITE),
+    list(config_lib.ON_NONFINITE),
     "A NaN or Inf loss or gradient: stop (end the run with exit status 3, "
     "keeping the last good checkpoint), skip (skip the step on every replica; "
     "stop after --max_skipped_steps in a row) or ignore (train on).",
@@ -202,6 +207,24 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer(
     "sync_period", _DEFAULTS.sync_period, "k for every --sync except every_step."
+)
+flags.DEFINE_string(
+    "compression",
+    "",
+    "Compress the gradients each replica sends, with error feedback: powersgd, "
+    "topk or onebit (distopt.compression); empty for none.",
+)
+flags.DEFINE_string(
+    "compression_args",
+    "",
+    "The compressor's arguments, key=value,... (powersgd: rank=2,start_step=100; "
+    "topk: fraction=0.01).",
+)
+flags.DEFINE_boolean(
+    "shard_optimizer_state",
+    False,
+    "Keep 1/N of every optimizer slot on each of N replicas (ZeRO stage 1); "
+    "every_step and accumulate only.",
 )
 flags.DEFINE_string(
     "sync_args",
@@ -236,7 +259,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_enum(
     "mixed_precision",
     _DEFAULTS.mixed_precision,
-    list(train_lib.MIXED_PRECISION),
+    list(config_lib.MIXED_PRECISION),
     "bfloat16: compute in bfloat16, keep float32 variables and loss. float16: "
     "the same in float16, with dynamic loss scaling (overflowing steps are "
     "skipped on every replica).",
@@ -254,7 +277,7 @@ flags.DEFINE_string(
     None,
     "Where checkpoints, TensorBoard scalars and metrics.json go; an existing "
     "run there is resumed. Default: a new directory per run, "
-    "runs/<model>_<dataset>_<YYYYmmdd-HHMMSS>.",
+    "runs/<model>_<dataset>_<YYYYmmdd-HHMMSS>_<host>-<pid>.",
 )
 flags.DEFINE_integer(
     "log_every", _DEFAULTS.log_every, "Steps between progress lines and scalars."
@@ -272,21 +295,38 @@ flags.DEFINE_integer(
     "Steps between checkpoints (also one at the end). 0: at the end only.",
 )
 flags.DEFINE_integer(
-    "keep_checkpoints", _DEFAULTS.keep_checkpoints, "Checkpoints to keep."
+    "keep_checkpoints", _DEFAULTS.keep_checkpoints, "Checkpoints to keep (>= 1)."
+)
+flags.DEFINE_float(
+    "target_accuracy",
+    None,
+    "Stop at the first evaluation (every --eval_every steps, on the replicas' "
+    "average) whose test accuracy reaches this fraction, in (0, 1]; "
+    "metrics.json then records the step, the training seconds without "
+    "evaluations and the bytes each worker sent, with status target_reached "
+    "(completed if the steps ran out first).",
 )
 
 
-def config_from_flags() -> train_lib.TrainConfig:
+def _numbers(name: str, kind) -> tuple:
+    """A list flag's items as numbers of ``kind``."""
+    try:
+        return tuple(kind(item) for item in FLAGS[name].value)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"--{name}: {e}") from None
+
+
+def config_from_flags() -> config_lib.TrainConfig:
     """Maps the parsed flags onto a TrainConfig."""
     optimizer_args = {
         name: FLAGS[name].value
         for name in (*_HYPER_FLOATS, *_HYPER_BOOLS)
         if FLAGS[name].value is not None
     }
-    optimizer_args.update(train_lib.parse_kv(FLAGS.optimizer_args))
-    return train_lib.TrainConfig(
+    optimizer_args.update(config_lib.parse_kv(FLAGS.optimizer_args))
+    return config_lib.TrainConfig(
         model=FLAGS.model,
-        model_args=train_lib.parse_kv(FLAGS.model_args),
+        model_args=config_lib.parse_kv(FLAGS.model_args),
         dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir,
         data_source=FLAGS.data_source,
@@ -304,8 +344,8 @@ def config_from_flags() -> train_lib.TrainConfig:
         warmup_steps=FLAGS.warmup_steps,
         decay_steps=FLAGS.decay_steps,
         decay_rate=FLAGS.decay_rate,
-        lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-        lr_values=tuple(float(v) for v in FLAGS.lr_values),
+        lr_boundaries=_numbers("lr_boundaries", int),
+        lr_values=_numbers("lr_values", float),
         batch_size=FLAGS.batch_size,
         epochs=FLAGS.epochs,
         train_steps=FLAGS.train_steps,
@@ -313,8 +353,11 @@ def config_from_flags() -> train_lib.TrainConfig:
         aggregation=FLAGS.aggregation,
         sync=FLAGS.sync,
         sync_period=FLAGS.sync_period,
-        sync_args=train_lib.parse_kv(FLAGS.sync_args),
+        sync_args=config_lib.parse_kv(FLAGS.sync_args),
         global_clipnorm=FLAGS.global_clipnorm,
+        compression=FLAGS.compression,
+        compression_args=config_lib.parse_kv(FLAGS.compression_args),
+        shard_optimizer_state=FLAGS.shard_optimizer_state,
         skip_nonfinite=FLAGS.skip_nonfinite,
         on_nonfinite=FLAGS.on_nonfinite,
         max_skipped_steps=FLAGS.max_skipped_steps,
@@ -323,19 +366,21 @@ def config_from_flags() -> train_lib.TrainConfig:
         mixed_precision=FLAGS.mixed_precision,
         seed=FLAGS.seed,
         deterministic=FLAGS.deterministic,
-        model_dir=FLAGS.model_dir
-        or preflight.default_model_dir(FLAGS.model, FLAGS.dataset),
+        # Without --model_dir, main() creates a new run directory.
+        model_dir=FLAGS.model_dir or "",
         eval_every=FLAGS.eval_every,
         eval_steps=FLAGS.eval_steps,
         eval_batch_size=FLAGS.eval_batch_size,
         log_every=FLAGS.log_every,
         checkpoint_every=FLAGS.checkpoint_every,
         keep_checkpoints=FLAGS.keep_checkpoints,
+        target_accuracy=FLAGS.target_accuracy,
     )
 
 
 # Exit statuses: 2 for bad flags (a value, a combination, a path), 1 for a
-# run-time failure (corrupt data, no network for --download).
+# run-time failure (corrupt data, no network for --download, a write that
+# failed). trainer_faults documents 3 (diverged) and 42 (preempted).
 EXIT_BAD_FLAGS = 2
 EXIT_FAILURE = 1
 
@@ -349,33 +394,94 @@ def _fail(messages, status):
     raise SystemExit(status)
 
 
+def _help_requested(argv) -> bool:
+    """Prints the help for ``--help`` (this module's flags) or ``--helpfull``."""
+    asked = [a for a in argv[1:] if a in ("-h", "--help", "--helpshort", "--helpfull")]
+    if not asked:
+        return False
+    print(__doc__)
+    if "--helpfull" in asked:
+        print(FLAGS.get_help())
+    else:
+        module = next(
+            name
+            for name, module_flags in FLAGS.flags_by_module_dict().items()
+            if any(f.name == "model_dir" for f in module_flags)
+        )
+        print(FLAGS.module_help(module))
+        print("\nAll flags (absl's too): --helpfull")
+    return True
+
+
 def parse_flags(argv):
-    """absl's flag parsing, with a bad flag as one line and exit status 2."""
+    """absl's flag parsing: help exits 0, a bad flag is one line and exit 2."""
+    if _help_requested(argv):
+        raise SystemExit(0)
     try:
         return FLAGS(argv)
     except flags.Error as e:
         _fail([e], EXIT_BAD_FLAGS)
 
 
-def main(argv):
-    """Checks every flag and path, then trains; errors are one line each."""
-    quiet.configure_logging(FLAGS.verbosity)
-    if len(argv) > 1:
-        _fail([f"unexpected arguments: {argv[1:]}"], EXIT_BAD_FLAGS)
+def _checked_config() -> config_lib.TrainConfig:
+    """The flags as a config, every number in range (no TensorFlow needed)."""
     try:
         config = config_from_flags()
-        train_lib.validate_config(config)
-    except train_lib.ConfigError as e:
+        config_lib.check_flags(config)
+    except config_lib.ConfigError as e:
         _fail([e], EXIT_BAD_FLAGS)
-    # Every path before any work: no strategy, data or model_dir touched yet.
-    problems = preflight.check_paths(config)
-    if problems:
-        _fail(problems, EXIT_BAD_FLAGS)
-    if not FLAGS.model_dir:
-        logging.info("Run directory %s (--model_dir to resume a run)", config.model_dir)
+    return config
+
+
+def _claim_run_dir(config) -> paths.RunDir | None:
+    """Without --model_dir: creates this run's own directory, atomically.
+
+    Before TensorFlow loads (a second or more), so that the name is taken the
+    moment the run starts. A worker that does not write gets the name only.
+    """
+    if FLAGS.model_dir:
+        return None
+    if not paths.writes_model_dir(config.strategy):
+        config.model_dir = paths.run_dir_name(config.model, config.dataset)
+        return None
     try:
-        train_lib.train(config)
-    except (train_lib.ConfigError, train_lib.ModelDirError) as e:
+        run_dir = paths.create_run_dir(config.model, config.dataset)
+    except paths.RunDirError as e:
+        _fail([e], EXIT_BAD_FLAGS)
+    config.model_dir = run_dir.path
+    return run_dir
+
+
+def _import_tensorflow() -> None:
+    # Its C++ start-up block is held back (--verbosity=1 prints it), and
+    # Keras's matplotlib import is skipped (0.5-0.6 s; the trainer never
+    # plots, and a later `import matplotlib` works as usual).
+    quiet.import_tensorflow(hide_modules=("matplotlib",))
+    quiet.configure_logging(FLAGS.verbosity)
+
+
+def _check_names_and_paths(config, run_dir) -> None:
+    """The checks that need TensorFlow's registries; all problems at once."""
+    try:
+        config_lib.check_names(config)
+        problems = paths.check_paths(config)
+    except config_lib.ConfigError as e:
+        problems = [e]
+    if problems:
+        if run_dir:
+            run_dir.discard()  # Nothing of a run that never started is left.
+        _fail(problems, EXIT_BAD_FLAGS)
+
+
+def _train(config) -> None:
+    """Runs the trainer; each way it can end is an exit status and one line."""
+    from distopt import checkpoints, data, trainer_faults
+    from distopt.trainer import checkpointing
+    from distopt.trainer import run as run_lib
+
+    try:
+        run_lib.train(config, start_time=_STARTED)
+    except (config_lib.ConfigError, config_lib.ModelDirError) as e:
         _fail([e], EXIT_BAD_FLAGS)
     except data.DataError as e:
         _fail([e], EXIT_FAILURE)
@@ -386,8 +492,29 @@ def main(argv):
         raise SystemExit(e.exit_code) from None
     except trainer_faults.Diverged as e:
         _fail([e], e.exit_code)
-    except (checkpoints.LockError, checkpoints.CheckpointSaveError) as e:
+    except (
+        checkpoints.LockError,
+        checkpoints.CheckpointSaveError,
+        checkpointing.WriteError,
+    ) as e:
         _fail([e], EXIT_FAILURE)
+
+
+def main(argv):
+    """Checks every flag and path, then trains; errors are one line each."""
+    if len(argv) > 1:
+        _fail([f"unexpected arguments: {argv[1:]}"], EXIT_BAD_FLAGS)
+    config = _checked_config()
+    run_dir = _claim_run_dir(config)
+    _import_tensorflow()
+    _check_names_and_paths(config, run_dir)
+    if run_dir:
+        logging.info("Run directory %s (--model_dir to resume a run)", config.model_dir)
+    try:
+        _train(config)
+    finally:
+        if run_dir:
+            run_dir.discard()  # Only if the run wrote nothing: a failed start.
 
 
 if __name__ == "__main__":

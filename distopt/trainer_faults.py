@@ -29,9 +29,11 @@ import threading
 import tensorflow as tf
 from absl import logging
 
+# The policies' names live with the flags (no TensorFlow there); used here.
+from distopt.trainer.config import ON_NONFINITE  # noqa: F401
+
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 42
-ON_NONFINITE = ("stop", "skip", "ignore")
 STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_DIVERGED = (
     "completed",
     "preempted",
@@ -42,7 +44,8 @@ STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_DIVERGED = (
 # itself SIGTERM when it starts the first chunk (of training, or of an
 # evaluation at a step) at or after step N, through
 # the same os.kill a scheduler uses. DISTOPT_FAULT_CHUNK_DELAY=S sleeps S
-# seconds after each chunk so that a test can signal a run mid-way.
+# seconds after each chunk (of training or of an evaluation) so that a test
+# can signal a run, or fill its disk, mid-way.
 SIGTERM_AT_ENV = "DISTOPT_FAULT_SIGTERM_AT"
 CHUNK_DELAY_ENV = "DISTOPT_FAULT_CHUNK_DELAY"
 
@@ -138,6 +141,25 @@ def make_agreement(strategy: tf.distribute.Strategy):
         return total[0], total[1]
 
     return agree
+
+
+class StopAgreement:
+    """Whether to stop, and whether a replica diverged, agreed by every worker.
+
+    Call between chunks of steps (and of evaluation batches): one tiny
+    all-reduce under ``multi_worker`` (see :func:`make_agreement`).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, signals: StopSignals, guard):
+        self._agree = make_agreement(strategy)
+        self._signals, self._guard = signals, guard
+
+    def __call__(self) -> tuple[bool, float]:
+        """(stop, bad): whether any worker got a stop notice; the bad count."""
+        stops, bad = self._agree(
+            tf.constant(1.0 if self._signals.requested else 0.0), self._guard.bad
+        )
+        return float(stops) > 0, float(bad)
 
 
 def strict_json(value):

@@ -93,6 +93,68 @@ def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:
     pipe.close()
 
 
+# TensorFlow's coordination service reports a peer that has exited: the
+# leader's service that a worker "stopped sending heartbeats", a worker's
+# heartbeat thread that it "Failed to send RPC to coordination service"
+# (Connection refused). After a job ends, each worker's interpreter takes 2 to
+# 7 s to tear TensorFlow down (measured here), and its heartbeat thread runs
+# until the end, so in about 1 launch of 5 one of these is logged after every
+# worker has finished. TensorFlow 2.21 has no public call that stops the
+# coordination agent before exit, so no order of exits in the trainer avoids
+# it. The launcher holds these lines back and drops them only if every worker
+# exits 0 (saying so); otherwise they are printed before the exit status.
+_PEER_GONE = (
+    "Failed to send RPC to coordination service",
+    "(stopped sending heartbeats)",
+)
+# The lines TensorFlow continues such a message with.
+_PEER_GONE_MORE = (
+    "Additional GRPC error information from remote target",
+    ":UNKNOWN:Error received from peer",
+    "/job:",
+    "The tasks have crashed.",
+)
+
+
+class _HoldPeerGone:
+    """A worker's output stream that holds back a peer-gone report (`_PEER_GONE`).
+
+    Args:
+        out: Where every other line goes.
+        prefix: The worker's prefix (``[worker i] ``), which `_stream` adds.
+    """
+
+    def __init__(self, out, prefix: str):
+        self.out, self.prefix = out, prefix
+        self.held: list[str] = []
+        self._holding = False
+
+    def write(self, text: str) -> None:
+        line = text.removeprefix(self.prefix)
+        if line.startswith("E0000") and any(p in line for p in _PEER_GONE):
+            self._holding = True
+        elif not line.startswith(_PEER_GONE_MORE):
+            self._holding = False
+        if self._holding:
+            self.held.append(text)
+        else:
+            self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def report(self, succeeded: bool, say) -> None:
+        """After the run: drops the held lines (saying so) or prints them."""
+        if self.held and succeeded:
+            say(
+                f"{self.prefix.strip('[] ')}: held back TensorFlow's "
+                f"{len(self.held)}-line report of a peer that had exited; every "
+                "worker succeeded"
+            )
+        elif self.held:
+            self.out.write("".join(self.held))
+
+
 # The trainer's exit status after a stop notice (checkpoint saved); see
 # distopt/trainer_faults.py. Kept here as a number: the launcher does not
 # import distopt.
@@ -175,7 +237,7 @@ def launch(
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, threads = [], []
+    procs, threads, streams = [], [], []
 
     def say(text):
         with lock:
@@ -206,8 +268,10 @@ def launch(
                 start_new_session=True,
             )
             procs.append(proc)
+            streams.append(_HoldPeerGone(out, f"[worker {i}] "))
             t = threading.Thread(
-                target=_stream, args=(f"[worker {i}] ", proc.stdout, out, lock)
+                target=_stream,
+                args=(f"[worker {i}] ", proc.stdout, streams[i], lock),
             )
             t.start()
             threads.append(t)
@@ -247,6 +311,8 @@ def launch(
         _kill_all(procs)
         for t in threads:
             t.join()
+    for stream in streams:
+        stream.report(status == 0, say)
     if links is not None:
         _report_links(links, say, link_stats)
     say(f"exit status {status}")

@@ -1,7 +1,7 @@
 """Test set-up: 4 logical CPU devices stand in for GPUs.
 
-`tf.config.set_logical_device_configuration` must run before TensorFlow
-initialises its devices, so it runs here, once per test process, at import.
+The CPU must be split before TensorFlow initialises its devices, so it is
+split here, once per test process, at import.
 """
 
 import os
@@ -21,20 +21,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from distopt import distribute
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_DEVICES
-)
+distribute.logical_cpu_devices(NUM_DEVICES)
 
 
 def mirrored(num_replicas: int) -> tf.distribute.MirroredStrategy:
     """MirroredStrategy over the first `num_replicas` virtual CPUs."""
-    return tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(num_replicas)],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+    return distribute.make_strategy("mirrored", num_cpu_devices=num_replicas)
 
 
 def local_copies(strategy, value):
@@ -57,22 +53,27 @@ def strategy(request):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/cpu:0")
+        return distribute.make_strategy("one_device")
     return mirrored(int(name[-1]))
 
 
-def run_python(*args, timeout):
+def run_python(*args, timeout, tf_log_level="2"):
     """Runs ``python *args`` in the repository root, quietly for TensorFlow.
 
     Args:
       *args: the interpreter's arguments (a script, or ``-m module``, and its
         flags).
       timeout: seconds before ``subprocess.TimeoutExpired``.
+      tf_log_level: the ``TF_CPP_MIN_LOG_LEVEL`` it runs with; None: unset,
+        as for a user who never set it.
 
     Returns:
       The ``subprocess.CompletedProcess``, with stdout and stderr as text; a
       non-zero exit status is the caller's to check.
     """
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if tf_log_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level
     return subprocess.run(
         [sys.executable, *args],
         check=False,
@@ -80,7 +81,7 @@ def run_python(*args, timeout):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=env,
     )
 
 

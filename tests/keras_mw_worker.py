@@ -85,8 +85,10 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import tensorflow as tf
 
+    from distopt import distribute
+
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = distribute.make_strategy("multi_worker", communication_options=options)
     assert strategy.num_replicas_in_sync == len(ports)
     x, y = mnist()
     results = {}

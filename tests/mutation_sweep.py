@@ -91,8 +91,8 @@ MUTANTS = [
     Mutant(
         "sparse_wd_touched_only",
         "distopt/optimizers/base.py",
-        "var.assign(decayed if keep is None else tf.where(keep, p0, decayed))",
-        "pass",
+        "            var.assign(decayed)\n",
+        "            pass\n",
         "tests/test_sparse.py",
     ),
     Mutant(
@@ -408,24 +408,23 @@ MUTANTS = [
     Mutant(
         "ema_not_kept_on_a_skip",
         "distopt/optimizers/base.py",
-        "            new_slots = {n: tf.where(keep, old[n], new_slots[n]) for n in old}\n"
-        "        return new_p, new_slots",
-        "            new_slots = {**new_slots, **{n: tf.where(keep, old[n], new_slots[n])"
-        " for n in rule_old}}\n        return new_p, new_slots",
+        "    return new_p, {n: tf.where(keep, old[n], new_slots[n]) for n in old}\n",
+        "    return new_p, {**new_slots, **{n: tf.where(keep, old[n], new_slots[n])"
+        " for n in old if n != EMA}}\n",
         "tests/test_ema.py",
     ),
     Mutant(
         "wrap_finalize_dropped",
         "distopt/keras.py",
-        "        self._inner.finalize_variable_values(\n",
-        "        return\n        self._inner.finalize_variable_values(\n",
+        "        self._inner.finalize_variable_values(self._tf_variables(",
+        "        return\n        self._inner.finalize_variable_values(self._tf_variables(",
         "tests/test_keras_wrap.py -k fit_matches",
     ),
     Mutant(
         "trainer_finalize_dropped",
-        "distopt/train_lib.py",
-        "            optimizer.finalize_variable_values(variables)\n",
-        "            pass\n",
+        "distopt/trainer/loop.py",
+        "                run.optimizer.finalize_variable_values(run.model.trainable_variables)\n",
+        "                pass\n",
         "tests/test_train.py -k use_ema",
     ),
 ]

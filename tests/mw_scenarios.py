@@ -51,3 +51,15 @@ def snapshot_optimizer(**extra):
         "sync": distopt.sync.LocalSGD(SNAPSHOT["k"]),
         **extra,
     }
+
+
+# Compression (issue 25): each compressor for 20 steps on per-replica
+# gradients given as data (tests/compression_harness.py); each worker records
+# every step's payload, its residual row, Q and weights, which the test
+# compares with tests/numpy_reference.py replica by replica.
+COMPRESSION = {
+    "compress_powersgd": "powersgd",
+    "compress_topk": "topk",
+    "compress_onebit": "onebit",
+}
+COMPRESSION_STEPS, COMPRESSION_SEED = 20, 67

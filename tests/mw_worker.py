@@ -3,13 +3,15 @@
 Usage: python tests/mw_worker.py INDEX PORT0,PORT1 OUT_DIR [--die]
 
 Runs every scenario of `SCENARIOS` on the cluster and writes each final
-parameter copy to OUT_DIR/worker{INDEX}.npz. With --die, worker 1 exits just
+parameter copy to OUT_DIR/worker{INDEX}.npz, then the compression runs of
+`COMPRESSION`, whose step-by-step records go to OUT_DIR/compressed{INDEX}.pkl. With --die, worker 1 exits just
 before the first step, to show that a collective with a timeout fails
 instead of hanging.
 """
 
 import json
 import os
+import pickle
 import sys
 
 index, ports, out_dir = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
@@ -22,15 +24,26 @@ os.environ["TF_CONFIG"] = json.dumps(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import compression_harness
 import numpy as np
 import sharded_harness
 import tensorflow as tf
-from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
+from mw_scenarios import (
+    COMPRESSION,
+    COMPRESSION_SEED,
+    COMPRESSION_STEPS,
+    SCENARIOS,
+    SNAPSHOT,
+    optimizer_kwargs,
+    snapshot_optimizer,
+)
 from sync_harness import make_data, optimizer, train
+
+from distopt import distribute
 
 TIMEOUT_S = float(os.environ.get("DISTOPT_TEST_COLLECTIVE_TIMEOUT", "30"))
 options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=TIMEOUT_S)
-strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+strategy = distribute.make_strategy("multi_worker", communication_options=options)
 assert strategy.num_replicas_in_sync == len(ports)
 
 if "--die" in sys.argv and index == 1:
@@ -87,3 +100,22 @@ results.update(
 )
 print(f"worker {index}: shard_table done", flush=True)
 np.savez(os.path.join(out_dir, f"worker{index}.npz"), **results)
+
+# Compression: this worker's records of every step (see mw_scenarios).
+compressed = {}
+for name, compressor in COMPRESSION.items():
+    grads = compression_harness.gradients(
+        COMPRESSION_STEPS, len(ports), seed=COMPRESSION_SEED
+    )
+    params, opt = compression_harness.setup(
+        strategy,
+        lambda compressor=compressor: compression_harness.make_optimizer(
+            compressor, communication_options=options
+        ),
+    )
+    q0 = compression_harness.snapshot(strategy, opt, params)["q"]
+    _, _, _, records = compression_harness.run(strategy, opt, grads, params=params)
+    compressed[name] = {"q0": q0, "records": records}
+    print(f"worker {index}: {name} done", flush=True)
+with open(os.path.join(out_dir, f"compressed{index}.pkl"), "wb") as f:
+    pickle.dump(compressed, f)

@@ -288,3 +288,224 @@ CONFIGS = [
     ("lamb", {"learning_rate": 0.1}),
     ("lars", {"learning_rate": 1.0, "eta": 0.1, "weight_decay": 0.01}),
 ]
+
+
+# --- Gradient compression with error feedback ----------------------------------
+# Written from the papers, one replica at a time, with no knowledge of how
+# distopt packs or fuses its collectives. Each function takes every replica's
+# input (a list indexed by replica) and returns what each replica sends, what
+# each one decompresses for itself, and the sum every replica receives. The
+# arithmetic runs in the inputs' dtype: the tests pass float32 where a
+# selection (top-k, a sign) must make the same choices as float32 code, and
+# float64 elsewhere. The error-feedback loop around them is `ef_sgd`.
+
+
+def gram_schmidt(matrix):
+    """Orthonormalises the columns of `matrix` in order (classical Gram-Schmidt).
+
+    Vogels et al. (2019), Algorithm 1, ORTHOGONALIZE. A column that is zero
+    once the earlier ones are projected out stays zero (no direction to keep).
+    """
+    out = np.array(matrix, copy=True)
+    for j in range(out.shape[1]):
+        c = out[:, j].copy()
+        for i in range(j):
+            c = c - np.dot(out[:, i], c) * out[:, i]
+        norm = np.sqrt(np.sum(c * c))
+        out[:, j] = c / norm if norm > 0 else 0.0
+    return out
+
+
+def powersgd_compresses(shape, rank, min_compression_rate=2.0):
+    """Whether a tensor is worth compressing at `rank` (PyTorch's rule).
+
+    A tensor of rank >= 2 is a matrix of its first dimension by the rest
+    (the paper's view of a convolution kernel); it is compressed when its
+    rank-r factors, times the rate, are smaller than the matrix.
+    """
+    if len(shape) < 2:
+        return False
+    n, m = shape[0], int(np.prod(shape[1:]))
+    r = min(n, m, rank)
+    return (n + m) * r * min_compression_rate < n * m
+
+
+def powersgd_round(xs, q):
+    """One rank-r PowerSGD round over replicas (Vogels et al. 2019, Alg. 1-2).
+
+    Args:
+        xs: Replica r's matrix M_r (its share plus its residual), [n, m] each.
+        q: The [m, r] start of the power iteration (last round's Q: warm start).
+
+    Returns:
+        dict with `p_sent` (each replica's M_r Q), `p_hat` (the orthonormalised
+        sum), `q_sent` (each replica's M_r^T P^), `q` (their sum, the next
+        warm start), `own` (each replica's decompressed part P^ Q_r^T) and
+        `aggregate` (P^ Q^T, what every replica applies).
+    """
+    p_sent = [x @ q for x in xs]
+    p_hat = gram_schmidt(sum(p_sent))
+    q_sent = [x.T @ p_hat for x in xs]
+    q_new = sum(q_sent)
+    return {
+        "p_sent": p_sent,
+        "p_hat": p_hat,
+        "q_sent": q_sent,
+        "q": q_new,
+        "own": [p_hat @ qr.T for qr in q_sent],
+        "aggregate": p_hat @ q_new.T,
+    }
+
+
+def topk_compress(x, fraction):
+    """Top-k sparsification (Stich, Cordonnier & Jaggi 2018, "top_k").
+
+    Keeps the k = max(1, ceil(fraction * d)) entries of largest magnitude of
+    the flattened `x`; among equal magnitudes the lower index wins.
+
+    Returns:
+        (indices in increasing order, their values, the decompressed `x`).
+    """
+    flat = np.ravel(x)
+    k = max(1, min(flat.size, math.ceil(fraction * flat.size)))
+    idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])
+    dense = np.zeros_like(flat)
+    dense[idx] = flat[idx]
+    return idx, flat[idx], dense.reshape(np.shape(x))
+
+
+def scaled_sign_compress(x):
+    """Scaled sign (Karimireddy et al. 2019, Alg. 1): (||x||_1 / d) sign(x).
+
+    A zero entry counts as positive (one bit per entry has no third value).
+
+    Returns:
+        (the signs packed 32 to a little-endian 32-bit word, bit j of word w
+        being entry 32 w + j, as int32; the scale; the decompressed `x`).
+    """
+    flat = np.ravel(x)
+    scale = np.mean(np.abs(flat))
+    positive = flat >= 0
+    padded = np.zeros(-(-flat.size // 32) * 32, np.uint8)
+    padded[: flat.size] = positive
+    words = np.packbits(padded, bitorder="little").view("<i4")
+    decompressed = np.where(positive, scale, -scale).astype(flat.dtype)
+    return words, scale, decompressed.reshape(np.shape(x))
+
+
+def ef_sgd(
+    kind,
+    shares,
+    *,
+    error_feedback=True,
+    q0=None,
+    rank=1,
+    fraction=0.01,
+    min_compression_rate=2.0,
+    skip=(),
+    residual0=None,
+):
+    """Compressed aggregation with per-replica error feedback, step by step.
+
+    Stich et al. (2018) and Karimireddy et al. (2019): on replica r,
+    x_r = s_r + e_r; replica r contributes C(x_r) and keeps e_r <- x_r - C(x_r)
+    (PowerSGD: Vogels et al. 2019, Alg. 2, the same with the rank-r round,
+    C(x_r) = P^ (x_r^T P^)^T). Every replica receives sum_r C(x_r).
+
+    Args:
+        kind: "powersgd", "topk" or "onebit".
+        shares: shares[t][r][i]: replica r's share of variable i at step t.
+        error_feedback: Keep the residuals (False: e_r stays zero).
+        q0: PowerSGD's first Q per variable (None where not compressed).
+        rank, fraction, min_compression_rate: the compressors' parameters.
+        skip: Steps whose result is discarded: their residuals and Q are not
+            kept, their aggregate not applied (a skipped step).
+        residual0: The residuals before the first step (`[R, ...]` per
+            variable, None where not compressed); zeros if not given.
+
+    Returns:
+        A list with one dict per step: `aggregate[i]`, `residual[i]` (an
+        [R, ...] array after the step, None where not compressed), `q[i]`,
+        `x[i]` (every replica's x_r, [R, ...]), `p_hat[i]` (PowerSGD's P^),
+        and the payload: `sent[i][r]`, per kind PowerSGD (P_r, Q_r), top-k
+        (indices, values), scaled sign (words, scale); the tensor itself
+        where uncompressed.
+    """
+    num_vars = len(shares[0][0])
+    num_replicas = len(shares[0])
+    shapes = [np.shape(s) for s in shares[0][0]]
+    if kind == "powersgd":
+        compressed = [
+            powersgd_compresses(s, rank, min_compression_rate) for s in shapes
+        ]
+    else:
+        compressed = [True] * num_vars
+    dtype = np.asarray(shares[0][0][0]).dtype
+    residual = [
+        np.zeros((num_replicas, *s), dtype) if c else None
+        for s, c in zip(shapes, compressed)
+    ]
+    if residual0 is not None:
+        residual = [None if r is None else np.array(r, dtype) for r in residual0]
+    q0 = q0 if q0 is not None else [None] * num_vars
+    q = [None if x is None else np.array(x, dtype) for x in q0]
+    out = []
+    for t, step in enumerate(shares):
+        rec = {
+            "aggregate": [],
+            "residual": [],
+            "q": [],
+            "sent": [],
+            "x": [],
+            "p_hat": [],
+        }
+        new_residual, new_q = [], []
+        for i in range(num_vars):
+            s = [np.asarray(step[r][i], dtype) for r in range(num_replicas)]
+            if not compressed[i]:
+                rec["aggregate"].append(sum(s))
+                rec["sent"].append(s)
+                rec["x"].append(np.stack(s))
+                rec["p_hat"].append(None)
+                new_residual.append(None)
+                new_q.append(q[i])
+                continue
+            xs = [
+                s[r] + residual[i][r] if error_feedback else s[r]
+                for r in range(num_replicas)
+            ]
+            if kind == "powersgd":
+                n = shapes[i][0]
+                mats = [x.reshape(n, -1) for x in xs]
+                rnd = powersgd_round(mats, q[i])
+                own = [o.reshape(shapes[i]) for o in rnd["own"]]
+                agg = rnd["aggregate"].reshape(shapes[i])
+                sent = list(zip(rnd["p_sent"], rnd["q_sent"]))
+                new_q.append(rnd["q"])
+                rec["p_hat"].append(rnd["p_hat"])
+            else:
+                fn = (
+                    (lambda x: topk_compress(x, fraction))
+                    if kind == "topk"
+                    else scaled_sign_compress
+                )
+                parts = [fn(x) for x in xs]
+                own = [p[2] for p in parts]
+                agg = sum(own)
+                sent = [p[:2] for p in parts]
+                new_q.append(None)
+                rec["p_hat"].append(None)
+            rec["aggregate"].append(agg)
+            rec["sent"].append(sent)
+            rec["x"].append(np.stack(xs))
+            new_residual.append(
+                np.stack([x - o for x, o in zip(xs, own)])
+                if error_feedback
+                else residual[i]
+            )
+        if t not in skip:
+            residual, q = new_residual, new_q
+        rec["residual"] = [None if r is None else r.copy() for r in residual]
+        rec["q"] = [None if x is None else x.copy() for x in q]
+        out.append(rec)
+    return out

@@ -84,6 +84,7 @@ def test_bare_step_and_breakdown_in_process():
     phases = step_breakdown.step_phases("mlp", "default", steps=2, rounds=1)
     assert set(phases["ms_per_step"]) == set(step_breakdown.PHASES)
     assert set(phases["attribution_ms"]) >= {"forward", "backward", "update"}
+    assert phases["attribution_ms"]["update"] > 0  # measured, not a difference
     kernels = step_breakdown.lenet_kernels(steps=1, rounds=1)
     assert list(kernels) == [
         "conv1 forward",
@@ -95,6 +96,32 @@ def test_bare_step_and_breakdown_in_process():
         "pool2 forward + gradient",
     ]
     assert all(k["median"] > 0 for k in kernels.values())
+
+
+def test_breakdown_attribution_is_never_negative():
+    """A difference of medians below 0 (noise) is shown as 0, with a note."""
+    medians = {
+        "pipeline": 1.0,
+        "forward": 3.0,
+        "forward_backward": 2.5,  # under load: below the forward alone
+        "bare_step": 6.0,
+        "update": 0.25,
+        "trainer_loop": 5.0,
+    }
+    stats = {name: {"median": ms, "min": ms, "max": ms} for name, ms in medians.items()}
+    attribution, notes = step_breakdown.attribute(stats)
+    assert attribution == {
+        "forward": 3.0,
+        "update": 0.25,
+        "backward": 0.0,
+        "input_and_bookkeeping": 0.0,
+        "input_pipeline_alone": 1.0,
+    }
+    noise = "below 0 within the rounds' noise; shown as 0"
+    assert notes == [
+        f"backward: forward_backward - forward = -0.50 ms, {noise}",
+        f"input_and_bookkeeping: trainer_loop - bare_step = -1.00 ms, {noise}",
+    ]
 
 
 def test_trainer_vs_keras_summary_of_every_contender():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distopt import data
+from distopt import data, distribute
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_eval_steps_limits_the_pass():
 
 
 def test_mirrored_distribution_splits_the_global_batch():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", "/cpu:2"])
+    strategy = distribute.make_strategy("mirrored", num_cpu_devices=3)
     source = _tiny_source(n=103)
     fn = data.make_dataset_fn(source, "test", 12, training=False)
     dist = strategy.distribute_datasets_from_function(fn)

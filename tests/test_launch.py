@@ -38,6 +38,8 @@ def test_two_workers_train_and_write_metrics(tmp_path):
     assert "[worker 0]" in out and "[worker 1]" in out
     assert "multi_worker: cluster from TF_CONFIG" in out
     assert "[launcher] exit status 0" in out
+    # No TensorFlow start-up noise, nor a report of a peer that had exited.
+    assert "E0000" not in out and "W0000" not in out and "cuda" not in out
     with open(model_dir / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["num_replicas"] == 2 and metrics["train_steps"] == 20
@@ -86,6 +88,66 @@ def test_a_failing_worker_stops_the_others_and_fails_the_launch(tmp_path):
     pid = int((tmp_path / "pid0").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# What TensorFlow's coordination service printed after successful 2-worker
+# launches here (1 in 5): worker 1's heartbeat to worker 0, which had exited.
+PEER_GONE_LINES = [
+    (
+        "E0000 00:00:1796403648.879038   26516 base_collective_executor.cc:252] "
+        "BaseCollectiveExecutor::StartAbort UNAVAILABLE: Failed to send RPC to "
+        "coordination service. Either the leader task was preempted/died/restarted "
+        "unexpectedly or this task is experiencing network issues."
+    ),
+    (
+        "Additional GRPC error information from remote target "
+        "/job:worker/replica:0/task:0 while calling "
+        "/tensorflow.CoordinationService/Heartbeat:"
+    ),
+    (
+        ':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"failed '
+        'to connect to all addresses; Connection refused"}'
+    ),
+]
+
+PEER_GONE_WORKER = """
+import json, os, sys
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+print(f"worker {index} done", flush=True)
+if index == 1:
+    with open(sys.argv[1]) as f:
+        print(f.read(), end="", flush=True)
+    print("a line of its own", flush=True)
+    sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("status", [0, 5])
+def test_peer_gone_lines_are_dropped_only_when_every_worker_succeeds(tmp_path, status):
+    script = tmp_path / "worker.py"
+    script.write_text(PEER_GONE_WORKER)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(line + "\n" for line in PEER_GONE_LINES))
+    proc = _launch(
+        "--workers=2",
+        f"--command={sys.executable} {script}",
+        "--network=host",
+        "--",
+        str(lines),
+        str(status),
+        timeout=60,
+    )
+    assert proc.returncode == status
+    out = proc.stdout
+    assert "[worker 1] worker 1 done" in out
+    assert "[worker 1] a line of its own" in out  # not mistaken for the message
+    shown = [f"[worker 1] {line}" in out for line in PEER_GONE_LINES]
+    if status == 0:
+        assert "E0000" not in out and not any(shown), out
+        assert "worker 1: held back TensorFlow's 3-line report" in out
+    else:
+        assert all(shown), out
+        assert out.index(PEER_GONE_LINES[0]) < out.index("exit status 5")
 
 
 def local_launcher():

@@ -6,15 +6,25 @@ CPUs running the same program (tests/mw_scenarios.py).
 """
 
 import os
+import pickle
 import subprocess
 import sys
 
+import compression_harness
 import numpy as np
 import pytest
 import sharded_harness
 import tensorflow as tf
 from conftest import mirrored
-from mw_scenarios import SCENARIOS, SNAPSHOT, optimizer_kwargs, snapshot_optimizer
+from mw_scenarios import (
+    COMPRESSION,
+    COMPRESSION_SEED,
+    COMPRESSION_STEPS,
+    SCENARIOS,
+    SNAPSHOT,
+    optimizer_kwargs,
+    snapshot_optimizer,
+)
 from sync_harness import make_data, optimizer, train
 
 from distopt import cluster
@@ -95,6 +105,38 @@ def test_two_workers_match_mirrored(tmp_path, dead_peer_workers):
         for w, copy in zip((w0, w1), copies):
             np.testing.assert_allclose(
                 w[f"snapshot/{i}"], np.asarray(copy), rtol=1e-5, atol=1e-6
+            )
+
+    # Compression, worker by worker against the NumPy reference: worker i
+    # holds replica i's residual row and payload.
+    runs = []
+    for i in range(2):
+        with open(tmp_path / f"compressed{i}.pkl", "rb") as f:
+            runs.append(pickle.load(f))
+    grads = compression_harness.gradients(COMPRESSION_STEPS, 2, seed=COMPRESSION_SEED)
+    shares = compression_harness.shares_of(grads)
+    for name, compressor in COMPRESSION.items():
+        records = [r[name]["records"] for r in runs]
+        rows = [
+            [
+                None if a is None else np.concatenate([a, b])
+                for a, b in zip(r0["residual"], r1["residual"])
+            ]
+            for r0, r1 in zip(*records)
+        ]
+        for r0, r1 in zip(*records):
+            for a, b in zip(r0["params"], r1["params"]):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        for i in range(2):
+            compression_harness.check_run(
+                compressor,
+                records[i],
+                shares,
+                compression_harness.initial_params(),
+                0.1,
+                [i],
+                runs[i][name]["q0"],
+                rows=rows,
             )
 
     # Sharded optimizer state, every optimizer: equal on both workers at

@@ -1,7 +1,7 @@
 """Bad paths and flags on the command line: one line each, the right exit
 status, no traceback, before any work, nothing created.
 
-``train.main`` runs in this process with ``train_lib.train`` and the data
+``train.main`` runs in this process with ``trainer.run.train`` and the data
 loader replaced by spies, so each case shows that the check came before any
 work (no strategy, no data read); one subprocess checks the real command line.
 """
@@ -10,13 +10,17 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from absl import flags
-from conftest import run_python
+from conftest import REPO, run_python
 from urllib3.util.retry import Retry
 
-from distopt import data, preflight, train, train_lib
+from distopt import data, train
+from distopt.trainer import paths
+from distopt.trainer import run as run_lib
 
 
 def _tree(root):
@@ -30,7 +34,7 @@ def _tree(root):
 def cli(monkeypatch, capsys, tmp_path):
     """Runs ``train.main`` on flags; returns (exit status, stderr lines, work)."""
     work = []
-    monkeypatch.setattr(train_lib, "train", lambda config: work.append(config))
+    monkeypatch.setattr(run_lib, "train", lambda config, **_: work.append(config))
     monkeypatch.setattr(data, "load_source", lambda *a, **k: work.append("data"))
     monkeypatch.setattr(data, "load_mnist_idx", lambda *a, **k: work.append("data"))
     monkeypatch.chdir(tmp_path)  # A default run directory would appear here.
@@ -132,27 +136,63 @@ def test_bad_path_is_one_line_exit_2_before_any_work(cli, tmp_path, mnist_copy, 
     assert _tree(tmp_path) == before  # Nothing created (no runs/, no data_dir).
 
 
-def test_unwritable_model_dir(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_dir", ["/proc/nope", "/sys/nope", "/proc/1/nope"])
+def test_model_dir_on_a_virtual_filesystem_as_root(cli, model_dir):
+    # os.access says yes to root here; creating an entry says no.
+    status, lines, work = cli(f"--model_dir={model_dir}")
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: --model_dir={model_dir} "
+    ), lines
+    assert "cannot be created" in lines[0] and "is not writable" in lines[0]
+    assert work == []
+    assert not os.path.exists(model_dir)
+
+
+def _in_mount_namespace(script):
+    """Runs ``sh -c script`` as root of a new user and mount namespace."""
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    return proc
+
+
+def _namespaces_or_skip(tmp_path):
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) here: cannot mount a filesystem for the test")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    proc = _in_mount_namespace(f"mount -t tmpfs -o size=1m tmpfs {probe}")
+    if proc.returncode:
+        pytest.skip(f"user and mount namespaces unavailable: {proc.stderr.strip()}")
+
+
+def test_unwritable_model_dir_on_a_read_only_mount(tmp_path):
+    # Root may write anywhere that is mounted writable, so permission bits
+    # cannot show this: a read-only tmpfs does.
+    _namespaces_or_skip(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-    # Root may write anywhere, so permission bits cannot show this here:
-    # os.access answers for a user without write permission on `locked`.
-    monkeypatch.setattr(
-        preflight.os,
-        "access",
-        lambda path, mode: (
-            real_access(path, mode)
-            and not (mode & os.W_OK and os.path.abspath(path) == str(locked))
-        ),
+    python = f"{sys.executable} -m distopt.train --train_steps=1"
+    proc = _in_mount_namespace(
+        f"mount -t tmpfs -o size=1m,ro tmpfs {locked} && "
+        f"{python} --model_dir={locked}; echo status=$?; "
+        f"{python} --model_dir={locked}/new; echo status=$?"
     )
-    for model_dir, message in [
-        (locked, f"--model_dir={locked} is not writable"),
-        (locked / "new", f"cannot be created: {locked} is not writable"),
-    ]:
-        status, lines, work = cli(f"--model_dir={model_dir}")
-        assert status == 2 and len(lines) == 1 and message in lines[0], lines
-        assert work == []
+    assert proc.stdout.split() == ["status=2", "status=2"], proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"error: --model_dir={locked} is not writable (Read-only file system)",
+        (
+            f"error: --model_dir={locked}/new cannot be created: {locked} is not "
+            "writable (Read-only file system)"
+        ),
+    ]
     assert os.listdir(locked) == []
 
 
@@ -185,19 +225,180 @@ def test_bad_flag_is_one_line_exit_2(cli, args, message):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_default_run_directory_is_new_per_run(cli, tmp_path):
-    status, lines, work = cli("--train_steps=1")
+def test_default_run_directory_is_new_per_run(cli, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(
+        run_lib,
+        "train",
+        lambda config, **_: started.append((config, os.listdir(config.model_dir))),
+    )
+    status, lines, _ = cli("--train_steps=1")
     assert status == 0 and lines == []
-    (config,) = work
+    ((config, contents),) = started
     assert config.model_dir.startswith(os.path.join("runs", "lenet_mnist_"))
+    assert config.model_dir.endswith(f"-{os.getpid()}")
     assert config.epochs == 1 and config.train_steps == 1
-    stamp = "20261201-150000"
-    first = preflight.default_model_dir("lenet", "mnist", root=str(tmp_path))
-    assert first != preflight.default_model_dir("mlp", "mnist", root=str(tmp_path))
-    os.makedirs(tmp_path / f"lenet_mnist_{stamp}")
+    # Created by the command line before the run started, empty; a run that
+    # wrote nothing there (this one) leaves nothing behind.
+    assert contents == []
+    assert not os.path.exists(config.model_dir)
+    # Two runs in the same second and the same process id (as on two hosts
+    # of the same name, or a paused run whose name another run took): the
+    # second never gets the directory the first created.
     now = datetime.datetime(2026, 12, 1, 15, 0, 0)
-    again = preflight.default_model_dir("lenet", "mnist", root=str(tmp_path), now=now)
-    assert again == str(tmp_path / f"lenet_mnist_{stamp}-2")
+    root = str(tmp_path / "r")
+    first = paths.create_run_dir("lenet", "mnist", root=root, now=now)
+    second = paths.create_run_dir("lenet", "mnist", root=root, now=now)
+    assert first.path != second.path and second.path == first.path + "-2"
+    assert "lenet_mnist_20261201-150000_" in first.path
+    assert os.path.isdir(first.path) and os.path.isdir(second.path)
+    other = paths.create_run_dir("mlp", "mnist", root=root, now=now)
+    assert "mlp_mnist_20261201-150000_" in other.path
+
+
+def test_a_run_directory_under_a_file_is_one_line(cli, tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs go")
+    status, lines, work = cli("--train_steps=1")
+    assert status == 2 and work == [], lines
+    assert lines == [
+        (
+            f"error: cannot create the run directory: {tmp_path / 'runs'} is not "
+            "a directory"
+        )
+    ]
+
+
+def test_a_run_time_config_error_leaves_no_run_directory(cli, tmp_path, monkeypatch):
+    # Found once the strategy exists (4 replicas), after the run directory
+    # was created: it is removed again.
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    status, lines, _ = cli(
+        "--model=mlp", "--strategy=mirrored", "--virtual_devices=4", "--batch_size=30"
+    )
+    assert status == 2
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "30 is not divisible by the 4" in errors[0], lines
+    assert _tree(tmp_path) == before
+
+
+def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):
+    # The run directory is created before TensorFlow loads; the names are
+    # checked after: a bad one removes what was created.
+    before = _tree(tmp_path)
+    status, lines, work = cli("--strategy=horovod")
+    assert status == 2 and work == []
+    assert len(lines) == 1 and "valid strategies" in lines[0], lines
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--train_steps=-5", "--train_steps must be >= 0, got -5"),
+        ("--eval_every=-1", "--eval_every must be >= 0, got -1"),
+        ("--eval_steps=-3", "--eval_steps must be >= 0, got -3"),
+        ("--checkpoint_every=-1", "--checkpoint_every must be >= 0, got -1"),
+        ("--warmup_steps=-10", "--warmup_steps must be >= 0, got -10"),
+        ("--keep_checkpoints=0", "--keep_checkpoints must be >= 1, got 0"),
+        ("--eval_batch_size=-4", "--eval_batch_size must be >= 0, got -4"),
+        ("--decay_steps=-1", "--decay_steps must be >= 0, got -1"),
+        ("--learning_rate=-1", "--learning_rate must be > 0, got -1.0"),
+        ("--learning_rate=0", "--learning_rate must be > 0, got 0.0"),
+        ("--epochs=-1", "--epochs must be >= 0, got -1.0"),
+        ("--decay_rate=0", "--decay_rate must be > 0, got 0.0"),
+        ("--global_clipnorm=-1", "--global_clipnorm must be > 0, got -1.0"),
+        ("--communication_timeout=-1", "--communication_timeout must be >= 0"),
+        ("--slurm_port_base=70000", "--slurm_port_base must be a port"),
+        ("--target_accuracy=1.5", "--target_accuracy must be in (0, 1]"),
+        ("--target_accuracy=0", "--target_accuracy must be in (0, 1]"),
+        ("--virtual_devices=-2", "--virtual_devices must be >= 0, got -2"),
+        (
+            "--virtual_devices=64",
+            "--virtual_devices=64 applies to --strategy=mirrored only",
+        ),
+    ],
+)
+def test_out_of_range_number_is_one_line_exit_2_nothing_created(
+    cli, tmp_path, flag, message
+):
+    before = _tree(tmp_path)
+    extra = ["--eval_every=10"] if flag.startswith("--target_accuracy") else []
+    status, lines, work = cli(flag, *extra)
+    assert status == 2 and work == []
+    assert lines == [f"error: {message}"] or (
+        len(lines) == 1 and lines[0].startswith(f"error: {message}")
+    ), lines
+    assert _tree(tmp_path) == before  # No run directory either.
+
+
+def test_target_accuracy_needs_eval_every(cli):
+    status, lines, work = cli("--target_accuracy=0.9")
+    assert status == 2 and work == []
+    assert lines == [
+        (
+            "error: --target_accuracy needs --eval_every (the steps between the "
+            "evaluations that check it)"
+        )
+    ]
+
+
+def test_learning_rate_error_is_the_only_line_and_needs_no_tensorflow(tmp_path):
+    """The first thing printed is the error; TensorFlow is never imported."""
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['train', '--learning_rate=-1']\n"
+        "try:\n"
+        "    runpy.run_module('distopt.train', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, 'tensorflow' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert proc.stderr.splitlines() == ["error: --learning_rate must be > 0, got -1.0"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_directory_is_created_before_tensorflow_loads(tmp_path):
+    script = (
+        "import os, runpy, sys\n"
+        "from distopt import quiet\n"
+        "def spy(*args, **kwargs):\n"
+        "    print('runs:', len(os.listdir('runs')), 'tf:', 'tensorflow' in sys.modules)\n"
+        "    raise SystemExit(0)\n"
+        "quiet.import_tensorflow = spy\n"
+        "sys.argv = ['train', '--model=mlp', '--train_steps=1']\n"
+        "runpy.run_module('distopt.train', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert proc.stdout.split() == ["runs:", "1", "tf:", "False"], proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpfull", "-h"])
+def test_help_exits_0(flag):
+    proc = run_python("-m", "distopt.train", flag, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--model_dir" in proc.stdout and "--target_accuracy" in proc.stdout
+    assert proc.stderr == ""
+    # --helpfull lists absl's own flags too.
+    assert ("--verbosity" in proc.stdout) == (flag == "--helpfull")
 
 
 def test_run_time_failure_is_one_line_exit_1(cli, tmp_path, mnist_copy, monkeypatch):
@@ -275,13 +476,13 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
     for index, writes in [(0, True), (1, False)]:
         worker["task"]["index"] = index
         monkeypatch.setenv("TF_CONFIG", json.dumps(worker))
-        assert preflight._writes_model_dir("multi_worker") is writes
-    assert preflight._writes_model_dir("mirrored")  # TF_CONFIG is not read.
+        assert paths.writes_model_dir("multi_worker") is writes
+    assert paths.writes_model_dir("mirrored")  # TF_CONFIG is not read.
     # A worker that does not write needs no writable parent.
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    assert preflight.check_model_dir(str(a_file / "run"), writes=False) == []
-    assert preflight.check_model_dir(str(a_file / "run"), writes=True)
+    assert paths.check_model_dir(str(a_file / "run"), writes=False) == []
+    assert paths.check_model_dir(str(a_file / "run"), writes=True)
     monkeypatch.delenv("TF_CONFIG")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    assert not preflight._writes_model_dir("multi_worker")
+    assert not paths.writes_model_dir("multi_worker")

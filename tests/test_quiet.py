@@ -6,8 +6,11 @@ no "Reduce to" line) is checked on the README's command in test_readme.py.
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 
 from distopt import quiet
 
@@ -72,3 +75,89 @@ def test_startup_output_is_held_and_shown_at_verbosity_1(capfd, monkeypatch):
     monkeypatch.setattr(quiet, "_startup_output", held)
     quiet.replay_startup()
     assert capfd.readouterr().err == held
+
+
+# TensorFlow 2.21's start-up lines on this CPU-only host (import and device
+# discovery), with TF_CPP_MIN_LOG_LEVEL=2.
+STARTUP = [
+    (
+        "WARNING: All log messages before absl::InitializeLog() is called are "
+        "written to STDERR\n"
+    ),
+    (
+        "I0000 00:00:1796403530.799675   21989 cudart_stub.cc:31] Could not find "
+        "cuda drivers on your machine, GPU will not be used.\n"
+    ),
+    (
+        "I0000 00:00:1796403530.912425   21989 cpu_feature_guard.cc:227] This "
+        "TensorFlow binary is optimized to use available CPU instructions.\n"
+    ),
+    (
+        "To enable the following instructions: AVX2 FMA, in other operations, "
+        "rebuild TensorFlow with the appropriate compiler flags.\n"
+    ),
+    (
+        "E0000 00:00:1796403537.110513   21989 cuda_platform.cc:52] failed call to "
+        "cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+    ),
+]
+
+
+def test_library_import_drops_only_the_known_startup_lines():
+    other = [
+        "a line of the user's own\n",
+        "E0000 00:00:1796403537.2 21989 some_op.cc:1] a real error\n",
+    ]
+    text = "".join(STARTUP[:3] + other[:1] + STARTUP[3:] + other[1:])
+    assert quiet.drop_startup_noise(text) == "".join(other)
+    # With a CUDA driver present, a failed cuInit is a real error: kept.
+    with_driver = "".join(line for line in STARTUP if "cudart_stub" not in line)
+    assert quiet.drop_startup_noise(with_driver) == STARTUP[-1]
+
+
+FAKE_TENSORFLOW = """
+import os, types
+for line in STARTUP + ["not TensorFlow's: kept\\n"]:
+    os.write(2, line.encode())
+if os.environ.get("FAIL"):
+    raise ImportError("the fake TensorFlow failed")
+config = types.SimpleNamespace(list_physical_devices=lambda: [])
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_import_distopt_quiets_the_next_tensorflow_import(tmp_path, fail):
+    """A stand-in `tensorflow` package that prints TF 2.21's start-up lines."""
+    package = tmp_path / "tensorflow"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"STARTUP = {STARTUP!r}\n" + FAKE_TENSORFLOW)
+    code = (
+        "import distopt, sys\n"
+        "import tensorflow\n"
+        "print(type(tensorflow.__loader__).__name__)\n"
+        "print(sys.meta_path[0].__class__.__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    if fail:
+        env["FAIL"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    if fail:
+        # The import failed: everything it printed is shown, then the error.
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("".join(STARTUP) + "not TensorFlow's: kept\n")
+        assert "ImportError: the fake TensorFlow failed" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "not TensorFlow's: kept\n"
+        # Afterwards TensorFlow's own loader, and no finder left behind.
+        loader, first_finder = proc.stdout.split()
+        assert loader == "SourceFileLoader"
+        assert first_finder != "_QuietTensorFlowFinder"

@@ -96,7 +96,8 @@ def _messages(stderr):
 def test_readme_first_command_trains_lenet_and_ends_with_the_accuracy(clone, first_run):
     assert first_run.returncode == 0, first_run.stderr[-4000:]
     (run_dir,) = (clone / "runs").iterdir()
-    assert re.fullmatch(r"lenet_mnist_\d{8}-\d{6}", run_dir.name)
+    # <model>_<dataset>_<time>_<host>-<pid>: unique for runs started together.
+    assert re.fullmatch(r"lenet_mnist_\d{8}-\d{6}_[A-Za-z0-9_-]+-\d+", run_dir.name)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "lenet" and metrics["dataset"] == "mnist"
     # 2 virtual CPUs on a host without GPUs, else every GPU.

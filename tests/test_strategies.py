@@ -16,12 +16,12 @@ import tensorflow as tf
 from conftest import local_copies, mirrored
 from numpy_reference import CONFIGS
 
-from distopt import optimizers
+from distopt import distribute, optimizers
 
 #: Created once per module: MirroredStrategy construction is not free.
 STRATEGIES = {
     "default": tf.distribute.get_strategy(),
-    "one_device": tf.distribute.OneDeviceStrategy("/cpu:0"),
+    "one_device": distribute.make_strategy("one_device"),
     "mirrored2": mirrored(2),
     "mirrored4": mirrored(4),
 }

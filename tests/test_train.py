@@ -20,7 +20,11 @@ import tensorflow as tf
 from absl import flags
 from conftest import REPO, run_python
 
-from distopt import data, train_lib
+from distopt import data
+from distopt.trainer import config as config_lib
+from distopt.trainer import factories
+from distopt.trainer import run as run_lib
+from distopt.trainer import strategy as tstrategy
 
 METRIC_KEYS = {
     "test_accuracy",
@@ -91,7 +95,7 @@ def _config(tmp_path, xla=False, **overrides):
             **overrides.get("optimizer_args", {}),
         }
     values.update(overrides)
-    return train_lib.TrainConfig(**values)
+    return config_lib.TrainConfig(**values)
 
 
 def _metrics(model_dir):
@@ -153,7 +157,7 @@ def _run_cli(*args, timeout=240, check=True):
 
 def test_default_strategy_run_writes_metrics_scalars_and_checkpoints(tmp_path):
     config = _config(tmp_path, xla=True, model="lenet", eval_every=10)
-    metrics = train_lib.train(config)
+    metrics = run_lib.train(config)
     assert METRIC_KEYS <= set(metrics)
     assert metrics == pytest.approx(_metrics(config.model_dir))
     assert metrics["train_steps"] == 20 and metrics["num_replicas"] == 1
@@ -188,7 +192,7 @@ def test_default_strategy_run_writes_metrics_scalars_and_checkpoints(tmp_path):
 )
 def test_strategies_end_with_metrics(tmp_path, overrides):
     config = _config(tmp_path, **overrides)
-    metrics = train_lib.train(config)
+    metrics = run_lib.train(config)
     assert _metrics(config.model_dir)["train_steps"] == 20
     assert metrics["num_replicas"] == overrides.get("virtual_devices", 1)
     assert metrics["test_accuracy"] > 0.3
@@ -202,7 +206,7 @@ def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
     # `--optimizer_args=use_ema=true`: as at the end of Keras's fit, the
     # final checkpoint's weights are their averages, not the last step's.
     config = _config(tmp_path, optimizer_args={"use_ema": True, "ema_momentum": 0.5})
-    train_lib.train(config)
+    run_lib.train(config)
     reader = tf.train.load_checkpoint(os.path.join(config.model_dir, "checkpoints"))
     names = list(reader.get_variable_to_shape_map())
     model = [reader.get_tensor(n) for n in names if n.startswith("model/")]
@@ -215,9 +219,9 @@ def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
-    straight = train_lib.train(_config(tmp_path / "a", train_steps=30))
-    train_lib.train(_config(tmp_path / "b", train_steps=20))
-    resumed = train_lib.train(_config(tmp_path / "b", train_steps=30))
+    straight = run_lib.train(_config(tmp_path / "a", train_steps=30))
+    run_lib.train(_config(tmp_path / "b", train_steps=20))
+    resumed = run_lib.train(_config(tmp_path / "b", train_steps=30))
     assert resumed["start_step"] == 20 and resumed["train_steps"] == 30
     assert straight["start_step"] == 0
     # Same data order and optimizer state: the same model as without a stop.
@@ -238,10 +242,10 @@ def test_in_memory_input_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path
     22, mid-epoch, and crosses into the next epoch inside a loop call.
     """
     common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
-    straight = train_lib.train(_config(tmp_path / "a", **common))
+    straight = run_lib.train(_config(tmp_path / "a", **common))
     assert straight["input"] == "memory"
-    train_lib.train(_config(tmp_path / "b", **{**common, "train_steps": 22}))
-    resumed = train_lib.train(_config(tmp_path / "b", **common))
+    run_lib.train(_config(tmp_path / "b", **{**common, "train_steps": 22}))
+    resumed = run_lib.train(_config(tmp_path / "b", **common))
     assert resumed["start_step"] == 22 and resumed["train_steps"] == 40
     a, b = (_model_weights(str(tmp_path / d / "run")) for d in "ab")
     assert a.keys() == b.keys() and a
@@ -257,8 +261,8 @@ def test_in_memory_input_on_2_replicas_equals_1_on_the_same_global_batches(
     # whole; the mean of the halves' mean gradients is the whole batch's.
     # Across an epoch's end (32 steps of 64).
     common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
-    one = train_lib.train(_config(tmp_path / "one", **common))
-    two = train_lib.train(
+    one = run_lib.train(_config(tmp_path / "one", **common))
+    two = run_lib.train(
         _config(tmp_path / "two", strategy="mirrored", virtual_devices=2, **common)
     )
     assert two["num_replicas"] == 2 and two["input"] == "memory"
@@ -270,16 +274,16 @@ def test_in_memory_input_on_2_replicas_equals_1_on_the_same_global_batches(
 
 def test_input_flag_picks_the_feed(tmp_path):
     # auto: in memory for bundled MNIST; dataset: the tf.data pipeline.
-    auto = train_lib.train(_config(tmp_path / "auto", train_steps=10))
-    dataset = train_lib.train(
+    auto = run_lib.train(_config(tmp_path / "auto", train_steps=10))
+    dataset = run_lib.train(
         _config(tmp_path / "dataset", train_steps=10, input="dataset")
     )
     assert (auto["input"], dataset["input"]) == ("memory", "dataset")
     assert dataset["train_steps"] == 10 and dataset["test_accuracy"] > 0.2
     # Different batches (another shuffle): the feeds are not the same code path.
     assert dataset["test_loss"] != auto["test_loss"]
-    with pytest.raises(train_lib.ConfigError, match="valid inputs"):
-        train_lib.validate_config(_config(tmp_path, input="disk"))
+    with pytest.raises(config_lib.ConfigError, match="valid inputs"):
+        config_lib.validate_config(_config(tmp_path, input="disk"))
 
 
 def test_local_sgd_resume_mid_period_equals_a_run_without_checkpoints(tmp_path):
@@ -290,13 +294,13 @@ def test_local_sgd_resume_mid_period_equals_a_run_without_checkpoints(tmp_path):
         "sync": "local_sgd",
         "sync_period": 3,
     }
-    straight = train_lib.train(_config(tmp_path / "a", checkpoint_every=0, **common))
+    straight = run_lib.train(_config(tmp_path / "a", checkpoint_every=0, **common))
     # The run itself, as for every strategy in test_strategies_end_with_metrics.
     assert _metrics(str(tmp_path / "a" / "run"))["train_steps"] == 20
     assert straight["num_replicas"] == 2 and straight["test_accuracy"] > 0.3
     # Step 10 is one local step into a period: the replicas differ there.
-    train_lib.train(_config(tmp_path / "b", train_steps=10, **common))
-    resumed = train_lib.train(_config(tmp_path / "b", **common))
+    run_lib.train(_config(tmp_path / "b", train_steps=10, **common))
+    resumed = run_lib.train(_config(tmp_path / "b", **common))
     assert resumed["start_step"] == 10
     a, b = (_model_weights(str(tmp_path / d / "run")) for d in "ab")
     assert a.keys() == b.keys() and a
@@ -311,7 +315,7 @@ def test_tfds_dataset_by_name_with_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=256):
-        metrics = train_lib.train(
+        metrics = run_lib.train(
             _config(tmp_path, dataset="fashion_mnist", train_steps=4, eval_steps=0)
         )
     assert "TensorFlow Datasets fashion_mnist" in metrics["data_source"]
@@ -321,11 +325,9 @@ def test_tfds_dataset_by_name_with_mock_data(tmp_path):
     assert metrics["input"] == "dataset"
     with (
         tfds.testing.mock_data(num_examples=256),
-        pytest.raises(train_lib.ConfigError, match="--input=memory: fashion"),
+        pytest.raises(config_lib.ConfigError, match="--input=memory: fashion"),
     ):
-        train_lib.train(
-            _config(tmp_path / "m", dataset="fashion_mnist", input="memory")
-        )
+        run_lib.train(_config(tmp_path / "m", dataset="fashion_mnist", input="memory"))
     assert not (tmp_path / "m").exists()
 
 
@@ -340,16 +342,16 @@ def test_tfds_dataset_by_name_with_mock_data(tmp_path):
     ],
 )
 def test_unknown_names_list_the_valid_ones(tmp_path, field, value, valid):
-    with pytest.raises(train_lib.ConfigError, match=f"Unknown {field} '{value}'") as e:
-        train_lib.train(_config(tmp_path, **{field: value}))
+    with pytest.raises(config_lib.ConfigError, match=f"Unknown {field} '{value}'") as e:
+        run_lib.train(_config(tmp_path, **{field: value}))
     assert valid in str(e.value)
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_batch_not_divisible_by_replicas(tmp_path):
     config = _config(tmp_path, strategy="mirrored", virtual_devices=4, batch_size=30)
-    with pytest.raises(train_lib.ConfigError, match="30 is not divisible by the 4"):
-        train_lib.train(config)
+    with pytest.raises(config_lib.ConfigError, match="30 is not divisible by the 4"):
+        run_lib.train(config)
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -362,7 +364,7 @@ def test_corrupt_data_files_fail_with_checksums(tmp_path):
     with open(data_dir / "train-images-idx3-ubyte.gz", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(data.DataError) as e:
-        train_lib.train(_config(tmp_path, data_dir=str(data_dir)))
+        run_lib.train(_config(tmp_path, data_dir=str(data_dir)))
     assert "train-images-idx3-ubyte.gz is corrupt" in str(e.value)
     assert data.MNIST_SHA256["train-images-idx3-ubyte.gz"] in str(e.value)
     assert not os.path.exists(tmp_path / "run")
@@ -370,28 +372,30 @@ def test_corrupt_data_files_fail_with_checksums(tmp_path):
 
 def test_model_dir_of_another_model_is_refused_untouched(tmp_path):
     config = _config(tmp_path, train_steps=10)
-    train_lib.train(config)
+    run_lib.train(config)
     before = _snapshot(config.model_dir)
     other = _config(tmp_path, model="lenet", train_steps=10)
-    with pytest.raises(train_lib.ModelDirError, match="model='mlp'.*not model='lenet'"):
-        train_lib.train(other)
+    with pytest.raises(
+        config_lib.ModelDirError, match="model='mlp'.*not model='lenet'"
+    ):
+        run_lib.train(other)
     assert _snapshot(config.model_dir) == before
     # Without run_config.json the checkpoint itself is checked.
     os.remove(os.path.join(config.model_dir, "run_config.json"))
     before = _snapshot(config.model_dir)
-    with pytest.raises(train_lib.ModelDirError, match="does not match this model"):
-        train_lib.train(other)
+    with pytest.raises(config_lib.ModelDirError, match="does not match this model"):
+        run_lib.train(other)
     assert _snapshot(config.model_dir) == before
 
 
 def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(tmp_path):
     # Turning use_ema on in a run adds a slot per variable that the
     # checkpoint lacks: the error names them, not their values.
-    train_lib.train(_config(tmp_path, train_steps=10))
+    run_lib.train(_config(tmp_path, train_steps=10))
     config = _config(tmp_path, train_steps=20, optimizer_args={"use_ema": True})
     before = _snapshot(config.model_dir)
-    with pytest.raises(train_lib.ModelDirError) as info:
-        train_lib.train(config)
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(config)
     message = str(info.value)
     assert "variable(s) of this run are not in it: adam/ema_" in message
     assert "numpy=" not in message and len(message) < 600
@@ -399,28 +403,28 @@ def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(tmp_path)
 
 
 def test_bad_numbers_and_combinations(tmp_path):
-    with pytest.raises(train_lib.ConfigError, match="Set --train_steps or --epochs"):
-        train_lib.train(_config(tmp_path, train_steps=0, epochs=0))
-    with pytest.raises(train_lib.ConfigError, match="--tpu"):
-        train_lib.train(_config(tmp_path, strategy="tpu"))
-    with pytest.raises(train_lib.ConfigError, match="beta_1"):
-        train_lib.train(_config(tmp_path, optimizer_args={"beta_1": 2.0}))
-    with pytest.raises(train_lib.ConfigError, match="does not take"):
-        train_lib.train(_config(tmp_path, optimizer_args={"bogus": 1}))
-    with pytest.raises(train_lib.ConfigError, match="--model=mlp does not take"):
-        train_lib.train(_config(tmp_path, model_args={"conv2_padding": "SAME"}))
-    with pytest.raises(train_lib.ConfigError, match="conv2_padding 'FULL'"):
-        train_lib.train(
+    with pytest.raises(config_lib.ConfigError, match="Set --train_steps or --epochs"):
+        run_lib.train(_config(tmp_path, train_steps=0, epochs=0))
+    with pytest.raises(config_lib.ConfigError, match="--tpu"):
+        run_lib.train(_config(tmp_path, strategy="tpu"))
+    with pytest.raises(config_lib.ConfigError, match="beta_1"):
+        run_lib.train(_config(tmp_path, optimizer_args={"beta_1": 2.0}))
+    with pytest.raises(config_lib.ConfigError, match="does not take"):
+        run_lib.train(_config(tmp_path, optimizer_args={"bogus": 1}))
+    with pytest.raises(config_lib.ConfigError, match="--model=mlp does not take"):
+        run_lib.train(_config(tmp_path, model_args={"conv2_padding": "SAME"}))
+    with pytest.raises(config_lib.ConfigError, match="conv2_padding 'FULL'"):
+        run_lib.train(
             _config(tmp_path, model="lenet", model_args={"conv2_padding": "FULL"})
         )
-    assert train_lib.parse_kv("a=1, b=0.5,c=true,d=x") == {
+    assert config_lib.parse_kv("a=1, b=0.5,c=true,d=x") == {
         "a": 1,
         "b": 0.5,
         "c": True,
         "d": "x",
     }
-    with pytest.raises(train_lib.ConfigError):
-        train_lib.parse_kv("novalue")
+    with pytest.raises(config_lib.ConfigError):
+        config_lib.parse_kv("novalue")
 
 
 def _loss_optimizer_run(tmp_path, name, optimizer, optimizer_args=None, **overrides):
@@ -435,7 +439,7 @@ def _loss_optimizer_run(tmp_path, name, optimizer, optimizer_args=None, **overri
     }
     values.update(overrides)
     config = _config(tmp_path / name, **values)
-    metrics = train_lib.train(config)
+    metrics = run_lib.train(config)
     assert metrics == pytest.approx(_metrics(config.model_dir))
     assert metrics["train_steps"] == 10 and metrics["optimizer"] == optimizer
     return metrics, _model_weights(config.model_dir), config.model_dir
@@ -523,20 +527,20 @@ def test_sam_and_heun_flags_and_rejected_sync_modes(tmp_path):
         config = train.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
-    sam = train_lib.make_optimizer(config, 1)
+    sam = factories.make_optimizer(config, 1)
     assert isinstance(sam, optimizers.SAM)
     assert sam.rho == 0.2 and sam.perturbation == "aggregated"
     assert isinstance(sam.base_optimizer, optimizers.Momentum)
     assert sam.base_optimizer.momentum == 0.5 and sam.learning_rate == 0.03
     # Without base_optimizer, SAM wraps the trainer's default optimizer.
-    default = train_lib.make_optimizer(_config(tmp_path, optimizer="sam"), 1)
+    default = factories.make_optimizer(_config(tmp_path, optimizer="sam"), 1)
     assert isinstance(default.base_optimizer, optimizers.Adam)
     with pytest.raises(
-        train_lib.ConfigError, match="--optimizer=heun needs --sync=every_step"
+        config_lib.ConfigError, match="--optimizer=heun needs --sync=every_step"
     ):
-        train_lib.train(_config(tmp_path, optimizer="heun", sync="local_sgd"))
-    with pytest.raises(train_lib.ConfigError, match="perturbation=aggregated"):
-        train_lib.train(
+        run_lib.train(_config(tmp_path, optimizer="heun", sync="local_sgd"))
+    with pytest.raises(config_lib.ConfigError, match="perturbation=aggregated"):
+        run_lib.train(
             _config(
                 tmp_path,
                 optimizer="sam",
@@ -544,8 +548,8 @@ def test_sam_and_heun_flags_and_rejected_sync_modes(tmp_path):
                 sync="diloco",
             )
         )
-    with pytest.raises(train_lib.ConfigError, match="--optimizer=sam: base_optimizer"):
-        train_lib.train(
+    with pytest.raises(config_lib.ConfigError, match="--optimizer=sam: base_optimizer"):
+        run_lib.train(
             _config(
                 tmp_path, optimizer="sam", optimizer_args={"base_optimizer": "heun"}
             )
@@ -554,25 +558,27 @@ def test_sam_and_heun_flags_and_rejected_sync_modes(tmp_path):
 
 
 def test_schedules_from_flags():
-    config = train_lib.TrainConfig(learning_rate=0.1, warmup_steps=10)
-    constant = train_lib.make_schedule(config, 100)
+    config = config_lib.TrainConfig(learning_rate=0.1, warmup_steps=10)
+    constant = factories.make_schedule(config, 100)
     assert float(constant(5)) == pytest.approx(0.05)
     assert float(constant(50)) == pytest.approx(0.1)
-    cosine = train_lib.make_schedule(
-        train_lib.TrainConfig(learning_rate=0.1, lr_schedule="cosine", warmup_steps=10),
+    cosine = factories.make_schedule(
+        config_lib.TrainConfig(
+            learning_rate=0.1, lr_schedule="cosine", warmup_steps=10
+        ),
         110,
     )
     assert float(cosine(10)) == pytest.approx(0.1)
     assert float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
-    piecewise = train_lib.make_schedule(
-        train_lib.TrainConfig(
+    piecewise = factories.make_schedule(
+        config_lib.TrainConfig(
             lr_schedule="piecewise", lr_boundaries=(10,), lr_values=(0.1, 0.01)
         ),
         100,
     )
     assert float(piecewise(11)) == pytest.approx(0.01)
-    exponential = train_lib.make_schedule(
-        train_lib.TrainConfig(
+    exponential = factories.make_schedule(
+        config_lib.TrainConfig(
             learning_rate=1.0, lr_schedule="exponential", decay_steps=10, decay_rate=0.5
         ),
         100,
@@ -586,7 +592,7 @@ def test_cluster_resolvers_from_the_environment(monkeypatch):
         "task": {"type": "worker", "index": 1},
     }
     monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
-    resolver = train_lib.make_cluster_resolver()
+    resolver = tstrategy.make_cluster_resolver()
     assert resolver.task_type == "worker" and resolver.task_id == 1
     monkeypatch.delenv("TF_CONFIG")
     for key, value in {
@@ -596,11 +602,11 @@ def test_cluster_resolvers_from_the_environment(monkeypatch):
         "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
     }.items():
         monkeypatch.setenv(key, value)
-    resolver = train_lib.make_cluster_resolver(slurm_port_base=9000)
+    resolver = tstrategy.make_cluster_resolver(slurm_port_base=9000)
     assert resolver.cluster_spec().as_dict() == {"worker": ["node1:9000", "node2:9000"]}
     for key in ("SLURM_PROCID",):
         monkeypatch.delenv(key)
-    assert train_lib.make_cluster_resolver() is None
+    assert tstrategy.make_cluster_resolver() is None
 
 
 @pytest.mark.parametrize(
@@ -614,7 +620,7 @@ def test_config_files_parse_into_valid_configs(cfg):
     try:
         flags.FLAGS(["train", f"--flagfile={cfg}"])
         config = train.config_from_flags()
-        train_lib.validate_config(config)
+        config_lib.validate_config(config)
     finally:
         flags.FLAGS.unparse_flags()
     assert config.model in ("mlp", "lenet")
@@ -681,7 +687,7 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
 
 def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):
     config = _config(tmp_path, mixed_precision="float16", learning_rate=0.01)
-    metrics = train_lib.train(config)
+    metrics = run_lib.train(config)
     assert metrics["train_steps"] == 20
     assert np.isfinite(metrics["test_loss"]) and metrics["test_accuracy"] > 0.3
     reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
@@ -697,5 +703,121 @@ def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):
 
 
 def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
-    with pytest.raises(train_lib.ConfigError, match="--mixed_precision=float16 needs"):
-        train_lib.train(_config(tmp_path, mixed_precision="float16", sync="local_sgd"))
+    with pytest.raises(config_lib.ConfigError, match="--mixed_precision=float16 needs"):
+        run_lib.train(_config(tmp_path, mixed_precision="float16", sync="local_sgd"))
+
+
+@pytest.mark.parametrize(
+    "change,flag",
+    [
+        ({"optimizer": "gradient_descent"}, "--optimizer"),
+        ({"sync": "local_sgd"}, "--sync"),
+    ],
+    ids=["optimizer", "sync"],
+)
+def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
+    tmp_path, caplog, change, flag
+):
+    first = _config(tmp_path, train_steps=10)
+    run_lib.train(first)
+    before = _snapshot(first.model_dir)
+    changed = _config(tmp_path, train_steps=20, **change)
+    (new,) = change.values()
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(changed)
+    message = str(info.value)
+    assert message.startswith(f"{flag}={new} cannot resume {changed.model_dir}: ")
+    assert f"rerun with {flag}=" in message and len(message) < 400
+    assert "<tf.Variable" not in message and "/" not in message.split(": ", 1)[1][:40]
+    # Refused before the checkpoint is read: no "unrestored values" warnings.
+    assert not [r for r in caplog.records if "could not be found" in r.getMessage()]
+    assert not [r for r in caplog.records if "nrestored" in r.getMessage()]
+    assert _snapshot(first.model_dir) == before
+
+
+def _eval_accuracies(model_dir):
+    return _scalar_values(os.path.join(model_dir, "eval"), "accuracy")
+
+
+def test_target_accuracy_stops_at_the_first_evaluation_that_reaches_it(tmp_path):
+    config = _config(
+        tmp_path,
+        strategy="mirrored",
+        virtual_devices=2,
+        train_steps=60,
+        eval_every=5,
+        log_every=5,
+        checkpoint_every=0,
+        learning_rate=3e-3,
+        target_accuracy=0.9,
+    )
+    metrics = run_lib.train(config)
+    assert metrics == pytest.approx(_metrics(config.model_dir))
+    accuracies = _eval_accuracies(config.model_dir)
+    reached = [step for step, accuracy in sorted(accuracies.items()) if accuracy >= 0.9]
+    assert reached, accuracies
+    # Evaluations below the target let the run go on; the first at or above
+    # it ended the run: no later one.
+    assert min(accuracies) < reached[0]
+    assert max(accuracies) == reached[0] < 60
+    assert metrics["status"] == "target_reached"
+    assert metrics["target_reached_at_step"] == metrics["train_steps"] == reached[0]
+    assert metrics["test_accuracy"] == pytest.approx(accuracies[reached[0]])
+    assert metrics["target_accuracy"] == 0.9
+    assert 0 < metrics["training_seconds_excluding_eval"] <= metrics["wall_seconds"]
+    # every_step on 2 replicas: each step all-reduces every float32 gradient.
+    model_bytes = 4 * sum(
+        np.prod(shape)
+        for name, shape in tf.train.list_variables(
+            os.path.join(config.model_dir, "checkpoints")
+        )
+        if name.startswith("model/") and name.endswith(".ATTRIBUTES/VARIABLE_VALUE")
+    )
+    assert model_bytes > 0
+    # (The replica's example count, one float32, travels with the gradients.)
+    assert metrics["communication_bytes_sent"] == reached[0] * (model_bytes + 4)
+    assert metrics["communication_allreduce_calls"] > 0
+    assert metrics["last_checkpoint_step"] == reached[0]
+
+
+def test_an_unreachable_target_ends_completed(tmp_path):
+    config = _config(tmp_path, train_steps=10, eval_every=5, target_accuracy=1.0)
+    metrics = run_lib.train(config)
+    assert metrics["status"] == "completed" and metrics["train_steps"] == 10
+    assert metrics["target_reached_at_step"] is None
+    assert sorted(_eval_accuracies(config.model_dir)) == [5, 10]
+    assert metrics["communication_bytes_sent"] == 0  # One replica: no collective.
+
+
+def test_a_damaged_run_config_does_not_block_the_rerun(tmp_path):
+    # An older trainer wrote it in place; one killed mid-write left it short.
+    run_lib.train(_config(tmp_path, train_steps=10))
+    path = tmp_path / "run" / "run_config.json"
+    path.write_text(path.read_text()[:25])
+    resumed = run_lib.train(_config(tmp_path, train_steps=20))
+    assert resumed["start_step"] == 10 and resumed["status"] == "completed"
+    assert json.loads(path.read_text())["train_steps"] == 20
+
+
+def test_json_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from distopt.trainer import checkpointing
+
+    path = tmp_path / "metrics.json"
+    checkpointing.write_json_atomically(str(path), {"status": "completed", "x": 1.5})
+    before = path.read_text()
+
+    def no_rename(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.io.gfile, "rename", no_rename)
+    with pytest.raises(checkpointing.WriteError) as info:
+        checkpointing.write_json_atomically(str(path), {"status": "preempted"})
+    message = str(info.value)
+    assert message.startswith(f"Could not write {path}: No space left on device")
+    assert "\n" not in message
+    assert path.read_text() == before  # The old file, whole.
+    assert os.listdir(tmp_path) == ["metrics.json"]  # No temporary file left.
+    # Strict JSON: NaN is null.
+    monkeypatch.undo()
+    checkpointing.write_json_atomically(str(path), {"loss": float("nan")})
+    assert json.loads(path.read_text()) == {"loss": None}

@@ -4,6 +4,9 @@
     python -m distopt.benchmarks.adam_step --sets=320var --optimizers=adam
     python -m distopt.benchmarks.adam_step --steps=3 --repeats=1  # smoke run
 
+Default run: about 30-60 min on this 2-core host (162 fresh processes of 7
+to 70 s each; the longer figure with other jobs on the machine, 2026-12-04).
+
 Variable sets (float32):
 
 * ``16x1M``: 16 variables of 2^20 elements (16.8M parameters).
@@ -55,7 +58,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
-import json
 import math
 import os
 import platform
@@ -309,13 +311,13 @@ def run(sets, optimizers, contenders, repeats, steps):
     for set_name in sets:
         shapes = variable_shapes(set_name)
         for optimizer in optimizers:
-            samples = {c: [] for c in contenders}
-            for r in range(repeats):
-                shift = r % len(contenders)
-                for c in contenders[shift:] + contenders[:shift]:
-                    result = _measure_in_subprocess(c, set_name, optimizer, steps)
-                    if result is not None:
-                        samples[c].append(result)
+            samples = protocol.alternate(
+                contenders,
+                repeats,
+                lambda c, s=set_name, o=optimizer: _measure_in_subprocess(
+                    c, s, o, steps
+                ),
+            )
             row = {
                 "set": set_name,
                 "optimizer": optimizer,
@@ -383,9 +385,19 @@ def report_row(row) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default=",".join(SETS))
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--sets",
+        default=",".join(SETS),
+        help=f"variable sets: {', '.join(SETS)} (tiny: a smoke run)",
+    )
+    parser.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help=", ".join(OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"{', '.join(CONTENDERS)} (see the module docstring)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="processes each")
     parser.add_argument("--steps", type=int, default=20, help="timed steps each")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -407,9 +419,7 @@ def main(argv=None):
         f"timed steps each; load average {results['load_average'][0]:.1f} at "
         f"start, {results['load_end'][0]:.1f} at end"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.json, results)
     return results
 
 

@@ -3,6 +3,9 @@ r"""`keras.Model.fit` with `distopt.keras.wrap(Adam)` against Keras's own Adam.
     python -m distopt.benchmarks.keras_fit
     python -m distopt.benchmarks.keras_fit --strategies=mirrored --repeats=5
 
+Default run: about 4-8 min on this 2-core host (12 fresh processes of 20 to
+40 s; the longer figure with other jobs on the machine, 2026-12-04).
+
 Protocol: every measurement runs in a fresh process (a second model or
 MirroredStrategy in one process changes Keras's speed and reuses collective
 keys); the contenders alternate (keras, distopt, keras, distopt, ...), so
@@ -24,18 +27,39 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-FLAGS = flags.FLAGS
+from distopt import cli
+
+# Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
+# line and exit status 2 (absl's app.run exits 1 after --help).
+FLAGS = flags.FlagValues()
 flags.DEFINE_list(
-    "strategies", ["default", "mirrored"], "default and/or mirrored (2 virtual CPUs)."
+    "strategies",
+    ["default", "mirrored"],
+    "default and/or mirrored (2 virtual CPUs).",
+    flag_values=FLAGS,
 )
-flags.DEFINE_integer("steps", 300, "Timed steps per measurement.")
-flags.DEFINE_integer("warmup_steps", 20, "Untimed steps before timing.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-flags.DEFINE_integer("hidden", 512, "Width of the MLP's two hidden layers.")
-flags.DEFINE_integer("repeats", 3, "Measurements per contender and strategy (>= 3).")
-flags.DEFINE_string("measure", None, "Internal: one measurement, keras or distopt.")
+flags.DEFINE_integer("steps", 300, "Timed steps per measurement.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "warmup_steps", 20, "Untimed steps before timing.", flag_values=FLAGS
+)
+flags.DEFINE_integer("batch_size", 128, "Global batch size.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "hidden", 512, "Width of the MLP's two hidden layers.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "repeats",
+    3,
+    "Measurements per contender and strategy (>= 3).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "measure",
+    None,
+    "Internal: one measurement, keras or distopt.",
+    flag_values=FLAGS,
+)
 
 VIRTUAL_CPUS = 2
 CONTENDERS = ("keras", "distopt")
@@ -47,10 +71,11 @@ def measure(contender: str, strategy_name: str) -> float:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_CPUS
-    )
+    from distopt import distribute
+
+    # Split the CPU before Keras or anything else touches a device (for both
+    # strategies, as the figures in BUILD_NOTES.md were measured).
+    devices = distribute.logical_cpu_devices(VIRTUAL_CPUS)
     import keras
     import numpy as np
 
@@ -59,10 +84,7 @@ def measure(contender: str, strategy_name: str) -> float:
     from distopt import data
 
     strategy = (
-        tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)],
-            cross_device_ops=tf.distribute.ReductionToOneDevice(),
-        )
+        distribute.make_strategy("mirrored", devices=devices)
         if strategy_name == "mirrored"
         else tf.distribute.get_strategy()
     )
@@ -94,9 +116,10 @@ def measure(contender: str, strategy_name: str) -> float:
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    model.fit(ds, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+    # shuffle=False: a dataset is not shuffled by fit, which would only warn.
+    model.fit(ds, steps_per_epoch=FLAGS.warmup_steps, verbose=0, shuffle=False)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model.fit(ds, steps_per_epoch=FLAGS.steps, verbose=0)
+    model.fit(ds, steps_per_epoch=FLAGS.steps, verbose=0, shuffle=False)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert int(model.optimizer.iterations.numpy()) == steps
     examples = FLAGS.steps * FLAGS.batch_size
@@ -120,15 +143,17 @@ def _in_subprocess(contender, strategy_name, argv):
     raise RuntimeError(f"{contender} {strategy_name} failed:\n{proc.stderr[-3000:]}")
 
 
-def main(argv):
+def main(argv=None) -> int:
+    status = cli.parse("distopt.benchmarks.keras_fit", __doc__, FLAGS, argv)
+    if status is not None:
+        return status
     if FLAGS.measure:
         (strategy_name,) = FLAGS.strategies
         rate, cpu = measure(FLAGS.measure, strategy_name)
         print(f"{_RESULT}{rate} cpu_us_per_example={cpu}", flush=True)
-        return
+        return 0
     if FLAGS.repeats < 3:
-        raise app.UsageError("--repeats: at least 3.")
-    del argv
+        return cli.error("distopt.benchmarks.keras_fit", "--repeats: at least 3.")
     passed = [
         f"--{name}={getattr(FLAGS, name)}"
         for name in ("steps", "warmup_steps", "batch_size", "hidden")
@@ -161,7 +186,8 @@ def main(argv):
             f"{strategy_name:9s} ratio of medians distopt/keras: {ratio:.3f} "
             f"(by CPU time per example: {cpu_ratio:.3f})"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -1,8 +1,10 @@
 """The measurement protocol the benchmarks share.
 
 Each measurement runs in a fresh process (`measure_in_subprocess`), which
-prints one `RESULT {json}` line (`print_result`); the caller alternates the
-contenders and repeats each, then reports `stats` (median and spread).
+prints one `RESULT {json}` line (`print_result`, read back by
+`parse_result`); the caller alternates the contenders and repeats each
+(`alternate`), then reports `stats` (median and spread) and may keep the
+results (`write_json`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,51 @@ def measure_in_subprocess(module: str, flags: list[str], label: str) -> dict | N
     """
     command = [sys.executable, "-m", module, *flags]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
+    result = parse_result(proc.stdout)
+    if result is None:
+        print(f"{label} failed:\n{proc.stderr[-3000:]}")
+    return result
+
+
+def parse_result(stdout: str) -> dict | None:
+    """The last `RESULT` line's measurement in a process's output, or None."""
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
-    print(f"{label} failed:\n{proc.stderr[-3000:]}")
     return None
+
+
+def alternate(contenders, repeats: int, measure) -> dict:
+    """Each contender's samples from `repeats` rounds, the order rotated each round.
+
+    Rotating the order means no contender always goes first, and a drift in
+    the machine's load hits every contender alike.
+
+    Args:
+        contenders: The contenders' names.
+        repeats: How many rounds.
+        measure: `measure(contender)`: one sample, or None if it failed (it
+            is then left out).
+
+    Returns:
+        `{contender: [sample, ...]}`.
+    """
+    contenders = list(contenders)
+    samples = {c: [] for c in contenders}
+    for r in range(repeats):
+        shift = r % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            result = measure(c)
+            if result is not None:
+                samples[c].append(result)
+    return samples
+
+
+def write_json(path: str | None, results) -> None:
+    """Writes `results` to `path` as indented JSON; nothing when `path` is empty."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def stats(values) -> dict | None:

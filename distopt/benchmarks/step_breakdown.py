@@ -5,10 +5,14 @@
     python -m distopt.benchmarks.step_breakdown --startup_only --repeats=3
     python -m distopt.benchmarks.step_breakdown --kernels --repeats=0
 
+Default run: about 2-4 min on this 2-core host (the phases in this process,
+then 3 start-up processes; 3.8 min with other jobs on the machine,
+2026-12-04).
+
 Per step (one process, the phases interleaved round by round so that load
 drift hits them alike; ms per step, median and min-max over rounds), each a
 ``tf.range`` loop in one ``tf.function``, the trainer's default settings for
-this device (``train_lib.resolve_jit_compile``) and its optimizer:
+this device (``trainer.strategy.resolve_jit_compile``) and its optimizer:
 
 * ``pipeline``: the trainer's input alone (its feed: in memory for MNIST
   on one host, as ``distopt.train`` picks by default, else ``tf.data``).
@@ -16,12 +20,16 @@ this device (``train_lib.resolve_jit_compile``) and its optimizer:
 * ``forward_backward``: and the gradients.
 * ``bare_step``: and ``optimizer.apply_gradients`` (the ceiling of
   ``trainer_vs_keras``).
-* ``trainer_loop``: ``train_lib.make_train_loop`` on the trainer's own
+* ``update``: ``optimizer.apply_gradients`` alone, of gradients computed
+  once before the loop.
+* ``trainer_loop``: ``trainer.step.make_train_loop`` on the trainer's own
   feed, exactly as ``distopt.train`` runs it.
 
-Differences of medians attribute the step: backward = forward_backward -
-forward, update = bare_step - forward_backward, input and bookkeeping =
-trainer_loop - bare_step.
+The attribution: forward; backward = forward_backward - forward; update,
+measured directly (the difference bare_step - forward_backward of two noisy
+medians came out at -2.54 ms under load); input and bookkeeping =
+trainer_loop - bare_step. A difference below 0 is within the rounds' noise:
+it is shown as 0, with a note giving the raw difference.
 
 LeNet's kernels (``--kernels``, one process, interleaved rounds): each
 convolution and pooling kernel of the training step alone, at the step's
@@ -39,7 +47,6 @@ optimisation, XLA compilation of whatever is compiled, one step).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -47,14 +54,22 @@ import time
 
 from distopt.benchmarks import protocol
 
-PHASES = ("pipeline", "forward", "forward_backward", "bare_step", "trainer_loop")
+PHASES = (
+    "pipeline",
+    "forward",
+    "forward_backward",
+    "bare_step",
+    "update",
+    "trainer_loop",
+)
 
 
 def _setup(strategy_name):
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import strategy as tstrategy
 
-    return train_lib.make_strategy(
-        strategy_name, virtual_devices=train_lib.DEFAULT_CPU_VIRTUAL_DEVICES
+    return tstrategy.make_strategy(
+        strategy_name, virtual_devices=tconfig.DEFAULT_CPU_VIRTUAL_DEVICES
     )
 
 
@@ -63,26 +78,30 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     import tensorflow as tf
 
     from distopt import data as data_lib
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import factories
+    from distopt.trainer import inputs as tinputs
+    from distopt.trainer import step as tstep
+    from distopt.trainer import strategy as tstrategy
 
     strategy = _setup(strategy_name)
-    config = train_lib.TrainConfig(
+    config = tconfig.TrainConfig(
         model=model_name, strategy=strategy_name, batch_size=batch_size
     )
     source = data_lib.load_source()
     with strategy.scope():
-        model = train_lib.build_model(model_name, source)
-        optimizer = train_lib.make_optimizer(config, 10**6, strategy)
+        model = factories.build_model(model_name, source)
+        optimizer = factories.make_optimizer(config, 10**6)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        sums = train_lib._Sums("sums")
+        sums = tstep.Sums("sums")
         sink = tf.Variable(
             0.0,
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.SUM,
         )
     variables = model.trainable_variables
-    jit = train_lib.resolve_jit_compile(None, strategy)
+    jit = tstrategy.resolve_jit_compile(None, strategy)
     replicas = strategy.num_replicas_in_sync
     per_replica = batch_size // replicas
 
@@ -109,25 +128,32 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     def bare_step(images, labels):
         optimizer.apply_gradients(grads_of(images, labels), variables)
 
+    def update(*grads):
+        optimizer.apply_gradients(list(grads), variables)
+
     if jit and replicas == 1:
         forward = tf.function(forward, jit_compile=True)
         forward_backward = tf.function(forward_backward, jit_compile=True)
         bare_step = tf.function(bare_step, jit_compile=True)
+        update = tf.function(update, jit_compile=True)
     elif jit:
         loss_of = tf.function(loss_of, jit_compile=True)
         grads_of = tf.function(grads_of, jit_compile=True)
 
-    def in_memory_loop(fn):
+    def in_memory_loop(fn, args=batch):
         @tf.function
         def loop(num_steps):
             for _ in tf.range(num_steps):
-                strategy.run(fn, args=batch)
+                strategy.run(fn, args=args)
 
         return lambda n: loop(n)
 
+    # Each replica's gradients of its batch, once: the update phase's input.
+    fixed_grads = tuple(tf.function(lambda: strategy.run(grads_of, args=batch))())
+
     # The trainer's own feed, as distopt.train picks it (in memory for MNIST).
-    kind = train_lib.resolve_input(config, strategy, source)
-    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    kind = tinputs.resolve_input(config, strategy, source)
+    feed = tinputs.make_train_feed(strategy, source, config, kind)
     inputs = feed.inputs()
 
     def consume(*args):
@@ -143,7 +169,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
             strategy.run(consume, args=args)
         step.assign_add(num_steps)
 
-    trainer_loop = train_lib.make_train_loop(
+    trainer_loop = tstep.make_train_loop(
         strategy, model, optimizer, sums, step, feed=feed
     )
     loops = {
@@ -151,6 +177,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         "forward": in_memory_loop(forward),
         "forward_backward": in_memory_loop(forward_backward),
         "bare_step": in_memory_loop(bare_step),
+        "update": in_memory_loop(update, args=fixed_grads),
         "trainer_loop": lambda n: trainer_loop(inputs, n),
     }
 
@@ -172,7 +199,7 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         name: {"median": statistics.median(s), "min": min(s), "max": max(s)}
         for name, s in samples.items()
     }
-    med = {name: s["median"] for name, s in stats.items()}
+    attribution, notes = attribute(stats)
     return {
         "model": model_name,
         "strategy": strategy_name,
@@ -180,14 +207,38 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         "steps": steps,
         "rounds": rounds,
         "ms_per_step": stats,
-        "attribution_ms": {
-            "forward": med["forward"],
-            "backward": med["forward_backward"] - med["forward"],
-            "update": med["bare_step"] - med["forward_backward"],
-            "input_and_bookkeeping": med["trainer_loop"] - med["bare_step"],
-            "input_pipeline_alone": med["pipeline"],
-        },
+        "attribution_ms": attribution,
+        "attribution_notes": notes,
     }
+
+
+def attribute(stats):
+    """The step's time by part, ms: `(attribution, notes)`; never negative.
+
+    Args:
+        stats: Each phase's `{"median": ms, ...}`.
+
+    Returns:
+        The parts (see the module docstring), and a note for each difference
+        of medians that came out below 0 and is shown as 0.
+    """
+    med = {name: s["median"] for name, s in stats.items()}
+    differences = {
+        "backward": ("forward_backward", "forward"),
+        "input_and_bookkeeping": ("trainer_loop", "bare_step"),
+    }
+    attribution = {"forward": med["forward"], "update": med["update"]}
+    notes = []
+    for part, (total, base) in differences.items():
+        value = med[total] - med[base]
+        if value < 0:
+            notes.append(
+                f"{part}: {total} - {base} = {value:.2f} ms, below 0 within the "
+                "rounds' noise; shown as 0"
+            )
+        attribution[part] = max(value, 0.0)
+    attribution["input_pipeline_alone"] = med["pipeline"]
+    return attribution, notes
 
 
 def lenet_kernels(steps, rounds, batch_size=128):
@@ -275,6 +326,24 @@ def lenet_kernels(steps, rounds, batch_size=128):
     }
 
 
+def _process_start_time() -> float:
+    """Wall-clock time this process started (Linux; else now).
+
+    Each measurement is a fresh ``python`` process started directly by the
+    benchmark, so the process's start is the interpreter's.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22, after the parenthesised command name: start time in
+            # clock ticks since boot.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def startup(model_name, strategy_name, tensorflow_imported):
     """Seconds from process start to the end of each phase (a fresh process).
 
@@ -283,13 +352,16 @@ def startup(model_name, strategy_name, tensorflow_imported):
     import tensorflow as tf
 
     from distopt import data as data_lib
-    from distopt import train_lib
+    from distopt.trainer import config as tconfig
+    from distopt.trainer import factories
+    from distopt.trainer import inputs as tinputs
+    from distopt.trainer import step as tstep
 
     marks = [("import tensorflow", tensorflow_imported)]
     marks.append(("import distopt", time.time()))
 
-    start = train_lib.process_start_time()
-    config = train_lib.TrainConfig(
+    start = _process_start_time()
+    config = tconfig.TrainConfig(
         model=model_name, strategy=strategy_name, train_steps=1, eval_steps=1
     )
     strategy = _setup(strategy_name)
@@ -297,17 +369,17 @@ def startup(model_name, strategy_name, tensorflow_imported):
     source = data_lib.load_source()
     marks.append(("data", time.time()))
     with strategy.scope():
-        model = train_lib.build_model(model_name, source)
-        optimizer = train_lib.make_optimizer(config, 1, strategy)
+        model = factories.build_model(model_name, source)
+        optimizer = factories.make_optimizer(config, 1)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        sums = train_lib._Sums("sums")
+        sums = tstep.Sums("sums")
     marks.append(("model and optimizer", time.time()))
-    kind = train_lib.resolve_input(config, strategy, source)
-    feed = train_lib.make_train_feed(strategy, source, config, kind)
+    kind = tinputs.resolve_input(config, strategy, source)
+    feed = tinputs.make_train_feed(strategy, source, config, kind)
     inputs = feed.inputs()
     marks.append(("input", time.time()))
-    loop = train_lib.make_train_loop(strategy, model, optimizer, sums, step, feed=feed)
+    loop = tstep.make_train_loop(strategy, model, optimizer, sums, step, feed=feed)
     loop.get_concrete_function(inputs, tf.TensorSpec([], tf.int64))
     marks.append(("trace", time.time()))
     loop(inputs, tf.constant(1, tf.int64))
@@ -330,12 +402,14 @@ def _startup_in_subprocess(model_name, strategy_name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--model", default="lenet", help="lenet, mlp")
     parser.add_argument("--strategy", default="default", help="default, mirrored")
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="startup processes")
-    parser.add_argument("--startup_only", action="store_true")
+    parser.add_argument(
+        "--startup_only", action="store_true", help="only the time to first step"
+    )
     parser.add_argument(
         "--kernels", action="store_true", help="also time LeNet's conv/pool kernels"
     )
@@ -366,9 +440,11 @@ def main(argv=None):
         )
         for name, s in phases["ms_per_step"].items():
             print(f"  {name:<18} {s['median']:7.2f} ({s['min']:.2f}-{s['max']:.2f})")
-        print("  attribution (differences of medians, ms):")
+        print("  attribution (ms; see the module docstring):")
         for name, value in phases["attribution_ms"].items():
             print(f"    {name:<22} {value:7.2f}")
+        for note in phases["attribution_notes"]:
+            print(f"    note: {note}")
     if args.kernels:
         kernels = lenet_kernels(args.steps, args.rounds)
         results["lenet_kernels"] = kernels
@@ -405,9 +481,7 @@ def main(argv=None):
             f"({min(total):.2f}-{max(total):.2f})"
         )
     results["load_end"] = os.getloadavg()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.json, results)
     return results
 
 

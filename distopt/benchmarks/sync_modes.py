@@ -2,6 +2,9 @@
 
     python -m distopt.benchmarks.sync_modes [--steps=80] [--batch_size=128]
 
+Default run: about 1-2 min on this 2-core host (1.5 min with other jobs on
+the machine, 2026-12-04).
+
 Starts 2 worker processes of this module with TF_CONFIG on free localhost
 ports (MultiWorkerMirroredStrategy, one CPU device each). Each trains the MLP
 (784-700-500-10) with Adam for the same number of steps under every mode and
@@ -17,13 +20,13 @@ buffer); the wire traffic of a ring all-reduce is about twice that.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 
 from distopt import cluster
+from distopt.benchmarks import protocol
 
 MODES = [
     ("every_step", {}),
@@ -61,10 +64,10 @@ def _worker(index, ports, steps, batch_size, warmup):
     import tensorflow as tf
 
     import distopt
-    from distopt import models
+    from distopt import distribute, models
 
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = distribute.make_strategy("multi_worker", communication_options=options)
     rng = np.random.default_rng(index)
     per_replica = batch_size // strategy.num_replicas_in_sync
     images = tf.constant(rng.random((per_replica, 28, 28, 1), dtype=np.float32))
@@ -106,7 +109,7 @@ def _worker(index, ports, steps, batch_size, warmup):
             "parameters": sum(int(v.shape.num_elements()) for v in variables),
         }
     if index == 0:
-        print("RESULTS " + json.dumps(results), flush=True)
+        protocol.print_result(results)
 
 
 def main(argv):
@@ -153,8 +156,7 @@ def main(argv):
         for i, out in enumerate(outs):
             print(f"--- worker {i} (exit {procs[i].returncode})\n{out[-3000:]}")
         return 1
-    line = next(x for x in outs[0].splitlines() if x.startswith("RESULTS "))
-    results = json.loads(line[len("RESULTS ") :])
+    results = protocol.parse_result(outs[0])
     base = results["every_step"]["steps_per_second"]
     print(
         f"\nMLP, Adam, global batch {args.batch_size}, 2 workers x 1 CPU, "
@@ -170,9 +172,7 @@ def main(argv):
             f"{r['payload_bytes_per_step']:>14,.0f}{r['payload_bytes_per_update']:>14,.0f}"
             f"{r['steps_per_second']:>10.1f}{r['steps_per_second'] / base:>9.2f}x"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.json, results)
     return 0
 
 

@@ -4,6 +4,9 @@ r"""Trainer throughput and time to first step against ``keras.Model.fit``.
     python -m distopt.benchmarks.trainer_vs_keras --models=lenet --strategies=default
     python -m distopt.benchmarks.trainer_vs_keras --steps=3 --repeats=1   # smoke run
 
+Default run: about 8-15 min on this 2-core host (48 fresh processes; 8 min
+on a quiet machine, BUILD_NOTES.md).
+
 Cells: each model (MLP, LeNet-5) x strategy (default; mirrored over 2
 virtual CPUs). Contenders in each cell, all with global batch 128 and Adam
 1e-3 on MNIST:
@@ -123,16 +126,11 @@ def _setup(strategy_name):
     """Initialises TensorFlow's devices; returns the strategy."""
     import tensorflow as tf
 
+    from distopt import distribute
+
     if strategy_name != "mirrored":
         return tf.distribute.get_strategy()
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_CPUS
-    )
-    return tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(VIRTUAL_CPUS)],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+    return distribute.make_strategy("mirrored", num_cpu_devices=VIRTUAL_CPUS)
 
 
 def measure_keras(args, model_name, strategy_name, variant, start):
@@ -185,14 +183,16 @@ def measure_bare(args, model_name, strategy_name):
     """The ceiling: the trainer's model and optimizer over in-memory tensors."""
     import tensorflow as tf
 
-    from distopt import optimizers, train_lib
+    from distopt import optimizers
+    from distopt.trainer import factories
+    from distopt.trainer import strategy as tstrategy
 
     strategy = _setup(strategy_name)
-    jit = train_lib.resolve_jit_compile(None, strategy)
+    jit = tstrategy.resolve_jit_compile(None, strategy)
     replicas = strategy.num_replicas_in_sync
     per_replica = args.batch_size // replicas
     with strategy.scope():
-        model = train_lib.build_model(model_name, jit_compile=jit)
+        model = factories.build_model(model_name, jit_compile=jit)
         optimizer = optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
     variables = model.trainable_variables
@@ -355,14 +355,13 @@ def run(args):
     cells = []
     for model_name in args.models:
         for strategy_name in args.strategies:
-            samples = {c: [] for c in contenders}
-            for r in range(args.repeats):
-                # Rotate the order each round: no contender always goes first.
-                shift = r % len(contenders)
-                for c in contenders[shift:] + contenders[:shift]:
-                    result = _measure_in_subprocess(args, c, model_name, strategy_name)
-                    if result is not None:
-                        samples[c].append(result)
+            samples = protocol.alternate(
+                contenders,
+                args.repeats,
+                lambda c, m=model_name, s=strategy_name: _measure_in_subprocess(
+                    args, c, m, s
+                ),
+            )
             cell = {"model": model_name, "strategy": strategy_name}
             cell["samples"] = samples
             cells.append(summarize(cell))
@@ -391,9 +390,7 @@ def main(argv=None):
         return result
     results = run(args)
     print(report(results))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+    protocol.write_json(args.output, results)
     return results
 
 

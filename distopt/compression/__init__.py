@@ -44,6 +44,11 @@ def get(identifier=None, **kwargs) -> Compressor | None:
             )
         return None
     if isinstance(identifier, Compressor):
+        if kwargs:
+            raise ValueError(
+                f"compression_args: given ({', '.join(kwargs)}) with a compressor "
+                "instance; pass them to its constructor."
+            )
         return identifier
     if isinstance(identifier, str) and identifier in _REGISTRY:
         try:

@@ -65,6 +65,7 @@ class Compressor(tf.Module):
         self.start_step = check_int("start_step", start_step, minimum=0)
         self._built = False
         self._pending = None
+        self._warned_restart = False
 
     # --- What a subclass provides --------------------------------------------
 
@@ -125,11 +126,28 @@ class Compressor(tf.Module):
                 for i, v in enumerate(variables):
                     if compressed[i]:
                         self.residuals[str(i)] = ReplicaRows(
-                            strategy, v.shape, tf.float32, f"residual_{i}"
+                            strategy,
+                            v.shape,
+                            tf.float32,
+                            f"residual_{i}",
+                            on_mismatch=self._warn_restart,
                         )
             self.build_state(strategy, variables, compressed)
         self._strategy = strategy
         self._built = True
+
+    def _warn_restart(self, saved, current):
+        """Logs the restart of the residuals at zero: once, not per variable."""
+        if self._warned_restart:
+            return
+        self._warned_restart = True
+        logging.warning(
+            "compression (%s): the checkpoint holds the residuals of %d replicas "
+            "and this run has %d; they restart at zero.",
+            self.name,
+            saved,
+            current,
+        )
 
     def knows(self, var) -> bool:
         return self._built and var.ref() in self._index
@@ -173,12 +191,16 @@ class Compressor(tf.Module):
         else:
             out = compressed()
         n = len(shares)
-        self._pending = (state, out[n:])
+        # Untracked: a tf.Module attribute holding variables would be a
+        # checkpoint dependency (the residuals' storage saved a second time,
+        # as a sum over replicas, and restored over them at the next trace),
+        # and assigning None later does not remove it.
+        self._pending = dist.Untracked((state, out[n:]))
         return out[:n]
 
     def commit(self, strategy, ok) -> None:
         """Writes the staged state; where `ok` is False, keeps the old."""
-        state, values = self._pending
+        state, values = self._pending.value
         self._pending = None
         for var, value in zip(state, values):
             dist.update(strategy, var, _keep_unless, value, ok)
@@ -198,13 +220,15 @@ class ReplicaRows(dist.LogicalState):
     """A per-replica tensor (each replica writes its own), saved as `[R, ...]`.
 
     The checkpoint holds every replica's row. Restored on the same number of
-    replicas, replica r gets row r back; on another number, zeros and one
-    WARNING (see the module docstring).
+    replicas, replica r gets row r back; on another number, zeros, and
+    `on_mismatch(saved, current)` is called (the compressor logs one WARNING
+    for all its residuals; without it, each logs its own).
     """
 
-    def __init__(self, strategy, shape, dtype, name):
+    def __init__(self, strategy, shape, dtype, name, on_mismatch=None):
         super().__init__(name=name)
         self._strategy = strategy
+        self._on_mismatch = on_mismatch
         self._shape = tf.TensorShape(shape)
         self._dtype = tf.as_dtype(dtype)
         self._storage = dist.Untracked(
@@ -243,13 +267,16 @@ class ReplicaRows(dist.LogicalState):
     def _assign_rows(self, value):
         n = self._strategy.num_replicas_in_sync
         if value.shape[0] != n:
-            logging.warning(
-                "%s: the checkpoint holds the residuals of %d replicas and this "
-                "run has %d; they restart at zero.",
-                self.name,
-                value.shape[0],
-                n,
-            )
+            if self._on_mismatch is not None:
+                self._on_mismatch(value.shape[0], n)
+            else:
+                logging.warning(
+                    "%s: the checkpoint holds the rows of %d replicas and this "
+                    "run has %d; they restart at zero.",
+                    self.name,
+                    value.shape[0],
+                    n,
+                )
             rows = dist.by_replica(
                 self._strategy, lambda r, i: tf.zeros(self._shape, self._dtype)
             )

@@ -63,15 +63,15 @@ class OneBit(Compressor):
         (rows,) = reducer.all_gather(strategy, [out[0]])
 
         def decompress(rows):
+            # Every replica's row at once (a few ops per variable, not per
+            # variable and replica: the graph stays small at many replicas).
             agg, start = [], 0
             for d, shape in zip(sizes, shapes):
                 words = -(-d // _BITS)
-                parts = []
-                for r in range(rows.shape[0]):
-                    positive = unpack_bits(rows[r, start : start + words], d)
-                    scale = tf.bitcast(rows[r, start + words], tf.float32)
-                    parts.append(_decode(positive, scale))
+                positive = unpack_bits(rows[:, start : start + words], d)
+                scales = tf.bitcast(rows[:, start + words], tf.float32)[:, None]
                 start += words + 1
+                parts = tf.unstack(_decode(positive, scales))
                 agg.append(tf.reshape(tf.add_n(parts), shape))
             return agg
 
@@ -93,11 +93,15 @@ def pack_bits(bits):
 
 
 def unpack_bits(words, d):
-    """The inverse of `pack_bits`: the first `d` bits as a bool vector."""
+    """The inverse of `pack_bits`: the first `d` bits as a bool vector.
+
+    `words` may also be `[R, n]`, rows of words: then `[R, d]` bits.
+    """
     w = tf.cast(tf.bitcast(words, tf.uint32), tf.int64)
     shifts = tf.range(_BITS, dtype=tf.int64)
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(w[:, None], shifts), 1)
-    return tf.cast(tf.reshape(bits, [-1])[:d], tf.bool)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(w[..., None], shifts), 1)
+    shape = tf.concat([tf.shape(words)[:-1], [-1]], 0)
+    return tf.cast(tf.reshape(bits, shape)[..., :d], tf.bool)
 
 
 def _decode(positive, scale):

@@ -8,7 +8,10 @@ convolutions), and with error feedback x_r = s_r + e_r on replica r:
 
     Q  <- orthonormalise(Q)            Q from the last step (warm start), or
                                        fresh N(0, 1) values the first time
-                                       (or every time, warm_start=False)
+                                       (or every time, warm_start=False);
+                                       a zero column is drawn afresh (a zero
+                                       gradient left it so; kept, it would
+                                       stay zero for good)
     P  <- sum_r x_r Q                  all-reduce (one fused buffer, with the
                                        tensors that stay uncompressed)
     P^ <- orthonormalise(P)            Gram-Schmidt over its columns
@@ -181,10 +184,23 @@ class PowerSGD(Compressor):
     def _start_q(self, index):
         """This step's orthonormal Q for variable `index` (identical everywhere)."""
         q = self.q[str(index)]
+        fresh = self._random_q(q.shape, index, self.steps.variable + 1)
         if self.warm_start:
+            # A zero column of Q stays zero for good: P = M Q has a zero
+            # column for every M, so its Q = M^T P^ column is zero again. A
+            # zero gradient makes every column zero (a layer with no
+            # gradient yet, a variable absent from an `Accumulate` window),
+            # and training would go on with a zero aggregate, all of it
+            # piling up in the residuals. Such columns (and non-finite ones)
+            # start afresh, from the same draw on every replica.
             start = tf.convert_to_tensor(q)
+            alive = tf.logical_and(
+                tf.reduce_any(tf.not_equal(start, 0), axis=0, keepdims=True),
+                tf.reduce_all(tf.math.is_finite(start), axis=0, keepdims=True),
+            )
+            start = tf.where(alive, start, fresh)
         else:
-            start = self._random_q(q.shape, index, self.steps.variable + 1)
+            start = fresh
         return orthonormalise(start, self.epsilon)
 
 

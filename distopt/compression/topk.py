@@ -67,7 +67,7 @@ class TopK(Compressor):
             payload, own = [], []
             for x, k, shape in zip(xs_, ks, shapes):
                 flat = tf.reshape(x, [-1])
-                _, idx = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
+                _, idx = tf.math.top_k(_magnitude(flat), k=k, sorted=False)
                 values = tf.gather(flat, idx)
                 payload += [tf.bitcast(values, tf.int32), idx]
                 own.append(tf.reshape(_scatter(idx, values, flat.shape[0]), shape))
@@ -78,14 +78,20 @@ class TopK(Compressor):
         local = out[1:]
 
         def decompress(rows):
+            # Every replica's row at once: one scatter into [R, d] per
+            # variable (the (row, index) pairs are distinct, so no two values
+            # meet in the scatter), then the rows added in replica order.
+            n = rows.shape[0]
+            row_ids = tf.range(n)[:, None]
             agg, start = [], 0
             for k, shape in zip(ks, shapes):
                 d = int(shape.num_elements())
                 values = tf.bitcast(rows[:, start : start + k], tf.float32)
                 idx = rows[:, start + k : start + 2 * k]
                 start += 2 * k
-                parts = [_scatter(idx[r], values[r], d) for r in range(rows.shape[0])]
-                agg.append(tf.reshape(tf.add_n(parts), shape))
+                where = tf.stack([tf.broadcast_to(row_ids, [n, k]), idx], axis=-1)
+                dense = tf.scatter_nd(where, values, [n, d])
+                agg.append(tf.reshape(tf.add_n(tf.unstack(dense)), shape))
             return agg
 
         aggregate = _as_list(dist.map_per_replica(strategy, decompress, rows))
@@ -93,6 +99,21 @@ class TopK(Compressor):
 
     def get_config(self):
         return {**super().get_config(), "fraction": self.fraction}
+
+
+def _magnitude(flat):
+    """`|flat|`, with NaN ranked first (as +Inf).
+
+    `top_k` leaves a NaN unselected (it compares false), so a NaN share would
+    stay behind in the residual while the aggregate looked finite: the step
+    would be applied, `skip_nonfinite` would not see it, and the residual
+    would be NaN for good. Selected, it reaches every replica, which then
+    skips the step (or applies the NaN, as without compression).
+    """
+    magnitude = tf.abs(flat)
+    return tf.where(
+        tf.math.is_nan(magnitude), tf.constant(float("inf"), flat.dtype), magnitude
+    )
 
 
 def _scatter(idx, values, d):

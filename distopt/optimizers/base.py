@@ -201,6 +201,15 @@ class Optimizer(tf.Module):
             transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
         if skip_nonfinite:
             transforms.append(transforms_lib.SkipNonFinite())
+        # Checked before any variable exists: a bad compression builds nothing.
+        compression = compression_lib.get(compression)
+        if compression is not None and not self.sync.sends_gradients:
+            raise ValueError(
+                f"compression: not available with sync={self.sync.name}, whose "
+                "replicas send weights, not gradients (DiLoCo compresses its "
+                "outer gradient: use sync=DiLoCo(k, outer_optimizer="
+                "GradientDescent(1.0)) for local SGD with compression)."
+            )
         self.jit_compile = bool(jit_compile)
         self.fused = bool(fused)
         # Created here, like Keras, so that they exist (and restore) before
@@ -217,13 +226,6 @@ class Optimizer(tf.Module):
                 transforms=transforms,
                 communication_options=communication_options,
                 compression=compression,
-            )
-        if self.reducer.compression is not None and not self.sync.sends_gradients:
-            raise ValueError(
-                f"compression: not available with sync={self.sync.name}, whose "
-                "replicas send weights, not gradients (DiLoCo compresses its "
-                "outer gradient: use sync=DiLoCo(k, outer_optimizer="
-                "GradientDescent(1.0)) for local SGD with compression)."
             )
         self._slots = []
         self._slot_index = {}

@@ -166,6 +166,9 @@ class SAM(tf.Module):
     def restore_replicas(self, var_list) -> None:
         self.base_optimizer.restore_replicas(var_list)
 
+    def state_bytes_per_device(self) -> dict[str, int]:
+        return self.base_optimizer.state_bytes_per_device()
+
     def finalize_variable_values(self, var_list) -> None:
         self.base_optimizer.finalize_variable_values(var_list)
 

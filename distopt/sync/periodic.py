@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from distopt import compression as compression_lib
 from distopt import distribute as dist
+from distopt import reduce as reduce_lib
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
 
@@ -289,31 +290,61 @@ class PeriodicAverage(Sync):
 
         With compression, each replica sends its own share `(anchor - w_r)
         / R` through the outer compressor (Streaming DiLoCo compresses its
-        outer gradients too, arXiv 2501.18512), with residuals of its own;
-        otherwise one all-reduce of the weights.
+        outer gradients too, arXiv 2501.18512), with residuals of its own,
+        in float32 (16-bit weights are widened first, as the Reducer widens
+        16-bit gradients); float64 weights travel as without compression,
+        in one all-reduce of the weights.
         """
         n = len(anchors)
-        if self.outer_compression is None:
-            mean = optimizer.reducer.mean(strategy, weights)
-            return dist.map_per_replica(
+        compressor = self.outer_compression
+        comp = []
+        if compressor is not None:
+            comp = [
+                i
+                for i, a in enumerate(self.anchors)
+                if reduce_lib.payload_dtype(a.dtype) == tf.float32
+            ]
+        rest = [i for i in range(n) if i not in comp]
+        out = [None] * n
+        if rest:
+            mean = optimizer.reducer.mean(strategy, [weights[i] for i in rest])
+            diffs = dist.map_per_replica(
                 strategy,
-                lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])],
-                *anchors,
+                lambda *xs: [a - m for a, m in zip(xs[: len(rest)], xs[len(rest) :])],
+                *[anchors[i] for i in rest],
                 *mean,
             )
-        size = strategy.num_replicas_in_sync
-        shares = dist.map_per_replica(
-            strategy,
-            lambda *xs: [(a - w) / size for a, w in zip(xs[:n], xs[n:])],
-            *anchors,
-            *weights,
-        )
-        compressor = self.outer_compression
-        pseudo = compressor.aggregate(
-            optimizer.reducer, strategy, list(shares), self.anchors
-        )
-        compressor.commit(strategy, None)
-        return pseudo
+            for i, d in zip(rest, _as_list(diffs)):
+                out[i] = d
+        if comp:
+            size = strategy.num_replicas_in_sync
+
+            def share(*xs):
+                k = len(comp)
+                return [
+                    (tf.cast(a, tf.float32) - tf.cast(w, tf.float32)) / size
+                    for a, w in zip(xs[:k], xs[k:])
+                ]
+
+            shares = dist.map_per_replica(
+                strategy,
+                share,
+                *[anchors[i] for i in comp],
+                *[weights[i] for i in comp],
+            )
+            pseudo = compressor.aggregate(
+                optimizer.reducer,
+                strategy,
+                _as_list(shares),
+                [self.anchors[i] for i in comp],
+            )
+            compressor.commit(strategy, None)
+            for i, p in zip(comp, pseudo):
+                dtype = self.anchors[i].dtype
+                out[i] = dist.map_per_replica(
+                    strategy, lambda x, dtype=dtype: tf.cast(x, dtype), p
+                )
+        return out
 
     def _anchors_for(self, optimizer, variables):
         return (
@@ -399,3 +430,7 @@ def _state_of(optimizer, var):
 
 def _copy(strategy, sources, targets):
     dist.assign(strategy, targets, dist.read_per_replica(strategy, sources))
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -1,0 +1,391 @@
+"""Time to accuracy of every sync mode and compressor over rate-limited links.
+
+    python -m distopt.benchmarks.time_to_accuracy [--workers=2,4]
+        [--links=none,1gbit,100mbit] [--modes=...] [--output_dir=DIR]
+
+Each run is the real trainer (`python -m distopt.train`, the MLP on MNIST)
+started by the real launcher (`launch/local.py --workers=N --link_rate=R`):
+every worker sends and receives through a link of its own limited to R in
+each direction (a token bucket on a veth pair into a bridge; "none" is the
+launcher's private loopback). The trainer evaluates every `--eval_every`
+steps, on the replicas' average where they diverge, and stops as soon as
+the test accuracy reaches `--target` (`--target_accuracy`). Per cell
+(workers x link x mode) the benchmark reports the median and min-max of
+the wall-clock training time to the target (evaluations excluded), the
+steps, the bytes each worker sent (the optimizer's `bytes_sent`, and the
+frames its link carried), the final accuracy, and the ratio of the median
+time to every_step's at the same link and worker count.
+
+Protocol: a fresh process per run; the cells' runs alternate (round-robin
+over the cells, `--repeats` rounds for the headline cells, 4 workers at
+100mbit and with no limit, `--other_repeats` for the others). Scaling
+efficiency: examples per second (training time only) with 1, 2 and 4
+workers at each link, as a fraction of N times one worker's.
+
+Fair settings: each mode's learning rate (and DiLoCo's outer rate) comes
+from `SETTINGS`, chosen once by `--tune` (4 workers, no limit, seed
+`TUNE_SEED`, never a measured seed) from the grids in `GRIDS`: the setting
+with the fewest steps to the target wins. The grid and the choice are in
+BUILD_NOTES.md; measured runs use seeds 0, 1, 2...
+
+Writes `results.json` and, with the `viz` extra, one PNG per link rate:
+test accuracy against training time and against bytes sent, one line per
+mode. Default run: several hours on a 2-core host (see BUILD_NOTES.md);
+`--workers=2 --links=none --modes=every_step,local_sgd8 --repeats=1
+--other_repeats=1 --max_steps=200 --target=0.5` takes about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from distopt.benchmarks import protocol
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("workers", ["2", "4"], "Worker counts (one CPU device each).")
+flags.DEFINE_list("links", ["none", "1gbit", "100mbit"], "Link rates; none: unlimited.")
+flags.DEFINE_list("modes", None, "Rows to run (default: every row of MODES).")
+flags.DEFINE_float("target", 0.97, "Test accuracy to reach.")
+flags.DEFINE_integer("max_steps", 3000, "Step budget of each run.")
+flags.DEFINE_integer("eval_every", 50, "Steps between evaluations.")
+flags.DEFINE_integer("batch_per_worker", 64, "Examples per worker per step.")
+flags.DEFINE_integer("repeats", 3, "Runs of each headline cell.")
+flags.DEFINE_integer("other_repeats", 1, "Runs of each other cell.")
+flags.DEFINE_boolean("scaling", True, "Also run 1 worker (every_step), for scaling.")
+flags.DEFINE_boolean("tune", False, "Pick each mode's setting from GRIDS instead.")
+flags.DEFINE_string("output_dir", "", "Where results.json and the PNGs go.")
+
+#: The rows: trainer flags of each mode (the learning rates come from SETTINGS).
+MODES = {
+    "every_step": ["--sync=every_step"],
+    "every_step_bf16": ["--sync=every_step", "--optimizer_args=wire_dtype=bfloat16"],
+    "accumulate8": ["--sync=accumulate", "--sync_period=8"],
+    "local_sgd8": ["--sync=local_sgd", "--sync_period=8"],
+    "local_sgd32": ["--sync=local_sgd", "--sync_period=32"],
+    "diloco32": ["--sync=diloco", "--sync_period=32"],
+    "diloco128": ["--sync=diloco", "--sync_period=128"],
+    "powersgd": ["--compression=powersgd", "--compression_args=rank=2"],
+    "topk": ["--compression=topk", "--compression_args=fraction=0.01"],
+    "onebit": ["--compression=onebit"],
+}
+
+#: The grids `--tune` searches: (learning rate, DiLoCo's outer rate or None).
+GRIDS = {
+    mode: [(lr, None) for lr in (5e-4, 1e-3, 2e-3)]
+    for mode in MODES
+    if not mode.startswith("diloco")
+}
+GRIDS.update(
+    {
+        m: [(lr, o) for lr in (1e-3, 2e-3) for o in (0.5, 0.7)]
+        for m in MODES
+        if m.startswith("diloco")
+    }
+)
+
+#: The settings measured runs use: chosen by `--tune` (BUILD_NOTES.md).
+SETTINGS = {mode: (1e-3, 0.7 if mode.startswith("diloco") else None) for mode in MODES}
+
+TUNE_SEED = 1000
+HEADLINE = [("4", "none"), ("4", "100mbit")]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_once(mode, workers, link, seed, setting, workdir) -> dict | None:
+    """One trainer run through the launcher; its metrics and link bytes."""
+    lr, outer = setting
+    model_dir = os.path.join(workdir, f"{mode}_{workers}_{link}_{seed}")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    stats = os.path.join(workdir, f"links_{mode}_{workers}_{link}_{seed}.json")
+    launcher = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "local.py"),
+        f"--workers={workers}",
+    ]
+    if link != "none":
+        launcher += [f"--link_rate={link}", f"--link_stats={stats}"]
+    trainer = [
+        "--model=mlp",
+        "--strategy=multi_worker",
+        "--optimizer=adam",
+        f"--learning_rate={lr}",
+        f"--batch_size={FLAGS.batch_per_worker * int(workers)}",
+        f"--train_steps={FLAGS.max_steps}",
+        f"--eval_every={FLAGS.eval_every}",
+        f"--target_accuracy={FLAGS.target}",
+        f"--seed={seed}",
+        f"--model_dir={model_dir}",
+        "--checkpoint_every=0",
+        *MODES[mode],
+    ]
+    if outer is not None:
+        trainer.append(f"--sync_args=outer_learning_rate={outer}")
+    proc = subprocess.run(
+        [*launcher, "--", *trainer], capture_output=True, text=True, check=False
+    )
+    path = os.path.join(model_dir, "metrics.json")
+    if proc.returncode != 0 or not os.path.exists(path):
+        print(
+            f"{mode} {workers}w {link} seed {seed} failed ({proc.returncode}):\n"
+            f"{proc.stderr[-2000:]}",
+            file=sys.stderr,
+        )
+        return None
+    with open(path) as f:
+        metrics = json.load(f)
+    link_bytes = None
+    if os.path.exists(stats):
+        with open(stats) as f:
+            link_bytes = [w["tx_bytes"] for w in json.load(f)["workers"]]
+    return {
+        "mode": mode,
+        "workers": int(workers),
+        "link": link,
+        "seed": seed,
+        "learning_rate": lr,
+        "outer_learning_rate": outer,
+        "status": metrics["status"],
+        "steps": metrics.get("target_reached_at_step") or metrics["train_steps"],
+        "seconds": metrics["training_seconds_excluding_eval"],
+        "accuracy": metrics["test_accuracy"],
+        "bytes_sent": metrics.get("communication_bytes_sent"),
+        "link_bytes_sent": link_bytes,
+        "examples_per_second": metrics.get("examples_per_second"),
+        "evaluations": metrics.get("evaluations", []),
+    }
+
+
+def schedule(cells, repeats_of):
+    """Round-robin over the cells: (cell, repeat) in alternating order."""
+    rounds = max(repeats_of(c) for c in cells)
+    return [(c, r) for r in range(rounds) for c in cells if r < repeats_of(c)]
+
+
+def summarise(runs) -> list[dict]:
+    """Per cell: medians and spreads, and the ratio to every_step's time."""
+    cells: dict[tuple, list] = {}
+    for r in runs:
+        cells.setdefault((r["workers"], r["link"], r["mode"]), []).append(r)
+    rows = []
+    for (w, link, mode), rs in sorted(cells.items()):
+        reached = [r for r in rs if r["status"] == "target_reached"]
+        row = {
+            "workers": w,
+            "link": link,
+            "mode": mode,
+            "runs": len(rs),
+            "reached": len(reached),
+            "seconds": protocol.stats(r["seconds"] for r in reached),
+            "steps": protocol.stats(r["steps"] for r in reached),
+            "bytes_sent": protocol.stats(
+                r["bytes_sent"] for r in reached if r["bytes_sent"] is not None
+            ),
+            "link_bytes": protocol.stats(
+                max(r["link_bytes_sent"]) for r in reached if r["link_bytes_sent"]
+            ),
+            "accuracy": protocol.stats(r["accuracy"] for r in rs),
+        }
+        rows.append(row)
+    base = {(r["workers"], r["link"]): r for r in rows if r["mode"] == "every_step"}
+    for r in rows:
+        b = base.get((r["workers"], r["link"]))
+        if b and b["seconds"] and r["seconds"]:
+            r["ratio_to_every_step"] = r["seconds"]["median"] / b["seconds"]["median"]
+    return rows
+
+
+def scaling(runs) -> list[dict]:
+    """Examples per second per mode, worker count and link, over N x one worker."""
+    one = [
+        r["examples_per_second"]
+        for r in runs
+        if r["workers"] == 1 and r["examples_per_second"]
+    ]
+    if not one:
+        return []
+    single = protocol.stats(one)["median"]
+    out = {}
+    for r in runs:
+        if r["workers"] > 1 and r["examples_per_second"]:
+            out.setdefault((r["mode"], r["workers"], r["link"]), []).append(
+                r["examples_per_second"]
+            )
+    return [
+        {
+            "mode": m,
+            "workers": w,
+            "link": link,
+            "examples_per_second": protocol.stats(v),
+            "efficiency": protocol.stats(x / (w * single) for x in v),
+        }
+        for (m, w, link), v in sorted(out.items())
+    ]
+
+
+def print_table(rows):
+    def f(s, fmt):
+        return "-" if not s else f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+
+    print(
+        f"{'workers':>7} {'link':>8} {'mode':<16}{'reached':>8}{'seconds':>22}"
+        f"{'steps':>18}{'MB sent/worker':>20}{'accuracy':>10}{'vs every_step':>14}"
+    )
+    for r in rows:
+        ratio = r.get("ratio_to_every_step")
+        acc = r["accuracy"]["median"] if r["accuracy"] else float("nan")
+        print(
+            f"{r['workers']:>7} {r['link']:>8} {r['mode']:<16}"
+            f"{r['reached']:>4}/{r['runs']:<3}"
+            f"{f(r['seconds'], lambda x: f'{x:.1f}'):>22}"
+            f"{f(r['steps'], lambda x: f'{x:.0f}'):>18}"
+            f"{f(r['bytes_sent'], lambda x: f'{x / 1e6:.1f}'):>20}"
+            f"{100 * acc:>9.2f}%"
+            f"{'' if ratio is None else f'{ratio:.2f}':>14}"
+        )
+
+
+def plot(runs, output_dir):
+    """One PNG per link: accuracy against time and against bytes, per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (the viz extra): no figures")
+        return []
+    paths = []
+    for link in sorted({r["link"] for r in runs}):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        workers = max(r["workers"] for r in runs if r["link"] == link)
+        for mode in MODES:
+            rs = [
+                r
+                for r in runs
+                if r["link"] == link
+                and r["mode"] == mode
+                and r["workers"] == workers
+                and r["evaluations"]
+            ]
+            if not rs:
+                continue
+            ev = rs[0]["evaluations"]
+            a.plot(
+                [e["training_seconds"] for e in ev],
+                [e["accuracy"] for e in ev],
+                label=mode,
+            )
+            b.plot(
+                [e["bytes_sent"] / 1e6 for e in ev],
+                [e["accuracy"] for e in ev],
+                label=mode,
+            )
+        for ax, x in (
+            (a, "training seconds (evaluations excluded)"),
+            (b, "MB sent per worker"),
+        ):
+            ax.set_xlabel(x)
+            ax.set_ylabel("test accuracy")
+            ax.set_ylim(0.9, 1.0)
+            ax.axhline(FLAGS.target, color="gray", lw=0.5)
+            ax.grid(alpha=0.3)
+        b.set_xscale("log")
+        a.legend(fontsize=8)
+        fig.suptitle(f"MLP on MNIST, {workers} workers, link: {link}")
+        path = os.path.join(output_dir, f"time_to_accuracy_{link}.png")
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def tune(modes, workdir):
+    """Each mode's setting with the fewest steps to the target (seed TUNE_SEED)."""
+    chosen = {}
+    for mode in modes:
+        results = []
+        for setting in GRIDS[mode]:
+            r = run_once(mode, "4", "none", TUNE_SEED, setting, workdir)
+            steps = r["steps"] if r and r["status"] == "target_reached" else None
+            print(f"tune {mode} {setting}: {steps}", flush=True)
+            results.append((steps if steps is not None else float("inf"), setting))
+        chosen[mode] = min(results, key=lambda x: x[0])[1]
+    print(json.dumps(chosen, indent=1))
+    return chosen
+
+
+def main(argv):
+    del argv
+    modes = FLAGS.modes or list(MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(
+            f"error: --modes: unknown {unknown}; valid: {', '.join(MODES)}",
+            file=sys.stderr,
+        )
+        return 2
+    output_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tta_")
+    os.makedirs(output_dir, exist_ok=True)
+    workdir = os.path.join(output_dir, "runs")
+    os.makedirs(workdir, exist_ok=True)
+    if FLAGS.tune:
+        tune(modes, workdir)
+        return 0
+    cells = [(m, w, link) for w in FLAGS.workers for link in FLAGS.links for m in modes]
+    if FLAGS.scaling:
+        cells.append(("every_step", "1", "none"))
+
+    def repeats_of(cell):
+        _, w, link = cell
+        return (
+            FLAGS.repeats if (w, link) in HEADLINE or w == "1" else FLAGS.other_repeats
+        )
+
+    runs = []
+    for (mode, w, link), rep in schedule(cells, repeats_of):
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {mode} {w} workers {link} seed {rep}",
+            file=sys.stderr,
+            flush=True,
+        )
+        r = run_once(mode, w, link, rep, SETTINGS[mode], workdir)
+        if r:
+            runs.append(r)
+            with open(os.path.join(output_dir, "runs.jsonl"), "a") as f:
+                f.write(json.dumps(r) + "\n")
+    rows = summarise(runs)
+    print_table(rows)
+    eff = scaling(runs)
+    for e in eff:
+        print(
+            f"scaling {e['mode']:<16} {e['workers']} workers {e['link']:>8}: "
+            f"{e['efficiency']['median']:.2f} of ideal"
+        )
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(
+            {
+                "settings": SETTINGS,
+                "target": FLAGS.target,
+                "rows": rows,
+                "scaling": eff,
+                "runs": runs,
+            },
+            f,
+            indent=1,
+        )
+    for p in plot(runs, output_dir):
+        print(f"figure: {p}")
+    print(f"results: {os.path.join(output_dir, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

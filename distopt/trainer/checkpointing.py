@@ -1,0 +1,183 @@
+"""The run's files: what may resume, restoring, saving, and atomic JSON.
+
+``model_dir`` holds ``run_config.json`` (the config of the run that wrote
+it), ``metrics.json`` (the outcome), ``checkpoints/`` and the TensorBoard
+event files. Every write either completes or leaves the previous file (a
+temporary file renamed into place, removed when the write fails), and a
+failure is one line (:class:`WriteError`, or
+:class:`distopt.checkpoints.CheckpointSaveError` for a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import tensorflow as tf
+from absl import logging
+
+from distopt import checkpoints as checkpoints_lib
+from distopt import trainer_faults
+from distopt.trainer.config import ModelDirError, TrainConfig, run_identity
+
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+# A checkpoint of another model or dataset cannot be resumed: refuse it.
+IDENTITY_KEYS = ("model", "dataset")
+# Nor one of another optimizer, sync mode or compressor: their state (slots,
+# replicas' snapshots, an outer optimizer, residuals) would be partly restored
+# and partly new. Sharding may change: a checkpoint holds the logical state.
+RESUME_KEYS = ("optimizer", "sync", "compression")
+
+
+class WriteError(OSError):
+    """A file of the run could not be written; nothing half-written is left."""
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    """Strict JSON (NaN and Infinity as null), replaced in one rename.
+
+    Raises:
+      WriteError: naming the file and the cause, after removing the
+        temporary file; the previous ``path`` (if any) is unchanged.
+    """
+    text = json.dumps(trainer_faults.strict_json(value), indent=2, allow_nan=False)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except (tf.errors.OpError, OSError) as e:
+        try:
+            tf.io.gfile.remove(tmp)
+        except (tf.errors.OpError, OSError):
+            pass  # Never created, or the filesystem refuses even that.
+        raise WriteError(
+            f"Could not write {path}: {checkpoints_lib.first_line(e)}; free "
+            "space or fix the permissions, then rerun to finish"
+        ) from None
+
+
+def read_run_config(model_dir: str) -> dict[str, Any] | None:
+    """The stored ``run_config.json``, or None if there is none or it is damaged."""
+    path = os.path.join(model_dir, RUN_CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            stored = json.load(f)
+        if isinstance(stored, dict):
+            return stored
+    except (ValueError, tf.errors.OpError, OSError):
+        pass
+    # Damaged (an older trainer wrote it in place and was stopped): the
+    # checkpoint's own check in restore() still guards the model.
+    logging.warning("%s is damaged; it is rewritten by this run", path)
+    return None
+
+
+def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
+    """Checks, without writing, that ``model_dir`` can hold this run.
+
+    Returns:
+      The latest checkpoint path to resume from, or None for a fresh run.
+
+    Raises:
+      ModelDirError: the directory holds a run of another model or dataset,
+        or a checkpoint of another optimizer or sync mode (one line, naming
+        the flag).
+    """
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    stored = read_run_config(model_dir)
+    if stored is None:
+        return latest
+    path = os.path.join(model_dir, RUN_CONFIG_FILE)
+    for key in IDENTITY_KEYS:
+        if stored.get(key) != getattr(config, key):
+            raise ModelDirError(
+                f"{model_dir} holds a run with {key}={stored.get(key)!r} "
+                f"(see {path}), not {key}={getattr(config, key)!r}. Nothing "
+                "was written; use another --model_dir, or delete this one."
+            )
+    for key in RESUME_KEYS if latest else ():
+        if key in stored and stored[key] != getattr(config, key):
+            raise ModelDirError(
+                f"--{key}={getattr(config, key)} cannot resume {model_dir}: its "
+                f"checkpoint is of --{key}={stored[key]} (see {path}), whose "
+                f"state another --{key} cannot take over. Nothing was written; "
+                f"rerun with --{key}={stored[key]}, or use another --model_dir."
+            )
+    # Through JSON, so that tuples compare equal to the stored lists.
+    current = json.loads(json.dumps(run_identity(config), default=list))
+    changed = {
+        k: (stored[k], v) for k, v in current.items() if k in stored and stored[k] != v
+    }
+    if changed and latest:
+        logging.info("Resuming with changed settings (old, new): %s", changed)
+    return latest
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
+    """Restores ``path`` and checks it matches the model exactly.
+
+    Raises:
+      ModelDirError: the checkpoint's variables do not fit this model (another
+        architecture, or a model_dir with no run_config.json).
+    """
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        # TensorFlow's message prints every unmatched variable with its
+        # values; the names are what says which setting changed.
+        names = re.findall(r"<tf\.Variable '([^']+)'", str(e))
+        detail = (
+            f"{len(names)} variable(s) of this run are not in it: "
+            f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+            if names
+            else str(e)[:500]
+        )
+        raise ModelDirError(
+            f"The checkpoint {path} in {model_dir} does not match this model: "
+            f"{detail}. Nothing was written; use another --model_dir."
+        ) from e
+
+
+class Saver:
+    """Saves the run's checkpoints and remembers the step of the last one.
+
+    Saving keeps every replica's own weights and slots (``snapshot_replicas``)
+    without averaging them, so a save does not change a local SGD or DiLoCo
+    run.
+    """
+
+    def __init__(self, run, writer: checkpoints_lib.CheckpointWriter):
+        self._run = run
+        self._writer = writer
+        # A resumed run starts from a checkpoint of its first step.
+        self.last_step: int | None = run.start_step if run.resumed_from else None
+
+    def save(self, step: int) -> None:
+        """Saves ``ckpt-<step>``.
+
+        Raises:
+          checkpoints.CheckpointSaveError: the previous checkpoint is kept.
+        """
+        run = self._run
+        with run.strategy.scope():
+            run.optimizer.snapshot_replicas(run.model.trainable_variables)
+        self._writer.save(step)
+        self.last_step = step
+
+    def save_unless_saved(self, step: int) -> None:
+        """Saves ``ckpt-<step>`` unless the last save was of ``step``."""
+        if self.last_step != step:
+            self.save(step)
+
+    def kept(self) -> str:
+        """What the run keeps, for a message about a run that ends badly."""
+        if self.last_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint of step {self.last_step}, the last good one, is kept"

@@ -1,0 +1,330 @@
+"""What a run is: :class:`TrainConfig`, and the checks of its values.
+
+No TensorFlow here (the registries of names are imported inside
+:func:`check_names`): ``python -m distopt.train`` checks every flag's range
+with :func:`check_flags`, and creates its run directory, before TensorFlow
+loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
+MIXED_PRECISION = ("none", "bfloat16", "float16")
+ON_NONFINITE = ("stop", "skip", "ignore")
+# Two replicas is the smallest count that exercises cross-replica aggregation,
+# and on a small CPU host more logical devices only share the same cores.
+DEFAULT_CPU_VIRTUAL_DEVICES = 2
+# The sync modes whose replicas diverge between averages.
+DIVERGING_SYNC = ("local_sgd", "diloco", "hierarchical")
+# distopt.compression's names (checked here, before TensorFlow is imported).
+COMPRESSIONS = ("onebit", "powersgd", "topk")
+
+
+class ConfigError(ValueError):
+    """A flag value or combination is invalid."""
+
+
+class ModelDirError(ValueError):
+    """``model_dir`` holds a run that this configuration cannot resume."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything :func:`distopt.trainer.run.train` needs; the flags map 1:1.
+
+    See ``distopt/train.py`` for the meaning of each field (the flag help).
+    """
+
+    model: str = "lenet"
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    data_source: str = "auto"
+    download: bool = False
+    input: str = "auto"
+    strategy: str = "default"
+    virtual_devices: int = 0
+    tpu: str = ""
+    communication_timeout: float = 600.0
+    slurm_port_base: int = 8888
+    optimizer: str = "adam"
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    decay_rate: float = 0.1
+    lr_boundaries: tuple[int, ...] = ()
+    lr_values: tuple[float, ...] = ()
+    batch_size: int = 128
+    # One epoch by default: `python -m distopt.train` alone trains a useful
+    # model (LeNet-5 on MNIST, 97.6% on 2 replicas with seed 0, in memory).
+    epochs: float = 1.0
+    train_steps: int = 0
+    drop_remainder: bool = True
+    aggregation: str = "mean"
+    sync: str = "every_step"
+    sync_period: int = 8
+    sync_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    global_clipnorm: float | None = None
+    # "" (none), or a distopt.compression name, with its arguments.
+    compression: str = ""
+    compression_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    shard_optimizer_state: bool = False
+    skip_nonfinite: bool = False
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 20
+    steps_per_loop: int = 50
+    # None: XLA where it is the faster path (see strategy.resolve_jit_compile).
+    jit_compile: bool | None = None
+    mixed_precision: str = "none"
+    seed: int = 0
+    deterministic: bool = False
+    model_dir: str = "runs/default"
+    eval_every: int = 0
+    eval_steps: int = 0
+    eval_batch_size: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    # Stop at the first evaluation (every eval_every steps) that reaches it.
+    target_accuracy: float | None = None
+
+
+# The smallest value of each integer flag; 0 means "off" or "the default"
+# where it is allowed (see each flag's help).
+_AT_LEAST = {
+    "batch_size": 1,
+    "steps_per_loop": 1,
+    "log_every": 1,
+    "sync_period": 1,
+    "max_skipped_steps": 1,
+    "keep_checkpoints": 1,
+    "train_steps": 0,
+    "eval_every": 0,
+    "eval_steps": 0,
+    "eval_batch_size": 0,
+    "checkpoint_every": 0,
+    "warmup_steps": 0,
+    "decay_steps": 0,
+    "virtual_devices": 0,
+}
+
+
+def check_flags(config: TrainConfig) -> None:
+    """Checks every number's range and the combinations that need no names.
+
+    Raises:
+      ConfigError: naming the flag and the value.
+    """
+    for name, lowest in _AT_LEAST.items():
+        if getattr(config, name) < lowest:
+            raise ConfigError(
+                f"--{name} must be >= {lowest}, got {getattr(config, name)}"
+            )
+    _check_floats(config)
+    if config.train_steps == 0 and config.epochs == 0:
+        raise ConfigError(
+            "Set --train_steps or --epochs (--train_steps wins if both are set; got "
+            f"train_steps={config.train_steps}, epochs={config.epochs})"
+        )
+    if config.virtual_devices and config.strategy != "mirrored":
+        # An error, not a warning: whoever sets it expects several replicas,
+        # and a run on one device would report another run's figures.
+        raise ConfigError(
+            f"--virtual_devices={config.virtual_devices} applies to "
+            f"--strategy=mirrored only; --strategy={config.strategy} does not "
+            "split the CPU. Drop it, or add --strategy=mirrored"
+        )
+    if config.strategy == "tpu" and not config.tpu:
+        raise ConfigError("--strategy=tpu needs --tpu (a TPU name, or 'local' on a VM)")
+    if config.target_accuracy is not None and not config.eval_every:
+        raise ConfigError(
+            "--target_accuracy needs --eval_every (the steps between the "
+            "evaluations that check it)"
+        )
+    _check_combinations(config)
+
+
+def _check_floats(config: TrainConfig) -> None:
+    def need(ok, flag, value, rule):
+        if not ok:
+            raise ConfigError(f"--{flag} must be {rule}, got {value}")
+
+    need(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
+    need(config.decay_rate > 0, "decay_rate", config.decay_rate, "> 0")
+    need(config.epochs >= 0, "epochs", config.epochs, ">= 0")
+    need(
+        config.communication_timeout >= 0,
+        "communication_timeout",
+        config.communication_timeout,
+        ">= 0 (0: wait forever)",
+    )
+    need(
+        0 < config.slurm_port_base < 65536,
+        "slurm_port_base",
+        config.slurm_port_base,
+        "a port, 1-65535",
+    )
+    if config.global_clipnorm is not None:
+        need(
+            config.global_clipnorm > 0, "global_clipnorm", config.global_clipnorm, "> 0"
+        )
+    if config.target_accuracy is not None:
+        need(
+            0 < config.target_accuracy <= 1,
+            "target_accuracy",
+            config.target_accuracy,
+            "in (0, 1] (a fraction: 0.97 for 97%)",
+        )
+    for value in config.lr_values:
+        need(value >= 0, "lr_values", list(config.lr_values), "all >= 0")
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    """Flags that contradict each other, by name only."""
+    _check_compression_and_sharding(config)
+    if config.mixed_precision == "float16" and config.sync in DIVERGING_SYNC:
+        raise ConfigError(
+            f"--mixed_precision=float16 needs loss scaling, which needs a "
+            f"synchronous --sync (every_step or accumulate), got {config.sync}"
+        )
+    if config.skip_nonfinite and config.on_nonfinite == "ignore":
+        raise ConfigError(
+            "--skip_nonfinite means --on_nonfinite=skip; it contradicts "
+            "--on_nonfinite=ignore"
+        )
+    if config.lr_schedule == "piecewise" and (
+        len(config.lr_values) != len(config.lr_boundaries) + 1
+    ):
+        raise ConfigError(
+            "--lr_schedule=piecewise needs --lr_boundaries and one more "
+            f"--lr_values; got {list(config.lr_boundaries)} and "
+            f"{list(config.lr_values)}"
+        )
+    if config.optimizer == "heun" and config.sync != "every_step":
+        raise ConfigError(
+            f"--optimizer=heun needs --sync=every_step, got --sync={config.sync}: "
+            "its trial point uses the aggregated gradient of the very same step"
+        )
+    perturbation = config.optimizer_args.get("perturbation")
+    if (
+        config.optimizer == "sam"
+        and perturbation == "aggregated"
+        and config.sync not in ("every_step", "accumulate")
+    ):
+        raise ConfigError(
+            f"--optimizer=sam with perturbation=aggregated cannot follow "
+            f"--sync={config.sync}: the replicas' weights differ between "
+            "averages, so an all-reduced gradient mixes gradients taken at "
+            "different points (and communicates every step, which the sync "
+            "mode exists to avoid); use perturbation=replica (the default) or "
+            "--sync=every_step or accumulate"
+        )
+
+
+def check_names(config: TrainConfig) -> None:
+    """Checks every name against its registry (this imports TensorFlow).
+
+    Raises:
+      ConfigError: naming the bad value and listing the valid ones.
+    """
+    # The registries live with the code they name, which needs TensorFlow.
+    from distopt import aggregation, data, distribute, models, optimizers, sync
+
+    for what, value, valid in (
+        ("strategy", config.strategy, distribute.STRATEGY_KINDS),
+        ("model", config.model, models.names()),
+        ("optimizer", config.optimizer, optimizers.names()),
+        ("aggregation", config.aggregation, aggregation.names()),
+        ("sync", config.sync, sync.names()),
+        ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
+        ("mixed_precision", config.mixed_precision, MIXED_PRECISION),
+        ("data_source", config.data_source, data.SOURCES),
+        ("input", config.input, data.INPUTS),
+        ("on_nonfinite", config.on_nonfinite, ON_NONFINITE),
+    ):
+        if value not in valid:
+            plural = "strategies" if what == "strategy" else f"{what}s"
+            raise ConfigError(
+                f"Unknown {what} {value!r}; valid {plural}: {list(valid)}"
+            )
+
+
+def validate_config(config: TrainConfig) -> None:
+    """:func:`check_flags`, then :func:`check_names`.
+
+    Raises:
+      ConfigError: the first problem, naming its flag.
+    """
+    check_flags(config)
+    check_names(config)
+
+
+def nonfinite_policy(config: TrainConfig) -> str:
+    """``--on_nonfinite``, with ``--skip_nonfinite`` meaning ``skip``."""
+    return "skip" if config.skip_nonfinite else config.on_nonfinite
+
+
+def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
+    """``--train_steps`` if set (it overrides a config file's ``--epochs``),
+    else ``--epochs`` worth of global batches."""
+    if config.train_steps:
+        return config.train_steps
+    return max(1, int(config.epochs * num_train_examples) // config.batch_size)
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What ``model_dir/run_config.json`` stores: the full config."""
+    return dataclasses.asdict(config)
+
+
+def parse_kv(text: str) -> dict[str, Any]:
+    """Parses ``"a=1,b=0.5,c=true,d=name"`` into typed values.
+
+    Raises:
+      ConfigError: an item is not ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Expected key=value, got {item!r} in {text!r}")
+        out[key.strip()] = _typed(value.strip())
+    return out
+
+
+def _typed(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_compression_and_sharding(config: TrainConfig) -> None:
+    """--compression and --shard_optimizer_state against each other's flags."""
+    if config.compression and config.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"--compression: unknown {config.compression!r}; valid: "
+            f"{', '.join(COMPRESSIONS)} (or none)"
+        )
+    if config.compression_args and not config.compression:
+        raise ConfigError("--compression_args needs --compression")
+    if config.compression and config.sync in ("local_sgd", "hierarchical"):
+        raise ConfigError(
+            f"--compression compresses gradients; --sync={config.sync} sends "
+            "weights (--sync=diloco compresses its outer gradient)"
+        )
+    if config.shard_optimizer_state and config.sync in DIVERGING_SYNC:
+        raise ConfigError(
+            f"--shard_optimizer_state needs a synchronous --sync (every_step or "
+            f"accumulate); under {config.sync} each replica keeps its own slots"
+        )

@@ -1,0 +1,197 @@
+"""Model, learning-rate schedule and optimizer from a :class:`TrainConfig`.
+
+Call the builders inside ``strategy.scope()``. :func:`optimizer_kwargs` is
+the one place where flags become optimizer arguments: a new optimizer flag
+is one line there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from distopt import aggregation as aggregation_lib
+from distopt import compression as compression_lib
+from distopt import models as models_lib
+from distopt import optimizers as optimizers_lib
+from distopt import sync as sync_lib
+from distopt.optimizers import schedules
+from distopt.trainer.config import ConfigError, TrainConfig, nonfinite_policy
+from distopt.trainer.strategy import communication_options, resolve_jit_compile
+
+# --optimizer=sam: these --optimizer_args are SAM's (see optimizers.SAM); every
+# other one is its base optimizer's. The default base is the trainer's default
+# optimizer, whose default learning rate the trainer's defaults are tuned for.
+SAM_ARGS = ("base_optimizer", "rho", "perturbation")
+SAM_DEFAULT_BASE = "adam"
+
+
+def build_model(
+    name: str,
+    source=None,
+    *,
+    seed=0,
+    mixed_precision="none",
+    jit_compile=None,
+    model_args=None,
+):
+    """Builds a model for ``source``'s image shape and classes (MNIST if None).
+
+    Call inside ``strategy.scope()``. ``jit_compile`` (None: by the current
+    strategy's device type, see :func:`resolve_jit_compile`) picks the
+    faster of the model's equivalent implementations, e.g. LeNet's pooling.
+
+    Raises:
+      ConfigError: a ``model_args`` key or value the model does not take.
+    """
+    if source is None:
+        shape, classes = (28, 28, 1), 10
+    else:
+        shape, classes = source.image_shape, source.num_classes
+    dtype = {"bfloat16": tf.bfloat16, "float16": tf.float16}.get(
+        mixed_precision, tf.float32
+    )
+    try:
+        return models_lib.build_model(
+            name,
+            shape,
+            classes,
+            seed=seed,
+            compute_dtype=dtype,
+            jit_compile=resolve_jit_compile(jit_compile),
+            model_args=model_args,
+        )
+    except TypeError as e:
+        raise ConfigError(
+            f"--model={name} does not take one of {sorted(model_args or {})}: {e}"
+        ) from e
+    except ValueError as e:  # The model names the bad value.
+        raise ConfigError(f"--model={name}: {e}") from e
+
+
+class Warmup:
+    """Linear warmup from 0 over ``warmup_steps``, then ``schedule(step)``."""
+
+    def __init__(self, schedule, warmup_steps):
+        self.schedule, self.warmup_steps = schedule, warmup_steps
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32)
+        after = tf.cast(self.schedule(step), tf.float32)
+        return tf.where(t < self.warmup_steps, after * t / self.warmup_steps, after)
+
+
+def make_schedule(config: TrainConfig, total_updates: int):
+    """The learning-rate schedule of ``config``, over ``total_updates`` updates.
+
+    ``decay_steps`` defaults to the whole run. ``warmup_steps`` is linear from
+    zero for every schedule (built into cosine, wrapped around the others).
+    """
+    lr = config.learning_rate
+    warmup = config.warmup_steps
+    decay_steps = config.decay_steps or max(1, total_updates - warmup)
+    if config.lr_schedule == "cosine":
+        return schedules.CosineDecay(lr, decay_steps, warmup_steps=warmup)
+    if config.lr_schedule == "exponential":
+        schedule = schedules.ExponentialDecay(lr, decay_steps, config.decay_rate)
+    elif config.lr_schedule == "piecewise":
+        schedule = schedules.PiecewiseConstant(config.lr_boundaries, config.lr_values)
+    else:
+        schedule = schedules.Constant(lr) if warmup else lr
+    return Warmup(schedule, warmup) if warmup else schedule
+
+
+def make_sync(config: TrainConfig):
+    """The sync mode of ``--sync``, ``--sync_period`` and ``--sync_args``.
+
+    Raises:
+      ConfigError: an argument the sync mode does not take.
+    """
+    kwargs = dict(config.sync_args)
+    if config.sync != "every_step":
+        kwargs.setdefault("k", config.sync_period)
+    if config.sync == "diloco" and (
+        "outer_learning_rate" in kwargs or "outer_momentum" in kwargs
+    ):
+        kwargs["outer_optimizer"] = optimizers_lib.get(
+            "momentum",
+            learning_rate=kwargs.pop("outer_learning_rate", 0.7),
+            momentum=kwargs.pop("outer_momentum", 0.9),
+            nesterov=True,
+            name="outer_momentum",
+        )
+    try:
+        return sync_lib.get(config.sync, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--sync={config.sync} does not take {kwargs}: {e}") from e
+
+
+def optimizer_kwargs(config: TrainConfig, total_steps: int) -> dict[str, Any]:
+    """The optimizer's constructor arguments: one entry per flag that sets one."""
+    # Schedules count applied updates: one per k steps when accumulating.
+    accumulating = config.sync == "accumulate"
+    updates = total_steps // config.sync_period if accumulating else total_steps
+    kwargs = dict(config.optimizer_args)
+    kwargs.update(
+        learning_rate=make_schedule(config, max(1, updates)),
+        aggregation=aggregation_lib.get(config.aggregation),
+        sync=make_sync(config),
+        global_clipnorm=config.global_clipnorm,
+        compression=make_compression(config),
+        shard_state=config.shard_optimizer_state,
+        # The optimizer skips (on every replica) only under the skip policy:
+        # the check costs throughput (see optimizers/base.py), and "stop"
+        # reads the loss and the weights instead.
+        skip_nonfinite=nonfinite_policy(config) == "skip",
+    )
+    if config.strategy == "multi_worker":
+        kwargs["communication_options"] = communication_options(
+            config.communication_timeout
+        )
+    if config.mixed_precision == "float16":
+        # float16 gradients underflow without it; overflowing steps are
+        # skipped on every replica and halve the scale.
+        kwargs["loss_scale"] = "dynamic"
+    return kwargs
+
+
+def make_compression(config: TrainConfig):
+    """The compressor of ``--compression`` and ``--compression_args``, or None.
+
+    Raises:
+      ConfigError: an argument the compressor does not take or accept.
+    """
+    if not config.compression:
+        return None
+    try:
+        return compression_lib.get(config.compression, **config.compression_args)
+    except ValueError as e:
+        raise ConfigError(f"--compression_args: {e}") from None
+
+
+def make_optimizer(config: TrainConfig, total_steps: int):
+    """Builds the optimizer, its aggregation and its sync mode from ``config``.
+
+    Call inside ``strategy.scope()``.
+
+    Raises:
+      ConfigError: unknown names, or a hyperparameter the optimizer or sync
+        mode does not take.
+    """
+    kwargs = optimizer_kwargs(config, total_steps)
+    try:
+        if config.optimizer == "sam":
+            # SAM's own arguments; all others (the learning rate, aggregation
+            # and sync included) build its base optimizer.
+            sam_args = {k: kwargs.pop(k) for k in SAM_ARGS if k in kwargs}
+            base = sam_args.pop("base_optimizer", SAM_DEFAULT_BASE)
+            return optimizers_lib.get("sam", base_optimizer=base, **sam_args, **kwargs)
+        return optimizers_lib.get(config.optimizer, **kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"--optimizer={config.optimizer} does not take one of "
+            f"{sorted(config.optimizer_args)}: {e}"
+        ) from e
+    except ValueError as e:  # The optimizer names the bad hyperparameter.
+        raise ConfigError(f"--optimizer={config.optimizer}: {e}") from e

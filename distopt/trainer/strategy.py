@@ -1,0 +1,185 @@
+"""The trainer's strategy: which one a config asks for, and what it runs on.
+
+Strategies are made by :func:`distopt.distribute.make_strategy`; this module
+adds what only the trainer needs: the flags' defaults (2 logical CPUs for
+``mirrored`` on a CPU host), the cluster of a ``multi_worker`` run (TF_CONFIG
+or Slurm), the log line, the chief, and the XLA default by device type.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from distopt import distribute
+from distopt.trainer.config import DEFAULT_CPU_VIRTUAL_DEVICES, ConfigError
+
+
+def make_strategy(
+    name: str,
+    *,
+    virtual_devices: int = 0,
+    tpu: str = "",
+    communication_timeout: float | None = None,
+    slurm_port_base: int = 8888,
+) -> tf.distribute.Strategy:
+    """Creates the strategy of ``--strategy=name`` and logs what it runs on.
+
+    Args:
+      name: one of ``distribute.STRATEGY_KINDS``.
+      virtual_devices: on a CPU-only host, the number of logical CPU devices
+        for ``mirrored`` (0: ``DEFAULT_CPU_VIRTUAL_DEVICES``). Ignored, with a
+        warning, when GPUs are present.
+      tpu: the TPU for ``tpu`` (a name, a grpc:// address, or "local").
+      communication_timeout: seconds before a collective of ``multi_worker``
+        fails, so that a dead peer errors out instead of hanging the job.
+      slurm_port_base: ``multi_worker`` under Slurm: first port on each node.
+
+    Raises:
+      ConfigError: an unknown name (listing the valid ones), or too few
+        logical CPUs.
+    """
+    if name not in distribute.STRATEGY_KINDS:
+        raise ConfigError(
+            f"Unknown strategy {name!r}; valid strategies: "
+            f"{list(distribute.STRATEGY_KINDS)}"
+        )
+    kwargs = {}
+    if name == "mirrored":
+        kwargs = _mirrored_devices(virtual_devices)
+    elif name == "multi_worker":
+        kwargs = {
+            "cluster_resolver": make_cluster_resolver(slurm_port_base),
+            "communication_options": communication_options(communication_timeout),
+        }
+    elif name == "tpu":
+        kwargs = {"tpu": tpu}
+    try:
+        strategy = distribute.make_strategy(name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"--strategy={name}: {e}") from e
+    _log_devices(name, strategy)
+    return strategy
+
+
+def _mirrored_devices(virtual_devices: int) -> dict:
+    """``make_strategy`` arguments of ``mirrored``: all GPUs, or logical CPUs."""
+    if tf.config.list_physical_devices("GPU"):
+        if virtual_devices:
+            logging.warning("--virtual_devices ignored: mirroring over the GPUs")
+        # NCCL between GPUs: TensorFlow's default cross-device ops.
+        return {"cross_device_ops": "default"}
+    n = virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES
+    logging.info(
+        "mirrored on a CPU-only host: %d logical CPU devices (%s)",
+        n,
+        "--virtual_devices" if virtual_devices else "default; set --virtual_devices",
+    )
+    # Reducing onto one device: as fast as RING collectives on this 2-core
+    # host (BUILD_NOTES.md) and with no collective state at all.
+    return {"num_cpu_devices": n, "cross_device_ops": "one_device"}
+
+
+def _log_devices(name: str, strategy: tf.distribute.Strategy) -> None:
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy has no device list.
+        devices = ["the default device"]
+    logging.info(
+        "Strategy %s: %d replica(s) in sync; local devices %s",
+        name,
+        strategy.num_replicas_in_sync,
+        ", ".join(devices),
+    )
+
+
+def communication_options(timeout: float | None):
+    """Collective options with a timeout (None or 0: wait forever)."""
+    return tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout or None
+    )
+
+
+def make_cluster_resolver(slurm_port_base: int = 8888):
+    """The cluster of a multi-worker run: TF_CONFIG, else Slurm, else None.
+
+    Args:
+      slurm_port_base: first port of the workers' servers on each Slurm node.
+
+    Returns:
+      A cluster resolver, or None for a single local worker.
+    """
+    if "TF_CONFIG" in os.environ:
+        logging.info("multi_worker: cluster from TF_CONFIG")
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if "SLURM_PROCID" in os.environ:
+        logging.info("multi_worker: cluster from Slurm (SLURM_* variables)")
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        if gpus:
+            return tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=slurm_port_base, gpus_per_node=gpus
+            )
+        # CPU nodes: the resolver divides GPUs among tasks and fails on zero
+        # (range step 0), so give it a GPU count it never exhausts and tell it
+        # not to touch CUDA_VISIBLE_DEVICES.
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=slurm_port_base,
+            gpus_per_node=1024,
+            gpus_per_task=1,
+            auto_set_gpu=False,
+        )
+    logging.warning("multi_worker: no TF_CONFIG and no Slurm job: one local worker")
+    return None
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes checkpoints, summaries and metrics."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or isinstance(
+        resolver, tf.distribute.cluster_resolver.TPUClusterResolver
+    ):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's task id (0 outside a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0) if resolver else 0
+
+
+def resolve_jit_compile(jit_compile: bool | None, strategy=None) -> bool:
+    """Whether to XLA-compile the model's step: ``jit_compile``, or by device.
+
+    An explicit True or False wins. None (the default) picks by the device
+    type the strategy runs on: XLA on GPUs and TPUs, none on CPUs. On CPU the
+    plain TensorFlow kernels (with ``max_pool2d`` pooling) were as fast as
+    XLA for the bare LeNet and MLP steps, and the trainer ran faster without
+    XLA (LeNet 2.1-2.2x, MLP mirrored 1.2x, MLP default the same;
+    BUILD_NOTES.md, 2026-12-01), with less compiling before the first step.
+    The optimizer's own update kernels are unaffected (they take the
+    optimizer's ``jit_compile``).
+
+    Args:
+      jit_compile: True, False or None (pick by device type).
+      strategy: the strategy (default: the current one).
+    """
+    if jit_compile is not None:
+        return bool(jit_compile)
+    strategy = strategy or tf.distribute.get_strategy()
+    return distribute.is_tpu(strategy) or runs_on_gpu(strategy)
+
+
+def runs_on_gpu(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy's replicas are GPUs."""
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # The default strategy: TF places ops on GPU:0 if any.
+        return bool(tf.config.list_logical_devices("GPU"))
+    return any(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)

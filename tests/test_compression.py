@@ -1,0 +1,718 @@
+"""Gradient compression with error feedback (issue 25), against NumPy references.
+
+Every compressor is followed replica by replica against
+`tests/numpy_reference.py` (`ef_sgd`, written from the papers), through
+`tests/compression_harness.py`, which feeds each replica its own gradient as
+data. Plain gradient descent tests the scale (Adam would hide a wrong one).
+"""
+
+import logging
+
+import numpy as np
+import numpy_reference as ref
+import pytest
+import tensorflow as tf
+from compression_harness import (
+    COMPRESSORS,
+    SHAPES,
+    check_chained,
+    check_run,
+    gradients,
+    initial_params,
+    make_optimizer,
+    run,
+    setup,
+    shares_of,
+    snapshot,
+)
+from conftest import mirrored
+
+import distopt
+
+LR = 0.1
+M2 = mirrored(2)
+
+
+# --- Each compressor against its reference, replica by replica ------------------
+
+
+@pytest.mark.parametrize("num_replicas", [2, 4])
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_matches_reference_replica_by_replica(compressor, num_replicas):
+    """20 steps, each replica with its own gradient, against `ef_sgd`.
+
+    Every step: what each replica hands to the collectives and what it
+    receives (the payload), each replica's residual row, PowerSGD's Q, the
+    update and `w - w0`, identical copies on every replica, and the bytes
+    each replica sent (`bytes_sent`) equal to the reference's payload size.
+    """
+    strategy = M2 if num_replicas == 2 else mirrored(4)
+    grads = gradients(20, num_replicas, seed=num_replicas)
+    params, opt = setup(strategy, lambda: make_optimizer(compressor, learning_rate=LR))
+    q0 = snapshot(strategy, opt, params)["q"]
+    _, _, _, records = run(strategy, opt, grads, params=params)
+    shares = shares_of(grads)
+    replicas = list(range(num_replicas))
+    check_run(compressor, records, shares, initial_params(), LR, replicas, q0)
+    if compressor != "powersgd":
+        check_chained(compressor, records, shares, replicas)
+
+
+def test_adam_row():
+    # Adam is invariant to the gradient's scale, so it is a row, not the test
+    # of the scale: the reference's aggregates through Keras's Adam rule.
+    grads = gradients(5, 2, seed=5)
+    params, _, _, records = run(
+        M2, lambda: make_optimizer("topk", "adam", learning_rate=0.01), grads
+    )
+    want = check_chained("topk", records, shares_of(grads), [0, 1])
+    final, _ = ref.run("adam", initial_params(), [w["aggregate"] for w in want], 0.01)
+    for p, f in zip(params, final):
+        np.testing.assert_allclose(p.numpy(), f, rtol=1e-4, atol=1e-6)
+
+
+# --- Error feedback -------------------------------------------------------------
+
+
+def test_error_feedback_fixes_scaled_sign():
+    """Karimireddy et al. (2019): scaled sign without feedback stalls.
+
+    Two replicas disagree on the first coordinate (targets +1 and -1), so
+    their scaled signs disagree there and the sum of signs points away from
+    the mean gradient in the others: without feedback the iterate stalls
+    about 0.3 from the optimum of the averaged quadratic; with it, it
+    converges (decaying rate, as in their analysis).
+    """
+    targets = np.array([[1.0, 0.0, 0.3, -0.2], [-1.0, 0.0, -0.1, 0.1]], np.float32)
+    optimum = targets.mean(axis=0)
+
+    def distance(error_feedback):
+        with M2.scope():
+            x = tf.Variable(np.full(4, 0.5, np.float32))
+            opt = distopt.optimizers.GradientDescent(
+                distopt.optimizers.schedules.ExponentialDecay(0.3, 1, 0.95),
+                compression=distopt.compression.OneBit(error_feedback=error_feedback),
+                jit_compile=False,
+            )
+
+        @tf.function
+        def steps(n):
+            def replica_fn():
+                rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+                # The gradient of 0.5 * ||x - target_r||^2.
+                opt.apply_gradients([x - tf.gather(targets, rid)], [x])
+
+            for _ in tf.range(n):
+                M2.run(replica_fn)
+
+        steps(tf.constant(60))
+        return np.linalg.norm(x.numpy() - optimum), opt
+
+    with_feedback, opt = distance(True)
+    assert set(opt.compression.residuals) == {"0"}
+    without, opt = distance(False)
+    assert opt.compression.residuals == {}
+    assert with_feedback < 0.03, with_feedback
+    assert without > 0.2, without
+
+
+# --- Composition ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "aggregation,compressor", [("sum", "powersgd"), ("weighted_mean", "onebit")]
+)
+def test_aggregations_compress_the_normalised_share(aggregation, compressor):
+    # The share is P_r / N: g_r for the sum, w_r g_r / sum(w) for the
+    # weighted mean (uneven weights); the mean is the tests above.
+    grads = gradients(6, 2, seed=11)
+    weights = [[1.0, 3.0], [5.0, 2.0], [0.5, 0.25], [1.0, 1.0], [7.0, 1.0], [2.0, 6.0]]
+    weighted = aggregation == "weighted_mean"
+    params, opt = setup(
+        M2,
+        lambda: make_optimizer(compressor, learning_rate=0.05, aggregation=aggregation),
+    )
+    q0 = snapshot(M2, opt, params)["q"]
+    _, _, _, records = run(
+        M2, opt, grads, params=params, weights=weights if weighted else None
+    )
+    shares = shares_of(grads, weights, aggregation)
+    check_run(
+        compressor,
+        records,
+        shares,
+        initial_params(),
+        0.05,
+        [0, 1],
+        q0,
+        weighted=weighted,
+    )
+
+
+def test_clipping_acts_on_the_decompressed_aggregate():
+    grads = gradients(4, 2, seed=13)
+    params, _, _, records = run(
+        M2,
+        lambda: make_optimizer(
+            "topk", learning_rate=LR, clipnorm=0.3, global_clipnorm=0.4
+        ),
+        grads,
+        record=False,
+    )
+    # The residuals hold the compression error only (the reference has no
+    # clipping); clipping then acts on the sum every replica receives:
+    # Keras's clipnorm per variable, then the global norm.
+    want = check_chained("topk", records, shares_of(grads), [0, 1])
+    w = [np.float64(p) for p in initial_params()]
+    active = set()
+    for step in want:
+        g = []
+        for a in step["aggregate"]:
+            norm = np.linalg.norm(a)
+            if norm > 0.3:
+                active.add("clipnorm")
+            g.append(a * min(1.0, 0.3 / norm))
+        total = np.sqrt(sum(np.sum(x * x) for x in g))
+        if total > 0.4:
+            active.add("global")
+        w = [p - LR * x * min(1.0, 0.4 / total) for p, x in zip(w, g)]
+    assert active == {"clipnorm", "global"}  # both clip something here
+    for p, want_p in zip(params, w):
+        np.testing.assert_allclose(p.numpy(), want_p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_nonfinite_step_is_skipped_with_residuals_and_q_untouched(compressor):
+    grads = gradients(5, 2, seed=17)
+    # One NaN on replica 1 at step 2, in an entry of small magnitude (top-k
+    # would not pick it on its magnitude), and one Inf at step 3.
+    grads[2][1][0][3, 4] = np.nan
+    grads[3][0][1][0, 0, 0] = np.inf
+    params, opt = setup(
+        M2, lambda: make_optimizer(compressor, learning_rate=LR, skip_nonfinite=True)
+    )
+    q0 = snapshot(M2, opt, params)["q"]
+    _, _, _, records = run(M2, opt, grads, params=params)
+    assert int(opt.skipped_steps) == 2
+    check_run(
+        compressor,
+        records,
+        shares_of(grads),
+        initial_params(),
+        LR,
+        [0, 1],
+        q0,
+        skip={2, 3},
+    )
+
+
+def test_invalid_weight_skips_with_residuals_and_q_untouched():
+    grads = gradients(5, 2, seed=19)
+    weights = [[1.0, 2.0], [-1.0, 2.0], [3.0, 1.0], [1.0, np.nan], [2.0, 2.0]]
+    params, opt = setup(
+        M2,
+        lambda: make_optimizer(
+            "powersgd", learning_rate=LR, aggregation="weighted_mean"
+        ),
+    )
+    q0 = snapshot(M2, opt, params)["q"]
+    _, _, _, records = run(M2, opt, grads, params=params, weights=weights)
+    assert int(opt.invalid_weight_steps) == 2
+    assert int(opt.skipped_steps) == 2
+    shares = shares_of(grads, weights, "weighted_mean")
+    check_run(
+        "powersgd",
+        records,
+        shares,
+        initial_params(),
+        LR,
+        [0, 1],
+        q0,
+        weighted=True,
+        skip={1, 3},
+    )
+
+
+def test_accumulate_compresses_at_the_flush_only():
+    k, steps = 2, 4
+    grads = gradients(steps, 2, seed=23)
+    params, _, _, records = run(
+        M2,
+        lambda: make_optimizer(
+            "onebit", learning_rate=LR, sync=distopt.sync.Accumulate(k)
+        ),
+        grads,
+        record=False,
+    )
+    # One all-gather per flush, none in between; the compressor ran twice.
+    assert [r["counters"]["allgather_calls"] for r in records] == [0, 1, 1, 2]
+    assert [r["steps"] for r in records] == [0, 1, 1, 2]
+    assert records[-1]["counters"]["allreduce_calls"] == 0
+    # A flush's share is the accumulated gradient over R * k: the mean of a
+    # k-times-larger batch.
+    flushes = [
+        [
+            [
+                (grads[t][r][i] + grads[t + 1][r][i]) * np.float32(1 / (2 * k))
+                for i in range(3)
+            ]
+            for r in range(2)
+        ]
+        for t in range(0, steps, k)
+    ]
+    want = ref.ef_sgd("onebit", flushes)
+    for t, w in zip((1, 3), want):
+        for i in range(3):
+            np.testing.assert_allclose(
+                records[t]["residual"][i], w["residual"][i], rtol=1e-5, atol=1e-6
+            )
+    total = [sum(w["aggregate"][i] for w in want) for i in range(3)]
+    for p, w0, g in zip(params, initial_params(), total):
+        np.testing.assert_allclose(p.numpy() - w0, -LR * g, rtol=1e-5, atol=1e-6)
+
+
+def test_diloco_compresses_its_outer_gradient():
+    """DiLoCo(k) with GradientDescent(1.0) outside: local SGD on the outer
+    gradient `sum_r C((anchor - w_r) / R + e_r)`, with its own residuals."""
+    k, steps, inner_lr = 2, 4, 0.1
+    grads = gradients(steps, 2, seed=29)
+    with M2.scope():
+        # A float64 variable too: it travels uncompressed, in the all-reduce.
+        params = [tf.Variable(p) for p in initial_params()]
+        params.append(tf.Variable(np.arange(3.0)))
+        opt = make_optimizer(
+            "topk",
+            learning_rate=inner_lr,
+            sync=distopt.sync.DiLoCo(
+                k, outer_optimizer=distopt.optimizers.GradientDescent(1.0)
+            ),
+        )
+    f64 = [[[np.full(3, r + t, np.float64)] for r in range(2)] for t in range(steps)]
+    grads = [[g + f for g, f in zip(gt, ft)] for gt, ft in zip(grads, f64)]
+    run(M2, opt, grads, params=params, record=False)
+    outer = opt.sync.outer_compression
+    assert opt.compression.steps.numpy() == 0  # the inner one never ran
+    assert int(outer.steps) == steps // k
+    counters = opt.reducer.counters()
+    assert counters["allgather_calls"] == steps // k  # one per outer step
+    # The float64 variable's weights, once per outer step; nothing else.
+    assert counters["allreduce_calls"] == steps // k
+    # Per outer step: top-k values and indices of 18 + 9 + 1 entries (of
+    # 180 + 84 + 5: 1076 bytes uncompressed), and the float64 vector whole.
+    assert counters["bytes_sent"] == steps // k * (4 * 2 * (18 + 9 + 1) + 8 * 3)
+    # Reference: each replica's local GD, then the compressed outer step.
+    anchor = [np.float32(p) for p in initial_params()] + [np.arange(3.0)]
+    residual = None
+    for t0 in range(0, steps, k):
+        local = [
+            [
+                a - inner_lr * sum(grads[t][r][i] for t in range(t0, t0 + k))
+                for i, a in enumerate(anchor)
+            ]
+            for r in range(2)
+        ]
+        shares = [
+            [(anchor[i] - local[r][i]) * np.float32(0.5) for i in range(3)]
+            for r in range(2)
+        ]
+        (w,) = ref.ef_sgd("topk", [shares], fraction=0.1, residual0=residual)
+        residual = w["residual"]
+        anchor = [a - g for a, g in zip(anchor, w["aggregate"])] + [
+            np.mean([local[r][3] for r in range(2)], axis=0)
+        ]
+    for i, (p, a) in enumerate(zip(params, anchor)):
+        for copy in M2.experimental_local_results(p):
+            np.testing.assert_allclose(
+                copy.numpy(), a, rtol=1e-5, atol=1e-6, err_msg=str(i)
+            )
+    for i in range(3):
+        np.testing.assert_allclose(
+            outer.residuals[str(i)].numpy(), residual[i], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_sparse_gradients_travel_uncompressed():
+    # An embedding's IndexedSlices gradient goes in the sparse all-gather,
+    # uncompressed, its residual left at zero; the dense one is compressed.
+    grads = gradients(3, 2, seed=31, shapes=[(15, 12)])
+    rows = np.random.default_rng(3).normal(size=(3, 2, 2, 4)).astype(np.float32)
+    indices = np.array([[[1, 7], [7, 9]], [[0, 2], [3, 2]], [[5, 6], [6, 5]]], np.int32)
+    table0 = np.random.default_rng(4).normal(size=(10, 4)).astype(np.float32)
+    with M2.scope():
+        w = tf.Variable(initial_params()[0])
+        table = tf.Variable(table0)
+        opt = make_optimizer("topk", learning_rate=LR)
+        opt.build([w, table])
+
+    @tf.function
+    def step(g, values, idx):
+        def replica_fn(g, values, idx):
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            sparse = tf.IndexedSlices(values[r], idx[r], tf.constant([10, 4]))
+            opt.apply_gradients([g[r], sparse], [w, table])
+
+        M2.run(replica_fn, args=(g, values, idx))
+
+    for t in range(3):
+        step(
+            tf.constant(np.stack([grads[t][r][0] for r in range(2)])),
+            rows[t],
+            indices[t],
+        )
+    want = ref.ef_sgd("topk", shares_of(grads), fraction=0.1)
+    np.testing.assert_allclose(
+        w.numpy() - initial_params()[0],
+        -LR * sum(s["aggregate"][0] for s in want),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    expected = table0.astype(np.float64)
+    for t in range(3):
+        for r in range(2):
+            np.add.at(expected, indices[t, r], -LR * rows[t, r] / 2)
+    np.testing.assert_allclose(table.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(opt.compression.residuals["1"].numpy(), 0.0)
+    counters = opt.reducer.counters()
+    assert counters["allgather_calls"] == 3  # the dense top-k only
+    # The sparse all-gathers: every replica's 2 rows of 4 floats plus an
+    # int32 index each, per step.
+    assert counters["allreduce_bytes"] == 3 * 2 * 2 * (4 * 4 + 4)
+
+
+def _quadratic_targets(num_replicas, seed):
+    rng = np.random.default_rng(seed)
+    return [
+        [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+        for _ in range(num_replicas)
+    ]
+
+
+@pytest.mark.parametrize("method", ["sam", "heun"])
+def test_sam_and_heun_compress_their_update_once(method):
+    """Replica r's loss is 0.5 ||p - c_r||^2, so its gradient is p - c_r.
+
+    SAM ("aggregated"): e = rho * g / ||g|| from the uncompressed mean g,
+    then each replica's gradient at p + e is compressed. Heun: the trial
+    point p - lr * mean(g1), uncompressed; then each replica's (g1 + g2) / 2
+    is compressed. One compression (one all-gather) and one plain
+    all-reduce per step.
+    """
+    steps, rho = 3, 0.05
+    targets = _quadratic_targets(2, seed=37)
+    with M2.scope():
+        params = [tf.Variable(p) for p in initial_params()]
+        compressor = distopt.compression.OneBit()
+        if method == "sam":
+            base = distopt.optimizers.GradientDescent(
+                LR, compression=compressor, jit_compile=False
+            )
+            opt = distopt.optimizers.SAM(base, rho=rho, perturbation="aggregated")
+        else:
+            opt = base = distopt.optimizers.Heun(
+                LR, compression=compressor, jit_compile=False
+            )
+        opt.build(params)
+    c = [tf.constant(np.stack([targets[r][i] for r in range(2)])) for i in range(3)]
+
+    @tf.function
+    def step():
+        def replica_fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            loss = lambda: sum(
+                0.5 * tf.reduce_sum(tf.square(p - ci[r])) for p, ci in zip(params, c)
+            )
+            opt.minimize(loss, params)
+
+        M2.run(replica_fn)
+
+    for _ in range(steps):
+        step()
+    counters = base.reducer.counters()
+    assert counters["allgather_calls"] == steps
+    assert counters["allreduce_calls"] == steps
+    assert int(compressor.steps) == steps
+    # Reference, chained in float32.
+    p = [np.float32(x) for x in initial_params()]
+    residual = None
+    for _ in range(steps):
+        g1 = [[p[i] - targets[r][i] for i in range(3)] for r in range(2)]
+        mean = [(g1[0][i] + g1[1][i]) / 2 for i in range(3)]
+        if method == "sam":
+            norm = np.sqrt(sum(np.sum(np.float64(m) ** 2) for m in mean))
+            e = [np.float32(rho / norm) * m for m in mean]
+            update = [[p[i] + e[i] - targets[r][i] for i in range(3)] for r in range(2)]
+        else:
+            trial = [p[i] - np.float32(LR) * mean[i] for i in range(3)]
+            g2 = [[trial[i] - targets[r][i] for i in range(3)] for r in range(2)]
+            update = [[(g1[r][i] + g2[r][i]) / 2 for i in range(3)] for r in range(2)]
+        shares = [[u * np.float32(0.5) for u in update[r]] for r in range(2)]
+        (w,) = ref.ef_sgd("onebit", [shares], residual0=residual)
+        residual = w["residual"]
+        p = [x - np.float32(LR) * a for x, a in zip(p, w["aggregate"])]
+    for var, want in zip(params, p):
+        np.testing.assert_allclose(var.numpy(), want, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(
+            compressor.residuals[str(i)].numpy(), residual[i], rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("sync", ["local_sgd", "hierarchical"])
+def test_weight_averaging_modes_refuse_compression(sync):
+    with pytest.raises(ValueError) as e:
+        distopt.optimizers.get(
+            "gradient_descent",
+            learning_rate=0.1,
+            sync=distopt.sync.get(sync, k=2),
+            compression="topk",
+        )
+    message = str(e.value)
+    assert message.startswith("compression:") and "\n" not in message
+    assert sync in message
+
+
+# --- State --------------------------------------------------------------------------
+
+
+def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
+    grads = gradients(6, 2, seed=41)
+    make = lambda: make_optimizer("powersgd", learning_rate=LR)
+    params, opt = setup(M2, make)
+    _, _, step_fn, _ = run(M2, opt, grads[:3], params=params, record=False)
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
+    _, _, _, straight = run(
+        M2, opt, grads[3:], params=params, record=False, step_fn=step_fn
+    )
+    # Fresh objects: their Q is the first step's, their residuals zero, so
+    # that only a restore of everything makes the runs agree.
+    params2, opt2 = setup(M2, make)
+    checkpoint = tf.train.Checkpoint(params=params2, optimizer=opt2)
+    checkpoint.restore(path).assert_consumed()
+    _, _, _, resumed = run(M2, opt2, grads[3:], params=params2, record=False)
+    for a, b in zip(straight, resumed):
+        for key in ("params", "residual", "q"):
+            for x, y in zip(a[key], b[key]):
+                np.testing.assert_array_equal(x, y, err_msg=key)
+        assert a["steps"] == b["steps"]
+    assert straight[-1]["steps"] == resumed[-1]["steps"] == 6
+    assert np.any(straight[-1]["residual"][0] != 0)
+
+
+def test_other_replica_count_restarts_residuals_with_one_warning(tmp_path, caplog):
+    grads = gradients(2, 2, seed=43)
+    make = lambda: make_optimizer("topk", learning_rate=LR)
+    params, opt, _, records = run(M2, make, grads, record=False)
+    assert np.any(records[-1]["residual"][0] != 0)
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
+    m4 = mirrored(4)
+    params4, opt4 = setup(m4, make)
+    with caplog.at_level(logging.WARNING):
+        tf.train.Checkpoint(params=params4, optimizer=opt4).restore(
+            path
+        ).assert_consumed()
+    warnings = [r for r in caplog.records if "restart at zero" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].levelno == logging.WARNING
+    assert "2 replicas" in warnings[0].getMessage()
+    for i, shape in enumerate(SHAPES):
+        rows = opt4.compression.residuals[str(i)].numpy()
+        assert rows.shape == (4, *shape)
+        np.testing.assert_array_equal(rows, 0.0)
+    # Everything else is restored.
+    np.testing.assert_array_equal(params4[0].numpy(), params[0].numpy())
+    assert int(opt4.compression.steps) == 2
+
+
+# --- Edge cases -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        distopt.compression.PowerSGD(rank=2, epsilon=0.0),
+        distopt.compression.PowerSGD(rank=2, epsilon=1e-8),
+        distopt.compression.TopK(0.1),
+        distopt.compression.OneBit(),
+    ],
+    ids=["powersgd_eps0", "powersgd_eps1e-8", "topk", "onebit"],
+)
+def test_zero_gradients_then_training_goes_on(compressor):
+    # Two all-zero steps (a layer with no gradient yet), then ordinary ones.
+    grads = gradients(5, 2, seed=47)
+    for t in range(2):
+        grads[t] = [[np.zeros_like(g) for g in rep] for rep in grads[t]]
+    compressor = distopt.compression.from_config(compressor.get_config())
+    params, _, _, records = run(
+        M2, lambda: make_optimizer(compressor, learning_rate=LR), grads
+    )
+    if compressor.name != "powersgd":
+        # Step by step too, payload included: a zero's sign is +, and top-k
+        # picks the lowest indices among equal magnitudes. (PowerSGD's fresh
+        # Q after the zero steps comes from TensorFlow's random numbers.)
+        shares = shares_of(grads)
+        check_run(compressor.name, records, shares, initial_params(), LR, [0, 1], None)
+    for rec in records:
+        for key in ("params", "residual", "q"):
+            for x in rec[key]:
+                assert x is None or np.all(np.isfinite(x)), key
+    for t in range(2):
+        for x, w0 in zip(records[t]["params"], initial_params()):
+            np.testing.assert_array_equal(x[0], w0)
+        for x in records[t]["residual"]:
+            assert x is None or not np.any(x)
+    # Error feedback loses nothing: what was applied plus what the replicas
+    # still hold is everything they were given, sum_t sum_r s_r.
+    shares = shares_of(grads)
+    for i, w0 in enumerate(initial_params()):
+        applied = (np.float64(w0) - params[i].numpy()) / LR
+        held = records[-1]["residual"][i]
+        given = sum(shares[t][r][i] for t in range(5) for r in range(2))
+        if held is not None:
+            applied = applied + held.sum(axis=0)
+            # Something is sent: a zero warm start must not stay zero.
+            assert np.any(params[i].numpy() != w0), i
+        np.testing.assert_allclose(applied, given, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make,argument",
+    [
+        (lambda: distopt.compression.PowerSGD(rank=0), "rank"),
+        (lambda: distopt.compression.PowerSGD(epsilon=-1.0), "epsilon"),
+        (
+            lambda: distopt.compression.PowerSGD(min_compression_rate=0),
+            "min_compression_rate",
+        ),
+        (lambda: distopt.compression.TopK(fraction=0), "fraction"),
+        (lambda: distopt.compression.TopK(fraction=1.5), "fraction"),
+        (lambda: distopt.compression.get("gzip"), "compression"),
+        (lambda: distopt.compression.get("topk", k=3), "compression_args"),
+        (
+            lambda: distopt.compression.get(distopt.compression.TopK(), fraction=0.5),
+            "compression_args",
+        ),
+        (lambda: distopt.compression.get(None, rank=2), "compression_args"),
+        (lambda: distopt.compression.get("powersgd", start_step=-1), "start_step"),
+        (lambda: distopt.optimizers.get("adam", compression="gzip"), "compression"),
+        (
+            lambda: distopt.optimizers.get(
+                "adam", compression=distopt.compression.get("topk"), sync="local_sgd"
+            ),
+            "compression",
+        ),
+    ],
+)
+def test_bad_arguments_raise_one_error_naming_them_and_build_nothing(make, argument):
+    made = []
+
+    def creator(next_creator, **kwargs):
+        made.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator), pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value).startswith(f"{argument}:"), str(e.value)
+    assert "\n" not in str(e.value)
+    assert made == []
+
+
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_config_round_trip(compressor):
+    kind, args = COMPRESSORS[compressor]
+    made = distopt.compression.get(kind, **args, start_step=3, error_feedback=False)
+    config = made.get_config()
+    again = distopt.compression.from_config(config)
+    assert type(again) is type(made) and again.get_config() == config
+    opt = make_optimizer(made)
+    assert type(opt).from_config(opt.get_config()).compression.get_config() == config
+
+
+# --- Counters, eagerly, after another strategy ---------------------------------
+
+
+def test_eager_after_another_strategy_and_bytes_read_from_the_counters():
+    """The way users run it: eagerly, in a process where another
+    MirroredStrategy has already run (here M2, first, uncompressed).
+
+    The compressed optimizers run on a strategy of their own, on an
+    MLP-shaped layer (784 x 700 and its bias), one step each; the bytes each
+    replica sent (`bytes_sent`, read from the run) against the uncompressed
+    run's. Then two steps of the small problem, eagerly, against the
+    reference.
+    """
+    rng = np.random.default_rng(53)
+    shapes = [(784, 700), (700,)]
+    grads = [
+        [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(2)]
+    ]
+
+    def one_step(strategy, compression):
+        with strategy.scope():
+            params = [tf.Variable(tf.zeros(s)) for s in shapes]
+            opt = distopt.optimizers.GradientDescent(
+                LR, compression=compression, jit_compile=False
+            )
+        run(strategy, opt, grads, params=params, function=False, record=False)
+        return opt.reducer.counters(), params
+
+    plain, _ = one_step(M2, None)
+    plain = plain["bytes_sent"]
+    assert plain == 4 * (784 * 700 + 700) + 4  # the gradients and the weight
+    strategy = mirrored(2)
+    sent, ratios = {}, {}
+    for name, compression in [
+        ("powersgd", distopt.compression.PowerSGD(rank=2)),
+        ("topk", distopt.compression.TopK(0.01)),
+        ("onebit", distopt.compression.OneBit()),
+    ]:
+        counters, params = one_step(strategy, compression)
+        sent[name] = counters["bytes_sent"]
+        ratios[name] = plain / sent[name]
+        if name != "powersgd":  # what each replica receives, R rows
+            assert counters["allgather_bytes"] == 2 * sent[name]
+        assert np.any(params[0].numpy() != 0), name
+    print("gradient bytes sent per replica, uncompressed / compressed:", ratios)
+    assert min(ratios.values()) >= 20, ratios
+    # PowerSGD rank 2 on the matrix: (784 + 700) x 2 floats, and the bias
+    # whole; top-k: 5488 values and indices and 7 of each for the bias;
+    # 1 bit: 17150 words and a scale, 22 words and a scale.
+    assert sent["powersgd"] == 4 * ((784 + 700) * 2 + 700)
+    assert sent["topk"] == 4 * 2 * (5488 + 7)
+    assert sent["onebit"] == 4 * (17150 + 1 + 22 + 1)
+
+    grads = gradients(2, 2, seed=59)
+    params, opt = setup(strategy, lambda: make_optimizer("powersgd", learning_rate=LR))
+    q0 = snapshot(strategy, opt, params)["q"]
+    _, _, _, records = run(strategy, opt, grads, params=params, function=False)
+    check_run("powersgd", records, shares_of(grads), initial_params(), LR, [0, 1], q0)
+
+
+def test_start_step_sends_plain_all_reduces_first():
+    grads = gradients(4, 2, seed=61)
+    params, _, _, records = run(
+        M2,
+        lambda: make_optimizer(
+            distopt.compression.OneBit(start_step=2), learning_rate=LR
+        ),
+        grads,
+        record=False,
+    )
+    calls = [
+        (r["counters"]["allreduce_calls"], r["counters"]["allgather_calls"])
+        for r in records
+    ]
+    assert calls == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    shares = shares_of(grads)
+    for t in range(2):
+        for x in records[t]["residual"]:
+            np.testing.assert_array_equal(x, 0.0)
+    want = ref.ef_sgd("onebit", shares[2:])
+    for i, w0 in enumerate(initial_params()):
+        exact = sum(shares[t][r][i] for t in range(2) for r in range(2))
+        total = exact + sum(w["aggregate"][i] for w in want)
+        np.testing.assert_allclose(
+            params[i].numpy() - w0, -LR * total, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            records[-1]["residual"][i], want[-1]["residual"][i], rtol=1e-5, atol=1e-6
+        )

@@ -1,0 +1,257 @@
+"""The trainer when its disk is full or read-only, or it is killed mid-save.
+
+Every failure to write (the lock, a checkpoint, ``run_config.json``,
+``metrics.json``) must be one ``error:`` line, the last one, exit status 1,
+with nothing half-written left and nothing that blocks the rerun; the rerun,
+once the space is back, must finish the run.
+
+A small tmpfs stands in for the disk. Mounting one needs no privilege inside
+a new user and mount namespace (``unshare --user --map-root-user
+--mount``); where namespaces are unavailable the tests skip. Root ignores
+permission bits, so "read-only" is a read-only mount, never a chmod.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+# LeNet: about 0.75 MB per checkpoint with Adam's slots, so a few MB hold a run.
+TRAIN = (
+    f"{sys.executable} -m distopt.train --model=lenet --batch_size=32 "
+    "--eval_steps=4 --log_every=5 --steps_per_loop=2 --checkpoint_every=10 "
+    "--train_steps=20"
+)
+
+
+def _in_namespace(script, timeout=400):
+    """Runs ``sh -c script`` as root of a new user and mount namespace."""
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A mount point for a small tmpfs; skips where none can be mounted."""
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1): cannot mount a small filesystem here")
+    path = tmp_path / "disk"
+    path.mkdir()
+    probe = _in_namespace(f"mount -t tmpfs -o size=1m tmpfs {path}", timeout=30)
+    if probe.returncode:
+        pytest.skip(f"user and mount namespaces unavailable: {probe.stderr.strip()}")
+    return path
+
+
+def _report(logs, name):
+    """(exit status, stderr lines) of one run logged by the script."""
+    with open(logs / f"{name}.log") as f:
+        lines = f.read().splitlines()
+    with open(logs / f"{name}.status") as f:
+        return int(f.read()), lines
+
+
+def _assert_one_error_last(lines, starts):
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-12:]
+    assert errors[0].startswith(starts), errors
+    assert not [line for line in lines if "Traceback" in line], lines
+
+
+def _run(name, model_dir, env=""):
+    """Shell: one trainer run, its stderr and exit status kept under logs/."""
+    return (
+        f"{env} {TRAIN} --model_dir={model_dir} > $LOGS/{name}.log 2>&1; "
+        f"echo $? > $LOGS/{name}.status; "
+    )
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_full_disk_at_start_is_one_line_and_leaves_no_lock(disk, tmp_path):
+    logs, run = tmp_path, f"{disk}/run"
+    script = (
+        f"export LOGS={logs}; mount -t tmpfs -o size=4m tmpfs {disk} && "
+        f"head -c 5m /dev/zero > {disk}/filler 2>/dev/null; "
+        + _run("full", run)
+        + f"ls -A {run} > $LOGS/left; rm {disk}/filler; "
+        + _run("rerun", run)
+        + f"ls -A {run} > $LOGS/after"
+    )
+    proc = _in_namespace(script)
+    assert proc.returncode == 0, proc.stderr
+    status, lines = _report(logs, "full")
+    assert status == 1, lines[-12:]
+    _assert_one_error_last(
+        lines, f"error: Could not write the lock file {run}/LOCK: No space left"
+    )
+    # No empty LOCK (it would block every rerun): nothing at all.
+    assert (logs / "left").read_text().split() == []
+    status, lines = _report(logs, "rerun")
+    assert status == 0, lines[-12:]
+    assert "LOCK" not in (logs / "after").read_text().split()
+
+
+@pytest.mark.slow
+def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(disk, tmp_path):
+    logs, run = tmp_path, f"{disk}/run"
+    # A read-only bind mount over the tmpfs once ckpt-10 exists: the files
+    # the trainer holds open stay writable, as when a mount turns read-only
+    # under a running job; every new file fails.
+    script = (
+        f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
+        + _run("ro", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
+        + f") & while [ ! -e {run}/checkpoints/ckpt-10.index ]; do sleep 0.05; done; "
+        f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}; wait; "
+        f"umount {disk}; "
+        + _run("rerun", run)
+        + f"ls -A {run}/checkpoints > $LOGS/after"
+    )
+    proc = _in_namespace(script)
+    assert proc.returncode == 0, proc.stderr
+    status, lines = _report(logs, "ro")
+    assert status == 1, lines[-12:]
+    _assert_one_error_last(
+        lines, f"error: Could not save the checkpoint of step 20 in {run}/checkpoints"
+    )
+    assert "Read-only file system" in lines[-1]
+    status, lines = _report(logs, "rerun")
+    assert status == 0, lines[-12:]
+    assert any("resuming at step 10 of 20" in line for line in lines), lines
+    assert any("Taking over the stale lock" in line for line in lines), lines
+    left = (logs / "after").read_text().split()
+    assert left == [
+        "checkpoint",
+        "ckpt-10.data-00000-of-00001",
+        "ckpt-10.index",
+        "ckpt-20.data-00000-of-00001",
+        "ckpt-20.index",
+    ]
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tmp_path):
+    logs, run = tmp_path, f"{disk}/run"
+    # The disk fills while the final evaluation runs (after the last save):
+    # metrics.json cannot be written.
+    script = (
+        f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
+        + _run("full", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
+        + f") & while ! grep -qs 'ckpt-20\"' {run}/checkpoints/checkpoint; "
+        "do sleep 0.05; done; "
+        f"head -c 9m /dev/zero > {disk}/filler 2>/dev/null; wait; "
+        f"ls -A {run} > $LOGS/left; rm {disk}/filler; "
+        + _run("rerun", run)
+        + f"cat {run}/metrics.json > $LOGS/metrics.json"
+    )
+    proc = _in_namespace(script)
+    assert proc.returncode == 0, proc.stderr
+    status, lines = _report(logs, "full")
+    assert status == 1, lines[-12:]
+    _assert_one_error_last(lines, f"error: Could not write {run}/metrics.json: ")
+    assert "No space left on device" in lines[-1]
+    # Neither metrics.json nor its temporary file, and the lock released.
+    assert sorted((logs / "left").read_text().split()) == [
+        "checkpoints",
+        "eval",
+        "run_config.json",
+        "train",
+    ]
+    status, lines = _report(logs, "rerun")
+    assert status == 0, lines[-12:]
+    metrics = json.loads((logs / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["train_steps"] == 20
+    assert metrics["start_step"] == 20
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
+    run = tmp_path / "run"
+    train = TRAIN.split()[1:] + [f"--model_dir={run}"]
+
+    def trainer(**env):
+        return subprocess.run(
+            [sys.executable, *train],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
+        )
+
+    killed = trainer(DISTOPT_FAULT_KILL_IN_SAVE_AT="20")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # What the killed save left: its temporary files, and the lock.
+    assert (run / "checkpoints" / "ckpt-20_temp").is_dir()
+    assert os.listdir(run / "checkpoints" / "ckpt-20_temp")
+    assert (run / "LOCK").exists()
+    rerun = trainer()
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "Removed 1 leftover(s) of an unfinished save: ckpt-20_temp" in rerun.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == [
+        "checkpoint",
+        "ckpt-10.data-00000-of-00001",
+        "ckpt-10.index",
+        "ckpt-20.data-00000-of-00001",
+        "ckpt-20.index",
+    ]
+    assert sorted(os.listdir(run)) == [
+        "checkpoints",
+        "eval",
+        "metrics.json",
+        "run_config.json",
+        "train",
+    ]
+    assert _metrics(run)["start_step"] == 10
+
+
+def test_an_empty_or_damaged_lock_is_stale_and_release_tolerates_errors(
+    tmp_path, monkeypatch
+):
+    from distopt import checkpoints
+
+    for content in ("", '{"host": "'):
+        (tmp_path / "LOCK").write_text(content)
+        lock = checkpoints.RunLock(str(tmp_path))
+        lock.acquire()  # Taken over: no trainer writes an empty lock.
+        with open(tmp_path / "LOCK") as f:
+            assert json.load(f)["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / "LOCK").exists()
+    # A live process's lock (the parent of this one, on this host) holds.
+    (tmp_path / "LOCK").write_text(
+        json.dumps({"host": os.uname().nodename, "pid": os.getppid()})
+    )
+    with pytest.raises(checkpoints.LockError, match="in use by another trainer"):
+        checkpoints.RunLock(str(tmp_path)).acquire()
+    os.remove(tmp_path / "LOCK")
+    # A lock that cannot be removed (the directory turned read-only): a
+    # warning, not a second error after the run's own.
+    lock = checkpoints.RunLock(str(tmp_path))
+    lock.acquire()
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoints.os, "remove", read_only)
+    lock.release()
+    monkeypatch.undo()
+    assert (tmp_path / "LOCK").exists()
+    # ... and the next trainer in this process takes it over.
+    checkpoints.RunLock(str(tmp_path)).acquire()
