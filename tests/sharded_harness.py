@@ -24,6 +24,8 @@ unsharded run under the same strategy.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import numpy_reference as ref
 import tensorflow as tf
@@ -368,3 +370,85 @@ def assert_close(got, want, exact, msg):
         np.testing.assert_array_equal(got, want, err_msg=msg)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=msg)
+
+
+# --- Eagerly, in a process where another strategy ran collectives ---------------
+
+
+def eager_scenario(strategy, directory):
+    """Adagrad with a moving average, sharded and not, used eagerly.
+
+    For tests/strategies_worker.py, which runs it in a process where another
+    MirroredStrategy ran collectives (TensorFlow's shared collective keys):
+    build, two eager steps and one in a tf.function (each replica its own
+    gradient), every slot read whole (`numpy()`), a checkpoint saved and
+    restored into a fresh sharded optimizer, `finalize_variable_values`.
+    Returns JSON-able values; see `check_eager_scenario`.
+    """
+    params, grads, _ = problem(2, steps=3)
+    out = {}
+    for shard in (True, False):
+        with strategy.scope():
+            variables = [tf.Variable(p) for p in params]
+            # XLA kernels (the default): op by op, Grappler's rewrites would
+            # change the last bit of the tf.function step (see test_sharded).
+            opt = optimizers.Adagrad(0.1, use_ema=True, shard_state=shard)
+            opt.build(variables)
+
+        def step(g, opt=opt, variables=variables):
+            strategy.run(lambda g: opt.apply_gradients(g, variables), args=(g,))
+
+        for t, run in enumerate((step, step, tf.function(step))):
+            run(
+                strategy.experimental_distribute_values_from_function(
+                    lambda ctx, t=t: [
+                        tf.constant(x) for x in grads[t][ctx.replica_id_in_sync_group]
+                    ]
+                )
+            )
+        slots = [
+            {k: s.numpy().tolist() for k, s in opt.slots(v).items()} for v in variables
+        ]
+        prefix = os.path.join(directory, f"shard{int(shard)}", "c")
+        path = tf.train.Checkpoint(opt=opt, params=variables).save(prefix)
+        with strategy.scope():
+            fresh_vars = [tf.Variable(tf.zeros_like(p)) for p in params]
+            fresh = optimizers.Adagrad(0.1, use_ema=True, shard_state=True)
+            fresh.build(fresh_vars)
+        tf.train.Checkpoint(opt=fresh, params=fresh_vars).restore(path)
+        restored = [
+            {k: s.numpy().tolist() for k, s in fresh.slots(v).items()}
+            for v in fresh_vars
+        ]
+        with strategy.scope():
+            fresh.finalize_variable_values(fresh_vars)
+        out[f"shard{int(shard)}"] = {
+            "sharded": fresh._sharded_slots is not None,
+            "params": [v.numpy().tolist() for v in variables],
+            "slots": slots,
+            "restored": restored,
+            "finalized": [
+                [np.asarray(c).tolist() for c in strategy.experimental_local_results(v)]
+                for v in fresh_vars
+            ],
+        }
+    return out
+
+
+def check_eager_scenario(result):
+    """`eager_scenario`'s values: sharded equal to unsharded, and to NumPy."""
+    sharded, plain = result["shard1"], result["shard0"]
+    assert sharded["sharded"] and plain["sharded"]
+    for key in ("params", "slots", "restored", "finalized"):
+        assert sharded[key] == plain[key], key
+    assert sharded["restored"] == sharded["slots"]
+    params, grads, _ = problem(2, steps=3)
+    want, states = ref.run("adagrad", params, mean_grads(grads), 0.1, use_ema=True)
+    for i, (w, s) in enumerate(zip(want, states)):
+        np.testing.assert_allclose(sharded["params"][i], w, rtol=1e-5, atol=1e-6)
+        for k in ("accumulator", "ema"):
+            np.testing.assert_allclose(
+                sharded["slots"][i][k], s[k], rtol=1e-5, atol=1e-6
+            )
+        for copy in sharded["finalized"][i]:  # every replica's copy: the average
+            assert copy == sharded["slots"][i]["ema"]

@@ -656,65 +656,9 @@ def test_tensorflow_calls_the_logical_state_hooks(tmp_path):
 
 
 # --- 7. Eagerly, after another strategy's collectives ------------------------------
-
-
-def test_eager_use_after_another_strategy_ran_collectives(tmp_path):
-    """Built, stepped, read, saved, restored and finalized eagerly under a
-    new MirroredStrategy (its default cross-device ops: collectives on
-    CPUs), after another one ran collectives in this process: equal to the
-    unsharded optimizer."""
-    other = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-    def all_reduce():
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_reduce("sum", tf.cast(ctx.replica_id_in_sync_group, tf.float32))
-
-    for run in (other.run, tf.function(other.run)):
-        assert [
-            float(x) for x in other.experimental_local_results(run(all_reduce))
-        ] == [1, 1]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    params, grads, _ = harness.problem(2, steps=3)
-    state = {}
-    for shard in (True, False):
-        with strategy.scope():
-            variables = [tf.Variable(p) for p in params]
-            opt = optimizers.Adagrad(0.1, use_ema=True, shard_state=shard, **OP_BY_OP)
-            opt.build(variables)
-        for g in grads:
-            strategy.run(
-                lambda g, opt=opt, variables=variables: opt.apply_gradients(
-                    g, variables
-                ),
-                args=(
-                    strategy.experimental_distribute_values_from_function(
-                        lambda ctx, g=g: [
-                            tf.constant(x) for x in g[ctx.replica_id_in_sync_group]
-                        ]
-                    ),
-                ),
-            )
-        state[shard] = (opt, variables)
-    (opt, variables), (ref_opt, ref_vars) = state[True], state[False]
-    assert opt._sharded_slots is not None
-    for v, u in zip(variables, ref_vars):
-        np.testing.assert_array_equal(v.numpy(), u.numpy())
-        for key in ("accumulator", "ema"):
-            np.testing.assert_array_equal(
-                opt.slots(v)[key].numpy(), ref_opt.slots(u)[key].numpy()
-            )
-    path = tf.train.Checkpoint(opt=opt, params=variables).save(str(tmp_path / "c"))
-    with strategy.scope():
-        fresh_vars = [tf.Variable(tf.zeros_like(p)) for p in params]
-        fresh = optimizers.Adagrad(0.1, use_ema=True, shard_state=True, **OP_BY_OP)
-        fresh.build(fresh_vars)
-    tf.train.Checkpoint(opt=fresh, params=fresh_vars).restore(path).assert_consumed()
-    with strategy.scope():
-        fresh.finalize_variable_values(fresh_vars)
-        ref_opt.finalize_variable_values(ref_vars)
-    for v, u in zip(fresh_vars, ref_vars):
-        for c in local_copies(strategy, v):
-            np.testing.assert_array_equal(c, u.numpy())
+# In tests/strategies_worker.py ("sharded"), checked by
+# tests/test_many_strategies.py: that process runs collectives on a
+# default-ops MirroredStrategy first, which this test process must not do.
 
 
 # --- 8. Keras -------------------------------------------------------------------------
