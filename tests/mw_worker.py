@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import compression_harness
 import numpy as np
+import sharded_harness
 import tensorflow as tf
 from mw_scenarios import (
     COMPRESSION,
@@ -89,6 +90,15 @@ params, fresh, _ = train(
 for i, p in enumerate(params):
     results[f"snapshot/{i}"] = np.asarray(strategy.experimental_local_results(p)[0])
 print(f"worker {index}: snapshot resume done", flush=True)
+
+# Sharded optimizer state: every optimizer, sharded, 20 steps (checked in
+# sharded_harness.check_two_workers).
+results.update(
+    sharded_harness.table_results(
+        strategy, os.path.join(out_dir, f"shard_ckpt{index}", "c")
+    )
+)
+print(f"worker {index}: shard_table done", flush=True)
 np.savez(os.path.join(out_dir, f"worker{index}.npz"), **results)
 
 # Compression: this worker's records of every step (see mw_scenarios).

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+import sharded_harness
 import tensorflow as tf
 
 import distopt
@@ -192,6 +193,10 @@ SCENARIOS = {
     "snapshot": snapshot,
     "restore": restore,
     "hardware_checks": hardware_checks,
+    # Sharded optimizer state, eagerly (tests/sharded_harness.py).
+    "sharded": lambda: sharded_harness.eager_scenario(
+        default_ops(), tempfile.mkdtemp()
+    ),
 }
 
 

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import sharded_harness
 import tensorflow as tf
 from conftest import mirrored, run_python
 from strategies_worker import LR, X, Y
@@ -90,6 +91,11 @@ def test_hardware_checks_pass_after_another_strategy(results):
         k for k in hc.CHECK_KEYS if k != "tpu_rejects_periodic"
     ]
     assert [row for row in rows if not row["passed"]] == []
+
+
+def test_sharded_state_used_eagerly_after_another_strategy(results):
+    """Build, steps, slots read whole, save and restore, finalize."""
+    sharded_harness.check_eager_scenario(_ok(results["sharded"]))
 
 
 def test_only_eager_reductions_on_one_host_leave_the_strategy_ops():

@@ -13,6 +13,8 @@ import sys
 import compression_harness
 import numpy as np
 import pytest
+import sharded_harness
+import tensorflow as tf
 from conftest import mirrored
 from mw_scenarios import (
     COMPRESSION,
@@ -136,6 +138,13 @@ def test_two_workers_match_mirrored(tmp_path, dead_peer_workers):
                 runs[i][name]["q0"],
                 rows=rows,
             )
+
+    # Sharded optimizer state, every optimizer: equal on both workers at
+    # every step, to the unsharded update and to the NumPy reference; the
+    # checkpoint of worker 0 restores unsharded on one device.
+    sharded_harness.check_two_workers(
+        w0, w1, tf.train.latest_checkpoint(str(tmp_path / "shard_ckpt0"))
+    )
 
 
 @pytest.mark.slow

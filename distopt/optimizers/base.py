@@ -583,14 +583,21 @@ class Optimizer(tf.Module):
         scale's state; not the model's variables. Sharded slots and
         compression residuals are `distribute.LogicalState` views, which read
         (`numpy()`) and write (`assign()`) their whole logical value like a
-        variable. The order is `tf.Module`'s (by attribute path), so it is
-        the same for every optimizer built alike.
+        variable. The order is `tf.Module`'s (by attribute path), views and
+        variables together, so it is the same for every optimizer built
+        alike, sharded or not: a view stands where an unsharded optimizer
+        keeps that slot's variable (`keras.wrap` saves the state by
+        position, and restores it on any number of replicas).
         """
         model = set(self._variable_refs)
-        variables = [v for v in self.variables if v.ref() not in model]
-        return variables + [
-            m for m in self.submodules if isinstance(m, dist.LogicalState)
-        ]
+
+        def is_state(x):
+            if isinstance(x, dist.LogicalState):
+                return True
+            return isinstance(x, tf.Variable) and x.ref() not in model
+
+        # As `tf.Module.variables` flattens, with the views in their place.
+        return list(self._flatten(predicate=is_state, expand_composites=True))
 
     def state_bytes_per_device(self) -> dict[str, int]:
         """Bytes of optimizer state held on each device, read from the variables.

@@ -132,6 +132,17 @@ class ShardedSlots(tf.Module):
         # Not tracked here: the optimizer tracks each view where an unsharded
         # optimizer keeps that slot's variable.
         self._views = dist.Untracked(views)
+        # Created and written eagerly even when a tf.function builds lazily:
+        # a variable created in a trace is initialised by the function after
+        # the trace (to its initial value, zeros here), which would undo the
+        # slots' initial values and a deferred checkpoint restoration
+        # written below. A mirrored variable's copies all start from the
+        # first one's value, so the shards cannot be given their own
+        # initial values; they are written after creation instead.
+        with tf.init_scope(), strategy.scope():
+            self._create(strategy, variables, inits, views)
+
+    def _create(self, strategy, variables, inits, views):
         for g, group in enumerate(self.groups):
             for name in group.slot_names:
                 dtype = inits[group.members[0]][name][1]
@@ -147,11 +158,10 @@ class ShardedSlots(tf.Module):
                     views[i][name] = SlotView(
                         strategy, group, k, store, variables[i].shape, dtype
                     )
-        with tf.init_scope():
-            for i, slot_inits in enumerate(inits):
-                for name, (init, dtype) in slot_inits.items():
-                    value = init() if callable(init) else init
-                    views[i][name].assign_logical(tf.cast(value, dtype))
+        for i, slot_inits in enumerate(inits):
+            for name, (init, dtype) in slot_inits.items():
+                value = init() if callable(init) else init
+                views[i][name].assign_logical(tf.cast(value, dtype))
 
     @property
     def views(self) -> list:
