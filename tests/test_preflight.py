@@ -333,6 +333,36 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
     assert _tree(tmp_path) == before  # No run directory either.
 
 
+@pytest.mark.parametrize(
+    "flags_,message",
+    [
+        (["--compression=gzip"], "--compression: unknown 'gzip'; valid: onebit"),
+        (["--compression_args=rank=2"], "--compression_args needs --compression"),
+        (
+            ["--compression=topk", "--sync=local_sgd"],
+            "--compression compresses gradients; --sync=local_sgd sends weights",
+        ),
+        (
+            ["--compression=onebit", "--sync=hierarchical"],
+            "--compression compresses gradients; --sync=hierarchical sends",
+        ),
+        (
+            ["--shard_optimizer_state", "--sync=diloco"],
+            "--shard_optimizer_state needs a synchronous --sync",
+        ),
+    ],
+    ids=["unknown", "args_alone", "local_sgd", "hierarchical", "sharded_diloco"],
+)
+def test_compression_and_sharding_flags_are_checked_first(
+    cli, tmp_path, flags_, message
+):
+    before = _tree(tmp_path)
+    status, lines, work = cli(*flags_)
+    assert status == 2 and work == []
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert _tree(tmp_path) == before
+
+
 def test_target_accuracy_needs_eval_every(cli):
     status, lines, work = cli("--target_accuracy=0.9")
     assert status == 2 and work == []

@@ -7,6 +7,7 @@ need their own device set-up (or the command line) are subprocesses.
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -200,6 +201,40 @@ def test_strategies_end_with_metrics(tmp_path, overrides):
         # Every example exactly once: 1000 = 2 * 396 + 208, so the last
         # batch gives the 4 replicas 99, 99, 10 and 0 real examples.
         assert metrics["test_examples"] == SUBSET["test"]
+
+
+def test_sharded_state_and_compression_from_flags(tmp_path, caplog):
+    """--compression and --shard_optimizer_state reach the optimizer.
+
+    Read from the runs: PowerSGD's gradient bytes are far fewer than plain
+    all-reduces' (the optimizer's counters); sharding logs the state per
+    device at start, and adds the parameters' all-gather to the bytes.
+    """
+
+    def run(name, **overrides):
+        return run_lib.train(
+            _config(
+                tmp_path / name, strategy="mirrored", virtual_devices=2, **overrides
+            )
+        )
+
+    plain = run("plain")
+    powersgd = {"compression": "powersgd", "compression_args": {"rank": 2}}
+    compressed = run("compressed", **powersgd)
+    with caplog.at_level(logging.INFO):
+        both = run("both", shard_optimizer_state=True, **powersgd)
+    assert compressed["test_accuracy"] > 0.3 and both["test_accuracy"] > 0.3
+    ratio = plain["communication_bytes_sent"] / compressed["communication_bytes_sent"]
+    assert ratio > 20, ratio
+    assert compressed["communication_allgather_calls"] == 0
+    # 20 steps, each gathering both replicas' halves of the 905,010 (even)
+    # float32 parameters: no padding.
+    assert both["communication_allgather_bytes"] == 20 * 905_010 * 4
+    logged = [
+        r.getMessage() for r in caplog.records if "Optimizer state" in r.getMessage()
+    ]
+    assert len(logged) == 1 and "(sharded)" in logged[0], logged
+    assert "per device on 2 device(s)" in logged[0]
 
 
 def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
@@ -712,8 +747,9 @@ def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
     [
         ({"optimizer": "gradient_descent"}, "--optimizer"),
         ({"sync": "local_sgd"}, "--sync"),
+        ({"compression": "topk"}, "--compression"),
     ],
-    ids=["optimizer", "sync"],
+    ids=["optimizer", "sync", "compression"],
 )
 def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
     tmp_path, caplog, change, flag
