@@ -175,8 +175,8 @@ MUTANTS = [
     Mutant(
         "outer_pseudo_sign",
         "distopt/sync/periodic.py",
-        "lambda *xs: [a - m for a, m in zip(xs[:n], xs[n:])]",
-        "lambda *xs: [(a - m) * 1.001 for a, m in zip(xs[:n], xs[n:])]",
+        "lambda *xs: [a - m for a, m in zip(xs[: len(rest)], xs[len(rest) :])]",
+        "lambda *xs: [(a - m) * 1.001 for a, m in zip(xs[: len(rest)], xs[len(rest) :])]",
         "tests/test_sync.py",
     ),
     Mutant(
@@ -426,6 +426,58 @@ MUTANTS = [
         "                run.optimizer.finalize_variable_values(run.model.trainable_variables)\n",
         "                pass\n",
         "tests/test_train.py -k use_ema",
+    ),
+    # --- Sharded optimizer state (ZeRO-1) ------------------------------------
+    Mutant(
+        "shard_boundary_off_by_one",
+        "distopt/optimizers/sharded.py",
+        "lo, hi = r * self.shard_size, (r + 1) * self.shard_size",
+        "lo, hi = r * self.shard_size, (r + 1) * self.shard_size - (r == 0)",
+        "tests/test_sharded.py",
+    ),
+    Mutant(
+        "shard_norm_over_the_shard",
+        "distopt/optimizers/sharded.py",
+        "(totals,) = optimizer.reducer.all_reduce(strategy, [partial])",
+        "totals = partial",
+        "tests/test_sharded.py",
+    ),
+    Mutant(
+        "shard_gather_skipped_on_one_replica",
+        "distopt/optimizers/sharded.py",
+        "    flat = tf.reshape(rows, [-1])\n    written = ",
+        "    flat = tf.reshape(rows, [-1])\n    if copies[0].device.endswith('CPU:1'):\n"
+        "        return\n    written = ",
+        "tests/test_sharded.py",
+    ),
+    # --- Compression with error feedback -----------------------------------
+    Mutant(
+        "compression_feedback_dropped",
+        "distopt/compression/base.py",
+        "xs = _add_residuals(strategy, xs, indices, self.residuals)",
+        "xs = list(xs)",
+        "tests/test_compression.py",
+    ),
+    Mutant(
+        "compression_residual_updated_on_a_skip",
+        "distopt/compression/base.py",
+        "value = tf.where(ok, value, tf.convert_to_tensor(var))",
+        "value = value",
+        "tests/test_compression.py",
+    ),
+    Mutant(
+        "powersgd_warm_start_lost",
+        "distopt/compression/powersgd.py",
+        "start = tf.convert_to_tensor(q)",
+        "start = fresh",
+        "tests/test_compression.py",
+    ),
+    Mutant(
+        "onebit_scale_off",
+        "distopt/compression/onebit.py",
+        "scale = tf.reduce_mean(tf.abs(flat))",
+        "scale = 1.01 * tf.reduce_mean(tf.abs(flat))",
+        "tests/test_compression.py",
     ),
 ]
 
