@@ -313,14 +313,36 @@ def plot(runs, output_dir):
 
 
 def tune(modes, workdir):
-    """Each mode's setting with the fewest steps to the target (seed TUNE_SEED)."""
+    """Each mode's setting with the fewest steps to the target (seed TUNE_SEED).
+
+    Results are kept in `workdir/tune.jsonl`, so a rerun with a wider grid
+    only runs the new settings.
+    """
+    path = os.path.join(workdir, "tune.jsonl")
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["mode"], tuple(r["setting"]))] = r["steps"]
     chosen = {}
     for mode in modes:
         results = []
         for setting in GRIDS[mode]:
-            r = run_once(mode, "4", "none", TUNE_SEED, setting, workdir)
-            steps = r["steps"] if r and r["status"] == "target_reached" else None
-            print(f"tune {mode} {setting}: {steps}", flush=True)
+            key = (mode, tuple(setting))
+            if key not in done:
+                r = run_once(mode, "4", "none", TUNE_SEED, setting, workdir)
+                ok = r and r["status"] == "target_reached"
+                done[key] = r["steps"] if ok else None
+                with open(path, "a") as f:
+                    f.write(
+                        json.dumps(
+                            {"mode": mode, "setting": setting, "steps": done[key]}
+                        )
+                        + "\n"
+                    )
+            print(f"tune {mode} {setting}: {done[key]}", flush=True)
+            steps = done[key]
             results.append((steps if steps is not None else float("inf"), setting))
         chosen[mode] = min(results, key=lambda x: x[0])[1]
     print(json.dumps(chosen, indent=1))
