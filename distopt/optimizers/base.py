@@ -166,50 +166,16 @@ class Optimizer(tf.Module):
         self.clipnorm = clipnorm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.shard_state = bool(shard_state)
-        transforms = []
-        # Created in the optimizer's name scope below; first in the chain,
-        # so that clipping sees unscaled gradients.
-        loss_scale = transforms_lib.get_loss_scale(loss_scale)
-        if loss_scale is not None and self.sync.diverges:
-            raise ValueError(
-                f"loss_scale: needs a synchronous sync mode (every_step or "
-                f"accumulate); under {self.sync.name} replicas would disagree "
-                "on the scale."
-            )
         self.use_ema = bool(use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
-        if self.shard_state and self.sync.diverges:
-            raise ValueError(
-                f"shard_state: needs a synchronous sync mode (every_step or "
-                f"accumulate); under {self.sync.name} each replica holds its own "
-                "weights and slots."
-            )
-        if self.use_ema and self.sync.diverges:
-            # Each replica's average would follow its own copy, and
-            # `finalize_variable_values` would make the copies differ for good.
-            raise ValueError(
-                f"use_ema: needs a synchronous sync mode (every_step or "
-                f"accumulate); under {self.sync.name} each replica would "
-                "average its own copy."
-            )
-        if clipvalue is not None:
-            transforms.append(transforms_lib.ClipByValue(clipvalue))
-        if clipnorm is not None:
-            transforms.append(transforms_lib.ClipByNorm(clipnorm))
-        if global_clipnorm is not None:
-            transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
-        if skip_nonfinite:
-            transforms.append(transforms_lib.SkipNonFinite())
+        # Created in the optimizer's name scope below; first in the chain,
+        # so that clipping sees unscaled gradients.
+        loss_scale = transforms_lib.get_loss_scale(loss_scale)
         # Checked before any variable exists: a bad compression builds nothing.
         compression = compression_lib.get(compression)
-        if compression is not None and not self.sync.sends_gradients:
-            raise ValueError(
-                f"compression: not available with sync={self.sync.name}, whose "
-                "replicas send weights, not gradients (DiLoCo compresses its "
-                "outer gradient: use sync=DiLoCo(k, outer_optimizer="
-                "GradientDescent(1.0)) for local SGD with compression)."
-            )
+        self._check_sync_mode(loss_scale, compression)
+        transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
         self.jit_compile = bool(jit_compile)
         self.fused = bool(fused)
         # Created here, like Keras, so that they exist (and restore) before
@@ -241,6 +207,38 @@ class Optimizer(tf.Module):
         self._kernel = compile_(self._update_variable)
         self._flat_kernel = compile_(self._rule)
         self._norm_partials = compile_(self._partial_norms)
+
+    def _check_sync_mode(self, loss_scale, compression) -> None:
+        """Raises ValueError for an option the sync mode cannot honour."""
+        diverges, name = self.sync.diverges, self.sync.name
+        # Each needs replicas holding the same weights: a shared loss scale;
+        # one slot shard per replica; an average that is the same everywhere
+        # (else `finalize_variable_values` would make the copies differ).
+        for option, given, what in (
+            (
+                "loss_scale",
+                loss_scale is not None,
+                "replicas would disagree on the scale",
+            ),
+            (
+                "shard_state",
+                self.shard_state,
+                "each replica holds its own weights and slots",
+            ),
+            ("use_ema", self.use_ema, "each replica would average its own copy"),
+        ):
+            if given and diverges:
+                raise ValueError(
+                    f"{option}: needs a synchronous sync mode (every_step or "
+                    f"accumulate); under {name} {what}."
+                )
+        if compression is not None and not self.sync.sends_gradients:
+            raise ValueError(
+                f"compression: not available with sync={name}, whose replicas "
+                "send weights, not gradients (DiLoCo compresses its outer "
+                "gradient: use sync=DiLoCo(k, outer_optimizer="
+                "GradientDescent(1.0)) for local SGD with compression)."
+            )
 
     @property
     def aggregation(self):
@@ -1144,6 +1142,20 @@ def _check_sparse_gradient(i, g, v):
     if g.values.dtype != v.dtype:
         g = tf.IndexedSlices(tf.cast(g.values, v.dtype), g.indices, g.dense_shape)
     return g
+
+
+def _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite) -> list:
+    """The transforms after the reduce, in order: value, norm, global norm, finite."""
+    transforms = []
+    if clipvalue is not None:
+        transforms.append(transforms_lib.ClipByValue(clipvalue))
+    if clipnorm is not None:
+        transforms.append(transforms_lib.ClipByNorm(clipnorm))
+    if global_clipnorm is not None:
+        transforms.append(transforms_lib.ClipByGlobalNorm(global_clipnorm))
+    if skip_nonfinite:
+        transforms.append(transforms_lib.SkipNonFinite())
+    return transforms
 
 
 def _check_frequency(value):
