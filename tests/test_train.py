@@ -543,6 +543,19 @@ def test_sam_and_heun_mirrored_match_one_replica(
     assert two["test_accuracy"] > 0.3
 
 
+def test_diloco_outer_rate_and_momentum_from_sync_args(tmp_path):
+    config = _config(
+        tmp_path,
+        sync="diloco",
+        sync_period=4,
+        sync_args={"outer_learning_rate": 0.5, "outer_momentum": 0.8},
+    )
+    mode = factories.make_sync(config)
+    outer = mode.outer_optimizer
+    assert (outer.learning_rate, outer.momentum, outer.nesterov) == (0.5, 0.8, True)
+    assert outer.name == "outer_momentum"
+
+
 def test_sam_and_heun_flags_and_rejected_sync_modes(tmp_path):
     from distopt import optimizers, train
 

@@ -60,15 +60,18 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name, **kwargs) -> Optimizer:
-    """An optimizer by registered name, e.g. `get("adam", learning_rate=1e-3)`."""
-    if isinstance(name, Optimizer):
-        return name
-    if name not in _REGISTRY:
+def get(identifier, /, **kwargs) -> Optimizer:
+    """An optimizer by registered name, e.g. `get("adam", learning_rate=1e-3)`.
+
+    Positional-only, so that `name=` reaches the optimizer (its module name).
+    """
+    if isinstance(identifier, Optimizer):
+        return identifier
+    if identifier not in _REGISTRY:
         raise ValueError(
-            f"optimizer: unknown {name!r}; valid names: {', '.join(names())}."
+            f"optimizer: unknown {identifier!r}; valid names: {', '.join(names())}."
         )
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[identifier](**kwargs)
 
 
 def from_config(spec: dict) -> Optimizer:
