@@ -157,7 +157,7 @@ def _print(rows):
             f"{r['model']:<10}{r['parameters']:>11,}"
             f"{st['False']:>10.1f} ->{st['True']:>8.1f}"
             f"{fmt(a['False']):>22} ->{fmt(a['True']):>20}"
-            f"{r['rss_drop_over_ideal']:>11.2f}"
+            f"{r['rss_drop_over_ideal']:>11.2f} "
             f"{fmt(s['False']):>12} ->{fmt(s['True']):>12}{r['step_ratio_sharded']:>7.2f}"
         )
 
