@@ -95,8 +95,10 @@ flags.DEFINE_string(
 flags.DEFINE_float(
     "communication_timeout",
     _DEFAULTS.communication_timeout,
-    "multi_worker: seconds before a collective fails, so that a dead worker "
-    "stops the job instead of hanging it. 0: wait forever.",
+    "multi_worker: seconds before any one collective fails. 0 (the default): "
+    "no limit; a dead or hung worker still stops the job within about 15 s "
+    "(TensorFlow's heartbeats). A limit parks one thread per collective for "
+    "that long: long runs then exhaust the threads a process may have.",
 )
 flags.DEFINE_integer(
     "slurm_port_base",

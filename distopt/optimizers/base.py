@@ -91,7 +91,8 @@ class Optimizer(tf.Module):
             all-reduce only.
         communication_options: `tf.distribute.experimental.CommunicationOptions`
             for every all-reduce, e.g. a `timeout_seconds` so that a dead
-            peer fails the step instead of hanging it.
+            peer fails the step instead of hanging it. TensorFlow parks a
+            thread per collective for the whole timeout: keep it short.
         loss_scale: None, "dynamic" or a fixed number: loss scaling for
             float16 training (`distopt.transforms.LossScale`). Multiply the
             loss by `scale_loss(loss)` before differentiating (`minimize`

@@ -48,7 +48,7 @@ class TrainConfig:
     strategy: str = "default"
     virtual_devices: int = 0
     tpu: str = ""
-    communication_timeout: float = 600.0
+    communication_timeout: float = 0.0
     slurm_port_base: int = 8888
     optimizer: str = "adam"
     optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -175,6 +175,22 @@ def communication_counters(optimizer) -> dict[str, int] | None:
     return reducer.counters() if reducer is not None else None
 
 
+def process_threads() -> int | None:
+    """Threads of this process (Linux), or None where /proc has no count.
+
+    Recorded because collectives with a timeout each park a thread for that
+    long in TensorFlow: a run that piles them up should show it.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def run_metrics(run, status: str, final_step: int, result, timing, saver) -> dict:
     """The contents of ``metrics.json``."""
     config, result = run.config, result or {}
@@ -202,6 +218,7 @@ def run_metrics(run, status: str, final_step: int, result, timing, saver) -> dic
         "sync": config.sync,
         "sync_period": config.sync_period,
         "last_checkpoint_step": saver.last_step,
+        "threads_at_end": process_threads(),
     }
     # Flat (every value a number): "communication_bytes_sent" and the rest.
     for name, value in (communication_counters(run.optimizer) or {}).items():
