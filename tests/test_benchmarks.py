@@ -206,3 +206,70 @@ def test_adam_step_targets_apply_to_the_optimizers_they_name():
     for name in adam_step.OPTIMIZERS:
         assert row(name, "320var")["distopt/keras_xla"] == [0.4, False]
         assert row(name, "resnet50")["distopt/keras_xla"] == [0.9, False]
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_end_to_end_on_a_tiny_configuration(tmp_path):
+    """The real trainer through the real launcher, two modes, one round."""
+    import json
+
+    from conftest import run_python
+
+    proc = run_python(
+        "-m",
+        "distopt.benchmarks.time_to_accuracy",
+        "--workers=2",
+        "--links=none",
+        "--modes=every_step,local_sgd8",
+        "--repeats=1",
+        "--other_repeats=1",
+        "--max_steps=40",
+        "--eval_every=20",
+        "--target=0.5",
+        "--noscaling",
+        f"--output_dir={tmp_path}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    rows = {r["mode"]: r for r in results["rows"]}
+    assert set(rows) == {"every_step", "local_sgd8"}
+    for row in rows.values():
+        assert row["workers"] == 2 and row["link"] == "none" and row["runs"] == 1
+        # 0.5 is reached at the first evaluation of either mode.
+        assert row["reached"] == 1 and row["steps"]["median"] == 20
+    assert rows["every_step"]["ratio_to_every_step"] == 1.0
+    # In 20 steps every_step sends 20 buffers; local SGD(8) averages at steps
+    # 8 and 16 only (the evaluations' averages are not the run's traffic).
+    sent = {m: r["bytes_sent"]["median"] for m, r in rows.items()}
+    per_buffer = sent["every_step"] / 20
+    assert sent["local_sgd8"] == pytest.approx(2 * per_buffer, rel=1e-3)
+    assert "every_step" in proc.stdout and "local_sgd8" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
+    import json
+
+    from conftest import run_python
+
+    out = tmp_path / "out.json"
+    proc = run_python(
+        "-m",
+        "distopt.benchmarks.compression_accuracy",
+        "--models=mlp",
+        "--replicas=2",
+        "--seeds=0",
+        "--train_steps=10",
+        "--compressors=none,topk",
+        f"--output={out}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        table = {r["compressor"]: r for r in json.load(f)["table"]}
+    assert table["none"]["points_vs_none"] == 0 and table["none"]["fewer_bytes"] == 1
+    # TopK(0.01): 1% of the values plus as many int32 indices, per variable
+    # (at least one of each): about 50x fewer bytes.
+    assert 45 < table["topk"]["fewer_bytes"] < 51

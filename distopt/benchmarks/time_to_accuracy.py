@@ -85,11 +85,11 @@ GRIDS = {
 }
 # Accumulation takes 8x fewer optimizer steps: its best rate may be higher.
 GRIDS["accumulate8"].append((8e-3, None))
-# DiLoCo: the inner rate at the paper's outer rate (0.7, Nesterov 0.9),
-# then a lower outer rate at the middle inner rate.
+# DiLoCo: the inner rate at the paper's outer rate (0.7, Nesterov 0.9), and
+# a lower outer rate at the two lower inner rates.
 GRIDS.update(
     {
-        m: [(1e-3, 0.7), (2e-3, 0.7), (4e-3, 0.7), (2e-3, 0.5)]
+        m: [(1e-3, 0.5), (1e-3, 0.7), (2e-3, 0.5), (2e-3, 0.7), (4e-3, 0.7)]
         for m in MODES
         if m.startswith("diloco")
     }
