@@ -227,96 +227,164 @@ def launch(
       0 if every worker exited 0, 42 if they stopped on a notice, else the
       status of the first that failed (128 + signal number for a signal).
     """
-    out = out or sys.stdout
     stop_request = stop_request or _StopRequest()
     ports = free_ports(num_workers)
-    lock = threading.Lock()
+    workers = _Workers(out or sys.stdout)
+    env = _worker_env()
+    workers.say(_announcement(num_workers, command, host, ports, links))
+    status = 0
+    try:
+        for i in range(num_workers):
+            argv, cluster = _worker_command(i, command, ports, host, links)
+            workers.start(i, argv, {**env, "TF_CONFIG": cluster})
+        status = _watch(workers, stop_request, grace_seconds)
+    except KeyboardInterrupt:  # Library use, without `main`'s handlers.
+        status = 130
+    finally:
+        # However the launch ended, even while starting, no worker outlives it.
+        workers.kill()
+    workers.report(status == 0)
+    if links is not None:
+        _report_links(links, workers.say, link_stats)
+    workers.say(f"exit status {status}")
+    return status
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment every worker starts with (before its ``TF_CONFIG``)."""
     env = dict(os.environ)
     # Workers import distopt from this checkout even when it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, threads, streams = [], [], []
+    return env
 
-    def say(text):
-        with lock:
-            out.write(f"[launcher] {text}\n")
-            out.flush()
 
+def _announcement(num_workers, command, host, ports, links) -> str:
+    """The launcher's first line: where the workers listen, and what they run."""
     if links is None:
-        say(f"{num_workers} workers on {host} ports {ports}: {shlex.join(command)}")
-    else:
-        where = ", ".join(f"{a}:{p}" for a, p in zip(links.addresses, ports))
-        say(f"{num_workers} workers at {where}: {shlex.join(command)}")
-    status = 0
-    try:
-        for i in range(num_workers):
-            if links is None:
-                argv, cluster = command, tf_config(ports, i, host=host)
-            else:
-                argv = links.command(i, command)
-                cluster = links_lib.tf_config(links.addresses, ports, i)
-            proc = subprocess.Popen(
-                argv,
-                env={**env, "TF_CONFIG": cluster},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                # Own process group: stopping a worker stops its children too.
-                start_new_session=True,
-            )
-            procs.append(proc)
-            streams.append(_HoldPeerGone(out, f"[worker {i}] "))
-            t = threading.Thread(
-                target=_stream,
-                args=(f"[worker {i}] ", proc.stdout, streams[i], lock),
-            )
-            t.start()
-            threads.append(t)
-        deadline = None  # Set once the workers were told to stop.
-        while True:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                failed = [c for c in codes if c != 0]
-                status = _status(failed[0]) if failed else 0
-                break
-            if stop_request.signum and deadline is None:
-                name = signal.Signals(stop_request.signum).name
-                say(f"{name}: forwarding SIGTERM to the workers")
-                _signal_all(procs, signal.SIGTERM)
-                deadline = time.time() + grace_seconds
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            preempted = [c == EXIT_PREEMPTED for _, c in failed]
-            if failed and not all(preempted):
-                i, code = next((i, c) for i, c in failed if c != EXIT_PREEMPTED)
-                status = _status(code)
-                say(f"worker {i} failed with status {code}; stopping the others")
-                break
-            if failed and deadline is None:
-                say(
-                    f"worker {failed[0][0]} stopped on a notice; waiting "
-                    f"{grace_seconds:g} s for the others"
-                )
-                deadline = time.time() + grace_seconds
-            if deadline is not None and time.time() > deadline:
-                say(f"workers still running after {grace_seconds:g} s: killing them")
-                status = EXIT_PREEMPTED if failed else 128 + signal.SIGKILL
-                break
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        status = 130
-    finally:
-        _kill_all(procs)
-        for t in threads:
+        return f"{num_workers} workers on {host} ports {ports}: {shlex.join(command)}"
+    where = ", ".join(f"{a}:{p}" for a, p in zip(links.addresses, ports))
+    return f"{num_workers} workers at {where}: {shlex.join(command)}"
+
+
+def _worker_command(i, command, ports, host, links) -> tuple[list[str], str]:
+    """Worker ``i``'s argv and ``TF_CONFIG``.
+
+    With ``links`` the worker runs inside its own namespace and TF_CONFIG
+    names every worker's own address; otherwise all share ``host``.
+    """
+    if links is None:
+        return command, tf_config(ports, i, host=host)
+    return links.command(i, command), links_lib.tf_config(links.addresses, ports, i)
+
+
+class _Workers:
+    """The worker processes, the threads relaying their output, and its filters.
+
+    Every line, the workers' and the launcher's own (`say`), is written under
+    one lock so that lines from different threads never interleave.
+
+    Args:
+        out: Where the prefixed output goes.
+    """
+
+    def __init__(self, out):
+        self.out = out
+        self.lock = threading.Lock()
+        self.procs: list[subprocess.Popen] = []
+        self.threads: list[threading.Thread] = []
+        self.streams: list[_HoldPeerGone] = []
+
+    def say(self, text: str) -> None:
+        """Writes a ``[launcher]`` line."""
+        with self.lock:
+            self.out.write(f"[launcher] {text}\n")
+            self.out.flush()
+
+    def start(self, i: int, argv: list[str], env: dict[str, str]) -> None:
+        """Starts worker ``i`` and a thread relaying its output."""
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            # Own process group: stopping a worker stops its children too.
+            start_new_session=True,
+        )
+        # Recorded at once, so that `kill` stops it if what follows fails.
+        self.procs.append(proc)
+        prefix = f"[worker {i}] "
+        stream = _HoldPeerGone(self.out, prefix)
+        self.streams.append(stream)
+        t = threading.Thread(
+            target=_stream, args=(prefix, proc.stdout, stream, self.lock)
+        )
+        t.start()
+        self.threads.append(t)
+
+    def kill(self) -> None:
+        """SIGKILLs every live worker, then waits for their output to drain."""
+        _kill_all(self.procs)
+        for t in self.threads:
             t.join()
-    for stream in streams:
-        stream.report(status == 0, say)
-    if links is not None:
-        _report_links(links, say, link_stats)
-    say(f"exit status {status}")
-    return status
+
+    def report(self, succeeded: bool) -> None:
+        """Drops or prints each worker's held-back peer-gone lines."""
+        for stream in self.streams:
+            stream.report(succeeded, self.say)
+
+
+def _watch(workers: _Workers, stop_request: _StopRequest, grace_seconds: float) -> int:
+    """Polls the workers until the launch is over; returns its exit status.
+
+    Forwards a stop notice to the workers (once), stops watching at the first
+    real failure, and gives the workers ``grace_seconds`` after a notice (the
+    launcher's, or one a worker answered with 42 on its own) before giving up
+    on them. The caller kills whatever still runs.
+
+    Args:
+      workers: the started workers.
+      stop_request: set by the launcher's signal handlers.
+      grace_seconds: how long workers get to exit after a stop notice.
+
+    Returns:
+      As `launch`: 0 if every worker exited 0, else the first failure's
+      status; when the grace period runs out, 42 if some worker had exited 42,
+      else 137 (128 + SIGKILL).
+    """
+    procs, say = workers.procs, workers.say
+    deadline = None  # Set once the workers were told to stop.
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            failed = [c for c in codes if c != 0]
+            return _status(failed[0]) if failed else 0
+        if stop_request.signum and deadline is None:
+            name = signal.Signals(stop_request.signum).name
+            say(f"{name}: forwarding SIGTERM to the workers")
+            _signal_all(procs, signal.SIGTERM)
+            deadline = time.time() + grace_seconds
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        preempted = [c == EXIT_PREEMPTED for _, c in failed]
+        if failed and not all(preempted):
+            # A real failure: the others' peer is gone, so waiting is useless.
+            i, code = next((i, c) for i, c in failed if c != EXIT_PREEMPTED)
+            say(f"worker {i} failed with status {code}; stopping the others")
+            return _status(code)
+        if failed and deadline is None:
+            say(
+                f"worker {failed[0][0]} stopped on a notice; waiting "
+                f"{grace_seconds:g} s for the others"
+            )
+            deadline = time.time() + grace_seconds
+        if deadline is not None and time.time() > deadline:
+            say(f"workers still running after {grace_seconds:g} s: killing them")
+            return EXIT_PREEMPTED if failed else 128 + signal.SIGKILL
+        time.sleep(0.05)
 
 
 def _report_links(links, say, path: str | None) -> None:

@@ -51,6 +51,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 from distopt.benchmarks import protocol
 
@@ -73,13 +74,22 @@ def _setup(strategy_name):
     )
 
 
+class _State(NamedTuple):
+    """What the phases train and write, made in the strategy's scope."""
+
+    model: object
+    optimizer: object
+    step: object  # The trainer's step counter (int64 variable).
+    sums: object  # The trainer's metric sums.
+    sink: object  # Where the phases put a result, so none is pruned.
+
+
 def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
     """ms per step of each phase, median and min-max over interleaved rounds."""
     import tensorflow as tf
 
     from distopt import data as data_lib
     from distopt.trainer import config as tconfig
-    from distopt.trainer import factories
     from distopt.trainer import inputs as tinputs
     from distopt.trainer import step as tstep
     from distopt.trainer import strategy as tstrategy
@@ -89,6 +99,51 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         model=model_name, strategy=strategy_name, batch_size=batch_size
     )
     source = data_lib.load_source()
+    state = _build_state(strategy, config, model_name, source)
+    jit = tstrategy.resolve_jit_compile(None, strategy)
+    replicas = strategy.num_replicas_in_sync
+    batch = protocol.random_mnist_batch(strategy, batch_size // replicas)
+    fns = _step_functions(state, jit, replicas)
+    # Each replica's gradients of its batch, once: the update phase's input.
+    fixed_grads = tuple(
+        tf.function(lambda: strategy.run(fns["grads_of"], args=batch))()
+    )
+    # The trainer's own feed, as distopt.train picks it (in memory for MNIST).
+    kind = tinputs.resolve_input(config, strategy, source)
+    feed = tinputs.make_train_feed(strategy, source, config, kind)
+    inputs = feed.inputs()
+    trainer_loop = tstep.make_train_loop(
+        strategy, state.model, state.optimizer, state.sums, state.step, feed=feed
+    )
+    loops = {
+        "pipeline": _pipeline_loop(strategy, feed, inputs, state.step, state.sink),
+        "forward": _in_memory_loop(strategy, fns["forward"], batch),
+        "forward_backward": _in_memory_loop(strategy, fns["forward_backward"], batch),
+        "bare_step": _in_memory_loop(strategy, fns["bare_step"], batch),
+        "update": _in_memory_loop(strategy, fns["update"], fixed_grads),
+        "trainer_loop": lambda n: trainer_loop(inputs, n),
+    }
+    stats = _time_interleaved(loops, state, steps, rounds)
+    attribution, notes = attribute(stats)
+    return {
+        "model": model_name,
+        "strategy": strategy_name,
+        "jit_compile": jit,
+        "steps": steps,
+        "rounds": rounds,
+        "ms_per_step": stats,
+        "attribution_ms": attribution,
+        "attribution_notes": notes,
+    }
+
+
+def _build_state(strategy, config, model_name, source):
+    """The model, its built optimizer and the variables, in the strategy's scope."""
+    import tensorflow as tf
+
+    from distopt.trainer import factories
+    from distopt.trainer import step as tstep
+
     with strategy.scope():
         model = factories.build_model(model_name, source)
         optimizer = factories.make_optimizer(config, 10**6)
@@ -100,26 +155,31 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.SUM,
         )
-    variables = model.trainable_variables
-    jit = tstrategy.resolve_jit_compile(None, strategy)
-    replicas = strategy.num_replicas_in_sync
-    per_replica = batch_size // replicas
+    return _State(model, optimizer, step, sums, sink)
 
-    batch = protocol.random_mnist_batch(strategy, per_replica)
 
-    def loss_of(images, labels):
-        logits = model(images, training=True)
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-        )
+def _step_functions(state, jit, replicas):
+    """Each in-memory phase's per-replica function, with XLA where it applies.
+
+    Args:
+        state: The `_State` the functions train and write.
+        jit: Whether the trainer compiles with XLA on this device.
+        replicas: The strategy's replicas in sync.
+
+    Returns:
+        `forward`, `forward_backward`, `bare_step`, `update` (of the gradients
+        it is given) and `grads_of` (a batch's gradients, for that input).
+    """
+    import tensorflow as tf
+
+    optimizer, sink = state.optimizer, state.sink
+    variables = state.model.trainable_variables
+    # With XLA, one replica's phases are compiled whole; with several, only
+    # the loss and the gradients that the phases call.
+    loss_of, grads_of = _loss_and_gradients(state.model, jit and replicas != 1)
 
     def forward(images, labels):
         sink.assign_add(loss_of(images, labels))
-
-    def grads_of(images, labels):
-        with tf.GradientTape() as tape:
-            loss = loss_of(images, labels)
-        return tape.gradient(loss, variables)
 
     def forward_backward(images, labels):
         grads = grads_of(images, labels)
@@ -136,25 +196,54 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
         forward_backward = tf.function(forward_backward, jit_compile=True)
         bare_step = tf.function(bare_step, jit_compile=True)
         update = tf.function(update, jit_compile=True)
-    elif jit:
+    return {
+        "forward": forward,
+        "forward_backward": forward_backward,
+        "bare_step": bare_step,
+        "update": update,
+        "grads_of": grads_of,
+    }
+
+
+def _loss_and_gradients(model, xla):
+    """``loss_of`` and ``grads_of`` a batch of ``model``, compiled if ``xla``."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    def loss_of(images, labels):
+        logits = model(images, training=True)
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        )
+
+    def grads_of(images, labels):
+        with tf.GradientTape() as tape:
+            # `loss_of` is looked up here at call time: compiled if `xla`.
+            loss = loss_of(images, labels)
+        return tape.gradient(loss, variables)
+
+    if xla:
         loss_of = tf.function(loss_of, jit_compile=True)
         grads_of = tf.function(grads_of, jit_compile=True)
+    return loss_of, grads_of
 
-    def in_memory_loop(fn, args=batch):
-        @tf.function
-        def loop(num_steps):
-            for _ in tf.range(num_steps):
-                strategy.run(fn, args=args)
 
-        return lambda n: loop(n)
+def _in_memory_loop(strategy, fn, args):
+    """``n -> None``: ``n`` steps of ``fn`` on ``args`` in one ``tf.function``."""
+    import tensorflow as tf
 
-    # Each replica's gradients of its batch, once: the update phase's input.
-    fixed_grads = tuple(tf.function(lambda: strategy.run(grads_of, args=batch))())
+    @tf.function
+    def loop(num_steps):
+        for _ in tf.range(num_steps):
+            strategy.run(fn, args=args)
 
-    # The trainer's own feed, as distopt.train picks it (in memory for MNIST).
-    kind = tinputs.resolve_input(config, strategy, source)
-    feed = tinputs.make_train_feed(strategy, source, config, kind)
-    inputs = feed.inputs()
+    return lambda n: loop(n)
+
+
+def _pipeline_loop(strategy, feed, inputs, step, sink):
+    """``n -> None``: ``n`` batches of the trainer's feed, each barely used."""
+    import tensorflow as tf
 
     def consume(*args):
         images, labels = feed.replica_batch(*args)
@@ -169,22 +258,21 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
             strategy.run(consume, args=args)
         step.assign_add(num_steps)
 
-    trainer_loop = tstep.make_train_loop(
-        strategy, model, optimizer, sums, step, feed=feed
-    )
-    loops = {
-        "pipeline": pipeline,
-        "forward": in_memory_loop(forward),
-        "forward_backward": in_memory_loop(forward_backward),
-        "bare_step": in_memory_loop(bare_step),
-        "update": in_memory_loop(update, args=fixed_grads),
-        "trainer_loop": lambda n: trainer_loop(inputs, n),
-    }
+    return pipeline
+
+
+def _time_interleaved(loops, state, steps, rounds):
+    """Each loop's ms per step: `{name: {"median", "min", "max"}}`.
+
+    Every round runs every loop once, starting one phase further along each
+    round, so that a drift in the machine's load hits every phase alike.
+    """
+    import tensorflow as tf
 
     def run(name, n):
         loops[name](tf.constant(n, tf.int64))
-        float(sink.read_value())  # Waits for the loop.
-        int(step.numpy())
+        float(state.sink.read_value())  # Waits for the loop.
+        int(state.step.numpy())
 
     for name in PHASES:
         run(name, 10)  # Trace, compile, warm up.
@@ -195,20 +283,9 @@ def step_phases(model_name, strategy_name, steps, rounds, batch_size=128):
             t = time.perf_counter()
             run(name, steps)
             samples[name].append(1e3 * (time.perf_counter() - t) / steps)
-    stats = {
+    return {
         name: {"median": statistics.median(s), "min": min(s), "max": max(s)}
         for name, s in samples.items()
-    }
-    attribution, notes = attribute(stats)
-    return {
-        "model": model_name,
-        "strategy": strategy_name,
-        "jit_compile": jit,
-        "steps": steps,
-        "rounds": rounds,
-        "ms_per_step": stats,
-        "attribution_ms": attribution,
-        "attribution_notes": notes,
     }
 
 
