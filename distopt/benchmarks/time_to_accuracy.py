@@ -96,7 +96,18 @@ GRIDS.update(
 )
 
 #: The settings measured runs use: chosen by `--tune` (BUILD_NOTES.md).
-SETTINGS = {mode: (1e-3, 0.7 if mode.startswith("diloco") else None) for mode in MODES}
+SETTINGS = {
+    "every_step": (0.002, None),
+    "every_step_bf16": (0.002, None),
+    "accumulate8": (0.004, None),
+    "local_sgd8": (0.004, None),
+    "local_sgd32": (0.002, None),
+    "powersgd": (0.002, None),
+    "topk": (0.001, None),
+    "onebit": (0.0005, None),
+    "diloco32": (0.002, 0.7),
+    "diloco128": (0.001, 0.7),
+}
 
 TUNE_SEED = 1000
 HEADLINE = [("4", "none"), ("4", "100mbit")]
