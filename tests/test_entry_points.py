@@ -15,9 +15,13 @@ from conftest import run_python
 
 BENCHMARKS = [
     "distopt.benchmarks.adam_step",
+    "distopt.benchmarks.compression_accuracy",
+    "distopt.benchmarks.compression_cost",
     "distopt.benchmarks.keras_fit",
+    "distopt.benchmarks.sharded_state",
     "distopt.benchmarks.step_breakdown",
     "distopt.benchmarks.sync_modes",
+    "distopt.benchmarks.time_to_accuracy",
     "distopt.benchmarks.trainer_vs_keras",
 ]
 TOOLS = ["distopt.compare", "distopt.hardware_check", *BENCHMARKS]

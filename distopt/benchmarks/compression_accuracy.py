@@ -12,9 +12,10 @@ Per model x replicas x compressor it prints the test accuracy over the seeds
 (median, min-max), the difference of the median to no compression in
 points, and the gradient bytes each replica sends per step (the optimizer's
 `bytes_sent` counter / steps) with the ratio to no compression. Runs
-alternate (each seed is one round over every cell). Default run: about an
-hour on a 2-core host (LeNet dominates); `--models=mlp --replicas=2
---seeds=0 --train_steps=100` takes about 2 minutes.
+alternate (each seed is one round over every cell).
+
+Default run: about 90-150 min on this 2-core host (LeNet dominates);
+`--models=mlp --replicas=2 --seeds=0 --train_steps=100` takes about 1 min.
 """
 
 from __future__ import annotations
@@ -25,19 +26,31 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
+from distopt import cli
 from distopt.benchmarks import protocol
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "lenet"], "Models to train.")
-flags.DEFINE_list("replicas", ["2", "4"], "Replica counts (logical CPU devices).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one round of every cell each.")
+# Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
+# line and exit status 2 (absl's app.run exits 1 after --help).
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("models", ["mlp", "lenet"], "Models to train.", flag_values=FLAGS)
 flags.DEFINE_list(
-    "compressors", ["none", "powersgd", "topk", "onebit"], "Contenders."
+    "replicas", ["2", "4"], "Replica counts (logical CPU devices).", flag_values=FLAGS
 )
-flags.DEFINE_integer("train_steps", 1000, "Steps of every run.")
-flags.DEFINE_string("output", "", "Also write the runs and the table as JSON here.")
+flags.DEFINE_list(
+    "seeds", ["0", "1", "2"], "Seeds; one round of every cell each.", flag_values=FLAGS
+)
+flags.DEFINE_list(
+    "compressors",
+    ["none", "powersgd", "topk", "onebit"],
+    "Contenders.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("train_steps", 1000, "Steps of every run.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "output", "", "Also write the runs and the table as JSON here.", flag_values=FLAGS
+)
 
 #: Trainer flags of each contender.
 COMPRESSORS = {
@@ -95,7 +108,8 @@ def table(runs) -> list[dict]:
             rs = [
                 r
                 for r in runs
-                if (r["model"], r["replicas"], r["compressor"]) == (model, replicas, name)
+                if (r["model"], r["replicas"], r["compressor"])
+                == (model, replicas, name)
             ]
             if not rs:
                 continue
@@ -133,8 +147,10 @@ def print_table(rows) -> None:
         )
 
 
-def main(argv):
-    del argv
+def main(argv=None) -> int:
+    status = cli.parse("distopt.benchmarks.compression_accuracy", __doc__, FLAGS, argv)
+    if status is not None:
+        return status
     unknown = [c for c in FLAGS.compressors if c not in COMPRESSORS]
     if unknown:
         print(f"error: --compressors: unknown {unknown}", file=sys.stderr)
@@ -156,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

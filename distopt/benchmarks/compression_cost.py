@@ -17,7 +17,8 @@ over `none`, the bytes each replica sends per step on a ring (from the
 optimizer's counters: 2 (R-1)/R of each all-reduce's buffer, (R-1)/R of each
 all-gather's gathered bytes), and the break-even link rate: below it the
 bytes saved take longer to send than the compression takes to compute, so
-compression pays on slower links. Default run: about 2 minutes here.
+compression pays on slower links. Default run: about 2-4 min on this 2-core
+host.
 
 Compressors: powersgd (rank 2), topk (fraction 0.01), onebit.
 """
@@ -28,19 +29,35 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from distopt import cli
 from distopt.benchmarks import protocol
 
-FLAGS = flags.FLAGS
+# Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
+# line and exit status 2 (absl's app.run exits 1 after --help).
+FLAGS = flags.FlagValues()
 flags.DEFINE_list(
-    "compressors", ["none", "powersgd", "topk", "onebit"], "Contenders to measure."
+    "compressors",
+    ["none", "powersgd", "topk", "onebit"],
+    "Contenders to measure.",
+    flag_values=FLAGS,
 )
-flags.DEFINE_integer("replicas", 4, "Logical CPU devices (replicas).")
-flags.DEFINE_integer("steps", 30, "Timed steps per run (after 3 warm-up steps).")
-flags.DEFINE_integer("repeats", 3, "Runs per contender (fresh processes).")
-flags.DEFINE_string("measure", "", "Internal: the compressor one run measures.")
-flags.DEFINE_string("output", "", "Also write the results as JSON to this file.")
+flags.DEFINE_integer(
+    "replicas", 4, "Logical CPU devices (replicas).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "steps", 30, "Timed steps per run (after 3 warm-up steps).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "repeats", 3, "Runs per contender (fresh processes).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "measure", "", "Internal: the compressor one run measures.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "output", "", "Also write the results as JSON to this file.", flag_values=FLAGS
+)
 
 SHAPES = [(784, 700), (700,), (700, 500), (500,), (500, 10), (10,)]
 ARGS = {"powersgd": {"rank": 2}, "topk": {"fraction": 0.01}, "onebit": {}}
@@ -143,8 +160,10 @@ def _print(rows):
         )
 
 
-def main(argv):
-    del argv
+def main(argv=None) -> int:
+    status = cli.parse("distopt.benchmarks.compression_cost", __doc__, FLAGS, argv)
+    if status is not None:
+        return status
     if FLAGS.measure:
         protocol.print_result(_measure(FLAGS.measure))
         return 0
@@ -173,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

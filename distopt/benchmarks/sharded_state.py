@@ -19,9 +19,10 @@ memory against the unsharded slot bytes x (1 - 1/N) (issue 24's measure), and
 the step-time ratio sharded / unsharded.
 
 Models: `mlp` (784-700-500-10, 0.9M parameters) and `dense50m` (four
-3,584 x 3,584 layers after a 1,024 x 3,584 one, 55M parameters). With the
-defaults it takes about 4 minutes on this 2-core host (dense50m dominates:
-about 2 s per step with 4 devices).
+3,584 x 3,584 layers after a 1,024 x 3,584 one, 55M parameters).
+
+Default run: about 4-20 min on this 2-core host (dense50m dominates: about
+2 s per step with 4 devices when the host is quiet; 20 min when loaded).
 """
 
 from __future__ import annotations
@@ -32,18 +33,39 @@ import resource
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from distopt import cli
 from distopt.benchmarks import protocol
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "dense50m"], "Models to measure: mlp, dense50m.")
-flags.DEFINE_integer("devices", 4, "Logical CPU devices (replicas).")
-flags.DEFINE_integer("steps", 10, "Timed steps per run (after 2 warm-up steps).")
-flags.DEFINE_integer("repeats", 3, "Runs per contender (fresh processes, alternating).")
-flags.DEFINE_integer("batch_size", 16, "Examples per replica per step.")
-flags.DEFINE_string("measure", "", "Internal: 'model,sharded' runs one measurement.")
-flags.DEFINE_string("output", "", "Also write the results as JSON to this file.")
+# Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
+# line and exit status 2 (absl's app.run exits 1 after --help).
+FLAGS = flags.FlagValues()
+flags.DEFINE_list(
+    "models",
+    ["mlp", "dense50m"],
+    "Models to measure: mlp, dense50m.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("devices", 4, "Logical CPU devices (replicas).", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "steps", 10, "Timed steps per run (after 2 warm-up steps).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "repeats",
+    3,
+    "Runs per contender (fresh processes, alternating).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "batch_size", 16, "Examples per replica per step.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "measure", "", "Internal: 'model,sharded' runs one measurement.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "output", "", "Also write the results as JSON to this file.", flag_values=FLAGS
+)
 
 LAYERS = {
     "mlp": [784, 700, 500, 10],
@@ -162,8 +184,10 @@ def _print(rows):
         )
 
 
-def main(argv):
-    del argv
+def main(argv=None) -> int:
+    status = cli.parse("distopt.benchmarks.sharded_state", __doc__, FLAGS, argv)
+    if status is not None:
+        return status
     if FLAGS.measure:
         model, sharded = FLAGS.measure.split(",")
         protocol.print_result(_measure(model, sharded == "1"))
@@ -199,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -30,9 +30,12 @@ BUILD_NOTES.md; measured runs use seeds 0, 1, 2...
 
 Writes `results.json` and, with the `viz` extra, one PNG per link rate:
 test accuracy against training time and against bytes sent, one line per
-mode. Default run: several hours on a 2-core host (see BUILD_NOTES.md);
-`--workers=2 --links=none --modes=every_step,local_sgd8 --repeats=1
---other_repeats=1 --max_steps=200 --target=0.5` takes about 2 minutes.
+mode. Default run: about 120-180 min on this 2-core host (103 runs of 0.5
+to 3 min; the headline cells alone, `--workers=4 --links=none,100mbit`, 63
+runs, took 70 min on 2026-12-04); `--workers=2 --links=none
+--modes=every_step,local_sgd8 --repeats=1 --other_repeats=1 --max_steps=40
+--eval_every=20 --target=0.5 --noscaling` takes about 2 minutes (the
+suite's end-to-end test).
 """
 
 from __future__ import annotations
@@ -45,23 +48,43 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
+from distopt import cli
 from distopt.benchmarks import protocol
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("workers", ["2", "4"], "Worker counts (one CPU device each).")
-flags.DEFINE_list("links", ["none", "1gbit", "100mbit"], "Link rates; none: unlimited.")
-flags.DEFINE_list("modes", None, "Rows to run (default: every row of MODES).")
-flags.DEFINE_float("target", 0.97, "Test accuracy to reach.")
-flags.DEFINE_integer("max_steps", 3000, "Step budget of each run.")
-flags.DEFINE_integer("eval_every", 50, "Steps between evaluations.")
-flags.DEFINE_integer("batch_per_worker", 64, "Examples per worker per step.")
-flags.DEFINE_integer("repeats", 3, "Runs of each headline cell.")
-flags.DEFINE_integer("other_repeats", 1, "Runs of each other cell.")
-flags.DEFINE_boolean("scaling", True, "Also run 1 worker (every_step), for scaling.")
-flags.DEFINE_boolean("tune", False, "Pick each mode's setting from GRIDS instead.")
-flags.DEFINE_string("output_dir", "", "Where results.json and the PNGs go.")
+# Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
+# line and exit status 2 (absl's app.run exits 1 after --help).
+FLAGS = flags.FlagValues()
+flags.DEFINE_list(
+    "workers", ["2", "4"], "Worker counts (one CPU device each).", flag_values=FLAGS
+)
+flags.DEFINE_list(
+    "links",
+    ["none", "1gbit", "100mbit"],
+    "Link rates; none: unlimited.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_list(
+    "modes", None, "Rows to run (default: every row of MODES).", flag_values=FLAGS
+)
+flags.DEFINE_float("target", 0.97, "Test accuracy to reach.", flag_values=FLAGS)
+flags.DEFINE_integer("max_steps", 3000, "Step budget of each run.", flag_values=FLAGS)
+flags.DEFINE_integer("eval_every", 50, "Steps between evaluations.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "batch_per_worker", 64, "Examples per worker per step.", flag_values=FLAGS
+)
+flags.DEFINE_integer("repeats", 3, "Runs of each headline cell.", flag_values=FLAGS)
+flags.DEFINE_integer("other_repeats", 1, "Runs of each other cell.", flag_values=FLAGS)
+flags.DEFINE_boolean(
+    "scaling", True, "Also run 1 worker (every_step), for scaling.", flag_values=FLAGS
+)
+flags.DEFINE_boolean(
+    "tune", False, "Pick each mode's setting from GRIDS instead.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "output_dir", "", "Where results.json and the PNGs go.", flag_values=FLAGS
+)
 
 #: The rows: trainer flags of each mode (the learning rates come from SETTINGS).
 MODES = {
@@ -364,8 +387,10 @@ def tune(modes, workdir):
     return chosen
 
 
-def main(argv):
-    del argv
+def main(argv=None) -> int:
+    status = cli.parse("distopt.benchmarks.time_to_accuracy", __doc__, FLAGS, argv)
+    if status is not None:
+        return status
     modes = FLAGS.modes or list(MODES)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -430,4 +455,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
