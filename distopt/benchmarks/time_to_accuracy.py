@@ -85,6 +85,13 @@ flags.DEFINE_boolean(
 flags.DEFINE_string(
     "output_dir", "", "Where results.json and the PNGs go.", flag_values=FLAGS
 )
+flags.DEFINE_boolean(
+    "report_only",
+    False,
+    "Run nothing: summarise --output_dir's runs.jsonl (a finished or an "
+    "interrupted run) into results.json, the table and the PNGs.",
+    flag_values=FLAGS,
+)
 
 #: The rows: trainer flags of each mode (the learning rates come from SETTINGS).
 MODES = {
@@ -406,6 +413,12 @@ def main(argv=None) -> int:
     if FLAGS.tune:
         tune(modes, workdir)
         return 0
+    if FLAGS.report_only:
+        path = os.path.join(output_dir, "runs.jsonl")
+        if not os.path.exists(path):
+            return cli.error("distopt.benchmarks.time_to_accuracy", f"no {path}")
+        with open(path) as f:
+            return report([json.loads(line) for line in f], output_dir)
     cells = [(m, w, link) for w in FLAGS.workers for link in FLAGS.links for m in modes]
     if FLAGS.scaling:
         cells.append(("every_step", "1", "none"))
@@ -428,6 +441,11 @@ def main(argv=None) -> int:
             runs.append(r)
             with open(os.path.join(output_dir, "runs.jsonl"), "a") as f:
                 f.write(json.dumps(r) + "\n")
+    return report(runs, output_dir)
+
+
+def report(runs, output_dir) -> int:
+    """The table, the scaling lines, results.json and the PNGs of ``runs``."""
     rows = summarise(runs)
     print_table(rows)
     eff = scaling(runs)
