@@ -85,6 +85,13 @@ flags.DEFINE_boolean(
 flags.DEFINE_string(
     "output_dir", "", "Where results.json and the PNGs go.", flag_values=FLAGS
 )
+flags.DEFINE_integer(
+    "first_seed",
+    0,
+    "Seed of the first round (round i uses first_seed + i): to add rounds to "
+    "an earlier run's output_dir.",
+    flag_values=FLAGS,
+)
 flags.DEFINE_boolean(
     "report_only",
     False,
@@ -432,11 +439,12 @@ def main(argv=None) -> int:
     runs = []
     for (mode, w, link), rep in schedule(cells, repeats_of):
         print(
-            f"[{time.strftime('%H:%M:%S')}] {mode} {w} workers {link} seed {rep}",
+            f"[{time.strftime('%H:%M:%S')}] {mode} {w} workers {link} "
+            f"seed {FLAGS.first_seed + rep}",
             file=sys.stderr,
             flush=True,
         )
-        r = run_once(mode, w, link, rep, SETTINGS[mode], workdir)
+        r = run_once(mode, w, link, FLAGS.first_seed + rep, SETTINGS[mode], workdir)
         if r:
             runs.append(r)
             with open(os.path.join(output_dir, "runs.jsonl"), "a") as f:
