@@ -163,9 +163,7 @@ def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tm
     assert proc.returncode == 0, proc.stderr
     status, lines = _report(logs, "full")
     assert status == 1, lines[-12:]
-    _assert_one_error_last(
-        lines, f"error: Could not write {run}/evaluations.json: "
-    )
+    _assert_one_error_last(lines, f"error: Could not write {run}/evaluations.json: ")
     assert "No space left on device" in lines[-1]
     # No metrics.json, no evaluations.json, no temporary file; lock released.
     assert sorted((logs / "left").read_text().split()) == [
