@@ -51,6 +51,30 @@ def test_four_trainers_started_together_get_four_run_directories(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_launchers_started_together_get_two_run_directories(tmp_path):
+    launcher = os.path.join(REPO, "launch", "local.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, launcher, "--workers=2", "--", *QUICK],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [log[-1500:] for log in logs]
+    # Only each launch's chief writes a run directory: two, both complete.
+    runs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(runs) == 2, runs
+    for run in runs:
+        with open(tmp_path / "runs" / run / "metrics.json") as f:
+            assert json.load(f)["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_time_to_first_step_counts_from_the_interpreter_not_the_shell(tmp_path):
     """A shell that works 5 s before it starts Python does not inflate it.
 
