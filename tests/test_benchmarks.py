@@ -273,3 +273,50 @@ def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
     # TopK(0.01): 1% of the values plus as many int32 indices, per variable
     # (at least one of each): about 50x fewer bytes.
     assert 45 < table["topk"]["fewer_bytes"] < 51
+
+
+@pytest.mark.slow
+def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
+    """2 localhost workers, every row of the table, a few steps each."""
+    import json
+
+    from conftest import run_python
+
+    out = tmp_path / "out.json"
+    proc = run_python(
+        "-m",
+        "distopt.benchmarks.sync_modes",
+        "--steps=8",
+        "--warmup=1",
+        f"--json={out}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with open(out) as f:
+        rows = json.load(f)
+    assert set(rows) == {
+        "every_step",
+        "accumulate",
+        "local_sgd",
+        "diloco",
+        "powersgd",
+        "topk",
+        "onebit",
+    }
+    # The MLP 784-700-500-10, counted here from its shapes.
+    layers = [(784, 700), (700, 500), (500, 10)]
+    params = sum(r * c + c for r, c in layers)
+    assert rows["every_step"]["parameters"] == params
+    sent = {m: r["bytes_sent_per_step"] for m, r in rows.items()}
+    # One float32 buffer of every gradient plus the replica's weight.
+    assert sent["every_step"] == 4 * params + 4
+    # Periodic modes send the same buffer once in 8 steps.
+    for mode in ("accumulate", "local_sgd", "diloco"):
+        assert sent[mode] == pytest.approx(sent["every_step"] / 8, rel=1e-3), mode
+    # PowerSGD rank 2: P and Q of each matrix, (rows + cols) x 2 floats
+    # (all three are worth compressing), and the biases uncompressed.
+    assert sent["powersgd"] == 4 * sum((r + c) * 2 + c for r, c in layers)
+    # Top-k and 1-bit gather small payloads: at least 20x fewer bytes.
+    for mode in ("topk", "onebit"):
+        assert 0 < sent[mode] * 20 < sent["every_step"], mode
+        assert rows[mode]["allreduce_calls"] == 0

@@ -11,9 +11,14 @@ ports (MultiWorkerMirroredStrategy, one CPU device each). Each trains the MLP
 reports, from the optimizer's own run-time counters (not assumed):
 
 * all-reduce calls and payload bytes per step and per applied update;
+* bytes sent per step: what each replica puts into its all-reduces and
+  all-gathers (the compressors gather their payloads: top-k's values and
+  indices, 1-bit's packed signs);
 * steps per second, measured after a warm-up, as a ratio to every-step sync
   in the same run.
 
+The compressors (`distopt.compression`) are rows of every-step sync: each
+step still communicates, but less (PowerSGD rank 2, top-k 1%, 1-bit).
 Payload bytes are what each replica contributes to an all-reduce (the packed
 buffer); the wire traffic of a ring all-reduce is about twice that.
 """
@@ -28,12 +33,27 @@ import time
 from distopt import cluster
 from distopt.benchmarks import protocol
 
+#: (row label, sync mode, its arguments, compression). A later mode or
+#: compressor joins the table by adding one row.
 MODES = [
-    ("every_step", {}),
-    ("accumulate", {"k": 8}),
-    ("local_sgd", {"k": 8}),
-    ("diloco", {"k": 8}),
+    ("every_step", "every_step", {}, None),
+    ("accumulate", "accumulate", {"k": 8}, None),
+    ("local_sgd", "local_sgd", {"k": 8}, None),
+    ("diloco", "diloco", {"k": 8}, None),
+    ("powersgd", "every_step", {}, {"name": "powersgd", "rank": 2}),
+    ("topk", "every_step", {}, {"name": "topk", "fraction": 0.01}),
+    ("onebit", "every_step", {}, {"name": "onebit"}),
 ]
+
+
+def _compressor(spec):
+    """A fresh compressor from a `MODES` entry (each holds its own state)."""
+    import distopt
+
+    if spec is None:
+        return None
+    spec = dict(spec)
+    return distopt.compression.get(spec.pop("name"), **spec)
 
 
 def _make_run(strategy, model, opt, images, labels):
@@ -73,15 +93,20 @@ def _worker(index, ports, steps, batch_size, warmup):
     images = tf.constant(rng.random((per_replica, 28, 28, 1), dtype=np.float32))
     labels = tf.constant(rng.integers(0, 10, per_replica))
     results = {}
-    for mode, kwargs in MODES:
+    for label, mode, kwargs, compression in MODES:
         with strategy.scope():
             model = models.build_model("mlp", seed=0)
             opt = distopt.optimizers.get(
                 "adam",
                 learning_rate=1e-3,
                 sync=distopt.sync.get(mode, **kwargs),
+                compression=_compressor(compression),
                 communication_options=options,
             )
+            # Slots and counters exist before the first trace: variables
+            # created inside a tf.function under MultiWorkerMirroredStrategy
+            # fail at run time ("must feed a value for placeholder").
+            opt.build(model.trainable_variables)
         variables = model.trainable_variables
         run = _make_run(strategy, model, opt, images, labels)
         run(tf.constant(warmup, tf.int64))
@@ -89,6 +114,7 @@ def _worker(index, ports, steps, batch_size, warmup):
             int(opt.allreduce_calls.numpy()),
             int(opt.allreduce_bytes.numpy()),
         )
+        sent0 = int(opt.reducer.bytes_sent.numpy())
         updates0 = int(opt.iterations.numpy())
         start = time.perf_counter()
         run(tf.constant(steps, tf.int64))
@@ -96,8 +122,9 @@ def _worker(index, ports, steps, batch_size, warmup):
         seconds = time.perf_counter() - start
         calls = int(opt.allreduce_calls.numpy()) - calls0
         nbytes = int(opt.allreduce_bytes.numpy()) - bytes0
+        sent = int(opt.reducer.bytes_sent.numpy()) - sent0
         updates = int(opt.iterations.numpy()) - updates0
-        results[mode] = {
+        results[label] = {
             "k": kwargs.get("k", 1),
             "steps": steps,
             "applied_updates": updates,
@@ -105,6 +132,7 @@ def _worker(index, ports, steps, batch_size, warmup):
             "allreduce_calls_per_step": calls / steps,
             "payload_bytes_per_step": nbytes / steps,
             "payload_bytes_per_update": nbytes / max(updates, 1),
+            "bytes_sent_per_step": sent / steps,
             "steps_per_second": steps / seconds,
             "parameters": sum(int(v.shape.num_elements()) for v in variables),
         }
@@ -164,13 +192,13 @@ def main(argv):
     )
     print(
         f"{'mode':<12}{'k':>3}{'calls/step':>12}{'bytes/step':>14}{'bytes/update':>14}"
-        f"{'steps/s':>10}{'vs every':>10}"
+        f"{'sent/step':>12}{'steps/s':>10}{'vs every':>10}"
     )
     for mode, r in results.items():
         print(
             f"{mode:<12}{r['k']:>3}{r['allreduce_calls_per_step']:>12.3f}"
             f"{r['payload_bytes_per_step']:>14,.0f}{r['payload_bytes_per_update']:>14,.0f}"
-            f"{r['steps_per_second']:>10.1f}{r['steps_per_second'] / base:>9.2f}x"
+            f"{r['bytes_sent_per_step']:>12,.0f}{r['steps_per_second']:>10.1f}{r['steps_per_second'] / base:>9.2f}x"
         )
     protocol.write_json(args.json, results)
     return 0
