@@ -479,6 +479,20 @@ MUTANTS = [
         "scale = 1.01 * tf.reduce_mean(tf.abs(flat))",
         "tests/test_compression.py",
     ),
+    Mutant(
+        "adam_freeze_off_by_one",
+        "distopt/optimizers/adam.py",
+        "tf.where(step > freeze_step, v, new_v)",
+        "tf.where(step >= freeze_step, v, new_v)",
+        "tests/test_optimizers.py -k freeze",
+    ),
+    Mutant(
+        "adam_freeze_bias_correction",
+        "distopt/optimizers/adam.py",
+        "tf.pow(tf.convert_to_tensor(beta_2, dt), v_step)",
+        "tf.pow(tf.convert_to_tensor(beta_2, dt), step)",
+        "tests/test_optimizers.py -k freeze",
+    ),
 ]
 
 

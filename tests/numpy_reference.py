@@ -81,18 +81,37 @@ def _momentum(p, g, s, lr, t, momentum=0.9, nesterov=False):
     return p + v
 
 
-def _adam(p, g, s, lr, t, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False):
+def _adam(
+    p,
+    g,
+    s,
+    lr,
+    t,
+    beta_1=0.9,
+    beta_2=0.999,
+    epsilon=1e-7,
+    amsgrad=False,
+    freeze_variance_step=None,
+):
     # Kingma & Ba (2015), Algorithm 1 with the "epsilon-hat" of Section 2:
     # epsilon is added to sqrt(v) before the bias correction of v is folded
     # into the step size.
     m = beta_1 * s.get("m", np.zeros_like(p)) + (1 - beta_1) * g
-    v = beta_2 * s.get("v", np.zeros_like(p)) + (1 - beta_2) * g * g
-    s["m"], s["v"] = m, v
+    s["m"] = m
+    # Tang et al. (2021), 1-bit Adam, Alg. 1: after the warm-up of
+    # `freeze_variance_step` updates, v (and with it the bias correction of
+    # v, kept at the warm-up's last step) no longer changes.
+    frozen = freeze_variance_step is not None and t > freeze_variance_step
+    if frozen:
+        v, t_v = s["v"], freeze_variance_step
+    else:
+        v, t_v = beta_2 * s.get("v", np.zeros_like(p)) + (1 - beta_2) * g * g, t
+    s["v"] = v
     if amsgrad:
         # Reddi et al. (2018): the running maximum of v.
         v = np.maximum(s.get("vhat", np.zeros_like(p)), v)
         s["vhat"] = v
-    step_size = lr * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+    step_size = lr * math.sqrt(1 - beta_2**t_v) / (1 - beta_1**t)
     return p - step_size * m / (np.sqrt(v) + epsilon)
 
 

@@ -19,6 +19,8 @@ CONFIGS = [
     ("adam", {"learning_rate": 0.1}),
     ("adam", {"learning_rate": 0.1, "beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
     ("adam", {"learning_rate": 0.1, "amsgrad": True}),
+    # 1-bit Adam's frozen variance: v stops changing after the 2nd update.
+    ("adam", {"learning_rate": 0.1, "freeze_variance_step": 2}),
     ("adamw", {"learning_rate": 0.1}),
     ("adamw", {"learning_rate": 0.1, "weight_decay": 0.5, "amsgrad": True}),
     ("adamax", {"learning_rate": 0.1}),

@@ -2,10 +2,12 @@
 
     python -m distopt.benchmarks.compression_accuracy [--models=mlp,lenet]
         [--replicas=2,4] [--seeds=0,1,2] [--train_steps=1000]
-        [--compressors=none,powersgd,topk,onebit] [--output=FILE]
+        [--compressors=none,powersgd,topk,onebit] [--optimizer=adam]
+        [--learning_rate=1e-3] [--output=FILE]
 
 Each run is the real trainer (`python -m distopt.train --strategy=mirrored
---virtual_devices=R`) in a fresh process: Adam at 1e-3, global batch 128,
+--virtual_devices=R`) in a fresh process: Adam at 1e-3 (`--optimizer`,
+`--learning_rate`), global batch 128,
 the same steps and seed for every contender, so the only difference is the
 compressor (PowerSGD rank 2, TopK 1%, OneBit; each with error feedback).
 Per model x replicas x compressor it prints the test accuracy over the seeds
@@ -49,6 +51,15 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("train_steps", 1000, "Steps of every run.", flag_values=FLAGS)
 flags.DEFINE_string(
+    "optimizer",
+    "adam",
+    "The trainer's --optimizer of every run (momentum: heavy ball, 0.9).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "learning_rate", 1e-3, "The trainer's --learning_rate.", flag_values=FLAGS
+)
+flags.DEFINE_string(
     "output", "", "Also write the runs and the table as JSON here.", flag_values=FLAGS
 )
 
@@ -71,8 +82,8 @@ def run_once(model, replicas, compressor, seed, workdir) -> dict | None:
         f"--model={model}",
         "--strategy=mirrored",
         f"--virtual_devices={replicas}",
-        "--optimizer=adam",
-        "--learning_rate=1e-3",
+        f"--optimizer={FLAGS.optimizer}",
+        f"--learning_rate={FLAGS.learning_rate}",
         "--batch_size=128",
         f"--train_steps={FLAGS.train_steps}",
         f"--seed={seed}",
