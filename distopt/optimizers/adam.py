@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from distopt.optimizers.base import Optimizer
 from distopt.compression.base import check_int
+from distopt.optimizers.base import Optimizer
 from distopt.optimizers.schedules import check_unit
 
 
