@@ -69,6 +69,14 @@ COMPRESSORS = {
     "powersgd": ["--compression=powersgd", "--compression_args=rank=2"],
     "topk": ["--compression=topk", "--compression_args=fraction=0.01"],
     "onebit": ["--compression=onebit"],
+    # 1-bit Adam's recipe (Tang et al. 2021): full-precision steps estimate
+    # Adam's variance, then it is frozen and the signs are sent. 100 of
+    # 2,000 steps: the run sends about 1/(0.05 + 0.95/32), 13x fewer bytes.
+    "onebit_adam": [
+        "--compression=onebit",
+        "--compression_args=start_step=100",
+        "--optimizer_args=freeze_variance_step=100",
+    ],
 }
 
 
