@@ -199,6 +199,9 @@ OTHER_BAD = [
     ("adam", "ema_overwrite_frequency", 0),
     ("adam", "ema_overwrite_frequency", 2.0),
     ("adam", "ema_overwrite_frequency", True),
+    ("adam", "freeze_variance_step", 0),
+    ("adam", "freeze_variance_step", 2.5),
+    ("adamw", "freeze_variance_step", True),
 ]
 
 
