@@ -716,3 +716,37 @@ def test_start_step_sends_plain_all_reduces_first():
         np.testing.assert_allclose(
             records[-1]["residual"][i], want[-1]["residual"][i], rtol=1e-5, atol=1e-6
         )
+
+
+def test_one_bit_adam_recipe_matches_numpy():
+    """OneBit after 2 plain steps under Adam with its variance frozen at 2.
+
+    1-bit Adam's compression stage (Tang et al. 2021): the NumPy reference
+    feeds its own Adam (v frozen after update 2) the exact mean for two
+    steps, then the error-feedback sign aggregate of the shares.
+    """
+    grads = gradients(5, 2, seed=67)
+    hyper = {"freeze_variance_step": 2, "epsilon": 1e-4}
+    params, _, _, _ = run(
+        M2,
+        lambda: make_optimizer(
+            distopt.compression.OneBit(start_step=2),
+            name="adam",
+            learning_rate=LR,
+            **hyper,
+        ),
+        grads,
+        record=False,
+    )
+    shares = shares_of(grads)
+    exact = [
+        [sum(shares[t][r][i] for r in range(2)) for i in range(len(shares[t][0]))]
+        for t in range(2)
+    ]
+    compressed = [w["aggregate"] for w in ref.ef_sgd("onebit", shares[2:])]
+    want, _ = ref.run(
+        "adam", initial_params(), exact + compressed, float(np.float32(LR)), **hyper
+    )
+    for p, w, w0 in zip(params, want, initial_params()):
+        assert np.max(np.abs(w - w0)) > 1e-3  # the update is not a no-op
+        np.testing.assert_allclose(p.numpy() - w0, w - w0, rtol=1e-4, atol=1e-6)
