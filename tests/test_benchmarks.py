@@ -320,3 +320,64 @@ def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
     for mode in ("topk", "onebit"):
         assert 0 < sent[mode] * 20 < sent["every_step"], mode
         assert rows[mode]["allreduce_calls"] == 0
+
+
+@pytest.mark.slow
+def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(tmp_path):
+    import json
+
+    from conftest import run_python
+
+    out = tmp_path / "out.json"
+    proc = run_python(
+        "-m",
+        "distopt.benchmarks.compression_cost",
+        "--compressors=none,topk",
+        "--replicas=2",
+        "--steps=2",
+        "--repeats=1",
+        f"--output={out}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        rows = {r["compressor"]: r for r in json.load(f)["summary"]}
+    # The MLP's gradient shapes, counted here.
+    sizes = [784 * 700, 700, 700 * 500, 500, 500 * 10, 10]
+    assert rows["none"]["bytes_sent"] == 4 * sum(sizes) + 4  # and the weight
+    # Top-k 1%: ceil(d / 100) float32 values and int32 indices per variable.
+    assert rows["topk"]["bytes_sent"] == 8 * sum(math.ceil(d / 100) for d in sizes)
+    assert rows["topk"]["overhead_ms"] == pytest.approx(
+        rows["topk"]["step_ms"]["median"] - rows["none"]["step_ms"]["median"]
+    )
+
+
+@pytest.mark.slow
+def test_sharded_state_runs_and_halves_the_state_on_2_devices(tmp_path):
+    import json
+
+    from conftest import run_python
+
+    out = tmp_path / "out.json"
+    proc = run_python(
+        "-m",
+        "distopt.benchmarks.sharded_state",
+        "--models=mlp",
+        "--devices=2",
+        "--steps=2",
+        "--repeats=1",
+        f"--output={out}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        (row,) = json.load(f)["summary"]
+    state = row["state_mb_per_device"]
+    # Adam: m and v, float32, per parameter; sharded, half of them (plus at
+    # most one element of padding per slot). Both also hold the optimizer's
+    # counters (scalars, not sharded): under 1 KB.
+    slots = 2 * 4 * row["parameters"] / 2**20
+    kb = 1024 / 2**20
+    assert 0 <= state["False"] - slots < kb
+    assert 0 <= state["True"] - slots / 2 < kb
+    assert row["step_ratio_sharded"] > 0
