@@ -2,8 +2,8 @@
 
     python -m distopt.benchmarks.sync_modes [--steps=80] [--batch_size=128]
 
-Default run: about 1-2 min on this 2-core host (1.5 min with other jobs on
-the machine, 2026-12-04).
+Default run: about 30-90 s on this 2-core host (30 s quiet, 2026-12-05;
+1.5 min with other jobs on the machine).
 
 Starts 2 worker processes of this module with TF_CONFIG on free localhost
 ports (MultiWorkerMirroredStrategy, one CPU device each). Each trains the MLP
