@@ -248,27 +248,39 @@ def test_time_to_accuracy_end_to_end_on_a_tiny_configuration(tmp_path):
     assert "every_step" in proc.stdout and "local_sgd8" in proc.stdout
 
 
-@pytest.mark.slow
-def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
+def _run_benchmark(module, out, *flags, output_flag="--output"):
+    """Runs `python -m distopt.benchmarks.<module>`; returns the JSON it wrote.
+
+    The benchmark's output goes to `out`; a failed run shows its output.
+    """
     import json
 
     from conftest import run_python
 
-    out = tmp_path / "out.json"
     proc = run_python(
         "-m",
-        "distopt.benchmarks.compression_accuracy",
+        f"distopt.benchmarks.{module}",
+        *flags,
+        f"{output_flag}={out}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
+    result = _run_benchmark(
+        "compression_accuracy",
+        tmp_path / "out.json",
         "--models=mlp",
         "--replicas=2",
         "--seeds=0",
         "--train_steps=10",
         "--compressors=none,topk",
-        f"--output={out}",
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out) as f:
-        table = {r["compressor"]: r for r in json.load(f)["table"]}
+    table = {r["compressor"]: r for r in result["table"]}
     assert table["none"]["points_vs_none"] == 0 and table["none"]["fewer_bytes"] == 1
     # TopK(0.01): 1% of the values plus as many int32 indices, per variable
     # (at least one of each): about 50x fewer bytes.
@@ -278,22 +290,13 @@ def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
 @pytest.mark.slow
 def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
     """2 localhost workers, every row of the table, a few steps each."""
-    import json
-
-    from conftest import run_python
-
-    out = tmp_path / "out.json"
-    proc = run_python(
-        "-m",
-        "distopt.benchmarks.sync_modes",
+    rows = _run_benchmark(
+        "sync_modes",
+        tmp_path / "out.json",
         "--steps=8",
         "--warmup=1",
-        f"--json={out}",
-        timeout=300,
+        output_flag="--json",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    with open(out) as f:
-        rows = json.load(f)
     assert set(rows) == {
         "every_step",
         "accumulate",
@@ -324,24 +327,15 @@ def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
 
 @pytest.mark.slow
 def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(tmp_path):
-    import json
-
-    from conftest import run_python
-
-    out = tmp_path / "out.json"
-    proc = run_python(
-        "-m",
-        "distopt.benchmarks.compression_cost",
+    result = _run_benchmark(
+        "compression_cost",
+        tmp_path / "out.json",
         "--compressors=none,topk",
         "--replicas=2",
         "--steps=2",
         "--repeats=1",
-        f"--output={out}",
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out) as f:
-        rows = {r["compressor"]: r for r in json.load(f)["summary"]}
+    rows = {r["compressor"]: r for r in result["summary"]}
     # The MLP's gradient shapes, counted here.
     sizes = [784 * 700, 700, 700 * 500, 500, 500 * 10, 10]
     assert rows["none"]["bytes_sent"] == 4 * sum(sizes) + 4  # and the weight
@@ -354,24 +348,15 @@ def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_state_runs_and_halves_the_state_on_2_devices(tmp_path):
-    import json
-
-    from conftest import run_python
-
-    out = tmp_path / "out.json"
-    proc = run_python(
-        "-m",
-        "distopt.benchmarks.sharded_state",
+    result = _run_benchmark(
+        "sharded_state",
+        tmp_path / "out.json",
         "--models=mlp",
         "--devices=2",
         "--steps=2",
         "--repeats=1",
-        f"--output={out}",
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out) as f:
-        (row,) = json.load(f)["summary"]
+    (row,) = result["summary"]
     state = row["state_mb_per_device"]
     # Adam: m and v, float32, per parameter; sharded, half of them (plus at
     # most one element of padding per slot). Both also hold the optimizer's

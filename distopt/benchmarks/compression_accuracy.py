@@ -82,44 +82,40 @@ flags.DEFINE_string(
     "output", "", "Also write the runs and the table as JSON here.", flag_values=FLAGS
 )
 
-#: Contender -> (--compression, --compression_args, 1-bit Adam's recipe).
-#: The recipe (Tang et al. 2021): `--warmup_steps` uncompressed steps
-#: estimate Adam's variance, then it is frozen (the update becomes linear in
-#: the gradient, as error feedback assumes) and compression starts, with
-#: Adam's epsilon at `--frozen_epsilon`: a frozen v near zero (an input pixel
+#: Contender -> (--compression, --compression_args, Adam's change): "" none;
+#: "epsilon": epsilon `--frozen_epsilon`; "frozen": 1-bit Adam's recipe
+#: (Tang et al. 2021), that epsilon and, after `--warmup_steps` uncompressed
+#: steps that estimate Adam's variance, the variance frozen (the update
+#: becomes linear in the gradient, as error feedback assumes) and the
+#: compressor on. The larger epsilon: a frozen v near zero (an input pixel
 #: that is almost always 0) would otherwise turn the compressor's uniform
 #: magnitudes into huge steps (at 1e-7 the MLP diverged within 150 steps of
-#: the warm-up's end, 2026-12-04). `none_eps` is the uncompressed control
-#: with that epsilon. 100 of 2,000 steps of warm-up: the run sends
-#: 1/(0.05 + 0.95 x the compressed fraction) of the bytes (13x fewer for
-#: 1-bit).
+#: the warm-up's end, 2026-12-04). `none_eps` is the uncompressed control.
+#: A warm-up of W of S steps sends 1/(W/S + (1 - W/S) x the compressed
+#: fraction) of the bytes.
 COMPRESSORS = {
-    "none": (None, "", False),
-    "powersgd": ("powersgd", "rank=2", False),
-    "topk": ("topk", "fraction=0.01", False),
-    "onebit": ("onebit", "", False),
-    "onebit_adam": ("onebit", "", True),
-    "topk_adam": ("topk", "fraction=0.01", True),
-    "none_eps": (None, "", False),
+    "none": (None, "", ""),
+    "powersgd": ("powersgd", "rank=2", ""),
+    "topk": ("topk", "fraction=0.01", ""),
+    "onebit": ("onebit", "", ""),
+    "onebit_adam": ("onebit", "", "frozen"),
+    "topk_adam": ("topk", "fraction=0.01", "frozen"),
+    "none_eps": (None, "", "epsilon"),
 }
 
 
 def _contender_flags(name) -> list[str]:
     """The trainer flags of contender `name`."""
-    compression, args, recipe = COMPRESSORS[name]
-    if name == "none_eps":
-        return [f"--optimizer_args=epsilon={FLAGS.frozen_epsilon}"]
-    if compression is None:
-        return []
-    out = [f"--compression={compression}"]
-    if recipe:
-        w = FLAGS.warmup_steps
-        args = ",".join(filter(None, [args, f"start_step={w}"]))
-        out.append(
-            f"--optimizer_args=freeze_variance_step={w},epsilon={FLAGS.frozen_epsilon}"
-        )
+    compression, args, adam = COMPRESSORS[name]
+    optimizer_args = [f"epsilon={FLAGS.frozen_epsilon}"] if adam else []
+    if adam == "frozen":
+        optimizer_args.append(f"freeze_variance_step={FLAGS.warmup_steps}")
+        args = ",".join(filter(None, [args, f"start_step={FLAGS.warmup_steps}"]))
+    out = [f"--compression={compression}"] if compression else []
     if args:
         out.append(f"--compression_args={args}")
+    if optimizer_args:
+        out.append(f"--optimizer_args={','.join(optimizer_args)}")
     return out
 
 
