@@ -112,6 +112,13 @@ MODES = {
     "powersgd": ["--compression=powersgd", "--compression_args=rank=2"],
     "topk": ["--compression=topk", "--compression_args=fraction=0.01"],
     "onebit": ["--compression=onebit"],
+    # 1-bit Adam's recipe (Tang et al. 2021), as in compression_accuracy: 30
+    # plain steps, then Adam's variance frozen and OneBit on.
+    "onebit_adam": [
+        "--compression=onebit",
+        "--compression_args=start_step=30",
+        "--optimizer_args=epsilon=0.0001,freeze_variance_step=30",
+    ],
 }
 
 #: The grids `--tune` searches: (learning rate, DiLoCo's outer rate or None).
