@@ -149,6 +149,7 @@ SETTINGS = {
     "powersgd": (0.002, None),
     "topk": (0.001, None),
     "onebit": (0.0005, None),
+    "onebit_adam": (0.001, None),
     "diloco32": (0.002, 0.7),
     "diloco128": (0.001, 0.7),
 }
