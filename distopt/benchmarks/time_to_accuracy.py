@@ -30,8 +30,8 @@ BUILD_NOTES.md; measured runs use seeds 0, 1, 2...
 
 Writes `results.json` and, with the `viz` extra, one PNG per link rate:
 test accuracy against training time and against bytes sent, one line per
-mode. Default run: about 3 hours on this 2-core host (113 runs of 0.5 to 4
-min; 103 runs, before the onebit_adam row, took 166 min on 2026-12-05);
+mode. Default run: about 170-200 min on this 2-core host (113 runs of 0.5
+to 4 min; 103 runs, before the onebit_adam row, took 166 min on 2026-12-05);
 `--workers=2 --links=none
 --modes=every_step,local_sgd8 --repeats=1 --other_repeats=1 --max_steps=40
 --eval_every=20 --target=0.5 --noscaling` takes about 2 minutes (the
