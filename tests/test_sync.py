@@ -233,6 +233,36 @@ def test_nonfinite_on_one_replica_skips_on_all(function):
     )
 
 
+@pytest.mark.parametrize("bad", [0, 1])
+def test_in_local_steps_each_replica_skips_alone_and_counters_follow_replica_0(bad):
+    # Local steps reduce nothing, so replica `bad` alone sees its non-finite
+    # gradient and skips; the other steps. The counters are mirrored and take
+    # replica 0's verdict (a known limitation, BUILD_NOTES.md).
+    x, y, n = make_data(2, 2, seed=5)
+    x[0, bad, 0, 0] = np.nan  # replica `bad`, step 0
+    params, opt, _ = train(
+        M2,
+        lambda: optimizer(skip_nonfinite=True, sync=distopt.sync.LocalSGD(3)),
+        x,
+        y,
+        n,
+    )
+    w0, b0 = initial_params()
+    for r in range(2):
+        w, b = w0.astype(np.float64), b0.astype(np.float64)
+        for s in range(2):
+            if (s, r) != (0, bad):
+                gw, gb = numpy_grads(w, b, x[s, r], y[s, r], n[s, r])
+                w, b = w - 0.1 * gw, b - 0.1 * gb
+        np.testing.assert_allclose(local_copies(M2, params[0])[r], w, atol=1e-6)
+        np.testing.assert_allclose(local_copies(M2, params[1])[r], b, atol=1e-6)
+    for counter, want in (
+        (opt.iterations, 2 - (bad == 0)),
+        (opt.skipped_steps, int(bad == 0)),
+    ):
+        assert [int(c) for c in local_copies(M2, counter.variable)] == [want, want]
+
+
 def test_global_norm_clipping_applies_to_the_aggregated_gradient():
     x, y, n = make_data(1, 4, seed=6)
     params, _, _ = train(M4, lambda: optimizer(global_clipnorm=0.01), x, y, n)
