@@ -376,6 +376,126 @@ def test_save_load_model_continues_exactly(mnist, two, tmp_path, straight):
     _assert_same_replicas(two, straight("local_sgd"), loaded)
 
 
+# --- Compression -------------------------------------------------------------------
+
+
+def _compression_state(strategy, model):
+    """Every replica's weights and residual rows, and PowerSGD's Q, as NumPy."""
+    comp = model.optimizer.distopt_optimizer.compression
+    keys = [str(i) for i in range(len(model.trainable_weights))]
+    return {
+        "weights": _replica_weights(strategy, model),
+        "residual": [
+            np.stack(local_copies(strategy, comp.residuals[k].storage))
+            if k in comp.residuals
+            else None
+            for k in keys
+        ],
+        "q": [local_copies(strategy, comp.q[k]) if k in comp.q else None for k in keys],
+    }
+
+
+def test_compression_inside_fit_matches_numpy_and_resumes_exactly(mnist, two, tmp_path):
+    """PowerSGD (rank 2) with error feedback through `wrap` into `fit` (issue 25).
+
+    Each step against the paper's algorithm in NumPy (`ef_sgd`), from the
+    run's own state before it: each replica's gradient of its 32 rows, its
+    share g_r / 2, the residual rows, Q and the update (plain GD: the scale
+    shows). Then `model.save` and `load_model` carry the residuals and Q,
+    and the loaded model trains on exactly as the saved one.
+    """
+    import numpy_reference as ref
+
+    x, y = mnist
+    steps = 5
+
+    def make(seed=0):
+        return _model(
+            two,
+            lambda: dk.wrap(
+                distopt.optimizers.GradientDescent(
+                    LR,
+                    compression=distopt.compression.PowerSGD(rank=2),
+                    jit_compile=False,
+                )
+            ),
+            hidden=0,
+            seed=seed,
+        )
+
+    model = make()
+    with two.scope():
+        model.optimizer.build(model.trainable_variables)  # to read the first Q
+    history = [_compression_state(two, model)]
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            history.append(_compression_state(two, model))
+
+    model.fit(
+        x[: steps * BATCH],
+        y[: steps * BATCH],
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[Record()],
+    )
+    x64 = x.astype(np.float64)
+    for t in range(steps):
+        before, after = history[t], history[t + 1]
+        w, b = (np.float64(p) for p in before["weights"][0])
+        shares = []
+        for r in range(2):
+            rows = slice(t * BATCH + 32 * r, t * BATCH + 32 * (r + 1))
+            _, gw, gb = _softmax_ce(w, b, x64[rows], y[rows])
+            shares.append([gw / 2, gb / 2])
+        (want,) = ref.ef_sgd(
+            "powersgd",
+            [shares],
+            q0=[np.float64(before["q"][0][0]), None],
+            residual0=[np.float64(before["residual"][0]), None],
+            rank=2,
+        )
+        assert after["residual"][1] is None and after["q"][1] is None  # the bias
+        for r in range(2):
+            for i in range(2):
+                np.testing.assert_allclose(
+                    after["weights"][r][i] - before["weights"][r][i],
+                    -LR * want["aggregate"][i],
+                    rtol=1e-4,
+                    atol=1e-6,
+                    err_msg=f"step {t}, replica {r}, update {i}",
+                )
+            np.testing.assert_allclose(
+                after["residual"][0][r], want["residual"][0][r], rtol=1e-4, atol=1e-6
+            )
+            np.testing.assert_array_equal(after["q"][0][r], after["q"][0][0])
+            np.testing.assert_array_equal(
+                after["weights"][r][0], after["weights"][0][0]
+            )
+        np.testing.assert_allclose(after["q"][0][0], want["q"][0], rtol=1e-4, atol=1e-6)
+    assert np.abs(history[-1]["residual"][0]).max() > 1e-4  # there is state to keep
+    # Each replica sends P (784 x 2) with the bias (10) and then Q (10 x 2).
+    counters = model.optimizer.distopt_optimizer.reducer.counters()
+    assert counters["bytes_sent"] == steps * 4 * (784 * 2 + 10 + 10 * 2)
+
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    with two.scope():
+        loaded = keras.models.load_model(path)
+    saved, got = _compression_state(two, model), _compression_state(two, loaded)
+    for key in ("residual", "q"):
+        np.testing.assert_array_equal(got[key][0], saved[key][0], err_msg=key)
+    more = slice(steps * BATCH, (steps + 2) * BATCH)
+    for m in (model, loaded):
+        m.fit(x[more], y[more], batch_size=BATCH, shuffle=False, verbose=0)
+    _assert_same_replicas(two, model, loaded)
+    np.testing.assert_array_equal(
+        _compression_state(two, loaded)["residual"][0],
+        _compression_state(two, model)["residual"][0],
+    )
+
+
 # --- Learning rate callbacks and string identifiers -------------------------------
 
 
