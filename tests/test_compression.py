@@ -586,7 +586,7 @@ def test_zero_gradients_then_training_goes_on(compressor):
         (lambda: distopt.compression.TopK(fraction=0), "fraction"),
         (lambda: distopt.compression.TopK(fraction=1.5), "fraction"),
         (lambda: distopt.compression.get("gzip"), "compression"),
-        (lambda: distopt.compression.get("topk", k=3), "compression_args"),
+        (lambda: distopt.compression.get("topk", k=3), "compression_args: k"),
         (
             lambda: distopt.compression.get(distopt.compression.TopK(), fraction=0.5),
             "compression_args",

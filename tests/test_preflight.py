@@ -350,8 +350,25 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
             ["--shard_optimizer_state", "--sync=diloco"],
             "--shard_optimizer_state needs a synchronous --sync",
         ),
+        (
+            ["--compression=powersgd", "--compression_args=rank=0"],
+            "--compression_args: rank: must be an integer >= 1, got 0.",
+        ),
+        (
+            ["--compression=topk", "--compression_args=frac=0.1"],
+            "--compression_args: frac: not an argument of 'topk', which takes "
+            "error_feedback, fraction,",
+        ),
     ],
-    ids=["unknown", "args_alone", "local_sgd", "hierarchical", "sharded_diloco"],
+    ids=[
+        "unknown",
+        "args_alone",
+        "local_sgd",
+        "hierarchical",
+        "sharded_diloco",
+        "bad_rank",
+        "unknown_argument",
+    ],
 )
 def test_compression_and_sharding_flags_are_checked_first(
     cli, tmp_path, flags_, message

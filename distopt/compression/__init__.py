@@ -17,6 +17,8 @@ it. See `distopt.compression.base` for the data path and the state.
 
 from __future__ import annotations
 
+import inspect
+
 from distopt.compression.base import Compressor
 from distopt.compression.onebit import OneBit
 from distopt.compression.powersgd import PowerSGD
@@ -51,10 +53,15 @@ def get(identifier=None, **kwargs) -> Compressor | None:
             )
         return identifier
     if isinstance(identifier, str) and identifier in _REGISTRY:
-        try:
-            return _REGISTRY[identifier](**kwargs)
-        except TypeError as e:
-            raise ValueError(f"compression_args: {e}") from None
+        cls = _REGISTRY[identifier]
+        takes = sorted(inspect.signature(cls).parameters)
+        unknown = sorted(set(kwargs) - set(takes))
+        if unknown:
+            raise ValueError(
+                f"compression_args: {', '.join(unknown)}: not an argument of "
+                f"{identifier!r}, which takes {', '.join(takes)}."
+            )
+        return cls(**kwargs)
     raise ValueError(
         f"compression: unknown {identifier!r}; valid names: {', '.join(names())}."
     )

@@ -227,7 +227,9 @@ def _check_combinations(config: TrainConfig) -> None:
 
 
 def check_names(config: TrainConfig) -> None:
-    """Checks every name against its registry (this imports TensorFlow).
+    """Checks every name against its registry, and --compression_args.
+
+    This imports TensorFlow.
 
     Raises:
       ConfigError: naming the bad value and listing the valid ones.
@@ -252,6 +254,27 @@ def check_names(config: TrainConfig) -> None:
             raise ConfigError(
                 f"Unknown {what} {value!r}; valid {plural}: {list(valid)}"
             )
+    # A compressor's constructor checks its arguments and touches no device,
+    # so a bad --compression_args fails here, before the strategy and data.
+    make_compression(config)
+
+
+def make_compression(config: TrainConfig):
+    """The compressor of ``--compression`` and ``--compression_args``, or None.
+
+    Raises:
+      ConfigError: an argument the compressor does not take or accept.
+    """
+    if not config.compression:
+        return None
+    from distopt import compression
+
+    try:
+        return compression.get(config.compression, **config.compression_args)
+    except ValueError as e:
+        # The library's message names the argument; the flag replaces its prefix.
+        message = str(e).removeprefix("compression_args: ")
+        raise ConfigError(f"--compression_args: {message}") from None
 
 
 def validate_config(config: TrainConfig) -> None:

@@ -12,12 +12,16 @@ from typing import Any
 import tensorflow as tf
 
 from distopt import aggregation as aggregation_lib
-from distopt import compression as compression_lib
 from distopt import models as models_lib
 from distopt import optimizers as optimizers_lib
 from distopt import sync as sync_lib
 from distopt.optimizers import schedules
-from distopt.trainer.config import ConfigError, TrainConfig, nonfinite_policy
+from distopt.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    make_compression,
+    nonfinite_policy,
+)
 from distopt.trainer.strategy import communication_options, resolve_jit_compile
 
 # --optimizer=sam: these --optimizer_args are SAM's (see optimizers.SAM); every
@@ -154,20 +158,6 @@ def optimizer_kwargs(config: TrainConfig, total_steps: int) -> dict[str, Any]:
         # skipped on every replica and halve the scale.
         kwargs["loss_scale"] = "dynamic"
     return kwargs
-
-
-def make_compression(config: TrainConfig):
-    """The compressor of ``--compression`` and ``--compression_args``, or None.
-
-    Raises:
-      ConfigError: an argument the compressor does not take or accept.
-    """
-    if not config.compression:
-        return None
-    try:
-        return compression_lib.get(config.compression, **config.compression_args)
-    except ValueError as e:
-        raise ConfigError(f"--compression_args: {e}") from None
 
 
 def make_optimizer(config: TrainConfig, total_steps: int):
