@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import mirrored, run_python
 
-from distopt import compare
+from distopt import compare, study
 from distopt import problems as problems_lib
 
 F32 = np.float32
@@ -160,10 +160,8 @@ def test_mirrored_paths_identical_to_single_device():
         "gradient_descent,momentum,sam:base_optimizer=gradient_descent,heun"
     )
     kwargs = {"max_iters": 300}
-    single = compare.run_study(problem, specs, [0.01, 0.1], **kwargs)
-    multi = compare.run_study(
-        problem, specs, [0.01, 0.1], strategy=mirrored(2), **kwargs
-    )
+    single = study.run_study(problem, specs, [0.01, 0.1], **kwargs)
+    multi = study.run_study(problem, specs, [0.01, 0.1], strategy=mirrored(2), **kwargs)
     for s, m in zip(single, multi):
         assert m.replicas == 2 and m.replicas_identical, m.optimizer
         assert (m.outcome, m.iterations) == (s.outcome, s.iterations)
@@ -190,9 +188,7 @@ def test_cli_mirrored_reports_identical_replicas(tmp_path, capsys):
 def test_noisy_quadratic_is_seeded():
     problem = problems_lib.get("noisy_quadratic", noise_scale=0.5, seed=3)
     specs = compare.parse_optimizers("gradient_descent")
-    a, b = (
-        compare.run_study(problem, specs, [0.05], max_iters=50)[0] for _ in range(2)
-    )
+    a, b = (study.run_study(problem, specs, [0.05], max_iters=50)[0] for _ in range(2))
     np.testing.assert_array_equal(a.path, b.path)
     assert a.outcome == "exceeded" and a.iterations == 50
 
@@ -284,6 +280,11 @@ def test_problem_gradient_and_minimum(name):
     x_star = problem.minimum.astype(np.float64)
     np.testing.assert_allclose(problem.loss(x_star), problem.min_loss, atol=1e-12)
     np.testing.assert_allclose(problem.gradient(x_star), 0.0, atol=1e-12)
+
+
+def test_the_command_line_lists_the_registered_problems():
+    # compare.py names them without importing TensorFlow (its --help is fast).
+    assert list(compare.PROBLEMS) == problems_lib.names()
 
 
 def test_quartic_critical_points():

@@ -25,8 +25,6 @@ BENCHMARKS = [
     "distopt.benchmarks.trainer_vs_keras",
 ]
 TOOLS = ["distopt.compare", "distopt.hardware_check", *BENCHMARKS]
-# Their flags list registered problems, which need TensorFlow.
-HELP_IMPORTS_TENSORFLOW = {"distopt.compare"}
 
 # TensorFlow's C++ log lines and start-up banner, as the issue lists them.
 NOISE = re.compile(r"^(E0000|W0000) |cuda_platform|absl::InitializeLog", re.MULTILINE)
@@ -53,8 +51,8 @@ def test_help_exits_0_and_prints_the_docstring(module):
     proc = _run("-c", HELP_RUN, module, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     *help_text, last = proc.stdout.rstrip().splitlines()
-    imported = module in HELP_IMPORTS_TENSORFLOW
-    assert last == f"EXIT 0 TENSORFLOW {imported}", proc.stdout[-2000:]
+    # --help answers before TensorFlow's import (4-9 s here).
+    assert last == "EXIT 0 TENSORFLOW False", proc.stdout[-2000:]
     doc = importlib.import_module(module).__doc__
     first = next(line for line in doc.splitlines() if line.strip())
     assert first.strip() in "\n".join(help_text)
