@@ -56,6 +56,9 @@ def test_matches_reference_replica_by_replica(compressor, num_replicas):
     check_run(compressor, records, shares, initial_params(), LR, replicas, q0)
     if compressor != "powersgd":
         check_chained(compressor, records, shares, replicas)
+        # What each replica receives grows with the replica count: R rows.
+        counters = records[-1]["counters"]
+        assert counters["allgather_bytes"] == num_replicas * counters["bytes_sent"]
 
 
 def test_adam_row():
