@@ -493,6 +493,20 @@ MUTANTS = [
         "tf.pow(tf.convert_to_tensor(beta_2, dt), step)",
         "tests/test_optimizers.py -k freeze",
     ),
+    Mutant(
+        "compression_args_checked_late",
+        "distopt/trainer/config.py",
+        "    make_compression(config)\n\n\ndef make_compression",
+        "    pass\n\n\ndef make_compression",
+        "tests/test_preflight.py -k compression",
+    ),
+    Mutant(
+        "keras_save_drops_residuals",
+        "distopt/optimizers/base.py",
+        "        if isinstance(x, dist.LogicalState):\n            return True",
+        "        if isinstance(x, dist.LogicalState):\n            return False",
+        "tests/test_keras_wrap.py -k compression",
+    ),
 ]
 
 
