@@ -503,8 +503,8 @@ MUTANTS = [
     Mutant(
         "keras_save_drops_residuals",
         "distopt/optimizers/base.py",
-        "        if isinstance(x, dist.LogicalState):\n            return True",
-        "        if isinstance(x, dist.LogicalState):\n            return False",
+        "            if isinstance(x, dist.LogicalState):\n                return True",
+        "            if isinstance(x, dist.LogicalState):\n                return False",
         "tests/test_keras_wrap.py -k compression",
     ),
 ]
