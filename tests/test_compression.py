@@ -74,6 +74,59 @@ def test_adam_row():
         np.testing.assert_allclose(p.numpy(), f, rtol=1e-4, atol=1e-6)
 
 
+#: The optimizers that take gradients (SAM and Heun evaluate a loss: their
+#: own test is test_sam_and_heun_compress_their_update_once).
+GRADIENT_OPTIMIZERS = [
+    n for n in distopt.optimizers.names() if n not in ("sam", "heun")
+]
+
+
+@pytest.mark.parametrize("name", GRADIENT_OPTIMIZERS)
+def test_every_optimizer_takes_compression(name):
+    """Every optimizer with `compression=OneBit()`, on gradients scaled sign
+    sends exactly: each replica's share is 2^-(r+1) times a +-1 pattern, so
+    its sign times its mean magnitude is the share itself. The compressed
+    run then equals the uncompressed one bit for bit (weights and slots, on
+    every replica), and every residual stays zero.
+    """
+    rng = np.random.default_rng(71)
+    steps = [
+        [
+            [
+                2.0 ** (1 - r) * np.sign(rng.normal(size=s)).astype(np.float32)
+                for s in SHAPES
+            ]
+            for r in range(2)
+        ]
+        for _ in range(2)
+    ]
+    state = {}
+    for compressed in (True, False):
+        comp = distopt.compression.OneBit() if compressed else None
+        params, opt, _, records = run(
+            M2,
+            lambda comp=comp: distopt.optimizers.get(
+                name, learning_rate=LR, compression=comp, jit_compile=False
+            ),
+            steps,
+            record=False,
+        )
+        slots = [s for p in params for s in opt.slots(p).values()]
+        state[compressed] = [
+            [np.asarray(c) for c in M2.experimental_local_results(v)]
+            for v in [*params, *slots]
+        ]
+        if compressed:  # sent as 1 bit a sign, one all-gather a step
+            assert records[-1]["counters"]["allgather_calls"] == len(steps)
+            for residual in records[-1]["residual"]:
+                np.testing.assert_array_equal(residual, 0.0)
+    for i, (a, b) in enumerate(zip(state[True], state[False])):
+        assert len(a) == 2
+        for copy_a, copy_b in zip(a, b):
+            np.testing.assert_array_equal(copy_a, copy_b, err_msg=f"{name} {i}")
+        np.testing.assert_array_equal(a[0], a[1], err_msg=f"{name} {i}")
+
+
 # --- Error feedback -------------------------------------------------------------
 
 
