@@ -3,7 +3,8 @@
 In the order a run uses them:
 
 * ``config``: :class:`~distopt.trainer.config.TrainConfig`, the flags' ranges
-  and names (no TensorFlow: the command line checks flags before it loads).
+  and names, and the compressor of ``--compression_args`` (no TensorFlow
+  until the names: the command line checks flags before it loads).
 * ``paths``: the run directory (unique, created atomically) and the checks
   of ``--model_dir`` and ``--data_dir`` (no TensorFlow either).
 * ``strategy``: the strategy of a config, the chief, the XLA default.

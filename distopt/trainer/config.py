@@ -1,9 +1,9 @@
 """What a run is: :class:`TrainConfig`, and the checks of its values.
 
-No TensorFlow here (the registries of names are imported inside
-:func:`check_names`): ``python -m distopt.train`` checks every flag's range
-with :func:`check_flags`, and creates its run directory, before TensorFlow
-loads.
+No TensorFlow here (the registries of names and the compressors are
+imported inside :func:`check_names` and :func:`make_compression`):
+``python -m distopt.train`` checks every flag's range with
+:func:`check_flags`, and creates its run directory, before TensorFlow loads.
 """
 
 from __future__ import annotations
