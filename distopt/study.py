@@ -104,7 +104,7 @@ def run_study(problem, specs, learning_rates, *, max_iters=2000, strategy=None):
 
     Args:
         problem: A `distopt.problems.Problem`.
-        specs: `OptimizerSpec`s (see `parse_optimizers`).
+        specs: `distopt.compare.OptimizerSpec`s (see `compare.parse_optimizers`).
         learning_rates: Positive floats.
         max_iters: The step budget of one run.
         strategy: A `tf.distribute.Strategy` whose `run` executes each step,
