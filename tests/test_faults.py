@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, run_python
+from conftest import REPO, run_python, start_python
 
 LAUNCHER = os.path.join(REPO, "launch", "local.py")
 EXIT_DIVERGED, EXIT_PREEMPTED = 3, 42
@@ -41,18 +41,25 @@ def _env(**extra):
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def _start(argv, log_path, **env):
-    """Starts ``python argv`` with stdout and stderr into ``log_path``."""
+def _start(argv, log_path, fresh=False, **env):
+    """Starts ``python argv`` with stdout and stderr into ``log_path``.
+
+    Forked from the fork server (see forkserver.py) unless ``fresh``: a
+    launcher, which signals the process group of workers it starts itself.
+    """
     log = open(log_path, "w")  # noqa: SIM115 (closed by _finish)
-    proc = subprocess.Popen(
-        [sys.executable, *argv],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=_env(**env),
-        # Its own session: a signal to it reaches nothing else.
-        start_new_session=True,
-    )
+    # Its own session: a signal to it reaches nothing else.
+    if fresh:
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(**env),
+            start_new_session=True,
+        )
+    else:
+        proc = start_python(argv, stdout=log, env=_env(**env), start_new_session=True)
     proc.log = log
     return proc
 
@@ -138,7 +145,7 @@ def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
     )
     try:
         _wait_for(log, "step 10/100000", first)
-        second = run_python(*args, "--train_steps=100000", timeout=240)
+        second = run_python(*args, "--train_steps=100000", timeout=240, forked=True)
         assert second.returncode == 1
         assert _errors(second.stderr) == [
             (
@@ -170,7 +177,7 @@ def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
         ["-m", "distopt.train", *COMMON, f"--model_dir={straight_dir}", total],
         str(tmp_path / "straight.log"),
     )
-    resumed = run_python(*args, total, timeout=240)
+    resumed = run_python(*args, total, timeout=240, forked=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Taking over the stale lock" in resumed.stderr
     metrics = _metrics(run_dir)
@@ -207,7 +214,7 @@ def test_sigterm_during_the_final_evaluation_cuts_it_short(tmp_path):
     assert metrics["last_checkpoint_step"] == metrics["train_steps"] == 10
     assert _latest_step(run_dir) == 10
 
-    resumed = run_python(*args, timeout=240)
+    resumed = run_python(*args, timeout=240, forked=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = _metrics(run_dir)
     assert metrics["status"] == "completed"
@@ -239,7 +246,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_newest_that_loads(tmp_path)
         "--train_steps=25",
         f"--model_dir={run_dir}",
     ]
-    proc = run_python(*args, timeout=240)
+    proc = run_python(*args, timeout=240, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     intact = _tensors(run_dir)
     ckpt = os.path.join(run_dir, "checkpoints", "ckpt-{}.{}")
@@ -249,7 +256,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_newest_that_loads(tmp_path)
     os.remove(ckpt.format(15, data))
     _truncate(ckpt.format(10, data), 0)
 
-    proc = run_python(*args, timeout=240)
+    proc = run_python(*args, timeout=240, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "does not load" in line]
     assert len(warnings) == 4, proc.stderr[-3000:]
@@ -292,16 +299,16 @@ def test_a_full_disk_at_a_save_is_one_line_and_leaves_the_last_checkpoint(tmp_pa
     mounted = _mount_small_tmpfs(disk, "16m")
     try:
         run_dir = os.path.join(disk, "run")
-        proc = subprocess.run(
-            [sys.executable, "-m", "distopt.train", *COMMON, "--train_steps=30"]
-            + [f"--model_dir={run_dir}"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
+        proc = run_python(
+            "-m",
+            "distopt.train",
+            *COMMON,
+            "--train_steps=30",
+            f"--model_dir={run_dir}",
             timeout=240,
             # No mount allowed: the save of step 20 fails as a full disk does.
-            env=_env() if mounted else _env(DISTOPT_FAULT_SAVE_ERROR_AT="20"),
-            check=False,
+            env={} if mounted else {"DISTOPT_FAULT_SAVE_ERROR_AT": "20"},
+            forked=True,
         )
         assert proc.returncode == 1, proc.stderr[-3000:]
         errors = _errors(proc.stderr)
@@ -339,6 +346,7 @@ def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(tmp_path)
         "--lr_values=0.01,1e6",
         f"--model_dir={run_dir}",
         timeout=240,
+        forked=True,
     )
     assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]
     errors = _errors(proc.stderr)
@@ -475,6 +483,7 @@ def _launch(model_dir, log, *extra, env=None, workers=2):
             *extra,
         ],
         log,
+        fresh=True,
         **(env or {}),
     )
 
@@ -532,6 +541,7 @@ def test_sigterm_to_the_launcher_and_elastic_resume(tmp_path):
         "--virtual_devices=2",
         f"--model_dir={mirrored_dir}",
         timeout=240,
+        forked=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for model_dir, replicas in ((run_dir, 2), (one_dir, 1), (mirrored_dir, 2)):

@@ -12,13 +12,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, local_copies, mirrored, run_python
+from conftest import REPO, local_copies, mirrored, run_python, start_python
 
 import distopt
 from distopt import data, sync
@@ -622,12 +621,7 @@ def test_two_workers_match_mirrored(tmp_path, two):
     ports = ",".join(map(str, cluster.free_ports(2)))
     script = os.path.join(REPO, "tests", "keras_mw_worker.py")
     procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(i), ports, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        start_python([script, str(i), ports, str(tmp_path)], stdout=subprocess.PIPE)
         for i in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -1,8 +1,9 @@
 """distribute.make_strategy: the one way distopt makes a strategy.
 
-The collective-key test runs in a fresh process: the collective executor of a
-process remembers every (group, instance) key it ran, so the test needs a
-process in which nothing else ran a collective before.
+The collective-key test runs in a new process (forked before any TensorFlow
+runtime exists, see forkserver.py): the collective executor of a process
+remembers every (group, instance) key it ran, so the test needs a process in
+which nothing else ran a collective before.
 """
 
 import textwrap
@@ -55,12 +56,12 @@ def test_each_made_strategy_has_its_own_collective_keys():
     every MirroredStrategy the same keys); should TensorFlow fix that, the
     first assertion fails and the wrapper in distribute.py can go.
     """
-    plain = run_python("-c", _SCRIPT, "plain", timeout=180)
+    plain = run_python("-c", _SCRIPT, "plain", timeout=180, forked=True)
     assert "first [2.0, 2.0, 2.0]" in plain.stdout, plain.stderr[-2000:]
     assert "Shape mismatch in the collective instance 100" in plain.stdout, (
         "TensorFlow no longer reuses collective keys across strategies: " + plain.stdout
     )
-    made = run_python("-c", _SCRIPT, "helper", timeout=180)
+    made = run_python("-c", _SCRIPT, "helper", timeout=180, forked=True)
     assert made.returncode == 0, made.stderr[-2000:]
     assert "second [2.0, 2.0, 2.0, 2.0, 2.0]" in made.stdout, made.stdout
 

@@ -25,7 +25,7 @@ from distopt import hardware_check as hc
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies") / "results.json"
-    proc = run_python("tests/strategies_worker.py", str(out), timeout=600)
+    proc = run_python("tests/strategies_worker.py", str(out), timeout=600, forked=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

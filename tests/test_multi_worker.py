@@ -8,14 +8,13 @@ CPUs running the same program (tests/mw_scenarios.py).
 import os
 import pickle
 import subprocess
-import sys
 
 import compression_harness
 import numpy as np
 import pytest
 import sharded_harness
 import tensorflow as tf
-from conftest import mirrored
+from conftest import mirrored, python_env, start_python
 from mw_scenarios import (
     COMPRESSION,
     COMPRESSION_SEED,
@@ -34,20 +33,13 @@ HERE = os.path.dirname(__file__)
 
 def start_workers(out_dir, *extra, env=None):
     ports = ",".join(map(str, cluster.free_ports(2)))
+    # Forked from the fork server (TensorFlow imported once; see
+    # forkserver.py): each worker is still its own process and runtime.
     return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(HERE, "mw_worker.py"),
-                str(i),
-                ports,
-                str(out_dir),
-                *extra,
-            ],
+        start_python(
+            [os.path.join(HERE, "mw_worker.py"), str(i), ports, str(out_dir), *extra],
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
+            env=python_env(**(env or {})),
         )
         for i in range(2)
     ]

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, start_python
 
 QUICK = (
     "--model=mlp",
@@ -29,14 +29,15 @@ def _env():
 
 @pytest.mark.slow
 def test_four_trainers_started_together_get_four_run_directories(tmp_path):
+    # Forked from the fork server (see forkserver.py): four processes that
+    # start within milliseconds of each other, without four imports.
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distopt.train", *QUICK],
+        start_python(
+            ["-m", "distopt.train", *QUICK],
             cwd=tmp_path,
             env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
         )
         for _ in range(4)
     ]
