@@ -102,8 +102,8 @@ def run_python(*args, timeout, tf_log_level="2", forked=False, env=None):
       tf_log_level: the ``TF_CPP_MIN_LOG_LEVEL`` it runs with; None: unset,
         as for a user who never set it.
       forked: fork it from the fork server (TensorFlow imported already,
-        about 4 CPU-s less; see forkserver.py) instead of a new interpreter.
-        Only with ``tf_log_level="2"``.
+        about 3 CPU-s less a run; see forkserver.py) instead of a new
+        interpreter. Only with ``tf_log_level="2"``.
       env: extra environment variables.
 
     Returns:

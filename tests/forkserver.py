@@ -3,8 +3,9 @@
 Many subprocess tests start ``python -m distopt.train ...`` (or a harness
 script) to see what a process does: exit codes, signals, files left on disk,
 two runs at once. Each paid for importing TensorFlow, often more than its
-short run: a 10-step MLP run took 5.2 CPU-s as a new interpreter and 2.0
-forked from here (2026-12-05). This server imports TensorFlow (nothing
+short run: 3 runs of a 10-step MLP took 15.5 CPU-s as new interpreters and
+9.4 forked from here, the server's start included (2026-12-05). This
+server imports TensorFlow (nothing
 more: no runtime, no device, no tensor) and forks a child per request; the
 child takes the caller's stdin/stdout/stderr, working directory,
 environment and arguments, and runs the command as ``python`` would.
