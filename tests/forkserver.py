@@ -81,6 +81,8 @@ def _serve(path: str) -> None:
     selector.register(sys.stdin, selectors.EVENT_READ, "parent")
     waiting: dict[int, socket.socket] = {}
     print("ready", flush=True)
+    # Nobody reads this pipe again: a later write must not fill it and stall.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     while True:
         for key, _ in selector.select():
             if key.data == "accept":
