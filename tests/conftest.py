@@ -70,17 +70,20 @@ def python_env(**extra):
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def start_python(args, *, stdout, stderr=subprocess.STDOUT, env=None, **kwargs):
+def start_python(
+    args, *, stdout, stderr=subprocess.STDOUT, env=None, fresh=False, **kwargs
+):
     """Starts ``python *args`` forked from TensorFlow already imported.
 
     For tests of what a process does (exit codes, signals, files, several
-    at once), not of how an interpreter starts: see forkserver.py. Returns a
+    at once), not of how an interpreter starts: see forkserver.py. ``fresh``:
+    a new interpreter instead (as is everything with ``NO_FORK``). Returns a
     ``Popen``-like object; ``kwargs`` are ``cwd`` (default: the repository)
     and ``start_new_session``.
     """
     kwargs.setdefault("cwd", REPO)
     env = python_env() if env is None else env
-    if NO_FORK:
+    if fresh or NO_FORK:
         return subprocess.Popen(
             [sys.executable, *args],
             stdout=stdout,

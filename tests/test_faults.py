@@ -49,17 +49,9 @@ def _start(argv, log_path, fresh=False, **env):
     """
     log = open(log_path, "w")  # noqa: SIM115 (closed by _finish)
     # Its own session: a signal to it reaches nothing else.
-    if fresh:
-        proc = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(**env),
-            start_new_session=True,
-        )
-    else:
-        proc = start_python(argv, stdout=log, env=_env(**env), start_new_session=True)
+    proc = start_python(
+        argv, stdout=log, env=_env(**env), start_new_session=True, fresh=fresh
+    )
     proc.log = log
     return proc
 
