@@ -720,7 +720,8 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
     # The kill can land after a newer save's files are in place but before
     # the state file names it; the trainer then resumes from that newer
     # checkpoint, which is right (it reads the files on disk, see
-    # checkpoints.candidates). Seen once under load, as "resuming at 15".
+    # checkpoints.candidates). The likely cause of one failure under load
+    # (2026-12-05): no "resuming at step 10" in a run that ended at step 20.
     on_disk = max(
         int(re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(p))[1])
         for p in glob.glob(os.path.join(ckpt_dir, "ckpt-*.index"))
