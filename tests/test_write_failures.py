@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 
 # LeNet: about 0.75 MB per checkpoint with Adam's slots, so a few MB hold a run.
 TRAIN = (
@@ -185,15 +185,7 @@ def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
     train = TRAIN.split()[1:] + [f"--model_dir={run}"]
 
     def trainer(**env):
-        return subprocess.run(
-            [sys.executable, *train],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
-        )
+        return run_python(*train, timeout=300, env=env)
 
     killed = trainer(DISTOPT_FAULT_KILL_IN_SAVE_AT="20")
     assert killed.returncode == -9, killed.stderr[-2000:]
