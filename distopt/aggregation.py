@@ -57,6 +57,15 @@ class Aggregation:
         """The divisor applied to the summed payload."""
         raise NotImplementedError
 
+    def aggregate_share(self, num_replicas: int) -> float:
+        """What each replica sends of an aggregate given outside `strategy.run`.
+
+        Such a gradient reaches every replica whole and is reduced like
+        theirs: 1 for a mean (of R equal values), 1/R for a sum.
+        """
+        del num_replicas
+        return 1.0
+
     def get_config(self) -> dict:
         return {"name": self.name}
 
@@ -82,6 +91,9 @@ class Sum(Aggregation):
     def normalizer(self, total_weight, num_replicas):
         # total_weight = R * micro_steps; Sum averages over micro-steps only.
         return total_weight / tf.cast(num_replicas, total_weight.dtype)
+
+    def aggregate_share(self, num_replicas):
+        return 1.0 / num_replicas
 
 
 class WeightedMean(Aggregation):

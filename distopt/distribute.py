@@ -240,8 +240,11 @@ def by_replica(strategy: tf.distribute.Strategy, fn: Callable[[int, int], Any]):
     """A per-replica value whose component on replica `r` is `fn(r, i)`.
 
     `r` is the replica's id in the whole sync group (across workers) and `i`
-    its index among this worker's devices; `fn` runs on that device.
+    its index among this worker's devices; `fn` runs on that device. Under
+    the default strategy (no devices of its own): `fn(0, 0)`, a tensor.
     """
+    if is_default(strategy):
+        return fn(0, 0)
     devices = strategy.extended.worker_devices
 
     def value_fn(ctx):

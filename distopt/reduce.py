@@ -66,6 +66,10 @@ from distopt import distribute as dist
 from distopt import transforms as transforms_lib
 
 
+def _share(x: tf.Tensor, share: float) -> tf.Tensor:
+    return x if share == 1.0 else x * tf.cast(share, x.dtype)
+
+
 def payload_dtype(dtype: tf.DType) -> tf.DType:
     """The dtype gradients are summed in: float32 at least (see `Reducer`)."""
     dtype = tf.as_dtype(dtype)
@@ -139,8 +143,13 @@ class Reducer(tf.Module):
         zeros even if its gradient is NaN (an empty batch's mean).
         """
         w, valid = self.aggregation.replica_weight(weight)
+        share = 1.0
+        if not dist.in_replica_context():  # An aggregate, outside strategy.run.
+            num_replicas = dist.current_strategy().num_replicas_in_sync
+            share = self.aggregation.aggregate_share(num_replicas)
         grads = [
-            map_values(g, lambda x: tf.cast(x, payload_dtype(x.dtype))) for g in grads
+            map_values(g, lambda x: _share(tf.cast(x, payload_dtype(x.dtype)), share))
+            for g in grads
         ]
         if self.aggregation.weighted:
             wz = tf.where(valid, w, 0.0)

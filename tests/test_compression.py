@@ -579,6 +579,52 @@ def test_other_replica_count_restarts_residuals_with_one_warning(tmp_path, caplo
     assert int(opt4.compression.steps) == 2
 
 
+@pytest.mark.parametrize("name", ["powersgd", "topk", "onebit"])
+def test_a_checkpoint_restores_under_the_default_strategy(tmp_path, caplog, name):
+    # The trainer's default strategy, a notebook's evaluation on one device
+    # and Keras's load_model outside any scope restore here. (Compression is
+    # off with one replica; its state still round-trips.)
+    default = tf.distribute.get_strategy()
+    make = lambda: make_optimizer(name, learning_rate=LR)
+    params, opt, _, _ = run(M2, make, gradients(2, 2, seed=44), record=False)
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "a"))
+
+    def restored(path):
+        params1, opt1 = setup(default, make)
+        with caplog.at_level(logging.WARNING):
+            tf.train.Checkpoint(params=params1, optimizer=opt1).restore(
+                path
+            ).assert_consumed()
+        for a, b in zip(params1, params):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert int(opt1.compression.steps) == 2
+        residuals = [v.numpy() for v in opt1.compression.residuals.values()]
+        assert residuals and all(r.shape[0] == 1 and not r.any() for r in residuals)
+        return params1, opt1
+
+    params1, opt1 = restored(path)  # Saved on 2 replicas.
+    restored(  # Saved under the default strategy.
+        tf.train.Checkpoint(params=params1, optimizer=opt1).save(str(tmp_path / "b"))
+    )
+    warnings = [r for r in caplog.records if "restart at zero" in r.getMessage()]
+    assert len(warnings) == 1 and "2 replicas" in warnings[0].getMessage()
+
+
+def test_a_compressor_serves_one_optimizer():
+    # Its residuals are made for the first one's variables: a second
+    # optimizer would train uncompressed without a word (it did).
+    compressor = distopt.compression.TopK(0.1)
+    make_optimizer(compressor)
+    with pytest.raises(ValueError) as e:
+        make_optimizer(compressor)
+    assert str(e.value).startswith(
+        "compression: this TopK instance already belongs to optimizer "
+        "'gradient_descent'"
+    )
+    make_optimizer("topk")  # Names and configs make new ones.
+    make_optimizer("topk")
+
+
 # --- Edge cases -----------------------------------------------------------------------
 
 

@@ -202,3 +202,26 @@ def test_checkpoint_from_mirrored4_restores(
             assert len(copies) == strategy.num_replicas_in_sync
             for c in copies:
                 np.testing.assert_array_equal(c, want[key][0], err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "weighted_mean"])
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored2", "mirrored4"])
+def test_a_gradient_given_outside_strategy_run_is_applied_as_given(
+    strategy_name, aggregation
+):
+    # The docstring's contract: outside strategy.run the gradient is the
+    # aggregate. Plain GD shows a scale (a sum over 4 replicas was 4x).
+    strategy = {
+        "default": tf.distribute.get_strategy,
+        "mirrored2": lambda: mirrored(2),
+        "mirrored4": lambda: mirrored(4),
+    }[strategy_name]()
+    g = np.array([0.5, -1.0, 2.0], np.float32)
+    with strategy.scope():
+        v = tf.Variable(tf.zeros([3]))
+        opt = optimizers.GradientDescent(0.1, aggregation=aggregation)
+        weight = 3.0 if aggregation == "weighted_mean" else None
+        opt.apply_gradients([tf.constant(g)], [v], weight=weight)
+    for copy in local_copies(strategy, v):
+        np.testing.assert_allclose(copy, -0.1 * g, rtol=1e-6)
+    assert int(opt.iterations) == 1

@@ -617,3 +617,21 @@ def test_unknown_names_list_the_valid_ones():
         distopt.sync.get("sometimes")
     with pytest.raises(ValueError, match="valid names: mean, sum, weighted_mean"):
         distopt.aggregation.get("median")
+
+
+def test_a_sync_mode_and_an_outer_optimizer_serve_one_owner():
+    # A DiLoCo shared by two optimizers (a sweep's pattern) failed with a
+    # KeyError at trace time: its anchors and outer slots were the first's.
+    mode = distopt.sync.DiLoCo(2)
+    distopt.optimizers.GradientDescent(0.1, sync=mode)
+    with pytest.raises(ValueError) as e:
+        distopt.optimizers.GradientDescent(0.1, sync=mode)
+    assert str(e.value).startswith("sync: this PeriodicAverage instance already")
+    outer = distopt.optimizers.GradientDescent(1.0)
+    distopt.sync.DiLoCo(2, outer_optimizer=outer)
+    with pytest.raises(ValueError) as e:
+        distopt.sync.DiLoCo(2, outer_optimizer=outer)
+    assert str(e.value).startswith(
+        "outer_optimizer: this GradientDescent instance already belongs to "
+        "sync mode DiLoCo"
+    )

@@ -45,6 +45,7 @@ import tensorflow as tf
 from distopt import compression as compression_lib
 from distopt import counter as counter_lib
 from distopt import distribute as dist
+from distopt import ownership
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
@@ -162,6 +163,7 @@ class Optimizer(tf.Module):
             schedules.check_rate("weight_decay", weight_decay) if weight_decay else None
         )
         self.sync = sync_lib.get(sync)
+        ownership.claim(self.sync, "sync", f"optimizer {self.name!r}")
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
@@ -175,6 +177,7 @@ class Optimizer(tf.Module):
         loss_scale = transforms_lib.get_loss_scale(loss_scale)
         # Checked before any variable exists: a bad compression builds nothing.
         compression = compression_lib.get(compression)
+        ownership.claim(compression, "compression", f"optimizer {self.name!r}")
         self._check_sync_mode(loss_scale, compression)
         transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
         self.jit_compile = bool(jit_compile)

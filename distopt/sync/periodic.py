@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from distopt import compression as compression_lib
 from distopt import distribute as dist
+from distopt import ownership
 from distopt import reduce as reduce_lib
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
@@ -65,6 +66,7 @@ class PeriodicAverage(Sync):
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
         self.average_slots = bool(average_slots)
+        ownership.claim(outer_optimizer, "outer_optimizer", "sync mode DiLoCo")
         self.outer_optimizer = outer_optimizer
         #: Whether the mode steps an outer optimizer (DiLoCo): its default is
         #: made at build.
