@@ -297,8 +297,18 @@ def _write_state(directory: str, chosen: str, paths: list[str]) -> None:
     ``CheckpointManager`` does; ``update_checkpoint_state`` would do the same
     but prints a deprecation notice.
     """
+    # Timestamps after `last_preserved_timestamp` (0), oldest first: without
+    # them CheckpointManager takes every listed checkpoint for one kept by
+    # `keep_checkpoint_every_n_hours` and never deletes it.
+    now = time.time()
     state = tf.compat.v1.train.generate_checkpoint_state_proto(
-        directory, chosen, all_model_checkpoint_paths=paths
+        directory,
+        chosen,
+        all_model_checkpoint_paths=paths,
+        all_model_checkpoint_timestamps=[
+            now - len(paths) + i for i in range(len(paths))
+        ],
+        last_preserved_timestamp=0.0,
     )
     path = os.path.join(directory, "checkpoint")
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -424,6 +434,29 @@ def move_aside(path: str) -> str:
     return target
 
 
+def _state_lists(directory: str, chosen: str | None) -> bool:
+    """Whether the state file names ``chosen`` latest and every checkpoint on disk.
+
+    It does not after a user deleted or truncated it, or a kill between a
+    save's last file and its rename: the checkpoints it misses would be
+    restored from but never deleted (CheckpointManager deletes only what the
+    state file lists).
+    """
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):  # A damaged state file.
+        return False
+    if state is None:
+        return chosen is None
+    listed = {
+        p if os.path.isabs(p) else os.path.join(directory, p)
+        for p in state.all_model_checkpoint_paths
+    }
+    latest = state.model_checkpoint_path
+    latest = latest if os.path.isabs(latest) else os.path.join(directory, latest)
+    return latest == chosen and listed >= set(candidates(directory))
+
+
 def newest_loadable(directory: str, *, chief: bool) -> str | None:
     """The newest checkpoint in ``directory`` whose every tensor reads back.
 
@@ -456,7 +489,7 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
             continue
         chosen = path
         break
-    if bad and chief:
+    if chief and (bad or not _state_lists(directory, chosen)):
         remaining = [p for p in reversed(candidates(directory)) if p not in bad]
         if chosen:
             _write_state(directory, chosen, remaining)

@@ -17,6 +17,7 @@ import time
 # exec'd Python after other work).
 _STARTED = time.time()
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -330,7 +331,9 @@ def config_from_flags() -> config_lib.TrainConfig:
         model=FLAGS.model,
         model_args=config_lib.parse_kv(FLAGS.model_args),
         dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
+        # `--flag=~/x` reaches us unexpanded (the shell expands `~` only at
+        # a word's start, a flagfile never): the user's home, not `./~`.
+        data_dir=FLAGS.data_dir and os.path.expanduser(FLAGS.data_dir),
         data_source=FLAGS.data_source,
         input=FLAGS.input,
         download=FLAGS.download,
@@ -369,7 +372,7 @@ def config_from_flags() -> config_lib.TrainConfig:
         seed=FLAGS.seed,
         deterministic=FLAGS.deterministic,
         # Without --model_dir, main() creates a new run directory.
-        model_dir=FLAGS.model_dir or "",
+        model_dir=os.path.expanduser(FLAGS.model_dir or ""),
         eval_every=FLAGS.eval_every,
         eval_steps=FLAGS.eval_steps,
         eval_batch_size=FLAGS.eval_batch_size,

@@ -427,6 +427,12 @@ def test_fallback_drops_damaged_checkpoints_from_the_state_file(tmp_path):
     assert not os.path.exists(name.format(3) + ".index")
     # Gone from every listing: the next start does not trip over it again.
     assert checkpoints.candidates(directory) == [name.format(2), name.format(1)]
+    # And the rewritten state lets the next manager delete them in turn (it
+    # kept every checkpoint it listed without a timestamp, filling the disk).
+    manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
+    for step in (4, 5):
+        manager.save(checkpoint_number=step)
+    assert checkpoints.candidates(directory) == [name.format(5), name.format(4)]
 
 
 FAKE_WORKER = """

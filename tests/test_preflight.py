@@ -304,10 +304,13 @@ def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):
         ("--keep_checkpoints=0", "--keep_checkpoints must be >= 1, got 0"),
         ("--eval_batch_size=-4", "--eval_batch_size must be >= 0, got -4"),
         ("--decay_steps=-1", "--decay_steps must be >= 0, got -1"),
-        ("--learning_rate=-1", "--learning_rate must be > 0, got -1.0"),
-        ("--learning_rate=0", "--learning_rate must be > 0, got 0.0"),
+        ("--learning_rate=-1", "--learning_rate must be finite and > 0, got -1.0"),
+        ("--learning_rate=0", "--learning_rate must be finite and > 0, got 0.0"),
         ("--epochs=-1", "--epochs must be >= 0, got -1.0"),
-        ("--decay_rate=0", "--decay_rate must be > 0, got 0.0"),
+        ("--decay_rate=0", "--decay_rate must be finite and > 0, got 0.0"),
+        ("--decay_rate=inf", "--decay_rate must be finite and > 0, got inf"),
+        ("--seed=-1", "--seed must be in [0, 2**32 - 1], got -1"),
+        ("--seed=99999999999", "--seed must be in [0, 2**32 - 1], got 99999999999"),
         ("--global_clipnorm=-1", "--global_clipnorm must be > 0, got -1.0"),
         ("--communication_timeout=-1", "--communication_timeout must be >= 0"),
         ("--slurm_port_base=70000", "--slurm_port_base must be a port"),
@@ -382,6 +385,84 @@ def test_compression_and_sharding_flags_are_checked_first(
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    "flags_,message",
+    [
+        (
+            ["--optimizer_args=global_clipnorm=1.0"],
+            (
+                "--optimizer_args: global_clipnorm is set by --global_clipnorm; use "
+                "that flag instead"
+            ),
+        ),
+        (
+            ["--optimizer_args=clipvalue=1,learning_rate=5"],
+            (
+                "--optimizer_args: learning_rate is set by --learning_rate (and "
+                "--lr_schedule)"
+            ),
+        ),
+        (
+            ["--optimizer_args=skip_nonfinite=true"],
+            "--optimizer_args: skip_nonfinite is set by --on_nonfinite=skip",
+        ),
+        (
+            ["--mixed_precision=float16", "--optimizer_args=loss_scale=128"],
+            "--optimizer_args: loss_scale is set by --mixed_precision=float16",
+        ),
+        (
+            [
+                "--lr_schedule=piecewise",
+                "--lr_boundaries=5,3",
+                "--lr_values=1e-3,1e-4,1e-5",
+            ],
+            "--lr_boundaries must be steps >= 0 in increasing order, got [5, 3]",
+        ),
+        (
+            ["--lr_values=1e-3"],
+            (
+                "--lr_boundaries and --lr_values apply to --lr_schedule=piecewise "
+                "only, got --lr_schedule=constant"
+            ),
+        ),
+        (
+            ["--sync=accumulate", "--sync_period=1000", "--train_steps=20"],
+            (
+                "--sync=accumulate --sync_period=1000 applies no update in a run of "
+                "20 steps"
+            ),
+        ),
+    ],
+    ids=[
+        "clipnorm_in_args",
+        "lr_in_args",
+        "skip_in_args",
+        "loss_scale_in_args",
+        "boundaries_order",
+        "values_alone",
+        "no_update",
+    ],
+)
+def test_flags_that_would_be_lost_or_fail_late_are_refused_first(
+    cli, tmp_path, flags_, message
+):
+    # Each was silently dropped, or a traceback after TensorFlow and the data.
+    before = _tree(tmp_path)
+    status, lines, work = cli(*flags_)
+    assert status == 2 and work == []
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert _tree(tmp_path) == before
+
+
+def test_a_home_relative_model_dir_is_the_users_home(cli, tmp_path, monkeypatch):
+    # `--model_dir=~/x`: no shell expands it; it made a directory named `~`.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    status, lines, work = cli("--model_dir=~/runs/x", "--train_steps=1")
+    assert status == 0 and lines == []
+    assert work[0].model_dir == str(tmp_path / "home" / "runs" / "x")
+    assert not os.path.exists(tmp_path / "~")
+
+
 def test_target_accuracy_needs_eval_every(cli):
     status, lines, work = cli("--target_accuracy=0.9")
     assert status == 2 and work == []
@@ -413,7 +494,9 @@ def test_learning_rate_error_is_the_only_line_and_needs_no_tensorflow(tmp_path):
         env={**os.environ, "PYTHONPATH": REPO},
     )
     assert proc.stdout.split() == ["2", "False"], proc.stderr
-    assert proc.stderr.splitlines() == ["error: --learning_rate must be > 0, got -1.0"]
+    assert proc.stderr.splitlines() == [
+        "error: --learning_rate must be finite and > 0, got -1.0"
+    ]
     assert os.listdir(tmp_path) == []
 
 

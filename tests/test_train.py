@@ -801,6 +801,77 @@ def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
     assert _snapshot(first.model_dir) == before
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_the_resume_guards_hold_without_a_readable_state_file(tmp_path, damage):
+    # The guards read the checkpoints on disk, as the restore does: with the
+    # `checkpoint` state file gone they were skipped (Adam's slots dropped
+    # silently), and an empty one ended in a traceback.
+    first = _config(tmp_path, train_steps=10)
+    run_lib.train(first)
+    state = os.path.join(first.model_dir, "checkpoints", "checkpoint")
+    if damage == "deleted":
+        os.remove(state)
+    else:
+        open(state, "w").close()
+    with pytest.raises(config_lib.ModelDirError, match="^--optimizer=gradient_desc"):
+        run_lib.train(_config(tmp_path, train_steps=20, optimizer="gradient_descent"))
+    metrics = run_lib.train(_config(tmp_path, train_steps=20))
+    assert (metrics["start_step"], metrics["train_steps"]) == (10, 20)
+    # Rewritten from the files on disk, so that old checkpoints are deleted.
+    listed = tf.train.get_checkpoint_state(os.path.dirname(state))
+    assert [os.path.basename(p) for p in listed.all_model_checkpoint_paths] == [
+        "ckpt-10",
+        "ckpt-20",
+    ]
+
+
+def test_sam_refuses_to_resume_with_another_base_optimizer(tmp_path):
+    first = _config(tmp_path, optimizer="sam", train_steps=5, checkpoint_every=5)
+    run_lib.train(first)
+    changed = _config(
+        tmp_path,
+        optimizer="sam",
+        train_steps=10,
+        optimizer_args={"base_optimizer": "gradient_descent"},
+    )
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(changed)
+    assert str(info.value).startswith(
+        "--optimizer_args=base_optimizer=gradient_descent cannot resume "
+    )
+    assert "rerun with --optimizer_args=base_optimizer=adam" in str(info.value)
+
+
+def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path):
+    # A scheduler's restart after the last save, or a second "rerun to
+    # resume": nothing to train, and metrics.json keeps what was measured.
+    config = _config(tmp_path, train_steps=10)
+    first = run_lib.train(config)
+    again = run_lib.train(config)
+    assert again["status"] == "completed" and again["train_steps"] == 10
+    assert again["start_step"] == 10  # This process's start, as after a resume.
+    for key in ("examples_per_second", "seconds_to_first_step"):
+        assert first[key] is not None and again[key] == first[key], key
+    assert _metrics(config.model_dir) == pytest.approx(again)
+
+
+def test_a_run_resumed_at_an_evaluation_step_evaluates_it_first(tmp_path):
+    # A stop notice during the evaluation of step 10 cuts it short, and the
+    # run stops at step 10: the rerun evaluates step 10 before training on.
+    config = _config(tmp_path, train_steps=10, eval_every=5, checkpoint_every=5)
+    run_lib.train(config)
+    path = os.path.join(config.model_dir, "evaluations.json")
+    with open(path) as f:
+        evaluations = json.load(f)
+    assert [e["step"] for e in evaluations] == [5, 10]
+    with open(path, "w") as f:  # As if the evaluation of step 10 was cut short.
+        json.dump(evaluations[:1], f)
+    run_lib.train(_config(tmp_path, train_steps=15, eval_every=5, checkpoint_every=5))
+    with open(path) as f:
+        evaluations = json.load(f)
+    assert [e["step"] for e in evaluations] == [5, 10, 15]
+
+
 def _eval_accuracies(model_dir):
     return _scalar_values(os.path.join(model_dir, "eval"), "accuracy")
 

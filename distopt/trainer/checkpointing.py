@@ -21,6 +21,7 @@ from absl import logging
 from distopt import checkpoints as checkpoints_lib
 from distopt import trainer_faults
 from distopt.trainer.config import ModelDirError, TrainConfig, run_identity
+from distopt.trainer.factories import SAM_DEFAULT_BASE
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
@@ -61,18 +62,23 @@ def write_json_atomically(path: str, value: Any) -> None:
         ) from None
 
 
+def read_json(path: str) -> Any:
+    """The JSON value in ``path``; None if there is none or it is damaged."""
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (ValueError, tf.errors.OpError, OSError):
+        return None
+
+
 def read_run_config(model_dir: str) -> dict[str, Any] | None:
     """The stored ``run_config.json``, or None if there is none or it is damaged."""
     path = os.path.join(model_dir, RUN_CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            stored = json.load(f)
-        if isinstance(stored, dict):
-            return stored
-    except (ValueError, tf.errors.OpError, OSError):
-        pass
+    stored = read_json(path)
+    if isinstance(stored, dict):
+        return stored
     # Damaged (an older trainer wrote it in place and was stopped): the
     # checkpoint's own check in restore() still guards the model.
     logging.warning("%s is damaged; it is rewritten by this run", path)
@@ -90,7 +96,10 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
         or a checkpoint of another optimizer or sync mode (one line, naming
         the flag).
     """
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    # From the files on disk, as the restore finds them: the state file may
+    # be missing or damaged, and the guards below must hold all the same.
+    found = checkpoints_lib.candidates(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    latest = found[0] if found else None
     stored = read_run_config(model_dir)
     if stored is None:
         return latest
@@ -102,13 +111,13 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
                 f"(see {path}), not {key}={getattr(config, key)!r}. Nothing "
                 "was written; use another --model_dir, or delete this one."
             )
-    for key in RESUME_KEYS if latest else ():
-        if key in stored and stored[key] != getattr(config, key):
+    for key, was, now in _resume_settings(stored, config) if latest else ():
+        if was != now:
             raise ModelDirError(
-                f"--{key}={getattr(config, key)} cannot resume {model_dir}: its "
-                f"checkpoint is of --{key}={stored[key]} (see {path}), whose "
-                f"state another --{key} cannot take over. Nothing was written; "
-                f"rerun with --{key}={stored[key]}, or use another --model_dir."
+                f"--{key}={now} cannot resume {model_dir}: its checkpoint is "
+                f"of --{key}={was} (see {path}), whose state another --{key} "
+                f"cannot take over. Nothing was written; rerun with "
+                f"--{key}={was}, or use another --model_dir."
             )
     # Through JSON, so that tuples compare equal to the stored lists.
     current = json.loads(json.dumps(run_identity(config), default=list))
@@ -118,6 +127,24 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
     if changed and latest:
         logging.info("Resuming with changed settings (old, new): %s", changed)
     return latest
+
+
+def _resume_settings(stored: dict, config: TrainConfig):
+    """(flag, stored value, this run's value) for each setting a resume keeps.
+
+    SAM's base optimizer is one (``--optimizer_args=base_optimizer=``): its
+    slots are in the checkpoint, and a restore only checks that this run's
+    variables are found there, not that every saved one is used.
+    """
+    for key in RESUME_KEYS:
+        if key in stored:
+            yield key, stored[key], getattr(config, key)
+    if config.optimizer == "sam" and isinstance(stored.get("optimizer_args"), dict):
+        yield (
+            "optimizer_args=base_optimizer",
+            stored["optimizer_args"].get("base_optimizer", SAM_DEFAULT_BASE),
+            config.optimizer_args.get("base_optimizer", SAM_DEFAULT_BASE),
+        )
 
 
 def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:

@@ -9,6 +9,7 @@ imported inside :func:`check_names` and :func:`make_compression`):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
@@ -131,6 +132,8 @@ def check_flags(config: TrainConfig) -> None:
             "Set --train_steps or --epochs (--train_steps wins if both are set; got "
             f"train_steps={config.train_steps}, epochs={config.epochs})"
         )
+    if config.train_steps:
+        check_total_steps(config, config.train_steps)
     if config.virtual_devices and config.strategy != "mirrored":
         # An error, not a warning: whoever sets it expects several replicas,
         # and a run on one device would report another run's figures.
@@ -154,8 +157,11 @@ def _check_floats(config: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"--{flag} must be {rule}, got {value}")
 
-    need(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
-    need(config.decay_rate > 0, "decay_rate", config.decay_rate, "> 0")
+    for flag in ("learning_rate", "decay_rate"):
+        value = getattr(config, flag)
+        need(math.isfinite(value) and value > 0, flag, value, "finite and > 0")
+    # NumPy's and Python's generators take seeds in [0, 2**32).
+    need(0 <= config.seed < 2**32, "seed", config.seed, "in [0, 2**32 - 1]")
     need(config.epochs >= 0, "epochs", config.epochs, ">= 0")
     need(
         config.communication_timeout >= 0,
@@ -184,9 +190,57 @@ def _check_floats(config: TrainConfig) -> None:
         need(value >= 0, "lr_values", list(config.lr_values), "all >= 0")
 
 
+# Optimizer arguments the trainer sets from flags of their own (see
+# `factories.optimizer_kwargs`): in --optimizer_args they would be overwritten.
+_OWN_FLAG = {
+    "learning_rate": "--learning_rate (and --lr_schedule)",
+    "aggregation": "--aggregation",
+    "sync": "--sync (and --sync_period, --sync_args)",
+    "global_clipnorm": "--global_clipnorm",
+    "compression": "--compression (and --compression_args)",
+    "shard_state": "--shard_optimizer_state",
+    "skip_nonfinite": "--on_nonfinite=skip",
+    "communication_options": "--communication_timeout",
+}
+
+
+def _check_optimizer_args(config: TrainConfig) -> None:
+    """--optimizer_args may not set what another flag sets (it would be lost)."""
+    for key in config.optimizer_args:
+        owner = _OWN_FLAG.get(key)
+        if key == "loss_scale" and config.mixed_precision == "float16":
+            owner = "--mixed_precision=float16 (dynamic loss scaling)"
+        if owner:
+            raise ConfigError(
+                f"--optimizer_args: {key} is set by {owner}; use that flag instead"
+            )
+
+
+def _check_schedule(config: TrainConfig) -> None:
+    """--lr_boundaries and --lr_values: with --lr_schedule=piecewise, and in order."""
+    piecewise = config.lr_schedule == "piecewise"
+    if not piecewise and (config.lr_boundaries or config.lr_values):
+        raise ConfigError(
+            "--lr_boundaries and --lr_values apply to --lr_schedule=piecewise "
+            f"only, got --lr_schedule={config.lr_schedule}"
+        )
+    if piecewise and len(config.lr_values) != len(config.lr_boundaries) + 1:
+        raise ConfigError(
+            "--lr_schedule=piecewise needs --lr_boundaries and one more "
+            f"--lr_values; got {list(config.lr_boundaries)} and "
+            f"{list(config.lr_values)}"
+        )
+    boundaries = list(config.lr_boundaries)
+    if boundaries != sorted(boundaries) or (boundaries and boundaries[0] < 0):
+        raise ConfigError(
+            f"--lr_boundaries must be steps >= 0 in increasing order, got {boundaries}"
+        )
+
+
 def _check_combinations(config: TrainConfig) -> None:
     """Flags that contradict each other, by name only."""
     _check_compression_and_sharding(config)
+    _check_optimizer_args(config)
     if config.mixed_precision == "float16" and config.sync in DIVERGING_SYNC:
         raise ConfigError(
             f"--mixed_precision=float16 needs loss scaling, which needs a "
@@ -197,14 +251,7 @@ def _check_combinations(config: TrainConfig) -> None:
             "--skip_nonfinite means --on_nonfinite=skip; it contradicts "
             "--on_nonfinite=ignore"
         )
-    if config.lr_schedule == "piecewise" and (
-        len(config.lr_values) != len(config.lr_boundaries) + 1
-    ):
-        raise ConfigError(
-            "--lr_schedule=piecewise needs --lr_boundaries and one more "
-            f"--lr_values; got {list(config.lr_boundaries)} and "
-            f"{list(config.lr_values)}"
-        )
+    _check_schedule(config)
     if config.optimizer == "heun" and config.sync != "every_step":
         raise ConfigError(
             f"--optimizer=heun needs --sync=every_step, got --sync={config.sync}: "
@@ -298,6 +345,21 @@ def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
     if config.train_steps:
         return config.train_steps
     return max(1, int(config.epochs * num_train_examples) // config.batch_size)
+
+
+def check_total_steps(config: TrainConfig, total_steps: int) -> None:
+    """A run of ``total_steps`` applies at least one update.
+
+    Raises:
+      ConfigError: --sync=accumulate with fewer steps than one period (a
+        run that ends at the initial weights and reports them as trained).
+    """
+    if config.sync == "accumulate" and total_steps < config.sync_period:
+        raise ConfigError(
+            f"--sync=accumulate --sync_period={config.sync_period} applies no "
+            f"update in a run of {total_steps} steps; raise --train_steps (or "
+            "--epochs) or lower --sync_period"
+        )
 
 
 def run_identity(config: TrainConfig) -> dict[str, Any]:

@@ -17,7 +17,11 @@ import tensorflow as tf
 from absl import logging
 
 from distopt import trainer_faults
-from distopt.trainer.checkpointing import METRICS_FILE, write_json_atomically
+from distopt.trainer.checkpointing import (
+    METRICS_FILE,
+    read_json,
+    write_json_atomically,
+)
 from distopt.trainer.step import make_train_loop
 from distopt.trainer.summaries import ProgressWindow, log_done, run_metrics
 
@@ -54,6 +58,7 @@ class TrainLoop:
     def run_to_end(self) -> dict:
         """Trains, then evaluates and writes ``metrics.json``; returns the metrics."""
         current = self.run.start_step
+        self._evaluate_on_resume(current)
         while current < self.run.total_steps and self._target_result is None:
             current = self._chunk(current)
         self._stop_clock()
@@ -118,6 +123,26 @@ class TrainLoop:
             self._check_target(current, result)
         if config.checkpoint_every and current % config.checkpoint_every == 0:
             self.out.saver.save(current)
+
+    def _evaluate_on_resume(self, current: int) -> None:
+        """A run resumed at an evaluation step evaluates it before training.
+
+        A stop notice may have cut that evaluation short (it is then missing
+        from ``evaluations.json``, and a target it reaches would be missed).
+        Whether it was is known only to the chief, so every worker evaluates
+        again (the same weights: the same result, which replaces the first).
+        """
+        config = self.run.config
+        if (
+            self.run.resumed_from
+            and config.eval_every
+            and current % config.eval_every == 0
+            and 0 < current < self.run.total_steps
+        ):
+            result = self.out.evaluator.evaluate(current)
+            if result is None:
+                self._preempt(current)
+            self._check_target(current, result)
 
     def _check_target(self, current: int, result: dict) -> None:
         target = self.run.config.target_accuracy
@@ -192,6 +217,8 @@ class TrainLoop:
         )
         if self.run.chief:
             path = os.path.join(self.run.config.model_dir, METRICS_FILE)
+            if self.timing.first_step is None:
+                metrics = _with_measured_figures(metrics, path)
             write_json_atomically(path, metrics)
         return metrics
 
@@ -203,3 +230,26 @@ class TrainLoop:
             f" at step {at_step} of {self.run.total_steps}{when}; saved a checkpoint "
             "there. Rerun the same command to resume"
         )
+
+
+# What only a process that trained measures: a rerun of a finished run (a
+# scheduler's restart after the last save, or the README's "rerun to resume")
+# keeps them from the metrics.json it replaces.
+_MEASURED = (
+    "examples_per_second",
+    "seconds_to_first_step",
+    "training_seconds_excluding_eval",
+    "target_reached_at_step",
+)
+
+
+def _with_measured_figures(metrics: dict, path: str) -> dict:
+    """``metrics`` of a process that trained no step, with the stored run's figures."""
+    stored = read_json(path)
+    if (
+        not isinstance(stored, dict)
+        or stored.get("train_steps") != metrics["train_steps"]
+    ):
+        return metrics
+    kept = {k: stored[k] for k in _MEASURED if stored.get(k) is not None}
+    return {**metrics, **kept}

@@ -166,6 +166,7 @@ def setup(config, strategy, start_time, signals) -> Run:
         config.dataset, config.data_dir, config.data_source, download=config.download
     )
     total_steps = config_lib.resolve_train_steps(config, source.num_examples["train"])
+    config_lib.check_total_steps(config, total_steps)
     return Run(
         config=config,
         strategy=strategy,
