@@ -66,6 +66,7 @@ import time
 from absl import flags
 
 from distopt import cli, quiet
+from distopt.trainer import paths as trainer_paths
 
 #: The registered problems (`distopt.problems.names()`, which needs
 #: TensorFlow; tests/test_compare.py checks that they agree).
@@ -312,6 +313,11 @@ def _run(f) -> int:
     rates = parse_learning_rates(f.learning_rates)
     if f.max_iters < 1:
         raise ValueError(f"max_iters: must be >= 1, got {f.max_iters}.")
+    if f.output_dir:
+        # Checked before the study, not after it: its results would be lost.
+        problems = trainer_paths.check_model_dir(f.output_dir, flag_name="output_dir")
+        if problems:
+            raise ValueError(problems[0].removeprefix("--"))
     if f.strategy not in ("default", "mirrored"):
         raise ValueError(
             f"strategy: unknown {f.strategy!r}; valid names: default, mirrored."

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
-from distopt import quiet
+from distopt import quiet, stop_notice
 
 # No TensorFlow yet: the flags are checked and the run directory is created
 # first (see main). These two modules import none.
@@ -509,6 +509,15 @@ def main(argv):
     """Checks every flag and path, then trains; errors are one line each."""
     if len(argv) > 1:
         _fail([f"unexpected arguments: {argv[1:]}"], EXIT_BAD_FLAGS)
+    stop_notice.install()  # Until the trainer's own handler takes over.
+    try:
+        _checked_run()
+    finally:
+        stop_notice.uninstall()
+
+
+def _checked_run():
+    """Checks, then imports TensorFlow and trains (see :func:`main`)."""
     config = _checked_config()
     run_dir = _claim_run_dir(config)
     _import_tensorflow()

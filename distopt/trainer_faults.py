@@ -29,6 +29,8 @@ import threading
 import tensorflow as tf
 from absl import logging
 
+from distopt import stop_notice
+
 # The policies' names live with the flags (no TensorFlow there); used here.
 from distopt.trainer.config import ON_NONFINITE  # noqa: F401
 
@@ -84,6 +86,16 @@ class StopSignals:
             return self
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        # A notice since the command line started (TensorFlow's import, the
+        # strategy's start): ours now, so the run stops after its first step.
+        early = stop_notice.take()
+        if early and not self.requested:
+            self.requested = early
+            logging.warning(
+                "%s received during the start: stopping after the first step, "
+                "then saving a checkpoint",
+                early,
+            )
         return self
 
     def _handle(self, signum, frame):

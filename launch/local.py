@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if not args.grace_seconds >= 0:  # NaN too.
+        parser.error(f"--grace_seconds must be >= 0, got {args.grace_seconds}")
     rate, error = _check_links(args, trainer_flags)
     if error:
         print(f"error: {error}", file=sys.stderr)

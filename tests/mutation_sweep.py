@@ -599,6 +599,34 @@ MUTANTS = [
         '        model_dir=FLAGS.model_dir or "",',
         "tests/test_preflight.py -k home_relative",
     ),
+    Mutant(
+        "early_notice_dropped",
+        "distopt/trainer_faults.py",
+        "        early = stop_notice.take()",
+        "        early = None",
+        "tests/test_faults.py -k while_tensorflow_loads",
+    ),
+    Mutant(
+        "resume_past_the_end",
+        "distopt/trainer/run.py",
+        "    if run.start_step > run.total_steps:",
+        "    if run.start_step > run.total_steps + 100:",
+        "tests/test_train.py -k past_the_runs_end",
+    ),
+    Mutant(
+        "replica_groups_unchecked",
+        "distopt/trainer/run.py",
+        "    _check_replica_groups(config, strategy)\n",
+        "",
+        "tests/test_train.py -k group_size_that",
+    ),
+    Mutant(
+        "compare_output_dir_unchecked",
+        "distopt/compare.py",
+        "        if problems:\n            raise ValueError",
+        "        if False:\n            raise ValueError",
+        "tests/test_compare.py -k clear_message",
+    ),
 ]
 
 

@@ -215,6 +215,8 @@ def test_noisy_quadratic_is_seeded():
         (["--optimizers=beta_1=0.5"], "before any optimizer name"),
         (["--strategy=tpu"], "valid names: default, mirrored"),
         (["--max_iters=0"], "max_iters"),
+        # Refused before the study: after it, its results were lost.
+        (["--output_dir=/proc/nope"], "output_dir=/proc/nope cannot be created"),
         (["--no_such_flag=1"], "no_such_flag"),
         (["stray"], "distopt.compare: error: unexpected arguments ['stray']"),
     ],

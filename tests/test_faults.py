@@ -179,6 +179,44 @@ def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
     _assert_bit_identical(run_dir, straight_dir)
 
 
+@pytest.mark.slow  # A new interpreter: the notice comes while TensorFlow loads.
+def test_a_stop_notice_while_tensorflow_loads_exits_42_after_one_step(tmp_path):
+    """Without --model_dir (a new run directory, made before the import): it
+    was killed by the default handler (143; Ctrl-C: a traceback) and left an
+    empty run directory. Now the notice waits for the trainer's handler."""
+    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    proc = start_python(
+        ["-m", "distopt.train", *COMMON, "--train_steps=50"],
+        stdout=log,
+        env=_env(),
+        fresh=True,
+        cwd=str(tmp_path),
+    )
+    proc.log = log
+    runs = tmp_path / "runs"
+    deadline = time.time() + 60
+    while not (runs.exists() and os.listdir(runs)) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # TensorFlow takes seconds to import.
+    code, out = _finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "SIGTERM received during the start: stopping after the first step" in out
+    (run_dir,) = [str(p) for p in runs.iterdir()]
+    assert _metrics(run_dir)["status"] == "preempted"
+    assert _latest_step(run_dir) == 1
+    resumed = run_python(
+        "-m",
+        "distopt.train",
+        *COMMON,
+        "--train_steps=5",
+        f"--model_dir={run_dir}",
+        timeout=240,
+        forked=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _metrics(run_dir)["start_step"] == 1
+
+
 def test_sigterm_during_the_final_evaluation_cuts_it_short(tmp_path):
     """A stop notice in the final evaluation ends it at the next chunk (a big
     test set must not outlast the grace period): exit 42, "preempted", the

@@ -377,6 +377,12 @@ def test_link_flag_errors_are_one_line_and_start_nothing(flags, says):
     assert says in proc.stderr
 
 
+def test_a_negative_grace_period_is_refused():
+    proc = _launch("--workers=2", "--grace_seconds=-1", "--command=true")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--grace_seconds must be >= 0, got -1.0" in proc.stderr
+
+
 @pytest.mark.parametrize("rate", ["20mbit", "100mbit", "1gbit"])
 def test_link_probe_measures_the_rate_each_way(links_here, rate):
     """A bulk TCP transfer between two workers' namespaces, each way alone

@@ -842,6 +842,32 @@ def test_sam_refuses_to_resume_with_another_base_optimizer(tmp_path):
     assert "rerun with --optimizer_args=base_optimizer=adam" in str(info.value)
 
 
+def test_a_group_size_that_does_not_divide_the_devices_is_a_flag_error(tmp_path):
+    # It was a traceback from the optimizer's build, after the data loaded.
+    config = _config(
+        tmp_path,
+        strategy="mirrored",
+        virtual_devices=4,
+        sync="hierarchical",
+        sync_args={"group_size": 3},
+    )
+    with pytest.raises(config_lib.ConfigError) as info:
+        run_lib.train(config)
+    assert str(info.value).startswith(
+        "--sync_args: group_size: must divide the 4 devices of this worker, got 3"
+    )
+    assert not os.path.exists(config.model_dir)
+
+
+def test_a_resume_past_the_runs_end_is_refused(tmp_path):
+    # It "completed" at once, saying "resuming at step 10 of 5".
+    run_lib.train(_config(tmp_path, train_steps=10))
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(_config(tmp_path, train_steps=5))
+    assert "holds a run at step 10, beyond this run's 5 steps" in str(info.value)
+    assert _metrics(str(tmp_path / "run"))["train_steps"] == 10
+
+
 def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path):
     # A scheduler's restart after the last save, or a second "rerun to
     # resume": nothing to train, and metrics.json keeps what was measured.

@@ -183,20 +183,23 @@ def _probe(directory: str) -> str | None:
     return None
 
 
-def check_model_dir(model_dir: str, *, writes: bool = True) -> list[str]:
+def check_model_dir(
+    model_dir: str, *, writes: bool = True, flag_name: str = "model_dir"
+) -> list[str]:
     """Checks that ``model_dir`` is, or can become, a directory this run can use.
 
     Args:
       model_dir: the ``--model_dir`` value (or the new run directory).
       writes: whether this process writes there (else it must only be
         readable, if it exists).
+      flag_name: the flag the messages name (``output_dir`` for compare).
 
     Returns:
       One line per problem; empty when the directory is usable.
     """
     if "://" in model_dir:
         return []  # gs://, s3://...: only the storage system can tell.
-    flag = f"--model_dir={model_dir}"
+    flag = f"--{flag_name}={model_dir}"
     if os.path.exists(model_dir):
         if not os.path.isdir(model_dir):
             return [f"{flag} is a file, not a directory"]

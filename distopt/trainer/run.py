@@ -161,6 +161,7 @@ def setup(config, strategy, start_time, signals) -> Run:
     # during the set-up is not lost; it stops the run after its first step.
     signals.install()
     inputs.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
+    _check_replica_groups(config, strategy)
     checkpointing.check_model_dir(config.model_dir, config)
     source = data_lib.load_source(
         config.dataset, config.data_dir, config.data_source, download=config.download
@@ -178,6 +179,17 @@ def setup(config, strategy, start_time, signals) -> Run:
         input=inputs.resolve_input(config, strategy, source),
         **_build_state(config, strategy, source, total_steps),
     )
+
+
+def _check_replica_groups(config, strategy) -> None:
+    """--sync_args=group_size=G against this worker's devices, as a flag error."""
+    size = config.sync_args.get("group_size")
+    if config.sync == "hierarchical" and isinstance(size, int):
+        try:
+            with strategy.scope():  # It counts the devices of the one in scope.
+                distribute.check_group_size(strategy, size)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"--sync_args: {e}") from None
 
 
 def _build_state(config, strategy, source, total_steps) -> dict[str, Any]:
@@ -219,7 +231,7 @@ def resume(run: Run) -> None:
 
     Raises:
       checkpoints.LockError: another trainer writes this ``model_dir``.
-      ModelDirError: the checkpoint does not fit this model.
+      ModelDirError: the checkpoint does not fit this model, or is past its end.
     """
     config = run.config
     directory = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
@@ -236,6 +248,14 @@ def resume(run: Run) -> None:
         run.optimizer.restore_replicas(run.model.trainable_variables)
     run.resumed_from = latest
     run.start_step = int(run.step.numpy())
+    if run.start_step > run.total_steps:
+        # It would "complete" at once, reporting more steps than asked for.
+        raise config_lib.ModelDirError(
+            f"{config.model_dir} holds a run at step {run.start_step}, beyond "
+            f"this run's {run.total_steps} steps (--train_steps, --epochs). "
+            "Nothing was written; raise them to continue it, or use another "
+            "--model_dir."
+        )
     _log_state_bytes(run)
     logging.info(
         "Model %s (%d parameters), %s optimizer, aggregation %s, sync %s; "
