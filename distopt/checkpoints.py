@@ -354,6 +354,9 @@ class CheckpointWriter:
         Raises:
           CheckpointSaveError: nothing new is on disk, the latest is unchanged.
         """
+        # Read first: a save that fails at its state file has already made
+        # itself the manager's latest, and its files are deleted below.
+        previous = self.manager.latest_checkpoint
         try:
             if os.environ.get(_KILL_IN_SAVE_ENV) == str(step):
                 self._checkpoint.write(
@@ -370,7 +373,6 @@ class CheckpointWriter:
             path = self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as e:
             _remove_partial(self.directory, step)
-            previous = self.manager.latest_checkpoint
             if not self.chief:
                 shutil.rmtree(self.directory, ignore_errors=True)
             raise CheckpointSaveError(

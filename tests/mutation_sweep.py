@@ -627,6 +627,14 @@ MUTANTS = [
         "        if False:\n            raise ValueError",
         "tests/test_compare.py -k clear_message",
     ),
+    Mutant(
+        "failed_save_names_itself",
+        "distopt/checkpoints.py",
+        "            _remove_partial(self.directory, step)\n",
+        "            _remove_partial(self.directory, step)\n"
+        "            previous = self.manager.latest_checkpoint\n",
+        "tests/test_faults.py -k state_file_names",
+    ),
 ]
 
 

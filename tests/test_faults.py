@@ -473,6 +473,33 @@ def test_fallback_drops_damaged_checkpoints_from_the_state_file(tmp_path):
     assert checkpoints.candidates(directory) == [name.format(5), name.format(4)]
 
 
+def test_a_save_failing_at_its_state_file_names_the_checkpoint_before_it(tmp_path):
+    # The manager writes the files, takes the new one as its latest, then
+    # writes the state file: a disk turning read-only there (seen 12-05)
+    # made the message name the checkpoint whose files were just deleted.
+    from distopt import checkpoints
+
+    directory = str(tmp_path)
+    writer = checkpoints.CheckpointWriter(
+        tf.train.Checkpoint(v=tf.Variable(1.0)), directory, True, 0, 3
+    )
+    writer.save(10)
+    save = writer.manager.save
+
+    def save_then_fail(checkpoint_number):
+        save(checkpoint_number=checkpoint_number)
+        raise tf.errors.PermissionDeniedError(None, None, "Read-only file system")
+
+    writer.manager.save = save_then_fail
+    with pytest.raises(checkpoints.CheckpointSaveError) as info:
+        writer.save(20)
+    assert str(info.value).endswith(
+        f"The latest checkpoint is still {directory}/ckpt-10; free space and "
+        "rerun to resume"
+    )
+    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-20")]
+
+
 FAKE_WORKER = """
 import json, os, signal, sys, time
 index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]

@@ -110,13 +110,16 @@ def test_full_disk_at_start_is_one_line_and_leaves_no_lock(disk, tmp_path):
 @pytest.mark.slow
 def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(disk, tmp_path):
     logs, run = tmp_path, f"{disk}/run"
-    # A read-only bind mount over the tmpfs once ckpt-10 exists: the files
+    # A read-only bind mount over the tmpfs once ckpt-10 is saved: the files
     # the trainer holds open stay writable, as when a mount turns read-only
-    # under a running job; every new file fails.
+    # under a running job; every new file fails. Saved means named in the
+    # state file, which is written after ckpt-10.index (waiting for the
+    # index alone, the state file's write could fail instead, 12-05).
     script = (
         f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
         + _run("ro", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
-        + f") & while [ ! -e {run}/checkpoints/ckpt-10.index ]; do sleep 0.05; done; "
+        + f") & while ! grep -qs 'ckpt-10\"' {run}/checkpoints/checkpoint; "
+        "do sleep 0.05; done; "
         f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}; wait; "
         f"umount {disk}; "
         + _run("rerun", run)
