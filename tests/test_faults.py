@@ -41,7 +41,7 @@ def _env(**extra):
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def _start(argv, log_path, fresh=False, **env):
+def _start(argv, log_path, fresh=False, cwd=REPO, **env):
     """Starts ``python argv`` with stdout and stderr into ``log_path``.
 
     Forked from the fork server (see forkserver.py) unless ``fresh``: a
@@ -50,7 +50,12 @@ def _start(argv, log_path, fresh=False, **env):
     log = open(log_path, "w")  # noqa: SIM115 (closed by _finish)
     # Its own session: a signal to it reaches nothing else.
     proc = start_python(
-        argv, stdout=log, env=_env(**env), start_new_session=True, fresh=fresh
+        argv,
+        stdout=log,
+        env=_env(**env),
+        start_new_session=True,
+        fresh=fresh,
+        cwd=cwd,
     )
     proc.log = log
     return proc
@@ -184,15 +189,12 @@ def test_a_stop_notice_while_tensorflow_loads_exits_42_after_one_step(tmp_path):
     """Without --model_dir (a new run directory, made before the import): it
     was killed by the default handler (143; Ctrl-C: a traceback) and left an
     empty run directory. Now the notice waits for the trainer's handler."""
-    log = open(tmp_path / "log", "w")  # noqa: SIM115
-    proc = start_python(
+    proc = _start(
         ["-m", "distopt.train", *COMMON, "--train_steps=50"],
-        stdout=log,
-        env=_env(),
+        str(tmp_path / "log"),
         fresh=True,
         cwd=str(tmp_path),
     )
-    proc.log = log
     runs = tmp_path / "runs"
     deadline = time.time() + 60
     while not (runs.exists() and os.listdir(runs)) and time.time() < deadline:

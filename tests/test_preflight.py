@@ -378,6 +378,11 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
 def test_compression_and_sharding_flags_are_checked_first(
     cli, tmp_path, flags_, message
 ):
+    _assert_refused_first(cli, tmp_path, flags_, message)
+
+
+def _assert_refused_first(cli, tmp_path, flags_, message):
+    """One ``error: message`` line, exit 2, no work, nothing created."""
     before = _tree(tmp_path)
     status, lines, work = cli(*flags_)
     assert status == 2 and work == []
@@ -447,11 +452,7 @@ def test_flags_that_would_be_lost_or_fail_late_are_refused_first(
     cli, tmp_path, flags_, message
 ):
     # Each was silently dropped, or a traceback after TensorFlow and the data.
-    before = _tree(tmp_path)
-    status, lines, work = cli(*flags_)
-    assert status == 2 and work == []
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
-    assert _tree(tmp_path) == before
+    _assert_refused_first(cli, tmp_path, flags_, message)
 
 
 def test_a_home_relative_model_dir_is_the_users_home(cli, tmp_path, monkeypatch):
