@@ -407,7 +407,7 @@ def candidates(directory: str) -> list[str]:
     except (tf.errors.OpError, ValueError):  # A damaged state file.
         state = None
     for path in state.all_model_checkpoint_paths if state else ():
-        path = path if os.path.isabs(path) else os.path.join(directory, path)
+        path = _absolute(directory, path)
         match = re.search(r"-(\d+)$", path)
         if match:
             found.setdefault(path, int(match[1]))
@@ -436,8 +436,13 @@ def move_aside(path: str) -> str:
     return target
 
 
-def _state_lists(directory: str, chosen: str | None) -> bool:
-    """Whether the state file names ``chosen`` latest and every checkpoint on disk.
+def _absolute(directory: str, path: str) -> str:
+    """A state file's path (relative to ``directory`` unless absolute)."""
+    return path if os.path.isabs(path) else os.path.join(directory, path)
+
+
+def _state_lists(directory: str, chosen: str | None, found: list[str]) -> bool:
+    """Whether the state file names ``chosen`` latest and all of ``found``.
 
     It does not after a user deleted or truncated it, or a kill between a
     save's last file and its rename: the checkpoints it misses would be
@@ -450,13 +455,9 @@ def _state_lists(directory: str, chosen: str | None) -> bool:
         return False
     if state is None:
         return chosen is None
-    listed = {
-        p if os.path.isabs(p) else os.path.join(directory, p)
-        for p in state.all_model_checkpoint_paths
-    }
-    latest = state.model_checkpoint_path
-    latest = latest if os.path.isabs(latest) else os.path.join(directory, latest)
-    return latest == chosen and listed >= set(candidates(directory))
+    listed = {_absolute(directory, p) for p in state.all_model_checkpoint_paths}
+    latest = _absolute(directory, state.model_checkpoint_path)
+    return latest == chosen and listed >= set(found)
 
 
 def newest_loadable(directory: str, *, chief: bool) -> str | None:
@@ -471,7 +472,8 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
     """
     bad = []
     chosen = None
-    for path in candidates(directory):
+    found = candidates(directory)
+    for path in found:
         try:
             verify(path)
         # The checkpoint reader translates TensorFlow's status codes into
@@ -491,8 +493,8 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
             continue
         chosen = path
         break
-    if chief and (bad or not _state_lists(directory, chosen)):
-        remaining = [p for p in reversed(candidates(directory)) if p not in bad]
+    if chief and (bad or not _state_lists(directory, chosen, found)):
+        remaining = [p for p in reversed(found) if p not in bad]
         if chosen:
             _write_state(directory, chosen, remaining)
         elif tf.io.gfile.exists(os.path.join(directory, "checkpoint")):
