@@ -343,8 +343,8 @@ MUTANTS = [
     Mutant(
         "state_file_keeps_bad",
         "distopt/checkpoints.py",
-        "remaining = [p for p in reversed(candidates(directory)) if p not in bad]",
-        "remaining = list(reversed(candidates(directory)))",
+        "remaining = [p for p in reversed(found) if p not in bad]",
+        "remaining = list(reversed(found))",
         "tests/test_faults.py -k state_file",
     ),
     Mutant(
