@@ -45,6 +45,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -584,6 +585,30 @@ def _check_links(args, trainer_flags: list[str]) -> tuple[int | None, str | None
     return rate, None
 
 
+def _check_host(host: str) -> str | None:
+    """Why the workers could not be reached at ``host``, or None.
+
+    Every worker's TF_CONFIG names ``host``: an address that is not this
+    machine's (or a name that does not resolve) would leave the workers
+    waiting for each other until killed. Binding a socket to it says, at
+    once, whether it is one of this machine's addresses.
+    """
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind) as s:
+            s.bind(address)
+    except socket.gaierror as e:
+        return f"--host={host} does not resolve ({e.strerror or e})"
+    except OSError as e:
+        return (
+            f"--host={host} is not an address of this machine ({e.strerror or e}): "
+            "the workers, all started here, could not reach each other there"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -598,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.grace_seconds >= 0:  # NaN too.
         parser.error(f"--grace_seconds must be >= 0, got {args.grace_seconds}")
     rate, error = _check_links(args, trainer_flags)
+    error = error or _check_host(args.host)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

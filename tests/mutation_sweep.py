@@ -635,6 +635,13 @@ MUTANTS = [
         "            previous = self.manager.latest_checkpoint\n",
         "tests/test_faults.py -k state_file_names",
     ),
+    Mutant(
+        "launcher_host_unchecked",
+        "launch/local.py",
+        "    error = error or _check_host(args.host)\n",
+        "",
+        "tests/test_launch.py -k host_the_workers",
+    ),
 ]
 
 

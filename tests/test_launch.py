@@ -576,3 +576,19 @@ def test_two_workers_train_through_100mbit_links(tmp_path, links_here):
     gradient_bytes = 4 * (784 * 700 + 700 + 700 * 500 + 500 + 500 * 10 + 10)
     for w in workers:
         assert w["tx_bytes"] >= 20 * gradient_bytes, workers
+
+
+@pytest.mark.parametrize(
+    "host, says",
+    [
+        # TEST-NET-1 (RFC 5737): never this machine's.
+        ("192.0.2.1", "is not an address of this machine"),
+        ("no-such-host.invalid", "does not resolve"),
+    ],
+)
+def test_a_host_the_workers_cannot_reach_is_refused(host, says):
+    # Before the check, the workers waited for each other until killed.
+    proc = _launch("--workers=2", f"--host={host}", "--command=true", timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: --host={host} {says}")
