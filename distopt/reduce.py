@@ -55,6 +55,7 @@ Eager calls also raise a `ValueError` before anything is sent.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -130,6 +131,21 @@ class Reducer(tf.Module):
             self.bytes_sent = counter_lib.Counter("bytes_sent")
             self.invalid_weight_steps = counter_lib.Counter("invalid_weight_steps")
             self.group_reductions = counter_lib.Counter("group_reductions")
+        self._given_aggregate = False
+
+    @contextlib.contextmanager
+    def given_aggregate(self, aggregate: bool = True):
+        """Within it (at trace time), `reduce` does not compress.
+
+        For a gradient passed outside `strategy.run`: it is already the
+        aggregate, so compressing it would only add error (and residuals)
+        to a gradient that is meant to be applied as given.
+        """
+        before, self._given_aggregate = self._given_aggregate, aggregate
+        try:
+            yield
+        finally:
+            self._given_aggregate = before
 
     # --- Replica context -------------------------------------------------------
 
@@ -224,7 +240,9 @@ class Reducer(tf.Module):
                 communication); G to reduce within groups of G consecutive
                 replicas of one worker (`distopt.distribute.group_sum`).
             compress: Whether `compression` (if any) applies; False for
-                SAM's perturbation and Heun's trial point.
+                SAM's perturbation and Heun's trial point (and, through
+                `given_aggregate`, for a gradient given outside
+                `strategy.run`).
             variables: The variables of `payload`, in order: compression
                 keeps its state per variable, so it applies only when they
                 are given (the sync modes give them).
@@ -245,6 +263,7 @@ class Reducer(tf.Module):
         """
         if (
             compress
+            and not self._given_aggregate
             and variables is not None
             and self.compression is not None
             and group_size is None

@@ -642,6 +642,13 @@ MUTANTS = [
         "",
         "tests/test_launch.py -k host_the_workers",
     ),
+    Mutant(
+        "given_aggregate_compressed",
+        "distopt/reduce.py",
+        "            and not self._given_aggregate\n",
+        "",
+        "tests/test_compression.py -k outside_strategy_run",
+    ),
 ]
 
 

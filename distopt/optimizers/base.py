@@ -424,7 +424,8 @@ class Optimizer(tf.Module):
         Call it inside `strategy.run` with this replica's gradients: they are
         aggregated across replicas (per `aggregation` and `sync`) before any
         variable changes, and every replica's copy changes identically. Called
-        outside `strategy.run`, the gradients are taken as already aggregated.
+        outside `strategy.run`, the gradients are taken as already aggregated
+        (and are not compressed).
 
         Args:
             grads_and_vars: A list of gradients (then `var_list` is the list of
@@ -450,7 +451,8 @@ class Optimizer(tf.Module):
                     "was built with."
                 )
         grads, w = self.reducer.payload(grads, weight)
-        if not dist.in_replica_context() and self.sync.needs_replica_context:
+        given_aggregate = not dist.in_replica_context()
+        if given_aggregate and self.sync.needs_replica_context:
             raise ValueError(
                 f"sync: {self.sync.name} needs per-replica gradients; call "
                 "apply_gradients inside strategy.run."
@@ -460,7 +462,8 @@ class Optimizer(tf.Module):
             # Like Keras, build for every variable passed, including those
             # without a gradient this time.
             self._ensure_built(all_variables)
-            self.sync.apply(self, strategy, list(grads), w, variables)
+            with self.reducer.given_aggregate(given_aggregate):
+                self.sync.apply(self, strategy, list(grads), w, variables)
 
         dist.merge(merge_fn, tuple(grads), w)
         return self.iterations
