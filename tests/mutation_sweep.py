@@ -649,6 +649,20 @@ MUTANTS = [
         "",
         "tests/test_compression.py -k outside_strategy_run",
     ),
+    Mutant(
+        "clock_restarts_on_resume",
+        "distopt/trainer/run.py",
+        "    run.timing.seconds_before = seconds\n",
+        "",
+        "tests/test_train.py -k training_seconds_go_on",
+    ),
+    Mutant(
+        "clock_keeps_later_steps",
+        "distopt/trainer/checkpointing.py",
+        "if s < step}",
+        "if s != step}",
+        "tests/test_train.py -k training_clock_keeps",
+    ),
 ]
 
 

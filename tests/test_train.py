@@ -898,6 +898,55 @@ def test_a_run_resumed_at_an_evaluation_step_evaluates_it_first(tmp_path):
     assert [e["step"] for e in evaluations] == [5, 10, 15]
 
 
+def test_training_seconds_go_on_across_a_resume(tmp_path):
+    # The time to accuracy of a preempted run: the resumed process counts on
+    # from the seconds recorded at its checkpoint (they restarted at 0).
+    config = _config(tmp_path, train_steps=10, eval_every=5, checkpoint_every=5)
+    first = run_lib.train(config)
+    with open(os.path.join(config.model_dir, "training_clock.json")) as f:
+        clock = json.load(f)
+    assert sorted(clock) == ["10", "5"]
+    assert 0 < clock["5"] < clock["10"] <= first["run_training_seconds"]
+    assert first["run_training_seconds"] == first["training_seconds_excluding_eval"]
+    second = run_lib.train(
+        _config(tmp_path, train_steps=20, eval_every=5, checkpoint_every=5)
+    )
+    assert second["start_step"] == 10
+    assert second["run_training_seconds"] == pytest.approx(
+        clock["10"] + second["training_seconds_excluding_eval"]
+    )
+    with open(os.path.join(config.model_dir, "evaluations.json")) as f:
+        evaluations = json.load(f)
+    assert [e["step"] for e in evaluations] == [5, 10, 15, 20]
+    seconds = [e["training_seconds"] for e in evaluations]
+    assert clock["10"] < seconds[2] < seconds[3] <= second["run_training_seconds"]
+
+
+def test_the_training_clock_keeps_the_steps_a_resume_can_start_from(tmp_path, caplog):
+    from distopt.trainer.checkpointing import CLOCK_FILE, TrainingClock
+
+    clock = TrainingClock(str(tmp_path))
+    assert clock.seconds_at(5) is None  # No file yet.
+    for step, seconds in [(5, 1.0), (10, 2.0), (15, 3.0)]:
+        clock.record(step, seconds)
+    clock.record(10, 2.5)  # A run that fell back to step 5 saves step 10 again.
+    assert [clock.seconds_at(s) for s in (5, 10, 15)] == [1.0, 2.5, None]
+    path = tmp_path / CLOCK_FILE
+    path.write_text('{"5": 1.0, "10": "damaged"}')
+    assert [clock.seconds_at(s) for s in (5, 10)] == [1.0, None]
+    path.write_text("{")  # Cut short.
+    assert clock.seconds_at(5) is None
+    assert os.listdir(tmp_path) == [CLOCK_FILE]  # No temporary file left.
+    # A resume without a record says so and counts from its own start.
+    config = _config(tmp_path / "run", train_steps=5, checkpoint_every=5)
+    run_lib.train(config)
+    os.remove(os.path.join(config.model_dir, CLOCK_FILE))
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        again = run_lib.train(_config(tmp_path / "run", train_steps=10))
+    assert "The training seconds up to step 5 were not recorded" in caplog.text
+    assert again["run_training_seconds"] == again["training_seconds_excluding_eval"]
+
+
 def _eval_accuracies(model_dir):
     return _scalar_values(os.path.join(model_dir, "eval"), "accuracy")
 

@@ -174,6 +174,7 @@ def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tm
         "eval",
         "run_config.json",
         "train",
+        "training_clock.json",
     ]
     status, lines = _report(logs, "rerun")
     assert status == 0, lines[-12:]
@@ -213,6 +214,7 @@ def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
         "metrics.json",
         "run_config.json",
         "train",
+        "training_clock.json",
     ]
     assert _metrics(run)["start_step"] == 10
 

@@ -25,6 +25,10 @@ from distopt.trainer.factories import SAM_DEFAULT_BASE
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
+# {step: the run's training seconds} at each checkpoint (see TrainingClock).
+CLOCK_FILE = "training_clock.json"
+# The newest entries kept in it: far more than any fallback goes back.
+CLOCK_ENTRIES = 1000
 CHECKPOINT_SUBDIR = "checkpoints"
 # A checkpoint of another model or dataset cannot be resumed: refuse it.
 IDENTITY_KEYS = ("model", "dataset")
@@ -172,6 +176,49 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
         ) from e
 
 
+class TrainingClock:
+    """The run's training seconds at each checkpoint, across processes.
+
+    A resumed process goes on from the seconds recorded at its checkpoint,
+    so ``evaluations.json`` and ``run_training_seconds`` give the time to
+    accuracy of a run that was preempted, not of its last process only.
+    The file is the chief's; losing it loses the figure, never the run.
+    """
+
+    def __init__(self, model_dir: str):
+        self._path = os.path.join(model_dir, CLOCK_FILE)
+
+    def record(self, step: int, seconds: float) -> None:
+        """Keeps ``seconds`` for ``step``; later steps (of a run that fell
+        back to an older checkpoint, or was killed after them) are dropped."""
+        entries = self._read()
+        entries = {s: t for s, t in entries.items() if s < step}
+        entries[step] = seconds
+        newest = sorted(entries)[-CLOCK_ENTRIES:]
+        try:
+            write_json_atomically(self._path, {str(s): entries[s] for s in newest})
+        except WriteError as e:
+            # The checkpoint is saved; only this figure of a resume from it
+            # would be missing (its resume says so).
+            logging.warning("%s", str(e).split("; ")[0])
+
+    def seconds_at(self, step: int) -> float | None:
+        """The seconds recorded for ``step``, or None."""
+        return self._read().get(step)
+
+    def _read(self) -> dict[int, float]:
+        stored = read_json(self._path)
+        if not isinstance(stored, dict):
+            return {}
+        entries = {}
+        for key, value in stored.items():
+            try:
+                entries[int(key)] = float(value)
+            except (TypeError, ValueError):
+                continue  # Damaged: that entry only.
+        return entries
+
+
 class Saver:
     """Saves the run's checkpoints and remembers the step of the last one.
 
@@ -183,6 +230,7 @@ class Saver:
     def __init__(self, run, writer: checkpoints_lib.CheckpointWriter):
         self._run = run
         self._writer = writer
+        self._clock = TrainingClock(run.config.model_dir) if run.chief else None
         # A resumed run starts from a checkpoint of its first step.
         self.last_step: int | None = run.start_step if run.resumed_from else None
 
@@ -197,6 +245,8 @@ class Saver:
             run.optimizer.snapshot_replicas(run.model.trainable_variables)
         self._writer.save(step)
         self.last_step = step
+        if self._clock is not None:
+            self._clock.record(step, run.timing.run_training_seconds())
 
     def save_unless_saved(self, step: int) -> None:
         """Saves ``ckpt-<step>`` unless the last save was of ``step``."""

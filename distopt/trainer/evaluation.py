@@ -8,9 +8,11 @@ and evaluating every 50 steps would turn DiLoCo(128) into DiLoCo(50). The
 final evaluation synchronises (the saved and reported model is the average).
 
 Each evaluation is also recorded in ``evaluations.json`` in ``model_dir``
-(chief; rewritten atomically, a resumed run goes on with the list): the step, the accuracy and loss, the training seconds so far
-(evaluations excluded) and the optimizer's ``bytes_sent``, for
-accuracy-against-time and -bytes curves (the time-to-accuracy benchmark).
+(chief; rewritten atomically, a resumed run goes on with the list): the
+step, the accuracy and loss, the run's training seconds so far (evaluations
+excluded; across resumes, see ``Timing.run_training_seconds``) and the
+optimizer's ``bytes_sent``, for accuracy-against-time and -bytes curves (the
+time-to-accuracy benchmark).
 """
 
 from __future__ import annotations
@@ -51,8 +53,6 @@ class Evaluator:
         )
         self._test = None
         self._history = None  # Read from EVALUATIONS_FILE at the first record.
-        # Seconds spent evaluating, averaging included.
-        self.seconds = 0.0
 
     def evaluate(self, at_step: int, final: bool = False) -> dict | None:
         """The test metrics, or None when a stop notice cut the pass short.
@@ -73,7 +73,7 @@ class Evaluator:
                 with self._replicas_averaged():
                     result = self._evaluate(at_step, started)
         finally:
-            self.seconds += time.time() - started
+            self._run.timing.evaluating += time.time() - started
         if result is not None:
             self._record(at_step, result, sent)
         return result
@@ -113,15 +113,12 @@ class Evaluator:
         run = self._run
         if not run.chief:
             return
-        timing = run.timing
-        seconds = None
-        if timing.train_started is not None:
-            seconds = time.time() - timing.train_started - self.seconds
         line = {
             "step": at_step,
             "accuracy": result["accuracy"],
             "loss": result["loss"],
-            "training_seconds": seconds,
+            # The whole run's, across resumes.
+            "training_seconds": run.timing.run_training_seconds(),
             "bytes_sent": sent,
         }
         path = os.path.join(run.config.model_dir, EVALUATIONS_FILE)

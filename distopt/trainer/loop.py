@@ -162,7 +162,7 @@ class TrainLoop:
     def _stop_clock(self) -> None:
         if self.timing.train_stopped is None:
             self.timing.train_stopped = time.time()
-            self.timing.eval_seconds = self.out.evaluator.seconds
+            self.timing.eval_seconds = self.timing.evaluating
 
     def _end(self) -> dict:
         run = self.run

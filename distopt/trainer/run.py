@@ -248,6 +248,8 @@ def resume(run: Run) -> None:
         run.optimizer.restore_replicas(run.model.trainable_variables)
     run.resumed_from = latest
     run.start_step = int(run.step.numpy())
+    if latest and run.chief:
+        _resume_clock(run)
     if run.start_step > run.total_steps:
         # It would "complete" at once, reporting more steps than asked for.
         raise config_lib.ModelDirError(
@@ -273,6 +275,23 @@ def resume(run: Run) -> None:
         run.start_step,
         run.total_steps,
     )
+
+
+def _resume_clock(run: Run) -> None:
+    """The run's training seconds go on from those of its checkpoint."""
+    seconds = checkpointing.TrainingClock(run.config.model_dir).seconds_at(
+        run.start_step
+    )
+    if seconds is None:
+        logging.warning(
+            "The training seconds up to step %d were not recorded (%s is "
+            "missing or damaged): evaluations.json's training_seconds count "
+            "from this process",
+            run.start_step,
+            checkpointing.CLOCK_FILE,
+        )
+        return
+    run.timing.seconds_before = seconds
 
 
 def _log_state_bytes(run: Run) -> None:

@@ -104,13 +104,29 @@ class Timing:
     train_stopped: float | None = None
     # Seconds spent in evaluations between train_started and train_stopped.
     eval_seconds: float = 0.0
+    # Seconds this process has spent evaluating so far (averaging included).
+    evaluating: float = 0.0
+    # The training seconds of the run's earlier processes, up to the
+    # checkpoint this one resumed from (recorded at each save).
+    seconds_before: float = 0.0
 
     def training_seconds_excluding_eval(self) -> float | None:
-        """Wall-clock seconds of training (saves included), evaluations excluded."""
+        """This process's wall-clock seconds of training (saves included),
+        evaluations excluded."""
         if self.train_started is None:
             return None
-        stopped = self.train_stopped or time.time()
-        return stopped - self.train_started - self.eval_seconds
+        if self.train_stopped is None:
+            return time.time() - self.train_started - self.evaluating
+        return self.train_stopped - self.train_started - self.eval_seconds
+
+    def run_training_seconds(self) -> float:
+        """The whole run's training seconds so far: the earlier processes'
+        (to the checkpoint resumed from) and this one's, evaluations excluded.
+
+        Work a preempted process did after its last checkpoint is not
+        counted: it is done again, and counted, in the process that resumes.
+        """
+        return self.seconds_before + (self.training_seconds_excluding_eval() or 0.0)
 
     def examples_per_second(self, batch_size: int) -> float | None:
         if not self.step_seconds:
@@ -205,6 +221,7 @@ def run_metrics(run, status: str, final_step: int, result, timing, saver) -> dic
         "wall_seconds": time.time() - timing.called,
         "seconds_to_first_step": timing.first_step,
         "training_seconds_excluding_eval": timing.training_seconds_excluding_eval(),
+        "run_training_seconds": timing.run_training_seconds(),
         "skipped_steps": int(run.optimizer.skipped_steps.numpy()),
         "num_replicas": run.strategy.num_replicas_in_sync,
         "global_batch_size": config.batch_size,
