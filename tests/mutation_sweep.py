@@ -663,6 +663,13 @@ MUTANTS = [
         "if s != step}",
         "tests/test_train.py -k training_clock_keeps",
     ),
+    Mutant(
+        "benchmark_count_unchecked",
+        "distopt/benchmarks/protocol.py",
+        "        if value < minimum:",
+        "        if value < minimum - 1:",
+        "tests/test_benchmarks.py -k bad_count",
+    ),
 ]
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 from distopt.benchmarks import adam_step, step_breakdown, trainer_vs_keras
 
@@ -366,3 +367,26 @@ def test_sharded_state_runs_and_halves_the_state_on_2_devices(tmp_path):
     assert 0 <= state["False"] - slots < kb
     assert 0 <= state["True"] - slots / 2 < kb
     assert row["step_ratio_sharded"] > 0
+
+
+@pytest.mark.parametrize(
+    "benchmark, flag, says",
+    [
+        ("adam_step", "--repeats=0", "argument --repeats: must be >= 1, got 0"),
+        ("trainer_vs_keras", "--steps=-1", "argument --steps: must be >= 1, got -1"),
+        ("step_breakdown", "--rounds=x", "argument --rounds: not an integer: 'x'"),
+        ("sync_modes", "--warmup=-1", "argument --warmup: must be >= 0, got -1"),
+        ("compression_cost", "--repeats=-1", "flag --repeats=-1: -1 is not a"),
+        ("sharded_state", "--devices=0", "flag --devices=0: 0 is not a"),
+        ("keras_fit", "--batch_size=0", "flag --batch_size=0: 0 is not a"),
+        ("time_to_accuracy", "--target=1.5", "flag --target=1.5: 1.5 is not a"),
+        ("compression_accuracy", "--train_steps=0", "flag --train_steps=0: 0 is not"),
+    ],
+)
+def test_a_bad_count_is_one_line_naming_the_flag(benchmark, flag, says):
+    # They ran with no repeat (an empty table) or a zero-step "measurement",
+    # or answered in two lines, argparse's usage first.
+    proc = run_python("-m", f"distopt.benchmarks.{benchmark}", flag, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"distopt.benchmarks.{benchmark}: error: {says}")

@@ -384,7 +384,9 @@ def report_row(row) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = protocol.Parser(
+        prog="distopt.benchmarks.adam_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--sets",
         default=",".join(SETS),
@@ -398,8 +400,12 @@ def main(argv=None):
         default=",".join(CONTENDERS),
         help=f"{', '.join(CONTENDERS)} (see the module docstring)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="processes each")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps each")
+    parser.add_argument(
+        "--repeats", type=protocol.at_least(1), default=3, help="processes each"
+    )
+    parser.add_argument(
+        "--steps", type=protocol.at_least(1), default=20, help="timed steps each"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

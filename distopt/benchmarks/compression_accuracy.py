@@ -55,7 +55,9 @@ flags.DEFINE_list(
     "Contenders.",
     flag_values=FLAGS,
 )
-flags.DEFINE_integer("train_steps", 1000, "Steps of every run.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "train_steps", 1000, "Steps of every run.", lower_bound=1, flag_values=FLAGS
+)
 flags.DEFINE_string(
     "optimizer",
     "adam",
@@ -63,19 +65,25 @@ flags.DEFINE_string(
     flag_values=FLAGS,
 )
 flags.DEFINE_float(
-    "learning_rate", 1e-3, "The trainer's --learning_rate.", flag_values=FLAGS
+    "learning_rate",
+    1e-3,
+    "The trainer's --learning_rate.",
+    lower_bound=0.0,
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
     "warmup_steps",
     100,
     "onebit_adam, topk_adam: uncompressed steps before Adam's variance is "
     "frozen and compression starts.",
+    lower_bound=0,
     flag_values=FLAGS,
 )
 flags.DEFINE_float(
     "frozen_epsilon",
     1e-4,
     "onebit_adam, topk_adam, none_eps: Adam's epsilon.",
+    lower_bound=0.0,
     flag_values=FLAGS,
 )
 flags.DEFINE_string(

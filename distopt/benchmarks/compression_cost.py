@@ -44,13 +44,21 @@ flags.DEFINE_list(
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
-    "replicas", 4, "Logical CPU devices (replicas).", flag_values=FLAGS
+    "replicas", 4, "Logical CPU devices (replicas).", lower_bound=1, flag_values=FLAGS
 )
 flags.DEFINE_integer(
-    "steps", 30, "Timed steps per run (after 3 warm-up steps).", flag_values=FLAGS
+    "steps",
+    30,
+    "Timed steps per run (after 3 warm-up steps).",
+    lower_bound=1,
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
-    "repeats", 3, "Runs per contender (fresh processes).", flag_values=FLAGS
+    "repeats",
+    3,
+    "Runs per contender (fresh processes).",
+    lower_bound=1,
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     "measure", "", "Internal: the compressor one run measures.", flag_values=FLAGS

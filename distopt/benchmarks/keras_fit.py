@@ -40,13 +40,21 @@ flags.DEFINE_list(
     "default and/or mirrored (2 virtual CPUs).",
     flag_values=FLAGS,
 )
-flags.DEFINE_integer("steps", 300, "Timed steps per measurement.", flag_values=FLAGS)
 flags.DEFINE_integer(
-    "warmup_steps", 20, "Untimed steps before timing.", flag_values=FLAGS
+    "steps", 300, "Timed steps per measurement.", lower_bound=1, flag_values=FLAGS
 )
-flags.DEFINE_integer("batch_size", 128, "Global batch size.", flag_values=FLAGS)
 flags.DEFINE_integer(
-    "hidden", 512, "Width of the MLP's two hidden layers.", flag_values=FLAGS
+    "warmup_steps", 20, "Untimed steps before timing.", lower_bound=0, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "batch_size", 128, "Global batch size.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "hidden",
+    512,
+    "Width of the MLP's two hidden layers.",
+    lower_bound=1,
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
     "repeats",

@@ -9,12 +9,37 @@ results (`write_json`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 
 RESULT = "RESULT "
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the other tools' errors: one line, ``prog: error: ...``
+    on stderr, exit status 2 (argparse adds a usage line first)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``, or an error naming it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def print_result(result: dict) -> None:

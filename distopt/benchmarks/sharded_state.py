@@ -47,18 +47,25 @@ flags.DEFINE_list(
     "Models to measure: mlp, dense50m.",
     flag_values=FLAGS,
 )
-flags.DEFINE_integer("devices", 4, "Logical CPU devices (replicas).", flag_values=FLAGS)
 flags.DEFINE_integer(
-    "steps", 10, "Timed steps per run (after 2 warm-up steps).", flag_values=FLAGS
+    "devices", 4, "Logical CPU devices (replicas).", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "steps",
+    10,
+    "Timed steps per run (after 2 warm-up steps).",
+    lower_bound=1,
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
     "repeats",
     3,
     "Runs per contender (fresh processes, alternating).",
+    lower_bound=1,
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
-    "batch_size", 16, "Examples per replica per step.", flag_values=FLAGS
+    "batch_size", 16, "Examples per replica per step.", lower_bound=1, flag_values=FLAGS
 )
 flags.DEFINE_string(
     "measure", "", "Internal: 'model,sharded' runs one measurement.", flag_values=FLAGS

@@ -478,12 +478,18 @@ def _startup_in_subprocess(model_name, strategy_name):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = protocol.Parser(
+        prog="distopt.benchmarks.step_breakdown",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--model", default="lenet", help="lenet, mlp")
     parser.add_argument("--strategy", default="default", help="default, mirrored")
-    parser.add_argument("--steps", type=int, default=100, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--repeats", type=int, default=3, help="startup processes")
+    positive = protocol.at_least(1)
+    parser.add_argument("--steps", type=positive, default=100, help="steps per round")
+    parser.add_argument("--rounds", type=positive, default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--repeats", type=protocol.at_least(0), default=3, help="startup processes"
+    )
     parser.add_argument(
         "--startup_only", action="store_true", help="only the time to first step"
     )

@@ -143,10 +143,17 @@ def _worker(index, ports, steps, batch_size, warmup):
 def main(argv):
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=16, help="untimed steps per mode")
-    parser.add_argument("--batch_size", type=int, default=128, help="global batch")
+    parser = protocol.Parser(
+        prog="distopt.benchmarks.sync_modes", description=__doc__.splitlines()[0]
+    )
+    positive = protocol.at_least(1)
+    parser.add_argument(
+        "--steps", type=positive, default=80, help="timed steps per mode"
+    )
+    parser.add_argument(
+        "--warmup", type=protocol.at_least(0), default=16, help="untimed steps per mode"
+    )
+    parser.add_argument("--batch_size", type=positive, default=128, help="global batch")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker_index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ports", help=argparse.SUPPRESS)

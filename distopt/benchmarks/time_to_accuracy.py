@@ -68,14 +68,33 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "modes", None, "Rows to run (default: every row of MODES).", flag_values=FLAGS
 )
-flags.DEFINE_float("target", 0.97, "Test accuracy to reach.", flag_values=FLAGS)
-flags.DEFINE_integer("max_steps", 3000, "Step budget of each run.", flag_values=FLAGS)
-flags.DEFINE_integer("eval_every", 50, "Steps between evaluations.", flag_values=FLAGS)
-flags.DEFINE_integer(
-    "batch_per_worker", 64, "Examples per worker per step.", flag_values=FLAGS
+flags.DEFINE_float(
+    "target",
+    0.97,
+    "Test accuracy to reach.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+    flag_values=FLAGS,
 )
-flags.DEFINE_integer("repeats", 3, "Runs of each headline cell.", flag_values=FLAGS)
-flags.DEFINE_integer("other_repeats", 1, "Runs of each other cell.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "max_steps", 3000, "Step budget of each run.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "eval_every", 50, "Steps between evaluations.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "batch_per_worker",
+    64,
+    "Examples per worker per step.",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "repeats", 3, "Runs of each headline cell.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "other_repeats", 1, "Runs of each other cell.", lower_bound=1, flag_values=FLAGS
+)
 flags.DEFINE_boolean(
     "scaling", True, "Also run 1 worker (every_step), for scaling.", flag_values=FLAGS
 )

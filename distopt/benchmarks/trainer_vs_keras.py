@@ -63,7 +63,10 @@ from distopt.benchmarks import protocol
 
 def parse_args(argv=None):
     """The benchmark's command line (``argv`` without the program name)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = protocol.Parser(
+        prog="distopt.benchmarks.trainer_vs_keras",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--models", default="lenet,mlp", help="lenet, mlp")
     parser.add_argument(
         "--strategies", default="default,mirrored", help="default, mirrored (2 vCPUs)"
@@ -73,15 +76,19 @@ def parse_args(argv=None):
         default="trainer,keras_auto,keras_nojit,bare",
         help="see the module docstring",
     )
-    parser.add_argument("--steps", type=int, default=400, help="timed steps")
+    positive = protocol.at_least(1)
+    parser.add_argument("--steps", type=positive, default=400, help="timed steps")
     parser.add_argument(
-        "--warmup_steps", type=int, default=50, help="Keras and bare: untimed first"
+        "--warmup_steps",
+        type=protocol.at_least(0),
+        default=50,
+        help="Keras and bare: untimed first",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="processes each")
-    parser.add_argument("--batch_size", type=int, default=128, help="global batch")
+    parser.add_argument("--repeats", type=positive, default=3, help="processes each")
+    parser.add_argument("--batch_size", type=positive, default=128, help="global batch")
     parser.add_argument(
         "--keras_steps_per_execution",
-        type=int,
+        type=positive,
         default=50,
         help="Keras steps_per_execution (1 where it fails)",
     )
