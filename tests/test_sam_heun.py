@@ -216,6 +216,15 @@ def test_bad_arguments():
         SAM(Heun(0.1))
     with pytest.raises(ValueError, match="base_optimizer"):
         SAM("not_an_optimizer")
+    # By name too: SAM(base_optimizer="sam") failed inside, "missing 1
+    # required positional argument: 'base_optimizer'".
+    for name, cls in [("sam", "SAM"), ("heun", "Heun")]:
+        with pytest.raises(ValueError) as e:
+            SAM(name, learning_rate=0.1)
+        assert str(e.value) == (
+            f"base_optimizer: {cls} evaluates the loss itself; SAM needs a base "
+            "optimizer with apply_gradients."
+        )
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(object())
     with pytest.raises(ValueError, match="base-optimizer arguments"):

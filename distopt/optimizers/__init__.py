@@ -60,6 +60,15 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def get_class(name: str) -> type:
+    """The optimizer class registered as `name`; ValueError listing the names."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"optimizer: unknown {name!r}; valid names: {', '.join(names())}."
+        )
+    return _REGISTRY[name]
+
+
 def get(identifier, /, **kwargs) -> Optimizer:
     """An optimizer by registered name, e.g. `get("adam", learning_rate=1e-3)`.
 
@@ -67,11 +76,7 @@ def get(identifier, /, **kwargs) -> Optimizer:
     """
     if isinstance(identifier, Optimizer):
         return identifier
-    if identifier not in _REGISTRY:
-        raise ValueError(
-            f"optimizer: unknown {identifier!r}; valid names: {', '.join(names())}."
-        )
-    return _REGISTRY[identifier](**kwargs)
+    return get_class(identifier)(**kwargs)
 
 
 def from_config(spec: dict) -> Optimizer:

@@ -95,6 +95,8 @@ class SAM(tf.Module):
             from distopt import optimizers as registry
 
             try:
+                # Checked before it is built: SAM or Heun would not even build.
+                _check_applies_gradients(registry.get_class(base_optimizer))
                 base_optimizer = registry.get(base_optimizer, **base_kwargs)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"base_optimizer: {e}") from None
@@ -108,11 +110,10 @@ class SAM(tf.Module):
                 "base_optimizer: expected a distopt Optimizer or a registered name, "
                 f"got {type(base_optimizer).__name__}."
             )
-        if getattr(base_optimizer, "needs_loss", False):
-            raise ValueError(
-                f"base_optimizer: {type(base_optimizer).__name__} evaluates the loss "
-                "itself; SAM needs a base optimizer with apply_gradients."
-            )
+        try:
+            _check_applies_gradients(type(base_optimizer))
+        except ValueError as e:
+            raise ValueError(f"base_optimizer: {e}") from None
         self.base_optimizer = base_optimizer
         self.rho = _check_non_negative("rho", rho)
         if perturbation not in PERTURBATIONS:
@@ -273,3 +274,12 @@ def _check_non_negative(name, value) -> float:
     if not (v >= 0 and math.isfinite(v)):
         raise ValueError(f"{name}: must be finite and >= 0, got {value!r}.")
     return v
+
+
+def _check_applies_gradients(cls: type) -> None:
+    """SAM's base optimizer steps with `apply_gradients`; SAM and Heun cannot."""
+    if getattr(cls, "needs_loss", False):
+        raise ValueError(
+            f"{cls.__name__} evaluates the loss itself; SAM needs a base "
+            "optimizer with apply_gradients."
+        )
