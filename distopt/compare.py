@@ -301,10 +301,22 @@ def main(argv=None) -> int:
         return cli.error("distopt.compare", e)
 
 
+def _check_flags_apply(f) -> None:
+    """A flag given for a setting it does not change is refused (it was ignored)."""
+    for name, needs, applies in [
+        ("virtual_devices", "--strategy=mirrored", f.strategy == "mirrored"),
+        ("noise_scale", "--problem=noisy_quadratic", f.problem == "noisy_quadratic"),
+        ("seed", "--problem=noisy_quadratic", f.problem == "noisy_quadratic"),
+    ]:
+        if f[name].present and not applies:
+            raise ValueError(f"{name}: applies only with {needs}.")
+
+
 def _run(f) -> int:
     from distopt import problems as problems_lib
     from distopt import study, study_figures
 
+    _check_flags_apply(f)
     problem_kwargs = {}
     if f.problem == "noisy_quadratic":
         problem_kwargs = {"noise_scale": f.noise_scale, "seed": f.seed}

@@ -141,6 +141,11 @@ class NoisyQuadratic(Problem):
     stochastic = True
 
     def __init__(self, noise_scale: float = 0.5, seed: int = 0):
+        # NaN fails this too; a negative scale is the same noise, mirrored.
+        if not 0 <= float(noise_scale) < float("inf"):
+            raise ValueError(
+                f"noise_scale: must be >= 0 and finite, got {noise_scale!r}."
+            )
         self.noise_scale = float(noise_scale)
         self.seed = int(seed)
         self.curvature = np.array([1.0, 10.0], np.float32)

@@ -670,6 +670,27 @@ MUTANTS = [
         "        if value < minimum - 1:",
         "tests/test_benchmarks.py -k bad_count",
     ),
+    Mutant(
+        "sam_base_by_name_unchecked",
+        "distopt/optimizers/sam.py",
+        "                _check_applies_gradients(registry.get_class(base_optimizer))\n",
+        "",
+        "tests/test_sam_heun.py -k bad_arguments",
+    ),
+    Mutant(
+        "compare_ignored_flag_accepted",
+        "distopt/compare.py",
+        "        if f[name].present and not applies:",
+        "        if f[name].present and not applies and name == 'seed':",
+        "tests/test_compare.py -k clear_message",
+    ),
+    Mutant(
+        "noise_scale_unchecked",
+        "distopt/problems.py",
+        '        if not 0 <= float(noise_scale) < float("inf"):',
+        '        if float(noise_scale) == float("inf"):',
+        "tests/test_compare.py -k clear_message",
+    ),
 ]
 
 

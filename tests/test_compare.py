@@ -215,6 +215,15 @@ def test_noisy_quadratic_is_seeded():
         (["--optimizers=beta_1=0.5"], "before any optimizer name"),
         (["--strategy=tpu"], "valid names: default, mirrored"),
         (["--max_iters=0"], "max_iters"),
+        # Each was ignored in silence.
+        (["--virtual_devices=4"], "virtual_devices: applies only with --strategy="),
+        (["--noise_scale=1"], "noise_scale: applies only with --problem=noisy_"),
+        (["--problem=rosenbrock", "--seed=1"], "seed: applies only with --problem"),
+        (
+            ["--problem=noisy_quadratic", "--noise_scale=-0.5"],
+            "noise_scale: must be >= 0 and finite, got -0.5.",
+        ),
+        (["--problem=noisy_quadratic", "--noise_scale=nan"], "got nan."),
         # Refused before the study: after it, its results were lost.
         (["--output_dir=/proc/nope"], "output_dir=/proc/nope cannot be created"),
         (["--no_such_flag=1"], "no_such_flag"),
