@@ -440,7 +440,12 @@ class Reducer(tf.Module):
     def build(self, strategy, variables) -> None:
         """Creates the compression state for `variables` (a no-op without one)."""
         if self.compression is not None:
-            self.compression.build(strategy, variables)
+            # Eagerly, even when a tf.function builds the optimizer lazily: a
+            # checkpoint restored before the first step (deferred restoration)
+            # assigns the residuals as they are created, which inside a trace
+            # read a variable with no value yet.
+            with tf.init_scope(), strategy.scope():
+                self.compression.build(strategy, variables)
 
     def _reduce_compressed(self, strategy, payload, weight, variables):
         """`_reduce` with each replica's normalised share compressed.

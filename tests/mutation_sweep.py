@@ -691,6 +691,14 @@ MUTANTS = [
         '        if float(noise_scale) == float("inf"):',
         "tests/test_compare.py -k clear_message",
     ),
+    Mutant(
+        "compressor_built_in_trace",
+        "distopt/reduce.py",
+        "            with tf.init_scope(), strategy.scope():\n"
+        "                self.compression.build",
+        "            with strategy.scope():\n                self.compression.build",
+        "tests/test_compression.py -k restore_before_the_first",
+    ),
 ]
 
 

@@ -554,6 +554,46 @@ def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
     assert np.any(straight[-1]["residual"][0] != 0)
 
 
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_a_restore_before_the_first_step_continues_in_a_function(tmp_path, compressor):
+    # A notebook's order: fresh objects, restore, then train in a
+    # tf.function, which builds the optimizer inside its trace (deferred
+    # restoration). It failed: "Input to reshape is a tensor with 0 values".
+    grads = gradients(5, 2, seed=59)
+    make = lambda: make_optimizer(compressor, learning_rate=LR)
+    params, opt, step_fn, _ = run(M2, make, grads[:2], record=False)
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
+    _, _, _, straight = run(
+        M2, opt, grads[2:], params=params, record=False, step_fn=step_fn
+    )
+    with M2.scope():
+        params2 = [tf.Variable(p, name=f"v{i}") for i, p in enumerate(initial_params())]
+        opt2 = make()
+    status = tf.train.Checkpoint(params=params2, optimizer=opt2).restore(path)
+
+    @tf.function
+    def step(g):
+        def replica_fn(g):
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            opt2.apply_gradients([x[r] for x in g], params2)
+
+        M2.run(replica_fn, args=(g,))
+
+    for t in range(2, 5):
+        step(
+            [
+                tf.constant(np.stack([grads[t][r][i] for r in range(2)]))
+                for i in range(3)
+            ]
+        )
+    status.assert_consumed()
+    resumed = snapshot(M2, opt2, params2)
+    for key in ("params", "residual", "q"):
+        for x, y in zip(straight[-1][key], resumed[key]):
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    assert resumed["steps"] == 5
+
+
 def test_other_replica_count_restarts_residuals_with_one_warning(tmp_path, caplog):
     grads = gradients(2, 2, seed=43)
     make = lambda: make_optimizer("topk", learning_rate=LR)
