@@ -699,6 +699,13 @@ MUTANTS = [
         "            with strategy.scope():\n                self.compression.build",
         "tests/test_compression.py -k restore_before_the_first",
     ),
+    Mutant(
+        "segment_sums_off_by_one",
+        "distopt/optimizers/base.py",
+        "        sums.append(tf.reduce_sum(x[start : start + length]))",
+        "        sums.append(tf.reduce_sum(x[start : start + length - 1]))",
+        "tests/test_sharded.py -k mlp_sized",
+    ),
 ]
 
 
