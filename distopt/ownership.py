@@ -23,14 +23,30 @@ def claim(part, argument: str, owner: str) -> None:
         argument: The constructor argument it came in, for the message.
         owner: Who takes it, for the message.
     """
-    if part is None:
-        return
-    taken = getattr(part, _OWNER, None)
-    if taken is not None:
-        kind = type(part).__name__
-        raise ValueError(
-            f"{argument}: this {kind} instance already belongs to {taken}, "
-            "whose variables its state is made for; pass a new instance here."
-        )
-    # Not tracked by tf.Module (a str), so checkpoints are unchanged.
-    object.__setattr__(part, _OWNER, owner)
+    claim_all([(part, argument)], owner)
+
+
+def claim_all(parts, owner: str) -> None:
+    """Claims every `(part, argument)` of `parts` for `owner`, or none.
+
+    Call it once nothing can fail any more: a constructor that raises must
+    leave what it was given free for the corrected call (a failed
+    `Adam(compression=c, ...)` had claimed `c`, and the retry was refused).
+    """
+    check_free(parts)
+    for part, _ in parts:
+        if part is not None:
+            # Not tracked by tf.Module (a str), so checkpoints are unchanged.
+            object.__setattr__(part, _OWNER, owner)
+
+
+def check_free(parts) -> None:
+    """Raises ValueError, naming the argument, if a `(part, argument)` is taken."""
+    for part, argument in parts:
+        taken = getattr(part, _OWNER, None) if part is not None else None
+        if taken is not None:
+            kind = type(part).__name__
+            raise ValueError(
+                f"{argument}: this {kind} instance already belongs to {taken}, "
+                "whose variables its state is made for; pass a new instance here."
+            )

@@ -706,6 +706,20 @@ MUTANTS = [
         "        sums.append(tf.reduce_sum(x[start : start + length - 1]))",
         "tests/test_sharded.py -k mlp_sized",
     ),
+    Mutant(
+        "claimed_by_the_constructor",
+        "distopt/optimizers/base.py",
+        "        ownership.check_free(self._owned)",
+        '        ownership.claim_all(self._owned, "a constructor")',
+        "tests/test_compression.py -k serves_one",
+    ),
+    Mutant(
+        "build_claims_nothing",
+        "distopt/optimizers/base.py",
+        "        ownership.claim_all(self._owned, f\"optimizer {self.name!r}\")\n",
+        "",
+        "tests/test_compression.py -k serves_one",
+    ),
 ]
 
 

@@ -653,16 +653,34 @@ def test_a_checkpoint_restores_under_the_default_strategy(tmp_path, caplog, name
 def test_a_compressor_serves_one_optimizer():
     # Its residuals are made for the first one's variables: a second
     # optimizer would train uncompressed without a word (it did).
+    def variable():
+        with M2.scope():
+            return tf.Variable(tf.zeros([4, 3]))
+
+    taken = "compression: this TopK instance already belongs to optimizer "
     compressor = distopt.compression.TopK(0.1)
-    make_optimizer(compressor)
+    first, second = make_optimizer(compressor), make_optimizer(compressor)
+    with M2.scope():
+        first.build([variable()])
     with pytest.raises(ValueError) as e:
         make_optimizer(compressor)
-    assert str(e.value).startswith(
-        "compression: this TopK instance already belongs to optimizer "
-        "'gradient_descent'"
-    )
+    assert str(e.value).startswith(taken + "'gradient_descent'")
+    # One made before the first was built is refused at its own build,
+    # before it makes a slot.
+    with pytest.raises(ValueError) as e, M2.scope():
+        second.build([variable()])
+    assert str(e.value).startswith(taken) and not second._slots
     make_optimizer("topk")  # Names and configs make new ones.
     make_optimizer("topk")
+    # A constructor that raised claimed nothing: the corrected call works
+    # (it was refused, naming an optimizer that never existed).
+    compressor = distopt.compression.TopK(0.1)
+    with pytest.raises(ValueError, match="sync"):
+        make_optimizer(compressor, sync=distopt.sync.LocalSGD(4))
+    with pytest.raises(ValueError, match="beta_1"):
+        make_optimizer(compressor, name="adam", beta_1=2.0)
+    with M2.scope():
+        make_optimizer(compressor, name="adam").build([variable()])
 
 
 @pytest.mark.parametrize("compressor", sorted(COMPRESSORS))

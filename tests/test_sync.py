@@ -623,7 +623,13 @@ def test_a_sync_mode_and_an_outer_optimizer_serve_one_owner():
     # A DiLoCo shared by two optimizers (a sweep's pattern) failed with a
     # KeyError at trace time: its anchors and outer slots were the first's.
     mode = distopt.sync.DiLoCo(2)
-    distopt.optimizers.GradientDescent(0.1, sync=mode)
+    # A constructor that raised claimed nothing (it was claimed, and the
+    # corrected call refused).
+    with pytest.raises(ValueError, match="compression"):
+        distopt.optimizers.GradientDescent(0.1, sync=mode, compression="nope")
+    first = distopt.optimizers.GradientDescent(0.1, sync=mode)
+    with M2.scope():
+        first.build([tf.Variable(tf.zeros([3]))])
     with pytest.raises(ValueError) as e:
         distopt.optimizers.GradientDescent(0.1, sync=mode)
     assert str(e.value).startswith("sync: this PeriodicAverage instance already")

@@ -163,7 +163,6 @@ class Optimizer(tf.Module):
             schedules.check_rate("weight_decay", weight_decay) if weight_decay else None
         )
         self.sync = sync_lib.get(sync)
-        ownership.claim(self.sync, "sync", f"optimizer {self.name!r}")
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
@@ -177,7 +176,6 @@ class Optimizer(tf.Module):
         loss_scale = transforms_lib.get_loss_scale(loss_scale)
         # Checked before any variable exists: a bad compression builds nothing.
         compression = compression_lib.get(compression)
-        ownership.claim(compression, "compression", f"optimizer {self.name!r}")
         self._check_sync_mode(loss_scale, compression)
         transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
         self.jit_compile = bool(jit_compile)
@@ -211,6 +209,11 @@ class Optimizer(tf.Module):
         self._kernel = compile_(self._update_variable)
         self._flat_kernel = compile_(self._rule)
         self._norm_partials = compile_(self._partial_norms)
+        # Refused now if another optimizer has them, but claimed at build:
+        # a constructor that raises (here or in a subclass's checks) must
+        # leave them free for the corrected call.
+        self._owned = [(self.sync, "sync"), (compression, "compression")]
+        ownership.check_free(self._owned)
 
     def _check_sync_mode(self, loss_scale, compression) -> None:
         """Raises ValueError for an option the sync mode cannot honour."""
@@ -363,6 +366,7 @@ class Optimizer(tf.Module):
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         sharded = self._shards_over(strategy)
+        ownership.claim_all(self._owned, f"optimizer {self.name!r}")
         with tf.name_scope(self.name):
             # Eager values even when a tf.function builds lazily: the sharded
             # state assigns them piece by piece, outside the trace.

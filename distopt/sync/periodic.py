@@ -66,7 +66,6 @@ class PeriodicAverage(Sync):
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
         self.average_slots = bool(average_slots)
-        ownership.claim(outer_optimizer, "outer_optimizer", "sync mode DiLoCo")
         self.outer_optimizer = outer_optimizer
         #: Whether the mode steps an outer optimizer (DiLoCo): its default is
         #: made at build.
@@ -74,6 +73,8 @@ class PeriodicAverage(Sync):
         if group_size is not None:
             check_period("group_size", group_size)
         self.group_size = group_size
+        # Last: a constructor that raised claimed nothing.
+        ownership.claim(outer_optimizer, "outer_optimizer", "sync mode DiLoCo")
 
     def build(self, optimizer, variables, strategy):
         if dist.is_tpu(strategy):
