@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from distopt.checks import check_bool
+
 
 class GradientTransform:
     """Base class of post-reduce transforms."""
@@ -127,7 +129,7 @@ class LossScale(tf.Module, GradientTransform):
                 f"loss_scale: growth_steps must be an integer >= 1, got {growth_steps!r}."
             )
         self.initial_scale = float(initial_scale)
-        self.dynamic = bool(dynamic)
+        self.dynamic = check_bool("dynamic", dynamic)
         self.growth_steps = growth_steps
         with tf.name_scope(self.name):
             self.scale = tf.Variable(self.initial_scale, trainable=False, name="scale")

@@ -26,6 +26,7 @@ them again:
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -716,9 +717,16 @@ MUTANTS = [
     Mutant(
         "build_claims_nothing",
         "distopt/optimizers/base.py",
-        "        ownership.claim_all(self._owned, f\"optimizer {self.name!r}\")\n",
+        '        ownership.claim_all(self._owned, f"optimizer {self.name!r}")\n',
         "",
         "tests/test_compression.py -k serves_one",
+    ),
+    Mutant(
+        "bool_check_truthy",
+        "distopt/checks.py",
+        '    raise ValueError(f"{name}: must be True or False, got {value!r}.")',
+        "    return bool(value)",
+        "tests/test_errors.py tests/test_compression.py -k 'other_bad or bad_arguments'",
     ),
 ]
 
@@ -736,7 +744,7 @@ def run(mutant: Mutant, tree: str) -> tuple[str, float]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-        + mutant.tests.split(),
+        + shlex.split(mutant.tests),
         cwd=tree,
         capture_output=True,
         text=True,

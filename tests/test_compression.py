@@ -774,6 +774,13 @@ def test_zero_gradients_then_training_goes_on(compressor):
         ),
         (lambda: distopt.compression.get(None, rank=2), "compression_args"),
         (lambda: distopt.compression.get("powersgd", start_step=-1), "start_step"),
+        # A string was truthy: "no" turned warm starts on.
+        (lambda: distopt.compression.PowerSGD(warm_start="no"), "warm_start"),
+        (lambda: distopt.compression.TopK(error_feedback="off"), "error_feedback"),
+        # These were a TypeError from tf.Module, and an error at the first step.
+        (lambda: distopt.compression.PowerSGD(name=123), "name"),
+        (lambda: distopt.compression.OneBit(name="one bit"), "name"),
+        (lambda: distopt.compression.PowerSGD(seed=10**20), "seed"),
         (lambda: distopt.optimizers.get("adam", compression="gzip"), "compression"),
         (
             lambda: distopt.optimizers.get(

@@ -202,6 +202,14 @@ OTHER_BAD = [
     ("adam", "freeze_variance_step", 0),
     ("adam", "freeze_variance_step", 2.5),
     ("adamw", "freeze_variance_step", True),
+    # Strings are truthy: "false" turned each on.
+    ("adam", "amsgrad", "false"),
+    ("momentum", "nesterov", "no"),
+    ("rmsprop", "centered", "yes"),
+    ("adam", "shard_state", "false"),
+    ("adam", "use_ema", "off"),
+    ("adam", "skip_nonfinite", "true"),
+    ("adam", "jit_compile", 2),
 ]
 
 

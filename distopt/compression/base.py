@@ -41,6 +41,7 @@ from absl import logging
 
 from distopt import counter as counter_lib
 from distopt import distribute as dist
+from distopt.checks import check_bool, check_int, check_name
 
 
 class Compressor(tf.Module):
@@ -60,8 +61,8 @@ class Compressor(tf.Module):
     name = "compressor"
 
     def __init__(self, *, error_feedback=True, start_step=0, name=None):
-        super().__init__(name=name or type(self).name)
-        self.error_feedback = bool(error_feedback)
+        super().__init__(name=check_name("name", name) or type(self).name)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
         self.start_step = check_int("start_step", start_step, minimum=0)
         self._built = False
         self._pending = None
@@ -283,13 +284,6 @@ class ReplicaRows(dist.LogicalState):
         else:
             rows = dist.by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
         dist.assign_components(self._strategy, self.storage, rows)
-
-
-def check_int(name, value, minimum) -> int:
-    """`value` as an int >= `minimum`, or a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 def _float32(v) -> bool:

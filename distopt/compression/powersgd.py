@@ -42,7 +42,8 @@ import math
 import tensorflow as tf
 
 from distopt import distribute as dist
-from distopt.compression.base import Compressor, check_int
+from distopt.checks import check_bool, check_int
+from distopt.compression.base import Compressor
 
 
 class PowerSGD(Compressor):
@@ -84,8 +85,9 @@ class PowerSGD(Compressor):
             "min_compression_rate", min_compression_rate
         )
         self.epsilon = _non_negative("epsilon", epsilon)
-        self.warm_start = bool(warm_start)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.warm_start = check_bool("warm_start", warm_start)
+        # An int64 of the stateless random seed.
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
 
     def compresses(self, shape):
         if shape.rank is None or shape.rank < 2:

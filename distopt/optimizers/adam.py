@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from distopt.compression.base import check_int
+from distopt.checks import check_bool, check_int
 from distopt.optimizers.base import Optimizer
 from distopt.optimizers.schedules import check_unit
 
@@ -100,7 +100,7 @@ class Adam(Optimizer):
         self.epsilon = float(epsilon)
         if not self.epsilon >= 0:
             raise ValueError(f"epsilon: must be >= 0, got {epsilon!r}.")
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = check_bool("amsgrad", amsgrad)
         if freeze_variance_step is not None:
             freeze_variance_step = check_int(
                 "freeze_variance_step", freeze_variance_step, minimum=1

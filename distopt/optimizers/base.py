@@ -49,6 +49,7 @@ from distopt import ownership
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
+from distopt.checks import check_bool
 from distopt.optimizers import schedules
 from distopt.optimizers import sharded as sharded_lib
 
@@ -166,9 +167,9 @@ class Optimizer(tf.Module):
         self.global_clipnorm = global_clipnorm
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.shard_state = bool(shard_state)
-        self.use_ema = bool(use_ema)
+        self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
+        self.shard_state = check_bool("shard_state", shard_state)
+        self.use_ema = check_bool("use_ema", use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
         # Created in the optimizer's name scope below; first in the chain,
@@ -178,8 +179,8 @@ class Optimizer(tf.Module):
         compression = compression_lib.get(compression)
         self._check_sync_mode(loss_scale, compression)
         transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
-        self.jit_compile = bool(jit_compile)
-        self.fused = bool(fused)
+        self.jit_compile = check_bool("jit_compile", jit_compile)
+        self.fused = check_bool("fused", fused)
         # Created here, like Keras, so that they exist (and restore) before
         # the first step, in the scope the optimizer is created in.
         with tf.name_scope(self.name):

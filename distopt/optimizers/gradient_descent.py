@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from distopt.checks import check_bool
 from distopt.optimizers.base import Optimizer
 from distopt.optimizers.schedules import check_unit
 
@@ -80,7 +81,7 @@ class Momentum(Optimizer):
     def __init__(self, learning_rate=0.01, momentum=0.9, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.momentum = check_unit("momentum", momentum)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool("nesterov", nesterov)
 
     def slot_initializers(self, var):
         return {"momentum": tf.zeros(var.shape, var.dtype)}

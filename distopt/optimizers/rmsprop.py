@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from distopt.checks import check_bool
 from distopt.optimizers.base import Optimizer
 from distopt.optimizers.schedules import check_rate, check_unit
 
@@ -78,7 +79,7 @@ class RMSprop(Optimizer):
         self.rho = check_unit("rho", rho)
         self.momentum = check_unit("momentum", momentum)
         self.epsilon = check_rate("epsilon", epsilon)
-        self.centered = bool(centered)
+        self.centered = check_bool("centered", centered)
 
     def slot_initializers(self, var):
         names = ["velocity"]

@@ -11,6 +11,8 @@ import math
 
 import tensorflow as tf
 
+from distopt.checks import check_bool
+
 
 class Schedule:
     """Base class. Subclasses implement `__call__(step)` and `get_config()`."""
@@ -52,7 +54,7 @@ class ExponentialDecay(Schedule):
         )
         self.decay_steps = _check_steps("decay_steps", decay_steps)
         self.decay_rate = check_rate("decay_rate", decay_rate)
-        self.staircase = bool(staircase)
+        self.staircase = check_bool("staircase", staircase)
 
     def __call__(self, step):
         p = tf.cast(step, tf.float32) / self.decay_steps

@@ -8,6 +8,7 @@ from distopt import compression as compression_lib
 from distopt import distribute as dist
 from distopt import ownership
 from distopt import reduce as reduce_lib
+from distopt.checks import check_bool
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
 
@@ -65,7 +66,7 @@ class PeriodicAverage(Sync):
         self.warmup_steps = int(warmup_steps)
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
-        self.average_slots = bool(average_slots)
+        self.average_slots = check_bool("average_slots", average_slots)
         self.outer_optimizer = outer_optimizer
         #: Whether the mode steps an outer optimizer (DiLoCo): its default is
         #: made at build.

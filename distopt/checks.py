@@ -1,0 +1,43 @@
+"""Argument checks shared by the library's constructors (no TensorFlow).
+
+Each returns the value in its canonical type or raises ValueError naming the
+argument, before anything is built.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+
+def check_int(name, value, minimum, maximum=None) -> int:
+    """`value` as an int in [`minimum`, `maximum`], or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: must be at most {maximum}, got {value!r}.")
+    return value
+
+
+def check_name(name, value):
+    """A module name (None: the default), or a ValueError naming `name`."""
+    if value is None or (isinstance(value, str) and value.isidentifier()):
+        return value
+    raise ValueError(f"{name}: must be a Python identifier, got {value!r}.")
+
+
+def check_bool(name, value) -> bool:
+    """`value` as a bool: True, False, or an integer 0 or 1 (NumPy's too).
+
+    Not `bool(value)`: the string "false" (a config file's, a flag's) is
+    truthy, and came out True.
+    """
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    try:
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            return bool(value)
+    except ImportError:  # pragma: no cover - numpy comes with TensorFlow.
+        pass
+    raise ValueError(f"{name}: must be True or False, got {value!r}.")
