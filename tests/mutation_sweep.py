@@ -728,6 +728,13 @@ MUTANTS = [
         "    return bool(value)",
         "tests/test_errors.py tests/test_compression.py -k 'other_bad or bad_arguments'",
     ),
+    Mutant(
+        "compression_args_change_resumes",
+        "distopt/trainer/checkpointing.py",
+        'RESUME_KEYS = ("optimizer", "sync", "compression", "compression_args")',
+        'RESUME_KEYS = ("optimizer", "sync", "compression")',
+        "tests/test_train.py -k refused_naming_the_flag",
+    ),
 ]
 
 

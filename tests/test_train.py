@@ -772,28 +772,44 @@ def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
         run_lib.train(_config(tmp_path, mixed_precision="float16", sync="local_sgd"))
 
 
+POWERSGD = {"compression": "powersgd", "compression_args": {"rank": 1}}
+
+
 @pytest.mark.parametrize(
-    "change,flag",
+    "base,change,flag,new",
     [
-        ({"optimizer": "gradient_descent"}, "--optimizer"),
-        ({"sync": "local_sgd"}, "--sync"),
-        ({"compression": "topk"}, "--compression"),
+        ({}, {"optimizer": "gradient_descent"}, "--optimizer", "gradient_descent"),
+        ({}, {"sync": "local_sgd"}, "--sync", "local_sgd"),
+        ({}, {"compression": "topk"}, "--compression", "topk"),
+        # Another rank failed on Q's shape, naming no flag; another
+        # min_compression_rate dropped some residuals in silence.
+        (
+            POWERSGD,
+            {**POWERSGD, "compression_args": {"rank": 2}},
+            "--compression_args",
+            "rank=2",
+        ),
+        (
+            POWERSGD,
+            {**POWERSGD, "compression_args": {"rank": 1, "min_compression_rate": 9}},
+            "--compression_args",
+            "rank=1,min_compression_rate=9",
+        ),
     ],
-    ids=["optimizer", "sync", "compression"],
+    ids=["optimizer", "sync", "compression", "rank", "min_compression_rate"],
 )
 def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
-    tmp_path, caplog, change, flag
+    tmp_path, caplog, base, change, flag, new
 ):
-    first = _config(tmp_path, train_steps=10)
+    first = _config(tmp_path, train_steps=10, **base)
     run_lib.train(first)
     before = _snapshot(first.model_dir)
-    changed = _config(tmp_path, train_steps=20, **change)
-    (new,) = change.values()
+    changed = _config(tmp_path, train_steps=20, **{**base, **change})
     with pytest.raises(config_lib.ModelDirError) as info:
         run_lib.train(changed)
     message = str(info.value)
     assert message.startswith(f"{flag}={new} cannot resume {changed.model_dir}: ")
-    assert f"rerun with {flag}=" in message and len(message) < 400
+    assert f"rerun with {flag}=" in message and len(message) < 450
     assert "<tf.Variable" not in message and "/" not in message.split(": ", 1)[1][:40]
     # Refused before the checkpoint is read: no "unrestored values" warnings.
     assert not [r for r in caplog.records if "could not be found" in r.getMessage()]

@@ -34,8 +34,11 @@ CHECKPOINT_SUBDIR = "checkpoints"
 IDENTITY_KEYS = ("model", "dataset")
 # Nor one of another optimizer, sync mode or compressor: their state (slots,
 # replicas' snapshots, an outer optimizer, residuals) would be partly restored
-# and partly new. Sharding may change: a checkpoint holds the logical state.
-RESUME_KEYS = ("optimizer", "sync", "compression")
+# and partly new. The compressor's arguments too: another PowerSGD rank or
+# min_compression_rate changes which Q and residuals exist (a shape mismatch,
+# or state dropped in silence). Sharding may change: a checkpoint holds the
+# logical state.
+RESUME_KEYS = ("optimizer", "sync", "compression", "compression_args")
 
 
 class WriteError(OSError):
@@ -116,7 +119,9 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
                 "was written; use another --model_dir, or delete this one."
             )
     for key, was, now in _resume_settings(stored, config) if latest else ():
-        if was != now:
+        # Through JSON, as stored (tuples become lists).
+        if was != json.loads(json.dumps(now, default=list)):
+            was, now = _flag_value(was), _flag_value(now)
             raise ModelDirError(
                 f"--{key}={now} cannot resume {model_dir}: its checkpoint is "
                 f"of --{key}={was} (see {path}), whose state another --{key} "
@@ -131,6 +136,13 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
     if changed and latest:
         logging.info("Resuming with changed settings (old, new): %s", changed)
     return latest
+
+
+def _flag_value(value) -> str:
+    """A setting as its flag spells it (``rank=2,seed=1`` for a dict)."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def _resume_settings(stored: dict, config: TrainConfig):
