@@ -564,6 +564,17 @@ def _check_links(args, trainer_flags: list[str]) -> tuple[int | None, str | None
     """
     if args.link_rate is None:
         return None, "--link_stats needs --link_rate" if args.link_stats else None
+    if args.link_stats:
+        # Written after the run: a bad path must fail now, not after training.
+        stats = os.path.abspath(os.path.expanduser(args.link_stats))
+        parent = os.path.dirname(stats)
+        if os.path.isdir(stats):
+            return None, f"--link_stats={args.link_stats} is a directory"
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            return None, (
+                f"--link_stats={args.link_stats}: {parent} is not a writable directory"
+            )
+        args.link_stats = stats  # What is checked is what is written.
     try:
         rate = links_lib.parse_rate(args.link_rate)
     except ValueError as e:

@@ -735,6 +735,13 @@ MUTANTS = [
         'RESUME_KEYS = ("optimizer", "sync", "compression")',
         "tests/test_train.py -k refused_naming_the_flag",
     ),
+    Mutant(
+        "link_stats_unchecked",
+        "launch/local.py",
+        "    if args.link_stats:\n        # Written after the run",
+        "    if False:\n        # Written after the run",
+        "tests/test_launch.py -k link_flag_errors",
+    ),
 ]
 
 

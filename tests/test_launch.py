@@ -367,6 +367,12 @@ def test_format_rate_and_tf_config(links_lib):
         (["--link_rate=1gbit", "--host=192.0.2.1"], "not loopback"),
         (["--link_rate=1gbit", "--", "--model_dir=gs://b/r"], "gs://b/r is remote"),
         (["--link_stats=links.json"], "--link_stats needs --link_rate"),
+        # Written after the run: these failed with a traceback after training.
+        (
+            ["--link_rate=1gbit", "--link_stats=/nonexistent/x.json"],
+            "--link_stats=/nonexistent/x.json: /nonexistent is not a writable",
+        ),
+        (["--link_rate=1gbit", "--link_stats=/tmp"], "--link_stats=/tmp is a dir"),
     ],
 )
 def test_link_flag_errors_are_one_line_and_start_nothing(flags, says):
