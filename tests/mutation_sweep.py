@@ -742,6 +742,13 @@ MUTANTS = [
         "    if False:\n        # Written after the run",
         "tests/test_launch.py -k link_flag_errors",
     ),
+    Mutant(
+        "topk_empty_variable",
+        "distopt/compression/topk.py",
+        "        if d == 0:  # A layer of 0 units",
+        "        if d < 0:  # A layer of 0 units",
+        "tests/test_compression.py -k empty_variable",
+    ),
 ]
 
 

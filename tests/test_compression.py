@@ -707,6 +707,38 @@ def test_a_gradient_given_outside_strategy_run_is_applied_uncompressed(compresso
 # --- Edge cases -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_an_empty_variable_travels_plain_and_changes_nothing_else(compressor):
+    # A layer of 0 units: top-k failed on it at trace time.
+    grads = gradients(2, 2, seed=61)
+    _, _, _, want = run(M2, lambda: make_optimizer(compressor), grads, record=False)
+    with M2.scope():
+        params = [tf.Variable(p) for p in initial_params()] + [
+            tf.Variable(tf.zeros([0, 3]))
+        ]
+        opt = make_optimizer(compressor)
+
+    @tf.function
+    def step(g):
+        def replica_fn(g):
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            opt.apply_gradients([x[r] for x in g] + [tf.zeros([0, 3])], params)
+
+        M2.run(replica_fn, args=(g,))
+
+    for t in range(2):
+        step(
+            [
+                tf.constant(np.stack([grads[t][r][i] for r in range(2)]))
+                for i in range(3)
+            ]
+        )
+    assert str(len(SHAPES)) not in opt.compression.residuals
+    for p, w in zip(params, want[-1]["params"]):
+        for copy, expected in zip(local_copies(M2, p), w):
+            np.testing.assert_array_equal(copy, expected)
+
+
 @pytest.mark.parametrize(
     "compressor",
     [

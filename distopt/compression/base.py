@@ -71,9 +71,12 @@ class Compressor(tf.Module):
     # --- What a subclass provides --------------------------------------------
 
     def compresses(self, shape: tf.TensorShape) -> bool:
-        """Whether a float32 variable of `shape` is compressed (and has a residual)."""
-        del shape
-        return True
+        """Whether a float32 variable of `shape` is compressed (and has a residual).
+
+        Not an empty one (a layer of 0 units): there is nothing to select,
+        and top-k failed on it ("input must have at least k columns").
+        """
+        return shape.num_elements() != 0
 
     def build_state(self, strategy, variables, compressed) -> None:
         """Creates the subclass's own state; `compressed[i]` is `compresses(...)`."""

@@ -57,6 +57,8 @@ class TopK(Compressor):
     def k(self, shape) -> int:
         """The entries sent of a variable of `shape`."""
         d = int(tf.TensorShape(shape).num_elements())
+        if d == 0:  # A layer of 0 units: nothing to send.
+            return 0
         return max(1, min(d, math.ceil(self.fraction * d)))
 
     def exchange(self, reducer, strategy, xs, indices):
@@ -67,7 +69,10 @@ class TopK(Compressor):
             payload, own = [], []
             for x, k, shape in zip(xs_, ks, shapes):
                 flat = tf.reshape(x, [-1])
-                _, idx = tf.math.top_k(_magnitude(flat), k=k, sorted=False)
+                if k:
+                    _, idx = tf.math.top_k(_magnitude(flat), k=k, sorted=False)
+                else:  # top_k refuses an empty input.
+                    idx = tf.zeros([0], tf.int32)
                 values = tf.gather(flat, idx)
                 payload += [tf.bitcast(values, tf.int32), idx]
                 own.append(tf.reshape(_scatter(idx, values, flat.shape[0]), shape))
