@@ -749,6 +749,13 @@ MUTANTS = [
         "        if d < 0:  # A layer of 0 units",
         "tests/test_compression.py -k empty_variable",
     ),
+    Mutant(
+        "wire_dtype_with_compression",
+        "distopt/optimizers/base.py",
+        "        if compression is not None and wire_dtype is not None:",
+        "        if compression is not None and wire_dtype is None and False:",
+        "tests/test_compression.py -k bad_arguments",
+    ),
 ]
 
 

@@ -814,6 +814,13 @@ def test_zero_gradients_then_training_goes_on(compressor):
         (lambda: distopt.compression.OneBit(name="one bit"), "name"),
         (lambda: distopt.compression.PowerSGD(seed=10**20), "seed"),
         (lambda: distopt.optimizers.get("adam", compression="gzip"), "compression"),
+        # It was ignored in silence.
+        (
+            lambda: distopt.optimizers.get(
+                "adam", compression="powersgd", wire_dtype="bfloat16"
+            ),
+            "wire_dtype",
+        ),
         (
             lambda: distopt.optimizers.get(
                 "adam", compression=distopt.compression.get("topk"), sync="local_sgd"

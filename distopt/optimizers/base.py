@@ -177,6 +177,13 @@ class Optimizer(tf.Module):
         loss_scale = transforms_lib.get_loss_scale(loss_scale)
         # Checked before any variable exists: a bad compression builds nothing.
         compression = compression_lib.get(compression)
+        if compression is not None and wire_dtype is not None:
+            # It was ignored in silence: compressors send their own payloads.
+            raise ValueError(
+                "wire_dtype: does not apply with compression, which sends its "
+                "own payload (float32 factors, values and indices, or signs); "
+                "use one or the other."
+            )
         self._check_sync_mode(loss_scale, compression)
         transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
         self.jit_compile = check_bool("jit_compile", jit_compile)
