@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
+from absl import logging
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -495,6 +496,90 @@ class Untracked:
 
     def __init__(self, value):
         self.value = value
+
+
+class ReplicaRows(LogicalState):
+    """A per-replica tensor (each replica writes its own), saved as `[R, ...]`.
+
+    The checkpoint holds every replica's row. Restored on the same number of
+    replicas, replica r gets row r back. On another number:
+    * `keep_sum=False` (compression's residuals): zeros, and
+      `on_mismatch(saved, current)` is called (the compressor logs one
+      WARNING for all its residuals; without it, each logs its own);
+    * `keep_sum=True` (`Accumulate`'s buffers, which the flush sums): every
+      replica gets the rows' sum / R, so the sum is kept. A checkpoint of a
+      plain on-read variable (the sum itself, as `Accumulate` saved before
+      it kept rows) restores the same way.
+    """
+
+    def __init__(self, strategy, shape, dtype, name, on_mismatch=None, keep_sum=False):
+        super().__init__(name=name)
+        self._strategy = strategy
+        self._on_mismatch = on_mismatch
+        self._keep_sum = keep_sum
+        self._shape = tf.TensorShape(shape)
+        self._dtype = tf.as_dtype(dtype)
+        self._storage = Untracked(
+            per_replica_zeros(strategy, None, dtype, shape=self._shape, name=name)
+        )
+
+    @property
+    def storage(self) -> tf.Variable:
+        """The variable each replica writes alone (read: the sum)."""
+        return self._storage.value
+
+    def storage_variables(self) -> list:
+        return [self.storage]
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def shape(self):
+        return tf.TensorShape([self._strategy.num_replicas_in_sync]).concatenate(
+            self._shape
+        )
+
+    def logical_value(self):
+        with self._strategy.scope():
+            flat = map_per_replica(
+                self._strategy,
+                lambda v: tf.reshape(tf.convert_to_tensor(v), [-1]),
+                self.storage,
+            )
+            rows = all_gather_rows(self._strategy, [flat])[0]
+            return tf.reshape(first_local(self._strategy, rows), self.shape)
+
+    def assign_logical(self, value):
+        with self._strategy.scope():
+            self._assign_rows(tf.convert_to_tensor(value, self._dtype))
+
+    def _assign_rows(self, value):
+        n = self._strategy.num_replicas_in_sync
+        if value.shape.rank == self._shape.rank + 1 and value.shape[0] == n:
+            rows = by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
+        elif self._keep_sum:
+            total = value if value.shape.rank == self._shape.rank else None
+            if total is None:
+                total = tf.reduce_sum(value, axis=0)
+            share = total / tf.cast(n, total.dtype)
+            rows = by_replica(self._strategy, lambda r, i: tf.identity(share))
+        else:
+            if self._on_mismatch is not None:
+                self._on_mismatch(value.shape[0], n)
+            else:
+                logging.warning(
+                    "%s: the checkpoint holds the rows of %d replicas and this "
+                    "run has %d; they restart at zero.",
+                    self.name,
+                    value.shape[0],
+                    n,
+                )
+            rows = by_replica(
+                self._strategy, lambda r, i: tf.zeros(self._shape, self._dtype)
+            )
+        assign_components(self._strategy, self.storage, rows)
 
 
 def all_gather_rows(

@@ -756,6 +756,13 @@ MUTANTS = [
         "        if compression is not None and wire_dtype is None and False:",
         "tests/test_compression.py -k bad_arguments",
     ),
+    Mutant(
+        "accumulators_restored_as_a_share",
+        "distopt/distribute.py",
+        "        if value.shape.rank == self._shape.rank + 1 and value.shape[0] == n:",
+        "        if value.shape.rank == self._shape.rank + 1 and self._keep_sum is None:",
+        "tests/test_compression.py -k mid_window",
+    ),
 ]
 
 

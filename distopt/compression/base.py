@@ -23,7 +23,7 @@ a loss-scale overflow) leaves every residual and every Q as it was.
 
 Residuals are per replica: each replica writes its own copy
 (`distribute.per_replica_zeros`), and a checkpoint holds every replica's row
-(`ReplicaRows`), so a run resumed on the same number of replicas goes on
+(`distribute.ReplicaRows`), so a run resumed on the same number of replicas goes on
 bit for bit. On another number of replicas the rows have no owner: the
 residuals restart at zero, with one WARNING (what they held is at most one
 step's compression error per replica).
@@ -129,7 +129,7 @@ class Compressor(tf.Module):
             if self.error_feedback:
                 for i, v in enumerate(variables):
                     if compressed[i]:
-                        self.residuals[str(i)] = ReplicaRows(
+                        self.residuals[str(i)] = dist.ReplicaRows(
                             strategy,
                             v.shape,
                             tf.float32,
@@ -220,75 +220,6 @@ class Compressor(tf.Module):
         return res + list(self.extra_state(indices))
 
 
-class ReplicaRows(dist.LogicalState):
-    """A per-replica tensor (each replica writes its own), saved as `[R, ...]`.
-
-    The checkpoint holds every replica's row. Restored on the same number of
-    replicas, replica r gets row r back; on another number, zeros, and
-    `on_mismatch(saved, current)` is called (the compressor logs one WARNING
-    for all its residuals; without it, each logs its own).
-    """
-
-    def __init__(self, strategy, shape, dtype, name, on_mismatch=None):
-        super().__init__(name=name)
-        self._strategy = strategy
-        self._on_mismatch = on_mismatch
-        self._shape = tf.TensorShape(shape)
-        self._dtype = tf.as_dtype(dtype)
-        self._storage = dist.Untracked(
-            dist.per_replica_zeros(strategy, None, dtype, shape=self._shape, name=name)
-        )
-
-    @property
-    def storage(self) -> tf.Variable:
-        """The variable each replica writes alone."""
-        return self._storage.value
-
-    def storage_variables(self) -> list:
-        return [self.storage]
-
-    @property
-    def dtype(self):
-        return self._dtype
-
-    @property
-    def shape(self):
-        return tf.TensorShape([self._strategy.num_replicas_in_sync]).concatenate(
-            self._shape
-        )
-
-    def logical_value(self):
-        with self._strategy.scope():
-            rows = dist.all_gather_rows(
-                self._strategy, [_flat_per_replica(self._strategy, self.storage)]
-            )[0]
-            return tf.reshape(dist.first_local(self._strategy, rows), self.shape)
-
-    def assign_logical(self, value):
-        with self._strategy.scope():
-            self._assign_rows(tf.convert_to_tensor(value, self._dtype))
-
-    def _assign_rows(self, value):
-        n = self._strategy.num_replicas_in_sync
-        if value.shape[0] != n:
-            if self._on_mismatch is not None:
-                self._on_mismatch(value.shape[0], n)
-            else:
-                logging.warning(
-                    "%s: the checkpoint holds the rows of %d replicas and this "
-                    "run has %d; they restart at zero.",
-                    self.name,
-                    value.shape[0],
-                    n,
-                )
-            rows = dist.by_replica(
-                self._strategy, lambda r, i: tf.zeros(self._shape, self._dtype)
-            )
-        else:
-            rows = dist.by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
-        dist.assign_components(self._strategy, self.storage, rows)
-
-
 def _float32(v) -> bool:
     return v.dtype in (tf.float16, tf.bfloat16, tf.float32)
 
@@ -309,9 +240,3 @@ def _add_residuals(strategy, xs, indices, residuals):
         (r,) = dist.read_per_replica(strategy, [rows.storage])
         out.append(dist.map_per_replica(strategy, tf.add, x, r))
     return out
-
-
-def _flat_per_replica(strategy, variable):
-    return dist.map_per_replica(
-        strategy, lambda v: tf.reshape(tf.convert_to_tensor(v), [-1]), variable
-    )

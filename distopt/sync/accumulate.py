@@ -12,10 +12,13 @@ class Accumulate(Sync):
     """Local accumulation over k micro-steps, then one all-reduce and one update.
 
     Equal to one step on a k-times-larger batch (Horovod's
-    `backward_passes_per_step`, Optax's `MultiSteps`). Accumulators are
-    on-read-synchronised variables, so each replica keeps its own and a
-    checkpoint saves their sum, which restores exactly on any replica count.
-    They are kept in the payload dtype (float32 for 16-bit variables).
+    `backward_passes_per_step`, Optax's `MultiSteps`). Each replica keeps
+    its own accumulators (`distribute.ReplicaRows`), and a checkpoint keeps
+    every replica's: a run resumed mid-window on as many replicas is the
+    uninterrupted run bit for bit, compressed or not (a compressor sees each
+    replica's own buffer). On another number of replicas each starts from an
+    equal share of their sum, which is what the flush sends. They are kept
+    in the payload dtype (float32 for 16-bit variables).
     Schedules see `optimizer.iterations`, which advances once per k
     micro-steps; `micro_step` counts calls.
 
@@ -47,26 +50,36 @@ class Accumulate(Sync):
                 0, dtype=tf.int64, trainable=False, name="micro_step"
             )
             self.accumulators = [
-                dist.per_replica_zeros(strategy, v, optimizer.slot_dtype(v))
-                for v in variables
+                dist.ReplicaRows(
+                    strategy,
+                    v.shape,
+                    optimizer.slot_dtype(v),
+                    f"accumulator_{i}",
+                    keep_sum=True,
+                )
+                for i, v in enumerate(variables)
             ]
-            self.weight_sum = dist.per_replica_zeros(strategy, None, tf.float32)
+            self.weight_sum = dist.ReplicaRows(
+                strategy, [], tf.float32, "weight_sum", keep_sum=True
+            )
 
     def apply(self, optimizer, strategy, grads, weight, variables):
         every = optimizer.built_variables()
         given = {optimizer.variable_index(v): g for g, v in zip(grads, variables)}
         # Added in place: a sparse gradient then costs its rows, not a copy
         # of the whole buffer (`acc + g` on the value read would be one).
+        buffers = [a.storage for a in self.accumulators]
+        weight_sum = self.weight_sum.storage
         for i, g in given.items():
-            dist.update(strategy, self.accumulators[i], _add_into, g)
-        dist.update(strategy, self.weight_sum, _add_into, weight)
+            dist.update(strategy, buffers[i], _add_into, g)
+        dist.update(strategy, weight_sum, _add_into, weight)
         is_last = tf.equal((self.micro_step + 1) % self.k, 0)
 
         def flush():
-            buffers = dist.read_per_replica(strategy, self.accumulators)
-            (total,) = dist.read_per_replica(strategy, [self.weight_sum])
+            local = dist.read_per_replica(strategy, buffers)
+            (total,) = dist.read_per_replica(strategy, [weight_sum])
             reduced, scale, ok = optimizer.reducer.reduce(
-                strategy, list(buffers), total, variables=every
+                strategy, list(local), total, variables=every
             )
             # A variable absent from this call is applied only if its
             # reduced buffer holds something (identical on every replica).
@@ -81,7 +94,7 @@ class Accumulate(Sync):
             optimizer.apply_update(
                 strategy, reduced, every, scale=scale, ok=ok, var_ok=var_ok
             )
-            for a in [*self.accumulators, self.weight_sum]:
+            for a in [*buffers, weight_sum]:
                 dist.update(strategy, a, lambda a: a.assign(tf.zeros_like(a)))
 
         dist.cond(is_last, flush, lambda: None)
