@@ -669,7 +669,7 @@ MUTANTS = [
         "distopt/benchmarks/protocol.py",
         "        if value < minimum:",
         "        if value < minimum - 1:",
-        "tests/test_benchmarks.py -k bad_count",
+        "tests/test_benchmarks.py -k bad_flag",
     ),
     Mutant(
         "sam_base_by_name_unchecked",
@@ -762,6 +762,20 @@ MUTANTS = [
         "        if value.shape.rank == self._shape.rank + 1 and value.shape[0] == n:",
         "        if value.shape.rank == self._shape.rank + 1 and self._keep_sum is None:",
         "tests/test_compression.py -k mid_window",
+    ),
+    Mutant(
+        "benchmark_names_unchecked",
+        "distopt/benchmarks/protocol.py",
+        "                ok = value in allowed",
+        "                ok = True",
+        "tests/test_benchmarks.py -k bad_flag",
+    ),
+    Mutant(
+        "benchmark_failures_exit_0",
+        "distopt/benchmarks/protocol.py",
+        "    if results:\n        return False",
+        "    if True:\n        return False",
+        "tests/test_benchmarks.py -k every_run_failing",
     ),
 ]
 

@@ -381,12 +381,37 @@ def test_sharded_state_runs_and_halves_the_state_on_2_devices(tmp_path):
         ("keras_fit", "--batch_size=0", "flag --batch_size=0: 0 is not a"),
         ("time_to_accuracy", "--target=1.5", "flag --target=1.5: 1.5 is not a"),
         ("compression_accuracy", "--train_steps=0", "flag --train_steps=0: 0 is not"),
+        # Unknown names and bad lists failed every run, then printed an
+        # empty table with exit status 0 (or a traceback).
+        ("compression_cost", "--compressors=nope", "flag --compressors=['nope']: 'n"),
+        ("compression_cost", "--output=/nonexistent/x", "--output=/nonexistent/x can"),
+        ("sharded_state", "--models=nope", "flag --models=['nope']: 'nope' is not"),
+        ("time_to_accuracy", "--workers=abc", "flag --workers=['abc']: 'abc' is not"),
+        ("time_to_accuracy", "--links=100mbps", "flag --links=['100mbps']: '100mbps"),
+        ("time_to_accuracy", "--modes=nope", "flag --modes=['nope']: 'nope' is not"),
+        ("compression_accuracy", "--replicas=0", "flag --replicas=['0']: '0' is not"),
     ],
 )
-def test_a_bad_count_is_one_line_naming_the_flag(benchmark, flag, says):
+def test_a_bad_flag_is_one_line_naming_it(benchmark, flag, says):
     # They ran with no repeat (an empty table) or a zero-step "measurement",
     # or answered in two lines, argparse's usage first.
     proc = run_python("-m", f"distopt.benchmarks.{benchmark}", flag, timeout=60)
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"distopt.benchmarks.{benchmark}: error: {says}")
+
+
+@pytest.mark.parametrize("benchmark", ["compression_cost", "sharded_state"])
+def test_every_run_failing_is_an_error(benchmark, monkeypatch, capsys):
+    # It printed an empty table and exited 0.
+    import importlib
+
+    from distopt.benchmarks import protocol
+
+    module = importlib.import_module(f"distopt.benchmarks.{benchmark}")
+    monkeypatch.setattr(protocol, "measure_in_subprocess", lambda *a, **k: None)
+    assert module.main([benchmark, "--repeats=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"distopt.benchmarks.{benchmark}: error: every run failed (see above)"
+    )

@@ -110,6 +110,10 @@ COMPRESSORS = {
     "topk_adam": ("topk", "fraction=0.01", "frozen"),
     "none_eps": (None, "", "epsilon"),
 }
+protocol.check_items(FLAGS, "compressors", list(COMPRESSORS))
+protocol.check_items(FLAGS, "models", ["mlp", "lenet"])
+protocol.check_items(FLAGS, "replicas", minimum=1)
+protocol.check_items(FLAGS, "seeds", minimum=0)
 
 
 def _contender_flags(name) -> list[str]:

@@ -26,6 +26,7 @@ Compressors: powersgd (rank 2), topk (fraction 0.01), onebit.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -69,6 +70,7 @@ flags.DEFINE_string(
 
 SHAPES = [(784, 700), (700,), (700, 500), (500,), (500, 10), (10,)]
 ARGS = {"powersgd": {"rank": 2}, "topk": {"fraction": 0.01}, "onebit": {}}
+protocol.check_items(FLAGS, "compressors", ["none", *ARGS])
 
 
 def _measure(name: str) -> dict:
@@ -175,6 +177,14 @@ def main(argv=None) -> int:
     if FLAGS.measure:
         protocol.print_result(_measure(FLAGS.measure))
         return 0
+    if FLAGS.output:
+        # Written after every run: a bad path must fail first.
+        parent = os.path.dirname(os.path.abspath(FLAGS.output))
+        if os.path.isdir(FLAGS.output) or not os.access(parent, os.W_OK):
+            return cli.error(
+                "distopt.benchmarks.compression_cost",
+                f"--output={FLAGS.output} cannot be written",
+            )
     results = []
     for rep in range(FLAGS.repeats):
         for name in FLAGS.compressors:
@@ -191,6 +201,8 @@ def main(argv=None) -> int:
             )
             if r:
                 results.append(r)
+    if protocol.no_results("distopt.benchmarks.compression_cost", results):
+        return 1
     rows = _summary(results)
     _print(rows)
     if FLAGS.output:

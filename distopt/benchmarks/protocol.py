@@ -27,6 +27,39 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def no_results(prog: str, results) -> bool:
+    """Says so on stderr if every measurement failed (the caller exits 1)."""
+    if results:
+        return False
+    print(f"{prog}: error: every run failed (see above)", file=sys.stderr)
+    return True
+
+
+def check_items(flag_values, name: str, allowed=None, minimum=None) -> None:
+    """Registers a check of list flag `name`: every item in `allowed`, or
+    (with `minimum`) an integer >= `minimum`; a bad one is the tool's one-line
+    error before any run (an unknown name failed every run, then printed an
+    empty table with exit status 0)."""
+    from absl import flags
+
+    def check(values):
+        for value in values or ():
+            if minimum is not None:
+                try:
+                    ok = int(value) >= minimum
+                except ValueError:
+                    ok = False
+                wanted = f"an integer >= {minimum}"
+            else:
+                ok = value in allowed
+                wanted = f"one of {', '.join(allowed)}"
+            if not ok:
+                raise flags.ValidationError(f"{value!r} is not {wanted}")
+        return True
+
+    flags.register_validator(name, check, flag_values=flag_values)
+
+
 def at_least(minimum: int):
     """An argparse ``type``: an integer >= ``minimum``, or an error naming it."""
 

@@ -78,6 +78,7 @@ LAYERS = {
     "mlp": [784, 700, 500, 10],
     "dense50m": [1024, 3584, 3584, 3584, 3584, 3584, 10],
 }
+protocol.check_items(FLAGS, "models", list(LAYERS))
 
 
 def _peak_rss_mb() -> float:
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
                 )
                 if r:
                     results.append(r)
+    if protocol.no_results("distopt.benchmarks.sharded_state", results):
+        return 1
     rows = _summary(results, FLAGS.devices)
     _print(rows)
     if FLAGS.output:

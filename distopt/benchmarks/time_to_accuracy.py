@@ -40,6 +40,7 @@ suite's end-to-end test).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -176,6 +177,27 @@ SETTINGS = {
 TUNE_SEED = 1000
 HEADLINE = [("4", "none"), ("4", "100mbit")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+protocol.check_items(FLAGS, "workers", minimum=1)
+protocol.check_items(FLAGS, "modes", list(MODES))
+
+
+def _check_links(values) -> bool:
+    """Each `--links` item is `none` or a rate the launcher takes."""
+    spec = importlib.util.spec_from_file_location(
+        "_distopt_links", os.path.join(ROOT, "launch", "links.py")
+    )
+    links = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(links)
+    for value in values:
+        if value != "none":
+            try:
+                links.parse_rate(value)
+            except ValueError as e:
+                raise flags.ValidationError(str(e)) from None
+    return True
+
+
+flags.register_validator("links", _check_links, flag_values=FLAGS)
 
 
 def run_once(mode, workers, link, seed, setting, workdir) -> dict | None:
@@ -476,6 +498,8 @@ def main(argv=None) -> int:
             runs.append(r)
             with open(os.path.join(output_dir, "runs.jsonl"), "a") as f:
                 f.write(json.dumps(r) + "\n")
+    if protocol.no_results("distopt.benchmarks.time_to_accuracy", runs):
+        return 1
     return report(runs, output_dir)
 
 
