@@ -528,6 +528,10 @@ class ReplicaRows(LogicalState):
         """The variable each replica writes alone (read: the sum)."""
         return self._storage.value
 
+    def read_value(self) -> tf.Tensor:
+        """The replicas' sum, as the on-read variable it wraps reads."""
+        return self.storage.read_value()
+
     def storage_variables(self) -> list:
         return [self.storage]
 
