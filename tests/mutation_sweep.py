@@ -777,6 +777,13 @@ MUTANTS = [
         "    if True:\n        return False",
         "tests/test_benchmarks.py -k every_run_failing",
     ),
+    Mutant(
+        "one_replica_compression_silent",
+        "distopt/trainer/run.py",
+        "    if config.compression and strategy.num_replicas_in_sync == 1:",
+        "    if config.compression and strategy.num_replicas_in_sync == 0:",
+        "tests/test_train.py -k one_replica_says",
+    ),
 ]
 
 

@@ -237,6 +237,18 @@ def test_sharded_state_and_compression_from_flags(tmp_path, caplog):
     ]
     assert len(logged) == 1 and "(sharded)" in logged[0], logged
     assert "per device on 2 device(s)" in logged[0]
+    assert "does nothing on 1 replica" not in caplog.text
+
+
+def test_compression_on_one_replica_says_it_does_nothing(tmp_path, caplog):
+    # It trained uncompressed without a word (all counters 0).
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        metrics = run_lib.train(_config(tmp_path, train_steps=2, compression="topk"))
+    assert metrics["communication_bytes_sent"] == 0
+    assert (
+        "--compression=topk does nothing on 1 replica (nothing is communicated); "
+        "training is uncompressed"
+    ) in caplog.text
 
 
 def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):

@@ -162,6 +162,14 @@ def setup(config, strategy, start_time, signals) -> Run:
     signals.install()
     inputs.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     _check_replica_groups(config, strategy)
+    if config.compression and strategy.num_replicas_in_sync == 1:
+        # Nothing travels; the residuals are still kept, so that the
+        # checkpoint resumes compressed on more replicas.
+        logging.warning(
+            "--compression=%s does nothing on 1 replica (nothing is "
+            "communicated); training is uncompressed",
+            config.compression,
+        )
     checkpointing.check_model_dir(config.model_dir, config)
     source = data_lib.load_source(
         config.dataset, config.data_dir, config.data_source, download=config.download
