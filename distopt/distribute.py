@@ -564,9 +564,9 @@ class ReplicaRows(LogicalState):
         if value.shape.rank == self._shape.rank + 1 and value.shape[0] == n:
             rows = by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
         elif self._keep_sum:
-            total = value if value.shape.rank == self._shape.rank else None
-            if total is None:
-                total = tf.reduce_sum(value, axis=0)
+            # Rows of another replica count, or (same rank) the sum itself.
+            whole = value.shape.rank == self._shape.rank
+            total = value if whole else tf.reduce_sum(value, axis=0)
             share = total / tf.cast(n, total.dtype)
             rows = by_replica(self._strategy, lambda r, i: tf.identity(share))
         else:
