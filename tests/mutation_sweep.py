@@ -710,14 +710,14 @@ MUTANTS = [
     Mutant(
         "claimed_by_the_constructor",
         "distopt/optimizers/base.py",
-        "        ownership.check_free(self._owned)",
-        '        ownership.claim_all(self._owned, "a constructor")',
+        "        ownership.check_free(self._owned.value)",
+        '        ownership.claim_all(self._owned.value, "a constructor")',
         "tests/test_compression.py -k serves_one",
     ),
     Mutant(
         "build_claims_nothing",
         "distopt/optimizers/base.py",
-        '        ownership.claim_all(self._owned, f"optimizer {self.name!r}")\n',
+        '        ownership.claim_all(self._owned.value, f"optimizer {self.name!r}")\n',
         "",
         "tests/test_compression.py -k serves_one",
     ),

@@ -219,9 +219,12 @@ class Optimizer(tf.Module):
         self._norm_partials = compile_(self._partial_norms)
         # Refused now if another optimizer has them, but claimed at build:
         # a constructor that raises (here or in a subclass's checks) must
-        # leave them free for the corrected call.
-        self._owned = [(self.sync, "sync"), (compression, "compression")]
-        ownership.check_free(self._owned)
+        # leave them free for the corrected call. Untracked: a tracked list
+        # would add checkpoint edges and `state_variables` paths.
+        self._owned = dist.Untracked(
+            ((self.sync, "sync"), (compression, "compression"))
+        )
+        ownership.check_free(self._owned.value)
 
     def _check_sync_mode(self, loss_scale, compression) -> None:
         """Raises ValueError for an option the sync mode cannot honour."""
@@ -374,7 +377,7 @@ class Optimizer(tf.Module):
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         sharded = self._shards_over(strategy)
-        ownership.claim_all(self._owned, f"optimizer {self.name!r}")
+        ownership.claim_all(self._owned.value, f"optimizer {self.name!r}")
         with tf.name_scope(self.name):
             # Eager values even when a tf.function builds lazily: the sharded
             # state assigns them piece by piece, outside the trace.
