@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 def check_int(name, value, minimum, maximum=None) -> int:
     """`value` as an int in [`minimum`, `maximum`], or a ValueError naming `name`."""
@@ -31,13 +33,8 @@ def check_bool(name, value) -> bool:
     Not `bool(value)`: the string "false" (a config file's, a flag's) is
     truthy, and came out True.
     """
-    if isinstance(value, numbers.Integral) and value in (0, 1):
+    if isinstance(value, np.bool_) or (
+        isinstance(value, numbers.Integral) and value in (0, 1)
+    ):
         return bool(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.bool_):
-            return bool(value)
-    except ImportError:  # pragma: no cover - numpy comes with TensorFlow.
-        pass
     raise ValueError(f"{name}: must be True or False, got {value!r}.")

@@ -766,8 +766,8 @@ MUTANTS = [
     Mutant(
         "benchmark_names_unchecked",
         "distopt/benchmarks/protocol.py",
-        "                ok = value in allowed",
-        "                ok = True",
+        "            elif value not in allowed:",
+        "            elif False:",
         "tests/test_benchmarks.py -k bad_flag",
     ),
     Mutant(

@@ -965,6 +965,12 @@ def test_the_training_clock_keeps_the_steps_a_resume_can_start_from(tmp_path, ca
     path.write_text("{")  # Cut short.
     assert clock.seconds_at(5) is None
     assert os.listdir(tmp_path) == [CLOCK_FILE]  # No temporary file left.
+    # Where it cannot write (a virtual filesystem), one WARNING; no error:
+    # the checkpoint it follows is saved, only the figure is lost.
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        TrainingClock("/proc/nope").record(5, 1.0)
+    assert "Could not write /proc/nope/training_clock.json" in caplog.text
+    caplog.clear()
     # A resume without a record says so and counts from its own start.
     config = _config(tmp_path / "run", train_steps=5, checkpoint_every=5)
     run_lib.train(config)

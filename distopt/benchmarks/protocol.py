@@ -46,15 +46,15 @@ def check_items(flag_values, name: str, allowed=None, minimum=None) -> None:
         for value in values or ():
             if minimum is not None:
                 try:
-                    ok = int(value) >= minimum
-                except ValueError:
-                    ok = False
-                wanted = f"an integer >= {minimum}"
-            else:
-                ok = value in allowed
-                wanted = f"one of {', '.join(allowed)}"
-            if not ok:
-                raise flags.ValidationError(f"{value!r} is not {wanted}")
+                    at_least(minimum)(value)
+                except argparse.ArgumentTypeError:
+                    raise flags.ValidationError(
+                        f"{value!r} is not an integer >= {minimum}"
+                    ) from None
+            elif value not in allowed:
+                raise flags.ValidationError(
+                    f"{value!r} is not one of {', '.join(allowed)}"
+                )
         return True
 
     flags.register_validator(name, check, flag_values=flag_values)
