@@ -61,6 +61,9 @@ for name, (_, _, weighted, uneven) in SCENARIOS.items():
         y,
         n,
         weighted=weighted,
+        # Built in the first step, as for a user who never calls `build`:
+        # the variables' creation then runs across the workers in a function.
+        build=False,
     )
     opt.synchronize(params)
     for i, p in enumerate(params):

@@ -46,11 +46,25 @@ def local_loss(w, b, x, y, n):
     return 0.5 * tf.reduce_sum(mask[:, None] * err**2) / tf.cast(n, x.dtype)
 
 
-def train(strategy, make_optimizer, x, y, n, weighted=False, function=True, state=None):
+def train(
+    strategy,
+    make_optimizer,
+    x,
+    y,
+    n,
+    weighted=False,
+    function=True,
+    state=None,
+    build=True,
+):
     """Runs len(x) steps; returns (params, optimizer, step_fn).
 
     x[s, r] is replica r's batch at step s. `state` (params, optimizer) lets a
-    caller continue an earlier run.
+    caller continue an earlier run. `build`: build the optimizer before the
+    first step, as the trainer does; False: it builds inside the first step
+    (in the `tf.function`, which TensorFlow then traces twice, behind a
+    condition: about 3 times the CPU). The tests that compare with NumPy
+    run both ways; the others build first.
     """
     num_replicas = strategy.num_replicas_in_sync
     if state is None:
@@ -58,6 +72,8 @@ def train(strategy, make_optimizer, x, y, n, weighted=False, function=True, stat
         with strategy.scope():
             params = [tf.Variable(w0, name="w"), tf.Variable(b0, name="b")]
             opt = make_optimizer()
+            if build:
+                opt.build(params)
     else:
         params, opt = state
 

@@ -421,6 +421,11 @@ def test_fused_update_equals_the_per_variable_update():
             var_sets = [
                 [tf.Variable(tf.constant(p, dtype)) for p in p0] for _, dtype in cases
             ]
+            # Built first, as the trainer does: built inside the step, the
+            # function is traced twice (the lazy build of every optimizer
+            # under Mirrored is test_strategies.py's).
+            for opt, vs in zip(opts, var_sets):
+                opt.build(vs)
         step = _apply_all_step(strategy, opts, var_sets)
         for gs in grads:
             step(

@@ -58,8 +58,17 @@ def test_weighted_mean_with_uneven_batches_equals_single_device(function):
     x, y, n = make_data(4, 4, uneven=True)
     assert len(set(n.ravel())) > 1
     make = lambda agg: lambda: optimizer("adam", learning_rate=0.05, aggregation=agg)
+    # Built inside the first step (`build=False`), as for a user who never
+    # calls `build`: here and in one test of each sync mode below.
     params, opt, _ = train(
-        M4, make("weighted_mean"), x, y, n, weighted=True, function=function
+        M4,
+        make("weighted_mean"),
+        x,
+        y,
+        n,
+        weighted=True,
+        function=function,
+        build=False,
     )
     sx, sy, sn = single_device_batches(x, y, n, group=1)
     ref, _, _ = train(DEFAULT, make("mean"), sx, sy, sn)
@@ -95,7 +104,9 @@ def test_accumulation_equals_k_times_larger_batch(agg):
     make = lambda: optimizer(
         "adam", learning_rate=0.05, aggregation=agg, sync=distopt.sync.Accumulate(k)
     )
-    params, opt, _ = train(M2, make, x, y, n, weighted=(agg == "weighted_mean"))
+    params, opt, _ = train(
+        M2, make, x, y, n, weighted=(agg == "weighted_mean"), build=False
+    )
     sx, sy, sn = single_device_batches(x, y, n, group=k)
     ref, _, _ = train(
         DEFAULT, lambda: optimizer("adam", learning_rate=0.05), sx, sy, sn
@@ -179,7 +190,9 @@ def test_periodic_modes_match_numpy_simulation(mode):
     else:
         make_sync = lambda: distopt.sync.DiLoCo(k, warmup_steps=warmup)
         outer = (0.7, 0.9)
-    params, opt, step = train(M4, lambda: optimizer(sync=make_sync()), x, y, n)
+    params, opt, step = train(
+        M4, lambda: optimizer(sync=make_sync()), x, y, n, build=False
+    )
     ws, bs = numpy_periodic(x, y, n, k, 0.1, warmup, outer)
     for r, (w, b) in enumerate(
         zip(local_copies(M4, params[0]), local_copies(M4, params[1]))
@@ -203,7 +216,12 @@ def test_hierarchical_on_one_worker_equals_synchronous():
     x, y, n = make_data(4, 4)
     sync, _, _ = train(M4, lambda: optimizer("momentum"), x, y, n)
     hier, opt, _ = train(
-        M4, lambda: optimizer("momentum", sync=distopt.sync.Hierarchical(2)), x, y, n
+        M4,
+        lambda: optimizer("momentum", sync=distopt.sync.Hierarchical(2)),
+        x,
+        y,
+        n,
+        build=False,
     )
     for a, b in zip(values(sync), values(hier)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
