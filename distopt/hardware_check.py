@@ -337,6 +337,9 @@ class Run:
         with strategy.scope():
             self.params = [tf.Variable(w0, name="w"), tf.Variable(b0, name="b")]
             self.opt = make_optimizer()
+            # As the trainer does: an optimizer built inside `step` would
+            # create variables there, and TensorFlow would trace it twice.
+            self.opt.build(self.params)
         params, opt = self.params, self.opt
 
         def replica_fn(xs, ys, ns):
