@@ -189,7 +189,9 @@ def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
     train = TRAIN.split()[1:] + [f"--model_dir={run}"]
 
     def trainer(**env):
-        return run_python(*train, timeout=300, env=env)
+        # Forked (no mount namespace needed): killed -9, the lock names a
+        # pid that is gone, as it would for a new interpreter.
+        return run_python(*train, timeout=300, env=env, forked=True)
 
     killed = trainer(DISTOPT_FAULT_KILL_IN_SAVE_AT="20")
     assert killed.returncode == -9, killed.stderr[-2000:]
