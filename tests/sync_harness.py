@@ -63,8 +63,8 @@ def train(
     caller continue an earlier run. `build`: build the optimizer before the
     first step, as the trainer does; False: it builds inside the first step
     (in the `tf.function`, which TensorFlow then traces twice, behind a
-    condition: about 3 times the CPU). The tests that compare with NumPy
-    run both ways; the others build first.
+    condition: about 3 times the CPU). One test per sync mode in
+    test_sync.py and the 2-worker runs build lazily; the others build first.
     """
     num_replicas = strategy.num_replicas_in_sync
     if state is None:

@@ -65,8 +65,8 @@ def _train(cases, steps=2, build=True):
     with M4.scope():
         tables = [tf.Variable(W0) for _ in cases]
         biases = [tf.Variable(B0) for _ in cases]
-        for case, table, bias in zip(cases, tables, biases):
-            if build:
+        if build:
+            for case, table, bias in zip(cases, tables, biases):
                 case["opt"].build([table, bias])
     ids, coef, bias_coef = tf.constant(IDS), tf.constant(COEF), tf.constant(BIAS_COEF)
 

@@ -34,8 +34,8 @@ def _create(strategy, params, build=False):
     with strategy.scope():
         opts = [optimizers.get(name, **config) for name, config in CONFIGS]
         var_sets = [[tf.Variable(p) for p in params] for _ in CONFIGS]
-        for opt, variables in zip(opts, var_sets):
-            if build:
+        if build:
+            for opt, variables in zip(opts, var_sets):
                 opt.build(variables)
     return opts, var_sets
 
