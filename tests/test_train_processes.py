@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO, start_python
+from conftest import REPO, run_python, start_python
 
 QUICK = (
     "--model=mlp",
@@ -149,15 +149,9 @@ _SESSION = textwrap.dedent(
 
 @pytest.mark.slow
 def test_the_entry_point_again_after_a_keras_fit_in_the_same_process():
-    proc = subprocess.run(
-        [sys.executable, "-c", _SESSION],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    # Forked (see forkserver.py): the session is what one process does after
+    # `import tensorflow`; no TensorFlow runtime exists before it starts.
+    proc = run_python("-c", _SESSION, timeout=600, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [
         "run 0 completed 2",
