@@ -38,3 +38,11 @@ def check_bool(name, value) -> bool:
     ):
         return bool(value)
     raise ValueError(f"{name}: must be True or False, got {value!r}.")
+
+
+def check_unit_interval(name, value) -> float:
+    """`value` as a float in [0, 1], or a ValueError naming `name`."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not real or not 0.0 <= float(value) <= 1.0:  # NaN too.
+        raise ValueError(f"{name}: must be a number in [0, 1], got {value!r}.")
+    return float(value)

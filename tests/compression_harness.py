@@ -30,6 +30,12 @@ COMPRESSORS = {
     "topk": ("topk", {"fraction": 0.1}),
     "onebit": ("onebit", {}),
 }
+#: The same with SparseLoCo's decayed residual (its own test, not every table).
+DECAYED = {
+    f"{name}_decayed": (kind, {**args, "error_feedback_decay": 0.5})
+    for name, (kind, args) in COMPRESSORS.items()
+}
+_ALL = {**COMPRESSORS, **DECAYED}
 
 
 def gradients(num_steps, num_replicas, seed=0, shapes=SHAPES):
@@ -52,7 +58,7 @@ def initial_params(seed=1, shapes=SHAPES):
 def make_optimizer(compressor, name="gradient_descent", learning_rate=0.1, **kwargs):
     """A distopt optimizer with `compressor` (a key of COMPRESSORS or an instance)."""
     if isinstance(compressor, str):
-        kind, args = COMPRESSORS[compressor]
+        kind, args = _ALL[compressor]
         compressor = distopt.compression.get(kind, **args)
     kwargs.setdefault("jit_compile", False)
     return distopt.optimizers.get(
@@ -234,7 +240,7 @@ def reference(compressor, shares, q0=None, **kwargs):
     """`numpy_reference.ef_sgd` for a key of COMPRESSORS, PowerSGD in float64."""
     import numpy_reference as ref
 
-    kind, args = COMPRESSORS[compressor]
+    kind, args = _ALL[compressor]
     if kind == "powersgd":
         shares = [[[np.float64(g) for g in rep] for rep in step] for step in shares]
     return ref.ef_sgd(kind, shares, q0=q0, **args, **kwargs)
@@ -355,7 +361,7 @@ def check_run(
     `-lr * aggregate_t`, and `w_t - w_0` their sum.
 
     Args:
-        compressor: A key of COMPRESSORS.
+        compressor: A key of COMPRESSORS or DECAYED.
         records: The run's records (`run`).
         shares: `shares_of(grads, ...)`: every replica's share per step.
         w0: The initial values.
@@ -371,7 +377,7 @@ def check_run(
             copy of every variable, residual and Q stays bit for bit as it
             was.
     """
-    kind = COMPRESSORS[compressor][0]
+    kind = _ALL[compressor][0]
     num_replicas = len(shares[0])
     state_rows = rows or [rec["residual"] for rec in records]
     residual = [

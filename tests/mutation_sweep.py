@@ -455,9 +455,18 @@ MUTANTS = [
     Mutant(
         "compression_feedback_dropped",
         "distopt/compression/base.py",
-        "xs = _add_residuals(strategy, xs, indices, self.residuals)",
+        "xs = _add_residuals(\n"
+        "                    strategy, xs, indices, self.residuals, self.error_feedback_decay\n"
+        "                )",
         "xs = list(xs)",
         "tests/test_compression.py",
+    ),
+    Mutant(
+        "compression_decay_ignored",
+        "distopt/compression/base.py",
+        "        if decay != 1.0:\n            r = ",
+        "        if False:\n            r = ",
+        "tests/test_compression.py -k decayed",
     ),
     Mutant(
         "compression_residual_updated_on_a_skip",

@@ -417,6 +417,7 @@ def ef_sgd(
     shares,
     *,
     error_feedback=True,
+    error_feedback_decay=1.0,
     q0=None,
     rank=1,
     fraction=0.01,
@@ -427,7 +428,7 @@ def ef_sgd(
     """Compressed aggregation with per-replica error feedback, step by step.
 
     Stich et al. (2018) and Karimireddy et al. (2019): on replica r,
-    x_r = s_r + e_r; replica r contributes C(x_r) and keeps e_r <- x_r - C(x_r)
+    x_r = s_r + beta e_r; replica r contributes C(x_r) and keeps e_r <- x_r - C(x_r)
     (PowerSGD: Vogels et al. 2019, Alg. 2, the same with the rank-r round,
     C(x_r) = P^ (x_r^T P^)^T). Every replica receives sum_r C(x_r).
 
@@ -435,6 +436,8 @@ def ef_sgd(
         kind: "powersgd", "topk" or "onebit".
         shares: shares[t][r][i]: replica r's share of variable i at step t.
         error_feedback: Keep the residuals (False: e_r stays zero).
+        error_feedback_decay: beta, the residual's decay (SparseLoCo, Sarfi
+            et al. 2025); 1: Stich et al.'s.
         q0: PowerSGD's first Q per variable (None where not compressed).
         rank, fraction, min_compression_rate: the compressors' parameters.
         skip: Steps whose result is discarded: their residuals and Q are not
@@ -490,7 +493,7 @@ def ef_sgd(
                 new_q.append(q[i])
                 continue
             xs = [
-                s[r] + residual[i][r] if error_feedback else s[r]
+                s[r] + error_feedback_decay * residual[i][r] if error_feedback else s[r]
                 for r in range(num_replicas)
             ]
             if kind == "powersgd":

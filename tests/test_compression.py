@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from compression_harness import (
     COMPRESSORS,
+    DECAYED,
     SHAPES,
     check_chained,
     check_run,
@@ -59,6 +60,21 @@ def test_matches_reference_replica_by_replica(compressor, num_replicas):
         # What each replica receives grows with the replica count: R rows.
         counters = records[-1]["counters"]
         assert counters["allgather_bytes"] == num_replicas * counters["bytes_sent"]
+
+
+@pytest.mark.parametrize("compressor", sorted(DECAYED))
+def test_decayed_error_feedback_matches_reference(compressor):
+    """SparseLoCo's residual decay (Sarfi et al. 2025), x_r = s_r + 0.5 e_r:
+    6 steps on 2 replicas against `ef_sgd` with the same decay."""
+    grads = gradients(6, 2, seed=41)
+    params, opt = setup(M2, lambda: make_optimizer(compressor, learning_rate=LR))
+    assert opt.compression.get_config()["error_feedback_decay"] == 0.5
+    q0 = snapshot(M2, opt, params)["q"]
+    _, _, _, records = run(M2, opt, grads, params=params)
+    shares = shares_of(grads)
+    check_run(compressor, records, shares, initial_params(), LR, [0, 1], q0)
+    if not compressor.startswith("powersgd"):
+        check_chained(compressor, records, shares, [0, 1])
 
 
 def test_adam_row():
@@ -831,6 +847,25 @@ def test_zero_gradients_then_training_goes_on(compressor):
         # A string was truthy: "no" turned warm starts on.
         (lambda: distopt.compression.PowerSGD(warm_start="no"), "warm_start"),
         (lambda: distopt.compression.TopK(error_feedback="off"), "error_feedback"),
+        (
+            lambda: distopt.compression.OneBit(error_feedback_decay=1.5),
+            "error_feedback_decay",
+        ),
+        (
+            lambda: distopt.compression.TopK(error_feedback_decay=float("nan")),
+            "error_feedback_decay",
+        ),
+        (
+            lambda: distopt.compression.PowerSGD(error_feedback_decay="0.9"),
+            "error_feedback_decay",
+        ),
+        # A decay without residuals would be ignored in silence.
+        (
+            lambda: distopt.compression.TopK(
+                error_feedback=False, error_feedback_decay=0.9
+            ),
+            "error_feedback_decay",
+        ),
         # These were a TypeError from tf.Module, and an error at the first step.
         (lambda: distopt.compression.PowerSGD(name=123), "name"),
         (lambda: distopt.compression.OneBit(name="one bit"), "name"),

@@ -8,9 +8,11 @@ each replica's normalised share of the gradient, `s_r = P_r / N` (see
 decompressed, on every replica, bit for bit the same everywhere. Like a
 PyTorch DDP communication hook with its state object:
 
-    x_r = s_r + e_r                  error feedback (Karimireddy et al. 2019;
+    x_r = s_r + beta e_r             error feedback (Karimireddy et al. 2019;
                                      Stich et al. 2018): what replica r
-                                     did not send before is sent now
+                                     did not send before is sent now;
+                                     beta = `error_feedback_decay`, 1 but
+                                     in SparseLoCo (Sarfi et al. 2025)
     exchange                         the subclass: compress, communicate
                                      through the Reducer's counted
                                      collectives, decompress
@@ -41,7 +43,7 @@ from absl import logging
 
 from distopt import counter as counter_lib
 from distopt import distribute as dist
-from distopt.checks import check_bool, check_int, check_name
+from distopt.checks import check_bool, check_int, check_name, check_unit_interval
 
 
 class Compressor(tf.Module):
@@ -53,6 +55,10 @@ class Compressor(tf.Module):
     Args:
         error_feedback: Keep each replica's residual and add it to the next
             share (default). Without it, what is not sent is lost.
+        error_feedback_decay: beta in [0, 1]: the residual is multiplied by
+            it before it is added (1, the default: classic error feedback).
+            SparseLoCo (Sarfi et al. 2025) decays it and drops DiLoCo's
+            outer momentum, whose role the decayed residual takes.
         start_step: Reductions that send plain, uncompressed all-reduces
             first (PyTorch's `start_powerSGD_iter`); residuals stay zero.
         name: The module's name.
@@ -60,9 +66,19 @@ class Compressor(tf.Module):
 
     name = "compressor"
 
-    def __init__(self, *, error_feedback=True, start_step=0, name=None):
+    def __init__(
+        self, *, error_feedback=True, error_feedback_decay=1.0, start_step=0, name=None
+    ):
         super().__init__(name=check_name("name", name) or type(self).name)
         self.error_feedback = check_bool("error_feedback", error_feedback)
+        self.error_feedback_decay = check_unit_interval(
+            "error_feedback_decay", error_feedback_decay
+        )
+        if not self.error_feedback and self.error_feedback_decay != 1.0:
+            # It would be ignored in silence: there is no residual to decay.
+            raise ValueError(
+                "error_feedback_decay: applies only with error_feedback=True."
+            )
         self.start_step = check_int("start_step", start_step, minimum=0)
         self._built = False
         self._pending = None
@@ -109,6 +125,7 @@ class Compressor(tf.Module):
         return {
             "name": type(self).name,
             "error_feedback": self.error_feedback,
+            "error_feedback_decay": self.error_feedback_decay,
             "start_step": self.start_step,
         }
 
@@ -174,7 +191,9 @@ class Compressor(tf.Module):
         def compressed():
             xs = list(shares)
             if self.error_feedback:
-                xs = _add_residuals(strategy, xs, indices, self.residuals)
+                xs = _add_residuals(
+                    strategy, xs, indices, self.residuals, self.error_feedback_decay
+                )
             agg, local, extra = self.exchange(reducer, strategy, xs, indices)
             new_res = [
                 dist.map_per_replica(strategy, tf.subtract, x, d)
@@ -230,7 +249,8 @@ def _keep_unless(var, value, ok):
     return var.assign(value, read_value=False)
 
 
-def _add_residuals(strategy, xs, indices, residuals):
+def _add_residuals(strategy, xs, indices, residuals, decay):
+    """`x_r + decay * e_r` per replica (no multiply at 1: bit for bit as before)."""
     out = []
     for x, i in zip(xs, indices):
         rows = residuals.get(str(i))
@@ -238,5 +258,7 @@ def _add_residuals(strategy, xs, indices, residuals):
             out.append(x)
             continue
         (r,) = dist.read_per_replica(strategy, [rows.storage])
+        if decay != 1.0:
+            r = dist.map_per_replica(strategy, lambda e: e * decay, r)
         out.append(dist.map_per_replica(strategy, tf.add, x, r))
     return out

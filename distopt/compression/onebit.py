@@ -39,6 +39,7 @@ class OneBit(Compressor):
 
     Args:
         error_feedback: Keep and send the residuals (default).
+        error_feedback_decay: The residual's decay (see `Compressor`).
         start_step: Plain all-reduces for the first reductions.
         name: The module's name.
     """

@@ -62,6 +62,7 @@ class PowerSGD(Compressor):
         error_feedback: Keep and send the residuals (default).
         seed: The seed of the random Q.
         name: The module's name.
+        error_feedback_decay: The residual's decay (see `Compressor`).
     """
 
     name = "powersgd"
@@ -76,9 +77,13 @@ class PowerSGD(Compressor):
         error_feedback=True,
         seed=0,
         name=None,
+        error_feedback_decay=1.0,
     ):
         super().__init__(
-            error_feedback=error_feedback, start_step=start_step, name=name
+            error_feedback=error_feedback,
+            error_feedback_decay=error_feedback_decay,
+            start_step=start_step,
+            name=name,
         )
         self.rank = check_int("rank", rank, minimum=1)
         self.min_compression_rate = _positive(

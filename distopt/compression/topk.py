@@ -38,13 +38,24 @@ class TopK(Compressor):
         error_feedback: Keep and send the residuals (default).
         start_step: Plain all-reduces for the first reductions.
         name: The module's name.
+        error_feedback_decay: The residual's decay (see `Compressor`).
     """
 
     name = "topk"
 
-    def __init__(self, fraction=0.01, error_feedback=True, start_step=0, name=None):
+    def __init__(
+        self,
+        fraction=0.01,
+        error_feedback=True,
+        start_step=0,
+        name=None,
+        error_feedback_decay=1.0,
+    ):
         super().__init__(
-            error_feedback=error_feedback, start_step=start_step, name=name
+            error_feedback=error_feedback,
+            error_feedback_decay=error_feedback_decay,
+            start_step=start_step,
+            name=name,
         )
         try:
             f = float(fraction)
