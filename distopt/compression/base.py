@@ -11,8 +11,8 @@ PyTorch DDP communication hook with its state object:
     x_r = s_r + beta e_r             error feedback (Karimireddy et al. 2019;
                                      Stich et al. 2018): what replica r
                                      did not send before is sent now;
-                                     beta = `error_feedback_decay`, 1 but
-                                     in SparseLoCo (Sarfi et al. 2025)
+                                     beta (`error_feedback_decay`) is 1
+                                     unless decayed, as in SparseLoCo
     exchange                         the subclass: compress, communicate
                                      through the Reducer's counted
                                      collectives, decompress
