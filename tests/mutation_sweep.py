@@ -11,7 +11,9 @@ Each mutant is one textual change of the kind a review plants: a factor of
 off-by-one in a threshold, `reduce_any` for `reduce_all`, a write dropped.
 It is applied to a scratch `git worktree` of HEAD (commit first; the
 checkout is never touched), and the test modules that own the code run with `-x`. A mutant
-that leaves them passing is a hole: add a test that fails on it.
+that leaves them passing is a hole: add a test that fails on it. First the
+owning modules run once unmutated (`baseline`): a test that already fails
+would count every mutant it owns as caught (2026-12-06: one did).
 
 Two known mutants are equivalent, and are listed so that nobody "fixes"
 them again:
@@ -826,6 +828,24 @@ def run(mutant: Mutant, tree: str) -> tuple[str, float]:
     return verdict, seconds
 
 
+def baseline(chosen: list[Mutant], tree: str) -> bool:
+    """Runs the chosen mutants' test modules once, unmutated; True if they pass."""
+    modules = sorted(
+        {a for m in chosen for a in shlex.split(m.tests) if a.endswith(".py")}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": tree},
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], file=sys.stderr)
+    return proc.returncode == 0
+
+
 def main(names: list[str]) -> int:
     seen = [m.name for m in MUTANTS]
     repeated = sorted({n for n in seen if seen.count(n) > 1})
@@ -848,6 +868,10 @@ def main(names: list[str]) -> int:
             check=True,
         )
         try:
+            print(f"baseline: {len(chosen)} mutants' modules, unmutated...", flush=True)
+            if not baseline(chosen, tree):
+                print("mutation_sweep: error: the baseline fails; fix it first")
+                return 2
             for i, mutant in enumerate(chosen, 1):
                 verdict, seconds = run(mutant, tree)
                 holes += verdict not in ("caught", "equivalent")

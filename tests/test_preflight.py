@@ -361,7 +361,7 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
             ["--compression=topk", "--compression_args=frac=0.1"],
             (
                 "--compression_args: frac: not an argument of 'topk', which "
-                "takes error_feedback, fraction,"
+                "takes error_feedback, error_feedback_decay, fraction,"
             ),
         ),
     ],
