@@ -471,6 +471,13 @@ MUTANTS = [
         "tests/test_compression.py -k decayed",
     ),
     Mutant(
+        "compression_decay_not_saved",
+        "distopt/compression/base.py",
+        '            "error_feedback_decay": self.error_feedback_decay,\n',
+        "",
+        "tests/test_compression.py -k round_trip",
+    ),
+    Mutant(
         "compression_residual_updated_on_a_skip",
         "distopt/compression/base.py",
         "value = tf.where(ok, value, tf.convert_to_tensor(var))",

@@ -900,10 +900,14 @@ def test_bad_arguments_raise_one_error_naming_them_and_build_nothing(make, argum
     assert made == []
 
 
+@pytest.mark.parametrize(
+    "feedback", [{"error_feedback": False}, {"error_feedback_decay": 0.25}]
+)
 @pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
-def test_config_round_trip(compressor):
+def test_config_round_trip(compressor, feedback):
     kind, args = COMPRESSORS[compressor]
-    made = distopt.compression.get(kind, **args, start_step=3, error_feedback=False)
+    made = distopt.compression.get(kind, **args, start_step=3, **feedback)
+    assert made.get_config().items() >= feedback.items()
     config = made.get_config()
     again = distopt.compression.from_config(config)
     assert type(again) is type(made) and again.get_config() == config
