@@ -62,15 +62,18 @@ def test_matches_reference_replica_by_replica(compressor, num_replicas):
         assert counters["allgather_bytes"] == num_replicas * counters["bytes_sent"]
 
 
+@pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
 @pytest.mark.parametrize("compressor", sorted(DECAYED))
-def test_decayed_error_feedback_matches_reference(compressor):
+def test_decayed_error_feedback_matches_reference(compressor, function):
     """SparseLoCo's residual decay (Sarfi et al. 2025), x_r = s_r + 0.5 e_r:
-    6 steps on 2 replicas against `ef_sgd` with the same decay."""
+    6 steps on 2 replicas against `ef_sgd` with the same decay. Eagerly on
+    a strategy made now, after M2 has run in this process (as users run)."""
+    strategy = M2 if function else mirrored(2)
     grads = gradients(6, 2, seed=41)
-    params, opt = setup(M2, lambda: make_optimizer(compressor, learning_rate=LR))
+    params, opt = setup(strategy, lambda: make_optimizer(compressor, learning_rate=LR))
     assert opt.compression.get_config()["error_feedback_decay"] == 0.5
-    q0 = snapshot(M2, opt, params)["q"]
-    _, _, _, records = run(M2, opt, grads, params=params)
+    q0 = snapshot(strategy, opt, params)["q"]
+    _, _, _, records = run(strategy, opt, grads, params=params, function=function)
     shares = shares_of(grads)
     check_run(compressor, records, shares, initial_params(), LR, [0, 1], q0)
     if not compressor.startswith("powersgd"):
