@@ -805,6 +805,18 @@ MUTANTS = [
 ]
 
 
+def _pytest(tree: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m pytest -q args` in the worktree `tree`, importing its code."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": tree},
+        check=False,
+    )
+
+
 def run(mutant: Mutant, tree: str) -> tuple[str, float]:
     """Applies `mutant` in `tree`, runs its tests; returns (verdict, seconds)."""
     subprocess.run(["git", "checkout", "-q", "."], cwd=tree, check=True)
@@ -816,15 +828,7 @@ def run(mutant: Mutant, tree: str) -> tuple[str, float]:
     with open(path, "w") as f:
         f.write(text.replace(mutant.old, mutant.new, 1))
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-        + shlex.split(mutant.tests),
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": tree},
-        check=False,
-    )
+    proc = _pytest(tree, ["-x", *shlex.split(mutant.tests)])
     seconds = time.perf_counter() - start
     if proc.returncode == 0:
         verdict = "equivalent" if mutant.name in EQUIVALENT else "SURVIVED"
@@ -840,14 +844,7 @@ def baseline(chosen: list[Mutant], tree: str) -> bool:
     modules = sorted(
         {a for m in chosen for a in shlex.split(m.tests) if a.endswith(".py")}
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": tree},
-        check=False,
-    )
+    proc = _pytest(tree, modules)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], file=sys.stderr)
     return proc.returncode == 0
