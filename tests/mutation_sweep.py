@@ -770,8 +770,8 @@ MUTANTS = [
     Mutant(
         "wire_dtype_with_compression",
         "distopt/optimizers/base.py",
-        "        if compression is not None and wire_dtype is not None:",
-        "        if compression is not None and wire_dtype is None and False:",
+        "    if compression is not None and wire_dtype is not None:",
+        "    if compression is not None and wire_dtype is None and False:",
         "tests/test_compression.py -k bad_arguments",
     ),
     Mutant(

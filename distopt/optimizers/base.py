@@ -176,14 +176,7 @@ class Optimizer(tf.Module):
         # so that clipping sees unscaled gradients.
         loss_scale = transforms_lib.get_loss_scale(loss_scale)
         # Checked before any variable exists: a bad compression builds nothing.
-        compression = compression_lib.get(compression)
-        if compression is not None and wire_dtype is not None:
-            # It was ignored in silence: compressors send their own payloads.
-            raise ValueError(
-                "wire_dtype: does not apply with compression, which sends its "
-                "own payload (float32 factors, values and indices, or signs); "
-                "use one or the other."
-            )
+        compression = _check_compression(compression, wire_dtype)
         self._check_sync_mode(loss_scale, compression)
         transforms = _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite)
         self.jit_compile = check_bool("jit_compile", jit_compile)
@@ -203,6 +196,18 @@ class Optimizer(tf.Module):
                 communication_options=communication_options,
                 compression=compression,
             )
+        self._init_unbuilt()
+        # Refused now if another optimizer has them, but claimed at build:
+        # a constructor that raises (here or in a subclass's checks) must
+        # leave them free for the corrected call. Untracked: a tracked list
+        # would add checkpoint edges and `state_variables` paths.
+        self._owned = dist.Untracked(
+            ((self.sync, "sync"), (compression, "compression"))
+        )
+        ownership.check_free(self._owned.value)
+
+    def _init_unbuilt(self) -> None:
+        """The state `build` fills in, and the compiled update kernels."""
         self._slots = []
         self._slot_index = {}
         self._sharded_slots = None
@@ -217,14 +222,6 @@ class Optimizer(tf.Module):
         self._kernel = compile_(self._update_variable)
         self._flat_kernel = compile_(self._rule)
         self._norm_partials = compile_(self._partial_norms)
-        # Refused now if another optimizer has them, but claimed at build:
-        # a constructor that raises (here or in a subclass's checks) must
-        # leave them free for the corrected call. Untracked: a tracked list
-        # would add checkpoint edges and `state_variables` paths.
-        self._owned = dist.Untracked(
-            ((self.sync, "sync"), (compression, "compression"))
-        )
-        ownership.check_free(self._owned.value)
 
     def _check_sync_mode(self, loss_scale, compression) -> None:
         """Raises ValueError for an option the sync mode cannot honour."""
@@ -1189,6 +1186,19 @@ def _transforms(clipvalue, clipnorm, global_clipnorm, skip_nonfinite) -> list:
     if skip_nonfinite:
         transforms.append(transforms_lib.SkipNonFinite())
     return transforms
+
+
+def _check_compression(compression, wire_dtype):
+    """The compressor `compression` names (or None), refusing a `wire_dtype` too."""
+    compression = compression_lib.get(compression)
+    if compression is not None and wire_dtype is not None:
+        # It was ignored in silence: compressors send their own payloads.
+        raise ValueError(
+            "wire_dtype: does not apply with compression, which sends its "
+            "own payload (float32 factors, values and indices, or signs); "
+            "use one or the other."
+        )
+    return compression
 
 
 def _check_frequency(value):
