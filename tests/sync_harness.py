@@ -56,11 +56,15 @@ def train(
     function=True,
     state=None,
     build=True,
+    step=None,
 ):
     """Runs len(x) steps; returns (params, optimizer, step_fn).
 
     x[s, r] is replica r's batch at step s. `state` (params, optimizer) lets a
-    caller continue an earlier run. `build`: build the optimizer before the
+    caller continue an earlier run; `step`, the step_fn that run returned,
+    continues it with the same (already traced) function, as a trainer does
+    after a save, instead of tracing a new one (`x`, `y`, `n` must keep their
+    shapes, and `weighted` its value). `build`: build the optimizer before the
     first step, as the trainer does; False: it builds inside the first step
     (in the `tf.function`, which TensorFlow then traces twice, behind a
     condition: about 3 times the CPU). One test per sync mode in
@@ -76,6 +80,10 @@ def train(
                 opt.build(params)
     else:
         params, opt = state
+    if step is not None:
+        if state is None:
+            raise ValueError("step: continues a run; pass its state too")
+        return _run_steps(step, x, y, n, params, opt)
 
     def replica_fn(xs, ys, ns):
         ctx = tf.distribute.get_replica_context()
@@ -91,6 +99,10 @@ def train(
 
     if function:
         step = tf.function(step)
+    return _run_steps(step, x, y, n, params, opt)
+
+
+def _run_steps(step, x, y, n, params, opt):
     for s in range(len(x)):
         step(tf.constant(x[s]), tf.constant(y[s]), tf.constant(n[s]))
     return params, opt, step

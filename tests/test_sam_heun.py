@@ -4,6 +4,8 @@ Each replica of the mirrored runs has its own data (so its own loss and
 gradients): the references below say what aggregation does with them.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -121,14 +123,23 @@ def _train(strategy, make_opt, steps=STEPS, w0=W0, b0=B0):
     return np.append(w.numpy(), b.numpy()), opt
 
 
+@functools.cache
+def _sam_gradient_descent(kind, perturbation):
+    """SAM around gradient descent, trained once per strategy and perturbation.
+
+    The aggregated Mirrored(2) run is also the wire test's float32 reference.
+    Returns `_train`'s (values, optimizer), which callers only read.
+    """
+    return _train(
+        _strategy(kind),
+        lambda: SAM(optimizers.GradientDescent(LR), rho=RHO, perturbation=perturbation),
+    )
+
+
 @pytest.mark.parametrize("kind", ["default", "mirrored2"])
 @pytest.mark.parametrize("perturbation", ["replica", "aggregated"])
 def test_sam_matches_numpy(kind, perturbation):
-    strategy = _strategy(kind)
-    got, _ = _train(
-        strategy,
-        lambda: SAM(optimizers.GradientDescent(LR), rho=RHO, perturbation=perturbation),
-    )
+    got, _ = _sam_gradient_descent(kind, perturbation)
     want = np_sam(P0, _data(kind), STEPS, LR, RHO, perturbation)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
@@ -267,10 +278,7 @@ def test_heun_clips_both_reductions_and_counts_them():
 
 
 def test_sam_aggregated_perturbation_uses_the_wire_and_counters():
-    exact, opt_exact = _train(
-        mirrored(2),
-        lambda: SAM(optimizers.GradientDescent(LR), rho=RHO, perturbation="aggregated"),
-    )
+    exact, opt_exact = _sam_gradient_descent("mirrored2", "aggregated")
     narrow, opt = _train(
         mirrored(2),
         lambda: SAM(

@@ -1,5 +1,7 @@
 """Aggregation and sync modes against the single-device runs they must equal."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -53,11 +55,30 @@ def test_weighted_mean_with_equal_weights_equals_mean():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def _adam_with(aggregation):
+    return lambda: optimizer("adam", learning_rate=0.05, aggregation=aggregation)
+
+
+@functools.cache
+def _uneven_references():
+    """The uneven-batch test's two references, shared by its two modes.
+
+    Both run in a `tf.function` whichever mode the test checks: the
+    single-device run on the concatenated batches, and the plain mean over
+    Mirrored(4) (the biased answer). Returns their values.
+    """
+    x, y, n = make_data(4, 4, uneven=True)
+    sx, sy, sn = single_device_batches(x, y, n, group=1)
+    ref, _, _ = train(DEFAULT, _adam_with("mean"), sx, sy, sn)
+    biased, _, _ = train(M4, _adam_with("mean"), x, y, n)
+    return values(ref), values(biased)
+
+
 @pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
 def test_weighted_mean_with_uneven_batches_equals_single_device(function):
     x, y, n = make_data(4, 4, uneven=True)
     assert len(set(n.ravel())) > 1
-    make = lambda agg: lambda: optimizer("adam", learning_rate=0.05, aggregation=agg)
+    make = _adam_with
     # Built inside the first step (`build=False`), as for a user who never
     # calls `build`: here and in one test of each sync mode below.
     params, opt, _ = train(
@@ -70,16 +91,14 @@ def test_weighted_mean_with_uneven_batches_equals_single_device(function):
         function=function,
         build=False,
     )
-    sx, sy, sn = single_device_batches(x, y, n, group=1)
-    ref, _, _ = train(DEFAULT, make("mean"), sx, sy, sn)
-    for a, b in zip(values(params), values(ref)):
+    ref, biased = _uneven_references()
+    for a, b in zip(values(params), ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert_replicas_identical(
         M4, params + [s for p in params for s in opt.slots(p).values()]
     )
     # The plain mean of uneven replica means is a different (biased) answer.
-    biased, _, _ = train(M4, make("mean"), x, y, n)
-    assert not np.allclose(values(biased)[0], values(ref)[0], atol=1e-4)
+    assert not np.allclose(biased[0], ref[0], atol=1e-4)
 
 
 def test_sum_is_replicas_times_mean():
@@ -124,10 +143,19 @@ def test_accumulation_equals_k_times_larger_batch(agg):
 # --- Local SGD, DiLoCo, hierarchical ------------------------------------------
 
 
+@functools.cache
+def _synchronous(name):
+    """Values after 5 synchronous steps of `name` on Mirrored(4), make_data(5, 4).
+
+    The reference of local SGD with k = 1 and of Hierarchical on one worker.
+    """
+    sync, _, _ = train(M4, lambda: optimizer(name), *make_data(5, 4))
+    return values(sync)
+
+
 def test_local_sgd_with_k_1_equals_synchronous_training():
     x, y, n = make_data(5, 4)
     for name in ["gradient_descent", "momentum"]:
-        sync, _, _ = train(M4, lambda name=name: optimizer(name), x, y, n)
         local, _, _ = train(
             M4,
             lambda name=name: optimizer(
@@ -137,7 +165,7 @@ def test_local_sgd_with_k_1_equals_synchronous_training():
             y,
             n,
         )
-        for a, b in zip(values(sync), values(local)):
+        for a, b in zip(_synchronous(name), values(local)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert_replicas_identical(M4, local)
 
@@ -212,9 +240,9 @@ def test_periodic_modes_match_numpy_simulation(mode):
 
 def test_hierarchical_on_one_worker_equals_synchronous():
     # All devices of one worker sync every step, so only the (no-op) cross-
-    # worker average is periodic.
-    x, y, n = make_data(4, 4)
-    sync, _, _ = train(M4, lambda: optimizer("momentum"), x, y, n)
+    # worker average is periodic. 5 steps (2 periods of 2, then one step
+    # into the next), so that the synchronous reference is local SGD's.
+    x, y, n = make_data(5, 4)
     hier, opt, _ = train(
         M4,
         lambda: optimizer("momentum", sync=distopt.sync.Hierarchical(2)),
@@ -223,7 +251,7 @@ def test_hierarchical_on_one_worker_equals_synchronous():
         n,
         build=False,
     )
-    for a, b in zip(values(sync), values(hier)):
+    for a, b in zip(_synchronous("momentum"), values(hier)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert_replicas_identical(M4, hier)
     assert int(opt.allreduce_calls.numpy()) == 2  # weights, every 2 steps only
@@ -232,18 +260,30 @@ def test_hierarchical_on_one_worker_equals_synchronous():
 # --- Transforms after the reduce ----------------------------------------------
 
 
-@pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
-def test_nonfinite_on_one_replica_skips_on_all(function):
+def _poisoned_data():
     x, y, n = make_data(3, 4, seed=5)
     x[1, 2, 0, 0] = np.nan  # replica 2, step 1
+    return x, y, n
+
+
+@functools.cache
+def _without_the_poisoned_step():
+    """Adam on Mirrored(4) over steps 0 and 2 only: the reference of both modes."""
+    keep = [0, 2]
+    x, y, n = _poisoned_data()
+    ref, _, _ = train(M4, lambda: optimizer("adam"), x[keep], y[keep], n[keep])
+    return values(ref)
+
+
+@pytest.mark.parametrize("function", [True, False], ids=["function", "eager"])
+def test_nonfinite_on_one_replica_skips_on_all(function):
+    x, y, n = _poisoned_data()
     params, opt, _ = train(
         M4, lambda: optimizer("adam", skip_nonfinite=True), x, y, n, function=function
     )
     assert int(opt.skipped_steps.numpy()) == 1
     assert int(opt.iterations.numpy()) == 2
-    keep = [0, 2]
-    ref, _, _ = train(M4, lambda: optimizer("adam"), x[keep], y[keep], n[keep])
-    for a, b in zip(values(params), values(ref)):
+    for a, b in zip(values(params), _without_the_poisoned_step()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert np.all(np.isfinite(a))
     assert_replicas_identical(
@@ -297,17 +337,24 @@ def test_global_norm_clipping_applies_to_the_aggregated_gradient():
     )
 
 
+@functools.cache
+def _float32_wire():
+    """Gradient descent's values, float32 on the wire: both wires' reference."""
+    exact, _, _ = train(M4, lambda: optimizer(), *make_data(3, 4, seed=7))
+    return values(exact)
+
+
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
 def test_wire_compression_stays_within_tolerance(wire):
     x, y, n = make_data(3, 4, seed=7)
-    exact, _, _ = train(M4, lambda: optimizer(), x, y, n)
+    exact = _float32_wire()
     packed, opt, _ = train(M4, lambda: optimizer(wire_dtype=wire), x, y, n)
     w0, _ = initial_params()
     # Relative error of one rounding (2^-8 for bfloat16, 2^-11 for float16),
     # a few roundings per sum, on an update of size |w - w0|.
     tol = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[wire] * 8
-    change = np.abs(values(exact)[0] - w0).max()
-    err = np.abs(values(packed)[0] - values(exact)[0]).max()
+    change = np.abs(exact[0] - w0).max()
+    err = np.abs(values(packed)[0] - exact[0]).max()
     assert 0 < err <= tol * change, (err, tol * change)
     # Gradients travel in 2 bytes; the weight stays float32 in its own reduce.
     params = 3 * 2 + 2
@@ -357,14 +404,15 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     """
     x, y, n = make_data(7, 2, seed=11)
     make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))
-    head, opt, _step = train(M2, make, x[:split], y[:split], n[:split])
+    head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
     opt.synchronize(head)
     assert_replicas_identical(
         M2, head + [s for p in head for s in opt.slots(p).values()]
     )
     path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "ckpt"))
+    # The same traced step goes on, as in a trainer that saved.
     full, full_opt, _ = train(
-        M2, None, x[split:], y[split:], n[split:], state=(head, opt)
+        M2, None, x[split:], y[split:], n[split:], state=(head, opt), step=step
     )
 
     w0, b0 = initial_params()
@@ -415,16 +463,17 @@ def test_snapshot_resume_equals_a_run_that_never_stopped(tmp_path, mode, kwargs,
     make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))
     full, full_opt, _ = train(M2, make, x, y, n)
 
-    head, opt, _ = train(M2, make, x[:split], y[:split], n[:split])
+    head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
     copies = [local_copies(M2, t) for t in _state(opt, head)]
     diverged = any((c[0] != c[1]).any() for c in copies)
     assert diverged == (split != 4)  # the test needs replicas that differ
     opt.snapshot_replicas(head)
     assert int(opt.sync.snapshot_step.numpy()) == (split if diverged else -1)
     path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
-    # The run that saved goes on unchanged, and frees the snapshot.
+    # The run that saved goes on unchanged (its traced step, as in a
+    # trainer), and frees the snapshot.
     went_on, opt, _ = train(
-        M2, None, x[split:], y[split:], n[split:], state=(head, opt)
+        M2, None, x[split:], y[split:], n[split:], state=(head, opt), step=step
     )
     assert int(opt.sync.snapshot_step.numpy()) == -1
     assert all(
@@ -445,13 +494,35 @@ def test_snapshot_resume_equals_a_run_that_never_stopped(tmp_path, mode, kwargs,
     assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
 
 
-def test_a_restore_that_skips_restore_replicas_fails_the_next_step(tmp_path):
+def _local_sgd_3():
+    return optimizer("momentum", sync=distopt.sync.LocalSGD(3))
+
+
+@pytest.fixture(scope="module")
+def diverged_saves(tmp_path_factory):
+    """Local SGD (k = 3) two steps in, replicas diverged, saved twice.
+
+    First without a snapshot, then after `snapshot_replicas`: one run for
+    the two tests below. Returns (paths by kind, data, head).
+    """
     x, y, n = make_data(4, 2, seed=3)
-    make = lambda: optimizer("momentum", sync=distopt.sync.LocalSGD(3))
-    head, opt, _ = train(M2, make, x[:2], y[:2], n[:2])
-    opt.snapshot_replicas(head)
-    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
-    params, fresh = _fresh(M2, make, head)
+    head, opt, _ = train(M2, _local_sgd_3, x[:2], y[:2], n[:2])
+    copies = local_copies(M2, head[0])
+    assert (copies[0] != copies[1]).any()  # a save of replica 0 loses data
+    tmp = tmp_path_factory.mktemp("diverged")
+    paths = {}
+    for kind in ("no_snapshot", "snapshot"):
+        if kind == "snapshot":
+            opt.snapshot_replicas(head)
+        checkpoint = tf.train.Checkpoint(params=head, optimizer=opt)
+        paths[kind] = checkpoint.save(str(tmp / kind))
+    return paths, (x, y, n), head
+
+
+def test_a_restore_that_skips_restore_replicas_fails_the_next_step(diverged_saves):
+    paths, (x, y, n), head = diverged_saves
+    path = paths["snapshot"]
+    params, fresh = _fresh(M2, _local_sgd_3, head)
     tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
     before = [local_copies(M2, t) for t in _state(fresh, params)]
     with pytest.raises(tf.errors.InvalidArgumentError, match="restore_replicas"):
@@ -461,13 +532,10 @@ def test_a_restore_that_skips_restore_replicas_fails_the_next_step(tmp_path):
             np.testing.assert_array_equal(cb, ct)
 
 
-def test_restore_replicas_rejects_a_diverged_save_without_snapshot(tmp_path):
-    x, y, n = make_data(2, 2, seed=3)
-    make = lambda: optimizer("momentum", sync=distopt.sync.LocalSGD(3))
-    head, opt, _ = train(M2, make, x, y, n)
-    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
-    params, fresh = _fresh(M2, make, head)
-    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
+def test_restore_replicas_rejects_a_diverged_save_without_snapshot(diverged_saves):
+    paths, _, head = diverged_saves
+    params, fresh = _fresh(M2, _local_sgd_3, head)
+    tf.train.Checkpoint(params=params, optimizer=fresh).restore(paths["no_snapshot"])
     with pytest.raises(ValueError, match="replica 0's weights"):
         fresh.restore_replicas(params)
 
