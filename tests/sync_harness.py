@@ -103,6 +103,7 @@ def train(
 
 
 def _run_steps(step, x, y, n, params, opt):
+    """Calls `step` on each step's batches; returns `train`'s triple."""
     for s in range(len(x)):
         step(tf.constant(x[s]), tf.constant(y[s]), tf.constant(n[s]))
     return params, opt, step
