@@ -4,6 +4,7 @@ In-process runs use the 4 logical CPUs that conftest.py creates; runs that
 need their own device set-up (or the command line) are subprocesses.
 """
 
+import copy
 import glob
 import hashlib
 import json
@@ -99,6 +100,44 @@ def _config(tmp_path, xla=False, **overrides):
     return config_lib.TrainConfig(**values)
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """``finished_run(**overrides)``: a finished run of ``_config(**overrides)``.
+
+    Many tests start from the same run (a 10-step MLP to resume or refuse, a
+    reference to compare with) and each trained it anew, about 0.6 CPU-s a
+    run. Here each configuration trains once per test process. Returns
+    (metrics, model_dir) of that shared run; with ``copy_to=tmp_path`` the
+    run is first copied to ``tmp_path/run`` (the test's own
+    ``_config(tmp_path)`` directory), for tests that resume, damage or
+    refuse it: the copy is the files a run in that directory would leave
+    (``run_config.json`` names the new directory).
+    """
+    runs = {}
+
+    def finished_run(copy_to=None, **overrides):
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in runs:
+            base = tmp_path_factory.mktemp("finished_run")
+            runs[key] = (run_lib.train(_config(base, **overrides)), base / "run")
+        metrics, model_dir = runs[key]
+        if copy_to is not None:
+            model_dir = _copy_run(model_dir, copy_to / "run")
+        return copy.deepcopy(metrics), str(model_dir)
+
+    return finished_run
+
+
+def _copy_run(source, target):
+    """Copies the run directory ``source`` to ``target`` (mtimes kept)."""
+    shutil.copytree(source, target)
+    path = target / "run_config.json"
+    stored = path.read_text()
+    assert f'"{source}"' in stored  # As a run in ``target`` writes it:
+    path.write_text(stored.replace(f'"{source}"', f'"{target}"'))
+    return target
+
+
 def _metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
@@ -191,10 +230,10 @@ def test_default_strategy_run_writes_metrics_scalars_and_checkpoints(tmp_path):
     ],
     ids=["one_device", "mirrored2", "mirrored4_weighted"],
 )
-def test_strategies_end_with_metrics(tmp_path, overrides):
-    config = _config(tmp_path, **overrides)
-    metrics = run_lib.train(config)
-    assert _metrics(config.model_dir)["train_steps"] == 20
+def test_strategies_end_with_metrics(finished_run, overrides):
+    # Shared: mirrored2 is also test_sharded_state_and_compression's "plain".
+    metrics, model_dir = finished_run(**overrides)
+    assert _metrics(model_dir)["train_steps"] == 20
     assert metrics["num_replicas"] == overrides.get("virtual_devices", 1)
     assert metrics["test_accuracy"] > 0.3
     if overrides.get("eval_steps") == 0:
@@ -203,7 +242,7 @@ def test_strategies_end_with_metrics(tmp_path, overrides):
         assert metrics["test_examples"] == SUBSET["test"]
 
 
-def test_sharded_state_and_compression_from_flags(tmp_path, caplog):
+def test_sharded_state_and_compression_from_flags(tmp_path, caplog, finished_run):
     """--compression and --shard_optimizer_state reach the optimizer.
 
     Read from the runs: PowerSGD's gradient bytes are far fewer than plain
@@ -218,7 +257,8 @@ def test_sharded_state_and_compression_from_flags(tmp_path, caplog):
             )
         )
 
-    plain = run("plain")
+    # The run of test_strategies_end_with_metrics[mirrored2], trained once.
+    plain, _ = finished_run(strategy="mirrored", virtual_devices=2)
     powersgd = {"compression": "powersgd", "compression_args": {"rank": 2}}
     compressed = run("compressed", **powersgd)
     # absl's logger, not only the root: a test that parses --verbosity earlier in
@@ -284,19 +324,25 @@ def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-4)
 
 
-def test_in_memory_input_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+#: The in-memory reference run of two tests (shared: see finished_run).
+IN_MEMORY_40 = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
+
+
+def test_in_memory_input_resumed_mid_epoch_equals_the_uninterrupted_run(
+    tmp_path, finished_run
+):
     """Batches are a function of (seed, step): a resume needs no input state.
 
     2048 examples / 64 = 32 steps per epoch: the resumed run starts at step
     22, mid-epoch, and crosses into the next epoch inside a loop call.
     """
-    common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
-    straight = run_lib.train(_config(tmp_path / "a", **common))
+    common = IN_MEMORY_40
+    straight, straight_dir = finished_run(**common)
     assert straight["input"] == "memory"
     run_lib.train(_config(tmp_path / "b", **{**common, "train_steps": 22}))
     resumed = run_lib.train(_config(tmp_path / "b", **common))
     assert resumed["start_step"] == 22 and resumed["train_steps"] == 40
-    a, b = (_model_weights(str(tmp_path / d / "run")) for d in "ab")
+    a, b = (_model_weights(d) for d in (straight_dir, str(tmp_path / "b" / "run")))
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -304,26 +350,26 @@ def test_in_memory_input_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path
 
 
 def test_in_memory_input_on_2_replicas_equals_1_on_the_same_global_batches(
-    tmp_path,
+    tmp_path, finished_run
 ):
     # Replica r takes the r-th half of the global batch that one device takes
     # whole; the mean of the halves' mean gradients is the whole batch's.
     # Across an epoch's end (32 steps of 64).
-    common = {"input": "memory", "train_steps": 40, "checkpoint_every": 0}
-    one = run_lib.train(_config(tmp_path / "one", **common))
+    common = IN_MEMORY_40
+    one, one_dir = finished_run(**common)
     two = run_lib.train(
         _config(tmp_path / "two", strategy="mirrored", virtual_devices=2, **common)
     )
     assert two["num_replicas"] == 2 and two["input"] == "memory"
-    a, b = (_model_weights(str(tmp_path / d / "run")) for d in ("one", "two"))
+    a, b = (_model_weights(d) for d in (one_dir, str(tmp_path / "two" / "run")))
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6)
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
 
 
-def test_input_flag_picks_the_feed(tmp_path):
+def test_input_flag_picks_the_feed(tmp_path, finished_run):
     # auto: in memory for bundled MNIST; dataset: the tf.data pipeline.
-    auto = run_lib.train(_config(tmp_path / "auto", train_steps=10))
+    auto, _ = finished_run(train_steps=10)
     dataset = run_lib.train(
         _config(tmp_path / "dataset", train_steps=10, input="dataset")
     )
@@ -419,9 +465,9 @@ def test_corrupt_data_files_fail_with_checksums(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_model_dir_of_another_model_is_refused_untouched(tmp_path):
+def test_model_dir_of_another_model_is_refused_untouched(tmp_path, finished_run):
     config = _config(tmp_path, train_steps=10)
-    run_lib.train(config)
+    finished_run(copy_to=tmp_path, train_steps=10)
     before = _snapshot(config.model_dir)
     other = _config(tmp_path, model="lenet", train_steps=10)
     with pytest.raises(
@@ -437,10 +483,12 @@ def test_model_dir_of_another_model_is_refused_untouched(tmp_path):
     assert _snapshot(config.model_dir) == before
 
 
-def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(tmp_path):
+def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(
+    tmp_path, finished_run
+):
     # Turning use_ema on in a run adds a slot per variable that the
     # checkpoint lacks: the error names them, not their values.
-    run_lib.train(_config(tmp_path, train_steps=10))
+    finished_run(copy_to=tmp_path, train_steps=10)
     config = _config(tmp_path, train_steps=20, optimizer_args={"use_ema": True})
     before = _snapshot(config.model_dir)
     with pytest.raises(config_lib.ModelDirError) as info:
@@ -811,10 +859,10 @@ POWERSGD = {"compression": "powersgd", "compression_args": {"rank": 1}}
     ids=["optimizer", "sync", "compression", "rank", "min_compression_rate"],
 )
 def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
-    tmp_path, caplog, base, change, flag, new
+    tmp_path, caplog, finished_run, base, change, flag, new
 ):
     first = _config(tmp_path, train_steps=10, **base)
-    run_lib.train(first)
+    finished_run(copy_to=tmp_path, train_steps=10, **base)
     before = _snapshot(first.model_dir)
     changed = _config(tmp_path, train_steps=20, **{**base, **change})
     with pytest.raises(config_lib.ModelDirError) as info:
@@ -830,12 +878,14 @@ def test_a_resume_with_another_optimizer_or_sync_is_refused_naming_the_flag(
 
 
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])
-def test_the_resume_guards_hold_without_a_readable_state_file(tmp_path, damage):
+def test_the_resume_guards_hold_without_a_readable_state_file(
+    tmp_path, finished_run, damage
+):
     # The guards read the checkpoints on disk, as the restore does: with the
     # `checkpoint` state file gone they were skipped (Adam's slots dropped
     # silently), and an empty one ended in a traceback.
     first = _config(tmp_path, train_steps=10)
-    run_lib.train(first)
+    finished_run(copy_to=tmp_path, train_steps=10)
     state = os.path.join(first.model_dir, "checkpoints", "checkpoint")
     if damage == "deleted":
         os.remove(state)
@@ -887,20 +937,20 @@ def test_a_group_size_that_does_not_divide_the_devices_is_a_flag_error(tmp_path)
     assert not os.path.exists(config.model_dir)
 
 
-def test_a_resume_past_the_runs_end_is_refused(tmp_path):
+def test_a_resume_past_the_runs_end_is_refused(tmp_path, finished_run):
     # It "completed" at once, saying "resuming at step 10 of 5".
-    run_lib.train(_config(tmp_path, train_steps=10))
+    finished_run(copy_to=tmp_path, train_steps=10)
     with pytest.raises(config_lib.ModelDirError) as info:
         run_lib.train(_config(tmp_path, train_steps=5))
     assert "holds a run at step 10, beyond this run's 5 steps" in str(info.value)
     assert _metrics(str(tmp_path / "run"))["train_steps"] == 10
 
 
-def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path):
+def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path, finished_run):
     # A scheduler's restart after the last save, or a second "rerun to
     # resume": nothing to train, and metrics.json keeps what was measured.
     config = _config(tmp_path, train_steps=10)
-    first = run_lib.train(config)
+    first, _ = finished_run(copy_to=tmp_path, train_steps=10)
     again = run_lib.train(config)
     assert again["status"] == "completed" and again["train_steps"] == 10
     assert again["start_step"] == 10  # This process's start, as after a resume.
@@ -909,11 +959,15 @@ def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path):
     assert _metrics(config.model_dir) == pytest.approx(again)
 
 
-def test_a_run_resumed_at_an_evaluation_step_evaluates_it_first(tmp_path):
+#: The first run of two tests (shared: see finished_run).
+EVAL_EVERY_5 = {"train_steps": 10, "eval_every": 5, "checkpoint_every": 5}
+
+
+def test_a_run_resumed_at_an_evaluation_step_evaluates_it_first(tmp_path, finished_run):
     # A stop notice during the evaluation of step 10 cuts it short, and the
     # run stops at step 10: the rerun evaluates step 10 before training on.
-    config = _config(tmp_path, train_steps=10, eval_every=5, checkpoint_every=5)
-    run_lib.train(config)
+    config = _config(tmp_path, **EVAL_EVERY_5)
+    finished_run(copy_to=tmp_path, **EVAL_EVERY_5)
     path = os.path.join(config.model_dir, "evaluations.json")
     with open(path) as f:
         evaluations = json.load(f)
@@ -926,11 +980,11 @@ def test_a_run_resumed_at_an_evaluation_step_evaluates_it_first(tmp_path):
     assert [e["step"] for e in evaluations] == [5, 10, 15]
 
 
-def test_training_seconds_go_on_across_a_resume(tmp_path):
+def test_training_seconds_go_on_across_a_resume(tmp_path, finished_run):
     # The time to accuracy of a preempted run: the resumed process counts on
     # from the seconds recorded at its checkpoint (they restarted at 0).
-    config = _config(tmp_path, train_steps=10, eval_every=5, checkpoint_every=5)
-    first = run_lib.train(config)
+    config = _config(tmp_path, **EVAL_EVERY_5)
+    first, _ = finished_run(copy_to=tmp_path, **EVAL_EVERY_5)
     with open(os.path.join(config.model_dir, "training_clock.json")) as f:
         clock = json.load(f)
     assert sorted(clock) == ["10", "5"]
@@ -1035,9 +1089,9 @@ def test_an_unreachable_target_ends_completed(tmp_path):
     assert metrics["communication_bytes_sent"] == 0  # One replica: no collective.
 
 
-def test_a_damaged_run_config_does_not_block_the_rerun(tmp_path):
+def test_a_damaged_run_config_does_not_block_the_rerun(tmp_path, finished_run):
     # An older trainer wrote it in place; one killed mid-write left it short.
-    run_lib.train(_config(tmp_path, train_steps=10))
+    finished_run(copy_to=tmp_path, train_steps=10)
     path = tmp_path / "run" / "run_config.json"
     path.write_text(path.read_text()[:25])
     resumed = run_lib.train(_config(tmp_path, train_steps=20))
