@@ -16,9 +16,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
+import forkserver
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, python_env, run_python
 
 # LeNet: about 0.75 MB per checkpoint with Adam's slots, so a few MB hold a run.
 TRAIN = (
@@ -54,12 +56,91 @@ def disk(tmp_path):
     return path
 
 
-def _report(logs, name):
-    """(exit status, stderr lines) of one run logged by the script."""
-    with open(logs / f"{name}.log") as f:
-        lines = f.read().splitlines()
-    with open(logs / f"{name}.status") as f:
-        return int(f.read()), lines
+class _NamespaceForkServer(forkserver.ForkServer):
+    """A fork server (see forkserver.py) as root of its own user and mount
+    namespace, where the tests mount their small disks.
+
+    Each trainer run of these tests was a new interpreter in a namespace of
+    its own (``unshare ... sh -c``), importing TensorFlow: six imports, about
+    3.5 CPU-s each. Forked from this server, a run sees the mounts made in
+    its namespace (``nsenter``, see `_Namespace.sh`) and is otherwise the
+    same process: root there, its own pid, exit status and files. The disks
+    are not the point of the fresh start: a run starts on a disk already
+    full or made read-only under it.
+    """
+
+    def _ensure_started(self):
+        # ForkServer's own start, prefixed with `unshare`, which execs the
+        # server: its pid is the namespace's process for `nsenter`.
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
+        self._proc = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", "--mount"]
+            + [sys.executable, os.path.abspath(forkserver.__file__), self._path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=python_env(),
+        )
+        line = self._proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the fork server did not start: {line!r}")
+
+
+class _Namespace:
+    """Shell commands and trainer runs in one user and mount namespace."""
+
+    def __init__(self):
+        self.server = _NamespaceForkServer()
+
+    def sh(self, script, timeout=400):
+        """Runs ``sh -c script`` in the namespace; checks it exits 0."""
+        self.server._ensure_started()
+        proc = subprocess.run(
+            ["nsenter", f"--target={self.server.pid}", "--user", "--mount"]
+            + ["--preserve-credentials", "sh", "-c", script],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def start(self, log, model_dir, **env):
+        """Starts one trainer run in the namespace, its output into ``log``."""
+        with open(log, "w") as out:
+            proc = self.server.popen(
+                [*TRAIN.split()[1:], f"--model_dir={model_dir}"],
+                cwd=REPO,
+                env=python_env(**env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        proc.log = log
+        return proc
+
+    def train(self, log, model_dir, **env):
+        """One trainer run in the namespace: (exit status, its output lines)."""
+        return _report(self.start(log, model_dir, **env))
+
+
+@pytest.fixture(scope="module")
+def namespace():
+    """One namespace for this module's runs (each test mounts its own disk)."""
+    if not shutil.which("nsenter"):
+        pytest.skip("no nsenter(1): cannot run in the disks' namespace")
+    ns = _Namespace()
+    yield ns
+    ns.server.close()
+
+
+def _report(proc, timeout=400):
+    """(exit status, output lines) of a trainer run, once it has ended."""
+    proc.wait(timeout=timeout)
+    with open(proc.log) as f:
+        return proc.returncode, f.read().splitlines()
 
 
 def _assert_one_error_last(lines, starts):
@@ -69,75 +150,67 @@ def _assert_one_error_last(lines, starts):
     assert not [line for line in lines if "Traceback" in line], lines
 
 
-def _run(name, model_dir, env=""):
-    """Shell: one trainer run, its stderr and exit status kept under logs/."""
-    return (
-        f"{env} {TRAIN} --model_dir={model_dir} > $LOGS/{name}.log 2>&1; "
-        f"echo $? > $LOGS/{name}.status; "
-    )
-
-
 def _metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
 
 
 @pytest.mark.slow
-def test_full_disk_at_start_is_one_line_and_leaves_no_lock(disk, tmp_path):
+def test_full_disk_at_start_is_one_line_and_leaves_no_lock(disk, namespace, tmp_path):
     logs, run = tmp_path, f"{disk}/run"
-    script = (
-        f"export LOGS={logs}; mount -t tmpfs -o size=4m tmpfs {disk} && "
-        f"head -c 5m /dev/zero > {disk}/filler 2>/dev/null; "
-        + _run("full", run)
-        + f"ls -A {run} > $LOGS/left; rm {disk}/filler; "
-        + _run("rerun", run)
-        + f"ls -A {run} > $LOGS/after"
+    namespace.sh(
+        f"mount -t tmpfs -o size=4m tmpfs {disk} && "
+        f"{{ head -c 5m /dev/zero > {disk}/filler 2>/dev/null; true; }}"
     )
-    proc = _in_namespace(script)
-    assert proc.returncode == 0, proc.stderr
-    status, lines = _report(logs, "full")
+    status, lines = namespace.train(logs / "full.log", run)
+    left = namespace.sh(f"ls -A {run}; rm {disk}/filler")
+    rerun = namespace.train(logs / "rerun.log", run)
+    after = namespace.sh(f"ls -A {run}")
     assert status == 1, lines[-12:]
     _assert_one_error_last(
         lines, f"error: Could not write the lock file {run}/LOCK: No space left"
     )
     # No empty LOCK (it would block every rerun): nothing at all.
-    assert (logs / "left").read_text().split() == []
-    status, lines = _report(logs, "rerun")
+    assert left.split() == []
+    status, lines = rerun
     assert status == 0, lines[-12:]
-    assert "LOCK" not in (logs / "after").read_text().split()
+    assert "LOCK" not in after.split()
 
 
 @pytest.mark.slow
-def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(disk, tmp_path):
+def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(
+    disk, namespace, tmp_path
+):
     logs, run = tmp_path, f"{disk}/run"
     # A read-only bind mount over the tmpfs once ckpt-10 is saved: the files
     # the trainer holds open stay writable, as when a mount turns read-only
     # under a running job; every new file fails. Saved means named in the
     # state file, which is written after ckpt-10.index (waiting for the
     # index alone, the state file's write could fail instead, 12-05).
-    script = (
-        f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
-        + _run("ro", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
-        + f") & while ! grep -qs 'ckpt-10\"' {run}/checkpoints/checkpoint; "
-        "do sleep 0.05; done; "
-        f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}; wait; "
-        f"umount {disk}; "
-        + _run("rerun", run)
-        + f"ls -A {run}/checkpoints > $LOGS/after"
-    )
-    proc = _in_namespace(script)
-    assert proc.returncode == 0, proc.stderr
-    status, lines = _report(logs, "ro")
+    namespace.sh(f"mount -t tmpfs -o size=8m tmpfs {disk}")
+    proc = namespace.start(logs / "ro.log", run, DISTOPT_FAULT_CHUNK_DELAY="0.5")
+    try:
+        namespace.sh(
+            f"while ! grep -qs 'ckpt-10\"' {run}/checkpoints/checkpoint; "
+            "do sleep 0.05; done; "
+            f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}"
+        )
+        status, lines = _report(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    namespace.sh(f"umount {disk}")
+    rerun = namespace.train(logs / "rerun.log", run)
+    left = namespace.sh(f"ls -A {run}/checkpoints").split()
     assert status == 1, lines[-12:]
     _assert_one_error_last(
         lines, f"error: Could not save the checkpoint of step 20 in {run}/checkpoints"
     )
     assert "Read-only file system" in lines[-1]
-    status, lines = _report(logs, "rerun")
+    status, lines = rerun
     assert status == 0, lines[-12:]
     assert any("resuming at step 10 of 20" in line for line in lines), lines
     assert any("Taking over the stale lock" in line for line in lines), lines
-    left = (logs / "after").read_text().split()
     assert left == [
         "checkpoint",
         "ckpt-10.data-00000-of-00001",
@@ -148,42 +221,44 @@ def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(disk, tmp
 
 
 @pytest.mark.slow
-def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(disk, tmp_path):
+def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(
+    disk, namespace, tmp_path
+):
     logs, run = tmp_path, f"{disk}/run"
     # The disk fills while the final evaluation runs (after the last save):
     # its record (evaluations.json) cannot be written, nor then metrics.json.
-    script = (
-        f"export LOGS={logs}; mount -t tmpfs -o size=8m tmpfs {disk} && ("
-        + _run("full", run, env="DISTOPT_FAULT_CHUNK_DELAY=0.5")
-        + f") & while ! grep -qs 'ckpt-20\"' {run}/checkpoints/checkpoint; "
-        "do sleep 0.05; done; "
-        f"head -c 9m /dev/zero > {disk}/filler 2>/dev/null; wait; "
-        f"ls -A {run} > $LOGS/left; rm {disk}/filler; "
-        + _run("rerun", run)
-        + f"cat {run}/metrics.json > $LOGS/metrics.json"
-    )
-    proc = _in_namespace(script)
-    assert proc.returncode == 0, proc.stderr
-    status, lines = _report(logs, "full")
+    namespace.sh(f"mount -t tmpfs -o size=8m tmpfs {disk}")
+    proc = namespace.start(logs / "full.log", run, DISTOPT_FAULT_CHUNK_DELAY="0.5")
+    try:
+        namespace.sh(
+            f"while ! grep -qs 'ckpt-20\"' {run}/checkpoints/checkpoint; "
+            "do sleep 0.05; done; "
+            f"head -c 9m /dev/zero > {disk}/filler 2>/dev/null; true"
+        )
+        status, lines = _report(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = namespace.sh(f"ls -A {run}; rm {disk}/filler")
+    rerun = namespace.train(logs / "rerun.log", run)
+    metrics = json.loads(namespace.sh(f"cat {run}/metrics.json"))
     assert status == 1, lines[-12:]
     _assert_one_error_last(lines, f"error: Could not write {run}/evaluations.json: ")
     assert "No space left on device" in lines[-1]
     # No metrics.json, no evaluations.json, no temporary file; lock released.
-    assert sorted((logs / "left").read_text().split()) == [
+    assert sorted(left.split()) == [
         "checkpoints",
         "eval",
         "run_config.json",
         "train",
         "training_clock.json",
     ]
-    status, lines = _report(logs, "rerun")
+    status, lines = rerun
     assert status == 0, lines[-12:]
-    metrics = json.loads((logs / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["train_steps"] == 20
     assert metrics["start_step"] == 20
 
 
-@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_nothing_after_the_rerun(tmp_path):
     run = tmp_path / "run"
     train = TRAIN.split()[1:] + [f"--model_dir={run}"]
