@@ -3,16 +3,76 @@
 No timing is asserted; the figures come from full runs (BUILD_NOTES.md).
 """
 
+import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 
+import conftest
 import numpy as np
 import pytest
 from conftest import run_python
 
-from distopt.benchmarks import adam_step, step_breakdown, trainer_vs_keras
+from distopt.benchmarks import (
+    adam_step,
+    compression_accuracy,
+    protocol,
+    step_breakdown,
+    sync_modes,
+    trainer_vs_keras,
+)
 
 
-def test_adam_step_runs_and_reports_ratios(capsys):
+class _ForkedChildren:
+    """A benchmark module's ``subprocess``: its ``python`` children forked.
+
+    The benchmarks start each measurement (and sync_modes each worker) as a
+    new interpreter, by design: a real run's figures must not depend on the
+    process before. Here each would pay ~3.5 CPU-s for ``import tensorflow``
+    ahead of a few steps, while these tests check the outputs' structure and
+    counts, not an interpreter's start. So the same argv, environment and
+    working directory run forked from the fork server instead (TensorFlow
+    imported, no runtime yet; a process of its own: see forkserver.py).
+    """
+
+    PIPE = subprocess.PIPE
+    STDOUT = subprocess.STDOUT
+
+    @staticmethod
+    def _argv_env(command, env):
+        assert command[0] == sys.executable, command
+        # The children's log level, as they inherit it from this process
+        # (conftest) or sync_modes sets it; the server imported at it.
+        return command[1:], {**(env or os.environ), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    @classmethod
+    def run(cls, command, *, capture_output, text, check, env=None):
+        """``subprocess.run(command, capture_output=True, text=True)``."""
+        assert capture_output and text and not check
+        argv, env = cls._argv_env(command, env)
+        return conftest.FORK_SERVER.run(argv, cwd=os.getcwd(), env=env, timeout=600)
+
+    @classmethod
+    def Popen(cls, command, *, stdout, stderr, text, env=None):
+        """``subprocess.Popen(command, text=True, ...)``."""
+        assert text
+        argv, env = cls._argv_env(command, env)
+        return conftest.FORK_SERVER.popen(
+            argv, cwd=os.getcwd(), env=env, stdout=stdout, stderr=stderr
+        )
+
+
+@pytest.fixture
+def forked_children(monkeypatch):
+    """The benchmarks' children fork (unless ``DISTOPT_TESTS_NO_FORK``)."""
+    if not conftest.NO_FORK:
+        for module in (protocol, compression_accuracy, sync_modes):
+            monkeypatch.setattr(module, "subprocess", _ForkedChildren)
+
+
+def test_adam_step_runs_and_reports_ratios(capsys, forked_children):
     results = adam_step.main(
         [
             "--sets=tiny",
@@ -60,7 +120,7 @@ def test_resnet50_shapes():
     assert sum(math.prod(s) for s in shapes) == 25_583_592
 
 
-def test_trainer_vs_keras_runs_and_reports_ratios(capsys):
+def test_trainer_vs_keras_runs_and_reports_ratios(capsys, forked_children):
     results = trainer_vs_keras.main(
         [
             "--models=mlp",
@@ -212,10 +272,6 @@ def test_adam_step_targets_apply_to_the_optimizers_they_name():
 @pytest.mark.slow
 def test_time_to_accuracy_end_to_end_on_a_tiny_configuration(tmp_path):
     """The real trainer through the real launcher, two modes, one round."""
-    import json
-
-    from conftest import run_python
-
     proc = run_python(
         "-m",
         "distopt.benchmarks.time_to_accuracy",
@@ -250,28 +306,24 @@ def test_time_to_accuracy_end_to_end_on_a_tiny_configuration(tmp_path):
 
 
 def _run_benchmark(module, out, *flags, output_flag="--output"):
-    """Runs `python -m distopt.benchmarks.<module>`; returns the JSON it wrote.
+    """Runs benchmark `module`'s ``main`` here; returns the JSON it wrote.
 
-    The benchmark's output goes to `out`; a failed run shows its output.
+    Its children fork (`forked_children`); the benchmark itself starts no
+    TensorFlow, so running it here rather than as ``python -m`` leaves only
+    the ``__main__`` line out (the bad-flag tests and test_entry_points run
+    that). A failed run's output is in the test's captured output.
     """
-    import json
-
-    from conftest import run_python
-
-    proc = run_python(
-        "-m",
-        f"distopt.benchmarks.{module}",
-        *flags,
-        f"{output_flag}={out}",
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    main = importlib.import_module(f"distopt.benchmarks.{module}").main
+    argv = [*flags, f"{output_flag}={out}"]
+    # sync_modes's main takes argparse's argv; the others absl's, prog first.
+    status = main(argv if module == "sync_modes" else [module, *argv])
+    assert status == 0
     with open(out) as f:
         return json.load(f)
 
 
 @pytest.mark.slow
-def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
+def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path, forked_children):
     result = _run_benchmark(
         "compression_accuracy",
         tmp_path / "out.json",
@@ -289,7 +341,9 @@ def test_compression_accuracy_runs_and_counts_fewer_bytes(tmp_path):
 
 
 @pytest.mark.slow
-def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
+def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(
+    tmp_path, forked_children
+):
     """2 localhost workers, every row of the table, a few steps each."""
     rows = _run_benchmark(
         "sync_modes",
@@ -327,7 +381,9 @@ def test_sync_modes_runs_every_row_and_counts_what_each_replica_sends(tmp_path):
 
 
 @pytest.mark.slow
-def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(tmp_path):
+def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(
+    tmp_path, forked_children
+):
     result = _run_benchmark(
         "compression_cost",
         tmp_path / "out.json",
@@ -348,7 +404,9 @@ def test_compression_cost_runs_and_counts_the_bytes_of_its_shapes(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_state_runs_and_halves_the_state_on_2_devices(tmp_path):
+def test_sharded_state_runs_and_halves_the_state_on_2_devices(
+    tmp_path, forked_children
+):
     result = _run_benchmark(
         "sharded_state",
         tmp_path / "out.json",
@@ -404,10 +462,6 @@ def test_a_bad_flag_is_one_line_naming_it(benchmark, flag, says):
 @pytest.mark.parametrize("benchmark", ["compression_cost", "sharded_state"])
 def test_every_run_failing_is_an_error(benchmark, monkeypatch, capsys):
     # It printed an empty table and exited 0.
-    import importlib
-
-    from distopt.benchmarks import protocol
-
     module = importlib.import_module(f"distopt.benchmarks.{benchmark}")
     monkeypatch.setattr(protocol, "measure_in_subprocess", lambda *a, **k: None)
     assert module.main([benchmark, "--repeats=1"]) == 1
