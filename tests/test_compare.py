@@ -110,7 +110,10 @@ def _assert_nontrivial_png(image, path):
     pixels = image.imread(str(path))[..., :3]
     assert pixels.shape[0] >= 300 and pixels.shape[1] >= 400, path
     assert pixels.std() > 0.1, path  # not a blank canvas
-    colors = np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
+    rgb = (pixels.reshape(-1, 3) * 255).astype(np.uint8).astype(np.uint32)
+    # The distinct colours, each packed into one integer (r, g, b -> 0xRRGGBB,
+    # one to one): np.unique(axis=0) on the rows counts the same, ~50x slower.
+    colors = np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2])
     assert len(colors) > 200, path  # heat maps and lines, not a few flat fills
 
 
