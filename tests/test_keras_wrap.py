@@ -319,18 +319,48 @@ def _adam_for(mode):
     return _adam(sync.LocalSGD(4) if mode == "local_sgd" else None)
 
 
+class _SaveFirstEpoch(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint (model.save) at the end of epoch 1 only (6 steps,
+    mid-period for LocalSGD(4)); keeps each replica's weights at the save."""
+
+    def __init__(self, strategy, path):
+        super().__init__(path)
+        self.strategy, self.replicas = strategy, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            super().on_epoch_end(epoch, logs)
+            self.replicas = _replica_weights(self.strategy, self.model)
+
+
 @pytest.fixture(scope="module")
-def straight(mnist, two):
-    """mode -> a model trained 3 epochs (18 steps) without a stop."""
+def straight(mnist, two, tmp_path_factory):
+    """mode -> a model trained 3 epochs (18 steps) without a stop.
+
+    The LocalSGD run also saves itself (ModelCheckpoint) at the end of epoch
+    1, for test_save_load_model_continues_exactly: the model it saved is the
+    first epoch of this run, which that test would otherwise train again
+    (see `saved_mid_period`).
+    """
     cache = {}
 
     def get(mode):
         if mode not in cache:
             model = _model(two, _adam_for(mode))
-            _fit3(model, *mnist)
-            cache[mode] = model
-        return cache[mode]
+            callbacks = []
+            if mode == "local_sgd":
+                path = str(tmp_path_factory.mktemp("straight") / "model.keras")
+                callbacks.append(_SaveFirstEpoch(two, path))
+            _fit3(model, *mnist, callbacks=callbacks)
+            cache[mode] = model, callbacks
+        return cache[mode][0]
 
+    def saved_mid_period():
+        get("local_sgd")
+        (saver,) = cache["local_sgd"][1]
+        return saver.filepath, saver.replicas
+
+    get.saved_mid_period = saved_mid_period
     return get
 
 
@@ -353,26 +383,34 @@ def test_backup_and_restore_resumes_exactly(mnist, two, tmp_path, straight, mode
 
 
 @pytest.mark.slow  # multi-epoch
-def test_save_load_model_continues_exactly(mnist, two, tmp_path, straight):
+def test_save_load_model_continues_exactly(mnist, two, straight):
     """ModelCheckpoint (model.save) mid-period under LocalSGD(4), load_model,
-    train on: as never saved."""
-    model = _model(two, _adam_for("local_sgd"))
-    path = os.path.join(tmp_path, "model.keras")
-    _fit3(model, *mnist, epochs=1, callbacks=[keras.callbacks.ModelCheckpoint(path)])
+    train on: as never saved.
+
+    The model saved is the straight LocalSGD run's at the end of epoch 1
+    (the `straight` fixture saves it there): the same model, weights and
+    optimizer as a 1-epoch fit saved by ModelCheckpoint, without training
+    that epoch a second time.
+    """
+    model = straight("local_sgd")
+    path, saved = straight.saved_mid_period()
     with two.scope():
         loaded = keras.models.load_model(path)
     assert isinstance(loaded.optimizer, dk.KerasOptimizer)
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 6
-    _assert_same_replicas(two, model, loaded)  # each replica got its own back
+    # Each replica got its own back.
+    got = _replica_weights(two, loaded)
+    for r in range(len(saved)):
+        for a, b in zip(saved[r], got[r]):
+            np.testing.assert_array_equal(a, b)
     # On one device (for inference, say) the model is the replicas' average.
-    saved = _replica_weights(two, model)
     single = keras.models.load_model(path)
     average = [(a + b) / 2 for a, b in zip(*saved)]
     assert _max_diff(saved[0], saved[1]) > 1e-4
     assert _max_diff(_weights(single), average) <= 1e-6
     _fit3(loaded, *mnist, epochs=2)
-    _assert_same_replicas(two, straight("local_sgd"), loaded)
+    _assert_same_replicas(two, model, loaded)
 
 
 # --- Compression -------------------------------------------------------------------
