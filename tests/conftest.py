@@ -152,6 +152,7 @@ EXPENSIVE_FIRST = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist -o addopts=` runs without it.
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker more than the CPUs, at most 4.
 

@@ -292,19 +292,28 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """Starts the server on first use (one per test process) and talks to it."""
+    """Starts the server on first use (one per test process) and talks to it.
 
-    def __init__(self):
+    Args:
+      prefix: a command the server runs under, which must ``exec`` it (so
+        that ``pid`` is the server's): ``["unshare", "--user",
+        "--map-root-user", "--mount"]`` makes its children root of a mount
+        namespace of their own, shared with whatever ``nsenter`` puts there.
+    """
+
+    def __init__(self, prefix=()):
+        self._prefix = list(prefix)
         self._proc = None
         self._path = None
 
-    def _ensure_started(self):
+    def start(self):
+        """Starts the server unless it runs (``popen`` and ``run`` call this)."""
         if self._proc is not None and self._proc.poll() is None:
             return
         self._path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self._proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), self._path],
+            [*self._prefix, sys.executable, os.path.abspath(__file__), self._path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -343,7 +352,7 @@ class ForkServer:
         ``subprocess.DEVNULL`` (None: /dev/null for stdin, this process's own
         for the others); ``stderr`` may be ``subprocess.STDOUT``.
         """
-        self._ensure_started()
+        self.start()
         devnull = open(os.devnull, "r+b")  # noqa: SIM115 (closed below)
 
         def fd(target, default):

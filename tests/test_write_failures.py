@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import forkserver
 import pytest
@@ -56,46 +55,26 @@ def disk(tmp_path):
     return path
 
 
-class _NamespaceForkServer(forkserver.ForkServer):
-    """A fork server (see forkserver.py) as root of its own user and mount
-    namespace, where the tests mount their small disks.
-
-    Each trainer run of these tests was a new interpreter in a namespace of
-    its own (``unshare ... sh -c``), importing TensorFlow: six imports, about
-    3.5 CPU-s each. Forked from this server, a run sees the mounts made in
-    its namespace (``nsenter``, see `_Namespace.sh`) and is otherwise the
-    same process: root there, its own pid, exit status and files. The disks
-    are not the point of the fresh start: a run starts on a disk already
-    full or made read-only under it.
-    """
-
-    def _ensure_started(self):
-        # ForkServer's own start, prefixed with `unshare`, which execs the
-        # server: its pid is the namespace's process for `nsenter`.
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        self._path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
-        self._proc = subprocess.Popen(
-            ["unshare", "--user", "--map-root-user", "--mount"]
-            + [sys.executable, os.path.abspath(forkserver.__file__), self._path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=python_env(),
-        )
-        line = self._proc.stdout.readline()
-        if line.strip() != b"ready":
-            raise RuntimeError(f"the fork server did not start: {line!r}")
+#: The disks' namespace: the trainer runs fork from a server (forkserver.py)
+#: that is root of a user and mount namespace of its own.
+_UNSHARE_MOUNT = ["unshare", "--user", "--map-root-user", "--mount"]
 
 
 class _Namespace:
     """Shell commands and trainer runs in one user and mount namespace."""
 
     def __init__(self):
-        self.server = _NamespaceForkServer()
+        # Each run was a new interpreter in a namespace of its own (`unshare
+        # ... sh -c`): six imports of TensorFlow, about 3.5 CPU-s each.
+        # Forked, a run sees the mounts made here (`sh`, by `nsenter`) and is
+        # otherwise the same process: root here, its own pid, exit status and
+        # files. A fresh start is not the point: a run starts on a disk
+        # already full, or one made read-only under it.
+        self.server = forkserver.ForkServer(prefix=_UNSHARE_MOUNT)
 
     def sh(self, script, timeout=400):
         """Runs ``sh -c script`` in the namespace; checks it exits 0."""
-        self.server._ensure_started()
+        self.server.start()
         proc = subprocess.run(
             ["nsenter", f"--target={self.server.pid}", "--user", "--mount"]
             + ["--preserve-credentials", "sh", "-c", script],
