@@ -122,6 +122,24 @@ def _report(proc, timeout=400):
         return proc.returncode, f.read().splitlines()
 
 
+def _saved_then(namespace, log, run, step, script):
+    """A paced run in ``run``; ``script`` once ckpt-``step`` is saved.
+
+    Saved means named in the state file, which is written after the
+    checkpoint's files. Returns the run's (exit status, output lines).
+    """
+    proc = namespace.start(log, run, DISTOPT_FAULT_CHUNK_DELAY="0.5")
+    try:
+        namespace.sh(
+            f"while ! grep -qs 'ckpt-{step}\"' {run}/checkpoints/checkpoint; "
+            f"do sleep 0.05; done; {script}"
+        )
+        return _report(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _assert_one_error_last(lines, starts):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], lines[-12:]
@@ -167,17 +185,13 @@ def test_model_dir_read_only_mid_run_is_one_line_and_the_rerun_resumes(
     # state file, which is written after ckpt-10.index (waiting for the
     # index alone, the state file's write could fail instead, 12-05).
     namespace.sh(f"mount -t tmpfs -o size=8m tmpfs {disk}")
-    proc = namespace.start(logs / "ro.log", run, DISTOPT_FAULT_CHUNK_DELAY="0.5")
-    try:
-        namespace.sh(
-            f"while ! grep -qs 'ckpt-10\"' {run}/checkpoints/checkpoint; "
-            "do sleep 0.05; done; "
-            f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}"
-        )
-        status, lines = _report(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    status, lines = _saved_then(
+        namespace,
+        logs / "ro.log",
+        run,
+        10,
+        f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}",
+    )
     namespace.sh(f"umount {disk}")
     rerun = namespace.train(logs / "rerun.log", run)
     left = namespace.sh(f"ls -A {run}/checkpoints").split()
@@ -207,17 +221,13 @@ def test_full_disk_at_the_final_evaluation_leaves_no_metrics_and_reruns(
     # The disk fills while the final evaluation runs (after the last save):
     # its record (evaluations.json) cannot be written, nor then metrics.json.
     namespace.sh(f"mount -t tmpfs -o size=8m tmpfs {disk}")
-    proc = namespace.start(logs / "full.log", run, DISTOPT_FAULT_CHUNK_DELAY="0.5")
-    try:
-        namespace.sh(
-            f"while ! grep -qs 'ckpt-20\"' {run}/checkpoints/checkpoint; "
-            "do sleep 0.05; done; "
-            f"head -c 9m /dev/zero > {disk}/filler 2>/dev/null; true"
-        )
-        status, lines = _report(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    status, lines = _saved_then(
+        namespace,
+        logs / "full.log",
+        run,
+        20,
+        f"head -c 9m /dev/zero > {disk}/filler 2>/dev/null; true",
+    )
     left = namespace.sh(f"ls -A {run}; rm {disk}/filler")
     rerun = namespace.train(logs / "rerun.log", run)
     metrics = json.loads(namespace.sh(f"cat {run}/metrics.json"))
