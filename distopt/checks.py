@@ -12,12 +12,19 @@ import numpy as np
 
 
 def check_int(name, value, minimum, maximum=None) -> int:
-    """`value` as an int in [`minimum`, `maximum`], or a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """`value` as an int in [`minimum`, `maximum`], or a ValueError naming `name`.
+
+    NumPy's integers count (a value read from an array is one); bools and
+    floats do not, not even 4.0 (a rate where a count belongs is a mistake).
+    """
+    integral = isinstance(value, numbers.Integral) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    if not integral or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}: must be at most {maximum}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_name(name, value):

@@ -116,11 +116,21 @@ def check_group_size(strategy: tf.distribute.Strategy, group_size: int) -> None:
 
 
 def check_created_in_scope(strategy: tf.distribute.Strategy, variables) -> None:
-    """Raises ValueError naming the first variable not created under `strategy`."""
-    if not tf.distribute.has_strategy():
-        return
+    """Raises ValueError naming the first variable not created under `strategy`.
+
+    With no strategy in scope, only a variable with a copy per replica is
+    refused: updated there as one plain variable, once per copy, the copies
+    would diverge (or fail with an error that does not say why).
+    """
     for v in variables:
-        if not strategy.extended.variable_created_in_scope(v):
+        if not tf.distribute.has_strategy():
+            if isinstance(v, tf.distribute.DistributedValues):
+                raise ValueError(
+                    f"var_list: variable {v.name!r} belongs to a distribution "
+                    "strategy, but no strategy is in scope: call this under "
+                    "`with strategy.scope():` (or inside `strategy.run`)."
+                )
+        elif not strategy.extended.variable_created_in_scope(v):
             raise ValueError(
                 f"var_list: variable {v.name!r} was created outside "
                 f"{type(strategy).__name__}.scope(); create it under "

@@ -304,8 +304,8 @@ MUTANTS = [
     Mutant(
         "lr_schedule_step",
         "distopt/optimizers/base.py",
-        "return tf.cast(self.learning_rate(self.iterations), tf.float32)",
-        "return tf.cast(self.learning_rate(self.iterations + 1), tf.float32)",
+        "return tf.cast(lr(self.iterations), tf.float32)",
+        "return tf.cast(lr(self.iterations + 1), tf.float32)",
         "tests/test_optimizers.py",
     ),
     Mutant(
@@ -430,6 +430,65 @@ MUTANTS = [
         "                pass\n",
         "tests/test_train.py -k use_ema",
     ),
+    # --- Misuse, arguments, restores into a fresh optimizer ------------------
+    Mutant(
+        "scope_check_skipped_without_strategy",
+        "distopt/distribute.py",
+        "            if isinstance(v, tf.distribute.DistributedValues):",
+        "            if False:",
+        "tests/test_numerics.py -k outside_its_scope",
+    ),
+    Mutant(
+        "variable_learning_rate_frozen",
+        "distopt/optimizers/schedules.py",
+        "            )\n        return learning_rate\n",
+        "            )\n        return check_rate('learning_rate', learning_rate)\n",
+        "tests/test_numerics.py -k variable_learning_rate",
+    ),
+    Mutant(
+        "traced_rate_not_noted",
+        "distopt/optimizers/base.py",
+        "            self._traced_rate = lr",
+        "            self._traced_rate = None",
+        "tests/test_numerics.py -k variable_learning_rate",
+    ),
+    Mutant(
+        "restore_replicas_skips_unbuilt",
+        "distopt/optimizers/base.py",
+        "        self.build(var_list)\n        with self._strategy.scope():",
+        "        if not self._built:\n            return\n"
+        "        with self._strategy.scope():",
+        "tests/test_sync.py -k snapshot_resume_equals",
+    ),
+    Mutant(
+        "sync_built_in_the_trace",
+        "distopt/optimizers/base.py",
+        "            with tf.init_scope(), strategy.scope():\n"
+        "                self.sync.build(",
+        "            with strategy.scope():\n                self.sync.build(",
+        "tests/test_sync.py -k resume_equals_uninterrupted_run",
+    ),
+    Mutant(
+        "numpy_integer_refused",
+        "distopt/checks.py",
+        "    integral = isinstance(value, numbers.Integral) and not",
+        "    integral = isinstance(value, int) and not",
+        "tests/test_sync.py -k numpy_integers",
+    ),
+    Mutant(
+        "warmup_steps_truncated",
+        "distopt/sync/periodic.py",
+        'check_int("warmup_steps", warmup_steps, 0)',
+        "int(warmup_steps)",
+        "tests/test_sync.py -k bad_sync_arguments",
+    ),
+    Mutant(
+        "outer_optimizer_any_builder",
+        "distopt/sync/periodic.py",
+        'for m in ("build", "apply_update")',
+        'for m in ("build",)',
+        "tests/test_sync.py -k bad_sync_arguments",
+    ),
     # --- Sharded optimizer state (ZeRO-1) ------------------------------------
     Mutant(
         "shard_boundary_off_by_one",
@@ -452,6 +511,13 @@ MUTANTS = [
         "    flat = tf.reshape(rows, [-1])\n    if copies[0].device.endswith('CPU:1'):\n"
         "        return\n    written = ",
         "tests/test_sharded.py",
+    ),
+    Mutant(
+        "shard_empty_group_stepped",
+        "distopt/optimizers/sharded.py",
+        "if group.total == 0 or not any(i in given for i in group.members):",
+        "if not any(i in given for i in group.members):",
+        "tests/test_sharded.py -k empty_variables",
     ),
     # --- Compression with error feedback -----------------------------------
     Mutant(

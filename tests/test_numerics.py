@@ -514,6 +514,77 @@ def test_a_variable_created_outside_the_scope_is_named():
     np.testing.assert_array_equal(var.numpy(), [1.0])
 
 
+def test_a_strategys_variable_outside_its_scope_is_refused():
+    """Built there, its one slot was updated once per copy: the copies diverged.
+
+    Applied there after a build in the scope, it was a TypeError that said
+    nothing of the scope.
+    """
+    with M2.scope():
+        var = tf.Variable([1.0, 2.0])
+        opt = optimizers.Momentum(0.5, momentum=0.9)
+    grad = tf.constant([1.0, -1.0])
+    with pytest.raises(ValueError, match=r"'Variable:0' .*no strategy is in scope"):
+        opt.build([var])
+    with pytest.raises(ValueError, match="no strategy is in scope"):
+        opt.apply_gradients([grad], [var])
+    assert opt.built_variables() == []
+    with M2.scope():
+        opt.build([var])
+    with pytest.raises(ValueError, match="no strategy is in scope"):
+        opt.apply_gradients([grad], [var])
+    for copy in local_copies(M2, var):
+        np.testing.assert_array_equal(copy, [1.0, 2.0])
+    # One device's variables are plain variables: outside its scope they train.
+    one = dist.make_strategy("one_device")
+    with one.scope():
+        plain = tf.Variable([1.0, 2.0])
+    opt = optimizers.GradientDescent(0.5)
+    opt.apply_gradients([grad], [plain])
+    np.testing.assert_allclose(plain.numpy() - [1.0, 2.0], [-0.5, 0.5])
+
+
+def test_a_variable_learning_rate_is_read_at_every_traced_step(caplog):
+    """Assigning the variable changes the next update of the same trace.
+
+    It was converted to a float at construction. A float reassigned after
+    the trace stays the traced constant, and a WARNING says so.
+    """
+    rate = tf.Variable(0.1)
+    with M2.scope():
+        var, fixed_var = tf.Variable([0.0, 0.0]), tf.Variable([0.0, 0.0])
+        opt = optimizers.GradientDescent(learning_rate=rate)
+        fixed = optimizers.GradientDescent(learning_rate=0.1)
+    grads = [[1.0, 3.0], [3.0, 5.0]]  # the mean: [2, 4]
+
+    @tf.function
+    def step(o, v):
+        g = _per_replica(M2, lambda r: tf.constant(grads[r]))
+        M2.run(lambda g: o.apply_gradients([g], [v]), (g,))
+
+    def update(o, v):
+        before = local_copies(M2, v)
+        step(o, v)
+        after = local_copies(M2, v)
+        np.testing.assert_array_equal(after[0], after[1])
+        return (after[0] - before[0]).astype(np.float64)
+
+    mean = np.array([2.0, 4.0])
+    np.testing.assert_allclose(update(opt, var), -0.1 * mean, rtol=1e-6)
+    rate.assign(0.5)
+    np.testing.assert_allclose(update(opt, var), -0.5 * mean, rtol=1e-6)
+    assert step.experimental_get_tracing_count() == 1
+    assert opt.get_config()["learning_rate"] == 0.5
+
+    np.testing.assert_allclose(update(fixed, fixed_var), -0.1 * mean, rtol=1e-6)
+    with caplog.at_level("WARNING"):
+        fixed.learning_rate = 0.5
+    assert "traced the update with 0.1" in caplog.text
+    np.testing.assert_allclose(update(fixed, fixed_var), -0.1 * mean, rtol=1e-6)
+    with pytest.raises(ValueError, match="learning_rate: a tf.Variable must be"):
+        optimizers.GradientDescent(learning_rate=tf.Variable([0.1, 0.2]))
+
+
 # --- Loss scaling -----------------------------------------------------------------
 
 

@@ -528,6 +528,68 @@ def test_sparse_gradients_are_densified():
     np.testing.assert_array_equal(sharded[3], sparse_rows[3])
 
 
+#: A Dense(0) layer's variables: one among float32 variables, one alone in its
+#: (float16) group, whose shards hold 0 elements.
+EMPTY = [((3, 2), F32), ((4, 0), F32), ((5,), F32), ((0,), F16)]
+
+
+def _empty_run(strategy, name, shard, w0, grads):
+    with strategy.scope():
+        variables = [tf.Variable(w) for w in w0]
+        opt = optimizers.get(name, learning_rate=0.1, shard_state=shard, **OP_BY_OP)
+
+    @tf.function
+    def step(gs):
+        strategy.run(lambda: opt.apply_gradients(zip(gs, variables)))
+
+    for gs in grads:
+        step([tf.constant(g) for g in gs])
+    return opt, variables
+
+
+def _assert_same_slots(opt, variables, want_opt, want_vars, exact=True):
+    for i, (v, u) in enumerate(zip(variables, want_vars, strict=True)):
+        want_slots = want_opt.slots(u)
+        for key, s in opt.slots(v).items():
+            got, want = s.numpy(), want_slots[key].numpy()
+            assert (got.shape, got.dtype) == (want.shape, want.dtype), (i, key)
+            assert_same(got, want, f"var{i} {key}", exact)
+
+
+@pytest.mark.parametrize("name", ["adam", "lamb"])
+def test_empty_variables(name, tmp_path):
+    """Variables of 0 elements: the others' update is the unsharded one,
+    the empty slots read as empty, and a checkpoint restores unsharded and
+    on another number of replicas. Reading an empty slot (and so saving)
+    failed (`tf.concat` of no pieces), and so did the step of a group of
+    empty variables (`IndexError`)."""
+    strategy = STRATEGIES[2]
+    rng = np.random.default_rng(7)
+    w0, *grads = (
+        [rng.normal(size=s).astype(d.as_numpy_dtype) for s, d in EMPTY]
+        for _ in range(3)
+    )
+    opt, variables = _empty_run(strategy, name, True, w0, grads)
+    want_opt, want_vars = _empty_run(strategy, name, False, w0, grads)
+    exact = name not in harness.LAYERWISE
+    for i, (v, u) in enumerate(zip(variables, want_vars)):
+        for copy in local_copies(strategy, v):
+            assert_same(copy, u.numpy(), f"var{i}", exact)
+    _assert_same_slots(opt, variables, want_opt, want_vars, exact)
+
+    path = tf.train.Checkpoint(opt=opt).save(str(tmp_path / "c"))
+    for other, shard in ((tf.distribute.get_strategy(), False), (STRATEGIES[4], True)):
+        with other.scope():
+            again = [tf.Variable(w) for w in w0]
+            restored = optimizers.get(name, shard_state=shard, **OP_BY_OP)
+            restored.build(again)
+        assert (restored._sharded_slots is not None) == shard
+        tf.train.Checkpoint(opt=restored).restore(
+            path
+        ).assert_existing_objects_matched()
+        _assert_same_slots(restored, again, opt, variables)
+
+
 # --- 4. Checkpoints independent of N ---------------------------------------------
 
 CKPT = [("adagrad", True), ("lamb", True)]

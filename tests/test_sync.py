@@ -385,16 +385,29 @@ def test_allreduce_calls_and_bytes_are_counted(mode, k, calls, payload):
 
 
 @pytest.mark.parametrize(
-    "mode,kwargs,split",
+    "mode,kwargs,split,compression,build",
     [
-        ("accumulate", {"k": 3}, 4),  # mid-period: one micro-step into period 2
-        ("diloco", {"k": 2, "warmup_steps": 1}, 5),  # at a period boundary
-        ("diloco", {"k": 3}, 4),  # mid-period
-        ("local_sgd", {"k": 2, "warmup_steps": 1, "average_slots": True}, 3),
-        ("local_sgd", {"k": 3}, 2),  # mid-period
+        ("accumulate", {"k": 3}, 4, None, True),  # mid-period: 1 micro-step in
+        ("diloco", {"k": 2, "warmup_steps": 1}, 5, None, True),  # period boundary
+        ("diloco", {"k": 3}, 4, None, True),  # mid-period
+        (
+            "local_sgd",
+            {"k": 2, "warmup_steps": 1, "average_slots": True},
+            3,
+            None,
+            True,
+        ),
+        ("local_sgd", {"k": 3}, 2, None, True),  # mid-period
+        # Restored before the first step builds it, in the traced step: the
+        # sync state (accumulators; the outer gradient's residuals) used to
+        # be made inside the trace, where a deferred restore cannot assign it.
+        ("accumulate", {"k": 3}, 4, None, False),
+        ("diloco", {"k": 2, "warmup_steps": 1}, 5, "topk", False),
     ],
 )
-def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
+def test_resume_equals_uninterrupted_run(
+    tmp_path, mode, kwargs, split, compression, build
+):
     """Save after `split` steps, restore into fresh objects, finish the run.
 
     The reference is one uninterrupted run that makes the same
@@ -403,7 +416,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     only replica 0's copy.
     """
     x, y, n = make_data(7, 2, seed=11)
-    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, **kwargs))
+    make = lambda: optimizer(
+        "momentum", sync=distopt.sync.get(mode, **kwargs), compression=compression
+    )
     head, opt, step = train(M2, make, x[:split], y[:split], n[:split])
     opt.synchronize(head)
     assert_replicas_identical(
@@ -419,11 +434,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     with M2.scope():
         params = [tf.Variable(np.zeros_like(w0)), tf.Variable(np.zeros_like(b0))]
         fresh = make()
-        fresh.build(params)
-    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
+        if build:
+            fresh.build(params)
+    status = tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
     resumed, fresh, _ = train(
         M2, None, x[split:], y[split:], n[split:], state=(params, fresh)
     )
+    status.assert_consumed()
     for a, b in zip(
         local_copies(M2, resumed[0]) + local_copies(M2, resumed[1]),
         local_copies(M2, full[0]) + local_copies(M2, full[1]),
@@ -432,11 +449,12 @@ def test_resume_equals_uninterrupted_run(tmp_path, mode, kwargs, split):
     assert int(fresh.iterations.numpy()) == int(full_opt.iterations.numpy())
 
 
-def _fresh(strategy, make, like):
+def _fresh(strategy, make, like, build=True):
     with strategy.scope():
         params = [tf.Variable(tf.zeros_like(p)) for p in like]
         opt = make()
-        opt.build(params)
+        if build:
+            opt.build(params)
     return params, opt
 
 
@@ -445,15 +463,20 @@ def _state(opt, params):
 
 
 @pytest.mark.parametrize(
-    "mode,kwargs,split",
+    "mode,kwargs,split,build",
     [
-        ("local_sgd", {"k": 3}, 2),  # mid-period
-        ("local_sgd", {"k": 2, "warmup_steps": 1}, 3),  # boundary, slots differ
-        ("diloco", {"k": 3, "warmup_steps": 1}, 3),  # mid-period
-        ("local_sgd", {"k": 2, "average_slots": True}, 4),  # boundary: identical
+        ("local_sgd", {"k": 3}, 2, True),  # mid-period
+        ("local_sgd", {"k": 2, "warmup_steps": 1}, 3, True),  # boundary, slots differ
+        ("diloco", {"k": 3, "warmup_steps": 1}, 3, True),  # mid-period
+        ("local_sgd", {"k": 2, "average_slots": True}, 4, True),  # boundary: same
+        # restore_replicas builds a fresh optimizer (it used to do nothing,
+        # and the first step failed asking for the call just made).
+        ("diloco", {"k": 3, "warmup_steps": 1}, 3, False),
     ],
 )
-def test_snapshot_resume_equals_a_run_that_never_stopped(tmp_path, mode, kwargs, split):
+def test_snapshot_resume_equals_a_run_that_never_stopped(
+    tmp_path, mode, kwargs, split, build
+):
     """snapshot_replicas before the save, restore_replicas after: bit-exact.
 
     Unlike synchronize(), the snapshot does not touch the run: the reference
@@ -480,9 +503,17 @@ def test_snapshot_resume_equals_a_run_that_never_stopped(tmp_path, mode, kwargs,
         c.shape[0] == 0 for g in opt.sync.snapshots for c in local_copies(M2, g[0])
     )
 
-    params, fresh = _fresh(M2, make, head)
-    tf.train.Checkpoint(params=params, optimizer=fresh).restore(path).assert_consumed()
-    fresh.restore_replicas(params)
+    params, fresh = _fresh(M2, make, head, build=build)
+    status = tf.train.Checkpoint(params=params, optimizer=fresh).restore(path)
+    if build:
+        fresh.restore_replicas(params)  # works outside the scope: built in it
+    else:
+        # Unbuilt, it must build, under the strategy: none in scope is named.
+        with pytest.raises(ValueError, match="no strategy is in scope"):
+            fresh.restore_replicas(params)
+        with M2.scope():
+            fresh.restore_replicas(params)
+    status.assert_consumed()
     resumed, fresh, _ = train(
         M2, None, x[split:], y[split:], n[split:], state=(params, fresh)
     )
@@ -641,6 +672,43 @@ def test_accumulators_restore_from_a_checkpoint_of_their_sum(tmp_path):
 def test_bad_period_names_k(factory, k):
     with pytest.raises(ValueError, match="^k:"):
         factory(k)
+
+
+@pytest.mark.parametrize(
+    "make,argument",
+    [
+        # Truncated to 1 in silence, and an int() error naming nothing.
+        (lambda: distopt.sync.LocalSGD(4, warmup_steps=1.5), "warmup_steps"),
+        (lambda: distopt.sync.DiLoCo(4, warmup_steps="a"), "warmup_steps"),
+        (lambda: distopt.sync.Hierarchical(4, warmup_steps=-1), "warmup_steps"),
+        (lambda: distopt.sync.Hierarchical(4, group_size=0), "group_size"),
+        # An AttributeError, or (Keras's) accepted and failing at the first
+        # outer step.
+        (lambda: distopt.sync.DiLoCo(4, outer_optimizer="sgd"), "outer_optimizer"),
+        (lambda: distopt.sync.DiLoCo(4, outer_optimizer=0.7), "outer_optimizer"),
+        (
+            lambda: distopt.sync.DiLoCo(4, outer_optimizer=tf.keras.optimizers.SGD()),
+            "outer_optimizer",
+        ),
+    ],
+)
+def test_bad_sync_arguments_raise_one_error_naming_them(make, argument):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value).startswith(f"{argument}:"), str(e.value)
+
+
+def test_numpy_integers_are_integers():
+    """A count read from an array was refused, "must be an integer, got 2"."""
+    assert distopt.sync.Accumulate(np.int64(4)).k == 4
+    mode = distopt.sync.LocalSGD(np.int32(8), warmup_steps=np.int64(2))
+    assert (mode.k, mode.warmup_steps) == (8, 2)
+    assert type(mode.k) is int and type(mode.warmup_steps) is int
+    assert distopt.compression.PowerSGD(rank=np.int64(2)).rank == 2
+    with pytest.raises(ValueError, match="^k:"):
+        distopt.sync.Accumulate(np.float64(4.0))
+    with pytest.raises(ValueError, match="^k:"):
+        distopt.sync.Accumulate(np.bool_(True))
 
 
 @pytest.mark.parametrize(

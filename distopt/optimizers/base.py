@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
+from absl import logging
 
 from distopt import compression as compression_lib
 from distopt import counter as counter_lib
@@ -70,10 +71,13 @@ class Optimizer(tf.Module):
     and the fused update still takes all variables in one kernel.
 
     Args:
-        learning_rate: A non-negative float, or a schedule: a callable of the
-            int64 step (`optimizer.iterations`) returning a scalar. It may be
-            reassigned after construction (to a float or such a callable);
-            it is read at every update (`learning_rate_value`).
+        learning_rate: A non-negative float; a schedule: a callable of the
+            int64 step (`optimizer.iterations`) returning a scalar; or a
+            scalar float `tf.Variable`, read at every update (assign it to
+            change the rate, as Keras callbacks do). It may be reassigned
+            after construction, but a float is a constant of the functions
+            already traced (a WARNING says so): to change the rate between
+            calls of a traced step, pass a variable or a schedule.
         weight_decay: Decoupled weight decay applied before each update, as in
             Keras: `p <- p - learning_rate * weight_decay * p`.
         aggregation: How per-replica gradients are combined: "mean"
@@ -159,7 +163,9 @@ class Optimizer(tf.Module):
         name=None,
     ):
         super().__init__(name=name or _snake_case(type(self).__name__))
-        self.learning_rate = schedules.check_learning_rate(learning_rate)
+        #: The float learning rate a traced update has used, for the setter.
+        self._traced_rate = None
+        self.learning_rate = learning_rate
         self.weight_decay = (
             schedules.check_rate("weight_decay", weight_decay) if weight_decay else None
         )
@@ -401,7 +407,10 @@ class Optimizer(tf.Module):
                 self._slot_index[var.ref()] = i
                 self._variable_refs.append(var.ref())
             self.reducer.build(strategy, var_list)
-            self.sync.build(self, var_list, strategy)
+            # Eagerly, as the reducer's state: a checkpoint restored before a
+            # lazy build in a tf.function assigns the sync state as it is made.
+            with tf.init_scope(), strategy.scope():
+                self.sync.build(self, var_list, strategy)
         self._built = True
 
     def _slot_inits(self, var) -> dict:
@@ -543,9 +552,13 @@ class Optimizer(tf.Module):
 
     def _cross_replica_call(self, method, var_list):
         dist.require_cross_replica_context(method)
-        if self._built:
-            with self._strategy.scope():
-                getattr(self.sync, method)(self, self._strategy, list(var_list))
+        var_list = list(var_list)
+        # A fresh optimizer after `checkpoint.restore`: its state is restored
+        # as it is created (deferred restoration), so build it now rather than
+        # skip the call and fail the first step for want of this very call.
+        self.build(var_list)
+        with self._strategy.scope():
+            getattr(self.sync, method)(self, self._strategy, var_list)
 
     def finalize_variable_values(self, var_list: Sequence[tf.Variable]) -> None:
         """Copies each variable's moving average into it (`use_ema`); else nothing.
@@ -577,11 +590,40 @@ class Optimizer(tf.Module):
                     ema,
                 )
 
+    @property
+    def learning_rate(self):
+        """The float, schedule or `tf.Variable` the updates read; see `__init__`."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        value = schedules.check_learning_rate(value)
+        if self._traced_rate is not None and value != self._traced_rate:
+            # A float is a constant of the traced update: the call is not
+            # wrong (a function traced later uses the new rate), but a user
+            # who expected the running step to change must hear it.
+            logging.warning(
+                "learning_rate: set to %r after a tf.function traced the update "
+                "with %r, which the traced functions keep using. To change the "
+                "rate between calls of a traced step, pass learning_rate=a "
+                "tf.Variable and assign it, or a schedule.",
+                value,
+                self._traced_rate,
+            )
+        # Not tracked again under this name (tf.Module tracks the attribute
+        # `learning_rate` already, as before this was a property).
+        object.__setattr__(self, "_learning_rate", value)
+
     def learning_rate_value(self) -> tf.Tensor:
         """The learning rate the next update will use, as float32."""
-        if callable(self.learning_rate):
-            return tf.cast(self.learning_rate(self.iterations), tf.float32)
-        return tf.constant(self.learning_rate, tf.float32)
+        lr = self.learning_rate
+        if callable(lr):
+            return tf.cast(lr(self.iterations), tf.float32)
+        if isinstance(lr, tf.Variable):
+            return tf.cast(tf.convert_to_tensor(lr), tf.float32)
+        if not tf.executing_eagerly():
+            self._traced_rate = lr
+        return tf.constant(lr, tf.float32)
 
     def slots(self, var) -> dict[str, tf.Variable]:
         """The slot variables of `var`, by name."""

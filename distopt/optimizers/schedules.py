@@ -143,10 +143,15 @@ _SCHEDULES = {
 
 
 def serialize(learning_rate):
-    """A JSON-able form of a float or a schedule of this module."""
+    """A JSON-able form of a float or a schedule of this module.
+
+    A `tf.Variable` is saved as its current value, as Keras does.
+    """
     if isinstance(learning_rate, Schedule):
         name = next(k for k, v in _SCHEDULES.items() if v is type(learning_rate))
         return {"schedule": name, "config": learning_rate.get_config()}
+    if isinstance(learning_rate, tf.Variable):
+        return float(learning_rate.numpy())
     return learning_rate
 
 
@@ -158,8 +163,19 @@ def deserialize(value):
 
 
 def check_learning_rate(learning_rate):
-    """Validates a float or callable `learning_rate`; returns it."""
+    """Validates a float, a callable or a scalar float `tf.Variable`; returns it.
+
+    The variable is kept, not its value: assigning it changes the rate, in
+    traced functions too.
+    """
     if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, tf.Variable):
+        if learning_rate.shape.rank != 0 or not learning_rate.dtype.is_floating:
+            raise ValueError(
+                "learning_rate: a tf.Variable must be a float scalar, got "
+                f"shape {learning_rate.shape} and dtype {learning_rate.dtype.name}."
+            )
         return learning_rate
     return check_rate("learning_rate", learning_rate)
 

@@ -215,9 +215,14 @@ class SlotView(dist.LogicalState):
         return out
 
     def logical_value(self):
+        locations = self._locations()
+        if not locations:
+            # An empty variable has no piece in any shard (and `tf.concat`
+            # takes no empty list): its slot is empty, nothing to gather.
+            return tf.zeros(self._shape, self._dtype)
         with self._strategy.scope():
             shards = self._replica_shards()
-            parts = [shards[r][a:b] for r, a, b, _ in self._locations()]
+            parts = [shards[r][a:b] for r, a, b, _ in locations]
             return tf.reshape(tf.concat(parts, 0), self._shape)
 
     def _replica_shards(self):
@@ -256,7 +261,9 @@ def apply(optimizer, state, strategy, grads, variables, lr, step, scale, ok, var
     every = optimizer.built_variables()
     given = {optimizer.variable_index(v): j for j, v in enumerate(variables)}
     for g, group in enumerate(state.groups):
-        if not any(i in given for i in group.members):
+        # A group of empty variables (a float16 Dense(0) bias alone in its
+        # dtype) has shards of 0 elements: nothing to update or to send.
+        if group.total == 0 or not any(i in given for i in group.members):
             continue
         stores = [state.storage(g, n) for n in group.slot_names]
         members = [every[i] for i in group.members]

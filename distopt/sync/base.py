@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from distopt.checks import check_int
+
 
 class Sync(tf.Module):
     """Base class of sync modes."""
@@ -58,6 +60,4 @@ class Sync(tf.Module):
 
 def check_period(name, k) -> int:
     """Validates a period argument (an int >= 1)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{name}: must be an integer >= 1, got {k!r}.")
-    return k
+    return check_int(name, k, 1)

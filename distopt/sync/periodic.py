@@ -8,7 +8,7 @@ from distopt import compression as compression_lib
 from distopt import distribute as dist
 from distopt import ownership
 from distopt import reduce as reduce_lib
-from distopt.checks import check_bool
+from distopt.checks import check_bool, check_int
 from distopt.sync.base import Sync, check_period
 from distopt.sync.snapshots import ReplicaSnapshots
 
@@ -63,11 +63,9 @@ class PeriodicAverage(Sync):
     ):
         super().__init__()
         self.k = check_period("k", k)
-        self.warmup_steps = int(warmup_steps)
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.average_slots = check_bool("average_slots", average_slots)
-        self.outer_optimizer = outer_optimizer
+        self.outer_optimizer = _check_outer_optimizer(outer_optimizer)
         #: Whether the mode steps an outer optimizer (DiLoCo): its default is
         #: made at build.
         self.has_outer = outer_optimizer is not None
@@ -401,6 +399,24 @@ def set_default_outer_optimizer(factory) -> None:
     """Registers the callable that makes DiLoCo's default outer optimizer."""
     global _default_outer_factory
     _default_outer_factory = factory
+
+
+def _check_outer_optimizer(outer):
+    """`outer` if it is a distopt optimizer (or None), else a ValueError.
+
+    By what DiLoCo calls on it, as this module cannot import the optimizers
+    (they import the sync modes): a Keras optimizer or a string used to pass
+    here and fail at the first outer step.
+    """
+    if outer is None or all(
+        callable(getattr(outer, m, None)) for m in ("build", "apply_update")
+    ):
+        return outer
+    raise ValueError(
+        "outer_optimizer: must be a distopt optimizer, such as "
+        "distopt.optimizers.Momentum(0.7, 0.9, nesterov=True) or "
+        f"GradientDescent(1.0), got {outer!r}."
+    )
 
 
 def default_outer_optimizer():
