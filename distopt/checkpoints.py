@@ -94,6 +94,10 @@ class RunLock:
     def __init__(self, model_dir: str):
         self.path = os.path.join(model_dir, LOCK_FILE)
         self._held = False
+        #: The directories `acquire` made, deepest first: removed again at
+        #: `release` if still empty (a run refused after the lock, say for a
+        #: batch larger than the data, leaves nothing).
+        self._made = []
 
     def acquire(self) -> None:
         """Takes the lock.
@@ -111,6 +115,7 @@ class RunLock:
             logging.info("No run lock on %s (not a local filesystem)", self.path)
             return
         try:
+            self._made = _missing_directories(os.path.dirname(self.path) or ".")
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             for _ in range(2):
                 if self._create():
@@ -226,6 +231,22 @@ class RunLock:
                     self.path,
                     e.strerror or type(e).__name__,
                 )
+                return
+            for directory in self._made:
+                try:
+                    os.rmdir(directory)  # Only if empty: the run wrote nothing.
+                except OSError:
+                    break
+
+
+def _missing_directories(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _remove_quietly(path: str) -> None:
@@ -297,6 +318,12 @@ def _write_state(directory: str, chosen: str, paths: list[str]) -> None:
     ``CheckpointManager`` does; ``update_checkpoint_state`` would do the same
     but prints a deprecation notice.
     """
+    if os.path.isabs(directory):
+        # Relative to it, as CheckpointManager writes them: the run directory
+        # can then be moved. (generate_checkpoint_state_proto does this itself
+        # for a directory that is not absolute, as gs:// is.)
+        chosen = os.path.relpath(chosen, directory)
+        paths = [os.path.relpath(p, directory) for p in paths]
     # Timestamps after `last_preserved_timestamp` (0), oldest first: without
     # them CheckpointManager takes every listed checkpoint for one kept by
     # `keep_checkpoint_every_n_hours` and never deletes it.
@@ -397,17 +424,17 @@ def candidates(directory: str) -> list[str]:
     latest checkpoint with a missing or damaged file is still seen (and can
     be moved aside) rather than silently skipped.
     """
+    directory = _canonical(directory)
     found = {}
     for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
         match = _CKPT_INDEX.match(os.path.basename(path))
         if match:
             found[os.path.join(directory, match["prefix"])] = int(match["step"])
     try:
-        state = tf.train.get_checkpoint_state(directory)
+        state = _state_paths(directory)
     except (tf.errors.OpError, ValueError):  # A damaged state file.
         state = None
-    for path in state.all_model_checkpoint_paths if state else ():
-        path = _absolute(directory, path)
+    for path in state[1] if state else ():
         match = re.search(r"-(\d+)$", path)
         if match:
             found.setdefault(path, int(match[1]))
@@ -436,9 +463,33 @@ def move_aside(path: str) -> str:
     return target
 
 
-def _absolute(directory: str, path: str) -> str:
-    """A state file's path (relative to ``directory`` unless absolute)."""
-    return path if os.path.isabs(path) else os.path.join(directory, path)
+def _canonical(path: str) -> str:
+    """``path`` absolute and normalised; on remote storage (``gs://``) as is.
+
+    The restore takes its directory through this once, at its entry: the
+    checkpoints found on disk and those the state file names then have one
+    spelling each, whatever the directory's spelling and the process's cwd.
+    """
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _state_paths(directory: str) -> tuple[str, list[str]] | None:
+    """The state file's latest checkpoint and listed ones; None without one.
+
+    ``get_checkpoint_state`` has joined the file's relative paths to
+    ``directory`` already: joined again, a relative directory was doubled
+    (``rel/checkpoints/rel/checkpoints/ckpt-30``), and a damaged latest
+    checkpoint was not moved aside. Absolute ones (the file written with
+    another spelling of the directory) are only normalised.
+
+    Raises:
+      tf.errors.OpError, ValueError: a damaged state file.
+    """
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return None
+    listed = [_canonical(p) for p in state.all_model_checkpoint_paths]
+    return _canonical(state.model_checkpoint_path), listed
 
 
 def _state_lists(directory: str, chosen: str | None, found: list[str]) -> bool:
@@ -450,14 +501,13 @@ def _state_lists(directory: str, chosen: str | None, found: list[str]) -> bool:
     state file lists).
     """
     try:
-        state = tf.train.get_checkpoint_state(directory)
+        state = _state_paths(directory)
     except (tf.errors.OpError, ValueError):  # A damaged state file.
         return False
     if state is None:
         return chosen is None
-    listed = {_absolute(directory, p) for p in state.all_model_checkpoint_paths}
-    latest = _absolute(directory, state.model_checkpoint_path)
-    return latest == chosen and listed >= set(found)
+    latest, listed = state
+    return latest == chosen and set(listed) >= set(found)
 
 
 def newest_loadable(directory: str, *, chief: bool) -> str | None:
@@ -468,8 +518,9 @@ def newest_loadable(directory: str, *, chief: bool) -> str | None:
     state file, so that the next save does not list it.
 
     Returns:
-      The checkpoint path, or None if there is none (a fresh run).
+      The checkpoint path (absolute), or None if there is none (a fresh run).
     """
+    directory = _canonical(directory)  # See _state_paths.
     bad = []
     chosen = None
     found = candidates(directory)

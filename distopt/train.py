@@ -432,10 +432,27 @@ def _checked_config() -> config_lib.TrainConfig:
     """The flags as a config, every number in range (no TensorFlow needed)."""
     try:
         config = config_from_flags()
+        _check_launched_strategy(config.strategy)
         config_lib.check_flags(config)
     except config_lib.ConfigError as e:
         _fail([e], EXIT_BAD_FLAGS)
     return config
+
+
+def _check_launched_strategy(strategy: str) -> None:
+    """Under ``launch/local.py``, the strategy it gives the workers, or ConfigError.
+
+    The user's flags (or flagfile) come after the launcher's ``--strategy``,
+    and absl lets the last one win: another made every worker a separate
+    trainer of one ``--model_dir``. Checked here, where absl has parsed them.
+    """
+    launched = os.environ.get("DISTOPT_LAUNCHER_STRATEGY")
+    if launched and strategy != launched:
+        raise config_lib.ConfigError(
+            f"--strategy={strategy}: launch/local.py runs every worker with "
+            f"--strategy={launched}; drop the later --strategy (or give "
+            f"--strategy={launched} after the --flagfile that sets it)"
+        )
 
 
 def _claim_run_dir(config) -> paths.RunDir | None:
@@ -478,7 +495,7 @@ def _check_names_and_paths(config, run_dir) -> None:
         _fail(problems, EXIT_BAD_FLAGS)
 
 
-def _train(config) -> None:
+def _train(config, run_dir) -> None:
     """Runs the trainer; each way it can end is an exit status and one line."""
     from distopt import checkpoints, data, trainer_faults
     from distopt.trainer import checkpointing
@@ -493,7 +510,13 @@ def _train(config) -> None:
     except trainer_faults.Preempted as e:
         # Not a failure: the checkpoint and metrics.json are written. Exit
         # codes are documented in trainer_faults and README.md.
-        logging.warning("%s", e)
+        message = str(e)
+        if run_dir:  # The same command would start a new run directory.
+            message = message.replace(
+                trainer_faults.RERUN_TO_RESUME,
+                f"Rerun with --model_dir={config.model_dir} to resume",
+            )
+        logging.warning("%s", message)
         raise SystemExit(e.exit_code) from None
     except trainer_faults.Diverged as e:
         _fail([e], e.exit_code)
@@ -525,7 +548,7 @@ def _checked_run():
     if run_dir:
         logging.info("Run directory %s (--model_dir to resume a run)", config.model_dir)
     try:
-        _train(config)
+        _train(config, run_dir)
     finally:
         if run_dir:
             run_dir.discard()  # Only if the run wrote nothing: a failed start.

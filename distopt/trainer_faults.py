@@ -52,6 +52,11 @@ SIGTERM_AT_ENV = "DISTOPT_FAULT_SIGTERM_AT"
 CHUNK_DELAY_ENV = "DISTOPT_FAULT_CHUNK_DELAY"
 
 
+#: How a preempted run's line ends; the trainer names the directory instead
+#: when it made one (without --model_dir the same command starts a new run).
+RERUN_TO_RESUME = "Rerun the same command to resume"
+
+
 class Preempted(Exception):
     """A stop notice ended the run after saving a checkpoint."""
 

@@ -13,6 +13,15 @@ worker's status; it exits 0 only if every worker does. SIGTERM or Ctrl-C to
 the launcher is forwarded to the workers, which save a checkpoint and exit
 42; the launcher then exits 42.
 
+The trainer flags after ``--`` come after the launcher's own
+``--strategy=multi_worker``, and absl lets the last one win: another
+``--strategy`` there (or in a ``--flagfile``) would make every worker a
+separate single-host trainer. The workers' environment names the strategy
+the launcher gives them (``DISTOPT_LAUNCHER_STRATEGY``), and the trainer,
+which has parsed its flags as absl does, refuses another one before it
+writes anything. A ``--command`` whose program cannot be found is refused
+before any worker starts.
+
 Network: TensorFlow's gRPC server listens on every interface whatever
 TF_CONFIG says (``"0.0.0.0:"`` is hard-coded in its ``grpc_server_lib``), so
 by default (``--network=private``) the launcher re-runs itself in a network
@@ -44,6 +53,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,7 +235,8 @@ def launch(
       link_stats: with ``links``, a JSON file to write those counters to.
 
     Returns:
-      0 if every worker exited 0, 42 if they stopped on a notice, else the
+      0 if every worker exited 0, 42 if they stopped on a notice, 127 (126)
+      if a worker's program was not found (could not be run), else the
       status of the first that failed (128 + signal number for a signal).
     """
     stop_request = stop_request or _StopRequest()
@@ -241,6 +252,9 @@ def launch(
         status = _watch(workers, stop_request, grace_seconds)
     except KeyboardInterrupt:  # Library use, without `main`'s handlers.
         status = 130
+    except _CouldNotStart as e:  # `main` checks the program; library use not.
+        workers.say(str(e))
+        status = e.status
     finally:
         # However the launch ended, even while starting, no worker outlives it.
         workers.kill()
@@ -251,6 +265,10 @@ def launch(
     return status
 
 
+#: The strategy the launcher gives every worker of the trainer.
+STRATEGY = "multi_worker"
+
+
 def _worker_env() -> dict[str, str]:
     """The environment every worker starts with (before its ``TF_CONFIG``)."""
     env = dict(os.environ)
@@ -259,6 +277,9 @@ def _worker_env() -> dict[str, str]:
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The trainer refuses a later --strategy that undoes the launcher's
+    # (distopt/train.py; absl lets the last setting win).
+    env["DISTOPT_LAUNCHER_STRATEGY"] = STRATEGY
     return env
 
 
@@ -279,6 +300,23 @@ def _worker_command(i, command, ports, host, links) -> tuple[list[str], str]:
     if links is None:
         return command, tf_config(ports, i, host=host)
     return links.command(i, command), links_lib.tf_config(links.addresses, ports, i)
+
+
+class _CouldNotStart(Exception):
+    """A worker's program could not be run (not found, not executable...).
+
+    Args:
+        i: The worker's index.
+        program: What it was to run.
+        error: Why it could not (from ``subprocess.Popen``).
+    """
+
+    def __init__(self, i: int, program: str, error: OSError):
+        super().__init__(
+            f"worker {i} could not start {program}: {error.strerror or error}"
+        )
+        # The shell's statuses: 127 "command not found", 126 "cannot execute".
+        self.status = 127 if isinstance(error, FileNotFoundError) else 126
 
 
 class _Workers:
@@ -305,17 +343,24 @@ class _Workers:
             self.out.flush()
 
     def start(self, i: int, argv: list[str], env: dict[str, str]) -> None:
-        """Starts worker ``i`` and a thread relaying its output."""
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            # Own process group: stopping a worker stops its children too.
-            start_new_session=True,
-        )
+        """Starts worker ``i`` and a thread relaying its output.
+
+        Raises:
+          _CouldNotStart: its program could not be run.
+        """
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                # Own process group: stopping a worker stops its children too.
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise _CouldNotStart(i, argv[0], e) from e
         # Recorded at once, so that `kill` stops it if what follows fails.
         self.procs.append(proc)
         prefix = f"[worker {i}] "
@@ -596,6 +641,31 @@ def _check_links(args, trainer_flags: list[str]) -> tuple[int | None, str | None
     return rate, None
 
 
+def _check_command(command: str) -> str | None:
+    """Why ``--command``'s program could not be run, or None.
+
+    Checked before any worker starts: ``subprocess.Popen`` failed with a
+    traceback, and only once the workers before it were running.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as e:  # An unclosed quote.
+        return f"--command={command}: {e}"
+    if not words:
+        return "--command is empty"
+    program = words[0]
+    # What Popen runs: a path as it is, a bare name searched on PATH.
+    if shutil.which(program):
+        return None
+    if os.sep not in program:
+        return f"--command: {program} is not a program on PATH"
+    if not os.path.exists(program):
+        return f"--command: {program} does not exist"
+    if os.path.isdir(program):
+        return f"--command: {program} is a directory"
+    return f"--command: {program} is not executable"
+
+
 def _check_host(host: str) -> str | None:
     """Why the workers could not be reached at ``host``, or None.
 
@@ -633,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if not args.grace_seconds >= 0:  # NaN too.
         parser.error(f"--grace_seconds must be >= 0, got {args.grace_seconds}")
-    rate, error = _check_links(args, trainer_flags)
+    # The cheap check first: the last of `_check_links` builds links.
+    error = _check_command(args.command) if args.command is not None else None
+    rate, error = (None, error) if error else _check_links(args, trainer_flags)
     error = error or _check_host(args.host)
     if error:
         print(f"error: {error}", file=sys.stderr)
@@ -651,10 +723,10 @@ def main(argv: list[str] | None = None) -> int:
                 "every interface of this machine",
                 flush=True,
             )
-    if args.command:
+    if args.command is not None:
         command = shlex.split(args.command)
     else:
-        command = [sys.executable, "-m", "distopt.train", "--strategy=multi_worker"]
+        command = [sys.executable, "-m", "distopt.train", f"--strategy={STRATEGY}"]
     # SIGTERM or Ctrl-C to the launcher (a job scheduler's stop) is forwarded
     # to the workers, which save a checkpoint and exit.
     stop_request = _StopRequest()

@@ -163,6 +163,7 @@ def test_sigterm_single_process_saves_and_resumes_exactly_and_one_run_per_dir(
     assert metrics["status"] == "preempted" and reached >= 10
     assert metrics["last_checkpoint_step"] == reached == _latest_step(run_dir)
     assert f"Stopped by SIGTERM at step {reached} of 100000" in out
+    assert "Rerun the same command to resume" in out
     assert not os.path.exists(os.path.join(run_dir, "LOCK"))
 
     # A lock left by a process that is gone is taken over.
@@ -204,6 +205,10 @@ def test_a_stop_notice_while_tensorflow_loads_exits_42_after_one_step(tmp_path):
     assert code == EXIT_PREEMPTED, out[-3000:]
     assert "SIGTERM received during the start: stopping after the first step" in out
     (run_dir,) = [str(p) for p in runs.iterdir()]
+    # "Rerun the same command" would start another new run directory.
+    name = os.path.basename(run_dir)
+    assert f"Rerun with --model_dir=runs/{name} to resume" in out
+    assert "Rerun the same command" not in out
     assert _metrics(run_dir)["status"] == "preempted"
     assert _latest_step(run_dir) == 1
     resumed = run_python(
@@ -473,6 +478,92 @@ def test_fallback_drops_damaged_checkpoints_from_the_state_file(tmp_path):
     for step in (4, 5):
         manager.save(checkpoint_number=step)
     assert checkpoints.candidates(directory) == [name.format(5), name.format(4)]
+
+
+def _read_all(pattern):
+    """The files matching ``pattern``: {name: content}."""
+    found = {}
+    for path in tf.io.gfile.glob(pattern):
+        with open(path, "rb") as f:
+            found[os.path.basename(path)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_index"])
+@pytest.mark.parametrize("state", ["relative_state", "absolute_state"])
+@pytest.mark.parametrize(
+    "cwd, directory",
+    [("", "run/checkpoints"), ("run", "checkpoints"), ("", None)],
+    ids=["relative", "relative_elsewhere", "absolute"],
+)
+def test_fallback_with_a_relative_model_dir(
+    tmp_path, monkeypatch, damage, state, cwd, directory
+):
+    # Every configs/*.cfg names a relative --model_dir. The state file's
+    # paths, already joined to it, were joined again (run/checkpoints/run/
+    # checkpoints/ckpt-30): a bogus second WARNING and an empty doubled
+    # tree; with the index gone, the data file was not moved aside but
+    # overwritten by the resumed run's ckpt-30, and ckpt-10 was deleted.
+    from google.protobuf import text_format
+
+    from distopt import checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    full = str(tmp_path / "run" / "checkpoints")
+    ckpt = tf.train.Checkpoint(v=tf.Variable(tf.range(256.0)))
+    # Saved as the trainer saves: a relative directory, 3 kept.
+    manager = tf.train.CheckpointManager(ckpt, "run/checkpoints", max_to_keep=3)
+    for step in (10, 20, 30):
+        manager.save(checkpoint_number=step)
+    if state == "absolute_state":  # As a fallback in an absolute dir wrote it.
+        text = text_format.MessageToString(tf.train.get_checkpoint_state(full))
+        with open(f"{full}/checkpoint", "w") as f:
+            f.write(text)
+    data = f"{full}/ckpt-30.data-00000-of-00001"
+    if damage == "truncated_data":
+        _truncate(data, os.path.getsize(data) // 2)
+    else:
+        os.remove(f"{full}/ckpt-30.index")
+    damaged = _read_all(f"{full}/ckpt-30.*")
+    # Read from another cwd than the state file was written from, or not.
+    monkeypatch.chdir(tmp_path / cwd)
+    directory = directory or full
+    warnings = []
+    monkeypatch.setattr(
+        checkpoints.logging, "warning", lambda msg, *a: warnings.append(msg % a)
+    )
+
+    # Each checkpoint once, however spelt (the resume guards list them too).
+    assert [os.path.abspath(p) for p in checkpoints.candidates(directory)] == [
+        f"{full}/ckpt-{step}" for step in (30, 20, 10)
+    ]
+    chosen = checkpoints.newest_loadable(directory, chief=True)
+    assert os.path.abspath(chosen) == f"{full}/ckpt-20"
+    assert len(warnings) == 1 and "ckpt-30 does not load" in warnings[0], warnings
+    with open(f"{full}/checkpoint") as f:  # Relative: the run can be moved.
+        assert str(tmp_path) not in f.read()
+    moved_to = os.path.abspath(warnings[0].split("moved aside to ")[1].split(",")[0])
+    assert os.path.dirname(moved_to) == f"{full}/corrupt"
+    # Moved aside whole, and nothing else created (no doubled directory).
+    assert _read_all(f"{moved_to}/*") == damaged
+    dirs = sorted(os.path.relpath(d, tmp_path) for d, _, _ in os.walk(tmp_path))
+    assert dirs == [".", "run", "run/checkpoints", "run/checkpoints/corrupt"] + [
+        os.path.relpath(moved_to, tmp_path)
+    ]
+    # The state file as rewritten reads the same from any cwd and spelling.
+    monkeypatch.chdir(tmp_path)
+    for where in (full, "run/checkpoints"):
+        chosen = checkpoints.newest_loadable(where, chief=True)
+        assert os.path.abspath(chosen) == f"{full}/ckpt-20"
+    assert len(warnings) == 1, warnings
+    # The resumed run saves ckpt-30 again and keeps 3: ckpt-10 stays.
+    monkeypatch.chdir(tmp_path / cwd)
+    manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=3)
+    manager.save(checkpoint_number=30)
+    assert sorted(tf.io.gfile.glob(f"{full}/ckpt-*.index")) == [
+        f"{full}/ckpt-{step}.index" for step in (10, 20, 30)
+    ]
+    assert _read_all(f"{moved_to}/*") == damaged
 
 
 def test_a_save_failing_at_its_state_file_names_the_checkpoint_before_it(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of launch/: the localhost multi-worker launcher and the job scripts."""
 
+import io
 import json
 import os
 import signal
@@ -387,6 +388,89 @@ def test_a_negative_grace_period_is_refused():
     proc = _launch("--workers=2", "--grace_seconds=-1", "--command=true")
     assert proc.returncode == 2 and proc.stdout == ""
     assert "--grace_seconds must be >= 0, got -1.0" in proc.stderr
+
+
+# The trainer flags after `--` come after the launcher's --strategy=multi_worker
+# and absl lets the last win: each worker trained alone on the same
+# --model_dir, and worker 1 failed on its lock after worker 0 had written it.
+def test_a_later_strategy_is_refused_by_every_worker_before_it_writes(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = _launch(
+        "--workers=2", "--", f"--model_dir={model_dir}", "--strategy=default"
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        "] error: --strategy=default: launch/local.py runs every worker with "
+        "--strategy=multi_worker; drop the later --strategy" in proc.stdout
+    )
+    assert "in use by another trainer" not in proc.stdout
+    assert not model_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "flags,refused",
+    [
+        (["--strategy", "mirrored"], "mirrored"),
+        (["--flagfile=configs/lenet_mnist.cfg"], "default"),  # It sets default.
+        (["--flagfile=configs/multi_worker.cfg", "--strategy=tpu"], "tpu"),
+        (["--flagfile=configs/lenet_mnist.cfg", "--strategy=multi_worker"], None),
+        (["--strategy=default", "--strategy", "multi_worker"], None),  # Last wins.
+    ],
+)
+def test_the_trainer_under_the_launcher_takes_its_strategy_only(flags, refused):
+    """As absl parsed them, flagfiles included (run as a worker is, alone)."""
+    proc = run_python(
+        "-m",
+        "distopt.train",
+        "--strategy=multi_worker",
+        *flags,
+        "--train_steps=-1",  # Any run that passes is stopped by this flag.
+        env={"DISTOPT_LAUNCHER_STRATEGY": "multi_worker"},
+        timeout=120,
+        forked=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    if refused:
+        assert line.startswith(f"error: --strategy={refused}: launch/local.py runs")
+    else:
+        assert "--train_steps" in line
+
+
+def test_with_command_the_launcher_sets_no_trainer_flag():
+    # --command runs the user's own program: its flags are the user's.
+    proc = _launch("--workers=2", "--command=true", "--", "--strategy=default")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("/nonexistent/prog", "--command: /nonexistent/prog does not exist"),
+        ("no-such-program-here -x", "--command: no-such-program-here is not a prog"),
+        ("/tmp", "--command: /tmp is a directory"),
+        ("./README.md", "--command: ./README.md is not executable"),
+        ("python 'x", "--command=python 'x: No closing quotation"),
+        (" ", "--command is empty"),
+    ],
+)
+def test_a_command_that_cannot_run_is_refused_before_any_worker(command, says):
+    # Popen's FileNotFoundError was a traceback, exit 1.
+    proc = _launch("--workers=2", f"--command={command}", "--", "--train_steps=5")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {says}")
+
+
+def test_a_worker_that_cannot_start_stops_the_launch(tmp_path):
+    # Library use, without main's check of the program: one line, not a
+    # traceback, and the shell's status for a program not found.
+    out = io.StringIO()
+    status = local_launcher().launch(2, [str(tmp_path / "prog")], out=out)
+    assert status == 127, out.getvalue()
+    assert f"worker 0 could not start {tmp_path / 'prog'}: No such file" in (
+        out.getvalue()
+    )
 
 
 @pytest.mark.parametrize("rate", ["20mbit", "100mbit", "1gbit"])

@@ -23,8 +23,8 @@ from absl import flags
 from conftest import REPO, run_python, start_python
 
 from distopt import data
+from distopt.trainer import checkpointing, factories
 from distopt.trainer import config as config_lib
-from distopt.trainer import factories
 from distopt.trainer import run as run_lib
 from distopt.trainer import strategy as tstrategy
 
@@ -450,6 +450,28 @@ def test_batch_not_divisible_by_replicas(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"batch_size": 100_000}, "is larger than the .* train examples"),
+        (
+            {"strategy": "mirrored", "virtual_devices": 2, "eval_batch_size": 3},
+            "3 is not divisible by the 2",
+        ),
+    ],
+    ids=["batch_over_data", "eval_batch"],
+)
+def test_input_refused_after_the_lock_leaves_no_directory(tmp_path, overrides, match):
+    """Checked once the input is made, after the lock: run_config.json and
+    the event files were left, and bound the directory to the refused flags.
+    The directories the lock made go too (if nothing else is in them)."""
+    model_dir = tmp_path / "new" / "run"
+    config = _config(tmp_path, model_dir=str(model_dir), **overrides)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        run_lib.train(config)
+    assert os.listdir(tmp_path) == []
+
+
 def test_corrupt_data_files_fail_with_checksums(tmp_path):
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
@@ -833,6 +855,21 @@ def test_float16_with_local_sgd_is_refused_naming_the_flags(tmp_path):
 
 
 POWERSGD = {"compression": "powersgd", "compression_args": {"rank": 1}}
+
+
+@pytest.mark.parametrize("args", [{}, {"rank": 1, "start_step": 0}])
+def test_a_resume_spelling_the_compressors_defaults_out_is_the_same_run(
+    tmp_path, finished_run, args
+):
+    """--compression_args=rank=1 against a run of rank=1 left implicit was
+    refused, "rerun with --compression_args=": the flags, not the settings."""
+    first = _config(tmp_path, train_steps=10, **POWERSGD)
+    finished_run(copy_to=tmp_path, train_steps=10, **POWERSGD)
+    again = _config(
+        tmp_path, train_steps=20, compression="powersgd", compression_args=args
+    )
+    latest = checkpointing.check_model_dir(first.model_dir, again)
+    assert latest is not None and latest.endswith("ckpt-10")
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ failure is one line (:class:`WriteError`, or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from absl import logging
 
 from distopt import checkpoints as checkpoints_lib
 from distopt import trainer_faults
+from distopt.trainer import config as config_lib
 from distopt.trainer.config import ModelDirError, TrainConfig, run_identity
 from distopt.trainer.factories import SAM_DEFAULT_BASE
 
@@ -153,6 +155,8 @@ def _resume_settings(stored: dict, config: TrainConfig):
     variables are found there, not that every saved one is used.
     """
     for key in RESUME_KEYS:
+        if key == "compression_args" and _same_compressor(stored, config):
+            continue  # Spelling a default out (rank=1) is the same run.
         if key in stored:
             yield key, stored[key], getattr(config, key)
     if config.optimizer == "sam" and isinstance(stored.get("optimizer_args"), dict):
@@ -161,6 +165,21 @@ def _resume_settings(stored: dict, config: TrainConfig):
             stored["optimizer_args"].get("base_optimizer", SAM_DEFAULT_BASE),
             config.optimizer_args.get("base_optimizer", SAM_DEFAULT_BASE),
         )
+
+
+def _same_compressor(stored: dict, config: TrainConfig) -> bool:
+    """Whether the stored run's compressor has this run's settings, defaults filled."""
+    saved = dataclasses.replace(
+        config,
+        compression=stored.get("compression", ""),
+        compression_args=stored.get("compression_args") or {},
+    )
+    try:
+        made = [config_lib.make_compression(c) for c in (saved, config)]
+    except config_lib.ConfigError:
+        return False  # The stored arguments no longer build: not the same.
+    configs = [m.get_config() if m else None for m in made]
+    return configs[0] == configs[1]
 
 
 def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:

@@ -228,7 +228,7 @@ class TrainLoop:
         raise trainer_faults.Preempted(
             f"Stopped by {self.run.signals.requested or 'a stop notice to another worker'}"
             f" at step {at_step} of {self.run.total_steps}{when}; saved a checkpoint "
-            "there. Rerun the same command to resume"
+            f"there. {trainer_faults.RERUN_TO_RESUME}"
         )
 
 

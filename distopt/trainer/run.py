@@ -331,6 +331,17 @@ def open_outputs(run: Run) -> Outputs:
         cannot be written.
     """
     config, strategy = run.config, run.strategy
+    # The input's checks first (a batch larger than the data, one the
+    # replicas cannot split): a run refused here must leave nothing behind,
+    # and a run_config.json left would bind the directory to these flags.
+    feed = inputs.make_train_feed(
+        strategy, run.source, config, run.input, run.start_step
+    )
+    # The test pipeline is built at the first evaluation, not before the
+    # first step; its batch size is checked now, before anything runs.
+    inputs.check_batch_size(
+        config.eval_batch_size or config.batch_size, strategy.num_replicas_in_sync
+    )
     if run.chief:
         try:
             tf.io.gfile.makedirs(config.model_dir)
@@ -352,14 +363,6 @@ def open_outputs(run: Run) -> Outputs:
             worker_id(strategy),
             config.keep_checkpoints,
         ),
-    )
-    feed = inputs.make_train_feed(
-        strategy, run.source, config, run.input, run.start_step
-    )
-    # The test pipeline is built at the first evaluation, not before the
-    # first step; its batch size is checked now, before anything runs.
-    inputs.check_batch_size(
-        config.eval_batch_size or config.batch_size, strategy.num_replicas_in_sync
     )
     agreement = trainer_faults.StopAgreement(strategy, run.signals, run.guard)
     return Outputs(
