@@ -33,6 +33,8 @@ import tensorflow as tf
 from absl import logging
 from google.protobuf import text_format
 
+from distopt import made_dirs
+
 LOCK_FILE = "LOCK"
 # Where checkpoints that failed to load are moved (inside the checkpoint
 # directory), so that a user can inspect them; they are never deleted.
@@ -94,7 +96,7 @@ class RunLock:
     def __init__(self, model_dir: str):
         self.path = os.path.join(model_dir, LOCK_FILE)
         self._held = False
-        #: The directories `acquire` made, deepest first: removed again at
+        #: The directories `acquire` made (`made_dirs`): removed again at
         #: `release` if still empty (a run refused after the lock, say for a
         #: batch larger than the data, leaves nothing).
         self._made = []
@@ -115,8 +117,7 @@ class RunLock:
             logging.info("No run lock on %s (not a local filesystem)", self.path)
             return
         try:
-            self._made = _missing_directories(os.path.dirname(self.path) or ".")
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._made = made_dirs.make_dirs(os.path.dirname(self.path) or ".")
             for _ in range(2):
                 if self._create():
                     self._held = True
@@ -232,21 +233,7 @@ class RunLock:
                     e.strerror or type(e).__name__,
                 )
                 return
-            for directory in self._made:
-                try:
-                    os.rmdir(directory)  # Only if empty: the run wrote nothing.
-                except OSError:
-                    break
-
-
-def _missing_directories(path: str) -> list[str]:
-    """`path` and those of its parents that do not exist, deepest first."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
+            made_dirs.remove_if_empty(self._made)  # Only if the run wrote nothing.
 
 
 def _remove_quietly(path: str) -> None:

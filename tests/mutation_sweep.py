@@ -492,9 +492,30 @@ MUTANTS = [
     Mutant(
         "lock_directories_kept",
         "distopt/checkpoints.py",
-        "                    os.rmdir(directory)",
-        "                    pass",
+        "            made_dirs.remove_if_empty(self._made)",
+        "            pass",
         "tests/test_train.py -k input_refused_after",
+    ),
+    Mutant(
+        "made_dirs_removed_shallowest_first",
+        "distopt/made_dirs.py",
+        "    for directory in reversed(created):",
+        "    for directory in created:",
+        "tests/test_write_failures.py -k removes_only",
+    ),
+    Mutant(
+        "made_dirs_kept_after_a_failure",
+        "distopt/made_dirs.py",
+        "        except OSError:\n            remove_if_empty(created)\n            raise",
+        "        except OSError:\n            raise",
+        "tests/test_write_failures.py -k removes_only",
+    ),
+    Mutant(
+        "run_dir_parents_kept",
+        "distopt/trainer/paths.py",
+        "        made_dirs.remove_if_empty(self.created)",
+        "        pass",
+        "tests/test_preflight.py -k leaves_no_run_directory",
     ),
     Mutant(
         "preempted_run_dir_not_named",

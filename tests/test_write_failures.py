@@ -319,3 +319,45 @@ def test_an_empty_or_damaged_lock_is_stale_and_release_tolerates_errors(
     assert (tmp_path / "LOCK").exists()
     # ... and the next trainer in this process takes it over.
     checkpoints.RunLock(str(tmp_path)).acquire()
+
+
+def test_a_run_removes_only_the_directories_it_made(tmp_path, monkeypatch):
+    """`made_dirs`, shared by the run lock and the trainer's run directory."""
+    from distopt import checkpoints, made_dirs
+
+    (tmp_path / "a").mkdir()
+    made = made_dirs.make_dirs(str(tmp_path / "a" / "b" / "c"))
+    assert made == [str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / "c")]
+    assert made_dirs.make_dirs(str(tmp_path / "a" / "b")) == []  # Exists.
+    # Something of someone's in b: c (empty) goes, b and a stay.
+    (tmp_path / "a" / "b" / "theirs").write_text("x")
+    made_dirs.remove_if_empty(made)
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["theirs"]
+    # A file on the path: named, nothing created.
+    with pytest.raises(NotADirectoryError) as e:
+        made_dirs.make_dirs(str(tmp_path / "a" / "b" / "theirs" / "d"))
+    assert e.value.filename == str(tmp_path / "a" / "b" / "theirs")
+    # A failure half-way (a full disk at the second level): the first level,
+    # made by this call, is removed again; the error names the directory.
+    real_mkdir = os.mkdir
+
+    def full_below_x(path, *args):
+        if os.path.basename(os.path.dirname(path)) == "x":
+            raise OSError(28, "No space left on device", path)
+        real_mkdir(path, *args)
+
+    monkeypatch.setattr(made_dirs.os, "mkdir", full_below_x)
+    with pytest.raises(OSError, match="No space") as e:
+        made_dirs.make_dirs(str(tmp_path / "x" / "y" / "z"))
+    assert e.value.filename == str(tmp_path / "x" / "y")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+    # The lock under a file: one line naming it; a lock whose run wrote
+    # nothing else removes the directories it made, and only those.
+    with pytest.raises(checkpoints.LockError, match="Not a directory"):
+        checkpoints.RunLock(str(tmp_path / "a" / "b" / "theirs" / "run")).acquire()
+    lock = checkpoints.RunLock(str(tmp_path / "a" / "new" / "run"))
+    lock.acquire()
+    assert os.path.exists(tmp_path / "a" / "new" / "run" / "LOCK")
+    lock.release()
+    assert sorted(os.listdir(tmp_path / "a")) == ["b"]

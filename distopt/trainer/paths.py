@@ -22,6 +22,8 @@ import re
 import socket
 import uuid
 
+from distopt import made_dirs
+
 RUNS_ROOT = "runs"
 # Attempts at a fresh name before giving up (each after another run took one).
 _NAME_ATTEMPTS = 100
@@ -44,11 +46,7 @@ class RunDir:
         For a run that stops on a bad flag after its directory was made:
         nothing of it is left behind.
         """
-        for directory in reversed(self.created):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                return  # Not empty (or gone): leave it and its parents.
+        made_dirs.remove_if_empty(self.created)
 
 
 def _host() -> str:
@@ -114,29 +112,17 @@ def create_run_dir(
 
 def _make_parents(root: str) -> list[str]:
     """Creates ``root`` and its missing parents; returns those it created."""
-    missing = []
-    path = os.path.abspath(root)
-    while not os.path.isdir(path):
-        if os.path.lexists(path):
-            raise RunDirError(
-                f"cannot create the run directory: {path} is not a directory"
-            )
-        missing.append(path)
-        path = os.path.dirname(path)
-    created = []
-    for path in reversed(missing):
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue  # Another run made it a moment ago.
-        except OSError as e:
-            RunDir("", created).discard()
-            raise RunDirError(
-                f"cannot create the run directory under {path}: {e.strerror or e}; "
-                "pass --model_dir"
-            ) from None
-        created.append(path)
-    return created
+    try:
+        return made_dirs.make_dirs(root)
+    except NotADirectoryError as e:
+        raise RunDirError(
+            f"cannot create the run directory: {e.filename} is not a directory"
+        ) from None
+    except OSError as e:
+        raise RunDirError(
+            f"cannot create the run directory under {e.filename}: "
+            f"{e.strerror or e}; pass --model_dir"
+        ) from None
 
 
 def writes_model_dir(strategy: str) -> bool:
