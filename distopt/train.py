@@ -18,6 +18,7 @@ import time
 _STARTED = time.time()
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -510,13 +511,7 @@ def _train(config, run_dir) -> None:
     except trainer_faults.Preempted as e:
         # Not a failure: the checkpoint and metrics.json are written. Exit
         # codes are documented in trainer_faults and README.md.
-        message = str(e)
-        if run_dir:  # The same command would start a new run directory.
-            message = message.replace(
-                trainer_faults.RERUN_TO_RESUME,
-                f"Rerun with --model_dir={config.model_dir} to resume",
-            )
-        logging.warning("%s", message)
+        logging.warning("%s", _naming_the_run_dir(str(e), config, run_dir))
         raise SystemExit(e.exit_code) from None
     except trainer_faults.Diverged as e:
         _fail([e], e.exit_code)
@@ -525,7 +520,29 @@ def _train(config, run_dir) -> None:
         checkpoints.CheckpointSaveError,
         checkpointing.WriteError,
     ) as e:
-        _fail([e], EXIT_FAILURE)
+        _fail([_naming_the_run_dir(str(e), config, run_dir)], EXIT_FAILURE)
+
+
+def _naming_the_run_dir(message: str, config, run_dir) -> str:
+    """`message`, its "rerun ... to resume" naming the run's own directory.
+
+    Without --model_dir, the same command would start a new run directory
+    instead of resuming this one (a preemption, a save that found the disk
+    full).
+    """
+    from distopt import trainer_faults
+
+    if not run_dir:
+        return message
+    message = message.replace(
+        trainer_faults.RERUN_TO_RESUME,
+        f"Rerun with --model_dir={config.model_dir} to resume",
+    )
+    return re.sub(
+        r"\brerun to (resume|finish)\b",
+        lambda m: f"rerun with --model_dir={config.model_dir} to {m[1]}",
+        message,
+    )
 
 
 def main(argv):

@@ -497,6 +497,13 @@ MUTANTS = [
         "tests/test_train.py -k input_refused_after",
     ),
     Mutant(
+        "save_failure_run_dir_not_named",
+        "distopt/train.py",
+        'lambda m: f"rerun with --model_dir={config.model_dir} to {m[1]}"',
+        "lambda m: m[0]",
+        "tests/test_preflight.py -k failed_save_names",
+    ),
+    Mutant(
         "made_dirs_removed_shallowest_first",
         "distopt/made_dirs.py",
         "    for directory in reversed(created):",

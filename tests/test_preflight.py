@@ -552,6 +552,46 @@ def test_run_time_failure_is_one_line_exit_1(cli, tmp_path, mnist_copy, monkeypa
     assert not model_dir.exists()
 
 
+@pytest.mark.parametrize("model_dir", [False, True])
+def test_a_failed_save_names_the_run_directory_to_resume(cli, monkeypatch, model_dir):
+    # Without --model_dir, "rerun" (the same command) would start a new run
+    # directory: the line names the one that holds the checkpoint.
+    from distopt import checkpoints
+    from distopt.trainer import checkpointing
+
+    failures = iter(
+        [
+            checkpoints.CheckpointSaveError(
+                "Could not save ... The latest checkpoint is still ckpt-10; "
+                "free space and rerun to resume"
+            ),
+            checkpointing.WriteError(
+                "Could not write metrics.json: No space left on device; free "
+                "space or fix the permissions, then rerun to finish"
+            ),
+        ]
+    )
+
+    def fail(config, **_):
+        # The run saved before it failed: its directory is kept.
+        os.makedirs(os.path.join(config.model_dir, "checkpoints"), exist_ok=True)
+        raise next(failures)
+
+    monkeypatch.setattr(run_lib, "train", fail)
+    given = ["--model_dir=mine"] if model_dir else []
+    for ending in ("free space and rerun{} to resume", "then rerun{} to finish"):
+        before = set(os.listdir("runs")) if os.path.isdir("runs") else set()
+        status, lines, _ = cli("--train_steps=1", *given)
+        (error,) = [line for line in lines if line.startswith("error: ")]
+        assert status == 1 and error == lines[-1], lines
+        if model_dir:
+            assert error.endswith(ending.format("")), error
+        else:
+            (run,) = set(os.listdir("runs")) - before
+            named = f" with --model_dir={os.path.join('runs', run)}"
+            assert error.endswith(ending.format(named)), error
+
+
 def test_command_line_prints_each_problem_once_without_traceback(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

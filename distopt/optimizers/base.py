@@ -598,7 +598,9 @@ class Optimizer(tf.Module):
     @learning_rate.setter
     def learning_rate(self, value):
         value = schedules.check_learning_rate(value)
-        if self._traced_rate is not None and value != self._traced_rate:
+        # Compared only as numbers: `!=` on a tf.Variable gives a tensor.
+        same = isinstance(value, (int, float)) and value == self._traced_rate
+        if self._traced_rate is not None and not same:
             # A float is a constant of the traced update: the call is not
             # wrong (a function traced later uses the new rate), but a user
             # who expected the running step to change must hear it.
