@@ -27,6 +27,13 @@ How Keras's conventions are kept:
   update is then the mean over all the batch's examples, as on one device,
   where Keras's own optimizer averages the replicas' means. A custom
   `train_step` may pass `apply_gradients(..., weight=n)` itself.
+* **Loss scaling.** `scale_loss` also applies the distopt optimizer's own
+  `loss_scale`, whose transform divides it out of the aggregated gradient
+  (one finite verdict for every replica). Keras's `LossScaleOptimizer`
+  (what `compile` puts around an optimizer under a `mixed_float16` policy)
+  does not call the wrapper's `scale_loss`; `apply_gradients` refuses a
+  loss that skipped it wherever that gives a wrong update, naming
+  `compile(auto_scale_loss=False)` with `loss_scale="dynamic"`.
 * **Learning rate and step.** `learning_rate` is Keras's: a variable that
   `ReduceLROnPlateau` and `LearningRateScheduler` can read and set, or a
   `keras.optimizers.schedules.LearningRateSchedule` (or a distopt schedule),
@@ -51,6 +58,8 @@ How Keras's conventions are kept:
   replica its own weights back. Evaluation thus reports the averaged model,
   and training goes on exactly as without evaluation. Averaging in place
   (`synchronize`) would instead end the period early and change the run.
+  An evaluation that raised keeps the average; once training went on from
+  it, the next evaluation drops the stale copy with a WARNING.
 * **MultiWorkerMirroredStrategy.** The wrapper works there, but Keras 3.15's
   `fit` does not, whatever the optimizer (tensorflow#72388); see
   tests/keras_mw_worker.py for the two workarounds its test uses.
@@ -65,9 +74,11 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from distopt import distribute as dist
 from distopt import optimizers as optimizers_lib
+from distopt import ownership
 from distopt.optimizers import schedules as schedules_lib
 
 # Sync modes whose replicas hold different weights between averages.
@@ -140,6 +151,16 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             )
         if getattr(optimizer, "_built", False):
             raise ValueError("optimizer: wrap it before it is built or used.")
+        if getattr(optimizer, "needs_loss", False):
+            raise ValueError(
+                f"optimizer: {type(optimizer).__name__} needs the loss, not "
+                "gradients, which Keras's fit does not give an optimizer; call "
+                "its minimize(loss_fn, variables) in a custom training loop."
+            )
+        # A second wrap (a notebook's compile cell run again) would read the
+        # first wrapper's learning rate as a schedule: setting the rate and
+        # model.save failed.
+        ownership.check_free([(optimizer, "optimizer")])
         # Captured before the learning rate is replaced by a reader of
         # Keras's (which is not serializable).
         spec = {"class": type(optimizer).__name__, "config": optimizer.get_config()}
@@ -150,6 +171,14 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             spec["config"]["learning_rate"] = 0.0
         elif callable(lr):
             lr = DistoptSchedule(lr)
+        elif isinstance(lr, tf.Variable):
+            # Keras keeps a variable of its own; assigning the user's would
+            # silently change nothing.
+            raise ValueError(  # noqa: TRY004 (every bad argument is a ValueError)
+                "learning_rate: a tf.Variable is not followed inside Keras; "
+                "pass a float (then set model.optimizer.learning_rate, as "
+                "Keras's callbacks do) or a schedule."
+            )
         else:
             lr = float(lr)
         super().__init__(learning_rate=lr, name=name or optimizer.name)
@@ -160,6 +189,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         # Keras's variable (set by callbacks) or schedule is the one in use.
         optimizer.learning_rate = self._learning_rate_at
         self._model_vars = _Holder([])
+        ownership.claim(optimizer, "optimizer", f"Keras optimizer {self.name!r}")
 
     # --- What Keras calls -----------------------------------------------------
 
@@ -206,15 +236,19 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         Also records, for `weighted_mean`, this replica's number of examples.
         """
         loss = super().scale_loss(loss)
+        # Kept with its graph, for this replica's next `apply_gradients`: a
+        # later trace must not pick up a tensor of an earlier one.
+        examples = None
         if self._aggregation == "weighted_mean":
-            # Kept with its graph: a later trace must not pick up a tensor of
-            # an earlier one.
-            _replica_local.examples = (_current_graph(), _examples_in_train_step())
+            examples = _examples_in_train_step()
+        _replica_local.scaled = (_current_graph(), examples)
         if self._aggregation != "sum":
             replicas = dist.current_strategy().num_replicas_in_sync
             if replicas > 1:
                 loss = loss * tf.cast(replicas, loss.dtype)
-        return loss
+        # The distopt optimizer's own loss_scale, which its first transform
+        # divides out of the aggregated gradient.
+        return self._inner.scale_loss(loss)
 
     def apply_gradients(self, grads_and_vars, weight=None):
         """Applies one step through the distopt optimizer; inside `strategy.run`.
@@ -236,21 +270,40 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             # run; the distopt optimizer then builds itself in its merge_call.
             self._build_keras_side(variables)
         tf_vars = self._tf_variables(variables, "grads_and_vars")
-        if self._aggregation == "weighted_mean" and weight is None:
-            graph, weight = getattr(_replica_local, "examples", None) or (None, None)
-            _replica_local.examples = None
-            if graph is not _current_graph():
-                weight = None
-            if weight is None:
-                raise ValueError(
-                    "weight: aggregation='weighted_mean' found no batch: call "
-                    "self.optimizer.scale_loss(loss) in train_step as Keras "
-                    "does, or pass apply_gradients(..., weight=examples)."
-                )
+        weight = self._check_scaled(weight)
         self._inner.apply_gradients(
             [(g, v) for (g, _), v in zip(pairs, tf_vars)], weight=weight
         )
         return self.iterations
+
+    def _check_scaled(self, weight):
+        """`weight`, or this replica's examples from `scale_loss`.
+
+        Raises ValueError where `scale_loss` did not run and the update would
+        be wrong: 1/R of Keras's with R replicas, or without its loss scale.
+        Keras's `LossScaleOptimizer` (which `compile` puts around this one
+        under a `mixed_float16` policy) does not call it.
+        """
+        graph, examples = getattr(_replica_local, "scaled", None) or (None, None)
+        _replica_local.scaled = None
+        if graph is _current_graph():
+            return examples if weight is None else weight
+        replicas = dist.current_strategy().num_replicas_in_sync
+        if (
+            (self._aggregation != "sum" and replicas > 1)
+            or self._inner.loss_scale is not None
+            or (self._aggregation == "weighted_mean" and weight is None)
+        ):
+            raise ValueError(
+                "grads_and_vars: from a loss that did not go through "
+                "scale_loss. Call self.optimizer.scale_loss(loss) in a custom "
+                "train_step, as Keras's does (with weighted_mean, or pass "
+                "apply_gradients(..., weight=examples)). Under a mixed_float16 "
+                "policy, compile(..., auto_scale_loss=False) and give the "
+                "distopt optimizer loss_scale='dynamic': Keras's "
+                "LossScaleOptimizer does not call it."
+            )
+        return weight
 
     def finalize_variable_values(self, var_list):
         """What `fit` calls at its end: the moving average into the variables.
@@ -346,7 +399,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         `SyncCallback` calls this before evaluation; `average_replicas_end`
         puts every replica's own weights back. Optimizer state is untouched.
         """
-        if not self._replicas_may_differ() or getattr(self, "_own_weights", None):
+        if not self._replicas_may_differ() or self._kept_own_weights():
             return
         strategy = self._distribution_strategy
         variables = self._model_vars.items
@@ -357,6 +410,28 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             mean = self._inner.reducer.mean(strategy, own)
             dist.assign(strategy, variables, mean)
         self._own_weights = _Holder(own)
+        self._own_weights_at = int(self.iterations.numpy())
+
+    def _kept_own_weights(self) -> bool:
+        """Whether the replicas' own weights are kept from an earlier begin.
+
+        An evaluation that raised (Ctrl-C) never reaches `on_test_end`: its
+        copy is kept for the next evaluation, unless training went on from
+        the average since; writing it back then would undo those steps.
+        """
+        if getattr(self, "_own_weights", None) is None:
+            return False
+        if self._own_weights_at == int(self.iterations.numpy()):
+            return True
+        logging.warning(
+            "%s: an evaluation ended without restoring each replica's own "
+            "weights (interrupted?); training went on from their average at "
+            "step %d.",
+            self.name,
+            self._own_weights_at,
+        )
+        self._own_weights = None
+        return False
 
     def average_replicas_end(self):
         """Gives every replica its own weights back after `average_replicas_begin`."""

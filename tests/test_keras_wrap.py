@@ -624,6 +624,117 @@ def test_weighted_mean_in_a_custom_train_step(mnist):
     assert int(model.optimizer.iterations.numpy()) == 1
 
 
+def _one_step_update(strategy, optimizer_fn, x, y, **compile_args):
+    model = _model(strategy, optimizer_fn, hidden=0, **compile_args)
+    before = _weights(model)
+    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    return [a - b for a, b in zip(_weights(model), before)]
+
+
+def _gd(**kwargs):
+    return lambda: dk.wrap(
+        distopt.optimizers.GradientDescent(0.5, jit_compile=False, **kwargs)
+    )
+
+
+def test_loss_scale_in_fit_gives_the_unscaled_update(mnist, two):
+    """The distopt optimizer's loss_scale inside fit: the loss was never
+    scaled, and the update came out divided by the scale (128x, 32768x)."""
+    x, y = mnist[0][:64], mnist[1][:64]
+    default = tf.distribute.get_strategy()
+    plain = _one_step_update(default, _gd(), x, y)
+    for strategy in (default, two):
+        for loss_scale in (128.0, "dynamic"):
+            got = _one_step_update(strategy, _gd(loss_scale=loss_scale), x, y)
+            assert _max_diff(got, plain) <= 1e-6 * _max_abs(plain), (
+                strategy,
+                loss_scale,
+            )
+
+
+def _max_abs(arrays):
+    return max(float(np.max(np.abs(a))) for a in arrays)
+
+
+def test_mixed_float16_needs_distopts_loss_scale(mnist, two):
+    """Under a mixed_float16 policy `compile` puts Keras's LossScaleOptimizer
+    around the wrapper; it never calls the wrapper's `scale_loss`, and the
+    update on R replicas was 1/R of Keras's. Refused, naming the way that
+    works; that way gives the one-device update."""
+    x, y = mnist[0][:64], mnist[1][:64]
+    default = tf.distribute.get_strategy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        with pytest.raises(ValueError, match="auto_scale_loss=False"):
+            _one_step_update(two, _gd(), x, y)
+        with pytest.raises(ValueError, match="auto_scale_loss=False"):
+            _one_step_update(two, _gd(aggregation="weighted_mean"), x, y)
+        ours = {"auto_scale_loss": False}
+        one = _one_step_update(default, _gd(loss_scale="dynamic"), x, y, **ours)
+        # One device under Keras's LossScaleOptimizer: the same update.
+        theirs = _one_step_update(default, _gd(), x, y)
+        assert _max_diff(theirs, one) <= 1e-6 * _max_abs(one)
+        for aggregation in ("mean", "weighted_mean"):
+            got = _one_step_update(
+                two, _gd(loss_scale="dynamic", aggregation=aggregation), x, y, **ours
+            )
+            # float16 activations on 32 examples, not 64: rounding only.
+            assert _max_diff(got, one) <= 2e-3 * _max_abs(one), aggregation
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_sync_callback_after_an_interrupted_evaluation(mnist, two):
+    """An evaluation that raised never reached on_test_end; the next one kept
+    the stale copy of each replica's weights and wrote it back, undoing the
+    training in between."""
+    x, y = mnist[0][:128], mnist[1][:128]
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    model = _model(two, _gd(sync=sync.LocalSGD(100)), hidden=0)
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        model.evaluate(x, y, verbose=0, callbacks=[dk.SyncCallback(), CtrlC()])
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0)
+    trained = _replica_weights(two, model)
+    assert _max_diff(trained[0], trained[1]) > 1e-4  # Mid-period: they differ.
+    model.evaluate(x, y, verbose=0, callbacks=[dk.SyncCallback()])
+    after = _replica_weights(two, model)
+    for r in range(2):
+        np.testing.assert_array_equal(after[r][0], trained[r][0])
+
+
+@pytest.mark.parametrize(
+    "make,argument",
+    [
+        # Failed at fit's trace with "Heun needs the loss".
+        (lambda: distopt.optimizers.Heun(0.1), "optimizer"),
+        # Assigning it changed nothing.
+        (lambda: distopt.optimizers.Adam(tf.Variable(0.1)), "learning_rate"),
+    ],
+)
+def test_wrap_refuses_what_fit_cannot_follow(make, argument):
+    with pytest.raises(ValueError) as e:
+        dk.wrap(make())
+    assert str(e.value).startswith(f"{argument}:"), str(e.value)
+
+
+def test_a_second_wrap_of_one_optimizer_is_refused():
+    """A notebook's compile cell run again: the second wrapper read the
+    first's learning rate as a schedule; setting the rate and saving failed."""
+    opt = distopt.optimizers.Adam(0.1)
+    first = dk.wrap(opt)
+    with pytest.raises(ValueError, match="^optimizer: this Adam instance"):
+        dk.wrap(opt)
+    # The first wrapper is untouched: the optimizer still reads its rate.
+    assert opt.learning_rate.__self__ is first
+    first.learning_rate = 0.05
+    assert float(first.learning_rate) == pytest.approx(0.05)
+
+
 # --- The example ---------------------------------------------------------------------
 
 

@@ -686,6 +686,13 @@ def test_bad_period_names_k(factory, k):
         # outer step.
         (lambda: distopt.sync.DiLoCo(4, outer_optimizer="sgd"), "outer_optimizer"),
         (lambda: distopt.sync.DiLoCo(4, outer_optimizer=0.7), "outer_optimizer"),
+        # The class, not an instance: a TypeError naming nothing.
+        (
+            lambda: distopt.sync.DiLoCo(
+                4, outer_optimizer=distopt.optimizers.GradientDescent
+            ),
+            "outer_optimizer",
+        ),
         (
             lambda: distopt.sync.DiLoCo(4, outer_optimizer=tf.keras.optimizers.SGD()),
             "outer_optimizer",

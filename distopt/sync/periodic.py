@@ -408,8 +408,9 @@ def _check_outer_optimizer(outer):
     (they import the sync modes): a Keras optimizer or a string used to pass
     here and fail at the first outer step.
     """
-    if outer is None or all(
-        callable(getattr(outer, m, None)) for m in ("build", "apply_update")
+    if outer is None or (
+        not isinstance(outer, type)  # The class, not an instance of it.
+        and all(callable(getattr(outer, m, None)) for m in ("build", "apply_update"))
     ):
         return outer
     raise ValueError(
