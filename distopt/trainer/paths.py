@@ -20,9 +20,8 @@ import json
 import os
 import re
 import socket
-import uuid
 
-from distopt import made_dirs
+from distopt import made_dirs, output_files
 
 RUNS_ROOT = "runs"
 # Attempts at a fresh name before giving up (each after another run took one).
@@ -153,22 +152,6 @@ def writes_model_dir(strategy: str) -> bool:
     return True
 
 
-def _probe(directory: str) -> str | None:
-    """Creates and removes an entry in ``directory``; None, or why it failed."""
-    probe = os.path.join(
-        directory, f".distopt-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-    try:
-        os.mkdir(probe)
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    try:
-        os.rmdir(probe)
-    except OSError as e:
-        return f"a probe entry {probe} could not be removed: {e.strerror or e}"
-    return None
-
-
 def check_model_dir(
     model_dir: str, *, writes: bool = True, flag_name: str = "model_dir"
 ) -> list[str]:
@@ -195,7 +178,7 @@ def check_model_dir(
             except OSError as e:
                 return [f"{flag} is not readable ({e.strerror or e})"]
             return []
-        why = _probe(model_dir)
+        why = output_files.probe(model_dir)
         return [f"{flag} is not writable ({why})"] if why else []
     if not writes:
         return []  # The chief creates it.
@@ -206,7 +189,7 @@ def check_model_dir(
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return [f"{flag} cannot be created: {parent} is a file, not a directory"]
-    why = _probe(parent)
+    why = output_files.probe(parent)
     return (
         [f"{flag} cannot be created: {parent} is not writable ({why})"] if why else []
     )
