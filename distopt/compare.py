@@ -65,12 +65,14 @@ import time
 
 from absl import flags
 
-from distopt import cli, quiet
+from distopt import cli, output_files, quiet
 from distopt.trainer import paths as trainer_paths
 
 #: The registered problems (`distopt.problems.names()`, which needs
 #: TensorFlow; tests/test_compare.py checks that they agree).
 PROBLEMS = ("noisy_quadratic", "quartic", "rosenbrock")
+# The study's step counter is an int32 in its tf.while_loop.
+_MAX_ITERS = 2**31 - 2
 
 # Flags live in their own FlagValues, not absl's global FLAGS: the tool is
 # importable (tests, notebooks) next to other absl programs without clashing.
@@ -299,6 +301,12 @@ def main(argv=None) -> int:
         return _run(_FLAGS)
     except ValueError as e:
         return cli.error("distopt.compare", e)
+    except OSError as e:  # Writing the results (a full disk): one line.
+        cli.error("distopt.compare", output_files.why(e))
+        return 1
+    except KeyboardInterrupt:
+        print("distopt.compare: interrupted", file=sys.stderr)
+        return 130
 
 
 def _check_flags_apply(f) -> None:
@@ -323,8 +331,8 @@ def _run(f) -> int:
     problem = problems_lib.get(f.problem, **problem_kwargs)
     specs = parse_optimizers(f.optimizers)
     rates = parse_learning_rates(f.learning_rates)
-    if f.max_iters < 1:
-        raise ValueError(f"max_iters: must be >= 1, got {f.max_iters}.")
+    if not 1 <= f.max_iters <= _MAX_ITERS:
+        raise ValueError(f"max_iters: must be in [1, {_MAX_ITERS}], got {f.max_iters}.")
     if f.output_dir:
         # Checked before the study, not after it: its results would be lost.
         problems = trainer_paths.check_model_dir(f.output_dir, flag_name="output_dir")

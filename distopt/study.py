@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from distopt import distribute as dist
+from distopt import output_files
 
 # Loop status codes inside the tf.while_loop.
 _RUNNING, _CONVERGED, _EXPLODED = 0, 1, 2
@@ -197,8 +198,13 @@ def _make_study(problem, opt, x, max_iters, strategy):
 
     @tf.function(autograph=False)
     def study():
+        # Grown as the run goes: memory follows the steps taken, not
+        # max_iters (a generous bound cost gigabytes for a run of 200 steps).
         path = tf.TensorArray(
-            tf.float32, size=max_iters + 1, element_shape=[replicas, problem.dim]
+            tf.float32,
+            size=0,
+            dynamic_size=True,
+            element_shape=[replicas, problem.dim],
         )
         path = path.write(0, read_copies())
         steps, status, path = tf.while_loop(
@@ -265,7 +271,7 @@ def write_results(results, problem, output_dir) -> str:
     """Writes `results.json` (a list, one entry per run); returns its path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump([r.to_json(problem) for r in results], f, indent=2, allow_nan=False)
-        f.write("\n")
+    text = json.dumps([r.to_json(problem) for r in results], indent=2, allow_nan=False)
+    # Whole or not at all: a full disk keeps the earlier results.json.
+    output_files.write_atomically(path, text + "\n")
     return path

@@ -9,11 +9,14 @@ problem) and `loss_curves.png` (L - L* along every run). Needs matplotlib
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 
 import numpy as np
+
+from distopt import output_files
 
 _LR_COLORS = (
     "#ff3b30",
@@ -47,7 +50,21 @@ def make_figures(problem, results, output_dir) -> list[str]:
         else:
             written.append(_figure_paths_2d(plt, problem, label, runs, output_dir))
     written.append(_figure_loss_curves(plt, problem, labels, results, output_dir))
+    _remove_stale_paths_figures(output_dir, written)
     return written
+
+
+def _remove_stale_paths_figures(output_dir, written) -> None:
+    """Removes `paths_*.png` of an earlier study that this one did not write.
+
+    results.json is replaced by this study's; a figure of an optimizer it
+    did not run would sit beside it as if it belonged to it.
+    """
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if re.fullmatch(r"paths_.*\.png", name) and path not in written:
+            os.remove(path)
+            print(f"Removed {path}, a figure of an earlier study")
 
 
 def _log_gap(problem, loss):
@@ -150,11 +167,16 @@ def _figure_problem(plt, problem, output_dir):
 
 
 def _save_figure(plt, fig, output_dir, name):
-    """Lays out `fig`, writes it to `output_dir/name` (PNG) and closes it."""
+    """Lays out `fig`, writes it to `output_dir/name` (PNG) and closes it.
+
+    Whole or not at all: a full disk leaves no truncated PNG.
+    """
     fig.tight_layout()
     path = os.path.join(output_dir, name)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    output_files.write_atomically(path, png.getvalue())
     return path
 
 

@@ -218,6 +218,8 @@ def test_noisy_quadratic_is_seeded():
         (["--optimizers=beta_1=0.5"], "before any optimizer name"),
         (["--strategy=tpu"], "valid names: default, mirrored"),
         (["--max_iters=0"], "max_iters"),
+        # A TensorFlow int32 error after the start-up work.
+        (["--max_iters=3000000000"], "max_iters: must be in [1, 2147483646]"),
         # Each was ignored in silence.
         (["--virtual_devices=4"], "virtual_devices: applies only with --strategy="),
         (["--noise_scale=1"], "noise_scale: applies only with --problem=noisy_"),
@@ -237,6 +239,76 @@ def test_bad_input_clear_message_nonzero_exit(args, message, capsys):
     assert _run_cli(*args) != 0
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_a_rerun_replaces_the_study_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    """A full disk left a truncated results.json (the earlier one lost) and
+    a traceback; a rerun kept the figures of optimizers it did not run."""
+    pytest.importorskip("matplotlib")
+    from distopt import output_files
+
+    out = tmp_path / "study"
+    common = ["--learning_rates=0.01", "--max_iters=50", f"--output_dir={out}"]
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*suffixes):
+        real = output_files.os.replace
+
+        def replace(src, dst):
+            if dst.endswith(suffixes):
+                raise OSError(28, "No space left on device", dst)
+            real(src, dst)
+
+        monkeypatch.setattr(output_files.os, "replace", replace)
+
+    assert _run_cli("--optimizers=gradient_descent,momentum", *common) == 0
+    first = files()
+    assert "paths_gradient_descent.png" in first
+    capsys.readouterr()
+    for suffixes in [(".json",), (".png",)]:
+        full_disk(*suffixes)
+        assert _run_cli("--optimizers=momentum", *common) == 1
+        monkeypatch.undo()
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"distopt.compare: error: could not write {out}/")
+        assert line.endswith(
+            ("results.json: No space left on device", ".png: No space left on device")
+        ), line
+        now = files()  # Nothing truncated, no temporary file.
+        assert [n for n in now if n.startswith(".")] == []
+        for name in first:
+            if name.endswith(suffixes):
+                assert now[name] == first[name], name
+    assert _run_cli("--optimizers=momentum", *common) == 0
+    printed = capsys.readouterr().out
+    assert f"Removed {out}/paths_gradient_descent.png" in printed, printed
+    assert sorted(files()) == [
+        "loss_and_gradient.png",
+        "loss_curves.png",
+        "paths_momentum.png",
+        "results.json",
+    ]
+
+
+def test_memory_follows_the_steps_taken_and_ctrl_c_is_one_line(capsys, monkeypatch):
+    # The path was allocated for max_iters points: gigabytes (or bad_alloc)
+    # for a run that converges in a few hundred steps.
+    problem = problems_lib.get("quartic")
+    spec = compare.parse_optimizers("momentum")[0]
+    run = study.run_one(problem, spec, 0.01, max_iters=compare._MAX_ITERS)
+    again = study.run_one(problem, spec, 0.01, max_iters=2000)
+    assert run.outcome == again.outcome == "converged"
+    assert run.iterations == again.iterations < 2000
+    np.testing.assert_array_equal(run.path, again.path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert _run_cli("--nofigures") == 130
+    assert capsys.readouterr().err.splitlines() == ["distopt.compare: interrupted"]
 
 
 def test_bad_input_from_the_command_line_is_its_only_output():
