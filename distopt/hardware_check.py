@@ -42,13 +42,15 @@ bfloat16 matmul passes cannot blur the comparisons.
 
 It prints one progress line per check, then a table (check, devices,
 result, max error), and exits 0 if every check passed, 1 if one failed,
-2 on a usage error. `--json=PATH` also writes the rows as JSON.
+2 on a usage error (a bad flag, a `--json` path that cannot be written, a
+`--tpu` that cannot be reached), 3 if every check passed but `--json`
+could not be written (a full disk). `--json=PATH` also writes the rows as
+JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -57,7 +59,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from distopt import cli, quiet
+from distopt import cli, output_files, quiet
 
 # Flags live in their own FlagValues: the module is importable next to other
 # absl programs (tests, notebooks) without clashing.
@@ -164,7 +166,7 @@ class Row:
 
 
 class UsageError(ValueError):
-    """The flags cannot give a run with at least 2 replicas."""
+    """The flags cannot give a run: fewer than 2 replicas, or no such TPU."""
 
 
 # --- Devices ---------------------------------------------------------------------
@@ -189,10 +191,11 @@ def make_platform(
         The `Platform`.
 
     Raises:
-        UsageError: fewer than 2 replicas would result.
+        UsageError: fewer than 2 replicas would result, or `tpu` cannot be
+            resolved or reached.
     """
     if tpu:
-        strategy = distribute.make_strategy("tpu", tpu=tpu)
+        strategy = _tpu_strategy(tpu)
         n = strategy.num_replicas_in_sync
         return Platform(
             strategy,
@@ -252,6 +255,25 @@ def make_platform(
         "(RING collectives). This checks the library, not an accelerator.",
         f"{cpu_devices} CPU",
     )
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    """A `TPUStrategy` over `tpu`.
+
+    Raises:
+        UsageError: naming the flag, when `tpu` cannot be resolved or
+            reached. The resolver fails in many ways (URLError from a name
+            lookup, ValueError, the Cloud API's HttpError, tf.errors from
+            connecting), none of them a check's result.
+    """
+    try:
+        return distribute.make_strategy("tpu", tpu=tpu)
+    except Exception as e:  # noqa: BLE001  See above.
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"--tpu={tpu}: no such TPU, or it cannot be reached "
+            f"({type(e).__name__}: {first})"
+        ) from None
 
 
 def _logical_devices(kind, physical, count, config) -> list[str]:
@@ -822,18 +844,51 @@ def exit_status(rows: list[Row]) -> int:
     return 0 if rows and all(r.passed for r in rows) else 1
 
 
+#: The exit status when every check passed but `--json` could not be written:
+#: not 1, which says a check failed.
+EXIT_NOT_WRITTEN = 3
+
+PROG = "distopt.hardware_check"
+
+
+def write_report(path: str, platform, rows: list[Row], status: int) -> int:
+    """Writes the rows to `path` as JSON, whole or not at all.
+
+    Returns:
+        `status` (from `exit_status`), or `EXIT_NOT_WRITTEN` if the file
+        could not be written and every check passed; the failure is one
+        line on stderr.
+    """
+    report = {
+        "notice": platform.notice,
+        "kind": platform.kind,
+        "num_replicas": platform.num_replicas,
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    try:
+        output_files.write_json(path, report)
+    except OSError as e:
+        cli.error(PROG, f"--json: could not write {path}: {e.strerror or e}")
+        return status or EXIT_NOT_WRITTEN
+    return status
+
+
 def main(argv=None) -> int:
     """Runs the program with command-line `argv`; returns the exit status."""
-    status = cli.parse("distopt.hardware_check", __doc__, _FLAGS, argv)
+    status = cli.parse(PROG, __doc__, _FLAGS, argv)
     if status is not None:
         return status
+    # Written after the checks: a path that cannot be written fails now.
+    why = _FLAGS.json and output_files.check_file(_FLAGS.json, "json")
+    if why:
+        return cli.error(PROG, why)
     try:
         t0 = time.perf_counter()
         platform = make_platform(
             _FLAGS.tpu, _FLAGS.cpu_devices, _FLAGS.split_gpu, _FLAGS.gpu_memory_mb
         )
     except UsageError as e:
-        return cli.error("distopt.hardware_check", e)
+        return cli.error(PROG, e)
     print(platform.notice, flush=True)
     rows = run_checks(platform)
     print()
@@ -846,17 +901,7 @@ def main(argv=None) -> int:
         + (f"; FAILED: {'; '.join(failed)}" if failed else ".")
     )
     if _FLAGS.json:
-        with open(_FLAGS.json, "w") as f:
-            json.dump(
-                {
-                    "notice": platform.notice,
-                    "kind": platform.kind,
-                    "num_replicas": platform.num_replicas,
-                    "rows": [dataclasses.asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
+        return write_report(_FLAGS.json, platform, rows, status)
     return status
 
 

@@ -68,11 +68,13 @@ def write_atomically(path: str, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
         try:
             os.remove(tmp)
         except OSError:
             pass  # Never created.
+        # A failed write or fsync names no file; the temporary is internal.
+        e.filename = path
         raise
 
 
@@ -83,5 +85,5 @@ def write_json(path: str, value) -> None:
 
 def why(error: OSError) -> str:
     """One line for a failed write: the path and the system's reason."""
-    name = error.filename or ""
-    return f"could not write {name}: {error.strerror or error}".replace("  ", " ")
+    name = error.filename or "a result file"
+    return f"could not write {name}: {error.strerror or error}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -198,13 +199,56 @@ def _run_inside(rate: int, seconds: float) -> dict:
     }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the probe's: one ``error:`` line, exit 2
+    (argparse prints its usage block first), as ``local.py``'s."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _seconds(text: str) -> float:
+    """``--seconds``: a finite number > 0.
+
+    0, a negative number or nan measured nothing and printed 0.0 Mbit/s
+    with exit status 0; inf would never end.
+
+    Raises:
+      argparse.ArgumentTypeError: ``text`` is not such a number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    """Runs the probe with command-line ``argv``; returns the exit status."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C: the transfers were killed and the links closed on the way
+        # out (``measure``, ``build``'s context). One line, not a traceback,
+        # and the shell's status for SIGINT.
+        print("interrupted: nothing measured", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    parser = _Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--link_rate", required=True, help=links_lib.RATE_FORMS)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--seconds",
+        type=_seconds,
+        default=3.0,
+        help="The measured window of each transfer (> 0).",
+    )
     parser.add_argument("--json", action="store_true", help="Print JSON only.")
     args = parser.parse_args(argv)
     try:

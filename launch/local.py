@@ -42,15 +42,15 @@ its link are said at the end (``--link_stats=PATH`` writes them as JSON).
 See ``launch/links.py``; ``launch/link_probe.py`` measures such links.
 
 Standard library only, so it runs before (and without) the package import:
-the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout,
-loaded by its path.
+the ports and TF_CONFIG come from ``distopt/cluster.py`` of this checkout, and
+``--link_stats`` is checked and written by its ``distopt/output_files.py``,
+each loaded by its path.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -64,36 +64,32 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_cluster_module():
-    """``distopt/cluster.py`` of this checkout, without importing ``distopt``.
+def _load_sibling(path: str, name: str):
+    """A standard-library-only module of this checkout, loaded by its path.
 
-    The package's ``__init__`` imports TensorFlow, which the launcher does not
-    need; ``cluster.py`` is standard library only.
+    Not ``import distopt``: the package's ``__init__`` imports TensorFlow,
+    which the launcher does not need.
+
+    Args:
+      path: the module's file, relative to the checkout.
+      name: the name it gets (not a name ``import`` would find).
     """
-    path = os.path.join(REPO_ROOT, "distopt", "cluster.py")
-    spec = importlib.util.spec_from_file_location("_distopt_cluster", path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_cluster = _load_cluster_module()
+_cluster = _load_sibling("distopt/cluster.py", "_distopt_cluster")
 #: ``free_ports(count)``: distinct free localhost ports.
 free_ports = _cluster.free_ports
 #: ``tf_config(ports, index)``: the TF_CONFIG of worker ``index``.
 tf_config = _cluster.localhost_tf_config
-
-
-def _load_links_module():
-    """``launch/links.py`` (``--link_rate``), loaded by its path like cluster.py."""
-    path = os.path.join(REPO_ROOT, "launch", "links.py")
-    spec = importlib.util.spec_from_file_location("_distopt_links", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-links_lib = _load_links_module()
+#: ``launch/links.py`` (``--link_rate``).
+links_lib = _load_sibling("launch/links.py", "_distopt_links")
+#: ``--link_stats``: checked by creating an entry, written whole or not at
+#: all (the tools' own ``distopt/output_files.py``, rather than a copy).
+output_files = _load_sibling("distopt/output_files.py", "_distopt_output_files")
 
 
 def _stream(prefix: str, pipe, out, lock: threading.Lock) -> None:
@@ -446,17 +442,31 @@ def _report_links(links, say, path: str | None) -> None:
             f"bytes through its {links_lib.format_rate(links.rate)} link"
         )
     if path:
-        stats = {
-            "link_rate": links_lib.format_rate(links.rate),
-            "rate_bits_per_second": links.rate,
-            "workers": [
-                {"index": i, "address": a, **c}
-                for i, (a, c) in enumerate(zip(links.addresses, counters))
-            ],
-        }
-        with open(path, "w") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
+        _write_link_stats(links, counters, path, say)
+
+
+def _write_link_stats(links, counters, path: str, say) -> None:
+    """Writes ``--link_stats`` whole or not at all; a failure is one line.
+
+    The workers have finished by now: a full disk must not turn their
+    success into a traceback (nor leave a truncated file), so the launch's
+    exit status stays theirs.
+    """
+    stats = {
+        "link_rate": links_lib.format_rate(links.rate),
+        "rate_bits_per_second": links.rate,
+        "workers": [
+            {"index": i, "address": a, **c}
+            for i, (a, c) in enumerate(zip(links.addresses, counters))
+        ],
+    }
+    try:
+        output_files.write_json(path, stats)
+    except OSError as e:
+        say(
+            f"--link_stats: the link stats could not be written to {path} "
+            f"({e.strerror or e}); the exit status is still the workers'"
+        )
 
 
 #: Set in the re-run launcher: it already runs in its own network namespace.
@@ -534,9 +544,22 @@ def _status(code: int) -> int:
     return code if code > 0 else 128 - code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the launcher's: one ``error:`` line, exit 2.
+
+    argparse prints its usage block before the error; every other error of
+    the launcher is one line (as distopt's tools, whose ``Parser`` in
+    distopt/benchmarks/protocol.py the launcher cannot import).
+    """
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
     """The launcher's own flags (those before ``--``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -611,15 +634,13 @@ def _check_links(args, trainer_flags: list[str]) -> tuple[int | None, str | None
         return None, "--link_stats needs --link_rate" if args.link_stats else None
     if args.link_stats:
         # Written after the run: a bad path must fail now, not after training.
-        stats = os.path.abspath(os.path.expanduser(args.link_stats))
-        parent = os.path.dirname(stats)
-        if os.path.isdir(stats):
-            return None, f"--link_stats={args.link_stats} is a directory"
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            return None, (
-                f"--link_stats={args.link_stats}: {parent} is not a writable directory"
-            )
-        args.link_stats = stats  # What is checked is what is written.
+        # By creating an entry there: os.access says yes to root even on a
+        # read-only or virtual filesystem (/proc, /sys).
+        why = output_files.check_file(args.link_stats, "link_stats")
+        if why:
+            return None, why
+        # What is checked is what is written.
+        args.link_stats = os.path.abspath(os.path.expanduser(args.link_stats))
     try:
         rate = links_lib.parse_rate(args.link_rate)
     except ValueError as e:

@@ -257,8 +257,8 @@ def test_a_rerun_replaces_the_study_whole_or_not_at_all(tmp_path, capsys, monkey
         real = output_files.os.replace
 
         def replace(src, dst):
-            if dst.endswith(suffixes):
-                raise OSError(28, "No space left on device", dst)
+            if dst.endswith(suffixes):  # As a write or fsync: no file named.
+                raise OSError(28, "No space left on device")
             real(src, dst)
 
         monkeypatch.setattr(output_files.os, "replace", replace)

@@ -13,9 +13,11 @@ tests skip, saying why, where there is neither.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import types
+import urllib.error
 
 import numpy as np
 import pytest
@@ -167,6 +169,81 @@ def test_the_checks_of_each_platform():
 def test_usage_errors_exit_2(capsys, argv, message):
     assert hc.main(["hardware_check", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _no_checks(*args):
+    raise AssertionError("a check ran")
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        ("missing/rows.json", "missing/rows.json: the directory "),
+        ("", " is a directory"),  # tmp_path itself
+        ("/proc/rows.json", "/proc is not writable"),
+    ],
+)
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_check(
+    tmp_path, monkeypatch, capsys, where, says
+):
+    # It was opened after every check had run: a traceback and exit status
+    # 1, which says a check failed.
+    monkeypatch.setattr(hc, "make_platform", _no_checks)
+    path = os.path.join(tmp_path, where)
+    assert hc.main(["hardware_check", f"--json={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distopt.hardware_check: error: --json={path}"), err
+    assert says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("passed, status", [(True, 3), (False, 1)])
+def test_a_json_write_that_fails_is_one_line_and_leaves_no_file(
+    tmp_path, monkeypatch, capsys, passed, status
+):
+    # A full disk at the end: the checks' result stands in the table and
+    # the exit status says which (3 is not 1, "a check failed").
+    platform = types.SimpleNamespace(
+        notice="n", kind="CPU", num_replicas=2, devices="2 CPU"
+    )
+    monkeypatch.setattr(hc, "make_platform", lambda *args: platform)
+    row = hc.Row("a", "a check", "2 CPU", passed, 0.0)
+    monkeypatch.setattr(hc, "run_checks", lambda platform: [row])
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    path = tmp_path / "rows.json"
+    assert hc.main(["hardware_check", f"--json={path}"]) == status
+    assert os.listdir(tmp_path) == []  # Neither the file nor a temporary.
+    assert capsys.readouterr().err == (
+        f"distopt.hardware_check: error: --json: could not write {path}: "
+        "No space left on device\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+        ValueError("Could not lookup TPU metadata\nmore"),
+    ],
+)
+def test_a_tpu_that_cannot_be_reached_is_one_line_naming_the_flag(
+    monkeypatch, capsys, error
+):
+    # The resolver's URLError was a 71-line traceback and exit status 1.
+    def unreachable(kind, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dist, "make_strategy", unreachable)
+    assert hc.main(["hardware_check", "--tpu=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "distopt.hardware_check: error: --tpu=bogus: no such TPU, or it cannot "
+        f"be reached ({type(error).__name__}: "
+    ), err
+    assert err.count("\n") == 1, err
 
 
 def test_help_exits_0_and_names_every_flag(capsys):

@@ -371,9 +371,12 @@ def test_format_rate_and_tf_config(links_lib):
         # Written after the run: these failed with a traceback after training.
         (
             ["--link_rate=1gbit", "--link_stats=/nonexistent/x.json"],
-            "--link_stats=/nonexistent/x.json: /nonexistent is not a writable",
+            "--link_stats=/nonexistent/x.json: the directory /nonexistent does not",
         ),
         (["--link_rate=1gbit", "--link_stats=/tmp"], "--link_stats=/tmp is a dir"),
+        # os.access says yes to root there; creating an entry does not.
+        (["--link_rate=1gbit", "--link_stats=/proc/x.json"], "/proc is not writable"),
+        (["--link_rate=1gbit", "--link_stats=/sys/x.json"], "/sys is not writable"),
     ],
 )
 def test_link_flag_errors_are_one_line_and_start_nothing(flags, says):
@@ -384,10 +387,21 @@ def test_link_flag_errors_are_one_line_and_start_nothing(flags, says):
     assert says in proc.stderr
 
 
-def test_a_negative_grace_period_is_refused():
-    proc = _launch("--workers=2", "--grace_seconds=-1", "--command=true")
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert "--grace_seconds must be >= 0, got -1.0" in proc.stderr
+@pytest.mark.parametrize(
+    "flag, says",
+    [
+        ("--workers=0", "error: --workers must be >= 1"),
+        ("--grace_seconds=-1", "error: --grace_seconds must be >= 0, got -1.0"),
+        ("--grace_seconds=nan", "error: --grace_seconds must be >= 0, got nan"),
+        ("--workers=x", "error: argument --workers: invalid int value: 'x'"),
+        ("--no_such_flag", "error: unrecognized arguments: --no_such_flag"),
+    ],
+)
+def test_bad_launcher_flags_are_one_error_line(flag, says):
+    # argparse printed its usage block (4 lines) before the error line.
+    proc = _launch("--workers=2", flag, "--command=true")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr == says + "\n"
 
 
 # The trainer flags after `--` come after the launcher's --strategy=multi_worker
@@ -462,6 +476,53 @@ def test_a_command_that_cannot_run_is_refused_before_any_worker(command, says):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {says}")
 
 
+class _FakeLinks:
+    """What `launch` uses of a ``links.Links``, without namespaces: the
+    workers run as they are."""
+
+    rate, addresses = 20_000_000, ["127.0.0.1", "127.0.0.1"]
+
+    def command(self, index, argv):
+        return argv
+
+    def counters(self):
+        return [{"tx_bytes": 10, "rx_bytes": 20}] * 2
+
+
+@pytest.mark.parametrize(
+    "full, program, status", [(False, "true", 0), (True, "true", 0), (True, "false", 1)]
+)
+def test_link_stats_on_a_full_disk_are_one_line_and_keep_the_status(
+    tmp_path, monkeypatch, full, program, status
+):
+    # The file was opened (truncated) first, then the write's OSError was a
+    # traceback and exit status 1 after the workers had succeeded.
+    if full:
+
+        def no_space(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", no_space)
+    path, out = tmp_path / "links.json", io.StringIO()
+    got = local_launcher().launch(
+        2, [program], links=_FakeLinks(), link_stats=str(path), out=out
+    )
+    lines = out.getvalue().splitlines()
+    assert got == status and lines[-1] == f"[launcher] exit status {status}", lines
+    said = [x for x in lines if x.startswith("[launcher] --link_stats")]
+    if full:
+        assert os.listdir(tmp_path) == []  # Neither the file nor a temporary.
+        (line,) = said
+        assert line == (
+            f"[launcher] --link_stats: the link stats could not be written to "
+            f"{path} (No space left on device); the exit status is still the "
+            "workers'"
+        )
+    else:
+        assert said == [] and os.listdir(tmp_path) == ["links.json"]
+        assert json.loads(path.read_text())["workers"][1]["rx_bytes"] == 20
+
+
 def test_a_worker_that_cannot_start_stops_the_launch(tmp_path):
     # Library use, without main's check of the program: one line, not a
     # traceback, and the shell's status for a program not found.
@@ -471,6 +532,53 @@ def test_a_worker_that_cannot_start_stops_the_launch(tmp_path):
     assert f"worker 0 could not start {tmp_path / 'prog'}: No such file" in (
         out.getvalue()
     )
+
+
+PROBE = os.path.join(REPO, "launch", "link_probe.py")
+
+
+def link_probe_module():
+    """``launch/link_probe.py`` as a module."""
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    try:
+        import link_probe
+    finally:
+        sys.path.pop(0)
+    return link_probe
+
+
+@pytest.mark.parametrize(
+    "seconds, says",
+    [
+        ("0", "must be a finite number > 0, got 0"),
+        ("-1", "must be a finite number > 0, got -1"),
+        ("nan", "must be a finite number > 0, got nan"),
+        ("inf", "must be a finite number > 0, got inf"),
+        ("x", "not a number: 'x'"),
+    ],
+)
+def test_link_probe_needs_a_positive_finite_window(seconds, says):
+    # 0, -1 and nan "measured" 0.0 Mbit/s over 0.0 s, with exit status 0.
+    proc = run_python(PROBE, "--link_rate=20mbit", f"--seconds={seconds}", timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr == f"error: argument --seconds: {says}\n"
+
+
+def test_link_probe_interrupted_is_one_line_and_status_130(monkeypatch, capsys):
+    # Ctrl-C was a 20-line traceback. Already "inside": no namespace, no exec.
+    link_probe = link_probe_module()
+    monkeypatch.setenv(link_probe._INSIDE_ENV, "1")
+
+    def interrupted(rate, seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(link_probe, "_run_inside", interrupted)
+    try:
+        status = link_probe.main(["--link_rate=20mbit"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped link_probe.main")
+    assert status == 130
+    assert capsys.readouterr() == ("", "interrupted: nothing measured\n")
 
 
 @pytest.mark.parametrize("rate", ["20mbit", "100mbit", "1gbit"])
@@ -486,12 +594,7 @@ def test_link_probe_measures_the_rate_each_way(links_here, rate):
     also carries the other transfer's acknowledgements, and on this shared
     2-core machine such runs measured 0.80 to 0.95 of the rate in payload.
     """
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    try:
-        import link_probe
-    finally:
-        sys.path.pop(0)
-    result = link_probe.probe(rate, seconds=3)
+    result = link_probe_module().probe(rate, seconds=3)
     limit = result["rate_bits_per_second"]
     for figures in (result["directions"], result["duplex"]):
         assert [(d["from"], d["to"]) for d in figures] == [(0, 1), (1, 0)]
