@@ -7,8 +7,10 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import conftest
 import numpy as np
@@ -17,16 +19,14 @@ from conftest import run_python
 
 from distopt.benchmarks import (
     adam_step,
-    compression_accuracy,
     protocol,
     step_breakdown,
-    sync_modes,
     trainer_vs_keras,
 )
 
 
 class _ForkedChildren:
-    """A benchmark module's ``subprocess``: its ``python`` children forked.
+    """The benchmarks' ``subprocess``: their ``python`` children forked.
 
     The benchmarks start each measurement (and sync_modes each worker) as a
     new interpreter, by design: a real run's figures must not depend on the
@@ -35,32 +35,28 @@ class _ForkedChildren:
     counts, not an interpreter's start. So the same argv, environment and
     working directory run forked from the fork server instead (TensorFlow
     imported, no runtime yet; a process of its own: see forkserver.py).
+    Every child starts in ``protocol.run_children``, through this ``Popen``.
     """
 
     PIPE = subprocess.PIPE
     STDOUT = subprocess.STDOUT
+    CompletedProcess = subprocess.CompletedProcess
+    TimeoutExpired = subprocess.TimeoutExpired
 
     @staticmethod
-    def _argv_env(command, env):
+    def Popen(command, *, stdout, stderr, env=None, start_new_session=False):
+        """``subprocess.Popen(command, ...)``, output to open files."""
         assert command[0] == sys.executable, command
         # The children's log level, as they inherit it from this process
         # (conftest) or sync_modes sets it; the server imported at it.
-        return command[1:], {**(env or os.environ), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-    @classmethod
-    def run(cls, command, *, capture_output, text, check, env=None):
-        """``subprocess.run(command, capture_output=True, text=True)``."""
-        assert capture_output and text and not check
-        argv, env = cls._argv_env(command, env)
-        return conftest.FORK_SERVER.run(argv, cwd=os.getcwd(), env=env, timeout=600)
-
-    @classmethod
-    def Popen(cls, command, *, stdout, stderr, text, env=None):
-        """``subprocess.Popen(command, text=True, ...)``."""
-        assert text
-        argv, env = cls._argv_env(command, env)
+        env = {**(env or os.environ), "TF_CPP_MIN_LOG_LEVEL": "2"}
         return conftest.FORK_SERVER.popen(
-            argv, cwd=os.getcwd(), env=env, stdout=stdout, stderr=stderr
+            command[1:],
+            cwd=os.getcwd(),
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=start_new_session,
         )
 
 
@@ -68,19 +64,19 @@ class _ForkedChildren:
 def forked_children(monkeypatch):
     """The benchmarks' children fork (unless ``DISTOPT_TESTS_NO_FORK``)."""
     if not conftest.NO_FORK:
-        for module in (protocol, compression_accuracy, sync_modes):
-            monkeypatch.setattr(module, "subprocess", _ForkedChildren)
+        monkeypatch.setattr(protocol, "subprocess", _ForkedChildren)
 
 
-def test_adam_step_runs_and_reports_ratios(capsys, forked_children):
-    results = adam_step.main(
-        [
-            "--sets=tiny",
-            "--optimizers=adam",
-            "--contenders=distopt,floor",
-            "--steps=3",
-            "--repeats=1",
-        ]
+def test_adam_step_runs_and_reports_ratios(tmp_path, capsys, forked_children):
+    results = _run_benchmark(
+        "adam_step",
+        tmp_path / "out.json",
+        "--sets=tiny",
+        "--optimizers=adam",
+        "--contenders=distopt,floor",
+        "--steps=3",
+        "--repeats=1",
+        output_flag="--json",
     )
     (row,) = results["rows"]
     assert row["num_variables"] == 4
@@ -120,17 +116,17 @@ def test_resnet50_shapes():
     assert sum(math.prod(s) for s in shapes) == 25_583_592
 
 
-def test_trainer_vs_keras_runs_and_reports_ratios(capsys, forked_children):
-    results = trainer_vs_keras.main(
-        [
-            "--models=mlp",
-            "--strategies=default",
-            "--contenders=keras_nojit",
-            "--steps=3",
-            "--warmup_steps=1",
-            "--repeats=1",
-            "--keras_steps_per_execution=1",
-        ]
+def test_trainer_vs_keras_runs_and_reports_ratios(tmp_path, capsys, forked_children):
+    results = _run_benchmark(
+        "trainer_vs_keras",
+        tmp_path / "out.json",
+        "--models=mlp",
+        "--strategies=default",
+        "--contenders=keras_nojit",
+        "--steps=3",
+        "--warmup_steps=1",
+        "--repeats=1",
+        "--keras_steps_per_execution=1",
     )
     (cell,) = results["cells"]
     assert cell["examples_per_second"]["keras_nojit"]["median"] > 0
@@ -313,13 +309,23 @@ def _run_benchmark(module, out, *flags, output_flag="--output"):
     the ``__main__`` line out (the bad-flag tests and test_entry_points run
     that). A failed run's output is in the test's captured output.
     """
-    main = importlib.import_module(f"distopt.benchmarks.{module}").main
-    argv = [*flags, f"{output_flag}={out}"]
-    # sync_modes's main takes argparse's argv; the others absl's, prog first.
-    status = main(argv if module == "sync_modes" else [module, *argv])
-    assert status == 0
+    assert _main(module, *flags, f"{output_flag}={out}") == 0
     with open(out) as f:
         return json.load(f)
+
+
+#: The benchmarks whose ``main`` takes argparse's argv; the others take
+#: absl's, program name first.
+ARGPARSE = {"adam_step", "step_breakdown", "sync_modes", "trainer_vs_keras"}
+
+
+def _main(module, *flags):
+    """Benchmark ``module``'s ``main(flags)`` here: its exit status."""
+    main = importlib.import_module(f"distopt.benchmarks.{module}").main
+    try:
+        return main(list(flags) if module in ARGPARSE else [module, *flags])
+    except SystemExit as e:  # argparse's errors
+        return e.code
 
 
 @pytest.mark.slow
@@ -435,14 +441,14 @@ def test_sharded_state_runs_and_halves_the_state_on_2_devices(
         ("step_breakdown", "--rounds=x", "argument --rounds: not an integer: 'x'"),
         ("sync_modes", "--warmup=-1", "argument --warmup: must be >= 0, got -1"),
         ("compression_cost", "--repeats=-1", "flag --repeats=-1: -1 is not a"),
-        ("sharded_state", "--devices=0", "flag --devices=0: 0 is not a"),
+        ("sharded_state", "--devices=0", "flag --devices=0: 0 is not integer"),
         ("keras_fit", "--batch_size=0", "flag --batch_size=0: 0 is not a"),
         ("time_to_accuracy", "--target=1.5", "flag --target=1.5: 1.5 is not a"),
         ("compression_accuracy", "--train_steps=0", "flag --train_steps=0: 0 is not"),
         # Unknown names and bad lists failed every run, then printed an
         # empty table with exit status 0 (or a traceback).
         ("compression_cost", "--compressors=nope", "flag --compressors=['nope']: 'n"),
-        ("compression_cost", "--output=/nonexistent/x", "--output=/nonexistent/x can"),
+        ("compression_cost", "--output=/nonexistent/x", "--output=/nonexistent/x: the"),
         ("sharded_state", "--models=nope", "flag --models=['nope']: 'nope' is not"),
         ("time_to_accuracy", "--workers=abc", "flag --workers=['abc']: 'abc' is not"),
         ("time_to_accuracy", "--links=100mbps", "flag --links=['100mbps']: '100mbps"),
@@ -459,13 +465,290 @@ def test_a_bad_flag_is_one_line_naming_it(benchmark, flag, says):
     assert proc.stderr.startswith(f"distopt.benchmarks.{benchmark}: error: {says}")
 
 
-@pytest.mark.parametrize("benchmark", ["compression_cost", "sharded_state"])
-def test_every_run_failing_is_an_error(benchmark, monkeypatch, capsys):
+@pytest.fixture
+def children(monkeypatch):
+    """No child process: each one a benchmark starts fails at once.
+
+    Returns the commands started (every child starts in
+    ``protocol.run_children``).
+    """
+    started = []
+
+    def run_children(commands, **kwargs):
+        started.extend(commands)
+        return [
+            subprocess.CompletedProcess(c, 1, "", "stub: not run") for c in commands
+        ]
+
+    monkeypatch.setattr(protocol, "run_children", run_children, raising=False)
+    return started
+
+
+@pytest.mark.parametrize(
+    "benchmark, flags",
+    [
+        ("compression_cost", ["--repeats=1"]),
+        ("sharded_state", ["--repeats=1"]),
+        ("adam_step", ["--sets=tiny", "--optimizers=adam", "--repeats=1"]),
+        ("trainer_vs_keras", ["--models=mlp", "--strategies=default", "--repeats=1"]),
+        ("step_breakdown", ["--startup_only", "--repeats=1"]),
+        ("compression_accuracy", ["--models=mlp", "--replicas=2", "--seeds=0"]),
+    ],
+)
+def test_every_run_failing_is_an_error(benchmark, flags, children, capsys):
     # It printed an empty table and exited 0.
-    module = importlib.import_module(f"distopt.benchmarks.{benchmark}")
-    monkeypatch.setattr(protocol, "measure_in_subprocess", lambda *a, **k: None)
-    assert module.main([benchmark, "--repeats=1"]) == 1
+    assert _main(benchmark, *flags) == 1
+    assert children, "no run was started"
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
         f"distopt.benchmarks.{benchmark}: error: every run failed (see above)"
     )
+
+
+@pytest.mark.parametrize(
+    "benchmark, flag, says",
+    [
+        # An unknown name was measured as something else under its label
+        # (adam_step's contenders: Keras; keras_fit's strategies: default),
+        # or failed every run with exit status 0, or was a traceback.
+        ("adam_step", "--contenders=bogus", "argument --contenders: 'bogus' is not"),
+        ("adam_step", "--optimizers=bogus", "argument --optimizers: 'bogus' is not"),
+        ("adam_step", "--sets=bogus", "argument --sets: 'bogus' is not one of 16x1M,"),
+        ("trainer_vs_keras", "--models=bogus", "argument --models: 'bogus' is not"),
+        ("trainer_vs_keras", "--contenders=bogus", "argument --contenders: 'bogus'"),
+        ("step_breakdown", "--model=bogus", "argument --model: invalid choice: 'bo"),
+        ("keras_fit", "--strategies=bogus", "flag --strategies=['bogus']: 'bogus' is"),
+        # ZeroDivisionError after every run (sharding over 1 device).
+        ("sharded_state", "--devices=1", "flag --devices=1: 1 is not integer >= 2"),
+        # 1 gave each of the 2 workers 0 examples; 3 dropped one.
+        ("sync_modes", "--batch_size=3", "argument --batch_size: must be a positive"),
+    ],
+)
+def test_a_bad_name_or_count_is_one_line_before_any_run(
+    benchmark, flag, says, children, capsys
+):
+    assert _main(benchmark, flag) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not children
+    assert err.startswith(f"distopt.benchmarks.{benchmark}: error: {says}"), err
+
+
+def test_the_names_the_help_lists_are_taken(children):
+    # The list of valid sets omitted tiny; trainer:<flags> is a contender.
+    args = trainer_vs_keras.parse_args(["--contenders=bare,trainer:--jit_compile"])
+    assert args.contenders == ["bare", "trainer:--jit_compile"]
+    assert "tiny" in adam_step.SET_NAMES
+
+
+@pytest.mark.parametrize(
+    "benchmark, flags, says",
+    [
+        ("adam_step", ["--sets=tiny", "--json={missing}"], "--json={missing}: the"),
+        ("step_breakdown", ["--startup_only", "--json={missing}"], "--json={missing}"),
+        ("sync_modes", ["--json={dir}"], "--json={dir} is a directory"),
+        (
+            "trainer_vs_keras",
+            ["--models=mlp", "--output={missing}"],
+            "--output={missing}",
+        ),
+        ("sharded_state", ["--models=mlp", "--output={missing}"], "--output={missing}"),
+        # os.access says yes to root, even for /proc.
+        ("compression_cost", ["--output=/proc/x.json"], "--output=/proc/x.json: /proc"),
+        (
+            "compression_accuracy",
+            ["--seeds=0", "--output={missing}"],
+            "--output={missing}",
+        ),
+        # A FileExistsError traceback before.
+        ("time_to_accuracy", ["--noscaling", "--output_dir={file}"], "--output_dir="),
+    ],
+)
+def test_an_output_path_is_checked_before_any_run(
+    benchmark, flags, says, tmp_path, children, capsys
+):
+    # It was written only after the work: the results were lost, with a
+    # traceback.
+    (tmp_path / "file").write_text("")
+    where = {
+        "missing": tmp_path / "no" / "x.json",
+        "dir": tmp_path,
+        "file": tmp_path / "file",
+    }
+    flags = [f.format(**where) for f in flags]
+    assert _main(benchmark, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not children
+    assert err.startswith(
+        f"distopt.benchmarks.{benchmark}: error: {says.format(**where)}"
+    ), err
+
+
+def test_a_failed_write_is_one_line_and_leaves_the_file(tmp_path, monkeypatch, capsys):
+    # A full disk at the end: one line naming the file, exit status 1, the
+    # earlier results intact (not a traceback and a truncated file).
+    row = dict.fromkeys(
+        [
+            "k",
+            "allreduce_calls_per_step",
+            "payload_bytes_per_step",
+            "payload_bytes_per_update",
+            "bytes_sent_per_step",
+            "steps_per_second",
+        ],
+        1,
+    )
+    out = protocol.RESULT + json.dumps({"every_step": row})
+    monkeypatch.setattr(
+        protocol,
+        "run_children",
+        lambda commands, **k: [
+            subprocess.CompletedProcess(c, 0, out, "") for c in commands
+        ],
+    )
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    path = tmp_path / "out.json"
+    path.write_text("earlier")
+    assert _main("sync_modes", f"--json={path}") == 1
+    assert capsys.readouterr().err == (
+        f"distopt.benchmarks.sync_modes: error: could not write {path}: "
+        "No space left on device\n"
+    )
+    assert path.read_text() == "earlier" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_no_warm_up_fit_for_0_warm_up_steps():
+    # fit(steps_per_epoch=0) on a repeated dataset never returns (keras_fit
+    # and trainer_vs_keras hung with --warmup_steps=0).
+    fits = []
+
+    class Model:
+        def fit(self, dataset, **kwargs):
+            fits.append(kwargs["steps_per_epoch"])
+
+    protocol.warm_up_fit(Model(), None, 0)
+    protocol.warm_up_fit(Model(), None, 2)
+    assert fits == [2]
+
+
+def test_only_protocol_starts_child_processes():
+    # So that every child is ended with its benchmark (run_children).
+    for path in os.scandir(os.path.dirname(protocol.__file__)):
+        if path.name.endswith(".py") and path.name != "protocol.py":
+            with open(path) as f:
+                text = f.read()
+            assert "import subprocess" not in text, path.name
+
+
+_STOPPED_CHILD = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "ignores":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Its child inherits it.
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+time.sleep(60)
+"""
+
+_BENCHMARK = f"""
+import sys
+from distopt.benchmarks import protocol
+protocol.GRACE_SECONDS = 0.5
+protocol.run_child([sys.executable, "-c", {_STOPPED_CHILD!r}, *sys.argv[1:]])
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "sig, child", [(signal.SIGTERM, "exits"), (signal.SIGINT, "ignores")]
+)
+def test_a_stopped_benchmark_ends_its_children(sig, child, tmp_path):
+    # They ran on, orphaned, to the end of their work. A child that ignores
+    # SIGTERM is killed after the grace; its own children go with it.
+    pids = tmp_path / "pids"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BENCHMARK, child, str(pids)],
+        cwd=conftest.REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig
+    assert err.endswith(f": stopped by {sig.name}; ended its child processes\n"), err
+    assert err.count("\n") == 1
+    assert not any(_running(int(p)) for p in pids.read_text().split())
+
+
+def _tta_run(seed):
+    """One time_to_accuracy run of every_step, 2 workers, no link limit."""
+    return {
+        "mode": "every_step",
+        "workers": 2,
+        "link": "none",
+        "seed": seed,
+        "learning_rate": 0.002,
+        "outer_learning_rate": None,
+        "status": "target_reached",
+        "steps": 20,
+        "seconds": 1.0,
+        "accuracy": 0.9,
+        "bytes_sent": 100,
+        "link_bytes_sent": None,
+        "examples_per_second": 10.0,
+        "evaluations": [],
+    }
+
+
+def test_time_to_accuracy_counts_each_run_once(tmp_path, monkeypatch, capsys):
+    # A rerun into the same --output_dir appended seed 0 again, and the
+    # report counted the two as independent repeats.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    seeds = []
+    monkeypatch.setattr(
+        tta,
+        "run_once",
+        lambda m, w, link, seed, *a: seeds.append(seed) or _tta_run(seed),
+    )
+    monkeypatch.setattr(tta, "plot", lambda runs, output_dir: [])
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text(json.dumps(_tta_run(0)) + "\n")
+    flags = ["--workers=2", "--links=none", "--modes=every_step", "--noscaling"]
+    flags += ["--repeats=2", "--other_repeats=2", f"--output_dir={tmp_path}"]
+    assert _main("time_to_accuracy", *flags) == 0
+    assert seeds == [1]  # seed 0 was there
+    assert f"skipping 1 runs already in {runs}" in capsys.readouterr().err
+    with open(runs, "a") as f:
+        f.write(json.dumps(_tta_run(1)) + "\n")  # as an earlier version did
+    assert _main("time_to_accuracy", "--report_only", f"--output_dir={tmp_path}") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    assert results["rows"][0]["runs"] == 2
+
+
+def test_time_to_accuracy_report_only_creates_nothing(tmp_path, capsys):
+    # A mistyped --output_dir was created (runs/ in it) before it was refused.
+    typo = tmp_path / "typo"
+    assert _main("time_to_accuracy", "--report_only", f"--output_dir={typo}") == 2
+    assert capsys.readouterr().err == (
+        f"distopt.benchmarks.time_to_accuracy: error: --output_dir={typo} has no "
+        "runs.jsonl\n"
+    )
+    assert not typo.exists()

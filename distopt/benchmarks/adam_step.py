@@ -62,6 +62,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -72,7 +73,9 @@ from distopt.benchmarks import protocol
 
 OPTIMIZERS = ("adam", "momentum", "lamb")
 CONTENDERS = ("distopt", "keras_plain", "keras_xla", "floor", "touch", "assign_add")
-SETS = ("16x1M", "320var", "resnet50")  # And "tiny" (4 x [8]) for smoke tests.
+SETS = ("16x1M", "320var", "resnet50")  # The default run's.
+SET_NAMES = (*SETS, "tiny")  # tiny (4 x [8]): smoke runs and tests.
+PROG = "distopt.benchmarks.adam_step"
 BYTES_PER_PARAM = {"adam": 28, "lamb": 28, "momentum": 20}
 # (optimizer, set, denominator) -> the most distopt / denominator may be;
 # optimizer None: every optimizer. The 16x1M targets are issue 11's "no
@@ -327,25 +330,27 @@ def run(sets, optimizers, contenders, repeats, steps):
             }
             rows.append(summarize(row))
             print(report_row(row), flush=True)
-    # Only for the versions, after the measurements (quietly: TensorFlow's
-    # start-up lines would trail the report).
-    from distopt import quiet
-
-    quiet.import_tensorflow()
-    import keras
-    import tensorflow as tf
-
     return {
         "rows": rows,
         "repeats": repeats,
         "steps": steps,
         "load_average": load,
         "load_end": os.getloadavg(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
+
+
+def versions() -> dict:
+    """TensorFlow's and Keras's versions (imported quietly: their start-up
+    lines would trail the report; only after the measurements)."""
+    from distopt import quiet
+
+    quiet.import_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 def report_row(row) -> str:
@@ -383,20 +388,29 @@ def report_row(row) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = protocol.Parser(
-        prog="distopt.benchmarks.adam_step", description=__doc__.split("\n\n")[0]
-    )
+def main(argv=None) -> int:
+    """Runs the benchmark (or, with ``--measure``, one measurement).
+
+    Returns:
+        The exit status: 1 if every measurement failed or the results could
+        not be written.
+    """
+    parser = protocol.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sets",
+        type=protocol.names(SET_NAMES),
         default=",".join(SETS),
-        help=f"variable sets: {', '.join(SETS)} (tiny: a smoke run)",
+        help=f"variable sets: {', '.join(SET_NAMES)} (tiny: a smoke run)",
     )
     parser.add_argument(
-        "--optimizers", default=",".join(OPTIMIZERS), help=", ".join(OPTIMIZERS)
+        "--optimizers",
+        type=protocol.names(OPTIMIZERS),
+        default=",".join(OPTIMIZERS),
+        help=", ".join(OPTIMIZERS),
     )
     parser.add_argument(
         "--contenders",
+        type=protocol.names(CONTENDERS),
         default=",".join(CONTENDERS),
         help=f"{', '.join(CONTENDERS)} (see the module docstring)",
     )
@@ -406,28 +420,25 @@ def main(argv=None):
     parser.add_argument(
         "--steps", type=protocol.at_least(1), default=20, help="timed steps each"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results here")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_output("json", "also write the results here")
+    parser.add_argument("--measure", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        result = measure(args.measure, args.sets, args.optimizers, args.steps)
-        protocol.print_result(result)
-        return result
-    results = run(
-        args.sets.split(","),
-        args.optimizers.split(","),
-        args.contenders.split(","),
-        args.repeats,
-        args.steps,
-    )
+        (set_name,), (optimizer,) = args.sets, args.optimizers
+        protocol.print_result(measure(args.measure, set_name, optimizer, args.steps))
+        return 0
+    results = run(args.sets, args.optimizers, args.contenders, args.repeats, args.steps)
+    samples = [s for row in results["rows"] for v in row["samples"].values() for s in v]
+    if protocol.no_results(PROG, samples):
+        return 1
+    results.update(versions())
     print(
         f"\n{results['repeats']} fresh processes per contender, {results['steps']} "
         f"timed steps each; load average {results['load_average'][0]:.1f} at "
         f"start, {results['load_end'][0]:.1f} at end"
     )
-    protocol.write_json(args.json, results)
-    return results
+    return protocol.write_json(PROG, args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -89,6 +88,8 @@ flags.DEFINE_float(
 flags.DEFINE_string(
     "output", "", "Also write the runs and the table as JSON here.", flag_values=FLAGS
 )
+
+PROG = "distopt.benchmarks.compression_accuracy"
 
 #: Contender -> (--compression, --compression_args, Adam's change): "" none;
 #: "epsilon": epsilon `--frozen_epsilon`; "frozen": 1-bit Adam's recipe
@@ -151,7 +152,7 @@ def run_once(model, replicas, compressor, seed, workdir) -> dict | None:
         f"--model_dir={model_dir}",
         *_contender_flags(compressor),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = protocol.run_child(cmd)
     path = os.path.join(model_dir, "metrics.json")
     if proc.returncode != 0 or not os.path.exists(path):
         print(f"{model_dir} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -218,13 +219,12 @@ def print_table(rows) -> None:
 
 
 def main(argv=None) -> int:
-    status = cli.parse("distopt.benchmarks.compression_accuracy", __doc__, FLAGS, argv)
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
-    unknown = [c for c in FLAGS.compressors if c not in COMPRESSORS]
-    if unknown:
-        print(f"error: --compressors: unknown {unknown}", file=sys.stderr)
-        return 2
+    why = protocol.check_output(FLAGS.output, "output")
+    if why:
+        return cli.error(PROG, why)
     workdir = tempfile.mkdtemp(prefix="compression_accuracy_")
     runs = []
     for seed in FLAGS.seeds:
@@ -235,10 +235,11 @@ def main(argv=None) -> int:
                     print(f"{model} R={replicas} {name} seed {seed}: {r}", flush=True)
                     if r:
                         runs.append(r)
+    if protocol.no_results(PROG, runs):
+        return 1
     rows = table(runs)
     print_table(rows)
-    protocol.write_json(FLAGS.output, {"runs": runs, "table": rows})
-    return 0
+    return protocol.write_json(PROG, FLAGS.output, {"runs": runs, "table": rows})
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ Compressors: powersgd (rank 2), topk (fraction 0.01), onebit.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -68,6 +66,7 @@ flags.DEFINE_string(
     "output", "", "Also write the results as JSON to this file.", flag_values=FLAGS
 )
 
+PROG = "distopt.benchmarks.compression_cost"
 SHAPES = [(784, 700), (700,), (700, 500), (500,), (500, 10), (10,)]
 ARGS = {"powersgd": {"rank": 2}, "topk": {"fraction": 0.01}, "onebit": {}}
 protocol.check_items(FLAGS, "compressors", ["none", *ARGS])
@@ -171,20 +170,17 @@ def _print(rows):
 
 
 def main(argv=None) -> int:
-    status = cli.parse("distopt.benchmarks.compression_cost", __doc__, FLAGS, argv)
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
     if FLAGS.measure:
         protocol.print_result(_measure(FLAGS.measure))
         return 0
-    if FLAGS.output:
-        # Written after every run: a bad path must fail first.
-        parent = os.path.dirname(os.path.abspath(FLAGS.output))
-        if os.path.isdir(FLAGS.output) or not os.access(parent, os.W_OK):
-            return cli.error(
-                "distopt.benchmarks.compression_cost",
-                f"--output={FLAGS.output} cannot be written",
-            )
+    # Written after every run: a bad path must fail first (os.access, used
+    # here before, says yes to root even for /proc).
+    why = protocol.check_output(FLAGS.output, "output")
+    if why:
+        return cli.error(PROG, why)
     results = []
     for rep in range(FLAGS.repeats):
         for name in FLAGS.compressors:
@@ -201,14 +197,11 @@ def main(argv=None) -> int:
             )
             if r:
                 results.append(r)
-    if protocol.no_results("distopt.benchmarks.compression_cost", results):
+    if protocol.no_results(PROG, results):
         return 1
     rows = _summary(results)
     _print(rows)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump({"runs": results, "summary": rows}, f, indent=1)
-    return 0
+    return protocol.write_json(PROG, FLAGS.output, {"runs": results, "summary": rows})
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ batch, Adam(1e-3), `model.compile` defaults, and in-memory MNIST.
 
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 from absl import flags
 
 from distopt import cli
+from distopt.benchmarks import protocol
 
 # Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
 # line and exit status 2 (absl's app.run exits 1 after --help).
@@ -44,7 +44,11 @@ flags.DEFINE_integer(
     "steps", 300, "Timed steps per measurement.", lower_bound=1, flag_values=FLAGS
 )
 flags.DEFINE_integer(
-    "warmup_steps", 20, "Untimed steps before timing.", lower_bound=0, flag_values=FLAGS
+    "warmup_steps",
+    20,
+    "Untimed steps before timing (0: no warm-up fit).",
+    lower_bound=0,
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
     "batch_size", 128, "Global batch size.", lower_bound=1, flag_values=FLAGS
@@ -71,6 +75,9 @@ flags.DEFINE_string(
 
 VIRTUAL_CPUS = 2
 CONTENDERS = ("keras", "distopt")
+STRATEGIES = ("default", "mirrored")
+# An unknown name measured the default strategy under its label.
+protocol.check_items(FLAGS, "strategies", STRATEGIES)
 _RESULT = "RESULT examples_per_second="
 
 
@@ -124,8 +131,8 @@ def measure(contender: str, strategy_name: str) -> float:
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
+    protocol.warm_up_fit(model, ds, FLAGS.warmup_steps)
     # shuffle=False: a dataset is not shuffled by fit, which would only warn.
-    model.fit(ds, steps_per_epoch=FLAGS.warmup_steps, verbose=0, shuffle=False)
     start, cpu_start = time.perf_counter(), time.process_time()
     model.fit(ds, steps_per_epoch=FLAGS.steps, verbose=0, shuffle=False)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -143,7 +150,7 @@ def _in_subprocess(contender, strategy_name, argv):
         f"--strategies={strategy_name}",
         f"--measure={contender}",
     ]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True)
+    proc = protocol.run_child(command)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
             rate, cpu = line[len(_RESULT) :].split(" cpu_us_per_example=")

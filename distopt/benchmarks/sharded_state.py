@@ -28,7 +28,6 @@ Default run: about 4-20 min on this 2-core host (dense50m dominates: about
 from __future__ import annotations
 
 import itertools
-import json
 import resource
 import sys
 import time
@@ -47,8 +46,10 @@ flags.DEFINE_list(
     "Models to measure: mlp, dense50m.",
     flag_values=FLAGS,
 )
+# At least 2: sharding over 1 device saves nothing (its ideal saving, the
+# summary's denominator, is 0).
 flags.DEFINE_integer(
-    "devices", 4, "Logical CPU devices (replicas).", lower_bound=1, flag_values=FLAGS
+    "devices", 4, "Logical CPU devices (replicas).", lower_bound=2, flag_values=FLAGS
 )
 flags.DEFINE_integer(
     "steps",
@@ -74,6 +75,7 @@ flags.DEFINE_string(
     "output", "", "Also write the results as JSON to this file.", flag_values=FLAGS
 )
 
+PROG = "distopt.benchmarks.sharded_state"
 LAYERS = {
     "mlp": [784, 700, 500, 10],
     "dense50m": [1024, 3584, 3584, 3584, 3584, 3584, 10],
@@ -193,13 +195,16 @@ def _print(rows):
 
 
 def main(argv=None) -> int:
-    status = cli.parse("distopt.benchmarks.sharded_state", __doc__, FLAGS, argv)
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
     if FLAGS.measure:
         model, sharded = FLAGS.measure.split(",")
         protocol.print_result(_measure(model, sharded == "1"))
         return 0
+    why = protocol.check_output(FLAGS.output, "output")
+    if why:
+        return cli.error(PROG, why)
     results = []
     for rep in range(FLAGS.repeats):
         for model in FLAGS.models:
@@ -222,14 +227,11 @@ def main(argv=None) -> int:
                 )
                 if r:
                     results.append(r)
-    if protocol.no_results("distopt.benchmarks.sharded_state", results):
+    if protocol.no_results(PROG, results):
         return 1
     rows = _summary(results, FLAGS.devices)
     _print(rows)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump({"runs": results, "summary": rows}, f, indent=1)
-    return 0
+    return protocol.write_json(PROG, FLAGS.output, {"runs": results, "summary": rows})
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ from typing import NamedTuple
 
 from distopt.benchmarks import protocol
 
+PROG = "distopt.benchmarks.step_breakdown"
+MODELS = ("lenet", "mlp")
+STRATEGIES = ("default", "mirrored")
 PHASES = (
     "pipeline",
     "forward",
@@ -477,13 +480,20 @@ def _startup_in_subprocess(model_name, strategy_name):
     )
 
 
-def main(argv=None):
-    parser = protocol.Parser(
-        prog="distopt.benchmarks.step_breakdown",
-        description=__doc__.split("\n\n")[0],
+def main(argv=None) -> int:
+    """Runs the breakdown (or, with ``--measure_startup``, one start-up).
+
+    Returns:
+        The exit status: 1 if every start-up run failed or the results could
+        not be written.
+    """
+    parser = protocol.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", choices=MODELS, default="lenet", help=", ".join(MODELS)
     )
-    parser.add_argument("--model", default="lenet", help="lenet, mlp")
-    parser.add_argument("--strategy", default="default", help="default, mirrored")
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, default="default", help=", ".join(STRATEGIES)
+    )
     positive = protocol.at_least(1)
     parser.add_argument("--steps", type=positive, default=100, help="steps per round")
     parser.add_argument("--rounds", type=positive, default=5, help="interleaved rounds")
@@ -496,7 +506,7 @@ def main(argv=None):
     parser.add_argument(
         "--kernels", action="store_true", help="also time LeNet's conv/pool kernels"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_output("json", "also write the results here")
     parser.add_argument(
         "--measure_startup", action="store_true", help=argparse.SUPPRESS
     )
@@ -507,9 +517,8 @@ def main(argv=None):
         import tensorflow  # noqa: F401
 
         del sys.modules["matplotlib"]
-        result = startup(args.model, args.strategy, time.time())
-        protocol.print_result(result)
-        return result
+        protocol.print_result(startup(args.model, args.strategy, time.time()))
+        return 0
     results = {"load_average": os.getloadavg()}
     if not args.startup_only:
         # A fresh process of its own, so that the startup runs below do not
@@ -546,6 +555,8 @@ def main(argv=None):
         _startup_in_subprocess(args.model, args.strategy) for _ in range(args.repeats)
     ]
     runs = [r for r in runs if r]
+    if args.repeats and protocol.no_results(PROG, runs):
+        return 1
     results["startup"] = runs
     if runs:
         print(
@@ -564,9 +575,8 @@ def main(argv=None):
             f"({min(total):.2f}-{max(total):.2f})"
         )
     results["load_end"] = os.getloadavg()
-    protocol.write_json(args.json, results)
-    return results
+    return protocol.write_json(PROG, args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

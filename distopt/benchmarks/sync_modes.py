@@ -26,12 +26,14 @@ buffer); the wire traffic of a ring all-reduce is about twice that.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
 from distopt import cluster
 from distopt.benchmarks import protocol
+
+PROG = "distopt.benchmarks.sync_modes"
+WORKERS = 2
 
 #: (row label, sync mode, its arguments, compression). A later mode or
 #: compressor joins the table by adding one row.
@@ -143,9 +145,7 @@ def _worker(index, ports, steps, batch_size, warmup):
 def main(argv):
     import argparse
 
-    parser = protocol.Parser(
-        prog="distopt.benchmarks.sync_modes", description=__doc__.splitlines()[0]
-    )
+    parser = protocol.Parser(prog=PROG, description=__doc__.splitlines()[0])
     positive = protocol.at_least(1)
     parser.add_argument(
         "--steps", type=positive, default=80, help="timed steps per mode"
@@ -153,8 +153,15 @@ def main(argv):
     parser.add_argument(
         "--warmup", type=protocol.at_least(0), default=16, help="untimed steps per mode"
     )
-    parser.add_argument("--batch_size", type=positive, default=128, help="global batch")
-    parser.add_argument("--json", help="write the results to this file")
+    # Split evenly over the workers: 1 gave each 0 examples, reported as
+    # "global batch 1"; an odd size dropped one.
+    parser.add_argument(
+        "--batch_size",
+        type=protocol.multiple_of(WORKERS, "the workers"),
+        default=128,
+        help=f"global batch, a multiple of {WORKERS}",
+    )
+    parser.add_output("json", "write the results to this file")
     parser.add_argument("--worker_index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -164,7 +171,7 @@ def main(argv):
             args.worker_index, ports, args.steps, args.batch_size, args.warmup
         )
 
-    ports = cluster.free_ports(2)
+    ports = cluster.free_ports(WORKERS)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [
         sys.executable,
@@ -175,26 +182,21 @@ def main(argv):
         f"--batch_size={args.batch_size}",
         f"--ports={','.join(map(str, ports))}",
     ]
-    print(f"starting 2 workers on localhost ports {ports} ...", flush=True)
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--worker_index={i}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    print(f"starting {WORKERS} workers on localhost ports {ports} ...", flush=True)
+    procs = protocol.run_children(
+        [cmd + [f"--worker_index={i}"] for i in range(WORKERS)],
+        env=env,
+        merge_stderr=True,
+        timeout=1800,
+    )
     if any(p.returncode for p in procs):
-        for i, out in enumerate(outs):
-            print(f"--- worker {i} (exit {procs[i].returncode})\n{out[-3000:]}")
+        for i, p in enumerate(procs):
+            print(f"--- worker {i} (exit {p.returncode})\n{p.stdout[-3000:]}")
         return 1
-    results = protocol.parse_result(outs[0])
+    results = protocol.parse_result(procs[0].stdout)
     base = results["every_step"]["steps_per_second"]
     print(
-        f"\nMLP, Adam, global batch {args.batch_size}, 2 workers x 1 CPU, "
+        f"\nMLP, Adam, global batch {args.batch_size}, {WORKERS} workers x 1 CPU, "
         f"{args.steps} timed steps per mode"
     )
     print(
@@ -207,8 +209,7 @@ def main(argv):
             f"{r['payload_bytes_per_step']:>14,.0f}{r['payload_bytes_per_update']:>14,.0f}"
             f"{r['bytes_sent_per_step']:>12,.0f}{r['steps_per_second']:>10.1f}{r['steps_per_second'] / base:>9.2f}x"
         )
-    protocol.write_json(args.json, results)
-    return 0
+    return protocol.write_json(PROG, args.json, results)
 
 
 if __name__ == "__main__":

@@ -41,18 +41,19 @@ suite's end-to-end test).
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 from absl import flags
 
-from distopt import cli
+from distopt import cli, output_files
 from distopt.benchmarks import protocol
+from distopt.trainer import paths
 
 # Its own FlagValues, parsed by distopt.cli: --help exits 0, a bad flag is one
 # line and exit status 2 (absl's app.run exits 1 after --help).
@@ -174,6 +175,11 @@ SETTINGS = {
     "diloco128": (0.001, 0.7),
 }
 
+PROG = "distopt.benchmarks.time_to_accuracy"
+RUNS = "runs.jsonl"
+# The launcher gives its workers 25 s after a stop notice: it gets longer,
+# so that it ends them itself (they run in sessions of their own).
+LAUNCHER_GRACE_SECONDS = 30.0
 TUNE_SEED = 1000
 HEADLINE = [("4", "none"), ("4", "100mbit")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -229,8 +235,8 @@ def run_once(mode, workers, link, seed, setting, workdir) -> dict | None:
     ]
     if outer is not None:
         trainer.append(f"--sync_args=outer_learning_rate={outer}")
-    proc = subprocess.run(
-        [*launcher, "--", *trainer], capture_output=True, text=True, check=False
+    proc = protocol.run_child(
+        [*launcher, "--", *trainer], grace_seconds=LAUNCHER_GRACE_SECONDS
     )
     path = os.path.join(model_dir, "metrics.json")
     if proc.returncode != 0 or not os.path.exists(path):
@@ -407,8 +413,14 @@ def plot(runs, output_dir):
         a.legend(fontsize=8)
         fig.suptitle(f"MLP on MNIST, {workers} workers, link: {link}")
         path = os.path.join(output_dir, f"time_to_accuracy_{link}.png")
-        fig.savefig(path, dpi=90, bbox_inches="tight")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
+        try:
+            output_files.write_atomically(path, png.getvalue())
+        except OSError as e:
+            e.filename = path  # A full disk's error names no file.
+            raise
         paths.append(path)
     return paths
 
@@ -450,31 +462,79 @@ def tune(modes, workdir):
     return chosen
 
 
+def run_key(run) -> tuple:
+    """What makes runs repeats of each other: another seed, not another run."""
+    return (run["mode"], int(run["workers"]), run["link"], int(run["seed"]))
+
+
+def read_runs(path: str) -> tuple[list[dict], int]:
+    """``path``'s runs, each `run_key` once (the first), and how many repeated one.
+
+    A rerun into the same --output_dir appended the same seeds again, which
+    the report counted as independent repeats.
+    """
+    runs = {}
+    lines = 0
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                lines += 1
+                run = json.loads(line)
+                runs.setdefault(run_key(run), run)
+    return list(runs.values()), lines - len(runs)
+
+
 def main(argv=None) -> int:
-    status = cli.parse("distopt.benchmarks.time_to_accuracy", __doc__, FLAGS, argv)
+    """Runs the cells (or tunes, or reports); returns the exit status."""
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
+    if FLAGS.report_only:
+        return report_only(FLAGS.output_dir)
+    # Before any run (the directory was made, or failed, only then).
+    if FLAGS.output_dir:
+        problems = paths.check_model_dir(FLAGS.output_dir, flag_name="output_dir")
+        if problems:
+            return cli.error(PROG, problems[0])
     modes = FLAGS.modes or list(MODES)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        print(
-            f"error: --modes: unknown {unknown}; valid: {', '.join(MODES)}",
-            file=sys.stderr,
-        )
-        return 2
     output_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tta_")
-    os.makedirs(output_dir, exist_ok=True)
     workdir = os.path.join(output_dir, "runs")
     os.makedirs(workdir, exist_ok=True)
     if FLAGS.tune:
         tune(modes, workdir)
         return 0
-    if FLAGS.report_only:
-        path = os.path.join(output_dir, "runs.jsonl")
-        if not os.path.exists(path):
-            return cli.error("distopt.benchmarks.time_to_accuracy", f"no {path}")
-        with open(path) as f:
-            return report([json.loads(line) for line in f], output_dir)
+    runs = run_cells(modes, output_dir, workdir)
+    if runs is None:
+        return 1
+    if protocol.no_results(PROG, runs):
+        return 1
+    return report(runs, output_dir)
+
+
+def report_only(output_dir: str) -> int:
+    """`report` of ``output_dir``'s runs.jsonl; creates no directory."""
+    if not output_dir:
+        return cli.error(PROG, "--report_only needs --output_dir")
+    path = os.path.join(output_dir, RUNS)
+    if not os.path.isfile(path):
+        return cli.error(PROG, f"--output_dir={output_dir} has no {RUNS}")
+    problems = paths.check_model_dir(output_dir, flag_name="output_dir")
+    if problems:
+        return cli.error(PROG, problems[0])
+    runs, repeated = read_runs(path)
+    if repeated:
+        print(
+            f"ignoring {repeated} runs of {path} that repeat a mode, workers, "
+            "link and seed already there"
+        )
+    return report(runs, output_dir)
+
+
+def run_cells(modes, output_dir, workdir) -> list[dict] | None:
+    """Runs the cells' runs not yet in runs.jsonl; all of them, or None.
+
+    None: runs.jsonl could not be written (said on stderr).
+    """
     cells = [(m, w, link) for w in FLAGS.workers for link in FLAGS.links for m in modes]
     if FLAGS.scaling:
         cells.append(("every_step", "1", "none"))
@@ -485,22 +545,35 @@ def main(argv=None) -> int:
             FLAGS.repeats if (w, link) in HEADLINE or w == "1" else FLAGS.other_repeats
         )
 
+    path = os.path.join(output_dir, RUNS)
+    recorded = (
+        {run_key(r): r for r in read_runs(path)[0]} if os.path.exists(path) else {}
+    )
+    todo = [(c, FLAGS.first_seed + rep) for c, rep in schedule(cells, repeats_of)]
+    again = sum((m, int(w), link, seed) in recorded for (m, w, link), seed in todo)
+    if again:
+        print(f"skipping {again} runs already in {path}", file=sys.stderr, flush=True)
     runs = []
-    for (mode, w, link), rep in schedule(cells, repeats_of):
+    for (mode, w, link), seed in todo:
+        key = (mode, int(w), link, seed)
+        if key in recorded:  # A rerun into the same --output_dir: one run each.
+            runs.append(recorded[key])
+            continue
         print(
-            f"[{time.strftime('%H:%M:%S')}] {mode} {w} workers {link} "
-            f"seed {FLAGS.first_seed + rep}",
+            f"[{time.strftime('%H:%M:%S')}] {mode} {w} workers {link} seed {seed}",
             file=sys.stderr,
             flush=True,
         )
-        r = run_once(mode, w, link, FLAGS.first_seed + rep, SETTINGS[mode], workdir)
+        r = run_once(mode, w, link, seed, SETTINGS[mode], workdir)
         if r:
             runs.append(r)
-            with open(os.path.join(output_dir, "runs.jsonl"), "a") as f:
-                f.write(json.dumps(r) + "\n")
-    if protocol.no_results("distopt.benchmarks.time_to_accuracy", runs):
-        return 1
-    return report(runs, output_dir)
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+            except OSError as e:
+                protocol.write_error(PROG, path, e)
+                return None
+    return runs
 
 
 def report(runs, output_dir) -> int:
@@ -513,21 +586,24 @@ def report(runs, output_dir) -> int:
             f"scaling {e['mode']:<16} {e['workers']} workers {e['link']:>8}: "
             f"{e['efficiency']['median']:.2f} of ideal"
         )
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(
-            {
-                "settings": SETTINGS,
-                "target": FLAGS.target,
-                "rows": rows,
-                "scaling": eff,
-                "runs": runs,
-            },
-            f,
-            indent=1,
-        )
-    for p in plot(runs, output_dir):
+    path = os.path.join(output_dir, "results.json")
+    results = {
+        "settings": SETTINGS,
+        "target": FLAGS.target,
+        "rows": rows,
+        "scaling": eff,
+        "runs": runs,
+    }
+    status = protocol.write_json(PROG, path, results)
+    if status:
+        return status
+    try:
+        figures = plot(runs, output_dir)
+    except OSError as e:
+        return protocol.write_error(PROG, e.filename, e)
+    for p in figures:
         print(f"figure: {p}")
-    print(f"results: {os.path.join(output_dir, 'results.json')}")
+    print(f"results: {path}")
     return 0
 
 

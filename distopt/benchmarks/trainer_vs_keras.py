@@ -53,28 +53,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 from distopt.benchmarks import protocol
 
+PROG = "distopt.benchmarks.trainer_vs_keras"
+MODELS = ("lenet", "mlp")
+STRATEGIES = ("default", "mirrored")
+#: Besides "trainer:<flags>" (see the module docstring).
+CONTENDERS = ("trainer", "keras_auto", "keras_nojit", "bare")
+
 
 def parse_args(argv=None):
     """The benchmark's command line (``argv`` without the program name)."""
-    parser = protocol.Parser(
-        prog="distopt.benchmarks.trainer_vs_keras",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--models", default="lenet,mlp", help="lenet, mlp")
+    parser = protocol.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--strategies", default="default,mirrored", help="default, mirrored (2 vCPUs)"
+        "--models",
+        type=protocol.names(MODELS),
+        default=",".join(MODELS),
+        help=", ".join(MODELS),
+    )
+    parser.add_argument(
+        "--strategies",
+        type=protocol.names(STRATEGIES),
+        default=",".join(STRATEGIES),
+        help="default, mirrored (2 vCPUs)",
     )
     parser.add_argument(
         "--contenders",
-        default="trainer,keras_auto,keras_nojit,bare",
-        help="see the module docstring",
+        type=protocol.names(CONTENDERS, prefix="trainer:"),
+        default=",".join(CONTENDERS),
+        help=f"{', '.join(CONTENDERS)}, trainer:<flags>; see the module docstring",
     )
     positive = protocol.at_least(1)
     parser.add_argument("--steps", type=positive, default=400, help="timed steps")
@@ -82,7 +93,7 @@ def parse_args(argv=None):
         "--warmup_steps",
         type=protocol.at_least(0),
         default=50,
-        help="Keras and bare: untimed first",
+        help="Keras and bare: untimed steps first (0: none)",
     )
     parser.add_argument("--repeats", type=positive, default=3, help="processes each")
     parser.add_argument("--batch_size", type=positive, default=128, help="global batch")
@@ -92,12 +103,9 @@ def parse_args(argv=None):
         default=50,
         help="Keras steps_per_execution (1 where it fails)",
     )
-    parser.add_argument("--output", help="also write the results (JSON) here")
+    parser.add_output("output", "also write the results (JSON) here")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    for name in ("models", "strategies", "contenders"):
-        setattr(args, name, getattr(args, name).split(","))
-    return args
+    return parser.parse_args(argv)
 
 
 VIRTUAL_CPUS = 2
@@ -169,13 +177,13 @@ def measure_keras(args, model_name, strategy_name, variant, start):
     try:
         model = build(spe)
         first_step = time.time() - start
-        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
+        protocol.warm_up_fit(model, dataset, args.warmup_steps)
     except Exception as e:  # noqa: BLE001 - any failure: retry without it.
         print(f"steps_per_execution={spe} failed ({type(e).__name__}); using 1")
         spe = 1
         model = build(spe)
         first_step = time.time() - start
-        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
+        protocol.warm_up_fit(model, dataset, args.warmup_steps)
     t = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
     seconds = time.perf_counter() - t
@@ -250,7 +258,7 @@ def measure_trainer(args, model_name, strategy_name, extra_flags=()):
             f"--model_dir={model_dir}",
             *extra_flags,
         ]
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        proc = protocol.run_child(command)
         path = os.path.join(model_dir, "metrics.json")
         if proc.returncode or not os.path.exists(path):
             raise RuntimeError(f"trainer failed:\n{proc.stderr[-3000:]}")
@@ -384,7 +392,13 @@ def run(args):
     }
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Runs the benchmark (or, with ``--measure``, one measurement).
+
+    Returns:
+        The exit status: 1 if every measurement failed or the results could
+        not be written.
+    """
     args = parse_args(argv)
     if args.measure:
         start = _process_start()
@@ -394,11 +408,13 @@ def main(argv=None):
         else:
             result = measure_keras(args, model_name, strategy_name, args.measure, start)
         protocol.print_result(result)
-        return result
+        return 0
     results = run(args)
+    samples = [s for c in results["cells"] for v in c["samples"].values() for s in v]
+    if protocol.no_results(PROG, samples):
+        return 1
     print(report(results))
-    protocol.write_json(args.output, results)
-    return results
+    return protocol.write_json(PROG, args.output, results)
 
 
 def _process_start():
@@ -413,4 +429,4 @@ def _process_start():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
