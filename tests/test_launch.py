@@ -1,5 +1,6 @@
 """Tests of launch/: the localhost multi-worker launcher and the job scripts."""
 
+import importlib
 import io
 import json
 import os
@@ -155,14 +156,18 @@ def test_peer_gone_lines_are_dropped_only_when_every_worker_succeeds(tmp_path, s
         assert out.index(PEER_GONE_LINES[0]) < out.index("exit status 5")
 
 
-def local_launcher():
-    """``launch/local.py`` as a module."""
+def launch_module(name):
+    """``launch/<name>.py`` as a module (the directory is not a package)."""
     sys.path.insert(0, os.path.join(REPO, "launch"))
     try:
-        import local
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return local
+
+
+def local_launcher():
+    """``launch/local.py`` as a module."""
+    return launch_module("local")
 
 
 def test_tf_config_and_ports():
@@ -539,12 +544,7 @@ PROBE = os.path.join(REPO, "launch", "link_probe.py")
 
 def link_probe_module():
     """``launch/link_probe.py`` as a module."""
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    try:
-        import link_probe
-    finally:
-        sys.path.pop(0)
-    return link_probe
+    return launch_module("link_probe")
 
 
 @pytest.mark.parametrize(
