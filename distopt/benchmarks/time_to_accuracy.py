@@ -416,11 +416,7 @@ def plot(runs, output_dir):
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
-        try:
-            output_files.write_atomically(path, png.getvalue())
-        except OSError as e:
-            e.filename = path  # A full disk's error names no file.
-            raise
+        output_files.write_atomically(path, png.getvalue())  # Names `path`.
         paths.append(path)
     return paths
 
