@@ -765,8 +765,8 @@ MUTANTS = [
     Mutant(
         "preempted_run_dir_not_named",
         "distopt/train.py",
-        "        if run_dir:  # The same command would start a new run directory.",
-        "        if False:",
+        '        f"Rerun with --model_dir={config.model_dir} to resume",',
+        "        trainer_faults.RERUN_TO_RESUME,",
         "tests/test_faults.py -k while_tensorflow_loads",
     ),
     Mutant(
