@@ -1183,6 +1183,55 @@ MUTANTS = [
         "    if config.compression and strategy.num_replicas_in_sync == 0:",
         "tests/test_train.py -k one_replica_says",
     ),
+    Mutant(
+        "run_children_timeout_not_ended",
+        "distopt/benchmarks/protocol.py",
+        "            _end(procs, grace)\n            break\n",
+        "            break\n",
+        "tests/test_benchmarks.py -k child_past_the_timeout",
+    ),
+    Mutant(
+        "tvk_batch_unchecked",
+        "distopt/benchmarks/trainer_vs_keras.py",
+        '    if "mirrored" not in args.strategies:\n        return\n',
+        "    if True:\n        return\n",
+        "tests/test_benchmarks.py -k bad_name_or_count",
+    ),
+    Mutant(
+        "tvk_batch_checked_without_mirrored",
+        "distopt/benchmarks/trainer_vs_keras.py",
+        '    if "mirrored" not in args.strategies:\n        return\n',
+        "",
+        "tests/test_benchmarks.py -k odd_batch",
+    ),
+    Mutant(
+        "keras_fit_failures_exit_0",
+        "distopt/benchmarks/keras_fit.py",
+        "    return 1 if protocol.no_results(PROG, measured) else 0\n",
+        "    return 0\n",
+        "tests/test_benchmarks.py -k every_run_failing",
+    ),
+    Mutant(
+        "keras_fit_ratio_without_both",
+        "distopt/benchmarks/keras_fit.py",
+        "    if len(medians) < len(CONTENDERS):\n",
+        "    if not medians:\n",
+        "tests/test_benchmarks.py -k every_run_failed",
+    ),
+    Mutant(
+        "tta_tune_file_unchecked",
+        "distopt/benchmarks/time_to_accuracy.py",
+        "    if why:\n        return cli.error(PROG, why)\n    done = _read_tuned(path)\n",
+        "    if False:\n        return cli.error(PROG, why)\n    done = _read_tuned(path)\n",
+        "tests/test_benchmarks.py -k tune_checks_its_file",
+    ),
+    Mutant(
+        "tta_tune_append_uncaught",
+        "distopt/benchmarks/time_to_accuracy.py",
+        "                except OSError as e:  # A full disk",
+        "                except ValueError as e:  # A full disk",
+        "tests/test_benchmarks.py -k tune_failed_append",
+    ),
 ]
 
 

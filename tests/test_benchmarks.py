@@ -493,6 +493,8 @@ def children(monkeypatch):
         ("trainer_vs_keras", ["--models=mlp", "--strategies=default", "--repeats=1"]),
         ("step_breakdown", ["--startup_only", "--repeats=1"]),
         ("compression_accuracy", ["--models=mlp", "--replicas=2", "--seeds=0"]),
+        # A RuntimeError traceback at the first failed run.
+        ("keras_fit", ["--strategies=default"]),
     ],
 )
 def test_every_run_failing_is_an_error(benchmark, flags, children, capsys):
@@ -503,6 +505,28 @@ def test_every_run_failing_is_an_error(benchmark, flags, children, capsys):
     assert err.splitlines()[-1] == (
         f"distopt.benchmarks.{benchmark}: error: every run failed (see above)"
     )
+
+
+def test_keras_fit_reports_a_contender_whose_every_run_failed(monkeypatch, capsys):
+    # The first failed run was a RuntimeError traceback, the other
+    # contender's runs lost with it.
+    result = {"examples_per_second": 100.0, "cpu_us_per_example": 5.0}
+
+    def run_children(commands, **kwargs):
+        return [
+            subprocess.CompletedProcess(c, 0, protocol.RESULT + json.dumps(result), "")
+            if "--measure=distopt" in c
+            else subprocess.CompletedProcess(c, 1, "", "stub: keras crashed")
+            for c in commands
+        ]
+
+    monkeypatch.setattr(protocol, "run_children", run_children)
+    assert _main("keras_fit", "--strategies=default") == 0
+    out, err = capsys.readouterr()
+    assert "keras default failed:\nstub: keras crashed" in out
+    assert "default   keras    failed (every run; see above)" in out
+    assert "default   distopt  median       100 examples/s" in out
+    assert "ratio" not in out and err == ""
 
 
 @pytest.mark.parametrize(
@@ -522,6 +546,8 @@ def test_every_run_failing_is_an_error(benchmark, flags, children, capsys):
         ("sharded_state", "--devices=1", "flag --devices=1: 1 is not integer >= 2"),
         # 1 gave each of the 2 workers 0 examples; 3 dropped one.
         ("sync_modes", "--batch_size=3", "argument --batch_size: must be a positive"),
+        # Mirrored's 2 replicas: bare's per-replica batch dropped one example.
+        ("trainer_vs_keras", "--batch_size=3", "argument --batch_size: must be a pos"),
     ],
 )
 def test_a_bad_name_or_count_is_one_line_before_any_run(
@@ -531,6 +557,12 @@ def test_a_bad_name_or_count_is_one_line_before_any_run(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and not children
     assert err.startswith(f"distopt.benchmarks.{benchmark}: error: {says}"), err
+
+
+def test_an_odd_batch_is_taken_without_mirrored():
+    # Only mirrored splits the batch: the default strategy has 1 replica.
+    args = trainer_vs_keras.parse_args(["--strategies=default", "--batch_size=3"])
+    assert args.batch_size == 3
 
 
 def test_the_names_the_help_lists_are_taken(children):
@@ -697,6 +729,18 @@ def test_a_stopped_benchmark_ends_its_children(sig, child, tmp_path):
     assert not any(_running(int(p)) for p in pids.read_text().split())
 
 
+def test_a_child_past_the_timeout_is_ended_and_the_others_kept():
+    # sync_modes' timeout path: the late child ends by SIGTERM, the finished
+    # one keeps its output, and this process goes on (no stop, no exit).
+    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
+    quick = [sys.executable, "-c", "print('done')"]
+    start = time.monotonic()
+    late, done = protocol.run_children([slow, quick], timeout=1, grace_seconds=5)
+    assert time.monotonic() - start < 30
+    assert late.returncode == -signal.SIGTERM
+    assert (done.returncode, done.stdout) == (0, "done\n")
+
+
 def _tta_run(seed):
     """One time_to_accuracy run of every_step, 2 workers, no link limit."""
     return {
@@ -752,3 +796,66 @@ def test_time_to_accuracy_report_only_creates_nothing(tmp_path, capsys):
         "runs.jsonl\n"
     )
     assert not typo.exists()
+
+
+def test_time_to_accuracy_tune_checks_its_file_before_any_run(
+    tmp_path, monkeypatch, capsys
+):
+    # tune.jsonl was opened only around the runs: an IsADirectoryError
+    # traceback.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    runs = []
+    monkeypatch.setattr(tta, "run_once", lambda *a: runs.append(a))
+    path = tmp_path / "runs" / "tune.jsonl"
+    path.mkdir(parents=True)
+    flags = ["--tune", "--modes=every_step", f"--output_dir={tmp_path}"]
+    assert _main("time_to_accuracy", *flags) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"distopt.benchmarks.time_to_accuracy: error: cannot append to {path}: "
+        "Is a directory\n"
+    )
+    assert not runs
+
+
+def test_time_to_accuracy_tune_failed_append_is_one_line(tmp_path, monkeypatch, capsys):
+    # A full disk after a tuning run: an OSError traceback.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    real_open = open
+
+    def full(file, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    def run_once(mode, workers, link, seed, *args):
+        monkeypatch.setattr(tta, "open", full, raising=False)  # The disk fills.
+        return _tta_run(seed)
+
+    monkeypatch.setattr(tta, "run_once", run_once)
+    flags = ["--tune", "--modes=every_step", f"--output_dir={tmp_path}"]
+    assert _main("time_to_accuracy", *flags) == 1
+    path = tmp_path / "runs" / "tune.jsonl"
+    assert capsys.readouterr().err == (
+        f"distopt.benchmarks.time_to_accuracy: error: could not write {path}: "
+        "No space left on device\n"
+    )
+
+
+def test_time_to_accuracy_tune_keeps_its_results(tmp_path, monkeypatch, capsys):
+    # The fewest steps win; a rerun reads tune.jsonl and runs nothing again.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    settings = []
+
+    def run_once(mode, workers, link, seed, setting, workdir):
+        settings.append(setting)
+        return _tta_run(seed) | {"steps": round(setting[0] * 1e4)}
+
+    monkeypatch.setattr(tta, "run_once", run_once)
+    flags = ["--tune", "--modes=every_step", f"--output_dir={tmp_path}"]
+    for _ in range(2):
+        assert _main("time_to_accuracy", *flags) == 0
+        out = capsys.readouterr().out
+        chosen = json.loads(out[out.index("\n{") :])  # Printed last.
+        assert chosen == {"every_step": [5e-4, None]}
+    assert settings == tta.GRIDS["every_step"]

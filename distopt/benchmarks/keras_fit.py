@@ -78,10 +78,10 @@ CONTENDERS = ("keras", "distopt")
 STRATEGIES = ("default", "mirrored")
 # An unknown name measured the default strategy under its label.
 protocol.check_items(FLAGS, "strategies", STRATEGIES)
-_RESULT = "RESULT examples_per_second="
+PROG = "distopt.benchmarks.keras_fit"
 
 
-def measure(contender: str, strategy_name: str) -> float:
+def measure(contender: str, strategy_name: str) -> tuple[float, float]:
     """Examples per second of one timed `fit`, in this (fresh) process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -141,34 +141,35 @@ def measure(contender: str, strategy_name: str) -> float:
     return examples / elapsed, 1e6 * cpu / examples
 
 
-def _in_subprocess(contender, strategy_name, argv):
-    command = [
-        sys.executable,
-        "-m",
-        "distopt.benchmarks.keras_fit",
-        *argv,
-        f"--strategies={strategy_name}",
-        f"--measure={contender}",
-    ]
-    proc = protocol.run_child(command)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            rate, cpu = line[len(_RESULT) :].split(" cpu_us_per_example=")
-            return float(rate), float(cpu)
-    raise RuntimeError(f"{contender} {strategy_name} failed:\n{proc.stderr[-3000:]}")
+def _in_subprocess(contender, strategy_name, argv) -> dict | None:
+    """One measurement in a fresh process; None if it failed (said on stdout).
+
+    A failed run was a RuntimeError traceback that lost every other run;
+    now it is left out, as in the other benchmarks.
+    """
+    return protocol.measure_in_subprocess(
+        PROG,
+        [*argv, f"--strategies={strategy_name}", f"--measure={contender}"],
+        f"{contender} {strategy_name}",
+    )
 
 
 def main(argv=None) -> int:
-    status = cli.parse("distopt.benchmarks.keras_fit", __doc__, FLAGS, argv)
+    """Runs the benchmark (or, with ``--measure``, one measurement).
+
+    Returns:
+        The exit status: 1 if every measurement failed.
+    """
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
     if FLAGS.measure:
         (strategy_name,) = FLAGS.strategies
         rate, cpu = measure(FLAGS.measure, strategy_name)
-        print(f"{_RESULT}{rate} cpu_us_per_example={cpu}", flush=True)
+        protocol.print_result({"examples_per_second": rate, "cpu_us_per_example": cpu})
         return 0
     if FLAGS.repeats < 3:
-        return cli.error("distopt.benchmarks.keras_fit", "--repeats: at least 3.")
+        return cli.error(PROG, "--repeats: at least 3.")
     passed = [
         f"--{name}={getattr(FLAGS, name)}"
         for name in ("steps", "warmup_steps", "batch_size", "hidden")
@@ -178,30 +179,43 @@ def main(argv=None) -> int:
         f"{FLAGS.batch_size}, {FLAGS.steps} timed steps, Adam(1e-3); "
         f"{FLAGS.repeats} fresh processes per contender, alternating"
     )
+    measured = []
     for strategy_name in FLAGS.strategies:
-        results = {c: [] for c in CONTENDERS}
-        cpu = {c: [] for c in CONTENDERS}
+        samples = {c: [] for c in CONTENDERS}
         for _ in range(FLAGS.repeats):
             for contender in CONTENDERS:
-                rate, cpu_us = _in_subprocess(contender, strategy_name, passed)
-                results[contender].append(rate)
-                cpu[contender].append(cpu_us)
-        medians = {c: statistics.median(v) for c, v in results.items()}
-        cpu_medians = {c: statistics.median(v) for c, v in cpu.items()}
-        for contender, values in results.items():
-            print(
-                f"{strategy_name:9s} {contender:8s} median {medians[contender]:9.0f} "
-                f"examples/s  (min {min(values):.0f}, max {max(values):.0f}; "
-                f"runs {', '.join(f'{v:.0f}' for v in values)}); CPU "
-                f"{cpu_medians[contender]:.1f} us/example"
-            )
-        ratio = medians["distopt"] / medians["keras"]
-        cpu_ratio = cpu_medians["keras"] / cpu_medians["distopt"]
+                result = _in_subprocess(contender, strategy_name, passed)
+                if result is not None:
+                    samples[contender].append(result)
+        _report(strategy_name, samples)
+        measured += [r for runs in samples.values() for r in runs]
+    return 1 if protocol.no_results(PROG, measured) else 0
+
+
+def _report(strategy_name, samples) -> None:
+    """Each contender's medians and spread; their ratios if both have runs."""
+    medians = {}
+    for contender, runs in samples.items():
+        if not runs:
+            print(f"{strategy_name:9s} {contender:8s} failed (every run; see above)")
+            continue
+        values = [r["examples_per_second"] for r in runs]
+        cpu = statistics.median(r["cpu_us_per_example"] for r in runs)
+        medians[contender] = statistics.median(values), cpu
         print(
-            f"{strategy_name:9s} ratio of medians distopt/keras: {ratio:.3f} "
-            f"(by CPU time per example: {cpu_ratio:.3f})"
+            f"{strategy_name:9s} {contender:8s} median {medians[contender][0]:9.0f} "
+            f"examples/s  (min {min(values):.0f}, max {max(values):.0f}; "
+            f"runs {', '.join(f'{v:.0f}' for v in values)}); CPU "
+            f"{cpu:.1f} us/example"
         )
-    return 0
+    if len(medians) < len(CONTENDERS):
+        return  # No ratio without both.
+    ratio = medians["distopt"][0] / medians["keras"][0]
+    cpu_ratio = medians["keras"][1] / medians["distopt"][1]
+    print(
+        f"{strategy_name:9s} ratio of medians distopt/keras: {ratio:.3f} "
+        f"(by CPU time per example: {cpu_ratio:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -201,32 +201,10 @@ def run_children(
     procs = []
     try:
         for command in commands:
+            # The files first: the finally closes them if Popen fails.
             outs.append(_capture_files(merge_stderr))
-            out, err = outs[-1]
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    stdout=out,
-                    stderr=subprocess.STDOUT if merge_stderr else err,
-                    env=env,
-                    start_new_session=True,
-                )
-            )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not stop and any(p.poll() is None for p in procs):
-            if deadline is not None and time.monotonic() > deadline:
-                _end(procs, grace)
-                break
-            time.sleep(_POLL_SECONDS)
-        if stop:
-            _end(procs, grace)
-            name = signal.Signals(stop[0]).name
-            print(
-                f"{_prog()}: stopped by {name}; ended its child processes",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(128 + stop[0])
+            procs.append(_start(command, *outs[-1], env))
+        _wait(procs, stop, timeout, grace)
         return [
             subprocess.CompletedProcess(
                 c, p.returncode, _read(out), _read(err) if err else ""
@@ -235,12 +213,44 @@ def run_children(
         ]
     finally:
         _end(procs, 0)  # Only if something above failed: never leave one.
-        for pair in outs:
-            for f in pair:
-                if f is not None:
-                    f.close()
+        for f in [f for pair in outs for f in pair if f is not None]:
+            f.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start(command, out, err, env) -> subprocess.Popen:
+    """``command`` in a session of its own (its group is what `_end` ends)."""
+    return subprocess.Popen(
+        command,
+        stdout=out,
+        stderr=subprocess.STDOUT if err is None else err,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait(procs, stop: list, timeout: float | None, grace: float) -> None:
+    """Waits for ``procs``; ends them at ``timeout`` or at a stop request.
+
+    A stop (a signal number in ``stop``) ends them, says so in one line and
+    exits this process with status 128 + the signal.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not stop and any(p.poll() is None for p in procs):
+        if deadline is not None and time.monotonic() > deadline:
+            _end(procs, grace)
+            break
+        time.sleep(_POLL_SECONDS)
+    if stop:
+        _end(procs, grace)
+        name = signal.Signals(stop[0]).name
+        print(
+            f"{_prog()}: stopped by {name}; ended its child processes",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + stop[0])
 
 
 def _catch_stop_signals(stop: list) -> dict:

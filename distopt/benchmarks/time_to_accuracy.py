@@ -177,6 +177,7 @@ SETTINGS = {
 
 PROG = "distopt.benchmarks.time_to_accuracy"
 RUNS = "runs.jsonl"
+TUNE = "tune.jsonl"
 # The launcher gives its workers 25 s after a stop notice: it gets longer,
 # so that it ends them itself (they run in sessions of their own).
 LAUNCHER_GRACE_SECONDS = 30.0
@@ -421,19 +422,23 @@ def plot(runs, output_dir):
     return paths
 
 
-def tune(modes, workdir):
+def tune(modes, workdir) -> int:
     """Each mode's setting with the fewest steps to the target (seed TUNE_SEED).
 
     Results are kept in `workdir/tune.jsonl`, so a rerun with a wider grid
     only runs the new settings.
+
+    Returns:
+        The exit status: 2 if tune.jsonl cannot be appended to (before any
+        run), 1 if an append failed (both said in one line on stderr).
     """
-    path = os.path.join(workdir, "tune.jsonl")
-    done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["mode"], tuple(r["setting"]))] = r["steps"]
+    path = os.path.join(workdir, TUNE)
+    # Before any run: it was opened only after each (the run lost, with a
+    # traceback), and read before the first (a traceback for a directory).
+    why = _check_append(path)
+    if why:
+        return cli.error(PROG, why)
+    done = _read_tuned(path)
     chosen = {}
     for mode in modes:
         results = []
@@ -443,19 +448,48 @@ def tune(modes, workdir):
                 r = run_once(mode, "4", "none", TUNE_SEED, setting, workdir)
                 ok = r and r["status"] == "target_reached"
                 done[key] = r["steps"] if ok else None
-                with open(path, "a") as f:
-                    f.write(
-                        json.dumps(
-                            {"mode": mode, "setting": setting, "steps": done[key]}
-                        )
-                        + "\n"
-                    )
+                record = {"mode": mode, "setting": setting, "steps": done[key]}
+                try:
+                    _append(path, record)
+                except OSError as e:  # A full disk: one line naming the file.
+                    return protocol.write_error(PROG, path, e)
             print(f"tune {mode} {setting}: {done[key]}", flush=True)
             steps = done[key]
             results.append((steps if steps is not None else float("inf"), setting))
         chosen[mode] = min(results, key=lambda x: x[0])[1]
     print(json.dumps(chosen, indent=1))
-    return chosen
+    return 0
+
+
+def _read_tuned(path: str) -> dict:
+    """tune.jsonl's steps to the target by (mode, setting); {} if it is empty."""
+    done = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            done[(r["mode"], tuple(r["setting"]))] = r["steps"]
+    return done
+
+
+def _check_append(path: str) -> str | None:
+    """Why ``path`` cannot be appended to; None if it can (it is then created).
+
+    The real operation, as `output_files` checks do: opening it to append
+    also fails for a read-only file, which `output_files.check_file` (for
+    files replaced whole, by a rename) lets pass.
+    """
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return f"cannot append to {path}: {e.strerror or e}"
+    return None
+
+
+def _append(path: str, record: dict) -> None:
+    """Appends ``record`` to ``path`` as one JSON line (raises OSError)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def run_key(run) -> tuple:
@@ -497,8 +531,7 @@ def main(argv=None) -> int:
     workdir = os.path.join(output_dir, "runs")
     os.makedirs(workdir, exist_ok=True)
     if FLAGS.tune:
-        tune(modes, workdir)
-        return 0
+        return tune(modes, workdir)
     runs = run_cells(modes, output_dir, workdir)
     if runs is None:
         return 1
@@ -564,8 +597,7 @@ def run_cells(modes, output_dir, workdir) -> list[dict] | None:
         if r:
             runs.append(r)
             try:
-                with open(path, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+                _append(path, r)
             except OSError as e:
                 protocol.write_error(PROG, path, e)
                 return None

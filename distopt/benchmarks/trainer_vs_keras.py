@@ -105,7 +105,23 @@ def parse_args(argv=None):
     )
     parser.add_output("output", "also write the results (JSON) here")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_batch(parser, args)
+    return args
+
+
+def _check_batch(parser, args) -> None:
+    """Refuses a ``--batch_size`` that mirrored cannot split over its replicas.
+
+    Bare's per-replica batch dropped the remainder (batch 1: 0 examples). The
+    default strategy has one replica: any batch is fine without mirrored.
+    """
+    if "mirrored" not in args.strategies:
+        return
+    try:
+        protocol.multiple_of(VIRTUAL_CPUS, "mirrored's replicas")(str(args.batch_size))
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --batch_size: {e}")
 
 
 VIRTUAL_CPUS = 2
