@@ -1232,6 +1232,27 @@ MUTANTS = [
         "                except ValueError as e:  # A full disk",
         "tests/test_benchmarks.py -k tune_failed_append",
     ),
+    Mutant(
+        "tta_runs_file_unchecked",
+        "distopt/benchmarks/time_to_accuracy.py",
+        "    why = _check_append(os.path.join(output_dir, RUNS))\n",
+        "    why = None\n",
+        "tests/test_benchmarks.py -k checks_runs_jsonl",
+    ),
+    Mutant(
+        "tta_workdir_uncaught",
+        "distopt/benchmarks/time_to_accuracy.py",
+        '    except OSError as e:\n        return f"cannot create the directory',
+        '    except ValueError as e:\n        return f"cannot create the directory',
+        "tests/test_benchmarks.py -k runs_as_a_file",
+    ),
+    Mutant(
+        "tta_report_of_no_runs",
+        "distopt/benchmarks/time_to_accuracy.py",
+        "    if not runs:  # Made before a first run",
+        "    if False:  # Made before a first run",
+        "tests/test_benchmarks.py -k report_only_of_no_runs",
+    ),
 ]
 
 

@@ -798,6 +798,18 @@ def test_time_to_accuracy_report_only_creates_nothing(tmp_path, capsys):
     assert not typo.exists()
 
 
+def test_time_to_accuracy_report_only_of_no_runs_says_so(tmp_path, capsys):
+    # runs.jsonl is made before the first run; one stopped left it empty, and
+    # the report was an empty table with exit 0.
+    (tmp_path / "runs.jsonl").write_text("")
+    assert _main("time_to_accuracy", "--report_only", f"--output_dir={tmp_path}") == 2
+    assert capsys.readouterr().err == (
+        "distopt.benchmarks.time_to_accuracy: error: "
+        f"{tmp_path / 'runs.jsonl'} has no runs yet\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["runs.jsonl"]
+
+
 def test_time_to_accuracy_tune_checks_its_file_before_any_run(
     tmp_path, monkeypatch, capsys
 ):
@@ -816,6 +828,59 @@ def test_time_to_accuracy_tune_checks_its_file_before_any_run(
         "Is a directory\n"
     )
     assert not runs
+
+
+TTA_FLAGS = ["--workers=2", "--links=none", "--modes=every_step", "--noscaling"]
+
+
+@pytest.mark.parametrize("blocked", ["a directory", "read-only"])
+def test_time_to_accuracy_checks_runs_jsonl_before_any_run(
+    blocked, tmp_path, monkeypatch, capsys
+):
+    # runs.jsonl was first appended to after the first run (minutes to
+    # hours): a read-only one failed only then; a directory was a traceback.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    runs = []
+    monkeypatch.setattr(tta, "run_once", lambda *a: runs.append(a) or _tta_run(0))
+    path = tmp_path / "runs.jsonl"
+    if blocked == "a directory":
+        path.mkdir()
+        says = "Is a directory"
+    else:
+        # Root (as here) may append to a 0o444 file: the open refuses instead.
+        path.write_text("")
+        real_open = open
+
+        def read_only(file, mode="r", *args, **kwargs):
+            if "a" in mode and os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied")
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(tta, "open", read_only, raising=False)
+        says = "Permission denied"
+    flags = [*TTA_FLAGS, f"--output_dir={tmp_path}"]
+    assert _main("time_to_accuracy", *flags) == 2
+    assert capsys.readouterr().err == (
+        f"distopt.benchmarks.time_to_accuracy: error: cannot append to {path}: {says}\n"
+    )
+    assert not runs
+
+
+def test_time_to_accuracy_runs_as_a_file_is_one_line_before_any_run(
+    tmp_path, monkeypatch, capsys
+):
+    # <output_dir>/runs a file: a FileExistsError traceback from makedirs.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    runs = []
+    monkeypatch.setattr(tta, "run_once", lambda *a: runs.append(a) or _tta_run(0))
+    (tmp_path / "runs").write_text("")
+    flags = [*TTA_FLAGS, f"--output_dir={tmp_path}"]
+    assert _main("time_to_accuracy", *flags) == 2
+    assert capsys.readouterr().err == (
+        "distopt.benchmarks.time_to_accuracy: error: cannot create the directory "
+        f"{tmp_path / 'runs'}: File exists\n"
+    )
+    assert not runs and os.listdir(tmp_path) == ["runs"]  # No runs.jsonl.
 
 
 def test_time_to_accuracy_tune_failed_append_is_one_line(tmp_path, monkeypatch, capsys):

@@ -529,15 +529,35 @@ def main(argv=None) -> int:
     modes = FLAGS.modes or list(MODES)
     output_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tta_")
     workdir = os.path.join(output_dir, "runs")
-    os.makedirs(workdir, exist_ok=True)
+    why = _make_workdir(workdir)
+    if why:
+        return cli.error(PROG, why)
     if FLAGS.tune:
         return tune(modes, workdir)
+    # Before any run, as tune's file: it was first appended to after the
+    # first run (hours lost to a read-only one), and read before it.
+    why = _check_append(os.path.join(output_dir, RUNS))
+    if why:
+        return cli.error(PROG, why)
     runs = run_cells(modes, output_dir, workdir)
     if runs is None:
         return 1
     if protocol.no_results(PROG, runs):
         return 1
     return report(runs, output_dir)
+
+
+def _make_workdir(workdir: str) -> str | None:
+    """Creates ``workdir`` (if need be); None, or why it could not.
+
+    --output_dir itself is checked already; a file named `runs` in it was a
+    FileExistsError traceback.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the directory {workdir}: {e.strerror or e}"
+    return None
 
 
 def report_only(output_dir: str) -> int:
@@ -551,6 +571,8 @@ def report_only(output_dir: str) -> int:
     if problems:
         return cli.error(PROG, problems[0])
     runs, repeated = read_runs(path)
+    if not runs:  # Made before a first run that was stopped: nothing to report.
+        return cli.error(PROG, f"{path} has no runs yet")
     if repeated:
         print(
             f"ignoring {repeated} runs of {path} that repeat a mode, workers, "
