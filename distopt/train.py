@@ -485,8 +485,14 @@ def _import_tensorflow() -> None:
 
 def _check_names_and_paths(config, run_dir) -> None:
     """The checks that need TensorFlow's registries; all problems at once."""
+    # TensorFlow is loaded by now, with no device made yet.
+    from distopt.trainer import strategy as strategy_lib
+
     try:
         config_lib.check_names(config)
+        # Here, not in the run: a strategy of thousands of logical CPUs takes
+        # tens of seconds to make before the run's own check refuses it.
+        strategy_lib.check_batch_size_before_devices(config)
         problems = paths.check_paths(config)
     except config_lib.ConfigError as e:
         problems = [e]

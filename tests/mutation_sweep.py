@@ -1253,6 +1253,48 @@ MUTANTS = [
         "    if False:  # Made before a first run",
         "tests/test_benchmarks.py -k report_only_of_no_runs",
     ),
+    Mutant(
+        'log_devices_listed_below_8',
+        'distopt/trainer/strategy.py',
+        '    if len(devices) <= MAX_LISTED_DEVICES:',
+        '    if len(devices) < MAX_LISTED_DEVICES:',
+        'tests/test_train.py -k strategy_log_line',
+    ),
+    Mutant(
+        'log_devices_never_summarized',
+        'distopt/trainer/strategy.py',
+        'MAX_LISTED_DEVICES = 8',
+        'MAX_LISTED_DEVICES = 10**9',
+        'tests/test_train.py -k strategy_log_line',
+    ),
+    Mutant(
+        'batch_size_before_devices_unchecked',
+        'distopt/trainer/strategy.py',
+        '    if n is None or config.batch_size % n == 0:',
+        '    if True:',
+        'tests/test_preflight.py -k virtual_devices_cannot_split',
+    ),
+    Mutant(
+        'cpu_replicas_despite_gpus',
+        'distopt/trainer/strategy.py',
+        '    if name != "mirrored" or tf.config.list_physical_devices("GPU"):',
+        '    if name != "mirrored":',
+        'tests/test_preflight.py -k replicas_are_unknown',
+    ),
+    Mutant(
+        'cpu_replicas_of_any_strategy',
+        'distopt/trainer/strategy.py',
+        '    if name != "mirrored" or tf.config.list_physical_devices("GPU"):',
+        '    if tf.config.list_physical_devices("GPU"):',
+        'tests/test_preflight.py -k replicas_are_unknown',
+    ),
+    Mutant(
+        'cpu_replicas_default_not_2',
+        'distopt/trainer/strategy.py',
+        '    return virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES',
+        '    return virtual_devices or 1',
+        'tests/test_preflight.py -k virtual_devices_cannot_split',
+    ),
 ]
 
 

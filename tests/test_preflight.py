@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 from absl import flags
 from conftest import REPO, run_python
 from urllib3.util.retry import Retry
@@ -269,17 +270,21 @@ def test_a_run_directory_under_a_file_is_one_line(cli, tmp_path):
 
 
 def test_a_run_time_config_error_leaves_no_run_directory(cli, tmp_path, monkeypatch):
-    # Found once the strategy exists (4 replicas), after the run directory
-    # was created: it is removed again.
+    # Found once the strategy exists (the group size against its 4 devices),
+    # after the run directory was created: it is removed again.
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     before = _tree(tmp_path)
     status, lines, _ = cli(
-        "--model=mlp", "--strategy=mirrored", "--virtual_devices=4", "--batch_size=30"
+        "--model=mlp",
+        "--strategy=mirrored",
+        "--virtual_devices=4",
+        "--sync=hierarchical",
+        "--sync_args=group_size=3",
     )
     assert status == 2
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "30 is not divisible by the 4" in errors[0], lines
+    assert len(errors) == 1 and "must divide the 4 devices" in errors[0], lines
     assert _tree(tmp_path) == before
 
 
@@ -334,6 +339,69 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
         len(lines) == 1 and lines[0].startswith(f"error: {message}")
     ), lines
     assert _tree(tmp_path) == before  # No run directory either.
+
+
+@pytest.mark.parametrize(
+    "flags_,message",
+    [
+        (
+            ["--virtual_devices=5000"],
+            (
+                "--batch_size=128 is not divisible by --virtual_devices=5000, the "
+                "replicas of --strategy=mirrored on this CPU-only host; use a "
+                "--batch_size that is a multiple of 5000"
+            ),
+        ),
+        (
+            ["--virtual_devices=3", "--batch_size=100"],
+            "--batch_size=100 is not divisible by --virtual_devices=3, the replicas",
+        ),
+        (
+            ["--batch_size=127"],
+            (
+                "--batch_size=127 is not divisible by the 2 logical CPUs, the "
+                "replicas of --strategy=mirrored on this CPU-only host "
+                "(--virtual_devices=0 means 2); use a --batch_size that is a "
+                "multiple of 2"
+            ),
+        ),
+    ],
+    ids=["5000_devices", "3_devices", "default_2_devices"],
+)
+def test_batch_size_the_virtual_devices_cannot_split_is_refused_first(
+    cli, tmp_path, flags_, message
+):
+    # It was refused by the run, after TensorFlow had made the devices: 30 s
+    # for 5000 of them.
+    _assert_refused_first(cli, tmp_path, ["--strategy=mirrored", *flags_], message)
+
+
+@pytest.mark.parametrize(
+    "flags_,gpus",
+    [
+        (["--strategy=mirrored", "--virtual_devices=3", "--batch_size=96"], 0),
+        # With GPUs, mirrored takes every GPU: --virtual_devices says nothing.
+        (["--strategy=mirrored", "--virtual_devices=3"], 4),
+        (["--strategy=mirrored", "--batch_size=127"], 1),
+        (["--strategy=one_device", "--batch_size=127"], 0),
+    ],
+    ids=["divisible", "gpus_with_virtual_devices", "gpus_by_default", "one_device"],
+)
+def test_batch_size_is_left_to_the_run_where_the_replicas_are_unknown(
+    cli, monkeypatch, flags_, gpus
+):
+    listed = tf.config.list_physical_devices
+    fake_gpus = [
+        tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU")
+        for i in range(gpus)
+    ]
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: fake_gpus if kind == "GPU" else listed(kind),
+    )
+    status, lines, work = cli(*flags_, "--train_steps=1")
+    assert status == 0 and lines == [] and len(work) == 1, lines
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,13 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from conftest import REPO, run_python, start_python
+from conftest import NUM_DEVICES, REPO, run_python, start_python
 
 from distopt import data
 from distopt.trainer import checkpointing, factories
@@ -739,6 +740,48 @@ def test_cluster_resolvers_from_the_environment(monkeypatch):
     for key in ("SLURM_PROCID",):
         monkeypatch.delenv(key)
     assert tstrategy.make_cluster_resolver() is None
+
+
+def _strategy_log_line(monkeypatch, caplog, num_devices):
+    """The log line of a mirrored strategy of ``num_devices``, and the devices.
+
+    Up to the 4 logical CPUs conftest.py made, a real strategy; beyond, a
+    stand-in with as many device names.
+    """
+    devices = [
+        f"/job:localhost/replica:0/task:0/device:CPU:{i}" for i in range(num_devices)
+    ]
+    if num_devices > NUM_DEVICES:
+        fake = types.SimpleNamespace(
+            extended=types.SimpleNamespace(worker_devices=tuple(devices)),
+            num_replicas_in_sync=num_devices,
+        )
+        monkeypatch.setattr(tstrategy.distribute, "make_strategy", lambda *a, **k: fake)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):
+        tstrategy.make_strategy("mirrored", virtual_devices=num_devices)
+    (line,) = [r.getMessage() for r in caplog.records if "in sync" in r.getMessage()]
+    return line, devices
+
+
+def test_strategy_log_line_lists_up_to_8_devices(monkeypatch, caplog):
+    for n in (2, 4, 8):
+        line, devices = _strategy_log_line(monkeypatch, caplog, n)
+        assert line == (
+            f"Strategy mirrored: {n} replica(s) in sync; local devices "
+            + ", ".join(devices)
+        )
+
+
+def test_strategy_log_line_summarizes_more_devices(monkeypatch, caplog):
+    # Listed in full, 5000 logical CPUs made one line of 244 KB.
+    for n in (9, 5000):
+        line, _ = _strategy_log_line(monkeypatch, caplog, n)
+        assert line == (
+            f"Strategy mirrored: {n} replica(s) in sync; local devices "
+            "/job:localhost/replica:0/task:0/device:CPU:0 ... "
+            f"/job:localhost/replica:0/task:0/device:CPU:{n - 1} ({n} devices)"
+        )
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 Strategies are made by :func:`distopt.distribute.make_strategy`; this module
 adds what only the trainer needs: the flags' defaults (2 logical CPUs for
-``mirrored`` on a CPU host), the cluster of a ``multi_worker`` run (TF_CONFIG
-or Slurm), the log line, the chief, and the XLA default by device type.
+``mirrored`` on a CPU host), the replica count where the flags fix it before
+any device exists, the cluster of a ``multi_worker`` run (TF_CONFIG or Slurm),
+the log line, the chief, and the XLA default by device type.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import tensorflow as tf
 from absl import logging
 
 from distopt import distribute
-from distopt.trainer.config import DEFAULT_CPU_VIRTUAL_DEVICES, ConfigError
+from distopt.trainer.config import (
+    DEFAULT_CPU_VIRTUAL_DEVICES,
+    ConfigError,
+    TrainConfig,
+)
 
 
 def make_strategy(
@@ -64,14 +69,54 @@ def make_strategy(
     return strategy
 
 
+def cpu_replicas(name: str, virtual_devices: int) -> int | None:
+    """The replicas of ``--strategy=name``, where known before devices exist.
+
+    Only ``mirrored`` on a host without GPUs: it splits the CPU into exactly
+    ``virtual_devices`` logical devices (0: ``DEFAULT_CPU_VIRTUAL_DEVICES``).
+    With GPUs, ``mirrored`` takes every GPU and ignores ``virtual_devices``;
+    the other strategies count their devices or workers once they exist.
+    Lists the physical devices only, so the CPU can still be split after.
+
+    Returns:
+      The replica count, or None where only the built strategy knows it.
+    """
+    if name != "mirrored" or tf.config.list_physical_devices("GPU"):
+        return None
+    return virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES
+
+
+def check_batch_size_before_devices(config: TrainConfig) -> None:
+    """Refuses a ``--batch_size`` that :func:`cpu_replicas` cannot split.
+
+    The same rule as the run's own check once the strategy exists, found
+    before TensorFlow makes the logical CPUs: thousands of them take tens
+    of seconds to make, only for the run to stop at this check.
+
+    Raises:
+      ConfigError: naming ``--batch_size`` and ``--virtual_devices``.
+    """
+    n = cpu_replicas(config.strategy, config.virtual_devices)
+    if n is None or config.batch_size % n == 0:
+        return
+    v = config.virtual_devices
+    devices = f"--virtual_devices={v}" if v else f"the {n} logical CPUs"
+    default = "" if v else f" (--virtual_devices=0 means {n})"
+    raise ConfigError(
+        f"--batch_size={config.batch_size} is not divisible by {devices}, the "
+        f"replicas of --strategy=mirrored on this CPU-only host{default}; use a "
+        f"--batch_size that is a multiple of {n}"
+    )
+
+
 def _mirrored_devices(virtual_devices: int) -> dict:
     """``make_strategy`` arguments of ``mirrored``: all GPUs, or logical CPUs."""
-    if tf.config.list_physical_devices("GPU"):
+    n = cpu_replicas("mirrored", virtual_devices)
+    if n is None:  # GPUs are present.
         if virtual_devices:
             logging.warning("--virtual_devices ignored: mirroring over the GPUs")
         # NCCL between GPUs: TensorFlow's default cross-device ops.
         return {"cross_device_ops": "default"}
-    n = virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES
     logging.info(
         "mirrored on a CPU-only host: %d logical CPU devices (%s)",
         n,
@@ -80,6 +125,11 @@ def _mirrored_devices(virtual_devices: int) -> dict:
     # Reducing onto one device: as fast as RING collectives on this 2-core
     # host (BUILD_NOTES.md) and with no collective state at all.
     return {"num_cpu_devices": n, "cross_device_ops": "one_device"}
+
+
+# The strategy's log line names up to this many local devices; more are
+# summarized (5000 logical CPUs made one line of 244 KB).
+MAX_LISTED_DEVICES = 8
 
 
 def _log_devices(name: str, strategy: tf.distribute.Strategy) -> None:
@@ -91,8 +141,19 @@ def _log_devices(name: str, strategy: tf.distribute.Strategy) -> None:
         "Strategy %s: %d replica(s) in sync; local devices %s",
         name,
         strategy.num_replicas_in_sync,
-        ", ".join(devices),
+        describe_devices(devices),
     )
+
+
+def describe_devices(devices: list[str]) -> str:
+    """The devices by name, or for more than ``MAX_LISTED_DEVICES``, a summary.
+
+    The summary gives the first and last device (of logical CPUs, the range)
+    and the count.
+    """
+    if len(devices) <= MAX_LISTED_DEVICES:
+        return ", ".join(devices)
+    return f"{devices[0]} ... {devices[-1]} ({len(devices)} devices)"
 
 
 def communication_options(timeout: float | None):
