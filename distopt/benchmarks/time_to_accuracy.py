@@ -596,10 +596,8 @@ def run_cells(modes, output_dir, workdir) -> list[dict] | None:
             FLAGS.repeats if (w, link) in HEADLINE or w == "1" else FLAGS.other_repeats
         )
 
-    path = os.path.join(output_dir, RUNS)
-    recorded = (
-        {run_key(r): r for r in read_runs(path)[0]} if os.path.exists(path) else {}
-    )
+    path = os.path.join(output_dir, RUNS)  # main made it (_check_append).
+    recorded = {run_key(r): r for r in read_runs(path)[0]}
     todo = [(c, FLAGS.first_seed + rep) for c, rep in schedule(cells, repeats_of)]
     again = sum((m, int(w), link, seed) in recorded for (m, w, link), seed in todo)
     if again:
