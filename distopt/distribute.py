@@ -105,10 +105,20 @@ def local_device_count(strategy: tf.distribute.Strategy) -> int:
     return len(strategy.extended.worker_devices)
 
 
+def group_size_fits(group_size: int, n_local: int) -> bool:
+    """Whether replica groups of `group_size` tile `n_local` local devices.
+
+    The rule of :func:`check_group_size`, apart so that a caller who knows
+    the device count before any strategy exists (the trainer's flag checks)
+    applies the same one.
+    """
+    return group_size >= 1 and n_local % group_size == 0
+
+
 def check_group_size(strategy: tf.distribute.Strategy, group_size: int) -> None:
     """Raises ValueError unless `group_size` divides this worker's devices."""
     n_local = local_device_count(strategy)
-    if group_size < 1 or n_local % group_size:
+    if not group_size_fits(group_size, n_local):
         raise ValueError(
             f"group_size: must divide the {n_local} devices of this worker, got "
             f"{group_size}; replica groups cannot span workers."

@@ -491,8 +491,9 @@ def _check_names_and_paths(config, run_dir) -> None:
     try:
         config_lib.check_names(config)
         # Here, not in the run: a strategy of thousands of logical CPUs takes
-        # tens of seconds to make before the run's own check refuses it.
-        strategy_lib.check_batch_size_before_devices(config)
+        # tens of seconds to make before the run's own checks refuse a batch
+        # size, evaluation batch size or replica group size it cannot take.
+        strategy_lib.check_replica_flags_before_devices(config)
         problems = paths.check_paths(config)
     except config_lib.ConfigError as e:
         problems = [e]

@@ -1270,8 +1270,8 @@ MUTANTS = [
     Mutant(
         "batch_size_before_devices_unchecked",
         "distopt/trainer/strategy.py",
-        "    if n is None or config.batch_size % n == 0:",
-        "    if True:",
+        "    if not batch_splits(config.batch_size, n):",
+        "    if False:",
         "tests/test_preflight.py -k virtual_devices_cannot_split",
     ),
     Mutant(
@@ -1294,6 +1294,48 @@ MUTANTS = [
         "    return virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES",
         "    return virtual_devices or 1",
         "tests/test_preflight.py -k virtual_devices_cannot_split",
+    ),
+    Mutant(
+        "tta_runs_dir_unprobed",
+        "distopt/benchmarks/time_to_accuracy.py",
+        '    return f"cannot write in the directory {workdir}: {why}" if why else None',
+        "    return None",
+        "tests/test_benchmarks.py -k 'unwritable_runs or runs_on_a_read_only_mount'",
+    ),
+    Mutant(
+        "tta_probes_output_dir_not_runs",
+        "distopt/benchmarks/time_to_accuracy.py",
+        "    why = output_files.probe(workdir)",
+        "    why = output_files.probe(os.path.dirname(workdir))",
+        "tests/test_benchmarks.py -k 'unwritable_runs or runs_on_a_read_only_mount'",
+    ),
+    Mutant(
+        "probe_entry_left_behind",
+        "distopt/output_files.py",
+        "        os.rmdir(entry)\n",
+        "        pass\n",
+        "tests/test_benchmarks.py -k counts_each_run_once",
+    ),
+    Mutant(
+        "eval_batch_before_devices_unchecked",
+        "distopt/trainer/strategy.py",
+        "    if config.eval_batch_size and not batch_splits(config.eval_batch_size, n):",
+        "    if False:",
+        "tests/test_preflight.py -k virtual_devices_cannot_split",
+    ),
+    Mutant(
+        "group_size_before_devices_unchecked",
+        "distopt/trainer/strategy.py",
+        "    if size is not None and not distribute.group_size_fits(size, n):",
+        "    if False:",
+        "tests/test_preflight.py -k virtual_devices_cannot_split",
+    ),
+    Mutant(
+        "group_size_rule_reversed",
+        "distopt/distribute.py",
+        "    return group_size >= 1 and n_local % group_size == 0",
+        "    return group_size >= 1 and group_size % n_local == 0",
+        "tests/test_preflight.py -k replicas_are_unknown",
     ),
 ]
 

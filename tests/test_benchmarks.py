@@ -7,6 +7,8 @@ import importlib
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -779,6 +781,7 @@ def test_time_to_accuracy_counts_each_run_once(tmp_path, monkeypatch, capsys):
     assert _main("time_to_accuracy", *flags) == 0
     assert seeds == [1]  # seed 0 was there
     assert f"skipping 1 runs already in {runs}" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "runs") == []  # runs/ probed: nothing left.
     with open(runs, "a") as f:
         f.write(json.dumps(_tta_run(1)) + "\n")  # as an earlier version did
     assert _main("time_to_accuracy", "--report_only", f"--output_dir={tmp_path}") == 0
@@ -881,6 +884,70 @@ def test_time_to_accuracy_runs_as_a_file_is_one_line_before_any_run(
         f"{tmp_path / 'runs'}: File exists\n"
     )
     assert not runs and os.listdir(tmp_path) == ["runs"]  # No runs.jsonl.
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_time_to_accuracy_unwritable_runs_is_one_line_before_any_run(
+    tune, tmp_path, monkeypatch, capsys
+):
+    # An existing <output_dir>/runs that takes no new entry (another user's,
+    # for a non-root one) was not probed: each run failed after its start.
+    # Root may write in a 0o555 directory: its new entries are refused here.
+    tta = importlib.import_module("distopt.benchmarks.time_to_accuracy")
+    runs = []
+    monkeypatch.setattr(tta, "run_once", lambda *a: runs.append(a) or _tta_run(0))
+    workdir = tmp_path / "runs"
+    workdir.mkdir()
+    real_mkdir = os.mkdir
+
+    def refused(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) == str(workdir):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refused)
+    flags = ["--tune"] if tune else TTA_FLAGS
+    assert _main("time_to_accuracy", *flags, f"--output_dir={tmp_path}") == 2
+    assert capsys.readouterr().err == (
+        "distopt.benchmarks.time_to_accuracy: error: cannot write in the "
+        f"directory {workdir}: Permission denied\n"
+    )
+    assert not runs
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(workdir) == []
+
+
+def test_time_to_accuracy_runs_on_a_read_only_mount_is_one_line(tmp_path):
+    # The real case: root may write anywhere mounted writable, so a
+    # read-only tmpfs on <output_dir>/runs, in a user and mount namespace.
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) here: cannot mount a filesystem for the test")
+    workdir = tmp_path / "runs"
+    workdir.mkdir()
+    code = (
+        "import sys; from distopt.benchmarks import time_to_accuracy as t; "
+        "t.run_once = lambda *a: sys.exit('a run started'); "
+        f"sys.exit(t.main(['tta', '--output_dir={tmp_path}', *{TTA_FLAGS!r}]))"
+    )
+    script = (
+        f"mount -t tmpfs -o size=1m,ro tmpfs {workdir} || exit 99; "
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    )
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=conftest.REPO,
+        timeout=60,
+    )
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"user and mount namespaces unavailable: {proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == (
+        "distopt.benchmarks.time_to_accuracy: error: cannot write in the "
+        f"directory {workdir}: Read-only file system\n"
+    )
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(workdir) == []
 
 
 def test_time_to_accuracy_tune_failed_append_is_one_line(tmp_path, monkeypatch, capsys):

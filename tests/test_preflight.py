@@ -270,21 +270,21 @@ def test_a_run_directory_under_a_file_is_one_line(cli, tmp_path):
 
 
 def test_a_run_time_config_error_leaves_no_run_directory(cli, tmp_path, monkeypatch):
-    # Found once the strategy exists (the group size against its 4 devices),
-    # after the run directory was created: it is removed again.
+    # Found once the strategy exists (the group size against its one device;
+    # only mirrored on a CPU-only host is counted before), after the run
+    # directory was created: it is removed again.
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     before = _tree(tmp_path)
     status, lines, _ = cli(
         "--model=mlp",
-        "--strategy=mirrored",
-        "--virtual_devices=4",
+        "--strategy=one_device",
         "--sync=hierarchical",
-        "--sync_args=group_size=3",
+        "--sync_args=group_size=2",
     )
     assert status == 2
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "must divide the 4 devices" in errors[0], lines
+    assert len(errors) == 1 and "must divide the 1 devices" in errors[0], lines
     assert _tree(tmp_path) == before
 
 
@@ -365,14 +365,47 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
                 "multiple of 2"
             ),
         ),
+        (
+            ["--virtual_devices=3", "--batch_size=96", "--eval_batch_size=100"],
+            (
+                "--eval_batch_size=100 is not divisible by --virtual_devices=3, "
+                "the replicas of --strategy=mirrored on this CPU-only host; use "
+                "an --eval_batch_size that is a multiple of 3"
+            ),
+        ),
+        (
+            ["--virtual_devices=4", "--sync=hierarchical", "--sync_args=group_size=3"],
+            (
+                "--sync_args=group_size=3 does not divide --virtual_devices=4, the "
+                "replicas of --strategy=mirrored on this CPU-only host; use a "
+                "group_size >= 1 that divides 4"
+            ),
+        ),
+        (
+            ["--sync=hierarchical", "--sync_args=group_size=0"],
+            (
+                "--sync_args=group_size=0 does not divide the 2 logical CPUs, the "
+                "replicas of --strategy=mirrored on this CPU-only host "
+                "(--virtual_devices=0 means 2); use a group_size >= 1 that divides 2"
+            ),
+        ),
     ],
-    ids=["5000_devices", "3_devices", "default_2_devices"],
+    ids=[
+        "5000_devices",
+        "3_devices",
+        "default_2_devices",
+        "eval_batch",
+        "group_size",
+        "group_size_0",
+    ],
 )
 def test_batch_size_the_virtual_devices_cannot_split_is_refused_first(
     cli, tmp_path, flags_, message
 ):
     # It was refused by the run, after TensorFlow had made the devices: 30 s
-    # for 5000 of them.
+    # for 5000 of them. So were an evaluation batch and a hierarchical group
+    # size that the devices cannot take (the evaluation batch after the data
+    # had loaded and the model was built).
     _assert_refused_first(cli, tmp_path, ["--strategy=mirrored", *flags_], message)
 
 
@@ -384,8 +417,38 @@ def test_batch_size_the_virtual_devices_cannot_split_is_refused_first(
         (["--strategy=mirrored", "--virtual_devices=3"], 4),
         (["--strategy=mirrored", "--batch_size=127"], 1),
         (["--strategy=one_device", "--batch_size=127"], 0),
+        # What the run takes passes the early check too.
+        (
+            [
+                "--strategy=mirrored",
+                "--virtual_devices=3",
+                "--batch_size=96",
+                "--eval_batch_size=99",
+            ],
+            0,
+        ),
+        (
+            [
+                "--strategy=mirrored",
+                "--virtual_devices=4",
+                "--sync=hierarchical",
+                "--sync_args=group_size=2",
+            ],
+            0,
+        ),
+        (["--strategy=mirrored", "--eval_batch_size=127"], 1),
+        (["--strategy=mirrored", "--sync=hierarchical", "--sync_args=group_size=3"], 4),
     ],
-    ids=["divisible", "gpus_with_virtual_devices", "gpus_by_default", "one_device"],
+    ids=[
+        "divisible",
+        "gpus_with_virtual_devices",
+        "gpus_by_default",
+        "one_device",
+        "eval_batch_divisible",
+        "group_size_divides",
+        "gpus_eval_batch",
+        "gpus_group_size",
+    ],
 )
 def test_batch_size_is_left_to_the_run_where_the_replicas_are_unknown(
     cli, monkeypatch, flags_, gpus

@@ -548,16 +548,19 @@ def main(argv=None) -> int:
 
 
 def _make_workdir(workdir: str) -> str | None:
-    """Creates ``workdir`` (if need be); None, or why it could not.
+    """Creates ``workdir`` (if need be); None, or why it cannot be written in.
 
     --output_dir itself is checked already; a file named `runs` in it was a
-    FileExistsError traceback.
+    FileExistsError traceback. An existing `runs` that takes no new entry (a
+    read-only mount, another user's) failed each run only after its start:
+    every run's directory is made in it. The probe entry is removed again.
     """
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         return f"cannot create the directory {workdir}: {e.strerror or e}"
-    return None
+    why = output_files.probe(workdir)
+    return f"cannot write in the directory {workdir}: {why}" if why else None
 
 
 def report_only(output_dir: str) -> int:

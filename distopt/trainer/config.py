@@ -339,6 +339,19 @@ def nonfinite_policy(config: TrainConfig) -> str:
     return "skip" if config.skip_nonfinite else config.on_nonfinite
 
 
+def replica_group_size(config: TrainConfig) -> int | None:
+    """``--sync_args=group_size`` of ``--sync=hierarchical``, to check against
+    the devices of each worker; None where there is none to check.
+
+    Only an integer is checked there: another value (``2.5``, a name) is
+    refused by the sync mode's own argument check.
+    """
+    size = config.sync_args.get("group_size")
+    if config.sync == "hierarchical" and isinstance(size, int):
+        return size
+    return None
+
+
 def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
     """``--train_steps`` if set (it overrides a config file's ``--epochs``),
     else ``--epochs`` worth of global batches."""

@@ -14,12 +14,12 @@ from absl import logging
 from distopt import data as data_lib
 from distopt import distribute
 from distopt.trainer.config import ConfigError, TrainConfig
-from distopt.trainer.strategy import runs_on_gpu
+from distopt.trainer.strategy import batch_splits, runs_on_gpu
 
 
 def check_batch_size(global_batch_size: int, num_replicas: int) -> None:
     """Raises ConfigError unless the global batch splits evenly over replicas."""
-    if global_batch_size % num_replicas:
+    if not batch_splits(global_batch_size, num_replicas):
         raise ConfigError(
             f"Global batch size {global_batch_size} is not divisible by the "
             f"{num_replicas} replicas in sync; use a multiple of {num_replicas}"

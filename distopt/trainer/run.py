@@ -191,8 +191,8 @@ def setup(config, strategy, start_time, signals) -> Run:
 
 def _check_replica_groups(config, strategy) -> None:
     """--sync_args=group_size=G against this worker's devices, as a flag error."""
-    size = config.sync_args.get("group_size")
-    if config.sync == "hierarchical" and isinstance(size, int):
+    size = config_lib.replica_group_size(config)
+    if size is not None:
         try:
             with strategy.scope():  # It counts the devices of the one in scope.
                 distribute.check_group_size(strategy, size)

@@ -19,6 +19,7 @@ from distopt.trainer.config import (
     DEFAULT_CPU_VIRTUAL_DEVICES,
     ConfigError,
     TrainConfig,
+    replica_group_size,
 )
 
 
@@ -86,27 +87,66 @@ def cpu_replicas(name: str, virtual_devices: int) -> int | None:
     return virtual_devices or DEFAULT_CPU_VIRTUAL_DEVICES
 
 
-def check_batch_size_before_devices(config: TrainConfig) -> None:
-    """Refuses a ``--batch_size`` that :func:`cpu_replicas` cannot split.
+def batch_splits(batch_size: int, num_replicas: int) -> bool:
+    """Whether a global batch splits evenly over the replicas.
 
-    The same rule as the run's own check once the strategy exists, found
-    before TensorFlow makes the logical CPUs: thousands of them take tens
-    of seconds to make, only for the run to stop at this check.
+    The rule of the run's checks of ``--batch_size`` and ``--eval_batch_size``
+    once the strategy exists, and of :func:`check_replica_flags_before_devices`
+    before it does.
+    """
+    return batch_size % num_replicas == 0
+
+
+def check_replica_flags_before_devices(config: TrainConfig) -> None:
+    """Refuses the flags that the replicas of :func:`cpu_replicas` cannot take.
+
+    ``--batch_size`` and ``--eval_batch_size`` must split over the replicas
+    and ``--sync=hierarchical``'s ``group_size`` must divide them: the run's
+    own checks once the strategy exists, found here before TensorFlow makes
+    the logical CPUs. Thousands of them take tens of seconds to make, only
+    for the run to stop at one of those checks. Only what the run would
+    refuse is refused: the same rules, on the same replica count.
 
     Raises:
-      ConfigError: naming ``--batch_size`` and ``--virtual_devices``.
+      ConfigError: the first flag refused, naming it and ``--virtual_devices``.
     """
     n = cpu_replicas(config.strategy, config.virtual_devices)
-    if n is None or config.batch_size % n == 0:
+    refused = None if n is None else _refused_on_replicas(config, n)
+    if refused is None:
         return
+    value, advice = refused
     v = config.virtual_devices
     devices = f"--virtual_devices={v}" if v else f"the {n} logical CPUs"
     default = "" if v else f" (--virtual_devices=0 means {n})"
     raise ConfigError(
-        f"--batch_size={config.batch_size} is not divisible by {devices}, the "
-        f"replicas of --strategy=mirrored on this CPU-only host{default}; use a "
-        f"--batch_size that is a multiple of {n}"
+        f"{value} {devices}, the replicas of --strategy=mirrored on this "
+        f"CPU-only host{default}; use {advice}"
     )
+
+
+def _refused_on_replicas(config: TrainConfig, n: int) -> tuple[str, str] | None:
+    """The first flag the run would refuse on ``n`` replicas, or None.
+
+    In the run's order of checks, as (the flag and how it fails, what to use).
+    """
+    if not batch_splits(config.batch_size, n):
+        return (
+            f"--batch_size={config.batch_size} is not divisible by",
+            f"a --batch_size that is a multiple of {n}",
+        )
+    size = replica_group_size(config)
+    if size is not None and not distribute.group_size_fits(size, n):
+        return (
+            f"--sync_args=group_size={size} does not divide",
+            f"a group_size >= 1 that divides {n}",
+        )
+    # 0 evaluates in batches of --batch_size, checked above.
+    if config.eval_batch_size and not batch_splits(config.eval_batch_size, n):
+        return (
+            f"--eval_batch_size={config.eval_batch_size} is not divisible by",
+            f"an --eval_batch_size that is a multiple of {n}",
+        )
+    return None
 
 
 def _mirrored_devices(virtual_devices: int) -> dict:
