@@ -322,16 +322,20 @@ CONFIGS = [
 def gram_schmidt(matrix):
     """Orthonormalises the columns of `matrix` in order (classical Gram-Schmidt).
 
-    Vogels et al. (2019), Algorithm 1, ORTHOGONALIZE. A column that is zero
-    once the earlier ones are projected out stays zero (no direction to keep).
+    Vogels et al. (2019), Algorithm 1, ORTHOGONALIZE. A column in the span of
+    the earlier ones (left with under sqrt(machine epsilon) of its norm once
+    they are projected out: rounding only) has no direction to keep and is
+    zero, so that the columns stay orthonormal or zero.
     """
     out = np.array(matrix, copy=True)
+    tolerance = np.sqrt(np.finfo(out.dtype).eps)
     for j in range(out.shape[1]):
         c = out[:, j].copy()
+        before = np.sqrt(np.sum(c * c))
         for i in range(j):
             c = c - np.dot(out[:, i], c) * out[:, i]
         norm = np.sqrt(np.sum(c * c))
-        out[:, j] = c / norm if norm > 0 else 0.0
+        out[:, j] = c / norm if norm > tolerance * before else 0.0
     return out
 
 
@@ -386,7 +390,8 @@ def topk_compress(x, fraction):
         (indices in increasing order, their values, the decompressed `x`).
     """
     flat = np.ravel(x)
-    k = max(1, min(flat.size, math.ceil(fraction * flat.size)))
+    # fraction is the decimal written (0.07 of 100 is 7), not its binary double.
+    k = max(1, min(flat.size, math.ceil(round(fraction * flat.size, 9))))
     idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])
     dense = np.zeros_like(flat)
     dense[idx] = flat[idx]

@@ -828,6 +828,76 @@ def test_zero_gradients_then_training_goes_on(compressor):
         np.testing.assert_allclose(applied, given, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [2, 4, 12])
+def test_powersgd_is_exact_on_gradients_of_lower_rank(rank):
+    # The replicas' gradients sum to rank 1 (a small batch, dead units): P^
+    # spans their column space, so P^ P^T M is M. A column of P^ that was
+    # rounding normalised to unit length made it up to twice M at full rank.
+    rng = np.random.default_rng(5)
+    u = [rng.normal(size=16) for _ in range(2)]
+    grads = [
+        [np.outer(u[t], rng.normal(size=12)).astype(np.float32) for _ in range(2)]
+        for t in range(2)
+    ]
+    means = [(g[0] + g[1]) / 2 for g in grads]
+    # The reference itself, in float64 and float32.
+    for dtype in (np.float64, np.float32):
+        xs = [g.astype(dtype) / 2 for g in grads[0]]
+        q = rng.normal(size=(12, rank)).astype(dtype)
+        out = ref.powersgd_round(xs, q)
+        np.testing.assert_allclose(out["aggregate"], means[0], rtol=1e-5, atol=1e-6)
+    compressor = distopt.compression.PowerSGD(rank=rank, min_compression_rate=0.01)
+    with M2.scope():
+        w = tf.Variable(tf.zeros([16, 12]))
+        opt = distopt.optimizers.GradientDescent(1.0, compression=compressor)
+        opt.build([w])
+
+    @tf.function
+    def step(g):
+        M2.run(lambda g: opt.apply_gradients([(g, w)]), (g,))
+
+    for t, mean in enumerate(means):  # The second from a warm start.
+        w0 = w.numpy()
+        step(
+            M2.experimental_distribute_values_from_function(
+                lambda ctx, g=grads[t]: tf.constant(g[ctx.replica_id_in_sync_group])
+            )
+        )
+        for copy in local_copies(M2, w):
+            # float32 rounding, and step 0's left in the residuals (the bug
+            # was off by 38% at rank 2).
+            np.testing.assert_allclose(w0 - copy, mean, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fraction, d, k",
+    # 0.07 * 100 and 0.28 * 100 are a hair over 7 and 28 in binary floating
+    # point; 0.57 * 100 a hair under 57.
+    [(0.07, 100, 7), (0.28, 100, 28), (0.57, 100, 57), (1 / 3, 9, 3), (1e-3, 10, 1)],
+)
+def test_topk_sends_the_ceiling_of_the_fraction_as_written(fraction, d, k):
+    assert distopt.compression.TopK(fraction).k([d]) == k
+    idx, _, _ = ref.topk_compress(np.arange(d, dtype=np.float32), fraction)
+    assert len(idx) == k
+
+
+def test_powersgd_orthonormalises_near_dependent_columns_and_zeroes_dependent_ones():
+    # P^ P^T is then a projection: columns orthonormal, or zero where one
+    # lies in the span of the earlier ones.
+    from distopt.compression.powersgd import orthonormalise
+
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        a, b, c = rng.normal(size=(3, 64))
+        near = np.stack([a, a + 2e-3 * b, a + 1e-3 * b + 1e-3 * c], 1)
+        p = orthonormalise(tf.constant(near, tf.float32)).numpy()
+        # One Gram-Schmidt pass leaves them 2e-4 from orthogonal.
+        np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-5)
+        dependent = np.stack([a, 2 * a, b, a - 3 * b], 1)
+        p = orthonormalise(tf.constant(dependent, tf.float32)).numpy()
+        np.testing.assert_allclose(p.T @ p, np.diag([1, 0, 1, 0]), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "make,argument",
     [

@@ -31,6 +31,10 @@ travel uncompressed in the first all-reduce, with no residual. Q and P are
 float32. Orthonormalisation divides each column by `norm + epsilon` with
 `divide_no_nan`: an all-zero column (a zero gradient) stays zero, never
 NaN, even with `epsilon=0` (PyTorch's default, which gives NaN there).
+A column of P in the span of the earlier ones (a gradient of rank below
+`rank`: a small batch, dead units) is zeroed, not normalised rounding, so
+`P^ P^T` stays a projection and such a gradient travels exactly (normalised,
+the rounding sent a rank-1 gradient at twice its size at rank 12).
 The random values come from `tf.random.stateless_normal` with a seed
 identical on every replica, so every replica draws the same Q.
 """
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from distopt import distribute as dist
@@ -214,15 +219,29 @@ class PowerSGD(Compressor):
 def orthonormalise(matrix, epsilon=0.0):
     """Gram-Schmidt over the columns of `matrix` (rows x rank), in order.
 
-    Each column is divided by its norm plus `epsilon` (`divide_no_nan`: a
-    zero column stays zero), then projected out of the columns after it.
+    Each column has the earlier ones projected out (twice), then is divided by its
+    norm plus `epsilon` (`divide_no_nan`: a zero column stays zero). A column
+    left with under sqrt(machine epsilon) of its norm lay in the span of the
+    earlier ones: what is left is rounding, so it is zeroed. Normalised, that
+    rounding was a unit column at an arbitrary angle, and `P^ P^T` no longer
+    a projection: a gradient of rank below `rank` (a small batch, dead
+    units) came back up to twice its size at full rank. Its Q column is
+    then zero, and the next step draws it afresh.
     """
     cols = tf.unstack(matrix, axis=1)
+    tolerance = math.sqrt(np.finfo(matrix.dtype.as_numpy_dtype).eps)
     out = []
     for c in cols:
-        for prev in out:
-            c = c - tf.reduce_sum(prev * c) * prev
-        out.append(tf.math.divide_no_nan(c, tf.norm(c) + epsilon))
+        before = tf.norm(c)
+        # Twice (Parlett's "twice is enough"): once, a column left with a
+        # small part of its norm is orthogonal only to about eps over that
+        # part, 1e-4 in float32, and P^ P^T M misses M by as much.
+        for _ in range(2):
+            for prev in out:
+                c = c - tf.reduce_sum(prev * c) * prev
+        norm = tf.norm(c)
+        c = tf.where(norm > tolerance * before, c, tf.zeros_like(c))
+        out.append(tf.math.divide_no_nan(c, norm + epsilon))
     return tf.stack(out, axis=1)
 
 

@@ -22,6 +22,7 @@ bits.
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import tensorflow as tf
@@ -70,7 +71,9 @@ class TopK(Compressor):
         d = int(tf.TensorShape(shape).num_elements())
         if d == 0:  # A layer of 0 units: nothing to send.
             return 0
-        return max(1, min(d, math.ceil(self.fraction * d)))
+        # The fraction as the decimal it prints as: 0.07 * 100 is
+        # 7.000000000000001 in binary floating point, and one more entry.
+        return max(1, min(d, math.ceil(fractions.Fraction(repr(self.fraction)) * d)))
 
     def exchange(self, reducer, strategy, xs, indices):
         ks = [self.k(self._shapes[i]) for i in indices]
