@@ -486,6 +486,7 @@ def _import_tensorflow() -> None:
 def _check_names_and_paths(config, run_dir) -> None:
     """The checks that need TensorFlow's registries; all problems at once."""
     # TensorFlow is loaded by now, with no device made yet.
+    from distopt.trainer import factories
     from distopt.trainer import strategy as strategy_lib
 
     try:
@@ -494,6 +495,10 @@ def _check_names_and_paths(config, run_dir) -> None:
         # tens of seconds to make before the run's own checks refuse a batch
         # size, evaluation batch size or replica group size it cannot take.
         strategy_lib.check_replica_flags_before_devices(config)
+        # Likewise --optimizer_args, --model_args, --sync_args and the
+        # hyperparameter flags: their constructors' checks, before the run
+        # directory is announced and the strategy and data are made.
+        factories.check_arguments(config)
         problems = paths.check_paths(config)
     except config_lib.ConfigError as e:
         problems = [e]

@@ -550,6 +550,18 @@ def test_keras_fit_reports_a_contender_whose_every_run_failed(monkeypatch, capsy
         ("sync_modes", "--batch_size=3", "argument --batch_size: must be a positive"),
         # Mirrored's 2 replicas: bare's per-replica batch dropped one example.
         ("trainer_vs_keras", "--batch_size=3", "argument --batch_size: must be a pos"),
+        # Every run failed, after a minute.
+        ("keras_fit", "--batch_size=3", "flag --batch_size=3: must be a positive"),
+        # The trainer refused each run, one by one.
+        ("compression_accuracy", "--replicas=3", "flag --replicas=['3']: '3' does"),
+        ("compression_accuracy", "--replicas=2,48", "flag --replicas=['2', '48']: '4"),
+        ("compression_accuracy", "--optimizer=bogus", "flag --optimizer=bogus: value"),
+        ("compression_accuracy", "--learning_rate=0", "flag --learning_rate=0.0: the"),
+        ("compression_accuracy", "--learning_rate=inf", "flag --learning_rate=inf: t"),
+        # Fewer steps than a sync period measured no sync: 0 bytes, a 12x
+        # "speed-up"; 12 steps held one sync of k = 8.
+        ("sync_modes", "--steps=2", "argument --steps: must be a positive multiple"),
+        ("sync_modes", "--steps=12", "argument --steps: must be a positive multiple"),
     ],
 )
 def test_a_bad_name_or_count_is_one_line_before_any_run(
@@ -565,6 +577,108 @@ def test_an_odd_batch_is_taken_without_mirrored():
     # Only mirrored splits the batch: the default strategy has 1 replica.
     args = trainer_vs_keras.parse_args(["--strategies=default", "--batch_size=3"])
     assert args.batch_size == 3
+
+
+def test_keras_fit_takes_an_odd_batch_without_mirrored(children):
+    assert _main("keras_fit", "--batch_size=3", "--strategies=default") == 1
+    assert children, "no run was started"
+
+
+def test_keras_fit_measures_only_its_contenders(monkeypatch, capsys):
+    # An unknown --measure was a traceback (or distopt measured under its
+    # name).
+    from distopt.benchmarks import keras_fit
+
+    def measure(contender, strategy_name):
+        raise AssertionError(f"measured {contender}")
+
+    monkeypatch.setattr(keras_fit, "measure", measure)
+    assert _main("keras_fit", "--measure=bogus", "--strategies=default") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "distopt.benchmarks.keras_fit: error: flag --measure=bogus: value should"
+    ), err
+
+
+def test_compression_accuracy_takes_the_trainers_optimizers():
+    import distopt.optimizers
+    from distopt.benchmarks import compression_accuracy
+
+    assert list(compression_accuracy.OPTIMIZERS) == distopt.optimizers.names()
+
+
+@pytest.fixture
+def trainer_runs(tmp_path, monkeypatch):
+    """compression_accuracy's trainer runs, stubbed, its temporary directory
+    in ``tmp_path / "tmp"``.
+
+    Each run writes a file and its metrics in its ``--model_dir``; one whose
+    ``--compression`` is in ``fail`` fails, in ``stop`` raises (after the
+    file) what ``run_children`` does when the benchmark is stopped (SIGTERM).
+    """
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    behaviour = {"fail": set(), "stop": set()}
+
+    def run_children(commands, **kwargs):
+        (command,) = commands
+        flags = dict(a[2:].split("=", 1) for a in command if a.startswith("--"))
+        model_dir = flags["model_dir"]
+        os.makedirs(model_dir)
+        with open(os.path.join(model_dir, "ckpt"), "w") as f:
+            f.write("x" * 100)
+        if flags.get("compression") in behaviour["stop"]:
+            raise SystemExit(128 + signal.SIGTERM)
+        if flags.get("compression") in behaviour["fail"]:
+            return [subprocess.CompletedProcess(command, 1, "", "stub: failed")]
+        metrics = {
+            "test_accuracy": 0.5,
+            "communication_bytes_sent": 8,
+            "train_steps": 2,
+        }
+        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        return [subprocess.CompletedProcess(command, 0, "", "")]
+
+    monkeypatch.setattr(protocol, "run_children", run_children)
+    return tmp, behaviour
+
+
+CA_FLAGS = ["--models=mlp", "--replicas=2", "--seeds=0", "--compressors=none,topk"]
+
+
+def test_compression_accuracy_removes_its_run_directories(trainer_runs, capsys):
+    # Each run's directory (checkpoints: up to 80 MB) was left in /tmp.
+    tmp, _ = trainer_runs
+    assert _main("compression_accuracy", *CA_FLAGS) == 0
+    assert os.listdir(tmp) == []
+    assert capsys.readouterr().err == ""
+
+
+def test_compression_accuracy_keeps_and_names_a_failed_runs_directory(
+    trainer_runs, capsys
+):
+    tmp, behaviour = trainer_runs
+    behaviour["fail"].add("topk")
+    assert _main("compression_accuracy", *CA_FLAGS) == 0
+    (workdir,) = tmp.iterdir()
+    assert os.listdir(workdir) == ["mlp_2_topk_0"]
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "distopt.benchmarks.compression_accuracy: the failed runs' "
+        f"directories are in {workdir}"
+    )
+
+
+def test_compression_accuracy_stopped_removes_its_run_directories(trainer_runs):
+    tmp, behaviour = trainer_runs
+    behaviour["fail"].add("powersgd")
+    behaviour["stop"].add("topk")
+    flags = [*CA_FLAGS[:-1], "--compressors=none,powersgd,topk"]
+    assert _main("compression_accuracy", *flags) == 128 + signal.SIGTERM
+    assert os.listdir(tmp) == []
 
 
 def test_the_names_the_help_lists_are_taken(children):

@@ -585,6 +585,86 @@ def test_a_variable_learning_rate_is_read_at_every_traced_step(caplog):
         optimizers.GradientDescent(learning_rate=tf.Variable([0.1, 0.2]))
 
 
+def _gd_update(opt, traced):
+    """`w - w0` of one plain gradient-descent step on gradient [1, 3]."""
+    var = tf.Variable([1.0, 2.0])
+    grad = tf.constant([1.0, 3.0])
+    step = lambda: opt.apply_gradients([grad], [var])
+    if traced:
+        step = tf.function(step)
+
+    def update():
+        before = var.numpy()
+        step()
+        return (var.numpy() - before).astype(np.float64)
+
+    return update
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_a_float_set_on_a_variable_learning_rate_is_assigned_into_it(traced, caplog):
+    """As Keras: the variable stays the rate, so the traced step sees the float.
+
+    The float replaced the variable, which the trace kept reading, in silence.
+    """
+    rate = tf.Variable(0.1)
+    opt = optimizers.GradientDescent(learning_rate=rate, jit_compile=False)
+    update = _gd_update(opt, traced)
+    np.testing.assert_allclose(update(), [-0.1, -0.3], rtol=1e-6)
+    with caplog.at_level("WARNING"):
+        opt.learning_rate = 0.5
+    assert "learning_rate" not in caplog.text
+    assert opt.learning_rate is rate
+    assert rate.numpy() == 0.5
+    np.testing.assert_allclose(update(), [-0.5, -1.5], rtol=1e-6)
+    assert opt.get_config()["learning_rate"] == 0.5
+    with pytest.raises(ValueError, match="learning_rate: must be finite"):
+        opt.learning_rate = -1.0
+    assert rate.numpy() == 0.5
+
+
+def _rate(kind, value):
+    """A learning rate of `kind` ("float", "variable", "schedule") worth `value`."""
+    if kind == "variable":
+        return tf.Variable(value)
+    if kind == "schedule":
+        return lambda step: value
+    return value
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("schedule", "float"),
+        ("schedule", "schedule"),
+        ("variable", "variable"),
+        ("variable", "schedule"),
+        ("schedule", "variable"),
+    ],
+)
+def test_a_learning_rate_replaced_after_a_trace_warns(old, new, caplog):
+    """The traced step keeps the object it read; a WARNING says so.
+
+    Only a float replacing a traced float warned: a schedule or variable
+    replaced after the trace went on in silence.
+    """
+    rate = _rate(old, 0.25)
+    opt = optimizers.GradientDescent(learning_rate=rate, jit_compile=False)
+    update = _gd_update(opt, traced=True)
+    np.testing.assert_allclose(update(), [-0.25, -0.75], rtol=1e-6)
+    with caplog.at_level("WARNING"):
+        opt.learning_rate = rate  # the same object: nothing to say
+    assert "learning_rate" not in caplog.text
+    replacement = _rate(new, 0.5)
+    with caplog.at_level("WARNING"):
+        opt.learning_rate = replacement
+    assert "after a tf.function traced the update with" in caplog.text
+    assert "until they are retraced" in caplog.text
+    assert opt.learning_rate is replacement
+    # The honest part: the traced step still uses the old rate.
+    np.testing.assert_allclose(update(), [-0.25, -0.75], rtol=1e-6)
+
+
 # --- Loss scaling -----------------------------------------------------------------
 
 

@@ -6,12 +6,14 @@ loader replaced by spies, so each case shows that the check came before any
 work (no strategy, no data read); one subprocess checks the real command line.
 """
 
+import dataclasses
 import datetime
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import tensorflow as tf
@@ -20,7 +22,8 @@ from conftest import REPO, run_python
 from urllib3.util.retry import Retry
 
 from distopt import data, train
-from distopt.trainer import paths
+from distopt.trainer import config as config_lib
+from distopt.trainer import inputs, paths
 from distopt.trainer import run as run_lib
 
 
@@ -311,7 +314,24 @@ def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):
         ("--decay_steps=-1", "--decay_steps must be >= 0, got -1"),
         ("--learning_rate=-1", "--learning_rate must be finite and > 0, got -1.0"),
         ("--learning_rate=0", "--learning_rate must be finite and > 0, got 0.0"),
-        ("--epochs=-1", "--epochs must be >= 0, got -1.0"),
+        ("--epochs=-1", "--epochs must be finite and >= 0, got -1.0"),
+        ("--epochs=inf", "--epochs must be finite and >= 0, got inf"),
+        ("--epochs=nan", "--epochs must be finite and >= 0, got nan"),
+        (
+            "--train_steps=9223372036854775808",
+            (
+                "--train_steps must be <= 2**63 - 1 (TensorFlow's int64), got "
+                "9223372036854775808"
+            ),
+        ),
+        (
+            "--sync_period=9999999999999999999",
+            "--sync_period must be <= 2**63 - 1 (TensorFlow's int64)",
+        ),
+        (
+            "--keep_checkpoints=99999999999999999999",
+            "--keep_checkpoints must be <= 2**63 - 1 (TensorFlow's int64)",
+        ),
         ("--decay_rate=0", "--decay_rate must be finite and > 0, got 0.0"),
         ("--decay_rate=inf", "--decay_rate must be finite and > 0, got inf"),
         ("--seed=-1", "--seed must be in [0, 2**32 - 1], got -1"),
@@ -326,6 +346,13 @@ def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):
             "--virtual_devices=64",
             "--virtual_devices=64 applies to --strategy=mirrored only",
         ),
+        (
+            "--tpu=foo",
+            (
+                "--tpu=foo applies to --strategy=tpu only; --strategy=default does "
+                "not connect to a TPU. Drop it, or add --strategy=tpu"
+            ),
+        ),
     ],
 )
 def test_out_of_range_number_is_one_line_exit_2_nothing_created(
@@ -339,6 +366,92 @@ def test_out_of_range_number_is_one_line_exit_2_nothing_created(
         len(lines) == 1 and lines[0].startswith(f"error: {message}")
     ), lines
     assert _tree(tmp_path) == before  # No run directory either.
+
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("name", sorted(config_lib._AT_LEAST))
+def test_every_integer_flag_fits_int64(name):
+    # One rule for every integer flag: TensorFlow counts in int64.
+    fits = config_lib.TrainConfig(strategy="mirrored", **{name: INT64_MAX})
+    config_lib.check_flags(fits)
+    over = dataclasses.replace(fits, **{name: INT64_MAX + 1})
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.check_flags(over)
+    assert str(e.value) == (
+        f"--{name} must be <= 2**63 - 1 (TensorFlow's int64), got {INT64_MAX + 1}"
+    )
+
+
+def test_lr_boundaries_fit_int64():
+    config = config_lib.TrainConfig(
+        lr_schedule="piecewise", lr_boundaries=(5, INT64_MAX), lr_values=(1, 0.1, 0.01)
+    )
+    config_lib.check_flags(config)
+    config.lr_boundaries = (5, INT64_MAX + 1)
+    with pytest.raises(config_lib.ConfigError, match=r"--lr_boundaries must be <= 2"):
+        config_lib.check_flags(config)
+
+
+def test_epochs_whose_steps_overflow_int64_are_a_config_error():
+    # Known only with the data's size, in the run (which exits 2 on it).
+    config = config_lib.TrainConfig(train_steps=0, epochs=1e30, batch_size=128)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.resolve_train_steps(config, 60000)
+    assert str(e.value) == (
+        "--epochs=1e+30 is 468750000000000028531585053622272 steps of "
+        "--batch_size=128 over the 60000 train examples; the steps must be <= "
+        "2**63 - 1 (TensorFlow's int64): lower --epochs"
+    )
+    # The limit itself: 2**63 steps are one too many, 2**62 fit.
+    config = config_lib.TrainConfig(train_steps=0, epochs=float(2**63), batch_size=1)
+    with pytest.raises(config_lib.ConfigError, match="--epochs="):
+        config_lib.resolve_train_steps(config, 1)
+    config.epochs = float(2**62)
+    assert config_lib.resolve_train_steps(config, 1) == 2**62
+    config = config_lib.TrainConfig(train_steps=0, epochs=1.0, batch_size=128)
+    assert config_lib.resolve_train_steps(config, 60000) == 468
+
+
+@pytest.mark.parametrize(
+    "eval_batch_size,replicas,examples,refused",
+    [
+        (0, 1, 10000, None),  # --batch_size's, left to the run
+        (10000, 1, 10000, None),
+        (10001, 1, 10000, "use at most 10000: one batch evaluates them all"),
+        (99999999999, 2, 10000, "use at most 10000: one batch evaluates them all"),
+        # Whole replica batches: 10002 is the smallest one holding all 10001.
+        (10002, 2, 10001, None),
+        (
+            10004,
+            2,
+            10001,
+            (
+                "use at most 10002 (the smallest multiple of the 2 replicas that "
+                "holds them): one batch evaluates them all"
+            ),
+        ),
+    ],
+)
+def test_eval_batch_larger_than_the_test_set_is_refused(
+    eval_batch_size, replicas, examples, refused
+):
+    # Evaluation pads to whole batches: a larger one is padding only (and at
+    # 99999999999, std::bad_alloc after the training). The run checks it
+    # with the training batch, before the first step (test_train.py's
+    # test_input_refused_after_the_lock_leaves_no_directory).
+    config = config_lib.TrainConfig(eval_batch_size=eval_batch_size)
+    source = types.SimpleNamespace(num_examples={"train": 60000, "test": examples})
+    if refused is None:
+        inputs.check_eval_batch_size(config, source, replicas)
+        return
+    with pytest.raises(config_lib.ConfigError) as e:
+        inputs.check_eval_batch_size(config, source, replicas)
+    assert str(e.value) == (
+        f"--eval_batch_size={eval_batch_size} is larger than the {examples} test "
+        f"examples; {refused}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -790,3 +903,146 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_CONFIG")
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert not paths.writes_model_dir("multi_worker")
+
+
+# --- Optimizer, model and sync arguments: refused before any work ----------
+# (Their constructors' own checks, run once by `factories.check_arguments`
+# before the run directory is announced and the strategy and data are made;
+# each was refused only after them, one a traceback.)
+
+
+@pytest.mark.parametrize(
+    "flags_,message",
+    [
+        (
+            ["--optimizer_args=bogus=1"],
+            "--optimizer=adam does not take one of ['bogus']",
+        ),
+        (["--beta_1=1"], "--optimizer=adam: beta_1: must be in [0, 1), got 1.0."),
+        (["--beta_2=nan"], "--optimizer=adam: beta_2: must be in [0, 1), got nan."),
+        (["--epsilon=nan"], "--optimizer=adam: epsilon: must be >= 0, got nan."),
+        (
+            ["--optimizer=momentum", "--momentum=-1"],
+            "--optimizer=momentum: momentum: must be in [0, 1), got -1.0.",
+        ),
+        (
+            ["--optimizer=rmsprop", "--rho=2"],
+            "--optimizer=rmsprop: rho: must be in [0, 1), got 2.0.",
+        ),
+        (
+            ["--optimizer=adamw", "--weight_decay=-1"],
+            "--optimizer=adamw: weight_decay: must be finite and non-negative",
+        ),
+        (["--optimizer=lars", "--eta=-1"], "--optimizer=lars: eta: "),
+        (
+            ["--optimizer=adagrad", "--initial_accumulator_value=-1"],
+            "--optimizer=adagrad: initial_accumulator_value: ",
+        ),
+        (
+            ["--global_clipnorm=inf"],
+            "--global_clipnorm: must be a positive finite number, got inf.",
+        ),
+        (
+            ["--optimizer=sam", "--global_clipnorm=inf"],
+            "--global_clipnorm: must be a positive finite number, got inf.",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=-5"],
+            "--model=mlp --model_args=hidden=-5: a bad value: ",
+        ),
+        (
+            ["--model=mlp", "--model_args=conv2_padding=SAME"],
+            "--model=mlp does not take one of ['conv2_padding']",
+        ),
+        (
+            ["--model_args=conv2_padding=FULL"],
+            "--model=lenet: ",
+        ),
+        (
+            ["--sync=diloco", "--sync_args=outer_momentum=2"],
+            "--sync=diloco --sync_args: outer_momentum: must be in [0, 1), got 2.",
+        ),
+        (
+            ["--sync=diloco", "--sync_args=outer_learning_rate=-1"],
+            (
+                "--sync=diloco --sync_args: outer_learning_rate: must be finite "
+                "and non-negative, got -1."
+            ),
+        ),
+        (
+            ["--sync=diloco", "--sync_args=warmup_steps=-1"],
+            "--sync=diloco does not take {'warmup_steps': -1, 'k': 8}",
+        ),
+    ],
+    ids=[
+        "optimizer_args_key",
+        "beta_1",
+        "beta_2",
+        "epsilon",
+        "momentum",
+        "rho",
+        "weight_decay",
+        "eta",
+        "initial_accumulator_value",
+        "global_clipnorm_inf",
+        "sam_global_clipnorm_inf",
+        "model_args_value",
+        "model_args_key",
+        "lenet_padding",
+        "outer_momentum",
+        "outer_learning_rate",
+        "sync_args_value",
+    ],
+)
+def test_optimizer_model_and_sync_arguments_are_checked_first(
+    cli, tmp_path, flags_, message
+):
+    # `work == []`: neither the run (which makes the strategy) nor the data
+    # loader was called; `_tree`: the run directory was removed again.
+    _assert_refused_first(cli, tmp_path, flags_, message)
+
+
+def test_a_bad_outer_momentum_is_one_line_before_the_run_directory(tmp_path):
+    # It was a 50-line traceback, exit 1, after "Run directory runs/..." (a
+    # directory then deleted), the strategy and the data.
+    proc = subprocess.run(
+        [sys.executable, "-m", "distopt.train", "--model=mlp", "--sync=diloco"]
+        + ["--sync_args=outer_momentum=2", "--verbosity=0"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "error: --sync=diloco --sync_args: outer_momentum: must be in [0, 1), got 2."
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+def test_checking_the_arguments_leaves_the_devices_unmade():
+    # Built eagerly, the model's and optimizer's variables would initialise
+    # TensorFlow's devices: the strategy could then no longer split the CPU
+    # into logical devices. Every optimizer and sync mode passes the check
+    # with its defaults (no valid run is refused), float16 and SAM included.
+    code = (
+        "import tensorflow as tf\n"
+        "from distopt import optimizers, sync\n"
+        "from distopt.trainer import config, factories\n"
+        "for name in optimizers.names():\n"
+        "    factories.check_arguments(config.TrainConfig(optimizer=name))\n"
+        "for name in sync.names():\n"
+        "    factories.check_arguments(config.TrainConfig(model='mlp', sync=name))\n"
+        "factories.check_arguments(config.TrainConfig(\n"
+        "    sync='diloco', sync_args={'outer_momentum': 0.5}, jit_compile=None))\n"
+        "factories.check_arguments(config.TrainConfig(mixed_precision='float16'))\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(\n"
+        "    cpu, [tf.config.LogicalDeviceConfiguration()] * 3)\n"
+        "print(len(tf.config.list_logical_devices('CPU')))\n"
+    )
+    proc = run_python("-c", code, timeout=240, forked=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["3"]

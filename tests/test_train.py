@@ -26,6 +26,7 @@ from conftest import NUM_DEVICES, REPO, run_python, start_python
 from distopt import data
 from distopt.trainer import checkpointing, factories
 from distopt.trainer import config as config_lib
+from distopt.trainer import loop as loop_lib
 from distopt.trainer import run as run_lib
 from distopt.trainer import strategy as tstrategy
 
@@ -459,8 +460,12 @@ def test_batch_not_divisible_by_replicas(tmp_path):
             {"strategy": "mirrored", "virtual_devices": 2, "eval_batch_size": 3},
             "3 is not divisible by the 2",
         ),
+        (
+            {"eval_batch_size": 99999999999},
+            "--eval_batch_size=99999999999 is larger than the .* test examples",
+        ),
     ],
-    ids=["batch_over_data", "eval_batch"],
+    ids=["batch_over_data", "eval_batch", "eval_batch_over_data"],
 )
 def test_input_refused_after_the_lock_leaves_no_directory(tmp_path, overrides, match):
     """Checked once the input is made, after the lock: run_config.json and
@@ -1026,17 +1031,33 @@ def test_a_resume_past_the_runs_end_is_refused(tmp_path, finished_run):
     assert _metrics(str(tmp_path / "run"))["train_steps"] == 10
 
 
-def test_a_rerun_of_a_finished_run_keeps_its_figures(tmp_path, finished_run):
+def test_a_rerun_of_a_finished_run_keeps_its_figures(
+    tmp_path, finished_run, monkeypatch
+):
     # A scheduler's restart after the last save, or a second "rerun to
-    # resume": nothing to train, and metrics.json keeps what was measured.
+    # resume": nothing to train, and metrics.json keeps the training's
+    # figures (README: "evaluates again and keeps its metrics.json figures"),
+    # not those of the process that only evaluated.
     config = _config(tmp_path, train_steps=10)
     first, _ = finished_run(copy_to=tmp_path, train_steps=10)
+    done = []
+    monkeypatch.setattr(loop_lib, "log_done", lambda *a, **k: done.append(k))
     again = run_lib.train(config)
     assert again["status"] == "completed" and again["train_steps"] == 10
-    assert again["start_step"] == 10  # This process's start, as after a resume.
-    for key in ("examples_per_second", "seconds_to_first_step"):
+    for key in (
+        "examples_per_second",
+        "seconds_to_first_step",
+        "training_seconds_excluding_eval",
+        "run_training_seconds",
+        "wall_seconds",
+        "threads_at_end",
+    ):
         assert first[key] is not None and again[key] == first[key], key
+    assert again["start_step"] == 10  # This process's start, as after a resume.
     assert _metrics(config.model_dir) == pytest.approx(again)
+    # The log's Done line is this process's: it trained nothing (n/a).
+    assert done[0]["examples_per_second"] is None
+    assert done[0]["wall_seconds"] != first["wall_seconds"]
 
 
 #: The first run of two tests (shared: see finished_run).

@@ -21,6 +21,8 @@ min-max), the difference of the median to no compression in points, and
 the gradient bytes each replica sends per step over the whole run (the
 optimizer's `bytes_sent` counter / steps, warm-up included) with the ratio
 to no compression. Runs alternate (each seed is one round over every cell).
+The runs' directories are temporary: a failed run's is kept and named at the
+end, the others are removed.
 
 Default run: about 110-190 min on this 2-core host (LeNet dominates);
 `--models=mlp --replicas=2 --seeds=0 --train_steps=100` takes about 1 min.
@@ -29,7 +31,9 @@ Default run: about 110-190 min on this 2-core host (LeNet dominates);
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 
@@ -57,17 +61,41 @@ flags.DEFINE_list(
 flags.DEFINE_integer(
     "train_steps", 1000, "Steps of every run.", lower_bound=1, flag_values=FLAGS
 )
-flags.DEFINE_string(
+#: `distopt.optimizers.names()`, the trainer's --optimizer names (a test
+#: keeps them equal): importing the registry imports TensorFlow, which this
+#: process, only starting trainers, does not otherwise need (seconds).
+OPTIMIZERS = (
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "gradient_descent",
+    "heun",
+    "lamb",
+    "lars",
+    "lion",
+    "momentum",
+    "rmsprop",
+    "sam",
+)
+# An unknown name (or a learning rate of 0) failed every run, one by one.
+flags.DEFINE_enum(
     "optimizer",
     "adam",
+    OPTIMIZERS,
     "The trainer's --optimizer of every run (momentum: heavy ball, 0.9).",
     flag_values=FLAGS,
 )
 flags.DEFINE_float(
     "learning_rate",
     1e-3,
-    "The trainer's --learning_rate.",
-    lower_bound=0.0,
+    "The trainer's --learning_rate (finite and > 0).",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "learning_rate",
+    lambda value: math.isfinite(value) and value > 0,
+    message="the trainer's --learning_rate must be finite and > 0",
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
@@ -90,6 +118,8 @@ flags.DEFINE_string(
 )
 
 PROG = "distopt.benchmarks.compression_accuracy"
+#: The trainer's --batch_size of every run: global, split over the replicas.
+BATCH_SIZE = 128
 
 #: Contender -> (--compression, --compression_args, Adam's change): "" none;
 #: "epsilon": epsilon `--frozen_epsilon`; "frozen": 1-bit Adam's recipe
@@ -114,6 +144,28 @@ COMPRESSORS = {
 protocol.check_items(FLAGS, "compressors", list(COMPRESSORS))
 protocol.check_items(FLAGS, "models", ["mlp", "lenet"])
 protocol.check_items(FLAGS, "replicas", minimum=1)
+
+
+def _check_replicas(values) -> bool:
+    """Every --replicas count splits the global batch, as the trainer needs.
+
+    One that does not failed every run of it, one by one, each after
+    starting a trainer.
+    """
+    for value in values or ():
+        try:
+            replicas = int(value)
+        except ValueError:
+            continue  # check_items says so.
+        if replicas >= 1 and BATCH_SIZE % replicas:
+            raise flags.ValidationError(
+                f"{value!r} does not divide the global batch of {BATCH_SIZE} "
+                "(the trainer needs the same batch on each replica)"
+            )
+    return True
+
+
+flags.register_validator("replicas", _check_replicas, flag_values=FLAGS)
 protocol.check_items(FLAGS, "seeds", minimum=0)
 
 
@@ -144,7 +196,7 @@ def run_once(model, replicas, compressor, seed, workdir) -> dict | None:
         f"--virtual_devices={replicas}",
         f"--optimizer={FLAGS.optimizer}",
         f"--learning_rate={FLAGS.learning_rate}",
-        "--batch_size=128",
+        f"--batch_size={BATCH_SIZE}",
         f"--train_steps={FLAGS.train_steps}",
         f"--seed={seed}",
         "--eval_every=0",
@@ -155,10 +207,13 @@ def run_once(model, replicas, compressor, seed, workdir) -> dict | None:
     proc = protocol.run_child(cmd)
     path = os.path.join(model_dir, "metrics.json")
     if proc.returncode != 0 or not os.path.exists(path):
-        print(f"{model_dir} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"{model_dir} failed (kept):\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     with open(path) as f:
         m = json.load(f)
+    # Its checkpoints and summaries, up to 80 MB a run: they were all left
+    # in the temporary directory.
+    shutil.rmtree(model_dir, ignore_errors=True)
     return {
         "model": model,
         "replicas": int(replicas),
@@ -218,14 +273,8 @@ def print_table(rows) -> None:
         )
 
 
-def main(argv=None) -> int:
-    status = cli.parse(PROG, __doc__, FLAGS, argv)
-    if status is not None:
-        return status
-    why = protocol.check_output(FLAGS.output, "output")
-    if why:
-        return cli.error(PROG, why)
-    workdir = tempfile.mkdtemp(prefix="compression_accuracy_")
+def _run_all(workdir) -> list[dict]:
+    """Every run, each in its own directory under ``workdir``."""
     runs = []
     for seed in FLAGS.seeds:
         for model in FLAGS.models:
@@ -235,6 +284,38 @@ def main(argv=None) -> int:
                     print(f"{model} R={replicas} {name} seed {seed}: {r}", flush=True)
                     if r:
                         runs.append(r)
+    return runs
+
+
+def _remove_unless_failed(workdir) -> None:
+    """Removes ``workdir``, or says where the failed runs' directories are.
+
+    A successful run's directory goes as soon as its metrics are read; a
+    failed one's stays, for its logs and checkpoints (its stderr's tail alone
+    may not say why).
+    """
+    if os.listdir(workdir):
+        print(f"{PROG}: the failed runs' directories are in {workdir}", file=sys.stderr)
+    else:
+        os.rmdir(workdir)
+
+
+def main(argv=None) -> int:
+    status = cli.parse(PROG, __doc__, FLAGS, argv)
+    if status is not None:
+        return status
+    why = protocol.check_output(FLAGS.output, "output")
+    if why:
+        return cli.error(PROG, why)
+    workdir = tempfile.mkdtemp(prefix="compression_accuracy_")
+    try:
+        runs = _run_all(workdir)
+    except BaseException:
+        # Stopped (run_children's SIGTERM or SIGINT exit, a KeyboardInterrupt)
+        # or broken: nothing in it is wanted.
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    _remove_unless_failed(workdir)
     if protocol.no_results(PROG, runs):
         return 1
     rows = table(runs)

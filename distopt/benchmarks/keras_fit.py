@@ -66,15 +66,16 @@ flags.DEFINE_integer(
     "Measurements per contender and strategy (>= 3).",
     flag_values=FLAGS,
 )
-flags.DEFINE_string(
+VIRTUAL_CPUS = 2
+CONTENDERS = ("keras", "distopt")
+# An unknown name was a traceback (or measured distopt under its label).
+flags.DEFINE_enum(
     "measure",
     None,
+    CONTENDERS,
     "Internal: one measurement, keras or distopt.",
     flag_values=FLAGS,
 )
-
-VIRTUAL_CPUS = 2
-CONTENDERS = ("keras", "distopt")
 STRATEGIES = ("default", "mirrored")
 # An unknown name measured the default strategy under its label.
 protocol.check_items(FLAGS, "strategies", STRATEGIES)
@@ -163,7 +164,16 @@ def main(argv=None) -> int:
     status = cli.parse(PROG, __doc__, FLAGS, argv)
     if status is not None:
         return status
+    # Mirrored's 2 replicas: a batch they cannot split failed every run
+    # (after a minute), then said only that every run failed.
+    why = protocol.mirrored_batch_error(
+        FLAGS.batch_size, FLAGS.strategies, VIRTUAL_CPUS
+    )
+    if why:
+        return cli.error(PROG, f"flag --batch_size={FLAGS.batch_size}: {why}")
     if FLAGS.measure:
+        if len(FLAGS.strategies) != 1:
+            return cli.error(PROG, "--measure: takes exactly one --strategies")
         (strategy_name,) = FLAGS.strategies
         rate, cpu = measure(FLAGS.measure, strategy_name)
         protocol.print_result({"examples_per_second": rate, "cpu_us_per_example": cpu})

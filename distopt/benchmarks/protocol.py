@@ -156,6 +156,22 @@ def multiple_of(divisor: int, what: str):
     return parse
 
 
+def mirrored_batch_error(batch_size: int, strategies, replicas: int) -> str | None:
+    """Why mirrored cannot split ``batch_size`` over its ``replicas``, or None.
+
+    None too without ``mirrored`` in ``strategies``: the default strategy has
+    one replica, any batch is fine. (A per-replica batch dropped the
+    remainder, batch 1 gave 0 examples, or every run failed.)
+    """
+    if "mirrored" not in strategies:
+        return None
+    try:
+        multiple_of(replicas, "mirrored's replicas")(str(batch_size))
+    except argparse.ArgumentTypeError as e:
+        return str(e)
+    return None
+
+
 def print_result(result: dict) -> None:
     """Prints a measurement for `measure_in_subprocess` to read."""
     print(RESULT + json.dumps(result), flush=True)

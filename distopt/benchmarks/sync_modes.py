@@ -25,6 +25,7 @@ buffer); the wire traffic of a ring all-reduce is about twice that.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -46,6 +47,12 @@ MODES = [
     ("topk", "every_step", {}, {"name": "topk", "fraction": 0.01}),
     ("onebit", "every_step", {}, {"name": "onebit"}),
 ]
+#: The timed steps are a multiple of every mode's sync period k: then each
+#: window of them holds exactly steps / k syncs whatever the warm-up, and the
+#: per-step figures are exact. Fewer steps than k measured no sync at all
+#: (0 bytes, a 12x "speed-up"); 12 steps of k = 8 one sync in 12 steps.
+PERIOD = math.lcm(*(kwargs.get("k", 1) for _, _, kwargs, _ in MODES))
+PERIODIC = ", ".join(label for label, _, kwargs, _ in MODES if kwargs.get("k", 1) > 1)
 
 
 def _compressor(spec):
@@ -146,9 +153,11 @@ def main(argv):
     import argparse
 
     parser = protocol.Parser(prog=PROG, description=__doc__.splitlines()[0])
-    positive = protocol.at_least(1)
     parser.add_argument(
-        "--steps", type=positive, default=80, help="timed steps per mode"
+        "--steps",
+        type=protocol.multiple_of(PERIOD, f"the sync period of {PERIODIC}"),
+        default=80,
+        help=f"timed steps per mode, a multiple of {PERIOD} (the k of {PERIODIC})",
     )
     parser.add_argument(
         "--warmup", type=protocol.at_least(0), default=16, help="untimed steps per mode"

@@ -113,15 +113,11 @@ def parse_args(argv=None):
 def _check_batch(parser, args) -> None:
     """Refuses a ``--batch_size`` that mirrored cannot split over its replicas.
 
-    Bare's per-replica batch dropped the remainder (batch 1: 0 examples). The
-    default strategy has one replica: any batch is fine without mirrored.
+    Bare's per-replica batch dropped the remainder (batch 1: 0 examples).
     """
-    if "mirrored" not in args.strategies:
-        return
-    try:
-        protocol.multiple_of(VIRTUAL_CPUS, "mirrored's replicas")(str(args.batch_size))
-    except argparse.ArgumentTypeError as e:
-        parser.error(f"argument --batch_size: {e}")
+    why = protocol.mirrored_batch_error(args.batch_size, args.strategies, VIRTUAL_CPUS)
+    if why:
+        parser.error(f"argument --batch_size: {why}")
 
 
 VIRTUAL_CPUS = 2

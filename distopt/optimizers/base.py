@@ -75,9 +75,12 @@ class Optimizer(tf.Module):
             int64 step (`optimizer.iterations`) returning a scalar; or a
             scalar float `tf.Variable`, read at every update (assign it to
             change the rate, as Keras callbacks do). It may be reassigned
-            after construction, but a float is a constant of the functions
-            already traced (a WARNING says so): to change the rate between
-            calls of a traced step, pass a variable or a schedule.
+            after construction: a number set on a variable rate is assigned
+            into the variable, as in Keras, so traced steps see it; any other
+            replacement (a float for a float, another variable or schedule)
+            is not seen by the functions already traced until they retrace
+            (a WARNING says so): to change the rate between calls of a
+            traced step, pass a variable or a schedule.
         weight_decay: Decoupled weight decay applied before each update, as in
             Keras: `p <- p - learning_rate * weight_decay * p`.
         aggregation: How per-replica gradients are combined: "mean"
@@ -163,7 +166,8 @@ class Optimizer(tf.Module):
         name=None,
     ):
         super().__init__(name=name or _snake_case(type(self).__name__))
-        #: The float learning rate a traced update has used, for the setter.
+        #: The learning rate (float, schedule or variable) the last traced
+        #: update read, for the setter; None before any trace.
         self._traced_rate = None
         self.learning_rate = learning_rate
         self.weight_decay = (
@@ -598,19 +602,28 @@ class Optimizer(tf.Module):
     @learning_rate.setter
     def learning_rate(self, value):
         value = schedules.check_learning_rate(value)
-        # Compared only as numbers: `!=` on a tf.Variable gives a tensor.
-        same = isinstance(value, (int, float)) and value == self._traced_rate
-        if self._traced_rate is not None and not same:
-            # A float is a constant of the traced update: the call is not
-            # wrong (a function traced later uses the new rate), but a user
-            # who expected the running step to change must hear it.
+        current = getattr(self, "_learning_rate", None)
+        if isinstance(current, tf.Variable) and not (
+            callable(value) or isinstance(value, tf.Variable)
+        ):
+            # As Keras: a number set on a variable rate is assigned into the
+            # variable, which every traced update reads.
+            current.assign(tf.cast(value, current.dtype), read_value=False)
+            value = current
+        traced = self._traced_rate
+        if traced is not None and not _same_rate(value, traced):
+            # Traced functions captured the old object (a float as a
+            # constant): only a retrace sees the new one. Not wrong (a
+            # function traced later uses it), but a user who expected the
+            # running step to change must hear it.
             logging.warning(
                 "learning_rate: set to %r after a tf.function traced the update "
-                "with %r, which the traced functions keep using. To change the "
-                "rate between calls of a traced step, pass learning_rate=a "
-                "tf.Variable and assign it, or a schedule.",
+                "with %r, which the traced functions keep using until they are "
+                "retraced. To change the rate between calls of a traced step, "
+                "pass learning_rate=a tf.Variable and assign it (or set a float, "
+                "which is assigned into it), or a schedule.",
                 value,
-                self._traced_rate,
+                traced,
             )
         # Not tracked again under this name (tf.Module tracks the attribute
         # `learning_rate` already, as before this was a property).
@@ -619,12 +632,13 @@ class Optimizer(tf.Module):
     def learning_rate_value(self) -> tf.Tensor:
         """The learning rate the next update will use, as float32."""
         lr = self.learning_rate
+        if not tf.executing_eagerly():
+            # This trace keeps reading `lr`: the setter warns if it is replaced.
+            self._traced_rate = lr
         if callable(lr):
             return tf.cast(lr(self.iterations), tf.float32)
         if isinstance(lr, tf.Variable):
             return tf.cast(tf.convert_to_tensor(lr), tf.float32)
-        if not tf.executing_eagerly():
-            self._traced_rate = lr
         return tf.constant(lr, tf.float32)
 
     def slots(self, var) -> dict[str, tf.Variable]:
@@ -1243,6 +1257,22 @@ def _check_compression(compression, wire_dtype):
             "use one or the other."
         )
     return compression
+
+
+def _same_rate(a, b) -> bool:
+    """Whether learning rate `a` is `b`, as a traced update reads it.
+
+    Numbers compare by value; variables by identity (`==` on one gives a
+    tensor); schedules by identity or `==` (a bound method is a new object
+    at every access but equal to the last).
+    """
+    if isinstance(a, tf.Variable) or isinstance(b, tf.Variable):
+        return a is b
+    if callable(a) and callable(b):
+        return a is b or bool(a == b)
+    if callable(a) or callable(b):
+        return False
+    return a == b
 
 
 def _check_frequency(value):

@@ -95,8 +95,14 @@ class TrainConfig:
     target_accuracy: float | None = None
 
 
+# The largest value of every integer flag (and of the steps --epochs makes):
+# TensorFlow counts in int64 (the step variable, the sync modes' counters,
+# tf.data's batch and skip counts), so a larger value cannot be honoured.
+INT64_MAX = 2**63 - 1
+INT64_LIMIT = "2**63 - 1 (TensorFlow's int64)"
+
 # The smallest value of each integer flag; 0 means "off" or "the default"
-# where it is allowed (see each flag's help).
+# where it is allowed (see each flag's help). Each is at most INT64_MAX.
 _AT_LEAST = {
     "batch_size": 1,
     "steps_per_loop": 1,
@@ -122,10 +128,11 @@ def check_flags(config: TrainConfig) -> None:
       ConfigError: naming the flag and the value.
     """
     for name, lowest in _AT_LEAST.items():
-        if getattr(config, name) < lowest:
-            raise ConfigError(
-                f"--{name} must be >= {lowest}, got {getattr(config, name)}"
-            )
+        value = getattr(config, name)
+        if value < lowest:
+            raise ConfigError(f"--{name} must be >= {lowest}, got {value}")
+        if value > INT64_MAX:
+            raise ConfigError(f"--{name} must be <= {INT64_LIMIT}, got {value}")
     _check_floats(config)
     if config.train_steps == 0 and config.epochs == 0:
         raise ConfigError(
@@ -134,14 +141,7 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.train_steps:
         check_total_steps(config, config.train_steps)
-    if config.virtual_devices and config.strategy != "mirrored":
-        # An error, not a warning: whoever sets it expects several replicas,
-        # and a run on one device would report another run's figures.
-        raise ConfigError(
-            f"--virtual_devices={config.virtual_devices} applies to "
-            f"--strategy=mirrored only; --strategy={config.strategy} does not "
-            "split the CPU. Drop it, or add --strategy=mirrored"
-        )
+    _check_strategy_flags(config)
     if config.strategy == "tpu" and not config.tpu:
         raise ConfigError("--strategy=tpu needs --tpu (a TPU name, or 'local' on a VM)")
     if config.target_accuracy is not None and not config.eval_every:
@@ -150,6 +150,29 @@ def check_flags(config: TrainConfig) -> None:
             "evaluations that check it)"
         )
     _check_combinations(config)
+
+
+# The flags that only one --strategy reads: (flag, that strategy, what the
+# others do not do with it).
+_STRATEGY_FLAGS = (
+    ("virtual_devices", "mirrored", "split the CPU"),
+    ("tpu", "tpu", "connect to a TPU"),
+)
+
+
+def _check_strategy_flags(config: TrainConfig) -> None:
+    """A flag of one strategy, set under another, is refused."""
+    for flag, strategy, what in _STRATEGY_FLAGS:
+        value = getattr(config, flag)
+        if value and config.strategy != strategy:
+            # An error, not a warning: whoever sets it expects that strategy
+            # (several replicas, a TPU), and a run without it would report
+            # another run's figures.
+            raise ConfigError(
+                f"--{flag}={value} applies to --strategy={strategy} only; "
+                f"--strategy={config.strategy} does not {what}. Drop it, or "
+                f"add --strategy={strategy}"
+            )
 
 
 def _check_floats(config: TrainConfig) -> None:
@@ -162,7 +185,12 @@ def _check_floats(config: TrainConfig) -> None:
         need(math.isfinite(value) and value > 0, flag, value, "finite and > 0")
     # NumPy's and Python's generators take seeds in [0, 2**32).
     need(0 <= config.seed < 2**32, "seed", config.seed, "in [0, 2**32 - 1]")
-    need(config.epochs >= 0, "epochs", config.epochs, ">= 0")
+    need(
+        math.isfinite(config.epochs) and config.epochs >= 0,
+        "epochs",
+        config.epochs,
+        "finite and >= 0",
+    )
     need(
         config.communication_timeout >= 0,
         "communication_timeout",
@@ -235,6 +263,8 @@ def _check_schedule(config: TrainConfig) -> None:
         raise ConfigError(
             f"--lr_boundaries must be steps >= 0 in increasing order, got {boundaries}"
         )
+    if boundaries and boundaries[-1] > INT64_MAX:
+        raise ConfigError(f"--lr_boundaries must be <= {INT64_LIMIT}, got {boundaries}")
 
 
 def _check_combinations(config: TrainConfig) -> None:
@@ -354,10 +384,22 @@ def replica_group_size(config: TrainConfig) -> int | None:
 
 def resolve_train_steps(config: TrainConfig, num_train_examples: int) -> int:
     """``--train_steps`` if set (it overrides a config file's ``--epochs``),
-    else ``--epochs`` worth of global batches."""
+    else ``--epochs`` worth of global batches.
+
+    Raises:
+      ConfigError: --epochs makes more steps than TensorFlow's int64 step
+        counter holds (known only here, with the size of the data).
+    """
     if config.train_steps:
         return config.train_steps
-    return max(1, int(config.epochs * num_train_examples) // config.batch_size)
+    steps = max(1, int(config.epochs * num_train_examples) // config.batch_size)
+    if steps > INT64_MAX:
+        raise ConfigError(
+            f"--epochs={config.epochs} is {steps} steps of --batch_size="
+            f"{config.batch_size} over the {num_train_examples} train examples; "
+            f"the steps must be <= {INT64_LIMIT}: lower --epochs"
+        )
+    return steps
 
 
 def check_total_steps(config: TrainConfig, total_steps: int) -> None:

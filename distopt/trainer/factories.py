@@ -7,6 +7,7 @@ is one line there.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import tensorflow as tf
@@ -29,6 +30,9 @@ from distopt.trainer.strategy import communication_options, resolve_jit_compile
 # optimizer, whose default learning rate the trainer's defaults are tuned for.
 SAM_ARGS = ("base_optimizer", "rho", "perturbation")
 SAM_DEFAULT_BASE = "adam"
+# Optimizer arguments set by a trainer flag of the same name, not through
+# --optimizer_args: an error about one names that flag.
+FLAG_ARGS = ("global_clipnorm",)
 
 
 def build_model(
@@ -67,11 +71,26 @@ def build_model(
             model_args=model_args,
         )
     except TypeError as e:
-        raise ConfigError(
-            f"--model={name} does not take one of {sorted(model_args or {})}: {e}"
-        ) from e
+        raise _model_args_error(name, model_args, e) from e
     except ValueError as e:  # The model names the bad value.
         raise ConfigError(f"--model={name}: {e}") from e
+
+
+def _model_args_error(name: str, model_args, error: TypeError) -> ConfigError:
+    """The ConfigError for a TypeError from ``name``'s constructor.
+
+    A key the constructor has no parameter for is "does not take"; a key it
+    has, given a value of the wrong type, names that ``--model_args`` entry
+    (Python's own message, e.g. "Value after * must be an iterable", names
+    neither).
+    """
+    model_args = model_args or {}
+    taken = inspect.signature(models_lib.MODELS[name]).parameters
+    unknown = sorted(set(model_args) - set(taken))
+    if unknown:
+        return ConfigError(f"--model={name} does not take one of {unknown}: {error}")
+    given = ",".join(f"{k}={v}" for k, v in model_args.items())
+    return ConfigError(f"--model={name} --model_args={given}: a bad value: {error}")
 
 
 class Warmup:
@@ -118,17 +137,31 @@ def make_sync(config: TrainConfig):
     if config.sync == "diloco" and (
         "outer_learning_rate" in kwargs or "outer_momentum" in kwargs
     ):
-        kwargs["outer_optimizer"] = optimizers_lib.get(
+        kwargs["outer_optimizer"] = _outer_optimizer(kwargs)
+    try:
+        return sync_lib.get(config.sync, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--sync={config.sync} does not take {kwargs}: {e}") from e
+
+
+def _outer_optimizer(kwargs: dict):
+    """DiLoCo's outer Nesterov momentum, from (and popping) ``kwargs``'s outer_*.
+
+    Raises:
+      ConfigError: a bad outer_learning_rate or outer_momentum, named as in
+        --sync_args (the momentum optimizer names its own ``momentum``).
+    """
+    try:
+        return optimizers_lib.get(
             "momentum",
             learning_rate=kwargs.pop("outer_learning_rate", 0.7),
             momentum=kwargs.pop("outer_momentum", 0.9),
             nesterov=True,
             name="outer_momentum",
         )
-    try:
-        return sync_lib.get(config.sync, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"--sync={config.sync} does not take {kwargs}: {e}") from e
+        # Its messages start with the argument's name: "momentum: must be...".
+        raise ConfigError(f"--sync=diloco --sync_args: outer_{e}") from e
 
 
 def optimizer_kwargs(config: TrainConfig, total_steps: int) -> dict[str, Any]:
@@ -184,4 +217,45 @@ def make_optimizer(config: TrainConfig, total_steps: int):
             f"{sorted(config.optimizer_args)}: {e}"
         ) from e
     except ValueError as e:  # The optimizer names the bad hyperparameter.
-        raise ConfigError(f"--optimizer={config.optimizer}: {e}") from e
+        raise _optimizer_error(config, e) from e
+
+
+def _optimizer_error(config: TrainConfig, error: ValueError) -> ConfigError:
+    """The ConfigError for the optimizer's ``"name: problem"`` ValueError.
+
+    An argument of :data:`FLAG_ARGS` is named as its flag: the user never
+    gave it in --optimizer_args. SAM prefixes its base optimizer's errors
+    with "base_optimizer: ", hence the search of every prefix.
+    """
+    parts = str(error).split(": ")
+    for i, name in enumerate(parts[:-1]):
+        if name in FLAG_ARGS:
+            return ConfigError(f"--{name}: " + ": ".join(parts[i + 1 :]))
+    return ConfigError(f"--optimizer={config.optimizer}: {error}")
+
+
+def check_arguments(config: TrainConfig) -> None:
+    """Refuses what the model, optimizer and sync mode would, before the run.
+
+    The run builds them only after the strategy and the data exist (seconds,
+    and a run directory logged): this builds them once beforehand with the
+    same factories, so that each argument keeps the one check of its own
+    constructor. They are built in a throwaway graph: eagerly, their
+    variables (and :func:`resolve_jit_compile`'s device query) would
+    initialise TensorFlow's devices, after which the strategy can no longer
+    split the CPU into logical devices. The image shape is MNIST's: no
+    argument check depends on it, and the data is not read yet.
+
+    Raises:
+      ConfigError: what :func:`build_model` or :func:`make_optimizer` raise.
+    """
+    with tf.Graph().as_default():
+        build_model(
+            config.model,
+            seed=config.seed,
+            mixed_precision=config.mixed_precision,
+            jit_compile=bool(config.jit_compile),  # Not None: no device query.
+            model_args=config.model_args,
+        )
+        # The step count only sizes the schedule; the run's is not known yet.
+        make_optimizer(config, max(1, config.train_steps or 1))

@@ -26,6 +26,33 @@ def check_batch_size(global_batch_size: int, num_replicas: int) -> None:
         )
 
 
+def check_eval_batch_size(
+    config: TrainConfig, source: data_lib.Source, num_replicas: int
+) -> None:
+    """Raises ConfigError: an ``--eval_batch_size`` larger than the test set.
+
+    Evaluation pads its last batch with masked examples, so one batch of
+    the test examples (rounded up to whole replica batches) evaluates them
+    all; a larger batch adds padding only, and a huge one exhausts memory at
+    the first evaluation, after the training. ``--eval_batch_size=0`` (the
+    training batch) is left as it is.
+    """
+    eval_batch = config.eval_batch_size
+    examples = source.num_examples["test"]
+    whole = -(-examples // num_replicas) * num_replicas
+    if eval_batch > whole:
+        at_most = (
+            f"at most {whole}"
+            if whole == examples
+            else f"at most {whole} (the smallest multiple of the {num_replicas} "
+            "replicas that holds them)"
+        )
+        raise ConfigError(
+            f"--eval_batch_size={eval_batch} is larger than the {examples} test "
+            f"examples; use {at_most}: one batch evaluates them all"
+        )
+
+
 def resolve_input(
     config: TrainConfig, strategy: tf.distribute.Strategy, source: data_lib.Source
 ) -> str:
@@ -61,9 +88,12 @@ def make_train_feed(
         reads the step from the step variable).
 
     Raises:
-      ConfigError: the in-memory feed has no whole batch per epoch.
+      ConfigError: the in-memory feed has no whole batch per epoch, or
+        ``--eval_batch_size`` is larger than the test set (checked here,
+        with the run's other batch checks, before the first step).
     """
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
+    check_eval_batch_size(config, source, strategy.num_replicas_in_sync)
     if kind == "memory":
         return _in_memory_feed(strategy, source, config)
     # TPUs need static shapes, so never a partial batch there.
@@ -118,6 +148,7 @@ def make_eval_dataset(
     """The distributed test dataset and the number of steps of one pass."""
     eval_batch = config.eval_batch_size or config.batch_size
     check_batch_size(eval_batch, strategy.num_replicas_in_sync)
+    check_eval_batch_size(config, source, strategy.num_replicas_in_sync)
     test_fn = data_lib.make_dataset_fn(
         source,
         "test",

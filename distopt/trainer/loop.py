@@ -187,7 +187,14 @@ class TrainLoop:
                 skipped,
             )
         metrics = self._finish(self._status(final_step, result), final_step, result)
-        log_done(metrics, final_step)
+        # This process's figures: a rerun that trained no step says n/a
+        # examples/s and its own seconds, whatever metrics.json keeps.
+        log_done(
+            metrics,
+            final_step,
+            examples_per_second=self.timing.examples_per_second(run.config.batch_size),
+            wall_seconds=time.time() - self.timing.called,
+        )
         return metrics
 
     def _final_result(self, final_step: int, averaged: bool) -> dict:
@@ -232,13 +239,18 @@ class TrainLoop:
         )
 
 
-# What only a process that trained measures: a rerun of a finished run (a
-# scheduler's restart after the last save, or the README's "rerun to resume")
-# keeps them from the metrics.json it replaces.
+# The figures of the training: a rerun of a finished run (a scheduler's
+# restart after the last save, or the README's "rerun to resume") trains no
+# step and keeps them from the metrics.json it replaces, so that runs compare
+# by how they trained, not by how long their last process took to evaluate.
+# start_step stays this process's (the step it resumed at), as after a resume.
 _MEASURED = (
     "examples_per_second",
     "seconds_to_first_step",
     "training_seconds_excluding_eval",
+    "run_training_seconds",
+    "wall_seconds",
+    "threads_at_end",
     "target_reached_at_step",
 )
 

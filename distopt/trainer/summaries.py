@@ -246,14 +246,24 @@ def run_metrics(run, status: str, final_step: int, result, timing, saver) -> dic
     return metrics
 
 
-def log_done(metrics: dict, final_step: int) -> None:
-    """The last line of a completed run."""
-    rate = metrics["examples_per_second"]
+def log_done(
+    metrics: dict,
+    final_step: int,
+    *,
+    examples_per_second: float | None = None,
+    wall_seconds: float | None = None,
+) -> None:
+    """The last line of a completed run.
+
+    ``examples_per_second`` and ``wall_seconds`` are this process's (a rerun
+    of a finished run trained nothing: n/a), not those ``metrics`` keeps.
+    """
+    rate = examples_per_second
     logging.info(
         "Done: test accuracy %.2f%%, test loss %.4f, %d steps, %s examples/s, %.1f s",
         100 * metrics["test_accuracy"],
         metrics["test_loss"],
         final_step,
         f"{rate:.0f}" if rate else "n/a",
-        metrics["wall_seconds"],
+        metrics["wall_seconds"] if wall_seconds is None else wall_seconds,
     )
