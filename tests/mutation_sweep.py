@@ -1484,6 +1484,13 @@ MUTANTS = [
         'examples_per_second=metrics["examples_per_second"],',
         "tests/test_train.py -k rerun_of_a_finished",
     ),
+    Mutant(
+        "eval_batch_bound_after_training",
+        "distopt/trainer/run.py",
+        "    inputs.check_eval_batch_size(config, run.source, strategy.num_replicas_in_sync)\n",
+        "",
+        "tests/test_train.py -k eval_batch_over_data",
+    ),
 ]
 
 

@@ -88,12 +88,9 @@ def make_train_feed(
         reads the step from the step variable).
 
     Raises:
-      ConfigError: the in-memory feed has no whole batch per epoch, or
-        ``--eval_batch_size`` is larger than the test set (checked here,
-        with the run's other batch checks, before the first step).
+      ConfigError: the in-memory feed has no whole batch per epoch.
     """
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
-    check_eval_batch_size(config, source, strategy.num_replicas_in_sync)
     if kind == "memory":
         return _in_memory_feed(strategy, source, config)
     # TPUs need static shapes, so never a partial batch there.

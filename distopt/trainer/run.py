@@ -342,6 +342,7 @@ def open_outputs(run: Run) -> Outputs:
     inputs.check_batch_size(
         config.eval_batch_size or config.batch_size, strategy.num_replicas_in_sync
     )
+    inputs.check_eval_batch_size(config, run.source, strategy.num_replicas_in_sync)
     if run.chief:
         try:
             tf.io.gfile.makedirs(config.model_dir)
