@@ -898,7 +898,7 @@ MUTANTS = [
         "distopt/trainer/config.py",
         "    make_compression(config)\n\n\ndef make_compression",
         "    pass\n\n\ndef make_compression",
-        "tests/test_preflight.py -k compression",
+        "tests/test_preflight.py tests/test_train.py -k compression",
     ),
     Mutant(
         "keras_save_drops_residuals",

@@ -445,6 +445,19 @@ def test_unknown_names_list_the_valid_ones(tmp_path, field, value, valid):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_bad_compression_args_refused_in_process_before_the_strategy(
+    tmp_path, monkeypatch
+):
+    # train() called from Python has no command-line preflight: its own
+    # check refuses them before a strategy (devices) or the data is made.
+    made = []
+    monkeypatch.setattr(run_lib, "make_strategy", lambda *a, **k: made.append(a))
+    config = _config(tmp_path, compression="topk", compression_args={"fraction": 2})
+    with pytest.raises(config_lib.ConfigError, match="fraction"):
+        run_lib.train(config)
+    assert made == [] and not os.path.exists(tmp_path / "run")
+
+
 def test_batch_not_divisible_by_replicas(tmp_path):
     config = _config(tmp_path, strategy="mirrored", virtual_devices=4, batch_size=30)
     with pytest.raises(config_lib.ConfigError, match="30 is not divisible by the 4"):
