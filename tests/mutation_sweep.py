@@ -1193,14 +1193,14 @@ MUTANTS = [
     Mutant(
         "tvk_batch_unchecked",
         "distopt/benchmarks/trainer_vs_keras.py",
-        '    if "mirrored" not in args.strategies:\n        return\n',
-        "    if True:\n        return\n",
+        "    if why:\n        parser.error(",
+        "    if False:\n        parser.error(",
         "tests/test_benchmarks.py -k bad_name_or_count",
     ),
     Mutant(
         "tvk_batch_checked_without_mirrored",
-        "distopt/benchmarks/trainer_vs_keras.py",
-        '    if "mirrored" not in args.strategies:\n        return\n',
+        "distopt/benchmarks/protocol.py",
+        '    if "mirrored" not in strategies:\n        return None\n',
         "",
         "tests/test_benchmarks.py -k odd_batch",
     ),
