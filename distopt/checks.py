@@ -6,6 +6,8 @@ argument, before anything is built.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 
 import numpy as np
@@ -53,3 +55,39 @@ def check_unit_interval(name, value) -> float:
     if not real or not 0.0 <= float(value) <= 1.0:  # NaN too.
         raise ValueError(f"{name}: must be a number in [0, 1], got {value!r}.")
     return float(value)
+
+
+def check_number(name, value) -> float:
+    """`value` as a finite float, or a ValueError naming `name`.
+
+    A real number only: not a bool (True is no rate), and not a str, even
+    "0.1" (`float` took it; a flag's string becomes a number where it is
+    parsed, `distopt.trainer.config.parse_kv`, not in the library).
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not real:
+        raise ValueError(f"{name}: must be a number, got {value!r}.")
+    try:
+        v = float(value)
+    except OverflowError:  # An int beyond float's range: 10**400.
+        v = math.inf
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {value!r}.")
+    return v
+
+
+@contextlib.contextmanager
+def owned_by(owner: str):
+    """Adds `owner` (e.g. "TopK") to a ValueError or TypeError raised inside.
+
+    The message keeps its "argument: problem" start, which callers match
+    and re-prefix (the trainer's "--compression_args: "): `owner` goes at
+    its end, "... got '2' (in PowerSGD).". A message naming it already
+    (from a nested check) is left alone.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if f"(in {owner})" in str(e) or type(e) not in (TypeError, ValueError):
+            raise
+        raise type(e)(f"{str(e).rstrip('.')} (in {owner}).") from None

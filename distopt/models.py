@@ -15,6 +15,8 @@ import math
 
 import tensorflow as tf
 
+from distopt.checks import check_int
+
 
 def _he_uniform(shape, fan_in, seed):
     # He et al. 2015: Var(w) = 2 / fan_in keeps ReLU activations from
@@ -106,6 +108,24 @@ def max_pool_2x2(x, pooling="reshape"):
     return tf.reduce_max(x, axis=[2, 4])
 
 
+def _widths(hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of layer widths, or a ValueError naming it.
+
+    A list or tuple only: a str's characters were taken for widths, and a
+    bare int failed in Python's ``*`` ("Value after * must be an
+    iterable"), naming neither the argument nor the value.
+    """
+    if isinstance(hidden, (list, tuple)):
+        try:
+            return tuple(check_int("hidden", w, minimum=1) for w in hidden)
+        except ValueError:
+            pass  # The message below names the whole value.
+    raise ValueError(
+        "hidden: must be a list of integers >= 1 (the hidden layers' widths), "
+        f"got {hidden!r}."
+    )
+
+
 class MLP(tf.Module):
     """784-700-500-10 ReLU network, as in TensorFlow's Core API MLP guide."""
 
@@ -124,15 +144,19 @@ class MLP(tf.Module):
         Args:
           input_shape: shape of one image (flattened on input).
           num_classes: number of logits.
-          hidden: hidden layer widths.
+          hidden: hidden layer widths, each an integer >= 1 (a list or
+            tuple; empty: a linear model).
           seed: initialisation seed.
           compute_dtype: dtype of the forward computation.
           name: module name.
+
+        Raises:
+          ValueError: ``hidden`` is not a sequence of integers >= 1.
         """
         super().__init__(name=name)
         self.compute_dtype = tf.as_dtype(compute_dtype)
         self.input_dim = math.prod(input_shape)
-        dims = (self.input_dim, *hidden, num_classes)
+        dims = (self.input_dim, *_widths(hidden), num_classes)
         self.layers = [
             Dense(
                 dims[i],
@@ -255,7 +279,8 @@ def build_model(
       jit_compile: whether the caller compiles the model with XLA; picks the
         faster of two equivalent implementations where that matters.
       model_args: further keyword arguments of the model's constructor, e.g.
-        ``{"conv2_padding": "SAME"}`` for LeNet-5.
+        ``{"conv2_padding": "SAME"}`` for LeNet-5 or ``{"hidden": [256, 128]}``
+        for the MLP (the trainer's ``--model_args=hidden=[256,128]``).
 
     Returns:
       A ``tf.Module`` mapping images to float32 logits.

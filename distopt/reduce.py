@@ -452,8 +452,9 @@ class Reducer(tf.Module):
 
         As on a narrow wire, each replica sends `P_r / N`, the magnitude of a
         gradient: the compressor's residuals are then in the units of the
-        aggregated gradient, whatever the weights. The weighted mean first
-        sums the weights (float32, one scalar all-reduce); the mean and the
+        aggregated gradient, whatever the weights (times the loss scale, if
+        any: the optimizer rescales them when it changes). The weighted mean
+        first sums the weights (float32, one scalar all-reduce); the mean and the
         sum know `N` from the replica count and the local weight (the
         micro-steps, equal on every replica), without communication. Sparse
         and float64 gradients travel as without compression. The compressor's

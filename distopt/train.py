@@ -39,7 +39,8 @@ flags.DEFINE_string(
     "model_args",
     "",
     "More model constructor arguments, key=value,... (e.g. "
-    "conv2_padding=SAME for lenet).",
+    "conv2_padding=SAME for lenet); a list in brackets, e.g. "
+    "hidden=[256,128] for the mlp's hidden layer widths (quote it in zsh).",
 )
 flags.DEFINE_string(
     "dataset",
@@ -327,10 +328,10 @@ def config_from_flags() -> config_lib.TrainConfig:
         for name in (*_HYPER_FLOATS, *_HYPER_BOOLS)
         if FLAGS[name].value is not None
     }
-    optimizer_args.update(config_lib.parse_kv(FLAGS.optimizer_args))
+    optimizer_args.update(config_lib.parse_kv(FLAGS.optimizer_args, "optimizer_args"))
     return config_lib.TrainConfig(
         model=FLAGS.model,
-        model_args=config_lib.parse_kv(FLAGS.model_args),
+        model_args=config_lib.parse_kv(FLAGS.model_args, "model_args"),
         dataset=FLAGS.dataset,
         # `--flag=~/x` reaches us unexpanded (the shell expands `~` only at
         # a word's start, a flagfile never): the user's home, not `./~`.
@@ -359,10 +360,12 @@ def config_from_flags() -> config_lib.TrainConfig:
         aggregation=FLAGS.aggregation,
         sync=FLAGS.sync,
         sync_period=FLAGS.sync_period,
-        sync_args=config_lib.parse_kv(FLAGS.sync_args),
+        sync_args=config_lib.parse_kv(FLAGS.sync_args, "sync_args"),
         global_clipnorm=FLAGS.global_clipnorm,
         compression=FLAGS.compression,
-        compression_args=config_lib.parse_kv(FLAGS.compression_args),
+        compression_args=config_lib.parse_kv(
+            FLAGS.compression_args, "compression_args"
+        ),
         shard_optimizer_state=FLAGS.shard_optimizer_state,
         skip_nonfinite=FLAGS.skip_nonfinite,
         on_nonfinite=FLAGS.on_nonfinite,

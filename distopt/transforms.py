@@ -106,6 +106,8 @@ class LossScale(tf.Module, GradientTransform):
     the step on every replica (the verdict is taken on the all-reduced
     gradient, identical everywhere). Dynamic scaling then halves the scale
     (down to 1); after `growth_steps` finite steps in a row it doubles it.
+    `update` returns the factor, for compression's residuals, which are kept
+    in loss-scaled units (`Compressor.rescale`).
 
     Reference: Micikevicius et al. (2018), "Mixed Precision Training", and
     `keras.optimizers.LossScaleOptimizer` (initial scale 2^15, growth every
@@ -143,10 +145,17 @@ class LossScale(tf.Module, GradientTransform):
         finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
         return grads, tf.reduce_all(tf.stack(finite)) if finite else None
 
-    def update(self, ok) -> None:
-        """Adjusts the scale after a step; `ok` is that step's verdict (cross-replica)."""
+    def update(self, ok):
+        """Adjusts the scale after a step; `ok` is that step's verdict (cross-replica).
+
+        Returns:
+            The factor the scale was multiplied by (new / old: 1, 2, or 0.5
+            or less at the floor of 1), for the state kept in loss-scaled
+            units (compression's residuals: `Compressor.rescale`); None when
+            the scale is fixed.
+        """
         if not self.dynamic:
-            return
+            return None
         good = tf.where(ok, self.good_steps + 1, 0)
         grow = tf.logical_and(ok, good >= self.growth_steps)
         scale = tf.convert_to_tensor(self.scale)
@@ -155,6 +164,7 @@ class LossScale(tf.Module, GradientTransform):
         )
         self.scale.assign(new_scale)
         self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64), good))
+        return new_scale / scale
 
     def get_config(self):
         return {

@@ -143,7 +143,8 @@ def run(
 
     Returns:
         (params, opt, step_fn, records): `records[t]` is a dict of NumPy
-        values after step t (`params`, `residual`, `q`, `counters`, `calls`).
+        values after step t (`params`, `residual`, `q`, `counters`, `calls`,
+        `loss_scale`: this worker's copies of the scale, or None).
     """
     if params is None:
         params, opt = setup(strategy, opt)
@@ -162,8 +163,13 @@ def run(
         def replica_fn(g, w):
             rid = tf.distribute.get_replica_context().replica_id_in_sync_group
             rid = rid if n > 1 else 0
+            # The gradients given are the loss's; with a loss scale, those of
+            # the scaled loss are applied (as `minimize` does): times the
+            # scale of this step.
             opt.apply_gradients(
-                [x[rid] for x in g], params, weight=None if w is None else w[rid]
+                [opt.scale_loss(x[rid]) for x in g],
+                params,
+                weight=None if w is None else w[rid],
             )
 
         def step(g, w):
@@ -191,10 +197,12 @@ def snapshot(strategy, opt, params, calls=()):
 
     comp = opt.compression
     num = len(params)
+    scale = None if opt.loss_scale is None else local(opt.loss_scale.scale)
     if comp is None:
         return {
             "params": [local(p) for p in params],
             "counters": opt.reducer.counters(),
+            "loss_scale": scale,
         }
     residual = [
         np.stack(local(comp.residuals[str(i)].storage))
@@ -210,6 +218,7 @@ def snapshot(strategy, opt, params, calls=()):
         "counters": opt.reducer.counters(),
         "steps": int(comp.steps),
         "calls": tf.nest.map_structure(np.asarray, list(calls)),
+        "loss_scale": scale,
     }
 
 

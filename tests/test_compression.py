@@ -21,6 +21,7 @@ from compression_harness import (
     gradients,
     initial_params,
     make_optimizer,
+    reference,
     run,
     setup,
     shares_of,
@@ -306,6 +307,153 @@ def test_invalid_weight_skips_with_residuals_and_q_untouched():
         weighted=True,
         skip={1, 3},
     )
+
+
+# --- A dynamic loss scale: the residuals follow the scale -----------------------
+
+#: How the scale moves (initial scale 2^10): the LossScale's growth_steps and
+#: the step whose scaled gradient overflows (or None).
+SCALE_CHANGES = {
+    # 1e37 is finite, times 2^10 it is Inf: step 2 is skipped, the scale halves.
+    "halve": (1000, 2),
+    # Two finite steps in a row: the scale doubles after steps 1, 3 and 5.
+    "double": (2, None),
+    # Halved after step 1, doubled after step 4.
+    "both": (3, 1),
+}
+
+
+def numpy_scales(growth_steps, overflow, num_steps, initial=2.0**10):
+    """The scale after each step (Keras's schedule), in plain Python."""
+    scale, good, out = initial, 0, []
+    for t in range(num_steps):
+        if t == overflow:
+            scale, good = max(scale / 2, 1.0), 0
+        else:
+            good += 1
+            if good == growth_steps:
+                scale, good = scale * 2, 0
+        out.append(scale)
+    return out
+
+
+def run_loss_scaled(
+    strategy, compressor, change, function=True, record=True, micro=1, **kwargs
+):
+    """7 steps of `compressor` under a dynamic loss scale moving as `change` says.
+
+    Args:
+        micro: Micro-steps per step (with `sync=Accumulate(micro)`).
+
+    Returns:
+        (the records of the steps, each step's gradients (the mean over its
+        micro-steps), the overflow step, the scales expected, PowerSGD's Q0).
+    """
+    growth_steps, overflow = SCALE_CHANGES[change]
+    grads = gradients(7 * micro, 2, seed=29)
+    if overflow is not None:
+        grads[overflow * micro][1][0][3, 4] = 1e37
+    params, opt = setup(
+        strategy,
+        lambda: make_optimizer(
+            compressor,
+            learning_rate=LR,
+            loss_scale=distopt.transforms.LossScale(2.0**10, growth_steps=growth_steps),
+            **kwargs,
+        ),
+    )
+    q0 = snapshot(strategy, opt, params)["q"]
+    _, _, _, records = run(
+        strategy, opt, grads, params=params, function=function, record=record
+    )
+    assert int(opt.skipped_steps) == (overflow is not None)
+    if micro > 1:
+        # Float32 sums, then a power of two: as the accumulator rounds.
+        grads = [
+            [
+                [
+                    sum(grads[t + k][r][i] for k in range(micro)) / np.float32(micro)
+                    for i in range(len(SHAPES))
+                ]
+                for r in range(2)
+            ]
+            for t in range(0, len(grads), micro)
+        ]
+        records = records[micro - 1 :: micro]
+    return records, grads, overflow, numpy_scales(growth_steps, overflow, 7), q0
+
+
+def check_true_units(compressor, records, grads, overflow, scales, q0):
+    """The run against error feedback in true (unscaled) units, chained.
+
+    `ef_sgd` on the loss's own shares, the overflowing step skipped (its
+    residuals and Q kept, nothing applied): `w - w0` after every step, every
+    replica's copy identical, and the state the run keeps in loss-scaled
+    units (each replica's residual, PowerSGD's Q) divided by the scale.
+    """
+    skip = set() if overflow is None else {overflow}
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference(compressor, shares_of(grads), q0=q0, skip=skip)
+    # PowerSGD's reference runs in float64: chained over 7 steps, the power
+    # iteration takes the float32 run 2e-6 away (a lost rescale: 1e-2 and more).
+    atol = 1e-5 if compressor == "powersgd" else 1e-6
+    w0 = initial_params()
+    total = [np.zeros(np.shape(w)) for w in w0]
+    for t, (rec, ref_t) in enumerate(zip(records, want)):
+        msg = f"{compressor} step {t}"
+        assert [float(s) for s in rec["loss_scale"]] == [scales[t]] * 2, msg
+        for i, w in enumerate(w0):
+            copies = rec["params"][i]
+            for c in copies[1:]:
+                np.testing.assert_array_equal(c, copies[0], err_msg=msg)
+            if t not in skip:
+                total[i] += -LR * np.float64(ref_t["aggregate"][i])
+            np.testing.assert_allclose(
+                copies[0] - w, total[i], rtol=1e-4, atol=1e-5, err_msg=f"{msg} w - w0"
+            )
+            for key in ("residual", "q"):
+                if ref_t[key][i] is not None:
+                    np.testing.assert_allclose(
+                        rec[key][i] / scales[t],
+                        ref_t[key][i],
+                        rtol=1e-4,
+                        atol=atol,
+                        err_msg=f"{msg} {key} {i}",
+                    )
+
+
+@pytest.mark.parametrize("change", ["halve", "double"])
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_residuals_follow_a_dynamic_loss_scale(compressor, change):
+    """A halved (overflow) or doubled (growth) scale rescales every residual:
+    the updates are those of compression in true units."""
+    check_true_units(compressor, *run_loss_scaled(M2, compressor, change))
+
+
+@pytest.mark.parametrize(
+    "compressor, mode",
+    [
+        ("powersgd", "eager"),
+        ("topk", "sharded_xla"),
+        ("onebit", "sharded_xla"),
+        ("topk", "accumulate"),
+    ],
+)
+def test_residuals_follow_a_dynamic_loss_scale_eagerly_and_sharded(compressor, mode):
+    """Halved, then doubled: eagerly on a strategy made after M2 ran; in a
+    function with sharded slots (ZeRO-1) and XLA-compiled updates; and with
+    `Accumulate(2)`, whose update (and rescale) runs in a tf.cond."""
+    if mode == "eager":
+        out = run_loss_scaled(mirrored(2), compressor, "both", function=False)
+    elif mode == "accumulate":
+        sync = distopt.sync.Accumulate(2)
+        out = run_loss_scaled(M2, compressor, "both", record=False, micro=2, sync=sync)
+    else:
+        # Not recorded: the sharded update gathers inside a tf.cond.
+        out = run_loss_scaled(
+            M2, compressor, "both", record=False, shard_state=True, jit_compile=True
+        )
+    check_true_units(compressor, *out)
 
 
 @pytest.mark.parametrize("num_replicas", [2, 4])
@@ -1111,3 +1259,120 @@ def test_one_bit_adam_recipe_matches_numpy():
     for p, w, w0 in zip(params, want, initial_params()):
         assert np.max(np.abs(w - w0)) > 1e-3  # the update is not a no-op
         np.testing.assert_allclose(p.numpy() - w0, w - w0, rtol=1e-4, atol=1e-6)
+
+
+# Every constructor argument against the same bad values: a Python value of
+# the wrong kind (a bool or a str where a number goes, None) is refused as an
+# out-of-range one is, naming the argument, the value and the compressor.
+# TopK("0.1") was accepted (float() took it) while PowerSGD(rank="2") was
+# refused. The flag strings become numbers in the trainer's parse_kv.
+_ARGUMENTS = {
+    "TopK": ["fraction", "error_feedback", "error_feedback_decay", "start_step"],
+    "PowerSGD": [
+        "rank",
+        "min_compression_rate",
+        "epsilon",
+        "seed",
+        "warm_start",
+        "error_feedback",
+        "error_feedback_decay",
+        "start_step",
+    ],
+    "OneBit": ["error_feedback", "error_feedback_decay", "start_step"],
+}
+_BOOLEAN_ARGUMENTS = ("error_feedback", "warm_start")
+_BAD_VALUES = {
+    "bool": True,
+    "str": "0.1",
+    "str_int": "2",
+    "none": None,
+    "negative": -1,
+    "nan": float("nan"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(_BAD_VALUES))
+@pytest.mark.parametrize(
+    "cls,argument", [(c, a) for c, args in _ARGUMENTS.items() for a in args]
+)
+def test_a_bad_argument_is_refused_naming_it_the_value_and_the_compressor(
+    cls, argument, bad
+):
+    value = _BAD_VALUES[bad]
+    if argument in _BOOLEAN_ARGUMENTS and value is True:
+        pytest.skip("True is a good value of a bool argument")
+    with pytest.raises(ValueError) as e:
+        getattr(distopt.compression, cls)(**{argument: value})
+    message = str(e.value)
+    assert message.startswith(f"{argument}: "), message
+    assert repr(value) in message and message.endswith(f"(in {cls})."), message
+
+
+@pytest.mark.parametrize(
+    "make,check",
+    [
+        (lambda: distopt.compression.TopK(0.1), lambda c: c.fraction == 0.1),
+        (lambda: distopt.compression.TopK(1), lambda c: c.fraction == 1.0),
+        (
+            lambda: distopt.compression.TopK(np.float32(0.5)),
+            lambda c: c.fraction == 0.5,
+        ),
+        (
+            lambda: distopt.compression.PowerSGD(
+                rank=np.int64(2), epsilon=0, min_compression_rate=1
+            ),
+            lambda c: (c.rank, c.epsilon, c.min_compression_rate) == (2, 0.0, 1.0),
+        ),
+        (
+            lambda: distopt.compression.OneBit(error_feedback=False),
+            lambda c: c.error_feedback is False,
+        ),
+        (
+            lambda: distopt.compression.OneBit(error_feedback_decay=0.5, start_step=3),
+            lambda c: (c.error_feedback_decay, c.start_step) == (0.5, 3),
+        ),
+    ],
+    ids=["topk", "topk_int", "topk_numpy", "powersgd_numpy", "onebit", "onebit_decay"],
+)
+def test_good_arguments_are_accepted(make, check):
+    assert check(make())
+
+
+@pytest.mark.parametrize(
+    "name,text,want",
+    [
+        ("topk", "fraction=0.1,error_feedback=false", {"fraction": 0.1}),
+        ("powersgd", "rank=2,epsilon=1e-8,warm_start=false", {"rank": 2}),
+        ("onebit", "error_feedback_decay=0.5,start_step=3", {"start_step": 3}),
+    ],
+)
+def test_flag_strings_are_numbers_by_the_time_they_reach_the_compressor(
+    name, text, want
+):
+    # --compression_args arrives as one string; the trainer's parse_kv makes
+    # its numbers and bools, so the library never needs to take a str.
+    from distopt.trainer import config as config_lib
+
+    config = config_lib.TrainConfig(
+        compression=name, compression_args=config_lib.parse_kv(text)
+    )
+    made = config_lib.make_compression(config).get_config()
+    assert {k: made[k] for k in want} == want
+    assert made == {**made, **config.compression_args}
+
+
+def test_onebit_refuses_a_positional_argument_naming_the_keywords():
+    # OneBit has no hyperparameter of its own to take first (TopK's
+    # fraction, PowerSGD's rank): OneBit(False) was Python's "takes 1
+    # positional argument but 2 were given", about Compressor.__init__.
+    with pytest.raises(TypeError) as e:
+        distopt.compression.OneBit(False)
+    message = str(e.value)
+    assert message.startswith("OneBit: takes keyword arguments only"), message
+    assert "error_feedback" in message and "False" in message, message
+    # get() lists what a keyword may be, not the refused `*positional`.
+    with pytest.raises(ValueError, match="takes error_feedback, error_feedback_decay"):
+        distopt.compression.get("onebit", positional=1)
+    with pytest.raises(ValueError) as e:
+        distopt.compression.get("onebit", positional=1)
+    assert "positional" not in str(e.value).split("which takes")[1]

@@ -599,7 +599,7 @@ def test_batch_size_is_left_to_the_run_where_the_replicas_are_unknown(
         ),
         (
             ["--compression=powersgd", "--compression_args=rank=0"],
-            "--compression_args: rank: must be an integer >= 1, got 0.",
+            "--compression_args: rank: must be an integer >= 1, got 0 (in PowerSGD).",
         ),
         (
             ["--compression=topk", "--compression_args=frac=0.1"],
@@ -948,7 +948,11 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
         ),
         (
             ["--model=mlp", "--model_args=hidden=-5"],
-            "--model=mlp --model_args=hidden=-5: a bad value: ",
+            (
+                "--model=mlp --model_args: hidden: must be a list of integers >= 1 "
+                "(the hidden layers' widths), got -5; write a list in brackets: "
+                "--model_args=hidden=[a,b]."
+            ),
         ),
         (
             ["--model=mlp", "--model_args=conv2_padding=SAME"],
@@ -956,7 +960,7 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
         ),
         (
             ["--model_args=conv2_padding=FULL"],
-            "--model=lenet: ",
+            "--model=lenet --model_args: Unknown conv2_padding 'FULL'",
         ),
         (
             ["--sync=diloco", "--sync_args=outer_momentum=2"],
@@ -1046,3 +1050,141 @@ def test_checking_the_arguments_leaves_the_devices_unmade():
     proc = run_python("-c", code, timeout=240, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["3"]
+
+
+# --model_args=hidden=...: the MLP's hidden widths are a list, and parse_kv
+# split every value at its commas, so no list could be given on the command
+# line (hidden=256,128 was "Expected key=value, got '128'"; hidden=256 a
+# TypeError from Python's `*`). A value in brackets is now a list.
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("a=1, b=0.5,c=true,d=x", {"a": 1, "b": 0.5, "c": True, "d": "x"}),
+        ("", {}),
+        ("a=1,,b=2", {"a": 1, "b": 2}),
+        ("hidden=[256,128]", {"hidden": [256, 128]}),
+        ("hidden=[ 256 , 128 ],seed=3", {"hidden": [256, 128], "seed": 3}),
+        ("hidden=[64]", {"hidden": [64]}),
+        ("hidden=[]", {"hidden": []}),
+        ("x=[a,[1,2.5],false]", {"x": ["a", [1, 2.5], False]}),
+        ("name=w[0]", {"name": "w[0]"}),
+    ],
+)
+def test_parse_kv_types_values_and_lists_in_brackets(text, want):
+    assert config_lib.parse_kv(text, "model_args") == want
+
+
+@pytest.mark.parametrize(
+    "flags_,message",
+    [
+        (
+            ["--model=mlp", "--model_args=hidden=256,128"],
+            (
+                "--model_args: Expected key=value, got '128' in 'hidden=256,128'; "
+                "a list goes in brackets: key=[a,b]"
+            ),
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[256,128"],
+            "--model_args: a '[' without its ']' in 'hidden=[256,128'",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=256]"],
+            "--model_args: a ']' without its '[' in 'hidden=256]'",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[256,,128]"],
+            "--model_args: an empty list item in '[256,,128]' of",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=256:128"],
+            (
+                "--model=mlp --model_args: hidden: must be a list of integers >= 1 "
+                "(the hidden layers' widths), got '256:128'; write a list in "
+                "brackets: --model_args=hidden=[a,b]."
+            ),
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[256,0]"],
+            (
+                "--model=mlp --model_args: hidden: must be a list of integers >= 1 "
+                "(the hidden layers' widths), got [256, 0]."
+            ),
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[1.5]"],
+            "--model=mlp --model_args: hidden: must be a list of integers >= 1",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[true]"],
+            "--model=mlp --model_args: hidden: must be a list of integers >= 1",
+        ),
+        (
+            ["--model=mlp", "--model_args=hidden=[[8]]"],
+            "--model=mlp --model_args: hidden: must be a list of integers >= 1",
+        ),
+        (
+            ["--compression=topk", "--compression_args=fraction=[0.1]"],
+            "--compression_args: fraction: must be a number, got [0.1] (in TopK).",
+        ),
+        (
+            ["--sync_args=warmup_steps=1,2"],
+            "--sync_args: Expected key=value, got '2'",
+        ),
+    ],
+    ids=[
+        "comma",
+        "unclosed",
+        "unopened",
+        "empty_item",
+        "colon",
+        "zero_width",
+        "float_width",
+        "bool_width",
+        "nested",
+        "list_fraction",
+        "sync_args_names_its_flag",
+    ],
+)
+def test_bad_list_values_are_refused_first_naming_the_flag(
+    cli, tmp_path, flags_, message
+):
+    _assert_refused_first(cli, tmp_path, flags_, message)
+
+
+@pytest.mark.parametrize(
+    "value,widths", [("[256,128]", [256, 128]), ("[32]", [32]), ("[]", [])]
+)
+def test_a_list_of_hidden_widths_on_the_command_line_builds_that_mlp(
+    cli, value, widths
+):
+    from distopt.trainer import factories
+
+    status, lines, work = cli("--model=mlp", f"--model_args=hidden={value}")
+    assert status == 0 and lines == [] and len(work) == 1, lines
+    config = work[0]
+    assert config.model_args == {"hidden": widths}
+    # The JSON of run_config.json keeps it as given (a tuple would be a list).
+    assert json.loads(json.dumps(config_lib.run_identity(config)))["model_args"] == {
+        "hidden": widths
+    }
+    with tf.Graph().as_default():
+        model = factories.build_model(config.model, model_args=config.model_args)
+        shapes = [v.shape.as_list() for v in model.trainable_variables]
+    dims = [784, *widths, 10]
+    want = [[dims[i], dims[i + 1]] for i in range(len(dims) - 1)]
+    want += [[d] for d in dims[1:]]
+    assert sorted(shapes) == sorted(want)
+
+
+def test_compression_args_from_the_command_line_reach_the_compressor(cli):
+    # The flag's string "0.1" becomes the number 0.1 in parse_kv: the
+    # library refuses a str fraction (TopK("0.1")), the command line works.
+    status, lines, work = cli(
+        "--compression=topk", "--compression_args=fraction=0.1,error_feedback=false"
+    )
+    assert status == 0 and lines == [] and len(work) == 1, lines
+    compressor = config_lib.make_compression(work[0])
+    assert (compressor.fraction, compressor.error_feedback) == (0.1, False)

@@ -54,7 +54,13 @@ def get(identifier=None, **kwargs) -> Compressor | None:
         return identifier
     if isinstance(identifier, str) and identifier in _REGISTRY:
         cls = _REGISTRY[identifier]
-        takes = sorted(inspect.signature(cls).parameters)
+        # Not OneBit's `*positional`, there only to be refused by name.
+        keyword = (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
+        params = inspect.signature(cls).parameters.values()
+        takes = sorted(p.name for p in params if p.kind in keyword)
         unknown = sorted(set(kwargs) - set(takes))
         if unknown:
             raise ValueError(

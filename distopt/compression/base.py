@@ -23,6 +23,22 @@ The new residuals (and a subclass's own state, PowerSGD's Q) are staged by
 step is applied: a skipped step (a non-finite gradient, an invalid weight,
 a loss-scale overflow) leaves every residual and every Q as it was.
 
+Loss scaling. With a loss scale s (`distopt.transforms.LossScale`) the
+shares are s times the true ones (the aggregate is divided by s after the
+exchange), and so are the residuals. When a dynamic scale moves to s'
+(halved on an overflow, doubled after its growth steps), the optimizer calls
+`rescale(strategy, s' / s)` in that same step, after `commit`: every
+replica's residual is multiplied by s'/s, into the units of the next step's
+shares. The compressors commute with a positive factor, C(c x) = c C(x)
+(top-k keeps the same entries, scaled sign the same signs, PowerSGD with
+`epsilon=0` the same P^), and the scale moves by powers of two (exact in
+floating point, but for a step down to the floor of 1 from a scale that is
+not one), so the updates are those of compression in true units. PowerSGD's
+Q is rescaled too (`scaled_state`): it is orthonormalised before use, so
+with `epsilon=0` its size does not matter (a power-of-two factor cancels bit
+for bit), but an `epsilon > 0` is added to norms of the scaled gradient's
+size; rescaled, Q is what a run at s' throughout would hold.
+
 Residuals are per replica: each replica writes its own copy
 (`distribute.per_replica_zeros`), and a checkpoint holds every replica's row
 (`distribute.ReplicaRows`), so a run resumed on the same number of replicas goes on
@@ -229,6 +245,40 @@ class Compressor(tf.Module):
             dist.update(strategy, var, _keep_unless, value, ok)
         self.steps.assign_add(1)
 
+    def scaled_state(self) -> list:
+        """The subclass's state variables in the gradient's units (see `rescale`)."""
+        return []
+
+    def rescale(self, strategy, factor) -> None:
+        """Multiplies the state kept in the gradient's units by `factor`.
+
+        For whoever changes those units between two steps: the optimizer,
+        when a dynamic loss scale goes from s to s' (`factor` = s'/s), after
+        `commit` (see "Loss scaling" in the module docstring). Each replica
+        scales its own residual; a factor of 1 (most steps) writes nothing.
+        Call it in cross-replica context.
+
+        Args:
+            strategy: The strategy in scope.
+            factor: A scalar, identical on every replica.
+        """
+        if not self._built:
+            return
+        if self._pending is not None:
+            # Staged values are in the old units: commit first.
+            raise RuntimeError("rescale: called between aggregate and commit.")
+        state = [rows.storage for rows in self.residuals.values()]
+        state += list(self.scaled_state())
+        if not state:
+            return
+        factor = tf.convert_to_tensor(factor, tf.float32)
+
+        def scale():
+            for var in state:
+                dist.update(strategy, var, _scale_by, factor)
+
+        dist.cond(tf.not_equal(factor, 1.0), scale, lambda: None)
+
     def _state_of(self, indices):
         """The state variables the step writes, in `aggregate`'s order."""
         res = [
@@ -241,6 +291,12 @@ class Compressor(tf.Module):
 
 def _float32(v) -> bool:
     return v.dtype in (tf.float16, tf.bfloat16, tf.float32)
+
+
+def _scale_by(var, factor):
+    return var.assign(
+        tf.convert_to_tensor(var) * tf.cast(factor, var.dtype), read_value=False
+    )
 
 
 def _keep_unless(var, value, ok):

@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from distopt import distribute as dist
-from distopt.checks import check_bool, check_int
+from distopt.checks import check_bool, check_int, check_number, owned_by
 from distopt.compression.base import Compressor
 
 
@@ -84,20 +84,21 @@ class PowerSGD(Compressor):
         name=None,
         error_feedback_decay=1.0,
     ):
-        super().__init__(
-            error_feedback=error_feedback,
-            error_feedback_decay=error_feedback_decay,
-            start_step=start_step,
-            name=name,
-        )
-        self.rank = check_int("rank", rank, minimum=1)
-        self.min_compression_rate = _positive(
-            "min_compression_rate", min_compression_rate
-        )
-        self.epsilon = _non_negative("epsilon", epsilon)
-        self.warm_start = check_bool("warm_start", warm_start)
-        # An int64 of the stateless random seed.
-        self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
+        with owned_by(type(self).__name__):
+            super().__init__(
+                error_feedback=error_feedback,
+                error_feedback_decay=error_feedback_decay,
+                start_step=start_step,
+                name=name,
+            )
+            self.rank = check_int("rank", rank, minimum=1)
+            self.min_compression_rate = _positive(
+                "min_compression_rate", min_compression_rate
+            )
+            self.epsilon = _non_negative("epsilon", epsilon)
+            self.warm_start = check_bool("warm_start", warm_start)
+            # An int64 of the stateless random seed.
+            self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
 
     def compresses(self, shape):
         if shape.rank is None or shape.rank < 2:
@@ -122,6 +123,12 @@ class PowerSGD(Compressor):
 
     def extra_state(self, indices):
         return [self.q[str(i)] for i in indices if str(i) in self.q]
+
+    def scaled_state(self):
+        # Q = sum_r x_r^T P^ has the gradient's units. Orthonormalised before
+        # use, its size matters only through `epsilon` (see "Loss scaling" in
+        # distopt.compression.base).
+        return list(self.q.values())
 
     def exchange(self, reducer, strategy, xs, indices):
         comp = [j for j, i in enumerate(indices) if str(i) in self.q]
@@ -260,26 +267,14 @@ def _as_list(x):
 
 
 def _positive(name, value) -> float:
-    v = _number(name, value)
+    v = check_number(name, value)
     if not v > 0:
         raise ValueError(f"{name}: must be > 0, got {value!r}.")
     return v
 
 
 def _non_negative(name, value) -> float:
-    v = _number(name, value)
+    v = check_number(name, value)
     if not v >= 0:
         raise ValueError(f"{name}: must be >= 0, got {value!r}.")
-    return v
-
-
-def _number(name, value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: must be a number, got {value!r}.")  # noqa: TRY004
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}.") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: must be finite, got {value!r}.")
     return v

@@ -28,6 +28,7 @@ import math
 import tensorflow as tf
 
 from distopt import distribute as dist
+from distopt.checks import check_number, owned_by
 from distopt.compression.base import Compressor
 
 
@@ -52,18 +53,17 @@ class TopK(Compressor):
         name=None,
         error_feedback_decay=1.0,
     ):
-        super().__init__(
-            error_feedback=error_feedback,
-            error_feedback_decay=error_feedback_decay,
-            start_step=start_step,
-            name=name,
-        )
-        try:
-            f = float(fraction)
-        except (TypeError, ValueError):
-            raise ValueError(f"fraction: must be a number, got {fraction!r}.") from None
-        if isinstance(fraction, bool) or not 0.0 < f <= 1.0:
-            raise ValueError(f"fraction: must be in (0, 1], got {fraction!r}.")
+        with owned_by(type(self).__name__):
+            super().__init__(
+                error_feedback=error_feedback,
+                error_feedback_decay=error_feedback_decay,
+                start_step=start_step,
+                name=name,
+            )
+            # A number, not "0.1": the trainer's flag is parsed into one.
+            f = check_number("fraction", fraction)
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"fraction: must be in (0, 1], got {fraction!r}.")
         self.fraction = f
 
     def k(self, shape) -> int:

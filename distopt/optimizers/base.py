@@ -825,7 +825,12 @@ class Optimizer(tf.Module):
         self.iterations.assign_add(applied)
         self.skipped_steps.assign_add(1 - applied)
         if self.loss_scale is not None:
-            self.loss_scale.update(verdict)
+            factor = self.loss_scale.update(verdict)
+            if factor is not None and self.compression is not None:
+                # The residuals were written in this step's loss-scaled units
+                # (or kept, on a skip): the next step adds them to shares in
+                # the new scale's units.
+                self.compression.rescale(strategy, factor)
 
     def _ensure_built(self, variables):
         if not self._built:

@@ -422,22 +422,58 @@ def run_identity(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def parse_kv(text: str) -> dict[str, Any]:
-    """Parses ``"a=1,b=0.5,c=true,d=name"`` into typed values.
+def parse_kv(text: str, flag: str | None = None) -> dict[str, Any]:
+    """Parses ``"a=1,b=0.5,c=true,d=name,e=[256,128]"`` into typed values.
+
+    A value in brackets is a list (``hidden=[256,128]``: ``[256, 128]``), its
+    items typed the same way; the brackets protect its commas from the split
+    into ``key=value`` items. A list, not a tuple: it is the same after the
+    round trip through ``run_config.json``.
+
+    Args:
+      text: The flag's value.
+      flag: The flag's name, for the errors (``--model_args: ...``).
 
     Raises:
-      ConfigError: an item is not ``key=value``.
+      ConfigError: an item is not ``key=value``, unbalanced brackets, or an
+        empty list item (``[1,,2]``).
     """
+    prefix = f"--{flag}: " if flag else ""
     out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, _split_top_level(text, prefix)):
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"Expected key=value, got {item!r} in {text!r}")
-        out[key.strip()] = _typed(value.strip())
+        if not sep or not key.strip():
+            # "hidden=256,128": the comma ended the value.
+            hint = "; a list goes in brackets: key=[a,b]" if out and not sep else ""
+            raise ConfigError(
+                f"{prefix}Expected key=value, got {item!r} in {text!r}{hint}"
+            )
+        out[key.strip()] = _typed(value.strip(), prefix, text)
     return out
 
 
-def _typed(value: str):
+def _split_top_level(text: str, prefix: str) -> list[str]:
+    """``text``'s comma-separated items (stripped), not splitting inside [...]."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise ConfigError(f"{prefix}a ']' without its '[' in {text!r}")
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise ConfigError(f"{prefix}a '[' without its ']' in {text!r}")
+    return [*items, text[start:].strip()]
+
+
+def _typed(value: str, prefix: str = "", text: str = ""):
+    if value.startswith("[") and value.endswith("]"):
+        inner = value[1:-1].strip()
+        items = _split_top_level(inner, prefix) if inner else []
+        if "" in items:  # "[1,,2]" or "[1,]": a typo, not an empty string.
+            raise ConfigError(f"{prefix}an empty list item in {value!r} of {text!r}")
+        return [_typed(item, prefix, text) for item in items]
     lowered = value.lower()
     if lowered in ("true", "false"):
         return lowered == "true"

@@ -73,7 +73,29 @@ def build_model(
     except TypeError as e:
         raise _model_args_error(name, model_args, e) from e
     except ValueError as e:  # The model names the bad value.
-        raise ConfigError(f"--model={name}: {e}") from e
+        # Only --model_args reach a model's own checks (the name is checked
+        # before): the flag to fix is that one.
+        flag = " --model_args" if model_args else ""
+        message = str(e)
+        if hint := _list_hint(name, model_args):
+            message = f"{message.rstrip('.')}; {hint}."
+        raise ConfigError(f"--model={name}{flag}: {message}") from e
+
+
+def _list_hint(name: str, model_args) -> str:
+    """How to write a list, if a list argument of ``name`` was given something else.
+
+    ``hidden=256,128`` split at the comma and ``hidden=256:128`` is a str:
+    the error then shows the bracket syntax that gives a list.
+    """
+    if name not in models_lib.MODELS:
+        return ""  # An unknown model: its own message says so.
+    params = inspect.signature(models_lib.MODELS[name]).parameters
+    for key, value in (model_args or {}).items():
+        default = params[key].default if key in params else None
+        if isinstance(default, tuple) and not isinstance(value, (list, tuple)):
+            return f"write a list in brackets: --model_args={key}=[a,b]"
+    return ""
 
 
 def _model_args_error(name: str, model_args, error: TypeError) -> ConfigError:
