@@ -1549,7 +1549,7 @@ MUTANTS = [
     ),
     Mutant(
         "onebit_positional_ignored",
-        "distopt/compression/onebit.py",
+        "distopt/compression/base.py",
         "        if positional:\n",
         "        if False:\n",
         "tests/test_compression.py -k positional",

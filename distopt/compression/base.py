@@ -59,7 +59,13 @@ from absl import logging
 
 from distopt import counter as counter_lib
 from distopt import distribute as dist
-from distopt.checks import check_bool, check_int, check_name, check_unit_interval
+from distopt.checks import (
+    check_bool,
+    check_int,
+    check_name,
+    check_unit_interval,
+    owned_by,
+)
 
 
 class Compressor(tf.Module):
@@ -83,19 +89,36 @@ class Compressor(tf.Module):
     name = "compressor"
 
     def __init__(
-        self, *, error_feedback=True, error_feedback_decay=1.0, start_step=0, name=None
+        self,
+        *positional,
+        error_feedback=True,
+        error_feedback_decay=1.0,
+        start_step=0,
+        name=None,
     ):
-        super().__init__(name=check_name("name", name) or type(self).name)
-        self.error_feedback = check_bool("error_feedback", error_feedback)
-        self.error_feedback_decay = check_unit_interval(
-            "error_feedback_decay", error_feedback_decay
-        )
-        if not self.error_feedback and self.error_feedback_decay != 1.0:
-            # It would be ignored in silence: there is no residual to decay.
-            raise ValueError(
-                "error_feedback_decay: applies only with error_feedback=True."
+        owner = type(self).__name__
+        if positional:
+            # OneBit has no hyperparameter of its own to come first, as TopK's
+            # fraction and PowerSGD's rank do: `OneBit(False)` was Python's
+            # "takes 1 positional argument but 2 were given", naming nothing.
+            given = ", ".join(map(repr, positional))
+            raise TypeError(
+                f"{owner}: takes keyword arguments only (error_feedback, "
+                f"error_feedback_decay, start_step, name), got the positional "
+                f"{given}; e.g. {owner}(error_feedback=False)."
             )
-        self.start_step = check_int("start_step", start_step, minimum=0)
+        with owned_by(owner):
+            super().__init__(name=check_name("name", name) or type(self).name)
+            self.error_feedback = check_bool("error_feedback", error_feedback)
+            self.error_feedback_decay = check_unit_interval(
+                "error_feedback_decay", error_feedback_decay
+            )
+            if not self.error_feedback and self.error_feedback_decay != 1.0:
+                # It would be ignored in silence: there is no residual to decay.
+                raise ValueError(
+                    "error_feedback_decay: applies only with error_feedback=True."
+                )
+            self.start_step = check_int("start_step", start_step, minimum=0)
         self._built = False
         self._pending = None
         self._warned_restart = False

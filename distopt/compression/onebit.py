@@ -29,7 +29,6 @@ from __future__ import annotations
 import tensorflow as tf
 
 from distopt import distribute as dist
-from distopt.checks import owned_by
 from distopt.compression.base import Compressor
 
 _BITS = 32
@@ -46,33 +45,6 @@ class OneBit(Compressor):
     """
 
     name = "onebit"
-
-    def __init__(
-        self,
-        *positional,
-        error_feedback=True,
-        error_feedback_decay=1.0,
-        start_step=0,
-        name=None,
-    ):
-        # It has no hyperparameter of its own to come first, as TopK's
-        # fraction and PowerSGD's rank do: every argument is a keyword.
-        # `OneBit(False)` was Python's "takes 1 positional argument but 2
-        # were given", about `Compressor.__init__`, naming none of them.
-        if positional:
-            given = ", ".join(map(repr, positional))
-            raise TypeError(
-                f"OneBit: takes keyword arguments only (error_feedback, "
-                f"error_feedback_decay, start_step, name), got the positional "
-                f"{given}; e.g. OneBit(error_feedback=False)."
-            )
-        with owned_by(type(self).__name__):
-            super().__init__(
-                error_feedback=error_feedback,
-                error_feedback_decay=error_feedback_decay,
-                start_step=start_step,
-                name=name,
-            )
 
     def exchange(self, reducer, strategy, xs, indices):
         shapes = [self._shapes[i] for i in indices]

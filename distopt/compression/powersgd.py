@@ -84,13 +84,13 @@ class PowerSGD(Compressor):
         name=None,
         error_feedback_decay=1.0,
     ):
+        super().__init__(
+            error_feedback=error_feedback,
+            error_feedback_decay=error_feedback_decay,
+            start_step=start_step,
+            name=name,
+        )
         with owned_by(type(self).__name__):
-            super().__init__(
-                error_feedback=error_feedback,
-                error_feedback_decay=error_feedback_decay,
-                start_step=start_step,
-                name=name,
-            )
             self.rank = check_int("rank", rank, minimum=1)
             self.min_compression_rate = _positive(
                 "min_compression_rate", min_compression_rate

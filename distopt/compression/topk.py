@@ -53,13 +53,13 @@ class TopK(Compressor):
         name=None,
         error_feedback_decay=1.0,
     ):
+        super().__init__(
+            error_feedback=error_feedback,
+            error_feedback_decay=error_feedback_decay,
+            start_step=start_step,
+            name=name,
+        )
         with owned_by(type(self).__name__):
-            super().__init__(
-                error_feedback=error_feedback,
-                error_feedback_decay=error_feedback_decay,
-                start_step=start_step,
-                name=name,
-            )
             # A number, not "0.1": the trainer's flag is parsed into one.
             f = check_number("fraction", fraction)
             if not 0.0 < f <= 1.0:
