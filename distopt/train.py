@@ -17,6 +17,7 @@ import time
 # exec'd Python after other work).
 _STARTED = time.time()
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -400,6 +401,9 @@ def _fail(messages, status):
         # One line each, even for messages that quote a multi-line TF error.
         print("error: " + " ".join(str(message).split()), file=sys.stderr)
     sys.stderr.flush()
+    # The error is the last line: objects freed at exit (a checkpoint that
+    # failed to restore) would otherwise log TensorFlow warnings after it.
+    std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     raise SystemExit(status)
 
 

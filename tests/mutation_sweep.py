@@ -1561,6 +1561,27 @@ MUTANTS = [
         "ds = ds.take(steps * step_examples)",
         "tests/test_evaluation_passes.py tests/test_data.py",
     ),
+    Mutant(
+        "model_args_change_not_named",
+        "distopt/trainer/checkpointing.py",
+        "changed = _changed_state_settings(model_dir, config) if config else []",
+        "changed = []",
+        "tests/test_train.py -k other_model_args",
+    ),
+    Mutant(
+        "flag_value_list_with_spaces",
+        "distopt/trainer/checkpointing.py",
+        'return "[" + ",".join(_flag_value(v) for v in value) + "]"',
+        "return str(value)",
+        "tests/test_train.py -k other_model_args",
+    ),
+    Mutant(
+        "tf_warnings_after_the_error_line",
+        "distopt/train.py",
+        'std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)',
+        "pass",
+        "tests/test_train.py -k killed_on_another",
+    ),
 ]
 
 

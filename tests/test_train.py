@@ -5,6 +5,7 @@ need their own device set-up (or the command line) are subprocesses.
 """
 
 import copy
+import dataclasses
 import glob
 import hashlib
 import json
@@ -540,6 +541,30 @@ def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(
     assert _snapshot(config.model_dir) == before
 
 
+def test_a_resume_with_other_model_args_names_the_flag_to_put_back(
+    tmp_path, finished_run
+):
+    # Not refused up front (a model argument may leave every variable as it
+    # is), but when the checkpoint does not fit, the error names the setting
+    # that changed and the value that fits, as a flag.
+    finished_run(copy_to=tmp_path, train_steps=10)
+    config = _config(tmp_path, train_steps=20, model_args={"hidden": [16, 8]})
+    before = _snapshot(config.model_dir)
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(config)
+    message = str(info.value)
+    assert "does not match this model" in message
+    assert (
+        "Saved with --model_args=; this run has --model_args=hidden=[16,8] (see "
+        "its run_config.json). Nothing was written; rerun with --model_args=, or "
+        "use another --model_dir." in message
+    ), message
+    assert _snapshot(config.model_dir) == before
+    # A model argument that changes no variable resumes.
+    metrics = run_lib.train(dataclasses.replace(config, model_args={"name": "renamed"}))
+    assert metrics["status"] == "completed" and metrics["start_step"] == 10
+
+
 def test_bad_numbers_and_combinations(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="Set --train_steps or --epochs"):
         run_lib.train(_config(tmp_path, train_steps=0, epochs=0))
@@ -887,6 +912,24 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
     metrics = _metrics(model_dir)
     assert metrics["start_step"] == resumed and metrics["train_steps"] == saved + 10
     assert metrics["num_replicas"] == 2 and metrics["seconds_to_first_step"] > 0
+    # Other widths: one error line naming the flag, and nothing after it (the
+    # checkpoint that failed to restore logged warnings when freed at exit).
+    proc = _run_cli(
+        "--train_steps=" + str(saved + 20),
+        *args,
+        "--model_args=hidden=[16]",
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: The checkpoint "), proc.stderr[-3000:]
+    # Every state-shaping setting that differs from the stored run's is named
+    # (the resume above ran in bfloat16).
+    assert (
+        "rerun with --model_args= --mixed_precision=bfloat16, or use another "
+        "--model_dir." in last
+    ), last
+    assert _metrics(model_dir)["train_steps"] == saved + 10  # Untouched.
 
 
 def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):

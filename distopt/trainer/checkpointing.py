@@ -41,6 +41,11 @@ IDENTITY_KEYS = ("model", "dataset")
 # or state dropped in silence). Sharding may change: a checkpoint holds the
 # logical state.
 RESUME_KEYS = ("optimizer", "sync", "compression", "compression_args")
+# Settings that may change on a resume unless they change what is saved
+# (another MLP width, an EMA slot, a loss scale's variable): not refused up
+# front (LeNet's pooling, say, changes no variable), but named when the
+# checkpoint then does not fit, so that the error says which flag to put back.
+STATE_SHAPING_KEYS = ("model_args", "optimizer_args", "sync_args", "mixed_precision")
 
 
 class WriteError(OSError):
@@ -141,9 +146,12 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
 
 
 def _flag_value(value) -> str:
-    """A setting as its flag spells it (``rank=2,seed=1`` for a dict)."""
+    """A setting as its flag spells it (``rank=2,hidden=[32,16]`` for a dict)."""
     if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
+        return ",".join(f"{k}={_flag_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        # As --model_args takes a list: brackets, no spaces (one shell word).
+        return "[" + ",".join(_flag_value(v) for v in value) + "]"
     return str(value)
 
 
@@ -182,8 +190,21 @@ def _same_compressor(stored: dict, config: TrainConfig) -> bool:
     return configs[0] == configs[1]
 
 
-def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
+def restore(
+    checkpoint: tf.train.Checkpoint,
+    path: str,
+    model_dir: str,
+    config: TrainConfig | None = None,
+) -> None:
     """Restores ``path`` and checks it matches the model exactly.
+
+    Args:
+      checkpoint: this run's checkpoint object.
+      path: the checkpoint to restore.
+      model_dir: the run's directory (its ``run_config.json`` is read on a
+        mismatch).
+      config: this run's configuration: on a mismatch, the error names the
+        settings of ``STATE_SHAPING_KEYS`` that differ from the stored run's.
 
     Raises:
       ModelDirError: the checkpoint's variables do not fit this model (another
@@ -199,12 +220,34 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, model_dir: str) -> None:
             f"{len(names)} variable(s) of this run are not in it: "
             f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
             if names
-            else str(e)[:500]
+            else str(e)[:500].rstrip(".")
         )
+        changed = _changed_state_settings(model_dir, config) if config else []
+        if changed:
+            then = " ".join(f"--{k}={_flag_value(was)}" for k, was, _ in changed)
+            now = " ".join(f"--{k}={_flag_value(new)}" for k, _, new in changed)
+            remedy = (
+                f"Saved with {then}; this run has {now} (see its "
+                f"{RUN_CONFIG_FILE}). Nothing was written; rerun with {then}, "
+                "or use another --model_dir."
+            )
+        else:
+            remedy = "Nothing was written; use another --model_dir."
         raise ModelDirError(
             f"The checkpoint {path} in {model_dir} does not match this model: "
-            f"{detail}. Nothing was written; use another --model_dir."
+            f"{detail}. {remedy}"
         ) from e
+
+
+def _changed_state_settings(model_dir: str, config: TrainConfig):
+    """(flag, stored value, this run's value) of each changed state-shaping setting."""
+    stored = read_run_config(model_dir) or {}
+    current = json.loads(json.dumps(run_identity(config), default=list))
+    return [
+        (key, stored[key], current[key])
+        for key in STATE_SHAPING_KEYS
+        if key in stored and stored[key] != current[key]
+    ]
 
 
 class TrainingClock:

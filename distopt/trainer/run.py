@@ -249,7 +249,7 @@ def resume(run: Run) -> None:
         checkpoints_lib.remove_temporaries(directory)
     latest = checkpoints_lib.newest_loadable(directory, chief=run.chief)
     if latest:
-        checkpointing.restore(run.checkpoint, latest, config.model_dir)
+        checkpointing.restore(run.checkpoint, latest, config.model_dir, config)
         # Local SGD / DiLoCo: each replica's own weights and slots, saved by
         # snapshot_replicas(), go back to their replica (on another replica
         # count, every replica starts from their average).
