@@ -914,11 +914,14 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
     assert metrics["num_replicas"] == 2 and metrics["seconds_to_first_step"] > 0
     # Other widths: one error line naming the flag, and nothing after it (the
     # checkpoint that failed to restore logged warnings when freed at exit).
-    proc = _run_cli(
+    # A new interpreter: a forked child ends without freeing its objects.
+    proc = run_python(
+        "-m",
+        "distopt.train",
         "--train_steps=" + str(saved + 20),
         *args,
         "--model_args=hidden=[16]",
-        check=False,
+        timeout=240,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
