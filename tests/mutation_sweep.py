@@ -1582,6 +1582,20 @@ MUTANTS = [
         "pass",
         "tests/test_train.py -k killed_on_another",
     ),
+    Mutant(
+        "synchronize_keeps_the_snapshot",
+        "distopt/sync/periodic.py",
+        "lambda: self.replica_state.free(strategy, everything),",
+        "lambda: None,",
+        "tests/test_sync.py -k snapshot",
+    ),
+    Mutant(
+        "snapshot_freed_before_its_check",
+        "distopt/sync/snapshots.py",
+        "with tf.control_dependencies([checked] if checked is not None else []):",
+        "with tf.control_dependencies([]):",
+        "tests/test_sync.py -k snapshot",
+    ),
 ]
 
 

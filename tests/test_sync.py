@@ -561,6 +561,46 @@ def test_a_restore_that_skips_restore_replicas_fails_the_next_step(diverged_save
     for b, t in zip(before, _state(fresh, params)):  # nothing was updated
         for cb, ct in zip(b, local_copies(M2, t)):
             np.testing.assert_array_equal(cb, ct)
+    # The failed (traced) step kept the snapshot, so what the message asks
+    # for still works: the run then equals one that never stopped. (It freed
+    # the rows, and training went on from replica 0's copy.)
+    assert int(fresh.sync.snapshot_step.numpy()) == 2
+    fresh.restore_replicas(params)
+    resumed, fresh, _ = train(M2, None, x[2:], y[2:], n[2:], state=(params, fresh))
+    full, full_opt, _ = train(M2, _local_sgd_3, x, y, n)
+    for a, b in zip(_state(fresh, resumed), _state(full_opt, full)):
+        for ca, cb in zip(local_copies(M2, a), local_copies(M2, b)):
+            np.testing.assert_array_equal(ca, cb)
+
+
+@pytest.mark.parametrize(
+    "mode,function", [("local_sgd", True), ("diloco", False)], ids=["function", "eager"]
+)
+def test_synchronize_after_a_snapshot_frees_it(mode, function):
+    """snapshot_replicas, then synchronize (to export the average, say): the
+    next step goes on as after synchronize alone. It failed, saying a restore
+    had skipped restore_replicas, and following that advice eagerly undid
+    the synchronize.
+    """
+    x, y, n = make_data(3, 2, seed=4)
+    make = lambda: optimizer("momentum", sync=distopt.sync.get(mode, k=3))
+    runs = []
+    for snapshot in (False, True):
+        head, opt, _ = train(M2, make, x[:2], y[:2], n[:2], function=function)
+        if snapshot:
+            opt.snapshot_replicas(head)
+            assert int(opt.sync.snapshot_step.numpy()) == 2
+        opt.synchronize(head)
+        assert int(opt.sync.snapshot_step.numpy()) == -1
+        assert_replicas_identical(M2, _state(opt, head))
+        went_on, opt, _ = train(
+            M2, None, x[2:], y[2:], n[2:], state=(head, opt), function=function
+        )
+        runs.append([local_copies(M2, t) for t in _state(opt, went_on)])
+    assert not np.array_equal(*runs[0][0])  # a local step: the replicas differ
+    for plain, snapped in zip(*runs):
+        for a, b in zip(plain, snapped):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_restore_replicas_rejects_a_diverged_save_without_snapshot(diverged_saves):

@@ -197,6 +197,15 @@ class PeriodicAverage(Sync):
             lambda: self._average(optimizer, strategy, slots=True),
             lambda: self._average_slots(optimizer, strategy),
         )
+        # A pending snapshot no longer holds the replicas' copies (a save
+        # taken since keeps it): the next step would take the averaged
+        # copies for a restore that skipped restore_replicas.
+        everything = [s for group in self.snapshots for s in group]
+        dist.cond(
+            self.snapshot_step >= 0,
+            lambda: self.replica_state.free(strategy, everything),
+            lambda: None,
+        )
 
     def _average_slots(self, optimizer, strategy):
         every = optimizer.built_variables()

@@ -14,7 +14,7 @@ so a plain save would keep replica 0's. `ReplicaSnapshots` keeps them all:
   replica's state with its row through one scalar all-reduce and fails the
   step if any differs: that is a restore that skipped `restore_replicas`,
   which would otherwise silently train on replica 0's copy. Then it frees
-  the rows.
+  the rows. `synchronize` frees them too: it changes every copy on purpose.
 """
 
 from __future__ import annotations
@@ -108,16 +108,22 @@ class ReplicaSnapshots(tf.Module):
             )
         else:
             total = mismatches(0, 0)
-        tf.debugging.assert_equal(
+        checked = tf.debugging.assert_equal(
             total,
             0.0,
             message=(
                 "The optimizer's state holds a per-replica snapshot from a "
                 "checkpoint that the replicas' copies do not match: call "
-                "optimizer.restore_replicas(var_list) after restoring."
+                "optimizer.restore_replicas(var_list) after restoring (or "
+                "snapshot_replicas again after assigning the variables)."
             ),
         )
-        self.free(strategy, every_row)
+        # Only once the check passed (eagerly, it raised already): a traced
+        # step that failed it freed the rows anyway, so the restore_replicas
+        # its message asks for found nothing and training went on from
+        # replica 0's copy.
+        with tf.control_dependencies([checked] if checked is not None else []):
+            self.free(strategy, every_row)
 
     def free(self, strategy, rows):
         for s in rows:
