@@ -1594,7 +1594,7 @@ MUTANTS = [
         "distopt/sync/snapshots.py",
         "with tf.control_dependencies([checked] if checked is not None else []):",
         "with tf.control_dependencies([]):",
-        "tests/test_sync.py -k snapshot",
+        "tests/test_sync.py -k 'snapshot or restore_replicas'",
     ),
 ]
 
