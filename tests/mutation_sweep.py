@@ -1596,6 +1596,13 @@ MUTANTS = [
         "with tf.control_dependencies([]):",
         "tests/test_sync.py -k 'snapshot or restore_replicas'",
     ),
+    Mutant(
+        "ema_extension_unwarned",
+        "distopt/trainer/run.py",
+        "_warn_if_weights_are_the_average(run)\n",
+        "None\n",
+        "tests/test_train.py -k finished_use_ema",
+    ),
 ]
 
 

@@ -310,6 +310,30 @@ def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
         )
 
 
+def test_extending_a_finished_use_ema_run_warns_it_goes_on_from_the_average(
+    tmp_path, caplog, finished_run
+):
+    # The final save holds the average as the weights (above), so a run
+    # extended from it is not the one that trained straight through: said.
+    ema = {"use_ema": True, "ema_momentum": 0.5}
+    finished_run(copy_to=tmp_path, train_steps=10, optimizer_args=ema)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        metrics = run_lib.train(_config(tmp_path, train_steps=12, optimizer_args=ema))
+    assert metrics["start_step"] == 10 and metrics["status"] == "completed"
+    warned = [r for r in caplog.records if "moving average as the weights" in r.msg]
+    assert len(warned) == 1, caplog.text
+    assert "checkpoint of step 10" in warned[0].getMessage()
+    # A checkpoint saved mid-run holds the trained weights: no warning.
+    caplog.clear()
+    mid = _config(tmp_path / "mid", train_steps=20, optimizer_args=ema)
+    run_lib.train(mid)
+    for path in glob.glob(os.path.join(mid.model_dir, "checkpoints", "ckpt-20*")):
+        os.remove(path)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert run_lib.train(mid)["start_step"] == 10
+    assert "moving average as the weights" not in caplog.text
+
+
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     straight = run_lib.train(_config(tmp_path / "a", train_steps=30))
     run_lib.train(_config(tmp_path / "b", train_steps=20))

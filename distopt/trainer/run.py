@@ -256,6 +256,8 @@ def resume(run: Run) -> None:
         run.optimizer.restore_replicas(run.model.trainable_variables)
     run.resumed_from = latest
     run.start_step = int(run.step.numpy())
+    if latest and run.start_step < run.total_steps:
+        _warn_if_weights_are_the_average(run)
     if latest and run.chief:
         _resume_clock(run)
     if run.start_step > run.total_steps:
@@ -280,6 +282,28 @@ def resume(run: Run) -> None:
         config.batch_size,
         run.strategy.num_replicas_in_sync,
         "resuming at" if latest else "starting at",
+        run.start_step,
+        run.total_steps,
+    )
+
+
+def _warn_if_weights_are_the_average(run: Run) -> None:
+    """Warns when training goes on from a finished ``use_ema`` run's average.
+
+    Its final checkpoint holds the moving average as the weights (as after
+    Keras's ``fit``); the trained weights are not kept, so the extended run
+    is not the one that trained straight through. Told by the weights: only
+    that save makes every weight bit-equal to its average.
+    """
+    opt, variables = run.optimizer, run.model.trainable_variables
+    if not opt.use_ema or not all(
+        np.array_equal(v.numpy(), opt.slots(v)["ema"].numpy()) for v in variables
+    ):
+        return
+    logging.warning(
+        "The checkpoint of step %d holds the moving average as the weights "
+        "(use_ema: the run ended there); training goes on from the average, so "
+        "this run differs from one that trained %d steps without stopping",
         run.start_step,
         run.total_steps,
     )
