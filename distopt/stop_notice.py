@@ -43,6 +43,22 @@ def uninstall() -> None:
     _requested = None
 
 
+def ignore() -> None:
+    """SIGTERM and SIGINT change nothing from now on, to the process's exit.
+
+    For a command line that is ending anyway (it saved, or the user pressed
+    Ctrl-C twice): tf.data's teardown keeps the process alive for seconds,
+    and a further notice then killed it (143, -2) instead of its exit
+    status. SIG_IGN, not a Python handler: the interpreter resets its own
+    handlers to the default as it finalizes, not ignored signals. Not undone
+    by :func:`uninstall` (main thread only).
+    """
+    if threading.current_thread() is threading.main_thread():
+        _previous.clear()
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def take() -> str | None:
     """The notice that came (its signal's name), or None; forgets it."""
     global _requested

@@ -17,9 +17,11 @@ import time
 # exec'd Python after other work).
 _STARTED = time.time()
 
+import glob
 import logging as std_logging
 import os
 import re
+import shutil
 import sys
 
 from absl import app, flags, logging
@@ -393,6 +395,7 @@ def config_from_flags() -> config_lib.TrainConfig:
 # failed). trainer_faults documents 3 (diverged) and 42 (preempted).
 EXIT_BAD_FLAGS = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # A second Ctrl-C, as a shell reports SIGINT.
 
 
 def _fail(messages, status):
@@ -432,6 +435,11 @@ def parse_flags(argv):
         raise SystemExit(0)
     try:
         return FLAGS(argv)
+    except flags.CantOpenFlagFileError as e:
+        cause = e.__context__  # absl's "ERROR:: Unable to open flagfile: ...".
+        if isinstance(cause, OSError) and cause.filename is not None:
+            e = f"--flagfile={cause.filename}: cannot open it ({cause.strerror})"
+        _fail([e], EXIT_BAD_FLAGS)
     except flags.Error as e:
         _fail([e], EXIT_BAD_FLAGS)
 
@@ -439,6 +447,13 @@ def parse_flags(argv):
 def _checked_config() -> config_lib.TrainConfig:
     """The flags as a config, every number in range (no TensorFlow needed)."""
     try:
+        if FLAGS["model_dir"].present and not FLAGS.model_dir:
+            # `--model_dir=$OUT` with OUT unset: a new run directory each
+            # time would never resume.
+            raise config_lib.ConfigError(
+                "--model_dir: empty (an unset variable?); give a directory, "
+                "or omit the flag for a new run directory"
+            )
         config = config_from_flags()
         _check_launched_strategy(config.strategy)
         config_lib.check_flags(config)
@@ -529,7 +544,9 @@ def _train(config, run_dir) -> None:
         _fail([e], EXIT_FAILURE)
     except trainer_faults.Preempted as e:
         # Not a failure: the checkpoint and metrics.json are written. Exit
-        # codes are documented in trainer_faults and README.md.
+        # codes are documented in trainer_faults and README.md. A further
+        # notice while tf.data tears down (seconds) must not kill it.
+        stop_notice.ignore()
         logging.warning("%s", _naming_the_run_dir(str(e), config, run_dir))
         raise SystemExit(e.exit_code) from None
     except trainer_faults.Diverged as e:
@@ -579,15 +596,39 @@ def _checked_run():
     """Checks, then imports TensorFlow and trains (see :func:`main`)."""
     config = _checked_config()
     run_dir = _claim_run_dir(config)
-    _import_tensorflow()
-    _check_names_and_paths(config, run_dir)
-    if run_dir:
-        logging.info("Run directory %s (--model_dir to resume a run)", config.model_dir)
     try:
+        _import_tensorflow()
+        _check_names_and_paths(config, run_dir)
+        if run_dir:
+            logging.info(
+                "Run directory %s (--model_dir to resume a run)", config.model_dir
+            )
         _train(config, run_dir)
+    except KeyboardInterrupt:
+        _interrupted(config, run_dir)
     finally:
         if run_dir:
             run_dir.discard()  # Only if the run wrote nothing: a failed start.
+
+
+def _interrupted(config, run_dir) -> None:
+    """A second Ctrl-C (stop_notice, trainer_faults): one line, exit 130.
+
+    A run directory this process made that holds no checkpoint yet (its
+    run_config.json, event files) is removed: nothing there resumes.
+    """
+    stop_notice.ignore()  # More Ctrl-Cs change nothing now.
+    saved = glob.glob(os.path.join(config.model_dir, "checkpoints", "ckpt-*.index"))
+    if run_dir and not saved:
+        shutil.rmtree(run_dir.path, ignore_errors=True)
+        paths.RunDir("", run_dir.created[:-1]).discard()  # runs/, if it made it.
+    message = "interrupted (a second Ctrl-C)"
+    if saved:  # No trainer_faults here: TensorFlow may be half imported.
+        rerun = (
+            f"with --model_dir={config.model_dir}" if run_dir else "the same command"
+        )
+        message += f"; the last checkpoint is kept: rerun {rerun} to resume"
+    _fail([message], EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,31 @@ def test_sigterm_during_the_final_evaluation_cuts_it_short(tmp_path):
     assert metrics["test_examples"] == 6 * 32 and metrics["test_accuracy"] is not None
 
 
+def test_a_notice_after_the_stop_checkpoint_keeps_exit_42(tmp_path):
+    """The process lives seconds after its "Stopped by ... saved a checkpoint"
+    (tf.data's teardown, here an atexit sleep): a scheduler's second SIGTERM
+    killed it then (143), a second Ctrl-C too (-2), and 42 was lost."""
+    slow_exit = (
+        "import atexit, runpy, sys, time\n"
+        "atexit.register(time.sleep, 3)\n"
+        "sys.argv = ['train', *sys.argv[1:]]\n"
+        "runpy.run_module('distopt.train', run_name='__main__', alter_sys=True)\n"
+    )
+    run_dir, log = str(tmp_path / "run"), str(tmp_path / "log")
+    args = [*COMMON, "--train_steps=20", f"--model_dir={run_dir}"]
+    proc = _start(["-c", slow_exit, *args], log, DISTOPT_FAULT_SIGTERM_AT="5")
+    _wait_for(log, "Stopped by SIGTERM at step", proc)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            break  # Killed by the one before.
+        time.sleep(0.2)
+    code, out = _finish(proc)
+    assert code == EXIT_PREEMPTED, (code, out[-3000:])
+    assert _metrics(run_dir)["status"] == "preempted"
+
+
 def _flip_bit(path, offset):
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -75,7 +76,54 @@ def _cases(tmp_path, mnist_copy):
     empty.mkdir()
     os.remove(mnist_copy / "train-labels-idx1-ubyte.gz")
     missing = tmp_path / "missing"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "unmounted" / "scratch")
+    long_name = tmp_path / ("r" * 300)
+    layouts = {}
+    for name, entry, is_dir in (
+        ("lock", "LOCK", True),
+        ("checkpoints", "checkpoints", False),
+        ("state", "checkpoints/checkpoint", True),
+    ):
+        layouts[name] = tmp_path / f"run_{name}"
+        (layouts[name] / entry).parent.mkdir(parents=True)
+        if is_dir:
+            (layouts[name] / entry).mkdir()
+        else:
+            (layouts[name] / entry).write_text("")
     return {
+        # These failed late: at the lock ("Not a directory; free space...",
+        # "File name too long", "another trainer races") or, for the
+        # checkpoints directory, at the first save, after all the training.
+        "model_dir_is_a_dangling_link": (
+            [f"--model_dir={dangling}"],
+            (
+                f"--model_dir={dangling} is a symbolic link to "
+                f"{tmp_path}/unmounted/scratch, which does not exist"
+            ),
+        ),
+        "model_dir_name_too_long": (
+            [f"--model_dir={long_name}"],
+            "a name in it is 300 bytes long; the filesystem takes at most 255",
+        ),
+        "lock_is_a_directory": (
+            [f"--model_dir={layouts['lock']}"],
+            "holds a directory named LOCK, where the run keeps its LOCK file",
+        ),
+        "checkpoints_is_a_file": (
+            [f"--model_dir={layouts['checkpoints']}"],
+            (
+                "holds a file named checkpoints, where the run keeps its checkpoints "
+                "directory"
+            ),
+        ),
+        "checkpoint_state_is_a_directory": (
+            [f"--model_dir={layouts['state']}"],
+            (
+                "holds a directory named checkpoints/checkpoint, where the run keeps "
+                "its checkpoints/checkpoint file"
+            ),
+        ),
         "model_dir_is_a_file": (
             [f"--model_dir={a_file}"],
             f"--model_dir={a_file} is a file, not a directory",
@@ -116,6 +164,11 @@ def _cases(tmp_path, mnist_copy):
 
 
 CASES = [
+    "model_dir_is_a_dangling_link",
+    "model_dir_name_too_long",
+    "lock_is_a_directory",
+    "checkpoints_is_a_file",
+    "checkpoint_state_is_a_directory",
     "model_dir_is_a_file",
     "model_dir_under_a_file",
     "mnist_data_dir_missing",
@@ -138,6 +191,17 @@ def test_bad_path_is_one_line_exit_2_before_any_work(cli, tmp_path, mnist_copy, 
     assert message in lines[0]
     assert work == []  # Neither the run nor the data loader was called.
     assert _tree(tmp_path) == before  # Nothing created (no runs/, no data_dir).
+
+
+def test_the_layout_checked_first_is_the_runs():
+    from distopt import checkpoints
+    from distopt.trainer import checkpointing
+
+    assert paths.RUN_LAYOUT == (
+        (checkpoints.LOCK_FILE, False),
+        (checkpointing.CHECKPOINT_SUBDIR, True),
+        (f"{checkpointing.CHECKPOINT_SUBDIR}/checkpoint", False),
+    )
 
 
 @pytest.mark.parametrize("model_dir", ["/proc/nope", "/sys/nope", "/proc/1/nope"])
@@ -221,6 +285,15 @@ def test_every_problem_is_reported_at_once(cli, tmp_path):
         (["--strategy=horovod"], "valid strategies: ['default'"),
         (["--epochs=0"], "Set --train_steps or --epochs"),
         (["stray"], "unexpected arguments: ['stray']"),
+        # A sweep's `--model_dir=$OUT` with OUT unset: a new run directory
+        # each time, so a preempted job never resumed.
+        pytest.param(["--model_dir="], "error: --model_dir: empty", id="empty_dir"),
+        # Not absl's "ERROR:: Unable to open flagfile: [Errno 2] ...".
+        pytest.param(
+            ["--flagfile=nope.cfg"],
+            "error: --flagfile=nope.cfg: cannot open it (No such file or directory)",
+            id="no_flagfile",
+        ),
     ],
 )
 def test_bad_flag_is_one_line_exit_2(cli, args, message):
@@ -299,6 +372,47 @@ def test_a_bad_name_leaves_no_run_directory(cli, tmp_path):
     assert status == 2 and work == []
     assert len(lines) == 1 and "valid strategies" in lines[0], lines
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("when", ["importing", "running", "saved"])
+def test_a_second_ctrl_c_is_one_line_and_leaves_no_empty_run(cli, tmp_path, when):
+    """Ctrl-C twice: stop_notice (TensorFlow loading) or the trainer's handler
+    raise KeyboardInterrupt. It was a traceback, leaving the run directory
+    (with run_config.json and event files, no checkpoint) behind."""
+
+    def interrupted(config=None, **_):
+        if config is not None:  # The run wrote its files, a checkpoint if saved.
+            os.makedirs(os.path.join(config.model_dir, "checkpoints"))
+            open(os.path.join(config.model_dir, "run_config.json"), "w").close()
+            if when == "saved":
+                open(
+                    os.path.join(config.model_dir, "checkpoints", "ckpt-1.index"), "w"
+                ).close()
+        raise KeyboardInterrupt
+
+    module = train if when == "importing" else run_lib
+    name = "_import_tensorflow" if when == "importing" else "train"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, name, interrupted)
+            status, lines, _ = cli("--model=mlp", "--train_steps=1")
+        # The command line ends: further Ctrl-Cs are ignored to its exit.
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt (a traceback) out of the command line")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert status == 130
+    if when != "saved":
+        assert lines == ["error: interrupted (a second Ctrl-C)"]
+        assert _tree(tmp_path) == []  # No runs/ either.
+    else:
+        (run,) = os.listdir(tmp_path / "runs")
+        rerun = f"rerun with --model_dir={os.path.join('runs', run)} to resume"
+        kept = "error: interrupted (a second Ctrl-C); the last checkpoint is kept"
+        assert lines == [f"{kept}: {rerun}"]
 
 
 @pytest.mark.parametrize(
@@ -918,6 +1032,10 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
             ["--optimizer_args=bogus=1"],
             "--optimizer=adam does not take one of ['bogus']",
         ),
+        (  # Only the one it does not take (it named nesterov too).
+            ["--optimizer=momentum", "--nesterov", "--amsgrad"],
+            "--optimizer=momentum does not take one of ['amsgrad']: ",
+        ),
         (["--beta_1=1"], "--optimizer=adam: beta_1: must be in [0, 1), got 1.0."),
         (["--beta_2=nan"], "--optimizer=adam: beta_2: must be in [0, 1), got nan."),
         (["--epsilon=nan"], "--optimizer=adam: epsilon: must be >= 0, got nan."),
@@ -980,6 +1098,7 @@ def test_only_the_chief_must_be_able_to_write_model_dir(tmp_path, monkeypatch):
     ],
     ids=[
         "optimizer_args_key",
+        "momentum_amsgrad",
         "beta_1",
         "beta_2",
         "epsilon",

@@ -8,6 +8,7 @@ is one line there.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import tensorflow as tf
@@ -234,9 +235,13 @@ def make_optimizer(config: TrainConfig, total_steps: int):
             return optimizers_lib.get("sam", base_optimizer=base, **sam_args, **kwargs)
         return optimizers_lib.get(config.optimizer, **kwargs)
     except TypeError as e:
+        # Python names the first argument it did not expect: that one, not
+        # every argument given (`--nesterov --amsgrad` named both for
+        # momentum, which takes nesterov).
+        unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         raise ConfigError(
             f"--optimizer={config.optimizer} does not take one of "
-            f"{sorted(config.optimizer_args)}: {e}"
+            f"{unknown or sorted(config.optimizer_args)}: {e}"
         ) from e
     except ValueError as e:  # The optimizer names the bad hyperparameter.
         raise _optimizer_error(config, e) from e

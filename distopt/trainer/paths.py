@@ -169,9 +169,16 @@ def check_model_dir(
     if "://" in model_dir:
         return []  # gs://, s3://...: only the storage system can tell.
     flag = f"--{flag_name}={model_dir}"
+    if os.path.islink(model_dir) and not os.path.exists(model_dir):
+        target = os.readlink(model_dir)
+        return [f"{flag} is a symbolic link to {target}, which does not exist"]
+    if too_long := _name_too_long(model_dir):
+        return [f"{flag}: {too_long}"]
     if os.path.exists(model_dir):
         if not os.path.isdir(model_dir):
             return [f"{flag} is a file, not a directory"]
+        if writes and (misplaced := _misplaced_entry(model_dir)):
+            return [f"{flag} holds {misplaced}: move it away"]
         if not writes:
             try:
                 os.listdir(model_dir)
@@ -193,6 +200,44 @@ def check_model_dir(
     return (
         [f"{flag} cannot be created: {parent} is not writable ({why})"] if why else []
     )
+
+
+# What a run keeps in its model_dir, as (path, is a directory): an entry of
+# the other kind failed late (the lock as "another trainer races", the
+# checkpoints directory at the first save, after all the training).
+# distopt.checkpoints.LOCK_FILE and trainer.checkpointing.CHECKPOINT_SUBDIR
+# (both import TensorFlow; tests/test_preflight.py checks they agree).
+RUN_LAYOUT = (("LOCK", False), ("checkpoints", True), ("checkpoints/checkpoint", False))
+
+
+def _misplaced_entry(model_dir: str) -> str | None:
+    """The first entry of ``RUN_LAYOUT`` of the wrong kind, described, or None."""
+    for name, is_dir in RUN_LAYOUT:
+        path = os.path.join(model_dir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != is_dir:
+            kind = "a file" if is_dir else "a directory"
+            return f"{kind} named {name}, where the run keeps its {name} " + (
+                "directory" if is_dir else "file"
+            )
+    return None
+
+
+def _name_too_long(path: str) -> str | None:
+    """Why a component of ``path`` is too long for its filesystem, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None
+    for name in os.path.abspath(path).split(os.sep):
+        if (size := len(os.fsencode(name))) > limit:
+            return (
+                f"a name in it is {size} bytes long; the filesystem takes at "
+                f"most {limit}"
+            )
+    return None
 
 
 def check_paths(config) -> list[str]:

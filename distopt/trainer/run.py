@@ -146,6 +146,7 @@ def setup(config, strategy, start_time, signals) -> Run:
     """
     called = time.time()
     config_lib.validate_config(config)
+    _check_storage(config.model_dir)
     _seed_everything(config.seed, config.deterministic)
     if strategy is None:
         # First TF device use: virtual devices must be configured before it.
@@ -187,6 +188,25 @@ def setup(config, strategy, start_time, signals) -> Run:
         input=inputs.resolve_input(config, strategy, source),
         **_build_state(config, strategy, source, total_steps),
     )
+
+
+def _check_storage(model_dir: str) -> None:
+    """A ``scheme://`` model_dir TensorFlow cannot reach, as ModelDirError.
+
+    Before any device work: ``paths.check_model_dir`` leaves such paths to
+    the storage system, whose first use (after the strategy and the data)
+    ended in a traceback: ``s3://`` without tensorflow-io ("File system
+    scheme 's3' not implemented"), ``gs://`` offline.
+    """
+    if "://" not in model_dir:
+        return
+    try:
+        tf.io.gfile.exists(model_dir)
+    except tf.errors.OpError as e:
+        raise config_lib.ModelDirError(
+            f"--model_dir={model_dir}: TensorFlow cannot use it: "
+            f"{checkpoints_lib.first_line(e)}. Nothing was written."
+        ) from None
 
 
 def _check_replica_groups(config, strategy) -> None:
