@@ -1680,6 +1680,41 @@ MUTANTS = [
         "            pass",
         "tests/test_preflight.py -k no_flagfile",
     ),
+    Mutant(
+        "unused_values_not_silenced",
+        "distopt/trainer/checkpointing.py",
+        "    status.expect_partial()\n",
+        "",
+        "tests/test_train.py -k drops_optimizer_state",
+    ),
+    Mutant(
+        "unused_values_not_warned",
+        "distopt/trainer/checkpointing.py",
+        "        _warn_unused_values(checkpoint, path, model_dir, config, e)\n",
+        "        pass\n",
+        "tests/test_train.py -k drops_optimizer_state",
+    ),
+    Mutant(
+        "unused_values_named_wrong",
+        "distopt/trainer/checkpointing.py",
+        "            if child not in matched:\n",
+        "            if child in matched:\n",
+        "tests/test_train.py -k drops_optimizer_state",
+    ),
+    Mutant(
+        "unused_values_no_flag_to_put_back",
+        "distopt/trainer/checkpointing.py",
+        "Rerun with {then} to keep them",
+        "Rerun to keep them",
+        "tests/test_train.py -k drops_optimizer_state",
+    ),
+    Mutant(
+        "unused_values_warned_always",
+        "distopt/trainer/checkpointing.py",
+        "        status.assert_consumed()\n",
+        "        status.assert_consumed()\n        raise AssertionError('mutant')\n",
+        "tests/test_train.py -k ordinary_resume_warns",
+    ),
 ]
 
 

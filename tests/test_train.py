@@ -6,11 +6,13 @@ need their own device set-up (or the command line) are subprocesses.
 
 import copy
 import dataclasses
+import gc
 import glob
 import hashlib
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -334,6 +336,23 @@ def test_extending_a_finished_use_ema_run_warns_it_goes_on_from_the_average(
     assert "moving average as the weights" not in caplog.text
 
 
+def test_a_model_dir_on_storage_tensorflow_cannot_use_is_one_line_first(
+    monkeypatch,
+):
+    # s3:// without tensorflow-io: a traceback after the strategy and data.
+    made = []
+    monkeypatch.setattr(run_lib, "make_strategy", lambda *a, **k: made.append(1))
+    config = _config(pathlib.Path("/unused"), model_dir="nosuchfs://bucket/run")
+    with pytest.raises(config_lib.ModelDirError) as info:
+        run_lib.train(config)
+    assert str(info.value) == (
+        "--model_dir=nosuchfs://bucket/run: TensorFlow cannot use it: File "
+        "system scheme 'nosuchfs' not implemented (file: 'nosuchfs://bucket/run'). "
+        "Nothing was written."
+    )
+    assert not made  # Before any device work.
+
+
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     straight = run_lib.train(_config(tmp_path / "a", train_steps=30))
     run_lib.train(_config(tmp_path / "b", train_steps=20))
@@ -563,6 +582,47 @@ def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(
     assert "variable(s) of this run are not in it: adam/ema_" in message
     assert "numpy=" not in message and len(message) < 600
     assert _snapshot(config.model_dir) == before
+
+
+EMA = {"use_ema": True, "ema_momentum": 0.5}
+
+
+def test_a_resume_that_drops_optimizer_state_says_so_in_one_warning(
+    tmp_path, caplog, finished_run
+):
+    # Turning use_ema off drops the checkpoint's EMA slots: it resumed in
+    # silence, TensorFlow's warnings at exit (one per value) the only sign.
+    finished_run(copy_to=tmp_path, train_steps=10, optimizer_args=EMA)
+    gc.collect()  # Another test's restore statuses warn before this one.
+    with caplog.at_level(logging.WARNING):
+        metrics = run_lib.train(_config(tmp_path, train_steps=12))
+        gc.collect()  # TensorFlow warns when the restore's status is deleted.
+    assert metrics["start_step"] == 10 and metrics["status"] == "completed"
+    warned = [m for m in caplog.messages if "does not use" in m]
+    assert len(warned) == 1, caplog.text
+    assert "holds 6 values this run does not use (dropped): " in warned[0]
+    assert "optimizer/_slots/0/ema, optimizer/_slots/1/ema" in warned[0]
+    assert (
+        "saved with --optimizer_args=jit_compile=False,use_ema=True,"
+        "ema_momentum=0.5, this run has --optimizer_args=jit_compile=False"
+    ) in warned[0], warned[0]
+    assert "Rerun with --optimizer_args=jit_compile=False,use_ema=True," in warned[0]
+    assert "could not be found" not in caplog.text
+    assert "unrestored values" not in caplog.text
+
+
+@pytest.mark.parametrize("args", [{}, {"optimizer_args": EMA}], ids=["plain", "ema"])
+def test_an_ordinary_resume_warns_of_no_unused_checkpoint_values(
+    tmp_path, caplog, finished_run, args
+):
+    finished_run(copy_to=tmp_path, train_steps=10, **args)
+    gc.collect()  # As above.
+    with caplog.at_level(logging.WARNING):
+        metrics = run_lib.train(_config(tmp_path, train_steps=12, **args))
+        gc.collect()
+    assert metrics["start_step"] == 10 and metrics["status"] == "completed"
+    assert "does not use" not in caplog.text
+    assert "could not be found" not in caplog.text
 
 
 def test_a_resume_with_other_model_args_names_the_flag_to_put_back(

@@ -206,12 +206,17 @@ def restore(
       config: this run's configuration: on a mismatch, the error names the
         settings of ``STATE_SHAPING_KEYS`` that differ from the stored run's.
 
+    A checkpoint holding values this run has no variable for (saved with
+    ``use_ema``, a float16 loss scale, ... that this run turned off) is
+    restored with one WARNING counting and naming them, and the settings
+    that changed: TensorFlow's own warnings at exit are silenced.
+
     Raises:
       ModelDirError: the checkpoint's variables do not fit this model (another
         architecture, or a model_dir with no run_config.json).
     """
     try:
-        checkpoint.restore(path).assert_existing_objects_matched()
+        status = checkpoint.restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
         # TensorFlow's message prints every unmatched variable with its
         # values; the names are what says which setting changed.
@@ -224,8 +229,7 @@ def restore(
         )
         changed = _changed_state_settings(model_dir, config) if config else []
         if changed:
-            then = " ".join(f"--{k}={_flag_value(was)}" for k, was, _ in changed)
-            now = " ".join(f"--{k}={_flag_value(new)}" for k, _, new in changed)
+            then, now = _as_flags(changed, 1), _as_flags(changed, 2)
             remedy = (
                 f"Saved with {then}; this run has {now} (see its "
                 f"{RUN_CONFIG_FILE}). Nothing was written; rerun with {then}, "
@@ -237,6 +241,70 @@ def restore(
             f"The checkpoint {path} in {model_dir} does not match this model: "
             f"{detail}. {remedy}"
         ) from e
+    try:
+        status.assert_consumed()
+    except AssertionError as e:
+        _warn_unused_values(checkpoint, path, model_dir, config, e)
+    # What was not used is said above (once), not in TensorFlow's warnings
+    # at exit, one per value.
+    status.expect_partial()
+
+
+def _warn_unused_values(checkpoint, path, model_dir, config, error) -> None:
+    """One WARNING: the checkpoint's values this run dropped, and why."""
+    unused = _unused_values(checkpoint, path)
+    if unused:
+        names = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
+        what = f"{len(unused)} values this run does not use (dropped): {names}"
+    else:  # Not a variable of the checkpoint: TensorFlow's first line says.
+        what = f"values this run does not use: {checkpoints_lib.first_line(error)}"
+    changed = _changed_state_settings(model_dir, config) if config else []
+    if changed:
+        then, now = _as_flags(changed, 1), _as_flags(changed, 2)
+        why = (
+            f"saved with {then}, this run has {now} (see its "
+            f"{RUN_CONFIG_FILE}). Rerun with {then} to keep them"
+        )
+    else:
+        why = "they are lost at this run's next checkpoint"
+    logging.warning("The checkpoint %s in %s holds %s; %s.", path, model_dir, what, why)
+
+
+def _unused_values(checkpoint: tf.train.Checkpoint, path: str) -> list[str]:
+    """The checkpoint's variables (their keys) that ``checkpoint`` did not match.
+
+    ``CheckpointView.match`` gives the checkpoint's objects this run has;
+    the others' values are found by their path, as their keys spell it.
+    """
+    try:
+        view = tf.train.CheckpointView(path)
+        matched = view.match(checkpoint)
+        keys = {key for key, _ in tf.train.list_variables(path)}
+    except (ValueError, tf.errors.OpError):
+        return []
+    paths, queue, unused = {0: ""}, [0], []
+    while queue:
+        node = queue.pop(0)
+        for name, child in view.children(node).items():
+            if child in paths:
+                continue
+            # As checkpoint keys escape a local name ("." and "/").
+            escaped = name.replace(".", "..").replace("/", "./")
+            paths[child] = f"{paths[node]}/{escaped}" if node else escaped
+            queue.append(child)
+            if child not in matched:
+                prefix = f"{paths[child]}/.ATTRIBUTES/"
+                unused += sorted(
+                    k.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")
+                    for k in keys
+                    if k.startswith(prefix)
+                )
+    return unused
+
+
+def _as_flags(changed, which: int) -> str:
+    """``changed``'s stored (1) or this run's (2) values, as flags."""
+    return " ".join(f"--{c[0]}={_flag_value(c[which])}" for c in changed)
 
 
 def _changed_state_settings(model_dir: str, config: TrainConfig):
