@@ -1715,6 +1715,13 @@ MUTANTS = [
         "        status.assert_consumed()\n        raise AssertionError('mutant')\n",
         "tests/test_train.py -k ordinary_resume_warns",
     ),
+    Mutant(
+        "missing_run_config_unsaid",
+        "distopt/trainer/checkpointing.py",
+        "        if latest and not tf.io.gfile.exists(path):",
+        "        if False:",
+        "tests/test_train.py -k without_run_config",
+    ),
 ]
 
 

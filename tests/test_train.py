@@ -568,6 +568,27 @@ def test_model_dir_of_another_model_is_refused_untouched(tmp_path, finished_run)
     assert _snapshot(config.model_dir) == before
 
 
+def test_a_resume_without_run_config_says_what_it_cannot_check(
+    tmp_path, caplog, finished_run
+):
+    # Adam's slots restore into AdamW's: the resume cannot refuse it, so it
+    # says that it could not check (it went unsaid).
+    finished_run(copy_to=tmp_path, train_steps=10)
+    config = _config(tmp_path, train_steps=12, optimizer="adamw")
+    os.remove(os.path.join(config.model_dir, "run_config.json"))
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert run_lib.train(config)["start_step"] == 10
+    warned = [m for r in caplog.records if "no run_config" in (m := r.getMessage())]
+    assert warned == [
+        (
+            f"{config.model_dir} holds checkpoints but no run_config.json: this resume "
+            "cannot check that --optimizer, --sync, --compression, --compression_args "
+            "are those of the checkpoint's run (only its variables are checked); this "
+            "run writes it anew"
+        )
+    ], caplog.text
+
+
 def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(
     tmp_path, finished_run
 ):

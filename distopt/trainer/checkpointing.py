@@ -115,9 +115,20 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> str | None:
     found = checkpoints_lib.candidates(os.path.join(model_dir, CHECKPOINT_SUBDIR))
     latest = found[0] if found else None
     stored = read_run_config(model_dir)
-    if stored is None:
-        return latest
     path = os.path.join(model_dir, RUN_CONFIG_FILE)
+    if stored is None:
+        if latest and not tf.io.gfile.exists(path):
+            # Adam's slots restore into AdamW's alike: only the variables
+            # are checked now, so say what is not.
+            logging.warning(
+                "%s holds checkpoints but no %s: this resume cannot check that "
+                "--%s are those of the checkpoint's run (only its variables "
+                "are checked); this run writes it anew",
+                model_dir,
+                RUN_CONFIG_FILE,
+                ", --".join(RESUME_KEYS),
+            )
+        return latest
     for key in IDENTITY_KEYS:
         if stored.get(key) != getattr(config, key):
             raise ModelDirError(
