@@ -454,6 +454,14 @@ def _checked_config() -> config_lib.TrainConfig:
                 "--model_dir: empty (an unset variable?); give a directory, "
                 "or omit the flag for a new run directory"
             )
+        # An explicit --on_nonfinite=stop looks like the default in the
+        # config: checked here, where absl knows it was given.
+        given = FLAGS["on_nonfinite"].present and FLAGS.on_nonfinite
+        if FLAGS.skip_nonfinite and given and given != "skip":
+            raise config_lib.ConfigError(
+                "--skip_nonfinite means --on_nonfinite=skip; it contradicts "
+                f"--on_nonfinite={FLAGS.on_nonfinite}"
+            )
         config = config_from_flags()
         _check_launched_strategy(config.strategy)
         config_lib.check_flags(config)

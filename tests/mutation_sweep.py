@@ -1722,6 +1722,13 @@ MUTANTS = [
         "        if False:",
         "tests/test_train.py -k without_run_config",
     ),
+    Mutant(
+        "explicit_stop_and_skip_accepted",
+        "distopt/train.py",
+        '        if FLAGS.skip_nonfinite and given and given != "skip":',
+        "        if False:",
+        "tests/test_preflight.py -k stop_and_skip",
+    ),
 ]
 
 

@@ -288,6 +288,12 @@ def test_every_problem_is_reported_at_once(cli, tmp_path):
         # A sweep's `--model_dir=$OUT` with OUT unset: a new run directory
         # each time, so a preempted job never resumed.
         pytest.param(["--model_dir="], "error: --model_dir: empty", id="empty_dir"),
+        pytest.param(  # It ran as skip, silently.
+            ["--on_nonfinite=stop", "--skip_nonfinite"],
+            "error: --skip_nonfinite means --on_nonfinite=skip; it contradicts "
+            "--on_nonfinite=stop",
+            id="stop_and_skip",
+        ),
         # Not absl's "ERROR:: Unable to open flagfile: [Errno 2] ...".
         pytest.param(
             ["--flagfile=nope.cfg"],
