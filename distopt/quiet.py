@@ -92,7 +92,8 @@ def import_tensorflow(hide_modules: tuple[str, ...] = ()) -> None:
     """Imports TensorFlow and lists its devices with the C++ start-up block held.
 
     Sets ``TF_CPP_MIN_LOG_LEVEL`` first unless the environment sets it. If the
-    import raises, the held output is printed before the exception goes on.
+    import raises (but for a Ctrl-C), the held output is printed before the
+    exception goes on.
 
     Args:
       hide_modules: modules made unimportable during the import (for example
@@ -118,6 +119,8 @@ def import_tensorflow(hide_modules: tuple[str, ...] = ()) -> None:
                 tf.config.list_physical_devices()
             finally:
                 _startup_output = read()
+    except KeyboardInterrupt:
+        raise  # The user's, not TensorFlow's failure: its start-up says nothing.
     except BaseException:
         sys.stderr.write(_startup_output)
         raise

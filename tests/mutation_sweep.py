@@ -1729,6 +1729,13 @@ MUTANTS = [
         "        if False:",
         "tests/test_preflight.py -k stop_and_skip",
     ),
+    Mutant(
+        "startup_output_replayed_on_ctrl_c",
+        "distopt/quiet.py",
+        "    except KeyboardInterrupt:\n        raise",
+        "    except ZeroDivisionError:\n        raise",
+        "tests/test_quiet.py -k ctrl_c",
+    ),
 ]
 
 

@@ -161,3 +161,32 @@ def test_import_distopt_quiets_the_next_tensorflow_import(tmp_path, fail):
         loader, first_finder = proc.stdout.split()
         assert loader == "SourceFileLoader"
         assert first_finder != "_QuietTensorFlowFinder"
+
+
+class _FailingImport:
+    """A meta-path finder: ``import tensorflow`` writes a line to fd 2, then
+    raises ``error`` (as a failed import, or a Ctrl-C during it)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        del path, target
+        if name == "tensorflow":
+            os.write(2, b"held start-up line\n")
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    "error,shown", [(ImportError("broken"), True), (KeyboardInterrupt(), False)]
+)
+def test_held_output_is_shown_when_the_import_fails_not_on_ctrl_c(
+    capfd, monkeypatch, error, shown
+):
+    # A Ctrl-C during the import is the user's: TensorFlow's start-up lines
+    # (cuInit, absl) printed before the trainer's one line said nothing.
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(error), *sys.meta_path])
+    with pytest.raises(type(error)):
+        quiet.import_tensorflow()
+    assert ("held start-up line" in capfd.readouterr().err) == shown
