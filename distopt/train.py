@@ -516,7 +516,7 @@ def _import_tensorflow() -> None:
 def _check_names_and_paths(config, run_dir) -> None:
     """The checks that need TensorFlow's registries; all problems at once."""
     # TensorFlow is loaded by now, with no device made yet.
-    from distopt.trainer import factories
+    from distopt.trainer import factories, inputs
     from distopt.trainer import strategy as strategy_lib
 
     try:
@@ -525,6 +525,8 @@ def _check_names_and_paths(config, run_dir) -> None:
         # tens of seconds to make before the run's own checks refuse a batch
         # size, evaluation batch size or replica group size it cannot take.
         strategy_lib.check_replica_flags_before_devices(config)
+        # And a --batch_size larger than the bundled MNIST's training split.
+        inputs.check_batch_before_data(config)
         # Likewise --optimizer_args, --model_args, --sync_args and the
         # hyperparameter flags: their constructors' checks, before the run
         # directory is announced and the strategy and data are made.

@@ -1736,6 +1736,62 @@ MUTANTS = [
         "    except ZeroDivisionError:\n        raise",
         "tests/test_quiet.py -k ctrl_c",
     ),
+    Mutant(
+        "batch_preflight_not_called",
+        "distopt/train.py",
+        "        inputs.check_batch_before_data(config)\n",
+        "",
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "batch_preflight_off_by_one",
+        "distopt/trainer/inputs.py",
+        "config.batch_size > BUNDLED_TRAIN_EXAMPLES",
+        "config.batch_size >= BUNDLED_TRAIN_EXAMPLES",
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "batch_preflight_ignores_drop_remainder",
+        "distopt/trainer/inputs.py",
+        "        and config.drop_remainder\n",
+        "",
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "batch_preflight_ignores_input",
+        "distopt/trainer/inputs.py",
+        'and config.input != "dataset"',
+        "and True",
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "batch_preflight_skips_mirrored",
+        "distopt/trainer/inputs.py",
+        '("default", "one_device", "mirrored")',
+        '("default", "one_device")',
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "batch_preflight_wrong_size",
+        "distopt/trainer/inputs.py",
+        "BUNDLED_TRAIN_EXAMPLES = 60000",
+        "BUNDLED_TRAIN_EXAMPLES = 60001",
+        "tests/test_preflight.py -k bundled_mnist",
+    ),
+    Mutant(
+        "step_rate_zero",
+        "distopt/trainer/summaries.py",
+        "if self.steps else None",
+        "if self.steps else 0.0",
+        "tests/test_train.py -k no_timed_step",
+    ),
+    Mutant(
+        "step_rate_scalar_zero",
+        "distopt/trainer/summaries.py",
+        '        if rate is not None:  # No 0 where nothing was timed.\n            scalars["examples_per_second"] = rate\n',
+        '        scalars["examples_per_second"] = rate or 0.0\n',
+        "tests/test_train.py -k no_timed_step",
+    ),
 ]
 
 

@@ -819,6 +819,39 @@ def test_flags_that_would_be_lost_or_fail_late_are_refused_first(
     _assert_refused_first(cli, tmp_path, flags_, message)
 
 
+@pytest.mark.parametrize("strategy", ["default", "one_device", "mirrored"])
+def test_a_batch_larger_than_the_bundled_mnist_is_refused_first(
+    cli, tmp_path, strategy
+):
+    # The in-memory feed refused it, in these words, after the strategy, the
+    # data and the model were made.
+    flags_ = [f"--strategy={strategy}", "--batch_size=70000", "--epochs=1"]
+    message = (
+        "--batch_size=70000: global batch 70000 is larger than the 60000 train "
+        "examples, and the remainder is dropped"
+    )
+    _assert_refused_first(cli, tmp_path, flags_, message)
+
+
+@pytest.mark.parametrize(
+    "flags_",
+    [
+        ["--batch_size=60000"],
+        ["--batch_size=70000", "--nodrop_remainder"],  # One short batch an epoch.
+        # tf.data batches each replica's 35000 apart (one per epoch).
+        ["--strategy=mirrored", "--batch_size=70000", "--input=dataset"],
+    ],
+)
+def test_a_batch_the_bundled_mnist_holds_is_not_refused_first(cli, flags_):
+    status, lines, work = cli("--model_dir=run", *flags_)
+    assert status == 0 and lines == [] and len(work) == 1, lines
+
+
+def test_the_bundled_mnist_train_size_is_its_files():
+    labels = os.path.join(data.bundled_dir(), data.MNIST_FILES["train"][1])
+    assert inputs.BUNDLED_TRAIN_EXAMPLES == len(data.read_idx(labels))
+
+
 def test_a_home_relative_model_dir_is_the_users_home(cli, tmp_path, monkeypatch):
     # `--model_dir=~/x`: no shell expands it; it made a directory named `~`.
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -296,6 +296,20 @@ def test_compression_on_one_replica_says_it_does_nothing(tmp_path, caplog):
     ) in caplog.text
 
 
+def test_a_line_with_no_timed_step_says_n_a_examples_per_second(tmp_path, caplog):
+    # A 1-step run times nothing (the first step compiles): its step line
+    # said "0 examples/s" (and TensorBoard got a 0), its Done line n/a.
+    with caplog.at_level(logging.INFO, logger="absl"):
+        run_lib.train(_config(tmp_path, train_steps=1, eval_steps=1))
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if re.search(r"\b0 examples/s", line)], lines
+    step = [line for line in lines if line.startswith("step 1/1:")]
+    assert len(step) == 1 and "n/a examples/s" in step[0], lines
+    train_dir = os.path.join(tmp_path, "run", "train")
+    assert _scalar_values(train_dir, "examples_per_second") == {}
+    assert 1 in _scalar_values(train_dir, "loss")
+
+
 def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
     # `--optimizer_args=use_ema=true`: as at the end of Keras's fit, the
     # final checkpoint's weights are their averages, not the last step's.

@@ -110,6 +110,35 @@ def make_train_feed(
     )
 
 
+# The bundled MNIST's training examples, fixed by data.MNIST_SHA256.
+BUNDLED_TRAIN_EXAMPLES = 60000
+
+
+def check_batch_before_data(config: TrainConfig) -> None:
+    """The in-memory feed's refusal of a batch larger than the bundled MNIST.
+
+    Before the strategy and the data, in the same words: only where the run
+    would feed the bundled files from memory (a single-host strategy, not
+    --input=dataset) and drop the remainder. Other data is left to the run.
+
+    Raises:
+      ConfigError: --batch_size holds more than the training examples.
+    """
+    kind = data_lib.resolve_kind(config.dataset, config.data_dir, config.data_source)
+    if (
+        kind == "bundled"
+        and config.input != "dataset"
+        and config.strategy in ("default", "one_device", "mirrored")
+        and config.drop_remainder
+        and config.batch_size > BUNDLED_TRAIN_EXAMPLES
+    ):
+        raise ConfigError(
+            f"--batch_size={config.batch_size}: global batch {config.batch_size} "
+            f"is larger than the {BUNDLED_TRAIN_EXAMPLES} train examples, and the "
+            "remainder is dropped"
+        )
+
+
 def _in_memory_feed(strategy, source, config):
     try:
         feed = data_lib.InMemoryFeed(

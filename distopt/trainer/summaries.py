@@ -148,33 +148,32 @@ class ProgressWindow:
         config = run.config
         result = run.train_sums.result()
         elapsed = time.time() - self.started
-        rate = self.steps * config.batch_size / elapsed if self.steps else 0.0
+        # None: no timed step since the last line (the first step compiles).
+        rate = self.steps * config.batch_size / elapsed if self.steps else None
         steps_per_second = self.steps / elapsed if self.steps else 0.0
         eta = (
             (run.total_steps - current) / steps_per_second if steps_per_second else 0.0
         )
         lr = float(run.optimizer.learning_rate_value())
         logging.info(
-            "step %d/%d: loss %.4f, accuracy %.2f%%, %.0f examples/s, lr %.3g, ETA %s",
+            "step %d/%d: loss %.4f, accuracy %.2f%%, %s examples/s, lr %.3g, ETA %s",
             current,
             run.total_steps,
             result["loss"],
             100 * result["accuracy"],
-            rate,
+            "n/a" if rate is None else f"{rate:.0f}",
             lr,
             format_seconds(eta),
         )
-        write_scalars(
-            writer,
-            current,
-            {
-                "loss": result["loss"],
-                "accuracy": result["accuracy"],
-                "learning_rate": lr,
-                "examples_per_second": rate,
-                "skipped_steps": int(run.optimizer.skipped_steps.numpy()),
-            },
-        )
+        scalars = {
+            "loss": result["loss"],
+            "accuracy": result["accuracy"],
+            "learning_rate": lr,
+            "skipped_steps": int(run.optimizer.skipped_steps.numpy()),
+        }
+        if rate is not None:  # No 0 where nothing was timed.
+            scalars["examples_per_second"] = rate
+        write_scalars(writer, current, scalars)
         self.reset()
 
 
