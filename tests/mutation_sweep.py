@@ -1792,6 +1792,13 @@ MUTANTS = [
         '        scalars["examples_per_second"] = rate or 0.0\n',
         "tests/test_train.py -k no_timed_step",
     ),
+    Mutant(
+        "pipeline_batch_unchecked",
+        "distopt/trainer/inputs.py",
+        "    _check_pipeline_batch(strategy, source, config.batch_size, drop)\n",
+        "",
+        "tests/test_train.py -k pipelines_shard",
+    ),
 ]
 
 

@@ -367,6 +367,21 @@ def test_a_model_dir_on_storage_tensorflow_cannot_use_is_one_line_first(
     assert not made  # Before any device work.
 
 
+def test_a_batch_larger_than_the_pipelines_shard_is_one_error_first(tmp_path):
+    # --input=dataset: an empty epoch, repeated, ended the first step in an
+    # OutOfRangeError traceback, and left the run directory behind.
+    # (The tests' MNIST holds 2,048 training examples.)
+    config = _config(tmp_path, input="dataset", batch_size=4096)
+    with pytest.raises(config_lib.ConfigError) as info:
+        run_lib.train(config)
+    assert str(info.value) == (
+        "--batch_size=4096: a replica's batch of 4096 is larger than the 2048 "
+        "train examples its input pipeline reads (of 1), and the remainder is "
+        "dropped"
+    )
+    assert not os.path.exists(config.model_dir)
+
+
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
     straight = run_lib.train(_config(tmp_path / "a", train_steps=30))
     run_lib.train(_config(tmp_path / "b", train_steps=20))

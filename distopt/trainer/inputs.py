@@ -95,6 +95,7 @@ def make_train_feed(
         return _in_memory_feed(strategy, source, config)
     # TPUs need static shapes, so never a partial batch there.
     drop = config.drop_remainder or distribute.is_tpu(strategy)
+    _check_pipeline_batch(strategy, source, config.batch_size, drop)
     train_fn = data_lib.make_dataset_fn(
         source,
         "train",
@@ -136,6 +137,34 @@ def check_batch_before_data(config: TrainConfig) -> None:
             f"--batch_size={config.batch_size}: global batch {config.batch_size} "
             f"is larger than the {BUNDLED_TRAIN_EXAMPLES} train examples, and the "
             "remainder is dropped"
+        )
+
+
+def _check_pipeline_batch(strategy, source, batch_size: int, drop: bool) -> None:
+    """A tf.data pipeline's refusal of a replica batch larger than its shard.
+
+    Each worker's pipeline reads its shard and yields per-replica batches;
+    with the remainder dropped, a batch larger than the shard left an empty
+    epoch, repeated: an OutOfRangeError traceback at the first step.
+
+    Raises:
+      ConfigError: ``--batch_size`` leaves a pipeline no whole batch.
+    """
+    replicas = strategy.num_replicas_in_sync
+    try:
+        local = len(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy: one device, one pipeline.
+        local = replicas
+    pipelines = max(1, replicas // local)
+    per_replica, shard = (
+        batch_size // replicas,
+        source.num_examples["train"] // pipelines,
+    )
+    if drop and per_replica > shard:
+        raise ConfigError(
+            f"--batch_size={batch_size}: a replica's batch of {per_replica} is "
+            f"larger than the {shard} train examples its input pipeline reads "
+            f"(of {pipelines}), and the remainder is dropped"
         )
 
 
