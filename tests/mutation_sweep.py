@@ -1799,6 +1799,13 @@ MUTANTS = [
         "",
         "tests/test_train.py -k pipelines_shard",
     ),
+    Mutant(
+        "eta_zero_before_any_timed_step",
+        "distopt/trainer/summaries.py",
+        "(None if left else 0.0)",
+        "0.0",
+        "tests/test_train.py -k longer_run_says",
+    ),
 ]
 
 

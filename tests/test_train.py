@@ -310,6 +310,21 @@ def test_a_line_with_no_timed_step_says_n_a_examples_per_second(tmp_path, caplog
     assert 1 in _scalar_values(train_dir, "loss")
 
 
+def test_the_first_line_of_a_longer_run_says_n_a_for_its_rate_and_eta(tmp_path, caplog):
+    # Its ETA said 0m00s with 2 steps to go.
+    with caplog.at_level(logging.INFO, logger="absl"):
+        run_lib.train(
+            _config(
+                tmp_path, train_steps=3, eval_steps=1, log_every=1, steps_per_loop=1
+            )
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    first = [line for line in lines if line.startswith("step 1/3:")]
+    last = [line for line in lines if line.startswith("step 3/3:")]
+    assert len(first) == 1 and first[0].endswith("n/a examples/s, lr 0.001, ETA n/a")
+    assert len(last) == 1 and last[0].endswith("ETA 0m00s"), lines
+
+
 def test_use_ema_ends_with_the_moving_average_as_the_weights(tmp_path):
     # `--optimizer_args=use_ema=true`: as at the end of Keras's fit, the
     # final checkpoint's weights are their averages, not the last step's.

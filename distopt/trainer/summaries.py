@@ -151,9 +151,9 @@ class ProgressWindow:
         # None: no timed step since the last line (the first step compiles).
         rate = self.steps * config.batch_size / elapsed if self.steps else None
         steps_per_second = self.steps / elapsed if self.steps else 0.0
-        eta = (
-            (run.total_steps - current) / steps_per_second if steps_per_second else 0.0
-        )
+        left = run.total_steps - current
+        # Unknown before any timed step, unless nothing is left.
+        eta = left / steps_per_second if steps_per_second else (None if left else 0.0)
         lr = float(run.optimizer.learning_rate_value())
         logging.info(
             "step %d/%d: loss %.4f, accuracy %.2f%%, %s examples/s, lr %.3g, ETA %s",
@@ -163,7 +163,7 @@ class ProgressWindow:
             100 * result["accuracy"],
             "n/a" if rate is None else f"{rate:.0f}",
             lr,
-            format_seconds(eta),
+            "n/a" if eta is None else format_seconds(eta),
         )
         scalars = {
             "loss": result["loss"],
