@@ -9,6 +9,7 @@ work (no strategy, no data read); one subprocess checks the real command line.
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,13 +37,17 @@ def _tree(root):
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys, tmp_path):
+def cli(monkeypatch, capsys, tmp_path, request):
     """Runs ``train.main`` on flags; returns (exit status, stderr lines, work)."""
     work = []
     monkeypatch.setattr(run_lib, "train", lambda config, **_: work.append(config))
     monkeypatch.setattr(data, "load_source", lambda *a, **k: work.append("data"))
     monkeypatch.setattr(data, "load_mnist_idx", lambda *a, **k: work.append("data"))
     monkeypatch.chdir(tmp_path)  # A default run directory would appear here.
+    # An `error:` exit silences TensorFlow's logger for the process's end:
+    # here the process goes on.
+    tf_logger = logging.getLogger("tensorflow")
+    request.addfinalizer(lambda level=tf_logger.level: tf_logger.setLevel(level))
 
     def run(*args):
         flags.FLAGS.unparse_flags()

@@ -26,9 +26,13 @@ def emit(caplog):
     absl_logger = logging.getLogger("absl")
     saved = tf_logger.handlers[:], tf_logger.filters[:], tf_logger.propagate
     saved_absl = absl_logger.filters[:], absl_logger.level
+    saved_tf_level = tf_logger.level
     # absl sets its logger's level from --verbosity, which other tests parse
-    # and reset (to WARNING): INFO, as at the default --verbosity=0.
+    # and reset (to WARNING): INFO, as at the default --verbosity=0. The
+    # trainer's `error:` exit silences TensorFlow's logger (tests run it in
+    # process): unset, as in a new process.
     absl_logger.setLevel(logging.INFO)
+    tf_logger.setLevel(logging.NOTSET)
 
     def run(verbosity):
         quiet.configure_logging(verbosity)
@@ -41,6 +45,7 @@ def emit(caplog):
 
     yield run
     tf_logger.handlers[:], tf_logger.filters[:], tf_logger.propagate = saved
+    tf_logger.setLevel(saved_tf_level)
     absl_logger.filters[:], level = saved_absl
     absl_logger.setLevel(level)
 
