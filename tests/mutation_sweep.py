@@ -1564,8 +1564,8 @@ MUTANTS = [
     Mutant(
         "model_args_change_not_named",
         "distopt/trainer/checkpointing.py",
-        "changed = _changed_state_settings(model_dir, config) if config else []",
-        "changed = []",
+        "        if put_back := _put_back(model_dir, config):\n            then, now = put_back\n            remedy",
+        "        if put_back := None:\n            then, now = put_back\n            remedy",
         "tests/test_train.py -k other_model_args",
     ),
     Mutant(

@@ -233,14 +233,12 @@ def restore(
         # values; the names are what says which setting changed.
         names = re.findall(r"<tf\.Variable '([^']+)'", str(e))
         detail = (
-            f"{len(names)} variable(s) of this run are not in it: "
-            f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+            f"{len(names)} variable(s) of this run are not in it: {_some(names)}"
             if names
             else str(e)[:500].rstrip(".")
         )
-        changed = _changed_state_settings(model_dir, config) if config else []
-        if changed:
-            then, now = _as_flags(changed, 1), _as_flags(changed, 2)
+        if put_back := _put_back(model_dir, config):
+            then, now = put_back
             remedy = (
                 f"Saved with {then}; this run has {now} (see its "
                 f"{RUN_CONFIG_FILE}). Nothing was written; rerun with {then}, "
@@ -265,13 +263,11 @@ def _warn_unused_values(checkpoint, path, model_dir, config, error) -> None:
     """One WARNING: the checkpoint's values this run dropped, and why."""
     unused = _unused_values(checkpoint, path)
     if unused:
-        names = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
-        what = f"{len(unused)} values this run does not use (dropped): {names}"
+        what = f"{len(unused)} values this run does not use (dropped): {_some(unused)}"
     else:  # Not a variable of the checkpoint: TensorFlow's first line says.
         what = f"values this run does not use: {checkpoints_lib.first_line(error)}"
-    changed = _changed_state_settings(model_dir, config) if config else []
-    if changed:
-        then, now = _as_flags(changed, 1), _as_flags(changed, 2)
+    if put_back := _put_back(model_dir, config):
+        then, now = put_back
         why = (
             f"saved with {then}, this run has {now} (see its "
             f"{RUN_CONFIG_FILE}). Rerun with {then} to keep them"
@@ -313,9 +309,22 @@ def _unused_values(checkpoint: tf.train.Checkpoint, path: str) -> list[str]:
     return unused
 
 
-def _as_flags(changed, which: int) -> str:
-    """``changed``'s stored (1) or this run's (2) values, as flags."""
-    return " ".join(f"--{c[0]}={_flag_value(c[which])}" for c in changed)
+def _some(names: list[str]) -> str:
+    """The first 8 of ``names``, joined, with ``...`` for the rest."""
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def _put_back(model_dir: str, config: TrainConfig | None) -> tuple[str, str] | None:
+    """The changed state-shaping settings as flags: (the stored run's, this run's).
+
+    None when none changed (or no config): the messages then name no flag.
+    """
+    changed = _changed_state_settings(model_dir, config) if config else []
+    if not changed:
+        return None
+    return tuple(
+        " ".join(f"--{c[0]}={_flag_value(c[i])}" for c in changed) for i in (1, 2)
+    )
 
 
 def _changed_state_settings(model_dir: str, config: TrainConfig):
