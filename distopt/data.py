@@ -652,6 +652,16 @@ class DatasetFeed:
         return batch
 
 
+def batch_larger_than_split(
+    global_batch_size: int, num_examples: int, split: str
+) -> str:
+    """Why an epoch of ``num_examples`` has no whole batch (the remainder dropped)."""
+    return (
+        f"global batch {global_batch_size} is larger than the {num_examples} "
+        f"{split} examples, and the remainder is dropped"
+    )
+
+
 class InMemoryFeed:
     """Training batches gathered on the replicas' devices from in-memory data.
 
@@ -723,8 +733,7 @@ class InMemoryFeed:
         )
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"global batch {global_batch_size} is larger than the "
-                f"{self.num_examples} {split} examples, and the remainder is dropped"
+                batch_larger_than_split(global_batch_size, self.num_examples, split)
             )
         self._image_shape = tuple(images.shape[1:])
         self._row_bytes = int(np.prod(self._image_shape))

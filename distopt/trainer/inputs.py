@@ -133,11 +133,10 @@ def check_batch_before_data(config: TrainConfig) -> None:
         and config.drop_remainder
         and config.batch_size > BUNDLED_TRAIN_EXAMPLES
     ):
-        raise ConfigError(
-            f"--batch_size={config.batch_size}: global batch {config.batch_size} "
-            f"is larger than the {BUNDLED_TRAIN_EXAMPLES} train examples, and the "
-            "remainder is dropped"
+        why = data_lib.batch_larger_than_split(
+            config.batch_size, BUNDLED_TRAIN_EXAMPLES, "train"
         )
+        raise ConfigError(f"--batch_size={config.batch_size}: {why}")
 
 
 def _check_pipeline_batch(strategy, source, batch_size: int, drop: bool) -> None:
