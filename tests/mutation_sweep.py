@@ -1806,6 +1806,48 @@ MUTANTS = [
         "0.0",
         "tests/test_train.py -k longer_run_says",
     ),
+    Mutant(
+        "unread_flag_default_refused",
+        "distopt/trainer/config.py",
+        "if value != getattr(defaults, flag) and actual not in values:",
+        "if actual not in values:",
+        "tests/test_preflight.py -k taken_where",
+    ),
+    Mutant(
+        "unread_flag_ignores_skip_nonfinite",
+        "distopt/trainer/config.py",
+        'readers = {"on_nonfinite": nonfinite_policy(config)}',
+        "readers = {}",
+        "tests/test_preflight.py -k taken_where",
+    ),
+    Mutant(
+        "unread_decay_rate_allowed",
+        "distopt/trainer/config.py",
+        '("decay_rate", "lr_schedule", ("exponential",)),',
+        "",
+        "tests/test_preflight.py -k taken_where",
+    ),
+    Mutant(
+        "unread_sync_period_allowed",
+        "distopt/trainer/config.py",
+        'if config.sync == "every_step" and config.sync_period != defaults.sync_period:',
+        "if False:",
+        "tests/test_preflight.py -k 'taken_where or out_of_range'",
+    ),
+    Mutant(
+        "unread_flag_check_not_called",
+        "distopt/trainer/config.py",
+        "    _check_flags_that_would_do_nothing(config)\n",
+        "",
+        "tests/test_preflight.py -k out_of_range",
+    ),
+    Mutant(
+        "sharding_on_one_replica_silent",
+        "distopt/trainer/run.py",
+        "    if config.shard_optimizer_state:\n",
+        "    if False:\n",
+        "tests/test_train.py -k on_one_replica",
+    ),
 ]
 
 

@@ -478,6 +478,29 @@ def test_a_second_ctrl_c_is_one_line_and_leaves_no_empty_run(cli, tmp_path, when
                 "not connect to a TPU. Drop it, or add --strategy=tpu"
             ),
         ),
+        # Flags that nothing reads under the other flags' values: each did
+        # nothing, without a word.
+        (
+            "--decay_steps=100",
+            (
+                "--decay_steps=100 applies to --lr_schedule=exponential or cosine "
+                "only; --lr_schedule=constant does not read it. Drop it, or set "
+                "--lr_schedule"
+            ),
+        ),
+        ("--max_skipped_steps=5", "--max_skipped_steps=5 applies to --on_nonfinite"),
+        (
+            "--communication_timeout=30",
+            "--communication_timeout=30.0 applies to --strategy=multi_worker only",
+        ),
+        (
+            "--sync_period=4",
+            (
+                "--sync_period=4 applies to a --sync other than every_step "
+                "(accumulate, local_sgd, diloco, hierarchical); --sync=every_step "
+                "communicates every step. Drop it, or set --sync"
+            ),
+        ),
     ],
 )
 def test_out_of_range_number_is_one_line_exit_2_nothing_created(
@@ -499,7 +522,9 @@ INT64_MAX = 2**63 - 1
 @pytest.mark.parametrize("name", sorted(config_lib._AT_LEAST))
 def test_every_integer_flag_fits_int64(name):
     # One rule for every integer flag: TensorFlow counts in int64.
-    fits = config_lib.TrainConfig(strategy="mirrored", **{name: INT64_MAX})
+    # Where every integer flag is read (see test_a_flag_is_taken_where_it_is_read).
+    read = {"lr_schedule": "exponential", "on_nonfinite": "skip", "sync": "local_sgd"}
+    fits = config_lib.TrainConfig(strategy="mirrored", **read, **{name: INT64_MAX})
     config_lib.check_flags(fits)
     over = dataclasses.replace(fits, **{name: INT64_MAX + 1})
     with pytest.raises(config_lib.ConfigError) as e:
@@ -507,6 +532,32 @@ def test_every_integer_flag_fits_int64(name):
     assert str(e.value) == (
         f"--{name} must be <= 2**63 - 1 (TensorFlow's int64), got {INT64_MAX + 1}"
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, reader",
+    [
+        ("decay_steps", 100, {"lr_schedule": "exponential"}),
+        ("decay_steps", 100, {"lr_schedule": "cosine"}),
+        ("decay_rate", 0.5, {"lr_schedule": "exponential"}),
+        ("max_skipped_steps", 5, {"on_nonfinite": "skip"}),
+        ("max_skipped_steps", 5, {"skip_nonfinite": True}),
+        ("communication_timeout", 30.0, {"strategy": "multi_worker"}),
+        ("slurm_port_base", 9000, {"strategy": "multi_worker"}),
+        ("sync_period", 4, {"sync": "local_sgd"}),
+        ("sync_period", 4, {"sync": "accumulate"}),
+    ],
+)
+def test_a_flag_is_taken_where_it_is_read_and_refused_elsewhere(flag, value, reader):
+    # It did nothing under the default --lr_schedule, --on_nonfinite,
+    # --strategy or --sync, without a word.
+    config_lib.check_flags(config_lib.TrainConfig(**reader, **{flag: value}))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.check_flags(config_lib.TrainConfig(**{flag: value}))
+    assert str(e.value).startswith(f"--{flag}={value} applies to "), e.value
+    # The default value is no setting: a flagfile may spell it out anywhere.
+    default = getattr(config_lib.TrainConfig(), flag)
+    config_lib.check_flags(config_lib.TrainConfig(**{flag: default}))
 
 
 def test_lr_boundaries_fit_int64():

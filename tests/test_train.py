@@ -285,14 +285,22 @@ def test_sharded_state_and_compression_from_flags(tmp_path, caplog, finished_run
     assert "does nothing on 1 replica" not in caplog.text
 
 
-def test_compression_on_one_replica_says_it_does_nothing(tmp_path, caplog):
-    # It trained uncompressed without a word (all counters 0).
+def test_compression_and_sharding_on_one_replica_say_they_do_nothing(tmp_path, caplog):
+    # It trained uncompressed and unsharded without a word (all counters 0).
     with caplog.at_level(logging.WARNING, logger="absl"):
-        metrics = run_lib.train(_config(tmp_path, train_steps=2, compression="topk"))
+        metrics = run_lib.train(
+            _config(
+                tmp_path, train_steps=2, compression="topk", shard_optimizer_state=True
+            )
+        )
     assert metrics["communication_bytes_sent"] == 0
     assert (
         "--compression=topk does nothing on 1 replica (nothing is communicated); "
         "training is uncompressed"
+    ) in caplog.text
+    assert (
+        "--shard_optimizer_state does nothing on 1 replica (its one shard is the "
+        "whole optimizer state)"
     ) in caplog.text
 
 

@@ -142,6 +142,7 @@ def check_flags(config: TrainConfig) -> None:
     if config.train_steps:
         check_total_steps(config, config.train_steps)
     _check_strategy_flags(config)
+    _check_flags_that_would_do_nothing(config)
     if config.strategy == "tpu" and not config.tpu:
         raise ConfigError("--strategy=tpu needs --tpu (a TPU name, or 'local' on a VM)")
     if config.target_accuracy is not None and not config.eval_every:
@@ -173,6 +174,44 @@ def _check_strategy_flags(config: TrainConfig) -> None:
                 f"--strategy={config.strategy} does not {what}. Drop it, or "
                 f"add --strategy={strategy}"
             )
+
+
+# Flags that only some values of another flag read: (flag, that other flag,
+# the values that read it). Set away from its default under another value,
+# such a flag did nothing, without a word.
+_READ_ONLY_UNDER = (
+    ("decay_steps", "lr_schedule", ("exponential", "cosine")),
+    ("decay_rate", "lr_schedule", ("exponential",)),
+    ("max_skipped_steps", "on_nonfinite", ("skip",)),
+    ("communication_timeout", "strategy", ("multi_worker",)),
+    ("slurm_port_base", "strategy", ("multi_worker",)),
+)
+
+
+def _check_flags_that_would_do_nothing(config: TrainConfig) -> None:
+    """A flag set where nothing reads it is refused, as a strategy's flag is.
+
+    Whoever sets --decay_steps or --max_skipped_steps expects its effect; a
+    run without it would be reported as one with it. A value equal to the
+    default is let through: it changes nothing either way.
+    """
+    defaults = TrainConfig()
+    readers = {"on_nonfinite": nonfinite_policy(config)}
+    for flag, reader, values in _READ_ONLY_UNDER:
+        value = getattr(config, flag)
+        actual = readers.get(reader, getattr(config, reader))
+        if value != getattr(defaults, flag) and actual not in values:
+            raise ConfigError(
+                f"--{flag}={value} applies to --{reader}={' or '.join(values)} "
+                f"only; --{reader}={actual} does not read it. Drop it, or set "
+                f"--{reader}"
+            )
+    if config.sync == "every_step" and config.sync_period != defaults.sync_period:
+        raise ConfigError(
+            f"--sync_period={config.sync_period} applies to a --sync other than "
+            "every_step (accumulate, local_sgd, diloco, hierarchical); "
+            "--sync=every_step communicates every step. Drop it, or set --sync"
+        )
 
 
 def _check_floats(config: TrainConfig) -> None:

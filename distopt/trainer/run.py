@@ -163,14 +163,8 @@ def setup(config, strategy, start_time, signals) -> Run:
     signals.install()
     inputs.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     _check_replica_groups(config, strategy)
-    if config.compression and strategy.num_replicas_in_sync == 1:
-        # Nothing travels; the residuals are still kept, so that the
-        # checkpoint resumes compressed on more replicas.
-        logging.warning(
-            "--compression=%s does nothing on 1 replica (nothing is "
-            "communicated); training is uncompressed",
-            config.compression,
-        )
+    if strategy.num_replicas_in_sync == 1:
+        _warn_what_one_replica_ignores(config)
     checkpointing.check_model_dir(config.model_dir, config)
     source = data_lib.load_source(
         config.dataset, config.data_dir, config.data_source, download=config.download
@@ -305,6 +299,26 @@ def resume(run: Run) -> None:
         run.start_step,
         run.total_steps,
     )
+
+
+def _warn_what_one_replica_ignores(config) -> None:
+    """Flags that change nothing on 1 replica, said once (not refused: the
+    same flagfile serves any device count, and the numbers are the same)."""
+    if config.compression:
+        # Nothing travels; the residuals are still kept, so that the
+        # checkpoint resumes compressed on more replicas.
+        logging.warning(
+            "--compression=%s does nothing on 1 replica (nothing is "
+            "communicated); training is uncompressed",
+            config.compression,
+        )
+    if config.shard_optimizer_state:
+        # One shard is the whole state: nothing is saved. The checkpoint
+        # still resumes sharded on more replicas.
+        logging.warning(
+            "--shard_optimizer_state does nothing on 1 replica (its one shard "
+            "is the whole optimizer state)"
+        )
 
 
 def _warn_if_weights_are_the_average(run: Run) -> None:
