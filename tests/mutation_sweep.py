@@ -1848,6 +1848,13 @@ MUTANTS = [
         "    if False:\n",
         "tests/test_train.py -k on_one_replica",
     ),
+    Mutant(
+        "all_none_gradients_accepted",
+        "distopt/optimizers/base.py",
+        "if all_variables and not variables:",
+        "if False:",
+        "tests/test_errors.py -k all_none",
+    ),
 ]
 
 

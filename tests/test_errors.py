@@ -293,13 +293,30 @@ def test_variable_without_first_gradient_trains_later():
         np.testing.assert_allclose(v.numpy(), w, rtol=1e-6)
 
 
-def test_all_none_gradients_change_no_variable():
+@pytest.mark.parametrize("where", ["eager", "function", "mirrored"])
+def test_all_none_gradients_are_refused_and_change_nothing(where):
+    # They counted an update (the schedule, the sync period) that changed no
+    # variable; Keras refuses them too.
     params, _ = ref.problem(1, seed=14)
-    opt = optimizers.GradientDescent(0.1)
-    variables = [tf.Variable(p) for p in params]
-    opt.apply_gradients([None] * len(variables), variables)
+    strategy = mirrored(2) if where == "mirrored" else tf.distribute.get_strategy()
+    with strategy.scope():
+        opt = optimizers.GradientDescent(0.1)
+        variables = [tf.Variable(p) for p in params]
+
+    def apply():
+        return opt.apply_gradients([None] * len(variables), variables)
+
+    step = {
+        "eager": apply,
+        "function": tf.function(apply),
+        "mirrored": tf.function(lambda: strategy.run(apply)),
+    }[where]
+    with pytest.raises(ValueError, match=r"grads: every gradient is None \(var"):
+        step()
     for v, p in zip(variables, params):
-        np.testing.assert_array_equal(v.numpy(), p)
+        for copy in local_copies(strategy, v):
+            np.testing.assert_array_equal(copy, p)
+    assert opt.iterations.numpy() == 0 and not opt.built_variables()
 
 
 @pytest.mark.parametrize("form", ["lists", "pairs", "zip"])

@@ -466,6 +466,15 @@ class Optimizer(tf.Module):
         """
         grads, variables, all_variables = _split_arguments(grads_and_vars, var_list)
         _check_variables(all_variables)
+        if all_variables and not variables:
+            # As in Keras: a loss that reaches no variable is a bug, and a
+            # step that changes nothing would still count an update.
+            names = [v.name for v in all_variables]
+            raise ValueError(
+                f"grads: every gradient is None (variables {names[:8]}"
+                f"{' ...' if len(names) > 8 else ''}): the loss does not depend "
+                "on them. Nothing was changed."
+            )
         dist.check_created_in_scope(dist.current_strategy(), all_variables)
         grads = _check_gradients(grads, variables)
         if self._built:
