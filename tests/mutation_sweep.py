@@ -1855,6 +1855,27 @@ MUTANTS = [
         "if False:",
         "tests/test_errors.py -k all_none",
     ),
+    Mutant(
+        "diloco_ef_warning_ignores_outer_momentum",
+        "distopt/trainer/run.py",
+        'or not config.sync_args.get("outer_momentum", factories.OUTER_MOMENTUM)',
+        "or False",
+        "tests/test_train.py -k diloco_with_error",
+    ),
+    Mutant(
+        "diloco_ef_warning_ignores_decay",
+        "distopt/trainer/run.py",
+        'or "error_feedback_decay" in args',
+        "or False",
+        "tests/test_train.py -k diloco_with_error",
+    ),
+    Mutant(
+        "diloco_ef_warning_not_called",
+        "distopt/trainer/run.py",
+        "    warn_if_error_feedback_meets_outer_momentum(config)\n",
+        "",
+        "tests/test_train.py -k diloco_with_error",
+    ),
 ]
 
 

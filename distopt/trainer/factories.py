@@ -167,6 +167,10 @@ def make_sync(config: TrainConfig):
         raise ConfigError(f"--sync={config.sync} does not take {kwargs}: {e}") from e
 
 
+#: DiLoCo's default outer Nesterov momentum (Douillard et al. 2023).
+OUTER_LEARNING_RATE, OUTER_MOMENTUM = 0.7, 0.9
+
+
 def _outer_optimizer(kwargs: dict):
     """DiLoCo's outer Nesterov momentum, from (and popping) ``kwargs``'s outer_*.
 
@@ -177,8 +181,8 @@ def _outer_optimizer(kwargs: dict):
     try:
         return optimizers_lib.get(
             "momentum",
-            learning_rate=kwargs.pop("outer_learning_rate", 0.7),
-            momentum=kwargs.pop("outer_momentum", 0.9),
+            learning_rate=kwargs.pop("outer_learning_rate", OUTER_LEARNING_RATE),
+            momentum=kwargs.pop("outer_momentum", OUTER_MOMENTUM),
             nesterov=True,
             name="outer_momentum",
         )
