@@ -11,6 +11,7 @@ wherever Python wants one. The variable itself is `counter.variable`.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -50,8 +51,9 @@ class Counter(tf.Module):
 
     def __array__(self, dtype=None, copy=None):
         del copy
-        arr = self.variable.numpy()
-        return arr.astype(dtype) if dtype is not None else arr
+        # An array, not the NumPy scalar `.numpy()` gives (`np.asarray`
+        # refused that, and with it Keras's `convert_to_numpy`).
+        return np.asarray(self.variable.numpy(), dtype=dtype)
 
     # --- Tensor behaviour -----------------------------------------------------
 
@@ -115,8 +117,13 @@ class Counter(tf.Module):
 
 
 def _to_tensor(value, dtype=None, name=None, as_ref=False):
+    # Cast to a requested dtype, as Keras's own `iterations` (a Keras
+    # variable) does: Keras's TensorBoard callback asks for float32.
     del as_ref
-    return tf.convert_to_tensor(value.variable, dtype=dtype, name=name)
+    tensor = tf.convert_to_tensor(value.variable, name=name)
+    if dtype is not None and tf.as_dtype(dtype) != tensor.dtype:
+        tensor = tf.cast(tensor, dtype)
+    return tensor
 
 
 tf.register_tensor_conversion_function(Counter, _to_tensor)

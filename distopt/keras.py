@@ -222,6 +222,19 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         """Creates the distopt optimizer's state for `variables`, once."""
         if self.built:
             return
+        if (
+            tf.distribute.has_strategy()
+            and tf.distribute.get_strategy() is not self._distribution_strategy
+        ):
+            # Made outside the model's scope: its state would live outside the
+            # replicas (Keras's learning rate on one device, which an XLA
+            # update on another cannot read), and entering its own scope
+            # inside fit's is TensorFlow's "Must not nest" error.
+            raise ValueError(
+                "optimizer: made outside the strategy scope the model trains "
+                "in; create it (and wrap it) inside `with strategy.scope():`, "
+                "like the model. Nothing was built."
+            )
         self._build_keras_side(variables)
         with self._distribution_strategy.scope():
             self._inner.build(self._model_vars.items)
@@ -317,12 +330,17 @@ class KerasOptimizer(keras.optimizers.Optimizer):
     def _tf_variables(self, variables, argument):
         """The distopt optimizer's `tf.Variable` behind each Keras variable."""
         index = self._trainable_variables_indices
-        try:
-            return [self._model_vars.items[index[self._var_key(v)]] for v in variables]
-        except KeyError:
+        unknown = [v.path for v in variables if self._var_key(v) not in index]
+        if unknown:
+            # One optimizer per model, built once (Keras's rule too): another
+            # model, or a layer unfrozen after the build, needs a new one.
             raise ValueError(
-                f"{argument}: a variable this optimizer was not built with."
-            ) from None
+                f"{argument}: {unknown[:4]}{' ...' if len(unknown) > 4 else ''} "
+                "not among the variables this optimizer was built with; compile "
+                "with a new optimizer for another model or another set of "
+                "trainable weights."
+            )
+        return [self._model_vars.items[index[self._var_key(v)]] for v in variables]
 
     def apply(self, grads, trainable_variables=None):
         """Keras's `apply(grads, vars)`: the same as `apply_gradients`."""

@@ -1876,6 +1876,34 @@ MUTANTS = [
         "",
         "tests/test_train.py -k diloco_with_error",
     ),
+    Mutant(
+        "counter_array_scalar",
+        "distopt/counter.py",
+        "return np.asarray(self.variable.numpy(), dtype=dtype)",
+        "return self.variable.numpy()",
+        "tests/test_numerics.py -k counters_read",
+    ),
+    Mutant(
+        "counter_no_cast",
+        "distopt/counter.py",
+        "        tensor = tf.cast(tensor, dtype)",
+        "        tensor = tensor",
+        "tests/test_numerics.py -k counters_read",
+    ),
+    Mutant(
+        "keras_outside_scope_allowed",
+        "distopt/keras.py",
+        "and tf.distribute.get_strategy() is not self._distribution_strategy",
+        "and False",
+        "tests/test_keras_wrap.py -k outside_the_scope",
+    ),
+    Mutant(
+        "keras_unknown_variable_unnamed",
+        "distopt/keras.py",
+        "f\"{argument}: {unknown[:4]}{' ...' if len(unknown) > 4 else ''} \"",
+        'f"{argument}: "',
+        "tests/test_keras_wrap.py -k outside_the_scope",
+    ),
 ]
 
 

@@ -735,6 +735,32 @@ def test_a_second_wrap_of_one_optimizer_is_refused():
     assert float(first.learning_rate) == pytest.approx(0.05)
 
 
+def test_an_optimizer_outside_the_scope_or_of_another_model_is_named(mnist, two):
+    """Made outside the model's scope: TensorFlow's "Must not nest" error,
+    the wrapper left built, and a rerun of fit an XLA device error. Compiled
+    into a second model: an error that named no variable."""
+    x, y = mnist[0][:64], mnist[1][:64]
+    outside = dk.wrap(distopt.optimizers.GradientDescent(0.1))
+    model = _model(two, lambda: outside, hidden=0)
+    before = _weights(model)
+    for _ in range(2):  # A notebook's cell run again: the same one error.
+        with pytest.raises(ValueError, match="^optimizer: made outside the strategy"):
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+        assert not outside.built and not outside.distopt_optimizer.built_variables()
+    assert _max_diff(_weights(model), before) == 0.0
+
+    first = _model(two, lambda: dk.wrap(distopt.optimizers.GradientDescent(0.1)))
+    first.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    second = _model(two, lambda: first.optimizer, hidden=0, seed=1)
+    before = _weights(second)
+    with pytest.raises(ValueError) as e:
+        second.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    kernel = second.trainable_weights[0].path
+    assert str(e.value).startswith(f"grads_and_vars: ['{kernel}', "), e.value
+    assert "compile with a new optimizer for another model" in str(e.value)
+    assert _max_diff(_weights(second), before) == 0.0
+
+
 # --- The example ---------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ error in a small step) against NumPy, with plain gradient descent wherever a
 scale matters (Adam is invariant to a constant factor on the gradient).
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -495,6 +496,15 @@ def test_counters_read_naturally_in_python_under_mirrored():
     assert [int(c) for c in local_copies(M2, opt.iterations.variable)] == [2, 2]
     # Still a tensor wherever one is expected.
     assert int(tf.cast(opt.iterations, tf.int32) + 1) == 3
+    # What Keras's code does with `model.optimizer.iterations` (its
+    # TensorBoard callback asks for float32; convert_to_numpy is asarray):
+    # each failed, though Keras's own counter allows it.
+    for got in (np.asarray(opt.iterations), keras.ops.convert_to_numpy(opt.iterations)):
+        assert isinstance(got, np.ndarray) and got.dtype == np.int64 and got == 2
+    assert np.asarray(opt.iterations, np.float32).dtype == np.float32
+    as_float = keras.ops.convert_to_tensor(opt.iterations, "float32")
+    assert as_float.dtype == tf.float32 and float(as_float) == 2.0
+    assert tf.convert_to_tensor(opt.iterations).dtype == tf.int64
 
 
 # --- Misuse -------------------------------------------------------------------------
