@@ -358,13 +358,26 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         """Writes the learning rate and the distopt state (see module doc)."""
         if self.built:
             # Every replica's own weights and slots go into the optimizer's
-            # state, so that a mid-period save resumes exactly.
-            self._inner.snapshot_replicas(self._model_vars.items)
+            # state, so that a mid-period save resumes exactly; those kept
+            # while the average is in place (after fit's validation) too.
+            self._snapshot_own_weights()
         if isinstance(self._learning_rate, keras.Variable):
             store["learning_rate"] = self._learning_rate.numpy()
         if self.built:
             for i, v in enumerate(self._state()):
                 store[f"state_{i}"] = v.numpy()
+
+    def _snapshot_own_weights(self):
+        variables = self._model_vars.items
+        own = getattr(self, "_own_weights", None)
+        if own is None:
+            self._inner.snapshot_replicas(variables)
+            return
+        strategy = self._distribution_strategy
+        with strategy.scope():
+            dist.assign(strategy, variables, own.items)
+            self._inner.snapshot_replicas(variables)
+            dist.assign(strategy, variables, self._average.items)
 
     def load_own_variables(self, store):
         """Reads what `save_own_variables` wrote; gives each replica its own back."""
@@ -429,6 +442,11 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             dist.assign(strategy, variables, mean)
         self._own_weights = _Holder(own)
         self._own_weights_at = int(self.iterations.numpy())
+        # The average, put back after a save's snapshot of the own weights;
+        # replica 0's copy of it, to tell whether a callback replaced it
+        # (EarlyStopping's set_weights) before the own come back.
+        self._average = _Holder(mean)
+        self._average_seen = [v.numpy() for v in variables]
 
     def _kept_own_weights(self) -> bool:
         """Whether the replicas' own weights are kept from an earlier begin.
@@ -451,15 +469,26 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         self._own_weights = None
         return False
 
-    def average_replicas_end(self):
-        """Gives every replica its own weights back after `average_replicas_begin`."""
+    def average_replicas_end(self, unless_replaced=False):
+        """Gives every replica its own weights back after `average_replicas_begin`.
+
+        Args:
+            unless_replaced: Only if the average is still in place; weights a
+                callback set since (the same on every replica) stay, and the
+                replicas' own copies are dropped.
+        """
         own = getattr(self, "_own_weights", None)
         if own is None:
             return
+        variables = self._model_vars.items
+        self._own_weights = None
+        if unless_replaced and not all(
+            np.array_equal(v.numpy(), a) for v, a in zip(variables, self._average_seen)
+        ):
+            return
         strategy = self._distribution_strategy
         with strategy.scope():
-            dist.assign(strategy, self._model_vars.items, own.items)
-        self._own_weights = None
+            dist.assign(strategy, variables, own.items)
 
 
 class SyncCallback(keras.callbacks.Callback):
@@ -473,22 +502,49 @@ class SyncCallback(keras.callbacks.Callback):
     `allreduce_calls`); eagerly on one host it uses no collective keys, so
     it works after other strategies in the process and without TensorFlow's
     warning about eager `strategy.run`.
+
+    In `fit`, the average stays in place from the validation through the
+    epoch's end, whatever the callbacks' order: `EarlyStopping`'s
+    `restore_best_weights` and `ModelCheckpoint` see the model that was
+    scored (a save still keeps every replica's own weights). The own come
+    back before the next epoch, or at the end of `fit`, unless a callback
+    replaced the weights meanwhile.
     """
+
+    _fitting = False
 
     def _optimizer(self):
         opt = getattr(self.model, "optimizer", None)
         return opt if isinstance(opt, KerasOptimizer) else None
+
+    def _own_back(self, unless_replaced=True):
+        if opt := self._optimizer():
+            opt.average_replicas_end(unless_replaced=unless_replaced)
+
+    def on_train_begin(self, logs=None):
+        self._fitting = True
+        self._own_back()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._own_back()
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+        self._own_back()
 
     def on_test_begin(self, logs=None):
         if opt := self._optimizer():
             opt.average_replicas_begin()
 
     def on_test_end(self, logs=None):
-        if opt := self._optimizer():
-            opt.average_replicas_end()
+        if not self._fitting:
+            self._own_back(unless_replaced=False)
 
-    on_predict_begin = on_test_begin
-    on_predict_end = on_test_end
+    def on_predict_begin(self, logs=None):
+        self.on_test_begin(logs)
+
+    def on_predict_end(self, logs=None):
+        self._own_back(unless_replaced=False)
 
 
 def wrap(optimizer) -> KerasOptimizer:

@@ -1904,6 +1904,34 @@ MUTANTS = [
         'f"{argument}: "',
         "tests/test_keras_wrap.py -k outside_the_scope",
     ),
+    Mutant(
+        "sync_callback_own_back_at_test_end_in_fit",
+        "distopt/keras.py",
+        "        if not self._fitting:\n",
+        "        if True:\n",
+        "tests/test_keras_wrap.py -k early_stopping",
+    ),
+    Mutant(
+        "sync_callback_ignores_replaced_weights",
+        "distopt/keras.py",
+        "if unless_replaced and not all(",
+        "if False and not all(",
+        "tests/test_keras_wrap.py -k early_stopping",
+    ),
+    Mutant(
+        "save_snapshots_the_average",
+        "distopt/keras.py",
+        "        if own is None:\n            self._inner.snapshot_replicas(variables)",
+        "        if True:\n            self._inner.snapshot_replicas(variables)",
+        "tests/test_keras_wrap.py -k validation_with_sync",
+    ),
+    Mutant(
+        "own_not_back_at_epoch_begin",
+        "distopt/keras.py",
+        "    def on_epoch_begin(self, epoch, logs=None):\n        self._own_back()",
+        "    def on_epoch_begin(self, epoch, logs=None):\n        pass",
+        "tests/test_keras_wrap.py -k validation_with_sync",
+    ),
 ]
 
 

@@ -413,6 +413,83 @@ def test_save_load_model_continues_exactly(mnist, two, straight):
     _assert_same_replicas(two, model, loaded)
 
 
+@pytest.mark.slow  # multi-epoch
+def test_validation_with_sync_callback_and_saves_leave_the_run_unchanged(
+    mnist, two, tmp_path, straight
+):
+    """fit's validation keeps the average in place through the epoch's end
+    (for EarlyStopping and ModelCheckpoint): the run still equals one with
+    neither, and a save there still holds every replica's own weights."""
+    x, y = mnist
+    path = str(tmp_path / "model.keras")
+    saver = _SaveFirstEpoch(two, path)
+    model = _model(two, _adam_for("local_sgd"))
+    model.fit(
+        x[SAVE_X],
+        y[SAVE_X],
+        batch_size=64,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x[1000:1128], y[1000:1128]),
+        callbacks=[dk.SyncCallback(), saver],
+    )
+    _assert_same_replicas(two, straight("local_sgd"), model)
+    # At the save the replicas held the average (what was scored) ...
+    assert _max_diff(saver.replicas[0], saver.replicas[1]) == 0.0
+    # ... and the file gives each its own weights of that step back.
+    _, own = straight.saved_mid_period()
+    with two.scope():
+        loaded = keras.models.load_model(path)
+    got = _replica_weights(two, loaded)
+    for r in range(len(own)):
+        for a, b in zip(own[r], got[r]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("sync_first", [True, False], ids=["sync_first", "sync_last"])
+def test_early_stopping_restores_the_scored_average(two, sync_first):
+    """EarlyStopping(restore_best_weights) under LocalSGD with SyncCallback
+    restored replica 0's weights of the best epoch: the validation had
+    scored their average, and the callbacks read the weights after
+    SyncCallback had given each replica its own back."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(160, 20)).astype(np.float32), rng.integers(0, 5, 160)
+    xv, yv = rng.normal(size=(64, 20)).astype(np.float32), rng.integers(0, 5, 64)
+    with two.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((20,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.Dense(5),
+            ]
+        )
+        adam = distopt.optimizers.Adam(0.3, sync=sync.LocalSGD(4), jit_compile=False)
+        model.compile(
+            optimizer=dk.wrap(adam),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
+    callbacks = [dk.SyncCallback(), stop] if sync_first else [stop, dk.SyncCallback()]
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=8,
+        shuffle=False,
+        verbose=0,
+        validation_data=(xv, yv),
+        callbacks=callbacks,
+    )
+    losses = history.history["val_loss"]
+    # It stopped after an epoch (5 steps: mid-period) worse than an earlier one.
+    assert stop.stopped_epoch > 0 and int(np.argmin(losses)) < len(losses) - 1
+    replicas = _replica_weights(two, model)
+    assert _max_diff(replicas[0], replicas[1]) == 0.0
+    assert model.evaluate(xv, yv, verbose=0) == pytest.approx(min(losses), rel=1e-6)
+
+
 # --- Compression -------------------------------------------------------------------
 
 
