@@ -67,6 +67,7 @@ How Keras's conventions are kept:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import warnings
@@ -356,27 +357,36 @@ class KerasOptimizer(keras.optimizers.Optimizer):
 
     def save_own_variables(self, store):
         """Writes the learning rate and the distopt state (see module doc)."""
-        if self.built:
-            # Every replica's own weights and slots go into the optimizer's
-            # state, so that a mid-period save resumes exactly; those kept
-            # while the average is in place (after fit's validation) too.
-            self._snapshot_own_weights()
         if isinstance(self._learning_rate, keras.Variable):
             store["learning_rate"] = self._learning_rate.numpy()
-        if self.built:
+        if not self.built:
+            return
+        variables = self._model_vars.items
+        # Every replica's own weights and slots go into the optimizer's
+        # state, so that a mid-period save resumes exactly; those kept while
+        # the average is in place (after fit's validation) too.
+        with self._own_weights_in_place():
+            self._inner.snapshot_replicas(variables)
             for i, v in enumerate(self._state()):
                 store[f"state_{i}"] = v.numpy()
+            # Written, the rows are freed (the values stay): weights that a
+            # callback sets later (EarlyStopping's best) failed the next
+            # step's check for a forgotten restore_replicas, which
+            # load_own_variables never forgets.
+            self._inner.restore_replicas(variables)
 
-    def _snapshot_own_weights(self):
-        variables = self._model_vars.items
+    @contextlib.contextmanager
+    def _own_weights_in_place(self):
+        """The replicas' own weights in place, if the average stands in."""
         own = getattr(self, "_own_weights", None)
         if own is None:
-            self._inner.snapshot_replicas(variables)
+            yield
             return
-        strategy = self._distribution_strategy
+        strategy, variables = self._distribution_strategy, self._model_vars.items
         with strategy.scope():
             dist.assign(strategy, variables, own.items)
-            self._inner.snapshot_replicas(variables)
+        yield
+        with strategy.scope():
             dist.assign(strategy, variables, self._average.items)
 
     def load_own_variables(self, store):

@@ -1932,6 +1932,13 @@ MUTANTS = [
         "    def on_epoch_begin(self, epoch, logs=None):\n        pass",
         "tests/test_keras_wrap.py -k validation_with_sync",
     ),
+    Mutant(
+        "keras_save_keeps_the_snapshot",
+        "distopt/keras.py",
+        "            self._inner.restore_replicas(variables)\n",
+        "            pass\n",
+        "tests/test_keras_wrap.py -k early_stopping",
+    ),
 ]
 
 

@@ -448,11 +448,13 @@ def test_validation_with_sync_callback_and_saves_leave_the_run_unchanged(
 
 
 @pytest.mark.parametrize("sync_first", [True, False], ids=["sync_first", "sync_last"])
-def test_early_stopping_restores_the_scored_average(two, sync_first):
+def test_early_stopping_restores_the_scored_average(two, sync_first, tmp_path):
     """EarlyStopping(restore_best_weights) under LocalSGD with SyncCallback
     restored replica 0's weights of the best epoch: the validation had
     scored their average, and the callbacks read the weights after
-    SyncCallback had given each replica its own back."""
+    SyncCallback had given each replica its own back. With a save each
+    epoch, the next fit failed: the save's snapshot did not match the
+    restored weights."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(160, 20)).astype(np.float32), rng.integers(0, 5, 160)
     xv, yv = rng.normal(size=(64, 20)).astype(np.float32), rng.integers(0, 5, 64)
@@ -472,6 +474,7 @@ def test_early_stopping_restores_the_scored_average(two, sync_first):
         )
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
     callbacks = [dk.SyncCallback(), stop] if sync_first else [stop, dk.SyncCallback()]
+    callbacks.append(keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras")))
     history = model.fit(
         x,
         y,
@@ -488,6 +491,10 @@ def test_early_stopping_restores_the_scored_average(two, sync_first):
     replicas = _replica_weights(two, model)
     assert _max_diff(replicas[0], replicas[1]) == 0.0
     assert model.evaluate(xv, yv, verbose=0) == pytest.approx(min(losses), rel=1e-6)
+    before = int(model.optimizer.iterations)
+    again = [c for c in callbacks if c is not stop]
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0, callbacks=again)
+    assert int(model.optimizer.iterations) == before + 5
 
 
 # --- Compression -------------------------------------------------------------------
