@@ -1921,8 +1921,8 @@ MUTANTS = [
     Mutant(
         "save_snapshots_the_average",
         "distopt/keras.py",
-        "        if own is None:\n            self._inner.snapshot_replicas(variables)",
-        "        if True:\n            self._inner.snapshot_replicas(variables)",
+        "        if own is None:\n            yield",
+        "        if True:\n            yield",
         "tests/test_keras_wrap.py -k validation_with_sync",
     ),
     Mutant(
