@@ -523,6 +523,12 @@ class SyncCallback(keras.callbacks.Callback):
 
     _fitting = False
 
+    def set_model(self, model):
+        # Each fit, evaluate and predict wraps its callbacks anew (fit's
+        # validation reuses fit's list): a fit that raised has ended.
+        super().set_model(model)
+        self._fitting = False
+
     def _optimizer(self):
         opt = getattr(self.model, "optimizer", None)
         return opt if isinstance(opt, KerasOptimizer) else None

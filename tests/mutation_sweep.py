@@ -1939,6 +1939,13 @@ MUTANTS = [
         "            pass\n",
         "tests/test_keras_wrap.py -k early_stopping",
     ),
+    Mutant(
+        "sync_callback_fit_never_ends",
+        "distopt/keras.py",
+        "        super().set_model(model)\n        self._fitting = False",
+        "        super().set_model(model)",
+        "tests/test_keras_wrap.py -k fit_that_raised",
+    ),
 ]
 
 

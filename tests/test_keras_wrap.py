@@ -497,6 +497,42 @@ def test_early_stopping_restores_the_scored_average(two, sync_first, tmp_path):
     assert int(model.optimizer.iterations) == before + 5
 
 
+def test_an_evaluation_after_a_fit_that_raised_gives_the_replicas_back(two):
+    """The same SyncCallback in a fit that raised mid-epoch, then in an
+    evaluate: the evaluate left the average in place (the callback still
+    thought fit's validation was running)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(160, 20)).astype(np.float32), rng.integers(0, 5, 160)
+    with two.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(5)])
+        adam = distopt.optimizers.Adam(0.1, sync=sync.LocalSGD(4), jit_compile=False)
+        model.compile(
+            optimizer=dk.wrap(adam),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    callback = dk.SyncCallback()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            validation_data=(x[:64], y[:64]),
+            callbacks=[callback, _Interrupt(epoch=1, batch=1)],
+        )
+    assert int(model.optimizer.iterations) == 7  # mid-period: the replicas differ
+    own = _replica_weights(two, model)
+    assert _max_diff(own[0], own[1]) > 1e-4
+    model.evaluate(x[:64], y[:64], verbose=0, callbacks=[callback])
+    after = _replica_weights(two, model)
+    for r in range(2):
+        for a, b in zip(own[r], after[r]):
+            np.testing.assert_array_equal(a, b)
+
+
 # --- Compression -------------------------------------------------------------------
 
 
