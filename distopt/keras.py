@@ -452,11 +452,10 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             dist.assign(strategy, variables, mean)
         self._own_weights = _Holder(own)
         self._own_weights_at = int(self.iterations.numpy())
-        # The average, put back after a save's snapshot of the own weights;
-        # replica 0's copy of it, to tell whether a callback replaced it
-        # (EarlyStopping's set_weights) before the own come back.
+        # The average, put back after a save's snapshot of the own weights,
+        # and to tell whether a callback replaced it (EarlyStopping's
+        # set_weights) before the own come back.
         self._average = _Holder(mean)
-        self._average_seen = [v.numpy() for v in variables]
 
     def _kept_own_weights(self) -> bool:
         """Whether the replicas' own weights are kept from an earlier begin.
@@ -492,13 +491,23 @@ class KerasOptimizer(keras.optimizers.Optimizer):
             return
         variables = self._model_vars.items
         self._own_weights = None
-        if unless_replaced and not all(
-            np.array_equal(v.numpy(), a) for v, a in zip(variables, self._average_seen)
-        ):
+        if unless_replaced and not self._average_in_place():
             return
         strategy = self._distribution_strategy
         with strategy.scope():
             dist.assign(strategy, variables, own.items)
+
+    def _average_in_place(self) -> bool:
+        """Whether replica 0 still holds the average, bit for bit, on its device."""
+        strategy = self._distribution_strategy
+        with strategy.scope():
+            return all(
+                bool(tf.reduce_all(tf.equal(dist.first_local(strategy, v), a)))
+                for v, a in zip(
+                    self._model_vars.items,
+                    (dist.first_local(strategy, m) for m in self._average.items),
+                )
+            )
 
 
 class SyncCallback(keras.callbacks.Callback):
