@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
-from absl import logging
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -522,21 +521,19 @@ class ReplicaRows(LogicalState):
     """A per-replica tensor (each replica writes its own), saved as `[R, ...]`.
 
     The checkpoint holds every replica's row. Restored on the same number of
-    replicas, replica r gets row r back. On another number:
-    * `keep_sum=False` (compression's residuals): zeros, and
-      `on_mismatch(saved, current)` is called (the compressor logs one
-      WARNING for all its residuals; without it, each logs its own);
-    * `keep_sum=True` (`Accumulate`'s buffers, which the flush sums): every
-      replica gets the rows' sum / R, so the sum is kept. A checkpoint of a
-      plain on-read variable (the sum itself, as `Accumulate` saved before
-      it kept rows) restores the same way.
+    replicas, replica r gets row r back. On another number, every replica
+    gets the rows' sum / R, so their sum is kept: what `Accumulate`'s flush
+    sums, and what a compressor's residuals still owe (each replica adds its
+    own to its next share, and the shares are summed). `on_mismatch(saved,
+    current)`, if given, is then called (the compressor logs one line for
+    all its residuals). A checkpoint of a plain on-read variable (the sum
+    itself, as `Accumulate` saved before it kept rows) restores the same way.
     """
 
-    def __init__(self, strategy, shape, dtype, name, on_mismatch=None, keep_sum=False):
+    def __init__(self, strategy, shape, dtype, name, on_mismatch=None):
         super().__init__(name=name)
         self._strategy = strategy
         self._on_mismatch = on_mismatch
-        self._keep_sum = keep_sum
         self._shape = tf.TensorShape(shape)
         self._dtype = tf.as_dtype(dtype)
         self._storage = Untracked(
@@ -583,26 +580,14 @@ class ReplicaRows(LogicalState):
         n = self._strategy.num_replicas_in_sync
         if value.shape.rank == self._shape.rank + 1 and value.shape[0] == n:
             rows = by_replica(self._strategy, lambda r, i: tf.identity(value[r]))
-        elif self._keep_sum:
+        else:
             # Rows of another replica count, or (same rank) the sum itself.
             whole = value.shape.rank == self._shape.rank
+            if self._on_mismatch is not None and not whole:
+                self._on_mismatch(value.shape[0], n)
             total = value if whole else tf.reduce_sum(value, axis=0)
             share = total / tf.cast(n, total.dtype)
             rows = by_replica(self._strategy, lambda r, i: tf.identity(share))
-        else:
-            if self._on_mismatch is not None:
-                self._on_mismatch(value.shape[0], n)
-            else:
-                logging.warning(
-                    "%s: the checkpoint holds the rows of %d replicas and this "
-                    "run has %d; they restart at zero.",
-                    self.name,
-                    value.shape[0],
-                    n,
-                )
-            rows = by_replica(
-                self._strategy, lambda r, i: tf.zeros(self._shape, self._dtype)
-            )
         assign_components(self._strategy, self.storage, rows)
 
 

@@ -1946,6 +1946,20 @@ MUTANTS = [
         "        super().set_model(model)",
         "tests/test_keras_wrap.py -k fit_that_raised",
     ),
+    Mutant(
+        "residuals_restart_at_zero",
+        "distopt/distribute.py",
+        "            share = total / tf.cast(n, total.dtype)",
+        "            share = total * 0.0 if self._on_mismatch else total / n",
+        "tests/test_compression.py -k 'residuals_sum or default_strategy'",
+    ),
+    Mutant(
+        "residuals_spread_unannounced",
+        "distopt/compression/base.py",
+        "                            on_mismatch=self._note_spread,",
+        "                            on_mismatch=None,",
+        "tests/test_compression.py -k 'residuals_sum or default_strategy'",
+    ),
 ]
 
 

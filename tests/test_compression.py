@@ -783,60 +783,101 @@ def test_a_restore_before_the_first_step_continues_in_a_function(tmp_path, compr
     assert resumed["steps"] == 5
 
 
-def test_other_replica_count_restarts_residuals_with_one_warning(tmp_path, caplog):
-    grads = gradients(2, 2, seed=43)
+def _owed_notes(caplog):
+    return [r for r in caplog.records if "still owed" in r.getMessage()]
+
+
+def test_another_replica_count_starts_from_the_residuals_sum(tmp_path, caplog):
+    """Saved on 2 replicas, resumed on 4: every replica starts with the saved
+    rows' sum / 4, which keeps what is still owed (sum_r e_r), then the run
+    follows the reference from there; one log line for all residuals."""
     make = lambda: make_optimizer("topk", learning_rate=LR)
-    params, opt, _, records = run(M2, make, grads, record=False)
-    assert np.any(records[-1]["residual"][0] != 0)
+    params, opt, _, records = run(M2, make, gradients(2, 2, seed=43), record=False)
+    saved = records[-1]["residual"]
+    assert all(r is None or np.any(r != 0) for r in saved)
     path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
     m4 = mirrored(4)
     params4, opt4 = setup(m4, make)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         tf.train.Checkpoint(params=params4, optimizer=opt4).restore(
             path
         ).assert_consumed()
-    warnings = [r for r in caplog.records if "restart at zero" in r.getMessage()]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert warnings[0].levelno == logging.WARNING
-    assert "2 replicas" in warnings[0].getMessage()
-    for i, shape in enumerate(SHAPES):
-        rows = opt4.compression.residuals[str(i)].numpy()
-        assert rows.shape == (4, *shape)
-        np.testing.assert_array_equal(rows, 0.0)
-    # Everything else is restored.
-    np.testing.assert_array_equal(params4[0].numpy(), params[0].numpy())
+    notes = _owed_notes(caplog)
+    assert len(notes) == 1, [r.getMessage() for r in notes]
+    assert "2 replicas" in notes[0].getMessage() and "sum / 4" in notes[0].getMessage()
+    start = [
+        None if r is None else np.repeat(r.sum(axis=0, keepdims=True) / 4, 4, axis=0)
+        for r in saved
+    ]
+    for i, want in enumerate(start):
+        if want is not None:
+            np.testing.assert_array_equal(
+                opt4.compression.residuals[str(i)].numpy(), want
+            )
+    w0 = [p.numpy() for p in params4]
+    np.testing.assert_array_equal(w0[0], params[0].numpy())
     assert int(opt4.compression.steps) == 2
+    # Two more steps on 4 replicas, against `ef_sgd` started from those rows.
+    grads4 = gradients(2, 4, seed=45)
+    _, _, _, after = run(m4, opt4, grads4, params=params4, record=False)
+    steps = reference("topk", shares_of(grads4), residual0=start)
+    for i in range(len(w0)):
+        update = -LR * (steps[0]["aggregate"][i] + steps[1]["aggregate"][i])
+        for r in range(4):
+            np.testing.assert_allclose(
+                after[-1]["params"][i][r] - w0[i], update, rtol=1e-5, atol=1e-7
+            )
+        if start[i] is not None:
+            np.testing.assert_allclose(
+                after[-1]["residual"][i], steps[1]["residual"][i], rtol=1e-5, atol=1e-7
+            )
 
 
 @pytest.mark.parametrize("name", ["powersgd", "topk", "onebit"])
 def test_a_checkpoint_restores_under_the_default_strategy(tmp_path, caplog, name):
     # The trainer's default strategy, a notebook's evaluation on one device
-    # and Keras's load_model outside any scope restore here. (Compression is
-    # off with one replica; its state still round-trips.)
+    # and Keras's load_model outside any scope restore here. Compression is
+    # off with one replica: the residuals' sum is carried as it is, for a
+    # later run on more replicas, through steps and a save.
     default = tf.distribute.get_strategy()
     make = lambda: make_optimizer(name, learning_rate=LR)
-    params, opt, _, _ = run(M2, make, gradients(2, 2, seed=44), record=False)
+    params, opt, _, records = run(M2, make, gradients(2, 2, seed=44), record=False)
+    owed = [
+        r.sum(axis=0, keepdims=True) for r in records[-1]["residual"] if r is not None
+    ]
     path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "a"))
 
-    def restored(path):
+    def restored(path, want, steps=0):
         params1, opt1 = setup(default, make)
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO):
             tf.train.Checkpoint(params=params1, optimizer=opt1).restore(
                 path
             ).assert_consumed()
-        for a, b in zip(params1, params):
-            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        for a, b in zip(params1, want):
+            np.testing.assert_array_equal(a.numpy(), b)
         assert int(opt1.compression.steps) == 2
+        if steps:
+            run(
+                default,
+                opt1,
+                gradients(steps, 1, seed=46),
+                params=params1,
+                record=False,
+            )
         residuals = [v.numpy() for v in opt1.compression.residuals.values()]
-        assert residuals and all(r.shape[0] == 1 and not r.any() for r in residuals)
+        assert len(residuals) == len(owed)
+        for got, carried in zip(residuals, owed):
+            np.testing.assert_array_equal(got, carried)
         return params1, opt1
 
-    params1, opt1 = restored(path)  # Saved on 2 replicas.
+    # Saved on 2 replicas; two steps on one.
+    params1, opt1 = restored(path, [p.numpy() for p in params], steps=2)
     restored(  # Saved under the default strategy.
-        tf.train.Checkpoint(params=params1, optimizer=opt1).save(str(tmp_path / "b"))
+        tf.train.Checkpoint(params=params1, optimizer=opt1).save(str(tmp_path / "b")),
+        [p.numpy() for p in params1],
     )
-    warnings = [r for r in caplog.records if "restart at zero" in r.getMessage()]
-    assert len(warnings) == 1 and "2 replicas" in warnings[0].getMessage()
+    notes = _owed_notes(caplog)
+    assert len(notes) == 1 and "2 replicas" in notes[0].getMessage()
 
 
 def test_a_compressor_serves_one_optimizer():

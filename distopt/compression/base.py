@@ -42,9 +42,15 @@ size; rescaled, Q is what a run at s' throughout would hold.
 Residuals are per replica: each replica writes its own copy
 (`distribute.per_replica_zeros`), and a checkpoint holds every replica's row
 (`distribute.ReplicaRows`), so a run resumed on the same number of replicas goes on
-bit for bit. On another number of replicas the rows have no owner: the
-residuals restart at zero, with one WARNING (what they held is at most one
-step's compression error per replica).
+bit for bit. On another number of replicas the rows have no owner, but their
+sum is what is still owed to the aggregate (`sum_r e_r`: each replica adds
+its own to its next share, and the shares are summed): every replica starts
+with that sum / R, so nothing owed is lost, with one line in the log. The
+residuals can owe far more than a step's gradient (top-k at 1% on noisy
+gradients: 16 times the mean gradient's norm, more than training had
+applied; zeros would drop it). On one replica nothing is
+compressed and the residuals are carried as they are, for a later run on
+more replicas.
 
 Only float32 shares are compressed; float64 ones travel uncompressed in the
 Reducer's fused all-reduce (16-bit variables have float32 payloads).
@@ -121,7 +127,7 @@ class Compressor(tf.Module):
             self.start_step = check_int("start_step", start_step, minimum=0)
         self._built = False
         self._pending = None
-        self._warned_restart = False
+        self._noted_spread = False
 
     # --- What a subclass provides --------------------------------------------
 
@@ -190,22 +196,24 @@ class Compressor(tf.Module):
                             v.shape,
                             tf.float32,
                             f"residual_{i}",
-                            on_mismatch=self._warn_restart,
+                            on_mismatch=self._note_spread,
                         )
             self.build_state(strategy, variables, compressed)
         self._strategy = strategy
         self._built = True
 
-    def _warn_restart(self, saved, current):
-        """Logs the restart of the residuals at zero: once, not per variable."""
-        if self._warned_restart:
+    def _note_spread(self, saved, current):
+        """Logs that the residuals' sum is shared out: once, not per variable."""
+        if self._noted_spread:
             return
-        self._warned_restart = True
-        logging.warning(
+        self._noted_spread = True
+        logging.info(
             "compression (%s): the checkpoint holds the residuals of %d replicas "
-            "and this run has %d; they restart at zero.",
+            "and this run has %d; each replica starts with their sum / %d, so "
+            "what was not yet sent is still owed.",
             self.name,
             saved,
+            current,
             current,
         )
 

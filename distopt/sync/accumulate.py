@@ -55,13 +55,10 @@ class Accumulate(Sync):
                     v.shape,
                     optimizer.slot_dtype(v),
                     f"accumulator_{i}",
-                    keep_sum=True,
                 )
                 for i, v in enumerate(variables)
             ]
-            self.weight_sum = dist.ReplicaRows(
-                strategy, [], tf.float32, "weight_sum", keep_sum=True
-            )
+            self.weight_sum = dist.ReplicaRows(strategy, [], tf.float32, "weight_sum")
 
     def apply(self, optimizer, strategy, grads, weight, variables):
         every = optimizer.built_variables()
