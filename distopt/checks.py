@@ -12,8 +12,13 @@ import numbers
 
 import numpy as np
 
+#: The largest integer argument: periods, steps and frequencies meet the
+#: optimizer's int64 counters inside the step, where a larger Python int
+#: failed at the first trace ("Python int too large to convert to C long").
+INT64_MAX = 2**63 - 1
 
-def check_int(name, value, minimum, maximum=None) -> int:
+
+def check_int(name, value, minimum, maximum=INT64_MAX) -> int:
     """`value` as an int in [`minimum`, `maximum`], or a ValueError naming `name`.
 
     NumPy's integers count (a value read from an array is one); bools and
@@ -24,8 +29,9 @@ def check_int(name, value, minimum, maximum=None) -> int:
     )
     if not integral or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}: must be at most {maximum}, got {value!r}.")
+    if value > maximum:
+        limit = "2**63 - 1 (TensorFlow's int64)" if maximum == INT64_MAX else maximum
+        raise ValueError(f"{name}: must be at most {limit}, got {value!r}.")
     return int(value)
 
 

@@ -1960,6 +1960,13 @@ MUTANTS = [
         "                            on_mismatch=None,",
         "tests/test_compression.py -k 'residuals_sum or default_strategy'",
     ),
+    Mutant(
+        "int64_arguments_unbounded",
+        "distopt/checks.py",
+        "    if value > maximum:",
+        "    if value > maximum + 1:",
+        "tests/test_errors.py -k beyond_int64",
+    ),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from conftest import local_copies, mirrored
 
+import distopt
 from distopt import optimizers
 
 NAMES = [
@@ -431,3 +432,71 @@ def test_jit_compile_around_a_single_replica_step_still_works(name):
     for copy in local_copies(strategy, var):
         np.testing.assert_allclose(copy - XLA_W0, -0.1 * XLA_GRADS[0], rtol=1e-6)
     assert int(opt.iterations) == 1
+
+
+def _gd(**kwargs):
+    return optimizers.GradientDescent(0.1, **kwargs)
+
+
+#: Every integer argument a step compares with the optimizer's int64
+#: counters (or hands to TensorFlow): (where, argument, made with value v).
+INT64_ARGUMENTS = [
+    ("local_sgd", "k", lambda v: _gd(sync=distopt.sync.LocalSGD(v))),
+    (
+        "local_sgd_warmup",
+        "warmup_steps",
+        lambda v: _gd(sync=distopt.sync.LocalSGD(2, warmup_steps=v)),
+    ),
+    ("accumulate", "k", lambda v: _gd(sync=distopt.sync.Accumulate(v))),
+    ("diloco", "k", lambda v: _gd(sync=distopt.sync.DiLoCo(v))),
+    ("hierarchical", "k", lambda v: _gd(sync=distopt.sync.Hierarchical(v))),
+    (
+        "ema",
+        "ema_overwrite_frequency",
+        lambda v: _gd(use_ema=True, ema_overwrite_frequency=v),
+    ),
+    (
+        "topk",
+        "start_step",
+        lambda v: _gd(compression=distopt.compression.TopK(0.5, start_step=v)),
+    ),
+    (
+        "powersgd_rank",
+        "rank",
+        lambda v: _gd(compression=distopt.compression.PowerSGD(rank=v)),
+    ),
+    (
+        "powersgd_seed",
+        "seed",
+        lambda v: _gd(compression=distopt.compression.PowerSGD(seed=v)),
+    ),
+    (
+        "adam",
+        "freeze_variance_step",
+        lambda v: optimizers.Adam(0.1, freeze_variance_step=v),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "where,argument,make", INT64_ARGUMENTS, ids=[a[0] for a in INT64_ARGUMENTS]
+)
+def test_an_integer_beyond_int64_is_refused_when_made(where, argument, make):
+    # 2**63 was accepted, then failed at the first traced step with "Python
+    # int too large to convert to C long". 2**63 - 1 is made and steps on 2
+    # replicas, where the sync modes and compressors run.
+    with pytest.raises(ValueError) as e:
+        make(2**63)
+    assert str(e.value).startswith(
+        f"{argument}: must be at most 2**63 - 1 (TensorFlow's int64), got {2**63}"
+    ), str(e.value)
+    strategy = mirrored(2)
+    with strategy.scope():
+        var = tf.Variable(tf.ones([4, 4]))
+        opt = make(2**63 - 1)
+    step = tf.function(
+        lambda: strategy.run(lambda: opt.apply_gradients([tf.ones([4, 4])], [var]))
+    )
+    step()
+    # Accumulate's first micro-step updates nothing yet.
+    assert int(opt.iterations) == (0 if where == "accumulate" else 1)

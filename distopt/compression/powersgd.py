@@ -98,7 +98,7 @@ class PowerSGD(Compressor):
             self.epsilon = _non_negative("epsilon", epsilon)
             self.warm_start = check_bool("warm_start", warm_start)
             # An int64 of the stateless random seed.
-            self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
+            self.seed = check_int("seed", seed, minimum=0)
 
     def compresses(self, shape):
         if shape.rank is None or shape.rank < 2:

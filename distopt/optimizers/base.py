@@ -50,7 +50,7 @@ from distopt import ownership
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
-from distopt.checks import check_bool
+from distopt.checks import check_bool, check_int
 from distopt.optimizers import schedules
 from distopt.optimizers import sharded as sharded_lib
 
@@ -1298,7 +1298,7 @@ def _check_frequency(value):
             f"ema_overwrite_frequency: must be None or a positive integer, "
             f"got {value!r}."
         )
-    return value
+    return check_int("ema_overwrite_frequency", value, minimum=1)
 
 
 def _cast_init(init, dtype):
