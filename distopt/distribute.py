@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -491,6 +492,11 @@ class LogicalState(tf.Module):
     def numpy(self):
         return self.logical_value().numpy()
 
+    def __array__(self, dtype=None, copy=None):
+        # Without it `np.asarray(view)` was a 0-d object array, in silence.
+        del copy
+        return np.asarray(self.numpy(), dtype=dtype)
+
     def assign(self, value, read_value=False):
         del read_value
         self.assign_logical(tf.convert_to_tensor(value, self.dtype))
@@ -504,6 +510,24 @@ class LogicalState(tf.Module):
         with tf.init_scope():
             self.assign_logical(restored_tensors["VARIABLE_VALUE"])
         return tf.no_op()
+
+
+def _logical_to_tensor(value, dtype=None, name=None, as_ref=False):
+    """`tf.convert_to_tensor(view)`: its logical value, as a variable reads."""
+    del as_ref
+    tensor = value.logical_value()
+    if dtype is not None and tf.as_dtype(dtype) != tensor.dtype:
+        # As for a variable, a conversion never casts (NotImplemented would
+        # let TensorFlow fall back to `__array__` and cast).
+        raise ValueError(
+            f"Incompatible type conversion requested to type {tf.as_dtype(dtype).name} "
+            f"for a {type(value).__name__} of type {tensor.dtype.name}."
+        )
+    return tf.identity(tensor, name=name) if name else tensor
+
+
+# Any TensorFlow op takes a view where it takes a variable (`tf.norm(slot)`).
+tf.register_tensor_conversion_function(LogicalState, _logical_to_tensor)
 
 
 class Untracked:

@@ -590,6 +590,40 @@ def test_empty_variables(name, tmp_path):
         _assert_same_slots(restored, again, opt, variables)
 
 
+def test_a_sharded_slot_reads_as_the_unsharded_slot_variable_does():
+    """`np.asarray`, `tf.convert_to_tensor`, a TensorFlow op (eagerly and in
+    a function), `read_value()` and `value()` give the whole slot, as they
+    do on the unsharded slot's variable. `np.asarray` gave a 0-d object
+    array, in silence; the others raised."""
+    strategy = STRATEGIES[2]
+    rng = np.random.default_rng(3)
+    w0, *grads = ([rng.normal(size=(5, 3)).astype(np.float32)] for _ in range(3))
+    opt, (v,) = _empty_run(strategy, "adam", True, w0, grads)
+    want_opt, (u,) = _empty_run(strategy, "adam", False, w0, grads)
+    for key, view in opt.slots(v).items():
+        want = want_opt.slots(u)[key]
+        assert isinstance(view, dist.LogicalState), key
+        reads = {
+            "asarray": np.asarray(view),
+            "asarray_float64": np.asarray(view, np.float64),
+            "convert_to_tensor": tf.convert_to_tensor(view).numpy(),
+            "read_value": view.read_value().numpy(),
+            "value": view.value().numpy(),
+        }
+        for how, got in reads.items():
+            assert got.shape == (5, 3), (key, how)
+            np.testing.assert_array_equal(got, want.numpy(), err_msg=f"{key} {how}")
+        assert reads["asarray_float64"].dtype == np.float64
+        assert float(tf.norm(view)) == float(tf.norm(want)), key
+        assert float(tf.function(lambda s: tf.norm(s))(view)) == float(
+            tf.function(lambda s: tf.norm(s))(want)
+        ), key
+        # Never cast by a conversion, as for the variable.
+        for x in (want, view):
+            with pytest.raises((ValueError, TypeError)):
+                tf.convert_to_tensor(x, tf.float64)
+
+
 # --- 4. Checkpoints independent of N ---------------------------------------------
 
 CKPT = [("adagrad", True), ("lamb", True)]

@@ -179,7 +179,9 @@ class SlotView(dist.LogicalState):
     """One variable's slot, held in pieces in its group's shards.
 
     Its logical value is the slot as an unsharded optimizer holds it, so
-    checkpoints, `numpy()` and `assign()` see the whole slot.
+    checkpoints, `numpy()`, `np.asarray`, `read_value()`, `assign()` and
+    any TensorFlow op (`tf.norm(view)`) see the whole slot. Python's
+    operators do not take it (`view + 1`): read it first.
     """
 
     def __init__(self, strategy, group, member, storage, shape, dtype):
@@ -201,6 +203,12 @@ class SlotView(dist.LogicalState):
 
     def storage_variables(self) -> list:
         return [self._store.value]
+
+    def read_value(self):
+        """The whole slot, as the unsharded slot variable's `read_value()`."""
+        return self.logical_value()
+
+    value = read_value
 
     def _locations(self):
         """`(replica, start in shard, end in shard, start in var)` of each piece."""
