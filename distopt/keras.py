@@ -401,8 +401,10 @@ class KerasOptimizer(keras.optimizers.Optimizer):
                     stacklevel=2,
                 )
             return
-        state = self._state()
-        if len(keys) != len(state):
+        # No state saved: it was not built yet (a compiled model saved before
+        # its first fit), so its state was the initial one, which this holds.
+        state = self._state() if keys else []
+        if keys and len(keys) != len(state):
             raise ValueError(
                 f"store: holds {len(keys)} state variables for optimizer "
                 f"{self.name!r}, which has {len(state)}; was it saved with "

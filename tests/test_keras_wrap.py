@@ -413,6 +413,31 @@ def test_save_load_model_continues_exactly(mnist, two, straight):
     _assert_same_replicas(two, model, loaded)
 
 
+@pytest.mark.parametrize("where", ["default", "mirrored2"])
+def test_a_model_saved_before_its_first_fit_loads_and_fits_as_never_saved(
+    mnist, two, tmp_path, where
+):
+    """A compiled, untrained model saved (an initial checkpoint) loads, with
+    the optimizer's initial state, and fits as the model never saved. The
+    load raised "store: holds 0 state variables for optimizer ..."."""
+    strategy = two if where == "mirrored2" else tf.distribute.get_strategy()
+    x, y = mnist
+    model = _model(
+        strategy,
+        lambda: dk.wrap(distopt.optimizers.GradientDescent(0.1, jit_compile=False)),
+    )
+    path = str(tmp_path / "untrained.keras")
+    model.save(path)
+    with strategy.scope():
+        loaded = keras.models.load_model(path)
+    assert int(loaded.optimizer.iterations.numpy()) == 0
+    for m in (model, loaded):
+        m.fit(x[:256], y[:256], batch_size=64, epochs=1, shuffle=False, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for a, b in zip(_weights(model), _weights(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow  # multi-epoch
 def test_validation_with_sync_callback_and_saves_leave_the_run_unchanged(
     mnist, two, tmp_path, straight
