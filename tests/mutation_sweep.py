@@ -1967,6 +1967,34 @@ MUTANTS = [
         "    if value > maximum + 1:",
         "tests/test_errors.py -k beyond_int64",
     ),
+    Mutant(
+        "logical_state_not_a_tensor",
+        "distopt/distribute.py",
+        "tf.register_tensor_conversion_function(LogicalState, _logical_to_tensor)",
+        "pass",
+        "tests/test_sharded.py -k reads_as",
+    ),
+    Mutant(
+        "logical_state_array_ignores_dtype",
+        "distopt/distribute.py",
+        "        return np.asarray(self.numpy(), dtype=dtype)",
+        "        return np.asarray(self.numpy())",
+        "tests/test_sharded.py -k reads_as",
+    ),
+    Mutant(
+        "keras_unbuilt_save_unloadable",
+        "distopt/keras.py",
+        "        state = self._state() if keys else []",
+        "        state = self._state()",
+        "tests/test_keras_wrap.py -k saved_before_its_first",
+    ),
+    Mutant(
+        "outer_options_ignored",
+        "distopt/sync/periodic.py",
+        "    if unused:",
+        "    if False:",
+        "tests/test_sync.py -k outer_optimizer_option",
+    ),
 ]
 
 

@@ -745,6 +745,40 @@ def test_bad_sync_arguments_raise_one_error_naming_them(make, argument):
     assert str(e.value).startswith(f"{argument}:"), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("aggregation", "sum"),
+        ("sync", "local_sgd"),
+        ("global_clipnorm", 1.0),
+        ("clipvalue", 1.0),
+        ("clipnorm", 1.0),
+        ("skip_nonfinite", True),
+        ("wire_dtype", "bfloat16"),
+        ("loss_scale", "dynamic"),
+        ("use_ema", True),
+        ("compression", "topk"),
+    ],
+)
+def test_an_outer_optimizer_option_the_outer_step_ignores_is_refused(option, value):
+    """Each was accepted and did nothing (the outer step applies the rule
+    alone). Refused, the outer optimizer still serves a later DiLoCo: the
+    refusal claimed nothing."""
+    values = {
+        "sync": lambda: distopt.sync.LocalSGD(2),
+        "compression": lambda: distopt.compression.TopK(0.5),
+    }
+    value = values[option]() if option in values else value
+    outer = distopt.optimizers.Momentum(0.7, 0.9, **{option: value})
+    with pytest.raises(ValueError) as e:
+        distopt.sync.DiLoCo(4, outer_optimizer=outer)
+    assert str(e.value).startswith("outer_optimizer: DiLoCo's outer step"), e.value
+    assert f"its {option} would do nothing; leave it out" in str(e.value)
+    with pytest.raises(ValueError) as again:  # Not "already belongs to ...".
+        distopt.sync.DiLoCo(4, outer_optimizer=outer)
+    assert str(again.value) == str(e.value)
+
+
 def test_numpy_integers_are_integers():
     """A count read from an array was refused, "must be an integer, got 2"."""
     assert distopt.sync.Accumulate(np.int64(4)).k == 4

@@ -410,23 +410,55 @@ def set_default_outer_optimizer(factory) -> None:
     _default_outer_factory = factory
 
 
+#: The outer optimizer's options (its config's values when unset) that
+#: DiLoCo's outer step never reads: it hands the averaged outer gradient to
+#: the rule (`apply_update`), past the outer optimizer's own reduction, sync
+#: mode, gradient transforms, loss scale and compressor (a copy of the inner
+#: compressor compresses the outer gradient); its EMA would average the
+#: anchors, which nothing reads. Set, they were ignored in silence.
+_OUTER_UNUSED = {
+    "aggregation": "mean",
+    "sync": {"name": "every_step"},
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "clipnorm": None,
+    "skip_nonfinite": False,
+    "wire_dtype": None,
+    "loss_scale": None,
+    "use_ema": False,
+    "compression": None,
+}
+
+
 def _check_outer_optimizer(outer):
     """`outer` if it is a distopt optimizer (or None), else a ValueError.
 
     By what DiLoCo calls on it, as this module cannot import the optimizers
     (they import the sync modes): a Keras optimizer or a string used to pass
-    here and fail at the first outer step.
+    here and fail at the first outer step. An option the outer step does not
+    use (`_OUTER_UNUSED`) is refused too, naming it.
     """
-    if outer is None or (
-        not isinstance(outer, type)  # The class, not an instance of it.
-        and all(callable(getattr(outer, m, None)) for m in ("build", "apply_update"))
-    ):
+    if outer is None:
         return outer
-    raise ValueError(
-        "outer_optimizer: must be a distopt optimizer, such as "
-        "distopt.optimizers.Momentum(0.7, 0.9, nesterov=True) or "
-        f"GradientDescent(1.0), got {outer!r}."
-    )
+    if isinstance(outer, type) or not all(  # The class, not an instance of it.
+        callable(getattr(outer, m, None)) for m in ("build", "apply_update")
+    ):
+        raise ValueError(
+            "outer_optimizer: must be a distopt optimizer, such as "
+            "distopt.optimizers.Momentum(0.7, 0.9, nesterov=True) or "
+            f"GradientDescent(1.0), got {outer!r}."
+        )
+    config = outer.get_config()
+    unused = [k for k, unset in _OUTER_UNUSED.items() if config.get(k, unset) != unset]
+    if unused:
+        raise ValueError(
+            f"outer_optimizer: DiLoCo's outer step applies the averaged outer "
+            f"gradient with the outer optimizer's rule alone, so its "
+            f"{', '.join(unused)} would do nothing; leave "
+            f"{'it' if len(unused) == 1 else 'them'} out (the inner optimizer's "
+            "act on the local steps)."
+        )
+    return outer
 
 
 def default_outer_optimizer():
