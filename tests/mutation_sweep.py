@@ -1995,6 +1995,13 @@ MUTANTS = [
         "    if False:",
         "tests/test_sync.py -k outer_optimizer_option",
     ),
+    Mutant(
+        "onebit_unknown_keyword_unnamed",
+        "distopt/compression/base.py",
+        "        if unknown:\n",
+        "        if False:\n",
+        "tests/test_compression.py -k onebit_refuses",
+    ),
 ]
 
 

@@ -1411,6 +1411,12 @@ def test_onebit_refuses_a_positional_argument_naming_the_keywords():
     message = str(e.value)
     assert message.startswith("OneBit: takes keyword arguments only"), message
     assert "error_feedback" in message and "False" in message, message
+    # And a misspelt keyword names OneBit, not Compressor.__init__.
+    with pytest.raises(TypeError) as e:
+        distopt.compression.OneBit(error_fedback=False)
+    assert str(e.value).startswith(
+        "OneBit: unexpected keyword argument 'error_fedback'; it takes error_feedback"
+    ), str(e.value)
     # get() lists what a keyword may be, not the refused `*positional`.
     with pytest.raises(ValueError, match="takes error_feedback, error_feedback_decay"):
         distopt.compression.get("onebit", positional=1)

@@ -101,8 +101,16 @@ class Compressor(tf.Module):
         error_feedback_decay=1.0,
         start_step=0,
         name=None,
+        **unknown,
     ):
         owner = type(self).__name__
+        if unknown:
+            # Python's own error named `Compressor.__init__` for OneBit, which
+            # has no constructor of its own.
+            raise TypeError(
+                f"{owner}: unexpected keyword argument {min(unknown)!r}; it "
+                "takes error_feedback, error_feedback_decay, start_step, name."
+            )
         if positional:
             # OneBit has no hyperparameter of its own to come first, as TopK's
             # fraction and PowerSGD's rank do: `OneBit(False)` was Python's
