@@ -1975,13 +1975,6 @@ MUTANTS = [
         "tests/test_sharded.py -k reads_as",
     ),
     Mutant(
-        "logical_state_array_ignores_dtype",
-        "distopt/distribute.py",
-        "        return np.asarray(self.numpy(), dtype=dtype)",
-        "        return np.asarray(self.numpy())",
-        "tests/test_sharded.py -k reads_as",
-    ),
-    Mutant(
         "keras_unbuilt_save_unloadable",
         "distopt/keras.py",
         "        state = self._state() if keys else []",
