@@ -546,18 +546,22 @@ class ReplicaRows(LogicalState):
 
     The checkpoint holds every replica's row. Restored on the same number of
     replicas, replica r gets row r back. On another number, every replica
-    gets the rows' sum / R, so their sum is kept: what `Accumulate`'s flush
-    sums, and what a compressor's residuals still owe (each replica adds its
-    own to its next share, and the shares are summed). `on_mismatch(saved,
-    current)`, if given, is then called (the compressor logs one line for
-    all its residuals). A checkpoint of a plain on-read variable (the sum
-    itself, as `Accumulate` saved before it kept rows) restores the same way.
+    gets the rows' sum / R (`share="sum"`: their sum is kept) or their mean
+    (`share="mean"`), whichever keeps what its owner computes from them
+    (see `Accumulate.build`; a compressor's residuals owe their sum).
+    `on_mismatch(saved, current)`, if given, is then called (the compressor
+    logs one line for all its residuals). A checkpoint of a plain on-read
+    variable (the sum itself, as `Accumulate` saved before it kept rows)
+    gives every replica sum / R (the replica count it came from is unknown).
     """
 
-    def __init__(self, strategy, shape, dtype, name, on_mismatch=None):
+    def __init__(self, strategy, shape, dtype, name, on_mismatch=None, share="sum"):
         super().__init__(name=name)
+        if share not in ("sum", "mean"):
+            raise ValueError(f"share: must be 'sum' or 'mean', got {share!r}.")
         self._strategy = strategy
         self._on_mismatch = on_mismatch
+        self._share = share
         self._shape = tf.TensorShape(shape)
         self._dtype = tf.as_dtype(dtype)
         self._storage = Untracked(
@@ -609,8 +613,12 @@ class ReplicaRows(LogicalState):
             whole = value.shape.rank == self._shape.rank
             if self._on_mismatch is not None and not whole:
                 self._on_mismatch(value.shape[0], n)
-            total = value if whole else tf.reduce_sum(value, axis=0)
-            share = total / tf.cast(n, total.dtype)
+            if whole:
+                share = value / tf.cast(n, value.dtype)
+            elif self._share == "mean":
+                share = tf.reduce_mean(value, axis=0)
+            else:
+                share = tf.reduce_sum(value, axis=0) / tf.cast(n, value.dtype)
             rows = by_replica(self._strategy, lambda r, i: tf.identity(share))
         assign_components(self._strategy, self.storage, rows)
 

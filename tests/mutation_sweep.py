@@ -1995,6 +1995,20 @@ MUTANTS = [
         "        if False:\n",
         "tests/test_compression.py -k onebit_refuses",
     ),
+    Mutant(
+        "accumulators_shared_out_as_sums",
+        "distopt/sync/accumulate.py",
+        '        acc_share = "mean" if aggregation == "mean" else "sum"',
+        '        acc_share = "sum"',
+        "tests/test_sync.py -k another_replica_count",
+    ),
+    Mutant(
+        "micro_step_counts_shared_out_as_sums",
+        "distopt/sync/accumulate.py",
+        '        weight_share = "sum" if aggregation == "weighted_mean" else "mean"',
+        '        weight_share = "sum"',
+        "tests/test_sync.py -k another_replica_count",
+    ),
 ]
 
 

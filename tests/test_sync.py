@@ -656,23 +656,51 @@ def test_accumulation_resume_needs_no_synchronize(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_accumulators_restore_on_a_different_replica_count(tmp_path):
-    x, y, n = make_data(2, 4, seed=12)
-    make = lambda: optimizer(sync=distopt.sync.Accumulate(4))
-    params, opt, _ = train(M4, make, x, y, n)
-    # Read whole, an on-read buffer is the replicas' sum.
-    saved = [np.asarray(a.storage.read_value()) for a in opt.sync.accumulators]
-    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
-    with M2.scope():
-        p2 = [tf.Variable(tf.zeros_like(p)) for p in params]
-        opt2 = make()
-        opt2.build(p2)
-    tf.train.Checkpoint(params=p2, optimizer=opt2).restore(path).assert_consumed()
-    for a, s in zip(opt2.sync.accumulators, saved):
-        np.testing.assert_allclose(np.asarray(a.storage.read_value()), s, rtol=1e-6)
-        copies = local_copies(M2, a.storage)
-        np.testing.assert_allclose(copies[0] + copies[1], s, rtol=1e-6)
-    assert int(opt2.sync.micro_step.numpy()) == 2
+@pytest.mark.parametrize("before,after", [(4, 2), (2, 4)], ids=["4_to_2", "2_to_4"])
+@pytest.mark.parametrize("agg", ["mean", "sum", "weighted_mean"])
+def test_accumulation_resumed_mid_window_on_another_replica_count(
+    tmp_path, agg, before, after
+):
+    """Accumulate(4), plain GD: 2 micro-steps on `before` replicas, saved
+    mid-window, 2 more on `after` (an elastic resume after a preemption).
+    The one update is the NumPy one of the aggregation over the 4 micro-steps
+    as they ran. The buffers were shared out as sums: under `mean` the
+    finished micro-steps then counted before / after times (2x from 4 to 2)."""
+    weighted = agg == "weighted_mean"
+    make = lambda: optimizer(aggregation=agg, sync=distopt.sync.Accumulate(4))
+    strategies = {2: M2, 4: M4}
+    x1, y1, n1 = make_data(2, before, seed=21, uneven=weighted)
+    x2, y2, n2 = make_data(2, after, seed=22, uneven=weighted)
+    head, opt, _ = train(strategies[before], make, x1, y1, n1, weighted=weighted)
+    path = tf.train.Checkpoint(params=head, optimizer=opt).save(str(tmp_path / "c"))
+    with strategies[after].scope():
+        params = [tf.Variable(tf.zeros_like(p)) for p in head]
+        resumed = make()
+        resumed.build(params)
+    tf.train.Checkpoint(params=params, optimizer=resumed).restore(
+        path
+    ).assert_consumed()
+    train(
+        strategies[after], None, x2, y2, n2, weighted=weighted, state=(params, resumed)
+    )
+    assert int(resumed.iterations.numpy()) == 1
+    # NumPy: every replica's gradient at w0 in each micro-step, aggregated.
+    w0 = initial_params()
+    total, weight = [np.zeros_like(p, np.float64) for p in w0], 0.0
+    for x, y, n in ((x1, y1, n1), (x2, y2, n2)):
+        for t in range(len(x)):
+            replicas = x.shape[1]
+            for r in range(replicas):
+                g = numpy_grads(*w0, x[t, r], y[t, r], n[t, r])
+                scale = {"mean": 1 / replicas, "sum": 1.0, "weighted_mean": n[t, r]}
+                total = [a + scale[agg] * b for a, b in zip(total, g)]
+                weight += n[t, r]
+    divisor = weight if weighted else 4.0
+    for p, p0, g in zip(params, w0, total):
+        for copy in local_copies(strategies[after], p):
+            np.testing.assert_allclose(
+                copy - p0, -0.1 * g / divisor, rtol=1e-5, atol=1e-7
+            )
 
 
 def test_accumulators_restore_from_a_checkpoint_of_their_sum(tmp_path):

@@ -16,9 +16,11 @@ class Accumulate(Sync):
     its own accumulators (`distribute.ReplicaRows`), and a checkpoint keeps
     every replica's: a run resumed mid-window on as many replicas is the
     uninterrupted run bit for bit, compressed or not (a compressor sees each
-    replica's own buffer). On another number of replicas each starts from an
-    equal share of their sum, which is what the flush sends. They are kept
-    in the payload dtype (float32 for 16-bit variables).
+    replica's own buffer). On another number of replicas they are shared out
+    so that the flush sends what the finished micro-steps owe (see
+    `build`): the window then equals one on the new count that began with
+    the same micro-step batches. They are kept in the payload dtype (float32
+    for 16-bit variables).
     Schedules see `optimizer.iterations`, which advances once per k
     micro-steps; `micro_step` counts calls.
 
@@ -45,6 +47,17 @@ class Accumulate(Sync):
         self.k = check_period("k", k)
 
     def build(self, optimizer, variables, strategy):
+        # Resumed mid-window on another replica count, the rows are shared
+        # out so that the flush still sends what the finished micro-steps
+        # owe: under weighted_mean `sum(acc) / sum(w)` (keep both sums);
+        # under sum (each replica's loss pre-scaled) `sum(acc)`, over the
+        # micro-steps counted in each replica's weight (keep the sum, and the
+        # weight's mean); under mean the replicas' mean of each (keep both
+        # means). Sums everywhere gave the mean R_old / R_new times the owed
+        # micro-steps (2x from 4 replicas to 2).
+        aggregation = optimizer.aggregation.name
+        acc_share = "mean" if aggregation == "mean" else "sum"
+        weight_share = "sum" if aggregation == "weighted_mean" else "mean"
         with tf.name_scope(self.name):
             self.micro_step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="micro_step"
@@ -55,10 +68,13 @@ class Accumulate(Sync):
                     v.shape,
                     optimizer.slot_dtype(v),
                     f"accumulator_{i}",
+                    share=acc_share,
                 )
                 for i, v in enumerate(variables)
             ]
-            self.weight_sum = dist.ReplicaRows(strategy, [], tf.float32, "weight_sum")
+            self.weight_sum = dist.ReplicaRows(
+                strategy, [], tf.float32, "weight_sum", share=weight_share
+            )
 
     def apply(self, optimizer, strategy, grads, weight, variables):
         every = optimizer.built_variables()
