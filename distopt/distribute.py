@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -170,6 +171,53 @@ def in_xla_compiled_function() -> bool:
     # get TensorFlow's own error instead: nothing else depends on it.
     find = getattr(tf.__internal__, "get_enclosing_xla_context", None)
     return find is not None and find() is not None
+
+
+def _determinism_switch():
+    """`(is_enabled, disable)` from TensorFlow's config module, or None.
+
+    TensorFlow's public API turns op determinism on
+    (`tf.config.experimental.enable_op_determinism`) and never off, so one
+    `--deterministic` run in a sweep left every later run of the process
+    deterministic: slower, and in the last bit not what a fresh process
+    gives. `tensorflow.python.framework.config` holds the switch's two other
+    halves, `is_op_determinism_enabled` and `disable_op_determinism` (used by
+    TensorFlow's own tests; not exported). Should a release drop them, the
+    trainer leaves determinism on after such a run and says so once.
+    """
+    try:
+        from tensorflow.python.framework import config as tf_config
+    except ImportError:
+        return None
+    is_enabled = getattr(tf_config, "is_op_determinism_enabled", None)
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if is_enabled is None or disable is None:
+        return None
+    return is_enabled, disable
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool):
+    """TensorFlow's op determinism inside the block when `enabled`, as before after.
+
+    Off is left as it is: determinism a user turned on stays on.
+    """
+    if not enabled:
+        yield
+        return
+    switch = _determinism_switch()
+    was_on = switch[0]() if switch else None
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if switch is None:
+            logging.warning(
+                "op determinism stays on in this process: this TensorFlow has "
+                "no way to turn it off again."
+            )
+        elif not was_on:
+            switch[1]()
 
 
 def check_not_compiled_around_replicas(strategy: tf.distribute.Strategy) -> None:

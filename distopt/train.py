@@ -276,7 +276,9 @@ flags.DEFINE_enum(
 # Reproducibility.
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and shuffling.")
 flags.DEFINE_boolean(
-    "deterministic", False, "Enable TensorFlow op determinism (slower)."
+    "deterministic",
+    False,
+    "TensorFlow op determinism for this run only (slower).",
 )
 
 # Output.

@@ -2009,6 +2009,13 @@ MUTANTS = [
         '        weight_share = "sum"',
         "tests/test_sync.py -k another_replica_count",
     ),
+    Mutant(
+        "determinism_left_on",
+        "distopt/distribute.py",
+        "        elif not was_on:\n            switch[1]()",
+        "        elif False:\n            switch[1]()",
+        "tests/test_train.py -k deterministic_is_for",
+    ),
 ]
 
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import flags
 from conftest import NUM_DEVICES, REPO, run_python, start_python
 
-from distopt import data
+from distopt import data, distribute
 from distopt.trainer import checkpointing, factories, summaries
 from distopt.trainer import config as config_lib
 from distopt.trainer import loop as loop_lib
@@ -1120,6 +1120,39 @@ def test_cli_resumes_after_being_killed_on_another_strategy(tmp_path):
         "--model_dir." in last
     ), last
     assert _metrics(model_dir)["train_steps"] == saved + 10  # Untouched.
+
+
+def test_deterministic_is_for_its_run_only(tmp_path, monkeypatch):
+    """`deterministic=True` turned TensorFlow's op determinism on for the
+    rest of the process (no public switch turns it off): a sweep's later
+    runs were slower and, on 2 replicas with tf.data input, off a fresh
+    process's numbers in the last bit. Now it is on for that run only, also
+    when the run fails; determinism the user turned on stays on. The
+    private switch (`distribute._determinism_switch`) still exists."""
+    switch = distribute._determinism_switch()
+    assert switch is not None, "TensorFlow dropped disable_op_determinism"
+    is_on, turn_off = switch
+    assert not is_on()
+    seen = []
+    real_setup = run_lib.setup
+
+    def setup(*args, **kwargs):
+        seen.append(is_on())
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(run_lib, "setup", setup)
+    run_lib.train(_config(tmp_path / "a", deterministic=True, train_steps=2))
+    assert not is_on()
+    run_lib.train(_config(tmp_path / "b", train_steps=2))
+    with pytest.raises(config_lib.ConfigError):
+        run_lib.train(_config(tmp_path / "c", deterministic=True, batch_size=0))
+    assert seen == [True, False, True] and not is_on()
+    tf.config.experimental.enable_op_determinism()  # The user's own.
+    try:
+        run_lib.train(_config(tmp_path / "d", deterministic=True, train_steps=2))
+        assert is_on()
+    finally:
+        turn_off()
 
 
 def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):

@@ -120,23 +120,23 @@ def train(
         ``"diverged"``.
     """
     signals = trainer_faults.StopSignals()
-    try:
-        run = setup(config, strategy, start_time, signals)
+    # Only for this run: a sweep's later runs are not made deterministic.
+    with distribute.op_determinism(bool(config.deterministic)):
         try:
-            resume(run)
-            return TrainLoop(run, open_outputs(run)).run_to_end()
+            run = setup(config, strategy, start_time, signals)
+            try:
+                resume(run)
+                return TrainLoop(run, open_outputs(run)).run_to_end()
+            finally:
+                run.close()
         finally:
-            run.close()
-    finally:
-        signals.uninstall()
+            signals.uninstall()
 
 
-def _seed_everything(seed: int, deterministic: bool) -> None:
+def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     tf.random.set_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
 
 
 def setup(config, strategy, start_time, signals) -> Run:
@@ -148,7 +148,7 @@ def setup(config, strategy, start_time, signals) -> Run:
     config_lib.validate_config(config)
     _check_storage(config.model_dir)
     warn_if_error_feedback_meets_outer_momentum(config)
-    _seed_everything(config.seed, config.deterministic)
+    _seed_everything(config.seed)
     if strategy is None:
         # First TF device use: virtual devices must be configured before it.
         strategy = make_strategy(
