@@ -68,6 +68,38 @@ class _HideTensorFlowNoise(logging.Filter):
 _FILTER = _HideTensorFlowNoise()
 
 
+class _HideRetracingOf(logging.Filter):
+    """Drops TensorFlow's retracing warning about functions made in `makers`.
+
+    TensorFlow counts traces per code object, so functions a maker creates
+    anew for each of its calls (the trainer's step, evaluation and
+    agreement, which capture one run's model and strategy) trace "5 out of
+    the last 5 calls" in a sweep of runs, and the warning blames the caller:
+    "(1) creating @tf.function repeatedly in a loop".
+    """
+
+    def __init__(self, makers):
+        super().__init__()
+        names = "|".join(re.escape(m.__qualname__) for m in makers)
+        self._made_there = re.compile(rf"calls to <function ({names})\.<locals>\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("retracing" in message and self._made_there.search(message))
+
+
+@contextlib.contextmanager
+def retracing_of_made_functions_hidden(*makers):
+    """Inside the block, hides the retracing warning of what `makers` make."""
+    logger = logging.getLogger("tensorflow")
+    hide = _HideRetracingOf(makers)
+    logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hide)
+
+
 @contextlib.contextmanager
 def _captured_fd2():
     """Sends file descriptor 2 to a temporary file; yields a reader of it."""

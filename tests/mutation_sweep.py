@@ -2016,6 +2016,20 @@ MUTANTS = [
         "        elif False:\n            switch[1]()",
         "tests/test_train.py -k deterministic_is_for",
     ),
+    Mutant(
+        "trainer_eval_retracing_shown",
+        "distopt/trainer/run.py",
+        "            step_lib.make_eval_loop,\n",
+        "",
+        "tests/test_train.py -k retracing_warning",
+    ),
+    Mutant(
+        "retracing_filter_hides_nothing",
+        "distopt/quiet.py",
+        '        return not ("retracing" in message and self._made_there.search(message))',
+        "        return True",
+        "tests/test_quiet.py -k retracing_of_made",
+    ),
 ]
 
 

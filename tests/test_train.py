@@ -1155,6 +1155,32 @@ def test_deterministic_is_for_its_run_only(tmp_path, monkeypatch):
         turn_off()
 
 
+def test_the_trainers_own_functions_are_hidden_from_the_retracing_warning(
+    tmp_path, monkeypatch
+):
+    """Every function train() makes anew per run is named to
+    `quiet.retracing_of_made_functions_hidden` (test_quiet.py: what it hides),
+    for the whole call: a refused config is enough to see it."""
+    from distopt import quiet, trainer_faults
+    from distopt.trainer import step
+
+    named = []
+    real = quiet.retracing_of_made_functions_hidden
+
+    def recording(*makers):
+        named.extend(makers)
+        return real(*makers)
+
+    monkeypatch.setattr(quiet, "retracing_of_made_functions_hidden", recording)
+    with pytest.raises(config_lib.ConfigError):
+        run_lib.train(_config(tmp_path, batch_size=0))
+    assert set(named) == {
+        step.make_train_loop,
+        step.make_eval_loop,
+        trainer_faults.make_agreement,
+    }
+
+
 def test_float16_mixed_precision_trains_with_dynamic_loss_scaling(tmp_path):
     # 8 steps, not 20: float16 is slow on CPU (20 steps took 20 s here, 8
     # take 10 s), and the first steps, at a scale of 2^15, already overflow.

@@ -19,10 +19,11 @@ from absl import logging
 
 from distopt import checkpoints as checkpoints_lib
 from distopt import data as data_lib
-from distopt import distribute, trainer_faults
+from distopt import distribute, quiet, trainer_faults
 from distopt import models as models_lib
 from distopt.trainer import checkpointing, factories, inputs, summaries
 from distopt.trainer import config as config_lib
+from distopt.trainer import step as step_lib
 from distopt.trainer.checkpointing import (
     CHECKPOINT_SUBDIR,
     RUN_CONFIG_FILE,
@@ -121,7 +122,16 @@ def train(
     """
     signals = trainer_faults.StopSignals()
     # Only for this run: a sweep's later runs are not made deterministic.
-    with distribute.op_determinism(bool(config.deterministic)):
+    # The step, evaluation and agreement are made anew for each run: a
+    # sweep's runs are not the caller's retracing (see `quiet`).
+    with (
+        distribute.op_determinism(bool(config.deterministic)),
+        quiet.retracing_of_made_functions_hidden(
+            step_lib.make_train_loop,
+            step_lib.make_eval_loop,
+            trainer_faults.make_agreement,
+        ),
+    ):
         try:
             run = setup(config, strategy, start_time, signals)
             try:
