@@ -1028,7 +1028,9 @@ def logical_cpu_devices(num_devices: int) -> list[str]:
         raise ValueError(
             f"num_cpu_devices: {num_devices} logical CPU devices requested, but "
             f"TensorFlow already initialised {len(logical)}; split the CPU before "
-            "any TensorFlow op runs (or start a fresh process)."
+            "any TensorFlow op runs, for the most devices the process will use "
+            "(distopt.distribute.logical_cpu_devices(N) first: a sweep of 2 and 4 "
+            "then runs on the first 2 and all 4), or start a fresh process."
         )
     return [d.name for d in logical[:num_devices]]
 

@@ -102,6 +102,8 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="must be >= 1, got 0"):
         distribute.logical_cpu_devices(0)
     # conftest.py made NUM_DEVICES logical CPUs; it is too late for more.
-    with pytest.raises(ValueError, match=f"already initialised {NUM_DEVICES}"):
+    with pytest.raises(ValueError, match=f"already initialised {NUM_DEVICES}") as e:
         distribute.logical_cpu_devices(NUM_DEVICES + 1)
+    # What to call instead, for a notebook's sweep over device counts.
+    assert "distopt.distribute.logical_cpu_devices(N) first" in str(e.value)
     assert len(distribute.logical_cpu_devices(NUM_DEVICES)) == NUM_DEVICES
