@@ -690,6 +690,19 @@ def test_a_resume_that_adds_optimizer_state_names_it_in_one_short_line(
 EMA = {"use_ema": True, "ema_momentum": 0.5}
 
 
+def _unused_values_of_a_run(caplog):
+    """TensorFlow's "could not be found" lines naming a trainer checkpoint's value.
+
+    A restore status is deleted when the garbage collector gets to it, which
+    can be inside another test's window: a refused resume of other shapes
+    (its restore raised before TensorFlow made `save_counter`, a known
+    limitation) then adds a line naming `(root).save_counter` alone. The
+    trainer's checkpoint holds `model`, `optimizer` and `step`.
+    """
+    found = re.findall(r"could not be found in the restored object: (\S+)", caplog.text)
+    return [v for v in found if v != "(root).save_counter"]
+
+
 def test_a_resume_that_drops_optimizer_state_says_so_in_one_warning(
     tmp_path, caplog, finished_run
 ):
@@ -710,8 +723,7 @@ def test_a_resume_that_drops_optimizer_state_says_so_in_one_warning(
         "ema_momentum=0.5, this run has --optimizer_args=jit_compile=False"
     ) in warned[0], warned[0]
     assert "Rerun with --optimizer_args=jit_compile=False,use_ema=True," in warned[0]
-    assert "could not be found" not in caplog.text
-    assert "unrestored values" not in caplog.text
+    assert _unused_values_of_a_run(caplog) == []
 
 
 @pytest.mark.parametrize("args", [{}, {"optimizer_args": EMA}], ids=["plain", "ema"])
@@ -725,7 +737,7 @@ def test_an_ordinary_resume_warns_of_no_unused_checkpoint_values(
         gc.collect()
     assert metrics["start_step"] == 10 and metrics["status"] == "completed"
     assert "does not use" not in caplog.text
-    assert "could not be found" not in caplog.text
+    assert _unused_values_of_a_run(caplog) == []
 
 
 def test_a_resume_with_other_model_args_names_the_flag_to_put_back(
