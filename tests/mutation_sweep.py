@@ -548,8 +548,8 @@ MUTANTS = [
     Mutant(
         "outer_optimizer_class_accepted",
         "distopt/sync/periodic.py",
-        "        not isinstance(outer, type)  # The class, not an instance of it.",
-        "        True",
+        "    if isinstance(outer, type) or not all(  # The class, not an instance of it.",
+        "    if not all(",
         "tests/test_sync.py -k bad_sync_arguments",
     ),
     Mutant(
