@@ -12,10 +12,12 @@ import numbers
 
 import numpy as np
 
-#: The largest integer argument: periods, steps and frequencies meet the
-#: optimizer's int64 counters inside the step, where a larger Python int
-#: failed at the first trace ("Python int too large to convert to C long").
+#: The largest integer argument (and trainer flag): periods, steps and
+#: frequencies meet int64 counters inside the step (the optimizer's, the sync
+#: modes', tf.data's), where a larger Python int failed at the first trace
+#: ("Python int too large to convert to C long").
 INT64_MAX = 2**63 - 1
+INT64_LIMIT = "2**63 - 1 (TensorFlow's int64)"
 
 
 def check_int(name, value, minimum, maximum=INT64_MAX) -> int:
@@ -30,7 +32,7 @@ def check_int(name, value, minimum, maximum=INT64_MAX) -> int:
     if not integral or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}.")
     if value > maximum:
-        limit = "2**63 - 1 (TensorFlow's int64)" if maximum == INT64_MAX else maximum
+        limit = INT64_LIMIT if maximum == INT64_MAX else maximum
         raise ValueError(f"{name}: must be at most {limit}, got {value!r}.")
     return int(value)
 

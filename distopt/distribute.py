@@ -183,7 +183,7 @@ def _determinism_switch():
     gives. `tensorflow.python.framework.config` holds the switch's two other
     halves, `is_op_determinism_enabled` and `disable_op_determinism` (used by
     TensorFlow's own tests; not exported). Should a release drop them, the
-    trainer leaves determinism on after such a run and says so once.
+    trainer leaves determinism on after such a run and says so.
     """
     try:
         from tensorflow.python.framework import config as tf_config

@@ -385,9 +385,11 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         strategy, variables = self._distribution_strategy, self._model_vars.items
         with strategy.scope():
             dist.assign(strategy, variables, own.items)
-        yield
-        with strategy.scope():
-            dist.assign(strategy, variables, self._average.items)
+        try:
+            yield
+        finally:  # A save that failed leaves the average in place, as it was.
+            with strategy.scope():
+                dist.assign(strategy, variables, self._average.items)
 
     def load_own_variables(self, store):
         """Reads what `save_own_variables` wrote; gives each replica its own back."""

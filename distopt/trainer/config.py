@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
+from distopt.checks import INT64_LIMIT, INT64_MAX
+
 LR_SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
 ON_NONFINITE = ("stop", "skip", "ignore")
@@ -96,10 +98,7 @@ class TrainConfig:
 
 
 # The largest value of every integer flag (and of the steps --epochs makes):
-# TensorFlow counts in int64 (the step variable, the sync modes' counters,
-# tf.data's batch and skip counts), so a larger value cannot be honoured.
-INT64_MAX = 2**63 - 1
-INT64_LIMIT = "2**63 - 1 (TensorFlow's int64)"
+# the library's limit (`checks.INT64_MAX`), which no TensorFlow count exceeds.
 
 # The smallest value of each integer flag; 0 means "off" or "the default"
 # where it is allowed (see each flag's help). Each is at most INT64_MAX.
