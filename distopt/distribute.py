@@ -555,9 +555,55 @@ class LogicalState(tf.Module):
         return {"VARIABLE_VALUE": self.logical_value()}
 
     def _restore_from_tensors(self, restored_tensors):
-        with tf.init_scope():
-            self.assign_logical(restored_tensors["VARIABLE_VALUE"])
+        value = restored_tensors["VARIABLE_VALUE"]
+        if tf.is_symbolic_tensor(value):
+            # A restore traced into a function (TensorFlow restores in one
+            # when a checkpoint spans tasks): the value exists only in that
+            # graph, which `tf.init_scope` would leave, so the pieces are
+            # assigned there, when the function runs.
+            self.assign_logical(value)
+        else:
+            # A value read eagerly is assigned eagerly, even inside a trace:
+            # a deferred restoration that lands in a lazy build in a
+            # tf.function assigns now, not in the function.
+            with tf.init_scope():
+                self.assign_logical(value)
         return tf.no_op()
+
+    # --- SavedModel: saved and loaded as one plain variable -----------------
+    # As TensorFlow's own ShardedVariable: `tf.saved_model.save` treats the
+    # view as a resource variable, so it neither traces the hooks above into
+    # functions (they would capture the pieces' variables, which no
+    # SavedModel object holds, and, loaded, would read them before the
+    # restore that sets them) nor writes the object as a `tf.Module`. The
+    # SavedModel holds the logical tensor at the view's path, under the key
+    # a checkpoint uses, and `tf.saved_model.load` gives a plain variable.
+
+    def _should_act_as_resource_variable(self):
+        return True
+
+    @property
+    def _shared_name(self):
+        # The name-based "full name" a checkpoint records for a variable;
+        # empty, as for any other trackable, so checkpoints are unchanged.
+        return ""
+
+    def _write_object_proto(self, proto, options):
+        del options
+        proto.variable.SetInParent()
+        proto.variable.name = self.name
+        proto.variable.trainable = False
+        proto.variable.dtype = self.dtype.as_datatype_enum
+        proto.variable.shape.CopyFrom(self.shape.as_proto())
+
+    def _export_to_saved_model_graph(self, object_map, tensor_map, options, **kwargs):
+        # The SavedModel's graph saver (MetaGraphDef.saver_def, which TF1 and
+        # C++ loaders run) saves a plain variable of the logical shape.
+        del tensor_map, options, kwargs
+        object_map[self] = tf.Variable(
+            tf.zeros(self.shape, self.dtype), trainable=False, name=self.name
+        )
+        return []
 
 
 def _logical_to_tensor(value, dtype=None, name=None, as_ref=False):

@@ -850,3 +850,77 @@ def test_keras_fit_and_save_keep_the_sharded_state(tmp_path):
         np.testing.assert_array_equal(v.numpy(), u.numpy())
         for key, s in alone.slots(v).items():
             np.testing.assert_array_equal(s.numpy(), plain_inner.slots(u)[key].numpy())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        lambda: {"compression": "topk"},
+        lambda: {"shard_state": True},
+        lambda: {"sync": distopt.sync.Accumulate(2)},
+    ],
+    ids=["topk", "sharded", "accumulate"],
+)
+def test_a_saved_model_holds_the_views_as_a_checkpoint_does(tmp_path, kwargs):
+    """`tf.saved_model.save` of a module holding an optimizer whose state is
+    in `LogicalState` views (residuals, sharded slots, accumulator rows)
+    raised a TypeError from the views' restore hook; it now saves, serves,
+    and holds each value under the key and value a checkpoint has, which
+    restores the optimizer on another replica count."""
+    strategy = mirrored(2)
+    rng = np.random.default_rng(5)
+    with strategy.scope():
+        root = tf.Module()
+        root.w = tf.Variable(rng.normal(size=(4, 4)).astype(np.float32))
+        root.opt = optimizers.Adam(1e-2, **kwargs())
+        root.opt.build([root.w])
+    root.f = tf.function(
+        lambda x: x @ root.w, input_signature=[tf.TensorSpec([None, 4])]
+    )
+    views = [m for m in root.opt.submodules if isinstance(m, dist.LogicalState)]
+    assert views
+    for v in views:
+        v.assign(rng.normal(size=v.shape).astype(v.dtype.as_numpy_dtype))
+    tf.saved_model.save(root, str(tmp_path / "sm"))
+    x = tf.constant(rng.normal(size=(2, 4)).astype(np.float32))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    np.testing.assert_array_equal(loaded.f(x), root.f(x))
+    ckpt = tf.train.Checkpoint(w=root.w, opt=root.opt).write(str(tmp_path / "c"))
+    saved = tf.train.load_checkpoint(str(tmp_path / "sm" / "variables" / "variables"))
+    want = tf.train.load_checkpoint(ckpt)
+    keys = [k for k in want.get_variable_to_shape_map() if k.startswith(("w/", "opt/"))]
+    # The views' own keys among them (slots, residuals, accumulator rows).
+    held = [k for k in keys if any(n in k for n in ("_slots/", "residual", "accum"))]
+    assert len(held) >= len(views), keys
+    for key in keys:
+        np.testing.assert_array_equal(saved.get_tensor(key), want.get_tensor(key), key)
+    with tf.distribute.get_strategy().scope():
+        w = tf.Variable(tf.zeros((4, 4)))
+        opt = optimizers.Adam(1e-2, **kwargs())
+        opt.build([w])
+    tf.train.Checkpoint(w=w, opt=opt).read(
+        str(tmp_path / "sm" / "variables" / "variables")
+    ).assert_existing_objects_matched()
+    np.testing.assert_array_equal(w.numpy(), root.w.numpy())
+
+
+def test_a_restore_traced_into_a_function_assigns_when_it_runs():
+    """TensorFlow traces a checkpoint's restore into a function when it spans
+    devices or tasks: the restored value then exists only in that graph (it
+    raised "out of scope" from `tf.init_scope`); an eager value is still
+    assigned eagerly (`test_checkpoint_from_4_sharded_continues_anywhere`, restored
+    before a lazy build in the first step's function)."""
+    strategy = mirrored(2)
+    with strategy.scope():
+        w = tf.Variable(tf.zeros((3, 5)))
+        opt = optimizers.Adam(1e-2, shard_state=True)
+        opt.build([w])
+    view = opt.slots(w)["m"]
+    value = np.arange(15, dtype=np.float32).reshape(3, 5)
+
+    @tf.function
+    def restore():
+        view._restore_from_tensors({"VARIABLE_VALUE": tf.constant(value)})
+
+    restore()
+    np.testing.assert_array_equal(view.numpy(), value)
