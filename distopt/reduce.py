@@ -227,6 +227,7 @@ class Reducer(tf.Module):
         count_invalid=True,
         compress=True,
         variables=None,
+        keep=None,
     ):
         """The aggregated, transformed gradient on every replica.
 
@@ -251,6 +252,9 @@ class Reducer(tf.Module):
                 the same step reduces again (SAM's aggregated perturbation,
                 Heun's trial point): the update's reduction counts the step,
                 once.
+            keep: None, or `{variable.ref(): scalar bool}` (identical on every
+                replica): where False, compression keeps that variable's
+                state as it was (`Compressor.commit`).
 
         Sparse payloads (`tf.IndexedSlices`) come back as `IndexedSlices`
         with each index once (see the module docstring).
@@ -261,16 +265,9 @@ class Reducer(tf.Module):
             or None; and a scalar bool (False: skip the step everywhere), or
             None when no step can be skipped.
         """
-        if (
-            compress
-            and not self._given_aggregate
-            and variables is not None
-            and self.compression is not None
-            and group_size is None
-            and dist.is_distributed(strategy)
-        ):
+        if compress and group_size is None and self.compresses(strategy, variables):
             grads, scale, ok, invalid = self._reduce_compressed(
-                strategy, payload, weight, list(variables)
+                strategy, payload, weight, list(variables), keep
             )
         else:
             grads, scale, ok, invalid = self._reduce(
@@ -281,6 +278,15 @@ class Reducer(tf.Module):
                 tf.cast(dist.first_local(strategy, invalid), tf.int64)
             )
         return grads, scale, ok
+
+    def compresses(self, strategy, variables) -> bool:
+        """Whether `reduce(..., variables=variables)` compresses (see its `compress`)."""
+        return (
+            not self._given_aggregate
+            and variables is not None
+            and self.compression is not None
+            and dist.is_distributed(strategy)
+        )
 
     def _reduce(self, strategy, payload, weight, group_size):
         """`reduce`, and whether some weight was invalid (None: cannot be)."""
@@ -447,7 +453,7 @@ class Reducer(tf.Module):
             with tf.init_scope(), strategy.scope():
                 self.compression.build(strategy, variables)
 
-    def _reduce_compressed(self, strategy, payload, weight, variables):
+    def _reduce_compressed(self, strategy, payload, weight, variables, keep=None):
         """`_reduce` with each replica's normalised share compressed.
 
         As on a narrow wire, each replica sends `P_r / N`, the magnitude of a
@@ -495,7 +501,7 @@ class Reducer(tf.Module):
             strategy, out, total, size, normalised=True
         )
         if comp:
-            self.compression.commit(strategy, ok)
+            self.compression.commit(strategy, ok, keep)
         return grads, scale, ok, invalid
 
     def _kind(self, strategy, share, var):

@@ -456,6 +456,140 @@ def test_residuals_follow_a_dynamic_loss_scale_eagerly_and_sharded(compressor, m
     check_true_units(compressor, *out)
 
 
+@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
+def test_accumulate_leaves_a_variable_without_gradient_in_a_window(compressor):
+    """A variable whose gradient is None in a whole `Accumulate` window is
+    left as it is and keeps its residual (and Q), as a None gradient leaves
+    it in every other mode: it moved by its compressed residual, which was
+    spent. Against `ef_sgd` on the windows each variable had (2 replicas,
+    GD, windows of 2; variable 0 absent from the second)."""
+    k, absent = 2, 0
+    grads = gradients(3 * k, 2, seed=73)
+    params, opt = setup(
+        M2,
+        lambda: make_optimizer(
+            compressor, learning_rate=LR, sync=distopt.sync.Accumulate(k)
+        ),
+    )
+    q0 = snapshot(M2, opt, params)["q"]
+
+    def step_fn(given):
+        def replica(g):
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            opt.apply_gradients(
+                [tf.gather(x, rid) if i in given else None for i, x in enumerate(g)],
+                params,
+            )
+
+        return tf.function(lambda g: M2.run(replica, (g,)))
+
+    full, without = step_fn({0, 1, 2}), step_fn({1, 2})
+    after_window = []
+    for t in range(3 * k):
+        g = [
+            tf.constant(np.stack([grads[t][r][i] for r in range(2)])) for i in range(3)
+        ]
+        (without if t // k == 1 else full)(g)
+        if t % k == k - 1:
+            after_window.append([local_copies(M2, p) for p in params])
+    np.testing.assert_array_equal(after_window[1][absent], after_window[0][absent])
+    windows = [
+        [
+            [
+                sum(grads[t + j][r][i] for j in range(k)) / np.float32(k)
+                for i in range(3)
+            ]
+            for r in range(2)
+        ]
+        for t in range(0, 3 * k, k)
+    ]
+    for i, w0 in enumerate(initial_params()):
+        had = [w for n, w in enumerate(windows) if i != absent or n != 1]
+        shares = shares_of([[[rep[i]] for rep in w] for w in had])
+        steps = reference(compressor, shares, q0=[q0[i]])
+        want = -LR * sum(np.float64(s["aggregate"][0]) for s in steps)
+        copies = after_window[-1][i]
+        np.testing.assert_array_equal(copies[1], copies[0])
+        np.testing.assert_allclose(
+            copies[0] - w0, want, rtol=1e-4, atol=1e-5, err_msg=f"variable {i}"
+        )
+
+
+#: Loss scales (`loss_scale=`) before and after a resume: float16 turned
+#: off and on; and the same scale from a checkpoint that has no record of it
+#: (`state_scale` 0, as one written before the record existed).
+SCALE_RESUMES = {
+    "off": (2.0**10, None),
+    "on": (None, "dynamic"),
+    "unrecorded": (2.0**10, 2.0**10),
+}
+
+
+@pytest.mark.parametrize(
+    "compressor, micro, resume",
+    [
+        ("topk", 1, "off"),
+        ("powersgd", 1, "off"),
+        ("onebit", 1, "off"),
+        ("topk", 1, "on"),
+        ("topk", 1, "unrecorded"),
+        (None, 3, "off"),
+        ("topk", 3, "on"),
+    ],
+)
+def test_loss_scaled_state_follows_the_scale_across_a_resume(
+    tmp_path, compressor, micro, resume
+):
+    """The residuals, Q and `Accumulate`'s buffers are kept in loss-scaled
+    units. Resumed under another scale (mid-window with `Accumulate`), the
+    run is error feedback (or accumulation) in true units throughout: a
+    float16 run resumed without a loss scale read them 2^15 times too large
+    (the trainer's float16 with top-k then ended at 31% accuracy)."""
+    before, after = SCALE_RESUMES[resume]
+    grads = gradients(4 * micro, 2, seed=71)
+    saved_at = 2 * micro - (micro > 1)
+
+    def make(loss_scale):
+        sync = {"sync": distopt.sync.Accumulate(micro)} if micro > 1 else {}
+        return lambda: make_optimizer(
+            compressor, learning_rate=LR, loss_scale=loss_scale, **sync
+        )
+
+    params, opt = setup(M2, make(before))
+    q0 = snapshot(M2, opt, params).get("q")
+    run(M2, opt, grads[:saved_at], params=params, record=False)
+    path = tf.train.Checkpoint(params=params, optimizer=opt).save(str(tmp_path / "c"))
+    params, opt = setup(M2, make(after))
+    # The dropped (or missing) loss scale's variables are the point here.
+    tf.train.Checkpoint(params=params, optimizer=opt).restore(path).expect_partial()
+    if resume == "unrecorded":
+        opt.state_scale.assign(0.0)
+    run(M2, opt, grads[saved_at:], params=params, record=False)
+    # Each update's gradient: the mean of its window's micro-steps.
+    windows = [
+        [
+            [sum(grads[t + k][r][i] for k in range(micro)) / micro for i in range(3)]
+            for r in range(2)
+        ]
+        for t in range(0, len(grads), micro)
+    ]
+    if compressor is None:
+        aggregates = [
+            [(np.float64(step[0][i]) + step[1][i]) / 2 for i in range(3)]
+            for step in windows
+        ]
+    else:
+        steps = reference(compressor, shares_of(windows), q0=q0)
+        aggregates = [s["aggregate"] for s in steps]
+    for i, w0 in enumerate(initial_params()):
+        copies = local_copies(M2, params[i])
+        np.testing.assert_array_equal(copies[1], copies[0])
+        want = -LR * sum(np.float64(a[i]) for a in aggregates)
+        np.testing.assert_allclose(
+            copies[0] - w0, want, rtol=1e-4, atol=1e-5, err_msg=f"variable {i}"
+        )
+
+
 @pytest.mark.parametrize("num_replicas", [2, 4])
 def test_accumulate_resumed_mid_window_is_bit_for_bit(tmp_path, num_replicas):
     # Top-k selects from each replica's own buffer: a checkpoint that kept

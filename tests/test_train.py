@@ -1541,3 +1541,22 @@ def test_json_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     checkpointing.write_json_atomically(str(path), {"loss": float("nan")})
     assert json.loads(path.read_text()) == {"loss": None}
+
+
+def test_a_checkpoint_from_before_the_state_scale_record_resumes(tmp_path, monkeypatch):
+    # Checkpoints of compression or Accumulate runs written before the
+    # optimizer recorded the loss scale of its residuals and accumulators
+    # (`state_scale`) lack that variable: the resume's match check refused
+    # them ("1 variable(s) of this run are not in it"). They resume, their
+    # state taken in the restored scale's units, as it was read then.
+    from distopt.optimizers import base
+
+    config = _config(tmp_path, train_steps=10, compression="topk")
+    with monkeypatch.context() as patch:
+        patch.setattr(base.Optimizer, "_keeps_scaled_state", lambda self: False)
+        run_lib.train(config)
+    ckpt_dir = os.path.join(config.model_dir, "checkpoints")
+    keys = [k for k, _ in tf.train.list_variables(ckpt_dir)]
+    assert not [k for k in keys if "state_scale" in k] and keys
+    resumed = run_lib.train(dataclasses.replace(config, train_steps=20))
+    assert resumed["status"] == "completed" and resumed["start_step"] == 10

@@ -151,7 +151,11 @@ class Compressor(tf.Module):
         """Creates the subclass's own state; `compressed[i]` is `compresses(...)`."""
 
     def extra_state(self, indices) -> list:
-        """The subclass's state variables for the variables at `indices`."""
+        """The subclass's state variables for the variables at `indices`.
+
+        Index by index: `extra_state([i, j])` is `extra_state([i]) +
+        extra_state([j])` (`commit` keeps a variable's own by that).
+        """
         del indices
         return []
 
@@ -242,6 +246,7 @@ class Compressor(tf.Module):
         """
         indices = [self._index[v.ref()] for v in variables]
         state = self._state_of(indices)
+        owners = self._owners_of(indices)
 
         def compressed():
             xs = list(shares)
@@ -273,15 +278,27 @@ class Compressor(tf.Module):
         # checkpoint dependency (the residuals' storage saved a second time,
         # as a sum over replicas, and restored over them at the next trace),
         # and assigning None later does not remove it.
-        self._pending = dist.Untracked((state, out[n:]))
+        self._pending = dist.Untracked((state, out[n:], owners))
         return out[:n]
 
-    def commit(self, strategy, ok) -> None:
-        """Writes the staged state; where `ok` is False, keeps the old."""
-        state, values = self._pending.value
+    def commit(self, strategy, ok, keep=None) -> None:
+        """Writes the staged state; where `ok` is False, keeps the old.
+
+        Args:
+            strategy: The strategy in scope.
+            ok: The step's verdict (a scalar bool), or None.
+            keep: None, or `{variable.ref(): scalar bool}`: where False, that
+                variable's own state (residual, Q) is kept as it was, as if
+                it had not been sent (`Accumulate`: no gradient in the whole
+                window).
+        """
+        state, values, owners = self._pending.value
         self._pending = None
-        for var, value in zip(state, values):
-            dist.update(strategy, var, _keep_unless, value, ok)
+        keep = {self._index[ref]: k for ref, k in (keep or {}).items()}
+        for var, value, owner in zip(state, values, owners):
+            own = keep.get(owner)
+            both = own if ok is None else ok if own is None else ok & own
+            dist.update(strategy, var, _keep_unless, value, both)
         self.steps.assign_add(1)
 
     def scaled_state(self) -> list:
@@ -326,6 +343,11 @@ class Compressor(tf.Module):
             if self.error_feedback and self._compressed[i]
         ]
         return res + list(self.extra_state(indices))
+
+    def _owners_of(self, indices):
+        """The variable index of each of `_state_of(indices)`, in its order."""
+        res = [i for i in indices if self.error_feedback and self._compressed[i]]
+        return res + [i for i in indices for _ in self.extra_state([i])]
 
 
 def _float32(v) -> bool:

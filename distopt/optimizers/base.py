@@ -226,6 +226,9 @@ class Optimizer(tf.Module):
         self._variable_refs = []
         self._built = False
         self._strategy = None
+        # The loss scale the state in the gradient's units is in (see
+        # `_follow_loss_scale`); a variable once built, where there is some.
+        self.state_scale = None
         compile_ = lambda f: (
             tf.function(f, jit_compile=True, autograph=False) if self.jit_compile else f
         )
@@ -415,7 +418,22 @@ class Optimizer(tf.Module):
             # lazy build in a tf.function assigns the sync state as it is made.
             with tf.init_scope(), strategy.scope():
                 self.sync.build(self, var_list, strategy)
+                if self._keeps_scaled_state():
+                    # 0: not recorded (a checkpoint from before this record).
+                    self.state_scale = tf.Variable(
+                        0.0, trainable=False, name="state_scale"
+                    )
         self._built = True
+
+    def _keeps_scaled_state(self) -> bool:
+        """Whether some state is kept in the loss-scaled gradient's units.
+
+        The compressor's residuals (and PowerSGD's Q) and `Accumulate`'s
+        buffers; not under a diverging sync mode, which has no loss scale.
+        """
+        if self.sync.diverges:
+            return False
+        return self.compression is not None or bool(self.sync.scaled_state())
 
     def _slot_inits(self, var) -> dict:
         """`{slot name: (initial value, dtype)}` of `var`, the moving average included."""
@@ -496,6 +514,7 @@ class Optimizer(tf.Module):
             # Like Keras, build for every variable passed, including those
             # without a gradient this time.
             self._ensure_built(all_variables)
+            self._follow_loss_scale(strategy)
             with self.reducer.given_aggregate(given_aggregate):
                 self.sync.apply(self, strategy, list(grads), w, variables)
 
@@ -833,13 +852,44 @@ class Optimizer(tf.Module):
         applied = tf.cast(verdict, tf.int64)
         self.iterations.assign_add(applied)
         self.skipped_steps.assign_add(1 - applied)
-        if self.loss_scale is not None:
-            factor = self.loss_scale.update(verdict)
-            if factor is not None and self.compression is not None:
-                # The residuals were written in this step's loss-scaled units
-                # (or kept, on a skip): the next step adds them to shares in
-                # the new scale's units.
-                self.compression.rescale(strategy, factor)
+        if self.loss_scale is not None and self.loss_scale.update(verdict) is not None:
+            # The residuals were written in this step's loss-scaled units (or
+            # kept, on a skip): the next step adds them to shares in the new
+            # scale's units.
+            self._follow_loss_scale(strategy)
+
+    def _follow_loss_scale(self, strategy) -> None:
+        """Puts the state kept in loss-scaled units into the current scale's.
+
+        The residuals, PowerSGD's Q and `Accumulate`'s buffers are in the
+        units of the loss scale `state_scale` records. They move with a
+        dynamic scale (`_count_step`, in the step that changes it), and at
+        the first step after a checkpoint of another scale is restored: a
+        float16 run resumed without a loss scale read them 2^15 times too
+        large. The compressors and the sum commute with a positive factor
+        (see `distopt.compression.base`). Cross-replica context.
+        """
+        if self.state_scale is None:
+            return
+        now = (
+            tf.constant(1.0)
+            if self.loss_scale is None
+            else tf.convert_to_tensor(self.loss_scale.scale)
+        )
+        was = tf.convert_to_tensor(self.state_scale)
+        # Not recorded: in the units of the scale restored with them.
+        factor = tf.where(was > 0.0, now / was, 1.0)
+        if self.compression is not None:
+            self.compression.rescale(strategy, factor)
+        buffers = self.sync.scaled_state()
+
+        def scale():
+            for var in buffers:
+                dist.update(strategy, var, _scale_by, factor)
+
+        if buffers:
+            dist.cond(tf.not_equal(factor, 1.0), scale, lambda: None)
+        self.state_scale.assign(now)
 
     def _ensure_built(self, variables):
         if not self._built:
@@ -1311,4 +1361,10 @@ def _cast_init(init, dtype):
 def _snake_case(name: str) -> str:
     return (
         re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("adam_w", "adamw")
+    )
+
+
+def _scale_by(var, factor):
+    return var.assign(
+        tf.convert_to_tensor(var) * tf.cast(factor, var.dtype), read_value=False
     )

@@ -76,6 +76,10 @@ class Accumulate(Sync):
                 strategy, [], tf.float32, "weight_sum", share=weight_share
             )
 
+    def scaled_state(self):
+        # Not built (the optimizer asks at build, after this mode's): none.
+        return [a.storage for a in getattr(self, "accumulators", [])]
+
     def apply(self, optimizer, strategy, grads, weight, variables):
         every = optimizer.built_variables()
         given = {optimizer.variable_index(v): g for g, v in zip(grads, variables)}
@@ -91,14 +95,22 @@ class Accumulate(Sync):
         def flush():
             local = dist.read_per_replica(strategy, buffers)
             (total,) = dist.read_per_replica(strategy, [weight_sum])
+            held = _held(optimizer, strategy, local, every, given)
             reduced, scale, ok = optimizer.reducer.reduce(
-                strategy, list(local), total, variables=every
+                strategy,
+                list(local),
+                total,
+                variables=every,
+                keep={every[i].ref(): h for i, h in held.items()},
             )
-            # A variable absent from this call is applied only if its
-            # reduced buffer holds something (identical on every replica).
+            # A variable absent from this call is applied only if its buffer
+            # holds something (identical on every replica): without
+            # compression, the reduced buffer says so.
             var_ok = [
                 None
                 if i in given
+                else held[i]
+                if i in held
                 else tf.reduce_any(
                     tf.not_equal(dist.first_local(strategy, reduced[i]), 0)
                 )
@@ -115,6 +127,32 @@ class Accumulate(Sync):
 
     def get_config(self):
         return {"name": self.name, "k": self.k}
+
+
+def _held(optimizer, strategy, buffers, variables, given):
+    """`{i: whether some replica's buffer holds anything}` for the variables
+    absent from the flush call, where compression will send them.
+
+    Their reduced buffer cannot say: the compressor adds each replica's
+    residual, so a variable with no gradient in the whole window moved by
+    its compressed residual, which was then spent. One small all-reduce of a
+    flag per such variable decides it everywhere alike (an empty buffer on
+    one replica, as a sparse gradient leaves it, must not decide alone).
+    """
+    absent = [i for i in range(len(variables)) if i not in given]
+    reducer = optimizer.reducer
+    if not absent or not reducer.compresses(strategy, variables):
+        return {}
+
+    def flags(*bufs):
+        return tf.stack(
+            [tf.cast(tf.reduce_any(tf.not_equal(b, 0)), tf.float32) for b in bufs]
+        )
+
+    local = dist.map_per_replica(strategy, flags, *[buffers[i] for i in absent])
+    (total,) = reducer.all_reduce(strategy, [local])
+    total = dist.first_local(strategy, total)
+    return {i: total[j] > 0 for j, i in enumerate(absent)}
 
 
 def _add_into(acc, g):

@@ -41,6 +41,11 @@ class Sync(tf.Module):
     def build(self, optimizer, variables, strategy) -> None:
         """Creates the mode's state, in cross-replica context."""
 
+    def scaled_state(self) -> list:
+        """The mode's variables in the gradient's units, which a loss scale
+        multiplies (the optimizer rescales them when it changes)."""
+        return []
+
     def apply(self, optimizer, strategy, grads, weight, variables) -> None:
         """One step: `grads`/`weight` are the replicas' payloads (`Reducer.payload`)."""
         raise NotImplementedError

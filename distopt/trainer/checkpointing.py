@@ -227,7 +227,8 @@ def restore(
         architecture, or a model_dir with no run_config.json).
     """
     try:
-        status = checkpoint.restore(path).assert_existing_objects_matched()
+        status = checkpoint.restore(path)
+        _assert_matched_but_records(status)
     except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
         # TensorFlow's message prints every unmatched variable with its
         # values; the names are what says which setting changed.
@@ -257,6 +258,21 @@ def restore(
     # What was not used is said above (once), not in TensorFlow's warnings
     # at exit, one per value.
     status.expect_partial()
+
+
+def _assert_matched_but_records(status) -> None:
+    """``assert_existing_objects_matched``, but for the optimizer's ``state_scale``.
+
+    A checkpoint written before that record existed has none; the optimizer
+    then takes its state to be in the restored loss scale's units, as it
+    was read then (``Optimizer._follow_loss_scale``).
+    """
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        names = re.findall(r"<tf\.Variable '([^']+)'", str(e))
+        if not names or not all(n.endswith("/state_scale:0") for n in names):
+            raise
 
 
 def _warn_unused_values(checkpoint, path, model_dir, config, error) -> None:
