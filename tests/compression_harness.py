@@ -19,10 +19,11 @@ import tensorflow as tf
 
 import distopt
 
-#: The variables: a matrix, a tensor of rank 3 (PowerSGD's matrix view), and
-#: a vector (PowerSGD leaves it uncompressed). Sizes are not multiples of 32
-#: (1-bit packing pads the last word) and small (the suite's time).
-SHAPES = [(15, 12), (7, 3, 4), (5,)]
+#: The variables: a matrix, a tensor of rank 3 (PowerSGD's matrix view: 12 x
+#: 7, compressed at rank 2; a view of its first dimension, 3 x 28, is not),
+#: and a vector (PowerSGD leaves it uncompressed). Sizes are not multiples of
+#: 32 (1-bit packing pads the last word) and small (the suite's time).
+SHAPES = [(15, 12), (3, 4, 7), (5,)]
 
 #: The compressors the reference runs, by name: (kind, constructor kwargs).
 COMPRESSORS = {
@@ -323,14 +324,14 @@ def check_payload(kind, calls, ref_step, q_before, replica_ids):
     comp = [i for i, s in enumerate(ref_step["sent"]) if isinstance(s[0], tuple)]
     plain = [i for i in range(len(ref_step["sent"])) if i not in comp]
     for k, i in enumerate(comp):
-        n = ref_step["x"][i].shape[1]
+        m = ref_step["x"][i].shape[-1]
         start = ref.gram_schmidt(q_before[i])
         p_sum = first["outputs"][len(plain) + k][0]
         np.testing.assert_allclose(
             ref.gram_schmidt(np.float64(p_sum)), ref_step["p_hat"][i], atol=1e-4
         )
         for j, r in enumerate(replica_ids):
-            m_r = ref_step["x"][i][r].reshape(n, -1)
+            m_r = ref_step["x"][i][r].reshape(-1, m)
             np.testing.assert_allclose(
                 first["inputs"][len(plain) + k][j], m_r @ start, rtol=1e-4, atol=1e-5
             )

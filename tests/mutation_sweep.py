@@ -2107,6 +2107,13 @@ MUTANTS = [
         "    return {}\n",
         "tests/test_compression.py -k without_gradient_in_a_window",
     ),
+    Mutant(
+        "powersgd_view_first_dimension",
+        "distopt/compression/powersgd.py",
+        'def matrix_shape(shape) -> tuple[int, int]:\n    """`(rows, cols)` of a variable viewed as a matrix: the rest x the last dim."""\n    dims = tf.TensorShape(shape).as_list()\n    return int(math.prod(dims[:-1])), dims[-1]\n\n\ndef _matrix(x):\n    return tf.reshape(x, [-1, x.shape[-1]])\n',
+        'def matrix_shape(shape) -> tuple[int, int]:\n    """`(rows, cols)` of a variable viewed as a matrix: the rest x the last dim."""\n    dims = tf.TensorShape(shape).as_list()\n    return dims[0], int(math.prod(dims[1:]))\n\n\ndef _matrix(x):\n    return tf.reshape(x, [x.shape[0], -1])\n',
+        'tests/test_compression.py -k "matches_reference_replica_by_replica and powersgd"',
+    ),
 ]
 
 

@@ -342,13 +342,14 @@ def gram_schmidt(matrix):
 def powersgd_compresses(shape, rank, min_compression_rate=2.0):
     """Whether a tensor is worth compressing at `rank` (PyTorch's rule).
 
-    A tensor of rank >= 2 is a matrix of its first dimension by the rest
-    (the paper's view of a convolution kernel); it is compressed when its
-    rank-r factors, times the rate, are smaller than the matrix.
+    A tensor of rank >= 2 is a matrix of its leading dimensions by its last
+    (the paper's view of a convolution kernel, output channels against the
+    rest, in TensorFlow's (kh, kw, in, out) layout); it is compressed when
+    its rank-r factors, times the rate, are smaller than the matrix.
     """
     if len(shape) < 2:
         return False
-    n, m = shape[0], int(np.prod(shape[1:]))
+    n, m = int(np.prod(shape[:-1])), shape[-1]
     r = min(n, m, rank)
     return (n + m) * r * min_compression_rate < n * m
 
@@ -502,8 +503,7 @@ def ef_sgd(
                 for r in range(num_replicas)
             ]
             if kind == "powersgd":
-                n = shapes[i][0]
-                mats = [x.reshape(n, -1) for x in xs]
+                mats = [x.reshape(-1, shapes[i][-1]) for x in xs]
                 rnd = powersgd_round(mats, q[i])
                 own = [o.reshape(shapes[i]) for o in rnd["own"]]
                 agg = rnd["aggregate"].reshape(shapes[i])

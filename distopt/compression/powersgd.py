@@ -2,9 +2,15 @@
 
 Vogels, Karimireddy & Jaggi (NeurIPS 2019), "PowerSGD: Practical Low-Rank
 Gradient Compression for Distributed Optimization", arXiv 1905.13727,
-Algorithms 1 and 2. Each variable is viewed as a matrix M (its first
-dimension by the product of the others, as the paper does for
-convolutions), and with error feedback x_r = s_r + e_r on replica r:
+Algorithms 1 and 2. Each variable is viewed as a matrix M: the product of
+its leading dimensions by its last. That is the paper's view of a
+convolution (output channels against the rest) in TensorFlow's layout, a
+kernel (kh, kw, in, out) as the (kh*kw*in) x out matrix that multiplies the
+image patches; a dense kernel (in, out) is itself. The paper and PyTorch's
+hook take the first dimension, PyTorch's kernels being (out, in, kh, kw);
+here the first dimension, the kernel's height, left every 3x3 kernel at 3
+rows, uncompressed at rank 2. With error feedback x_r = s_r + e_r on
+replica r:
 
     Q  <- orthonormalise(Q)            Q from the last step (warm start), or
                                        fresh N(0, 1) values the first time
@@ -253,13 +259,13 @@ def orthonormalise(matrix, epsilon=0.0):
 
 
 def matrix_shape(shape) -> tuple[int, int]:
-    """`(rows, cols)` of a variable viewed as a matrix: first dim x the rest."""
+    """`(rows, cols)` of a variable viewed as a matrix: the rest x the last dim."""
     dims = tf.TensorShape(shape).as_list()
-    return dims[0], int(math.prod(dims[1:]))
+    return int(math.prod(dims[:-1])), dims[-1]
 
 
 def _matrix(x):
-    return tf.reshape(x, [x.shape[0], -1])
+    return tf.reshape(x, [-1, x.shape[-1]])
 
 
 def _as_list(x):
