@@ -30,6 +30,7 @@ from compression_harness import (
 from conftest import local_copies, mirrored
 
 import distopt
+from distopt.compression import powersgd
 
 LR = 0.1
 M2 = mirrored(2)
@@ -1557,3 +1558,23 @@ def test_onebit_refuses_a_positional_argument_naming_the_keywords():
     with pytest.raises(ValueError) as e:
         distopt.compression.get("onebit", positional=1)
     assert "positional" not in str(e.value).split("which takes")[1]
+
+
+@pytest.mark.parametrize(
+    "shape, rows",
+    [
+        ((3, 3, 64, 64), 576),
+        ((3, 3, 256, 256), 2304),
+        ((5, 5, 6, 16), 150),
+        ((784, 700), 784),
+    ],
+)
+def test_powersgd_views_a_conv_kernel_by_its_output_channels(shape, rows):
+    """TensorFlow's conv kernels are (kh, kw, in, out): the matrix is the
+    (kh*kw*in) x out one the convolution multiplies patches by, the paper's
+    view. A view of the first dimension (3 rows) left 3x3 kernels
+    uncompressed at rank 2 (and rank 1 compressed across kernel rows)."""
+    comp = distopt.compression.PowerSGD(rank=2)
+    assert powersgd.matrix_shape(shape) == (rows, shape[-1])
+    assert comp.compresses(tf.TensorShape(shape))
+    assert ref.powersgd_compresses(shape, rank=2)
