@@ -2070,7 +2070,7 @@ MUTANTS = [
         "distopt/trainer/checkpointing.py",
         '        if not names or not all(n.endswith("/state_scale:0") for n in names):\n',
         "        if not names:\n",
-        "tests/test_train.py -k another_model",
+        "tests/test_train.py -k adds_optimizer_state",
     ),
     Mutant(
         "restore_tolerates_no_missing_record",
