@@ -905,6 +905,30 @@ def update(strategy: tf.distribute.Strategy, var: tf.Variable, fn: Callable, *ar
     return strategy.extended.update(var, fn, args=args, group=True)
 
 
+def scale_unless_one(strategy: tf.distribute.Strategy, variables, factor) -> None:
+    """Multiplies every device's copy of each of `variables` by `factor`.
+
+    A factor of 1 (most steps) writes nothing (one `cond`). Cross-replica
+    context; `factor` is a scalar identical on every replica.
+    """
+    variables = list(variables)
+    if not variables:
+        return
+    factor = tf.convert_to_tensor(factor, tf.float32)
+
+    def scale():
+        for var in variables:
+            update(strategy, var, _scale_by, factor)
+
+    cond(tf.not_equal(factor, 1.0), scale, lambda: None)
+
+
+def _scale_by(var, factor):
+    return var.assign(
+        tf.convert_to_tensor(var) * tf.cast(factor, var.dtype), read_value=False
+    )
+
+
 def first_local(strategy: tf.distribute.Strategy, value: Any):
     """A plain tensor from a value that is identical on every replica."""
     return local_values(strategy, value)[0] if _is_distributed_value(value) else value

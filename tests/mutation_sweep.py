@@ -1045,8 +1045,8 @@ MUTANTS = [
     Mutant(
         "given_aggregate_compressed",
         "distopt/reduce.py",
-        "            and not self._given_aggregate\n",
-        "",
+        "            not self._given_aggregate\n            and variables is not None\n",
+        "            variables is not None\n",
         "tests/test_compression.py -k outside_strategy_run",
     ),
     Mutant(
@@ -1514,9 +1514,9 @@ MUTANTS = [
     ),
     Mutant(
         "rescale_cond_inverted",
-        "distopt/compression/base.py",
-        "dist.cond(tf.not_equal(factor, 1.0), scale, lambda: None)",
-        "dist.cond(tf.equal(factor, 1.0), scale, lambda: None)",
+        "distopt/distribute.py",
+        "    cond(tf.not_equal(factor, 1.0), scale, lambda: None)",
+        "    cond(tf.equal(factor, 1.0), scale, lambda: None)",
         "tests/test_compression.py -k dynamic_loss_scale",
     ),
     Mutant(
@@ -1949,8 +1949,8 @@ MUTANTS = [
     Mutant(
         "residuals_restart_at_zero",
         "distopt/distribute.py",
-        "            share = total / tf.cast(n, total.dtype)",
-        "            share = total * 0.0 if self._on_mismatch else total / n",
+        "                share = tf.reduce_sum(value, axis=0) / tf.cast(n, value.dtype)\n",
+        "                share = tf.reduce_sum(value, axis=0) * 0.0\n",
         "tests/test_compression.py -k 'residuals_sum or default_strategy'",
     ),
     Mutant(

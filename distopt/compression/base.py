@@ -324,16 +324,7 @@ class Compressor(tf.Module):
             # Staged values are in the old units: commit first.
             raise RuntimeError("rescale: called between aggregate and commit.")
         state = [rows.storage for rows in self.residuals.values()]
-        state += list(self.scaled_state())
-        if not state:
-            return
-        factor = tf.convert_to_tensor(factor, tf.float32)
-
-        def scale():
-            for var in state:
-                dist.update(strategy, var, _scale_by, factor)
-
-        dist.cond(tf.not_equal(factor, 1.0), scale, lambda: None)
+        dist.scale_unless_one(strategy, state + list(self.scaled_state()), factor)
 
     def _state_of(self, indices):
         """The state variables the step writes, in `aggregate`'s order."""
@@ -352,12 +343,6 @@ class Compressor(tf.Module):
 
 def _float32(v) -> bool:
     return v.dtype in (tf.float16, tf.bfloat16, tf.float32)
-
-
-def _scale_by(var, factor):
-    return var.assign(
-        tf.convert_to_tensor(var) * tf.cast(factor, var.dtype), read_value=False
-    )
 
 
 def _keep_unless(var, value, ok):

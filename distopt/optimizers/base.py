@@ -881,14 +881,7 @@ class Optimizer(tf.Module):
         factor = tf.where(was > 0.0, now / was, 1.0)
         if self.compression is not None:
             self.compression.rescale(strategy, factor)
-        buffers = self.sync.scaled_state()
-
-        def scale():
-            for var in buffers:
-                dist.update(strategy, var, _scale_by, factor)
-
-        if buffers:
-            dist.cond(tf.not_equal(factor, 1.0), scale, lambda: None)
+        dist.scale_unless_one(strategy, self.sync.scaled_state(), factor)
         self.state_scale.assign(now)
 
     def _ensure_built(self, variables):
@@ -1361,10 +1354,4 @@ def _cast_init(init, dtype):
 def _snake_case(name: str) -> str:
     return (
         re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("adam_w", "adamw")
-    )
-
-
-def _scale_by(var, factor):
-    return var.assign(
-        tf.convert_to_tensor(var) * tf.cast(factor, var.dtype), read_value=False
     )
