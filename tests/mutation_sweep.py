@@ -1503,7 +1503,7 @@ MUTANTS = [
         "distopt/transforms.py",
         "return new_scale / scale",
         "return scale / new_scale",
-        "tests/test_compression.py -k dynamic_loss_scale",
+        "tests/test_numerics.py -k update_returns_new_over_old",
     ),
     Mutant(
         "powersgd_q_not_rescaled",

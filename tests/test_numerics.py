@@ -754,6 +754,18 @@ def test_loss_scale_stops_halving_at_1():
     assert scales == [1.0, 1.0, 1.0, 1.0, 1.0]
 
 
+def test_loss_scale_update_returns_new_over_old():
+    # Its documented return: the factor the scale moved by (the optimizer
+    # now reads the scale itself), None when the scale is fixed.
+    from distopt.transforms import LossScale
+
+    scale = LossScale(8.0, growth_steps=2)
+    got = [scale.update(tf.constant(ok)) for ok in (True, True, False, False)]
+    assert [float(f) for f in got] == [1.0, 2.0, 0.5, 0.5]
+    assert float(scale.scale.numpy()) == 4.0
+    assert LossScale(8.0, dynamic=False).update(tf.constant(False)) is None
+
+
 def test_loss_scale_is_rejected_under_diverging_sync_modes():
     with pytest.raises(ValueError, match="loss_scale: needs a synchronous sync"):
         optimizer(loss_scale="dynamic", sync=distopt.sync.LocalSGD(2))
