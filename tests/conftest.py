@@ -4,6 +4,7 @@ The CPU must be split before TensorFlow initialises its devices, so it is
 split here, once per test process, at import.
 """
 
+import gc
 import logging as std_logging
 import os
 import subprocess
@@ -28,6 +29,13 @@ from distopt import distribute
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
 distribute.logical_cpu_devices(NUM_DEVICES)
+
+# The imports' objects (TensorFlow's are most of a worker's heap) live as
+# long as the process: out of the collector's sight, each full collection
+# walks only what the tests made. Of test_compression and test_sharded,
+# serially, the collector's time fell from 6.8 s to 4.3 s of 117 CPU-s
+# (2026-12-07, three alternating runs each, BUILD_NOTES.md).
+gc.freeze()
 
 
 def mirrored(num_replicas: int) -> tf.distribute.MirroredStrategy:

@@ -2114,6 +2114,20 @@ MUTANTS = [
         'def matrix_shape(shape) -> tuple[int, int]:\n    """`(rows, cols)` of a variable viewed as a matrix: the rest x the last dim."""\n    dims = tf.TensorShape(shape).as_list()\n    return dims[0], int(math.prod(dims[1:]))\n\n\ndef _matrix(x):\n    return tf.reshape(x, [x.shape[0], -1])\n',
         'tests/test_compression.py -k "matches_reference_replica_by_replica and powersgd"',
     ),
+    Mutant(
+        "accumulate_held_needs_every_replica",
+        "distopt/sync/accumulate.py",
+        "    return {i: total[j] > 0 for j, i in enumerate(absent)}\n",
+        "    return {i: total[j] > 1 for j, i in enumerate(absent)}\n",
+        "tests/test_compression.py -k only_one_replica_filled",
+    ),
+    Mutant(
+        "accumulate_held_decided_locally",
+        "distopt/sync/accumulate.py",
+        "    (total,) = reducer.all_reduce(strategy, [local])\n",
+        "    total = local\n",
+        "tests/test_compression.py -k only_one_replica_filled",
+    ),
 ]
 
 

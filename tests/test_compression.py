@@ -457,15 +457,11 @@ def test_residuals_follow_a_dynamic_loss_scale_eagerly_and_sharded(compressor, m
     check_true_units(compressor, *out)
 
 
-@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
-def test_accumulate_leaves_a_variable_without_gradient_in_a_window(compressor):
-    """A variable whose gradient is None in a whole `Accumulate` window is
-    left as it is and keeps its residual (and Q), as a None gradient leaves
-    it in every other mode: it moved by its compressed residual, which was
-    spent. Against `ef_sgd` on the windows each variable had (2 replicas,
-    GD, windows of 2; variable 0 absent from the second)."""
-    k, absent = 2, 0
-    grads = gradients(3 * k, 2, seed=73)
+def _accumulate_windows(compressor, grads, given_at, k):
+    """Runs Accumulate(k) with `compressor` on 2 replicas, GD, over `grads`
+    (`[step][replica][variable]`), variables outside `given_at(t)` None at
+    step t. Returns each variable's replica copies after each window, and
+    the initial Q (PowerSGD's; None otherwise)."""
     params, opt = setup(
         M2,
         lambda: make_optimizer(
@@ -473,6 +469,7 @@ def test_accumulate_leaves_a_variable_without_gradient_in_a_window(compressor):
         ),
     )
     q0 = snapshot(M2, opt, params)["q"]
+    steps = {}
 
     def step_fn(given):
         def replica(g):
@@ -484,36 +481,85 @@ def test_accumulate_leaves_a_variable_without_gradient_in_a_window(compressor):
 
         return tf.function(lambda g: M2.run(replica, (g,)))
 
-    full, without = step_fn({0, 1, 2}), step_fn({1, 2})
     after_window = []
-    for t in range(3 * k):
-        g = [
-            tf.constant(np.stack([grads[t][r][i] for r in range(2)])) for i in range(3)
-        ]
-        (without if t // k == 1 else full)(g)
-        if t % k == k - 1:
-            after_window.append([local_copies(M2, p) for p in params])
-    np.testing.assert_array_equal(after_window[1][absent], after_window[0][absent])
-    windows = [
-        [
+    for t in range(len(grads)):
+        given = frozenset(given_at(t))
+        if given not in steps:
+            steps[given] = step_fn(given)
+        steps[given](
             [
-                sum(grads[t + j][r][i] for j in range(k)) / np.float32(k)
+                tf.constant(np.stack([grads[t][r][i] for r in range(2)]))
                 for i in range(3)
             ]
-            for r in range(2)
-        ]
-        for t in range(0, 3 * k, k)
-    ]
+        )
+        if t % k == k - 1:
+            after_window.append([local_copies(M2, p) for p in params])
+    return after_window, q0
+
+
+def _check_windows(compressor, grads, given_at, k, after_window, q0):
+    """Each variable's update against `ef_sgd` on the windows where some step
+    gave it a gradient (a None gradient adds nothing to its window), and
+    every replica's copy identical."""
     for i, w0 in enumerate(initial_params()):
-        had = [w for n, w in enumerate(windows) if i != absent or n != 1]
-        shares = shares_of([[[rep[i]] for rep in w] for w in had])
-        steps = reference(compressor, shares, q0=[q0[i]])
+        had = [
+            [
+                [
+                    sum(grads[t + j][r][i] for j in range(k) if i in given_at(t + j))
+                    / np.float32(k)
+                ]
+                for r in range(2)
+            ]
+            for t in range(0, len(grads), k)
+            if any(i in given_at(t + j) for j in range(k))
+        ]
+        steps = reference(compressor, shares_of(had), q0=[q0[i]])
         want = -LR * sum(np.float64(s["aggregate"][0]) for s in steps)
         copies = after_window[-1][i]
         np.testing.assert_array_equal(copies[1], copies[0])
         np.testing.assert_allclose(
             copies[0] - w0, want, rtol=1e-4, atol=1e-5, err_msg=f"variable {i}"
         )
+
+
+@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
+def test_accumulate_leaves_a_variable_without_gradient_in_a_window(compressor):
+    """A variable whose gradient is None in a whole `Accumulate` window is
+    left as it is and keeps its residual (and Q), as a None gradient leaves
+    it in every other mode: it moved by its compressed residual, which was
+    spent. Against `ef_sgd` on the windows each variable had (2 replicas,
+    GD, windows of 2; variable 0 absent from the second)."""
+    k, absent = 2, 0
+    grads = gradients(3 * k, 2, seed=73)
+
+    def given_at(t):
+        return {1, 2} if t // k == 1 else {0, 1, 2}
+
+    after_window, q0 = _accumulate_windows(compressor, grads, given_at, k)
+    np.testing.assert_array_equal(after_window[1][absent], after_window[0][absent])
+    _check_windows(compressor, grads, given_at, k, after_window, q0)
+
+
+@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
+def test_accumulate_applies_a_window_that_only_one_replica_filled(compressor):
+    """A variable absent from a window's last step whose earlier gradient was
+    zero on replica 0 and not on replica 1 (a sparse gradient that missed one
+    replica's rows leaves that): one replica's buffer holds something, so
+    the window is applied on both, as `ef_sgd` with replica 0's share zero.
+    Deciding on one replica's buffer alone (the first's, or each its own)
+    would drop replica 1's gradient or diverge the copies; on every
+    replica's, it would drop it too."""
+    k, partial = 2, 0
+    grads = gradients(3 * k, 2, seed=79)
+    grads[k][0][partial] = np.zeros_like(grads[k][0][partial])
+
+    def given_at(t):
+        return {1, 2} if t == 2 * k - 1 else {0, 1, 2}
+
+    after_window, q0 = _accumulate_windows(compressor, grads, given_at, k)
+    moved = after_window[1][partial][0] - after_window[0][partial][0]
+    assert np.any(moved != 0), "the window replica 1 filled was not applied"
+    _check_windows(compressor, grads, given_at, k, after_window, q0)
 
 
 #: Loss scales (`loss_scale=`) before and after a resume: float16 turned
