@@ -2128,6 +2128,48 @@ MUTANTS = [
         "    total = local\n",
         "tests/test_compression.py -k only_one_replica_filled",
     ),
+    Mutant(
+        "shard_state_takes_any_rule",
+        "distopt/optimizers/base.py",
+        "        if self.shard_state and not (self.elementwise or self.layerwise):\n",
+        "        if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "elementwise_rule_may_mix",
+        "distopt/optimizers/base.py",
+        "    if mixing:\n",
+        "    if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "slot_shape_unchecked",
+        "distopt/optimizers/base.py",
+        "            if shape != var.shape:\n",
+        "            if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "nested_norms_sharded_allowed",
+        "distopt/optimizers/base.py",
+        "    if sharded and nested:\n",
+        "    if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "nested_norms_refused_unsharded",
+        "distopt/optimizers/base.py",
+        "    if sharded and nested:\n",
+        "    if nested:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "norm_dependency_not_followed",
+        "distopt/optimizers/base.py",
+        "            stack.extend(t.op for t in op.inputs)\n",
+        "            pass\n",
+        "tests/test_custom_rules.py",
+    ),
 ]
 
 

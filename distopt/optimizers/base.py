@@ -179,6 +179,15 @@ class Optimizer(tf.Module):
         self.clipnorm = clipnorm
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         self.shard_state = check_bool("shard_state", shard_state)
+        if self.shard_state and not (self.elementwise or self.layerwise):
+            # The sharded update runs the rule on a slice of the variables
+            # end to end: a rule that reduces over a variable some other way
+            # than through `norm` would reduce over the slice.
+            raise ValueError(
+                f"shard_state: needs an element-wise or layer-wise update rule; "
+                f"{type(self).__name__} sets elementwise=False and "
+                "layerwise=False (its update_step reduces over each variable)."
+            )
         self.use_ema = check_bool("use_ema", use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
@@ -387,12 +396,19 @@ class Optimizer(tf.Module):
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         sharded = self._shards_over(strategy)
+        # Eager values even when a tf.function builds lazily: the sharded
+        # state assigns them piece by piece, outside the trace. Checked
+        # before anything is claimed or made, so a refused rule leaves the
+        # compressor and sync mode free for the next optimizer.
+        with tf.init_scope():
+            inits = [self._slot_inits(var) for var in var_list]
+            if self.elementwise or self.layerwise:
+                inits = [
+                    self._resolved_inits(var, x) for var, x in zip(var_list, inits)
+                ]
+                _check_rule(self, inits, sharded)
         ownership.claim_all(self._owned.value, f"optimizer {self.name!r}")
         with tf.name_scope(self.name):
-            # Eager values even when a tf.function builds lazily: the sharded
-            # state assigns them piece by piece, outside the trace.
-            with tf.init_scope():
-                inits = [self._slot_inits(var) for var in var_list]
             if sharded:
                 self._sharded_slots = sharded_lib.ShardedSlots(
                     strategy, var_list, inits
@@ -446,6 +462,30 @@ class Optimizer(tf.Module):
                 )
             inits[EMA] = tf.zeros(var.shape, dtype)
         return {name: (init, dtype) for name, init in inits.items()}
+
+    def _resolved_inits(self, var, inits: dict) -> dict:
+        """`inits` with callables called, each slot checked to be `var`'s shape.
+
+        An element-wise or layer-wise rule runs on variables end to end (the
+        fused and the sharded update), where a slot of another shape fails
+        with a broadcast error, or is cut short, depending on the sizes.
+        """
+        out = {}
+        for name, (init, dtype) in inits.items():
+            value = init() if callable(init) else init
+            shape = tf.TensorShape(
+                value.shape if hasattr(value, "shape") else tf.constant(value).shape
+            )
+            if shape != var.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.slot_initializers: slot {name!r} of "
+                    f"variable {var.name!r} has shape {shape}, the variable "
+                    f"{var.shape}; an element-wise or layer-wise rule needs slots "
+                    "shaped like their variable (set elementwise=False for a "
+                    "rule that keeps other shapes)."
+                )
+            out[name] = (value, dtype)
+        return out
 
     def _shards_over(self, strategy) -> bool:
         """Whether the state is sharded: `shard_state` and several replicas."""
@@ -1124,6 +1164,102 @@ def _split_arguments(grads_and_vars, var_list):
             )
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     return [g for g, _ in pairs], [v for _, v in pairs], variables
+
+
+#: Ops that mix elements: in an element-wise rule (outside `norm`) they
+#: would mix the variables the fused and sharded updates put end to end.
+_MIXING_OPS = frozenset(
+    [
+        "Sum",
+        "Mean",
+        "Max",
+        "Min",
+        "Prod",
+        "All",
+        "Any",
+        "ArgMax",
+        "ArgMin",
+        "EuclideanNorm",
+        "Cumsum",
+        "Cumprod",
+        "MatMul",
+        "BatchMatMulV2",
+        "BatchMatMulV3",
+        "Einsum",
+        "TopKV2",
+        "Softmax",
+        "LogSoftmax",
+        "Reverse",
+        "ReverseV2",
+        "Roll",
+    ]
+)
+
+
+def _check_rule(optimizer, inits, sharded):
+    """Raises ValueError where a subclass's rule breaks what its flags promise.
+
+    Traced once on a small flat input, as the fused and sharded updates run
+    it (distopt's own rules are tested instead): an element-wise or
+    layer-wise rule may reduce only through `norm`; sharded, a `norm`'s
+    argument may not depend on another `norm`'s value (every norm comes
+    from one pass, `Optimizer._partial_norms`). Either silently gave wrong
+    numbers, on some paths only.
+    """
+    cls = type(optimizer)
+    if cls.update_step.__module__.startswith("distopt.") or not inits:
+        return
+    names = [n for n in inits[0] if n != EMA]
+    dtype = reduce_lib.payload_dtype(inits[0][names[0]][1] if names else tf.float32)
+    marks, nested = [], []
+
+    def norm(x):
+        x = tf.convert_to_tensor(x)
+        if not nested and _reaches(x, marks):
+            nested.append(len(marks))
+        ones = tf.ones_like(x)
+        marks.append(ones.op)
+        return ones
+
+    def probe(g, p, slots, lr, step):
+        kwargs = {"norm": norm} if optimizer.layerwise else {}
+        optimizer.update_step(g, p, slots, lr, step, **kwargs)
+
+    vec, scalar = tf.TensorSpec([6], dtype), tf.TensorSpec([], dtype)
+    graph = (
+        tf.function(probe, autograph=False)
+        .get_concrete_function(vec, vec, {n: vec for n in names}, scalar, scalar)
+        .graph
+    )
+    mixing = sorted({op.type for op in graph.get_operations()} & _MIXING_OPS)
+    if mixing:
+        raise ValueError(
+            f"{cls.__name__}: update_step mixes elements ({', '.join(mixing)}) but "
+            f"the class sets elementwise={cls.elementwise}, "
+            f"layerwise={cls.layerwise}: the fused and sharded updates run it on "
+            "variables end to end. Set elementwise=False, or take L2 norms over "
+            "the variable through norm= and set layerwise=True."
+        )
+    if sharded and nested:
+        raise ValueError(
+            f"shard_state: {cls.__name__}.update_step takes norm() of a value that "
+            f"depends on an earlier norm() (call {nested[0] + 1}); the sharded "
+            "update takes every norm from one pass over the shard. Use "
+            "shard_state=False."
+        )
+
+
+def _reaches(x, ops) -> bool:
+    """Whether graph tensor `x` depends on any of `ops`."""
+    targets, seen, stack = set(ops), set(), [x.op]
+    while stack:
+        op = stack.pop()
+        if op in targets:
+            return True
+        if op not in seen:
+            seen.add(op)
+            stack.extend(t.op for t in op.inputs)
+    return False
 
 
 def _check_variables(variables):
