@@ -10,7 +10,7 @@ its NumPy reference, so the check does not refuse what works.
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_replicas_identical, local_copies, mirrored
+from conftest import REPO, assert_replicas_identical, local_copies, mirrored
 
 import distopt
 from distopt import optimizers
@@ -205,3 +205,30 @@ def test_shard_state_refuses_a_norm_of_a_norm_and_frees_the_compressor():
     _train(strategy, NestedTrust, SHAPES, compression=compressor)
     _check(strategy, NestedTrust, *_train(strategy, NestedTrust, SHAPES))
     _check(strategy, Trust, *_train(strategy, Trust, SHAPES, shard_state=True))
+
+
+def _readme_rule():
+    """The README's `SignMomentum`, run from its text."""
+    with open(f"{REPO}/README.md") as f:
+        text = f.read()
+    start = text.index("class SignMomentum(")
+    code = text[start : text.index("```", start)]
+    namespace = {"tf": tf, "distopt": distopt}
+    exec(code, namespace)  # noqa: S102 (the README's own text)
+    assert namespace["opt"].shard_state
+    return namespace["SignMomentum"]
+
+
+def test_the_readmes_rule_trains_sharded_as_its_reference():
+    cls = _readme_rule()
+    strategy = mirrored(2)
+    params, w0, grads = _train(strategy, cls, SHAPES, shard_state=True)
+    assert_replicas_identical(strategy, params)
+    for i, p in enumerate(params):
+        w, m = np.float64(w0[i]), 0.0
+        for g in grads:
+            m = 0.9 * m + 0.1 * np.float64(g[i])
+            w = w - LR * np.sign(m)
+        np.testing.assert_allclose(
+            local_copies(strategy, p)[0] - w0[i], w - w0[i], rtol=1e-6, atol=1e-6
+        )

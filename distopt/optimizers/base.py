@@ -68,7 +68,11 @@ class Optimizer(tf.Module):
     variable, as Lamb's trust ratio does) sets `elementwise = False`. If its
     only reductions are L2 norms over the variable, taken through the `norm`
     argument its `update_step` then accepts, it also sets `layerwise = True`,
-    and the fused update still takes all variables in one kernel.
+    and the fused update still takes all variables in one kernel. `build`
+    checks a subclass's rule against these flags, traced once on a small
+    flat input: an element-wise or layer-wise rule has slots shaped like
+    their variable and no reduction outside `norm`; sharded, no `norm` of a
+    value made with another `norm`. `shard_state` needs one of the two.
 
     Args:
         learning_rate: A non-negative float; a schedule: a callable of the
@@ -1207,7 +1211,9 @@ def _check_rule(optimizer, inits, sharded):
     numbers, on some paths only.
     """
     cls = type(optimizer)
-    if cls.update_step.__module__.startswith("distopt.") or not inits:
+    # `__module__` is None for a class made by `exec` without a `__name__`.
+    module = getattr(cls.update_step, "__module__", None) or ""
+    if module.startswith("distopt.") or not inits:
         return
     names = [n for n in inits[0] if n != EMA]
     dtype = reduce_lib.payload_dtype(inits[0][names[0]][1] if names else tf.float32)
