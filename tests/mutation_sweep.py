@@ -2170,6 +2170,13 @@ MUTANTS = [
         "            pass\n",
         "tests/test_custom_rules.py",
     ),
+    Mutant(
+        "rule_check_refuses_what_it_cannot_trace",
+        "distopt/optimizers/base.py",
+        "        # the check must not refuse what it cannot see.\n        return\n",
+        "        # the check must not refuse what it cannot see.\n        raise\n",
+        "tests/test_custom_rules.py",
+    ),
 ]
 
 

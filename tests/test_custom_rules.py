@@ -232,3 +232,21 @@ def test_the_readmes_rule_trains_sharded_as_its_reference():
         np.testing.assert_allclose(
             local_copies(strategy, p)[0] - w0[i], w - w0[i], rtol=1e-6, atol=1e-6
         )
+
+
+class FirstStepDouble(optimizers.Optimizer):
+    """`p <- p - 2 lr g` at the first step, `p - lr g` after: Python control
+    flow on a tensor, which runs eagerly only."""
+
+    def update_step(self, grad, var, slots, lr, step):
+        if step > 1:
+            return var - lr * grad, {}
+        return var - 2 * lr * grad, {}
+
+
+def test_a_rule_the_check_cannot_trace_is_left_to_run_where_it_can():
+    v = tf.Variable([1.0, 2.0])
+    opt = FirstStepDouble(LR, jit_compile=False)
+    for _ in range(2):
+        opt.apply_gradients([tf.constant([1.0, 1.0])], [v])
+    np.testing.assert_allclose(v.numpy() - [1.0, 2.0], -3 * LR, rtol=1e-6)
