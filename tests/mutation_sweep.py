@@ -2177,6 +2177,27 @@ MUTANTS = [
         "        # the check must not refuse what it cannot see.\n        raise\n",
         "tests/test_custom_rules.py",
     ),
+    Mutant(
+        "float16_not_compiled_on_cpu",
+        "distopt/trainer/strategy.py",
+        "    if tf.as_dtype(compute_dtype) == tf.float16:\n        return True\n",
+        "",
+        "tests/test_speed_defaults.py",
+    ),
+    Mutant(
+        "train_loop_ignores_the_models_dtype",
+        "distopt/trainer/step.py",
+        "    jit_compile = resolve_jit_compile(jit_compile, strategy, _compute_dtype(model))\n",
+        "    jit_compile = resolve_jit_compile(jit_compile, strategy)\n",
+        "tests/test_speed_defaults.py",
+    ),
+    Mutant(
+        "model_pooling_ignores_float16",
+        "distopt/trainer/factories.py",
+        "            jit_compile=resolve_jit_compile(jit_compile, compute_dtype=dtype),\n",
+        "            jit_compile=resolve_jit_compile(jit_compile),\n",
+        "tests/test_speed_defaults.py",
+    ),
 ]
 
 

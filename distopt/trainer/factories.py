@@ -68,7 +68,7 @@ def build_model(
             classes,
             seed=seed,
             compute_dtype=dtype,
-            jit_compile=resolve_jit_compile(jit_compile),
+            jit_compile=resolve_jit_compile(jit_compile, compute_dtype=dtype),
             model_args=model_args,
         )
     except TypeError as e:

@@ -174,7 +174,7 @@ def make_train_loop(
     type (:func:`resolve_jit_compile`). Optimizers that evaluate the loss
     themselves (``needs_loss``: SAM, Heun) get ``optimizer.minimize``.
     """
-    jit_compile = resolve_jit_compile(jit_compile, strategy)
+    jit_compile = resolve_jit_compile(jit_compile, strategy, _compute_dtype(model))
     step_fn = _replica_step(strategy, model, optimizer, sums, guard, jit_compile)
     feed = feed or data_lib.DatasetFeed(None)
     variables = model.trainable_variables
@@ -213,7 +213,8 @@ def make_eval_loop(strategy, model, sums, *, jit_compile=None):
     def metrics(images, labels, mask):
         return loss_and_metrics(model, images, labels, mask)
 
-    if resolve_jit_compile(jit_compile, strategy) and not distribute.is_tpu(strategy):
+    jit = resolve_jit_compile(jit_compile, strategy, _compute_dtype(model))
+    if jit and not distribute.is_tpu(strategy):
         metrics = tf.function(metrics, jit_compile=True)
 
     def replica_step(batch):
@@ -225,3 +226,8 @@ def make_eval_loop(strategy, model, sums, *, jit_compile=None):
             strategy.run(replica_step, args=(next(iterator),))
 
     return evaluate
+
+
+def _compute_dtype(model):
+    """The model's compute dtype (float32 for a model that does not say)."""
+    return getattr(model, "compute_dtype", tf.float32)
