@@ -2198,6 +2198,13 @@ MUTANTS = [
         "            jit_compile=resolve_jit_compile(jit_compile),\n",
         "tests/test_speed_defaults.py",
     ),
+    Mutant(
+        "kernel_loops_retracing_shown",
+        "distopt/benchmarks/step_breakdown.py",
+        "    with quiet.retracing_of_made_functions_hidden(loop_of):\n",
+        "    with quiet.retracing_of_made_functions_hidden():\n",
+        "tests/test_benchmarks.py -k bare_step_and_breakdown",
+    ),
 ]
 
 
@@ -2247,6 +2254,9 @@ def baseline(chosen: list[Mutant], tree: str) -> bool:
 
 
 def main(names: list[str]) -> int:
+    if {"-h", "--help"} & set(names):
+        print(__doc__.split("\n\nEach mutant")[0])
+        return 0
     seen = [m.name for m in MUTANTS]
     repeated = sorted({n for n in seen if seen.count(n) > 1})
     if repeated:

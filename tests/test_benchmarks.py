@@ -136,7 +136,7 @@ def test_trainer_vs_keras_runs_and_reports_ratios(tmp_path, capsys, forked_child
     assert "mlp / default" in capsys.readouterr().out
 
 
-def test_bare_step_and_breakdown_in_process():
+def test_bare_step_and_breakdown_in_process(caplog):
     args = trainer_vs_keras.parse_args(["--steps=2", "--warmup_steps=1"])
     bare = trainer_vs_keras.measure_bare(args, "mlp", "default")
     assert bare["examples_per_second"] > 0
@@ -144,7 +144,10 @@ def test_bare_step_and_breakdown_in_process():
     assert set(phases["ms_per_step"]) == set(step_breakdown.PHASES)
     assert set(phases["attribution_ms"]) >= {"forward", "backward", "update"}
     assert phases["attribution_ms"]["update"] > 0  # measured, not a difference
-    kernels = step_breakdown.lenet_kernels(steps=1, rounds=1)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        kernels = step_breakdown.lenet_kernels(steps=1, rounds=1)
+    # One function per kernel, made by one maker: not the caller's retracing.
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
     assert list(kernels) == [
         "conv1 forward",
         "conv1 filter gradient",
