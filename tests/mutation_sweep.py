@@ -2131,8 +2131,8 @@ MUTANTS = [
     Mutant(
         "shard_state_takes_any_rule",
         "distopt/optimizers/base.py",
-        "        if self.shard_state and not (self.elementwise or self.layerwise):\n",
-        "        if False:\n",
+        "    if shard_state and not (cls.elementwise or cls.layerwise):\n",
+        "    if False:\n",
         "tests/test_custom_rules.py",
     ),
     Mutant(

@@ -182,16 +182,7 @@ class Optimizer(tf.Module):
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-        self.shard_state = check_bool("shard_state", shard_state)
-        if self.shard_state and not (self.elementwise or self.layerwise):
-            # The sharded update runs the rule on a slice of the variables
-            # end to end: a rule that reduces over a variable some other way
-            # than through `norm` would reduce over the slice.
-            raise ValueError(
-                f"shard_state: needs an element-wise or layer-wise update rule; "
-                f"{type(self).__name__} sets elementwise=False and "
-                "layerwise=False (its update_step reduces over each variable)."
-            )
+        self.shard_state = _check_shard_state(type(self), shard_state)
         self.use_ema = check_bool("use_ema", use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
@@ -1198,6 +1189,23 @@ _MIXING_OPS = frozenset(
         "Roll",
     ]
 )
+
+
+def _check_shard_state(cls, shard_state) -> bool:
+    """`shard_state`, checked: a bool, and a rule the sharded update can run.
+
+    The sharded update runs the rule on a slice of the variables end to end:
+    a rule that reduces over a variable some other way than through `norm`
+    would reduce over the slice.
+    """
+    shard_state = check_bool("shard_state", shard_state)
+    if shard_state and not (cls.elementwise or cls.layerwise):
+        raise ValueError(
+            f"shard_state: needs an element-wise or layer-wise update rule; "
+            f"{cls.__name__} sets elementwise=False and layerwise=False (its "
+            "update_step reduces over each variable)."
+        )
+    return shard_state
 
 
 def _check_rule(optimizer, inits, sharded):
