@@ -2205,6 +2205,13 @@ MUTANTS = [
         "    with quiet.retracing_of_made_functions_hidden():\n",
         "tests/test_benchmarks.py -k bare_step_and_breakdown",
     ),
+    Mutant(
+        "slots_made_in_the_trace",
+        "distopt/optimizers/base.py",
+        "                    with (\n                        tf.init_scope(),\n                        strategy.scope(),\n                        strategy.extended.colocate_vars_with(var),\n                    ):\n",
+        "                    with strategy.extended.colocate_vars_with(var):\n",
+        "tests/test_keras_wrap.py -k jit_compile_on_the_default",
+    ),
 ]
 
 

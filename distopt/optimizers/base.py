@@ -412,7 +412,15 @@ class Optimizer(tf.Module):
                 if sharded:
                     slots = self._sharded_slots.views[i]
                 else:
-                    with strategy.extended.colocate_vars_with(var):
+                    # Eagerly, as the sharded slots and the reducer's state: a
+                    # slot made in an XLA function's trace (Keras's lazy build
+                    # in `compile(jit_compile=True)`) captured its initial
+                    # value, which XLA cannot lift out (over 128 elements).
+                    with (
+                        tf.init_scope(),
+                        strategy.scope(),
+                        strategy.extended.colocate_vars_with(var),
+                    ):
                         slots = {
                             name: tf.Variable(
                                 _cast_init(init, dtype),
