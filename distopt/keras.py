@@ -144,7 +144,12 @@ class KerasOptimizer(keras.optimizers.Optimizer):
                 "average and accumulation on the distopt optimizer."
             )
         if isinstance(optimizer, dict):
-            optimizer = optimizers_lib.from_config(optimizer)
+            # A class passed in `load_model(custom_objects=...)` (or
+            # registered with Keras) serves as well as distopt's registry.
+            optimizer = optimizers_lib.from_config(
+                optimizer,
+                classes=[keras.saving.get_registered_object(optimizer["class"])],
+            )
         if not isinstance(optimizer, optimizers_lib.Optimizer):
             raise ValueError(  # noqa: TRY004
                 "optimizer: expected a distopt.optimizers.Optimizer, got "
@@ -164,7 +169,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
         ownership.check_free([(optimizer, "optimizer")])
         # Captured before the learning rate is replaced by a reader of
         # Keras's (which is not serializable).
-        spec = {"class": type(optimizer).__name__, "config": optimizer.get_config()}
+        spec = optimizer.spec()
         lr = optimizer.learning_rate if learning_rate is None else learning_rate
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
             # Keras serializes it with this optimizer's `learning_rate`, which

@@ -2212,6 +2212,41 @@ MUTANTS = [
         "                    with strategy.extended.colocate_vars_with(var):\n",
         "tests/test_keras_wrap.py -k jit_compile_on_the_default",
     ),
+    Mutant(
+        "spec_takes_a_config_without_the_subclass_arguments",
+        "distopt/optimizers/base.py",
+        "        if missing:\n            raise NotImplementedError(\n",
+        "        if False:\n            raise NotImplementedError(\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "spec_checks_the_base_arguments_too",
+        "distopt/optimizers/base.py",
+        "        base = set(_init_arguments(Optimizer))\n",
+        "        base = set()\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "from_config_by_name_only",
+        "distopt/optimizers/__init__.py",
+        "    if cls is not None and module and not exact:\n",
+        "    if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "register_replaces_distopts",
+        "distopt/optimizers/__init__.py",
+        "    if held is not None and _qualified(held) != _qualified(cls):\n",
+        "    if False:\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "keras_custom_objects_ignored",
+        "distopt/keras.py",
+        '                classes=[keras.saving.get_registered_object(optimizer["class"])],\n',
+        "                classes=[],\n",
+        "tests/test_custom_rules.py",
+    ),
 ]
 
 

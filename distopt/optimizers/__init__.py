@@ -24,9 +24,28 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Adds an Optimizer subclass to the registry under its snake_case name."""
-    _REGISTRY[_snake_case(cls.__name__)] = cls
+    """Adds an Optimizer subclass to the registry under its snake_case name.
+
+    A saved optimizer of a class of yours loads only once it is registered
+    (or, through `distopt.keras`, passed in Keras's `custom_objects`).
+
+    Raises:
+        ValueError: the name is another class's (a redefinition of the same
+            class, as a notebook cell run again makes, replaces it).
+    """
+    name = _snake_case(cls.__name__)
+    held = _REGISTRY.get(name)
+    if held is not None and _qualified(held) != _qualified(cls):
+        raise ValueError(
+            f"register: {name!r} is {_qualified(held)}; give "
+            f"{_qualified(cls)} another class name."
+        )
+    _REGISTRY[name] = cls
     return cls
+
+
+def _qualified(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 for _cls in (
@@ -79,11 +98,30 @@ def get(identifier, /, **kwargs) -> Optimizer:
     return get_class(identifier)(**kwargs)
 
 
-def from_config(spec: dict) -> Optimizer:
-    """An optimizer from `{"class": name, "config": get_config()}`."""
-    cls = next((c for c in _REGISTRY.values() if c.__name__ == spec["class"]), None)
+def from_config(spec: dict, classes=()) -> Optimizer:
+    """An optimizer from `Optimizer.spec()`'s `{"class", "module", "config"}`.
+
+    The class is the registered one (or one of `classes`) of that name. Its
+    module may differ (a class moved from a notebook into a module), but
+    not between distopt's and another's: a class of yours named like one
+    of distopt's loaded as distopt's, with the same slots, and trained on
+    with another rule. A spec without a module (saved before it was kept)
+    takes the name alone.
+    """
+    name, module = spec["class"], spec.get("module")
+    found = [c for c in [*classes, *_REGISTRY.values()] if c and c.__name__ == name]
+    exact = [c for c in found if c.__module__ == module]
+    cls = (exact or found or [None])[0]
+    if cls is not None and module and not exact:
+        ours = [m.startswith("distopt.") for m in (module, cls.__module__)]
+        if ours[0] != ours[1]:
+            cls = None
     if cls is None:
-        raise ValueError(f"optimizer: unknown class {spec['class']!r}.")
+        saved = f"{module}.{name}" if module else name
+        raise ValueError(
+            f"optimizer: unknown class {saved!r}; register it before loading "
+            f"(distopt.optimizers.register({name}), or Keras's custom_objects)."
+        )
     return cls.from_config(spec["config"])
 
 

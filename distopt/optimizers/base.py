@@ -35,6 +35,7 @@ function of tensors (`update_step`). This class owns everything else:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from collections.abc import Sequence
@@ -358,6 +359,30 @@ class Optimizer(tf.Module):
             "fused": self.fused,
             "name": self.name,
         }
+
+    def spec(self) -> dict:
+        """`{"class", "module", "config"}`: what `optimizers.from_config` reads.
+
+        Raises:
+            NotImplementedError: the config lacks an argument of the class's
+                `__init__` (a subclass's own, such as a `beta`), which a
+                loaded optimizer would silently take at its default. Keras
+                refuses such a layer the same way.
+        """
+        config = self.get_config()
+        cls = type(self)
+        # The base's own arguments are its business (`communication_options`
+        # is not JSON and is left out on purpose).
+        base = set(_init_arguments(Optimizer))
+        missing = [n for n in _init_arguments(cls) if n not in {*config, *base}]
+        if missing:
+            raise NotImplementedError(
+                f"{cls.__name__}.get_config: lacks {', '.join(map(repr, missing))}, "
+                f"of {cls.__name__}.__init__, so a saved optimizer would load with "
+                "the default; override get_config to add it: "
+                f"{{**super().get_config(), {missing[0]!r}: self.{missing[0]}}}."
+            )
+        return {"class": cls.__name__, "module": cls.__module__, "config": config}
 
     @classmethod
     def from_config(cls, config: dict) -> Optimizer:
@@ -1513,6 +1538,13 @@ def _cast_init(init, dtype):
     if callable(init):
         return lambda: tf.cast(init(), dtype)
     return tf.cast(init, dtype)
+
+
+def _init_arguments(cls) -> list[str]:
+    """The named arguments of `cls.__init__` (not `self`, `*args`, `**kwargs`)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return [p.name for p in params if p.kind in kinds]
 
 
 def _snake_case(name: str) -> str:

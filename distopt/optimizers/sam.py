@@ -245,10 +245,7 @@ class SAM(tf.Module):
     def get_config(self) -> dict:
         """The constructor arguments; the base optimizer as `{class, config}`."""
         return {
-            "base_optimizer": {
-                "class": type(self.base_optimizer).__name__,
-                "config": self.base_optimizer.get_config(),
-            },
+            "base_optimizer": self.base_optimizer.spec(),
             "rho": self.rho,
             "perturbation": self.perturbation,
             "epsilon": self.epsilon,

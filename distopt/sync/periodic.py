@@ -372,9 +372,7 @@ class PeriodicAverage(Sync):
             "warmup_steps": self.warmup_steps,
             "average_slots": self.average_slots,
             "group_size": self.group_size,
-            "outer_optimizer": None
-            if outer is None
-            else {"class": type(outer).__name__, "config": outer.get_config()},
+            "outer_optimizer": None if outer is None else outer.spec(),
         }
 
 
