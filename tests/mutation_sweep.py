@@ -2131,7 +2131,7 @@ MUTANTS = [
     Mutant(
         "shard_state_takes_any_rule",
         "distopt/optimizers/base.py",
-        "    if shard_state and not (cls.elementwise or cls.layerwise):\n",
+        "    if shard_state and not (optimizer.elementwise or optimizer.layerwise):\n",
         "    if False:\n",
         "tests/test_custom_rules.py",
     ),
@@ -2245,6 +2245,13 @@ MUTANTS = [
         "distopt/keras.py",
         '                classes=[keras.saving.get_registered_object(optimizer["class"])],\n',
         "                classes=[],\n",
+        "tests/test_custom_rules.py",
+    ),
+    Mutant(
+        "shard_state_flags_unchecked_at_build",
+        "distopt/optimizers/base.py",
+        "        if sharded:\n            _check_shard_state(self, True)\n",
+        "",
         "tests/test_custom_rules.py",
     ),
 ]

@@ -188,6 +188,23 @@ def test_shard_state_needs_an_elementwise_or_layerwise_rule():
         )
 
 
+def test_shard_state_checks_the_flags_again_at_build():
+    """Flags set on the instance after construction ran a reducing rule on
+    shards (0.74 off, a probe); `build` refuses it before making anything."""
+    opt = Normalized(LR, shard_state=True)
+    opt.elementwise = False
+    strategy = mirrored(2)
+    with strategy.scope():
+        params = [tf.Variable(tf.ones(s)) for s in SHAPES]
+    before = len(opt.variables)
+    with (
+        pytest.raises(ValueError, match="shard_state: needs an element-wise"),
+        strategy.scope(),
+    ):
+        opt.build(params)
+    assert len(opt.variables) == before  # no slot, no shard was made
+
+
 def test_shard_state_refuses_a_norm_of_a_norm_and_frees_the_compressor():
     """Sharded, every norm comes from one pass over the shard, with ones for
     the norms: a norm of a value made with another norm was 0.63 off.

@@ -183,7 +183,7 @@ class Optimizer(tf.Module):
         self.clipvalue = clipvalue
         self.clipnorm = clipnorm
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-        self.shard_state = _check_shard_state(type(self), shard_state)
+        self.shard_state = _check_shard_state(self, shard_state)
         self.use_ema = check_bool("use_ema", use_ema)
         self.ema_momentum = schedules.check_unit("ema_momentum", ema_momentum)
         self.ema_overwrite_frequency = _check_frequency(ema_overwrite_frequency)
@@ -416,6 +416,8 @@ class Optimizer(tf.Module):
         # Remembered so that synchronize() works outside strategy.scope().
         self._strategy = strategy
         sharded = self._shards_over(strategy)
+        if sharded:
+            _check_shard_state(self, True)
         # Eager values even when a tf.function builds lazily: the sharded
         # state assigns them piece by piece, outside the trace. Checked
         # before anything is claimed or made, so a refused rule leaves the
@@ -1224,19 +1226,20 @@ _MIXING_OPS = frozenset(
 )
 
 
-def _check_shard_state(cls, shard_state) -> bool:
+def _check_shard_state(optimizer, shard_state) -> bool:
     """`shard_state`, checked: a bool, and a rule the sharded update can run.
 
     The sharded update runs the rule on a slice of the variables end to end:
     a rule that reduces over a variable some other way than through `norm`
-    would reduce over the slice.
+    would reduce over the slice. Checked at construction and again at
+    `build` (the flags may be set on the instance in between).
     """
     shard_state = check_bool("shard_state", shard_state)
-    if shard_state and not (cls.elementwise or cls.layerwise):
+    if shard_state and not (optimizer.elementwise or optimizer.layerwise):
         raise ValueError(
             f"shard_state: needs an element-wise or layer-wise update rule; "
-            f"{cls.__name__} sets elementwise=False and layerwise=False (its "
-            "update_step reduces over each variable)."
+            f"{type(optimizer).__name__} sets elementwise=False and "
+            "layerwise=False (its update_step reduces over each variable)."
         )
     return shard_state
 
