@@ -2254,6 +2254,13 @@ MUTANTS = [
         "",
         "tests/test_custom_rules.py",
     ),
+    Mutant(
+        "from_config_needs_a_module",
+        "distopt/optimizers/__init__.py",
+        "    if cls is not None and module and not exact:\n",
+        "    if cls is not None and not exact:\n",
+        "tests/test_custom_rules.py",
+    ),
 ]
 
 

@@ -330,9 +330,12 @@ def test_a_class_of_yours_named_like_distopts_does_not_load_as_distopts():
     with pytest.raises(ValueError, match="register: 'momentum' is distopt"):
         optimizers.register(Momentum)
     assert type(optimizers.from_config(spec, classes=[Momentum])) is Momentum
-    # distopt's own still loads as itself, by its module.
+    # distopt's own still loads as itself, by its module, and by its name
+    # alone from a spec saved before the module was kept (older .keras files).
     own = optimizers.Momentum(0.1, momentum=0.9).spec()
     assert type(optimizers.from_config(own)) is optimizers.Momentum
+    del own["module"]
+    assert optimizers.from_config(own).momentum == 0.9
 
 
 def test_a_keras_model_with_a_rule_of_yours_loads_through_custom_objects(tmp_path):
