@@ -77,6 +77,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from distopt import compression as compression_lib
 from distopt import distribute as dist
 from distopt import optimizers as optimizers_lib
 from distopt import ownership
@@ -144,12 +145,7 @@ class KerasOptimizer(keras.optimizers.Optimizer):
                 "average and accumulation on the distopt optimizer."
             )
         if isinstance(optimizer, dict):
-            # A class passed in `load_model(custom_objects=...)` (or
-            # registered with Keras) serves as well as distopt's registry.
-            optimizer = optimizers_lib.from_config(
-                optimizer,
-                classes=[keras.saving.get_registered_object(optimizer["class"])],
-            )
+            optimizer = _from_spec(optimizer)
         if not isinstance(optimizer, optimizers_lib.Optimizer):
             raise ValueError(  # noqa: TRY004
                 "optimizer: expected a distopt.optimizers.Optimizer, got "
@@ -603,6 +599,23 @@ def wrap(optimizer) -> KerasOptimizer:
 
 
 # --- String identifiers: compile(optimizer="distopt.adam") -------------------
+
+
+def _from_spec(spec: dict):
+    """The optimizer a saved spec names, and its compressor.
+
+    A class passed in `load_model(custom_objects=...)` (or registered with
+    Keras) serves as well as distopt's registries.
+    """
+    config = spec["config"]
+    saved = config.get("compression")
+    if isinstance(saved, dict) and "class" in saved:
+        found = keras.saving.get_registered_object(saved["class"])
+        compression = compression_lib.from_config(saved, classes=[found])
+        spec = {**spec, "config": {**config, "compression": compression}}
+    return optimizers_lib.from_config(
+        spec, classes=[keras.saving.get_registered_object(spec["class"])]
+    )
 
 
 class _ByName:

@@ -132,6 +132,9 @@ class Reducer(tf.Module):
             self.invalid_weight_steps = counter_lib.Counter("invalid_weight_steps")
             self.group_reductions = counter_lib.Counter("group_reductions")
         self._given_aggregate = False
+        # Collectives traced (all_reduce, all_gather): a compressor's
+        # exchange that made none is refused (`Compressor.aggregate`).
+        self.collectives_traced = 0
 
     @contextlib.contextmanager
     def given_aggregate(self, aggregate: bool = True):
@@ -353,6 +356,7 @@ class Reducer(tf.Module):
                 return tf.cast(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), wire)
 
             packed = dist.map_per_replica(strategy, pack, *[tensors[i] for i in idx])
+            self.collectives_traced += 1
             reduced = dist.reduce(
                 strategy, op, packed, packed, options=self.communication_options
             )
@@ -424,6 +428,7 @@ class Reducer(tf.Module):
         rows = dist.all_gather_rows(
             strategy, tensors, options=self.communication_options
         )
+        self.collectives_traced += 1
         n = strategy.num_replicas_in_sync
         out = []
         for t, r in zip(tensors, rows):

@@ -19,12 +19,40 @@ from __future__ import annotations
 
 import inspect
 
+from distopt import specs
 from distopt.compression.base import Compressor
 from distopt.compression.onebit import OneBit
 from distopt.compression.powersgd import PowerSGD
 from distopt.compression.topk import TopK
 
 _REGISTRY = {cls.name: cls for cls in (PowerSGD, TopK, OneBit)}
+
+
+def register(cls: type) -> type:
+    """Adds a `Compressor` subclass under its class attribute `name`.
+
+    Then `get(name)` makes one, and a saved optimizer (a Keras model, a
+    DiLoCo copy) with one loads; through `distopt.keras`, Keras's
+    `custom_objects` serve as well.
+
+    Raises:
+        ValueError: not a `Compressor` subclass, or its `name` is another
+            class's (a subclass of TopK inherits "topk": give it its own).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        raise ValueError(f"register: {cls!r} is not a Compressor subclass.")  # noqa: TRY004
+    held = _REGISTRY.get(cls.name)
+    if held is not None and _qualified(held) != _qualified(cls):
+        raise ValueError(
+            f"register: the name {cls.name!r} is {_qualified(held)}'s; set "
+            f"{cls.__name__}.name to a name of its own."
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _qualified(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def names() -> list[str]:
@@ -60,7 +88,10 @@ def get(identifier=None, **kwargs) -> Compressor | None:
             inspect.Parameter.KEYWORD_ONLY,
         )
         params = inspect.signature(cls).parameters.values()
-        takes = sorted(p.name for p in params if p.kind in keyword)
+        takes = {p.name for p in params if p.kind in keyword}
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+            takes |= set(specs.init_arguments(Compressor))  # passed to the base
+        takes = sorted(takes)
         unknown = sorted(set(kwargs) - set(takes))
         if unknown:
             raise ValueError(
@@ -73,12 +104,34 @@ def get(identifier=None, **kwargs) -> Compressor | None:
     )
 
 
-def from_config(config) -> Compressor | None:
-    """Inverse of `Compressor.get_config` (None gives None)."""
-    if config is None:
-        return None
+def from_config(config, classes=()) -> Compressor | None:
+    """A compressor from `Compressor.spec()` (None gives None).
+
+    The class is the registered one (or one of `classes`) of the spec's
+    name, by `distopt.specs.find_class`'s rules. A `get_config()` dict
+    (saved before specs were) takes the registered `name`.
+    """
+    if config is None or isinstance(config, Compressor):
+        return config
+    if "class" in config:
+        cls = specs.find_class(
+            config,
+            [*classes, *_REGISTRY.values()],
+            "compression",
+            "distopt.compression.register",
+        )
+        return cls.from_config(config["config"])
     config = dict(config)
     return get(config.pop("name"), **config)
 
 
-__all__ = ["Compressor", "OneBit", "PowerSGD", "TopK", "from_config", "get", "names"]
+__all__ = [
+    "Compressor",
+    "OneBit",
+    "PowerSGD",
+    "TopK",
+    "from_config",
+    "get",
+    "names",
+    "register",
+]

@@ -65,6 +65,7 @@ from absl import logging
 
 from distopt import counter as counter_lib
 from distopt import distribute as dist
+from distopt import specs
 from distopt.checks import (
     check_bool,
     check_int,
@@ -93,6 +94,15 @@ class Compressor(tf.Module):
     """
 
     name = "compressor"
+
+    #: Whether a non-finite entry of a replica's x reaches the aggregate
+    #: whichever entries are selected, so that the step's finite check (on
+    #: the aggregate) skips it. The built-ins' do: top-k ranks NaN first, a
+    #: sign's scale and PowerSGD's products carry it. A subclass that may
+    #: leave one unsent keeps False, and the base then sends that replica's
+    #: whole x as NaN: left in the residual, it would skip every later step
+    #: that selects it, or none.
+    propagates_nonfinite = False
 
     def __init__(
         self,
@@ -179,12 +189,26 @@ class Compressor(tf.Module):
         raise NotImplementedError
 
     def get_config(self) -> dict:
+        """The constructor's arguments; a subclass adds its own (see `spec`)."""
         return {
             "name": type(self).name,
             "error_feedback": self.error_feedback,
             "error_feedback_decay": self.error_feedback_decay,
             "start_step": self.start_step,
         }
+
+    @classmethod
+    def from_config(cls, config: dict) -> Compressor:
+        return cls(**config)
+
+    def spec(self) -> dict:
+        """`{"class", "module", "config"}`: what `compression.from_config` reads.
+
+        Raises:
+            NotImplementedError: the config lacks an argument of a subclass's
+                own `__init__` (see `distopt.specs.spec`).
+        """
+        return specs.spec(self, Compressor, "compressor")
 
     # --- The Reducer's calls ---------------------------------------------------
 
@@ -254,7 +278,9 @@ class Compressor(tf.Module):
                 xs = _add_residuals(
                     strategy, xs, indices, self.residuals, self.error_feedback_decay
                 )
-            agg, local, extra = self.exchange(reducer, strategy, xs, indices)
+            if not self.propagates_nonfinite:
+                xs = [dist.map_per_replica(strategy, _nan_unless_finite, x) for x in xs]
+            agg, local, extra = self._exchange(reducer, strategy, xs, indices)
             new_res = [
                 dist.map_per_replica(strategy, tf.subtract, x, d)
                 for x, d, i in zip(xs, local, indices)
@@ -280,6 +306,42 @@ class Compressor(tf.Module):
         # and assigning None later does not remove it.
         self._pending = dist.Untracked((state, out[n:], owners))
         return out[:n]
+
+    def _exchange(self, reducer, strategy, xs, indices):
+        """`exchange`, its result held to its contract.
+
+        A subclass's slip there trained wrong in silence: one aggregate too
+        few shifted a residual into a gradient, and an aggregate made
+        without a collective differed between replicas.
+        """
+        owner = f"{type(self).__name__}.exchange"
+        before = reducer.collectives_traced
+        out = self.exchange(reducer, strategy, xs, indices)
+        if not isinstance(out, (tuple, list)) or len(out) != 3:
+            raise ValueError(f"{owner}: must return (aggregate, local, extra).")
+        agg, local, extra = (list(x) for x in out)
+        wanted = {"aggregate": len(xs), "local": len(xs)}
+        wanted["extra"] = len(self.extra_state(indices))
+        for what, got in (("aggregate", agg), ("local", local), ("extra", extra)):
+            if len(got) != wanted[what]:
+                raise ValueError(
+                    f"{owner}: returned {len(got)} {what} values, not "
+                    f"{wanted[what]} (one per x, in order; extra: one per "
+                    "extra_state variable)."
+                )
+        for k, i in enumerate(indices):
+            _check_part(strategy, f"{owner}: aggregate[{k}]", agg[k], xs[k])
+            if self.error_feedback and self._compressed[i]:
+                # The residual is x - local: it must be this replica's own.
+                _check_part(strategy, f"{owner}: local[{k}]", local[k], xs[k])
+        if dist.is_distributed(strategy) and reducer.collectives_traced == before:
+            raise ValueError(
+                f"{owner}: made no collective through the reducer; use "
+                "reducer.all_reduce or reducer.all_gather (counted, and "
+                "identical on every replica). Otherwise each replica applies "
+                "an aggregate of its own, and the replicas diverge."
+            )
+        return agg, local, extra
 
     def commit(self, strategy, ok, keep=None) -> None:
         """Writes the staged state; where `ok` is False, keeps the old.
@@ -364,3 +426,24 @@ def _add_residuals(strategy, xs, indices, residuals, decay):
             r = dist.map_per_replica(strategy, lambda e: e * decay, r)
         out.append(dist.map_per_replica(strategy, tf.add, x, r))
     return out
+
+
+def _nan_unless_finite(x):
+    """`x`, or all NaN if any entry is not finite (`propagates_nonfinite`)."""
+    return tf.where(tf.reduce_all(tf.math.is_finite(x)), x, float("nan"))
+
+
+def _check_part(strategy, what, value, like):
+    """`value` is per-replica float32 of `like`'s shape on every device."""
+    if value is None:
+        raise ValueError(
+            f"{what} is None; a compressed variable needs this replica's "
+            "own decompressed part (its residual is x - local)."
+        )
+    want = dist.local_values(strategy, like)[0].shape
+    for part in dist.local_values(strategy, value):
+        if part.dtype != tf.float32 or not part.shape.is_compatible_with(want):
+            raise ValueError(
+                f"{what}: {part.dtype.name} of shape {part.shape}; expected "
+                f"float32 of shape {want}, the x's."
+            )

@@ -45,6 +45,7 @@ class OneBit(Compressor):
     """
 
     name = "onebit"
+    propagates_nonfinite = True  # (see Compressor)
 
     def exchange(self, reducer, strategy, xs, indices):
         shapes = [self._shapes[i] for i in indices]

@@ -77,6 +77,7 @@ class PowerSGD(Compressor):
     """
 
     name = "powersgd"
+    propagates_nonfinite = True  # (see Compressor)
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ class TopK(Compressor):
     """
 
     name = "topk"
+    propagates_nonfinite = True  # (see Compressor)
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ opt.apply_gradients(grads, variables)      # inside or outside strategy.run
 
 from __future__ import annotations
 
+from distopt import specs
 from distopt.optimizers import schedules
 from distopt.optimizers.adagrad import Adagrad
 from distopt.optimizers.adam import Adam, AdamW
@@ -101,27 +102,15 @@ def get(identifier, /, **kwargs) -> Optimizer:
 def from_config(spec: dict, classes=()) -> Optimizer:
     """An optimizer from `Optimizer.spec()`'s `{"class", "module", "config"}`.
 
-    The class is the registered one (or one of `classes`) of that name. Its
-    module may differ (a class moved from a notebook into a module), but
-    not between distopt's and another's: a class of yours named like one
-    of distopt's loaded as distopt's, with the same slots, and trained on
-    with another rule. A spec without a module (saved before it was kept)
-    takes the name alone.
+    The class is the registered one (or one of `classes`) of that name, by
+    `distopt.specs.find_class`'s rules.
     """
-    name, module = spec["class"], spec.get("module")
-    found = [c for c in [*classes, *_REGISTRY.values()] if c and c.__name__ == name]
-    exact = [c for c in found if c.__module__ == module]
-    cls = (exact or found or [None])[0]
-    if cls is not None and module and not exact:
-        ours = [m.startswith("distopt.") for m in (module, cls.__module__)]
-        if ours[0] != ours[1]:
-            cls = None
-    if cls is None:
-        saved = f"{module}.{name}" if module else name
-        raise ValueError(
-            f"optimizer: unknown class {saved!r}; register it before loading "
-            f"(distopt.optimizers.register({name}), or Keras's custom_objects)."
-        )
+    cls = specs.find_class(
+        spec,
+        [*classes, *_REGISTRY.values()],
+        "optimizer",
+        "distopt.optimizers.register",
+    )
     return cls.from_config(spec["config"])
 
 

@@ -35,7 +35,6 @@ function of tensors (`update_step`). This class owns everything else:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import re
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from absl import logging
 from distopt import compression as compression_lib
 from distopt import counter as counter_lib
 from distopt import distribute as dist
-from distopt import ownership
+from distopt import ownership, specs
 from distopt import reduce as reduce_lib
 from distopt import sync as sync_lib
 from distopt import transforms as transforms_lib
@@ -351,9 +350,7 @@ class Optimizer(tf.Module):
             "use_ema": self.use_ema,
             "ema_momentum": self.ema_momentum,
             "ema_overwrite_frequency": self.ema_overwrite_frequency,
-            "compression": (
-                self.compression.get_config() if self.compression else None
-            ),
+            "compression": self.compression.spec() if self.compression else None,
             "shard_state": self.shard_state,
             "jit_compile": self.jit_compile,
             "fused": self.fused,
@@ -364,25 +361,10 @@ class Optimizer(tf.Module):
         """`{"class", "module", "config"}`: what `optimizers.from_config` reads.
 
         Raises:
-            NotImplementedError: the config lacks an argument of the class's
-                `__init__` (a subclass's own, such as a `beta`), which a
-                loaded optimizer would silently take at its default. Keras
-                refuses such a layer the same way.
+            NotImplementedError: the config lacks an argument of a subclass's
+                own `__init__` (see `distopt.specs.spec`).
         """
-        config = self.get_config()
-        cls = type(self)
-        # The base's own arguments are its business (`communication_options`
-        # is not JSON and is left out on purpose).
-        base = set(_init_arguments(Optimizer))
-        missing = [n for n in _init_arguments(cls) if n not in {*config, *base}]
-        if missing:
-            raise NotImplementedError(
-                f"{cls.__name__}.get_config: lacks {', '.join(map(repr, missing))}, "
-                f"of {cls.__name__}.__init__, so a saved optimizer would load with "
-                "the default; override get_config to add it: "
-                f"{{**super().get_config(), {missing[0]!r}: self.{missing[0]}}}."
-            )
-        return {"class": cls.__name__, "module": cls.__module__, "config": config}
+        return specs.spec(self, Optimizer, "optimizer")
 
     @classmethod
     def from_config(cls, config: dict) -> Optimizer:
@@ -1541,13 +1523,6 @@ def _cast_init(init, dtype):
     if callable(init):
         return lambda: tf.cast(init(), dtype)
     return tf.cast(init, dtype)
-
-
-def _init_arguments(cls) -> list[str]:
-    """The named arguments of `cls.__init__` (not `self`, `*args`, `**kwargs`)."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    return [p.name for p in params if p.kind in kinds]
 
 
 def _snake_case(name: str) -> str:
