@@ -18,6 +18,11 @@ def init_arguments(cls) -> list[str]:
     return [p.name for p in params if p.kind in kinds]
 
 
+def qualified(cls) -> str:
+    """`module.QualName`: what tells two classes of one name apart."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def spec(obj, base: type, kind: str) -> dict:
     """`obj`'s `{"class", "module", "config"}`.
 

@@ -2236,7 +2236,7 @@ MUTANTS = [
     Mutant(
         "register_replaces_distopts",
         "distopt/optimizers/__init__.py",
-        "    if held is not None and _qualified(held) != _qualified(cls):\n",
+        "    if held is not None and specs.qualified(held) != specs.qualified(cls):\n",
         "    if False:\n",
         "tests/test_custom_rules.py",
     ),
@@ -2327,7 +2327,7 @@ MUTANTS = [
     Mutant(
         "compression_register_replaces_a_built_in",
         "distopt/compression/__init__.py",
-        "    if held is not None and _qualified(held) != _qualified(cls):\n",
+        "    if held is not None and specs.qualified(held) != specs.qualified(cls):\n",
         "    if False:\n",
         "tests/test_own_compressor.py",
     ),

@@ -42,17 +42,13 @@ def register(cls: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Compressor)):
         raise ValueError(f"register: {cls!r} is not a Compressor subclass.")  # noqa: TRY004
     held = _REGISTRY.get(cls.name)
-    if held is not None and _qualified(held) != _qualified(cls):
+    if held is not None and specs.qualified(held) != specs.qualified(cls):
         raise ValueError(
-            f"register: the name {cls.name!r} is {_qualified(held)}'s; set "
+            f"register: the name {cls.name!r} is {specs.qualified(held)}'s; set "
             f"{cls.__name__}.name to a name of its own."
         )
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def _qualified(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def names() -> list[str]:

@@ -36,17 +36,13 @@ def register(cls: type) -> type:
     """
     name = _snake_case(cls.__name__)
     held = _REGISTRY.get(name)
-    if held is not None and _qualified(held) != _qualified(cls):
+    if held is not None and specs.qualified(held) != specs.qualified(cls):
         raise ValueError(
-            f"register: {name!r} is {_qualified(held)}; give "
-            f"{_qualified(cls)} another class name."
+            f"register: {name!r} is {specs.qualified(held)}; give "
+            f"{specs.qualified(cls)} another class name."
         )
     _REGISTRY[name] = cls
     return cls
-
-
-def _qualified(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 for _cls in (
