@@ -2338,6 +2338,20 @@ MUTANTS = [
         "            pass\n",
         "tests/test_own_compressor.py",
     ),
+    Mutant(
+        "compression_residual_wrong_row",
+        "distopt/compression/base.py",
+        "rows = self.residuals.get(str(self._index[variable.ref()]))",
+        "rows = self.residuals.get(str(min(self._index.values())))",
+        "tests/test_compression.py -k 'residual or diloco_compresses_its_outer'",
+    ),
+    Mutant(
+        "compression_residual_keras_variable_not_unwrapped",
+        "distopt/compression/base.py",
+        'variable = getattr(variable, "value", variable)',
+        "pass",
+        "tests/test_keras_wrap.py -k compression_inside_fit",
+    ),
 ]
 
 

@@ -751,10 +751,15 @@ def test_diloco_compresses_its_outer_gradient():
             np.testing.assert_allclose(
                 copy.numpy(), a, rtol=1e-5, atol=1e-6, err_msg=str(i)
             )
+    # `residual` by the anchors (the README's accessor); the float64 one has none.
     for i in range(3):
         np.testing.assert_allclose(
-            outer.residuals[str(i)].numpy(), residual[i], rtol=1e-5, atol=1e-6
+            outer.residual(opt.sync.anchors[i]).numpy(),
+            residual[i],
+            rtol=1e-5,
+            atol=1e-6,
         )
+    assert outer.residual(opt.sync.anchors[3]) is None
 
 
 def test_sparse_gradients_travel_uncompressed():
@@ -879,7 +884,7 @@ def test_sam_and_heun_compress_their_update_once(method):
         np.testing.assert_allclose(var.numpy(), want, rtol=1e-5, atol=1e-5)
     for i in range(3):
         np.testing.assert_allclose(
-            compressor.residuals[str(i)].numpy(), residual[i], rtol=1e-4, atol=1e-5
+            compressor.residual(params[i]).numpy(), residual[i], rtol=1e-4, atol=1e-5
         )
 
 
@@ -898,6 +903,30 @@ def test_weight_averaging_modes_refuse_compression(sync):
 
 
 # --- State --------------------------------------------------------------------------
+
+
+def test_residual_is_none_where_nothing_is_kept_and_refuses_what_it_does_not_know():
+    with M2.scope():
+        params = [tf.Variable(p) for p in initial_params()]
+        other = tf.Variable([1.0, 2.0])
+        with_ef = make_optimizer(distopt.compression.TopK(0.5), learning_rate=LR)
+        without = make_optimizer(
+            distopt.compression.TopK(0.5, error_feedback=False), learning_rate=LR
+        )
+    with pytest.raises(ValueError, match=r"^residual: topk is not built yet"):
+        with_ef.compression.residual(params[0])
+    with M2.scope():
+        with_ef.build(params)
+        without.build(params)
+    with pytest.raises(ValueError, match=r"^residual: topk is built for other"):
+        with_ef.compression.residual(other)
+    with pytest.raises(ValueError, match=r"^residual: .* got 'w'"):
+        with_ef.compression.residual("w")
+    # Built, before any step: every replica's row, all zeros.
+    rows = with_ef.compression.residual(params[1])
+    assert rows.shape == (2, *params[1].shape)
+    np.testing.assert_array_equal(rows.numpy(), 0.0)
+    assert without.compression.residual(params[1]) is None
 
 
 def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):

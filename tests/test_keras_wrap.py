@@ -583,14 +583,11 @@ def _compression_state(strategy, model):
     """Every replica's weights and residual rows, and PowerSGD's Q, as NumPy."""
     comp = model.optimizer.distopt_optimizer.compression
     keys = [str(i) for i in range(len(model.trainable_weights))]
+    # The public accessor, given the Keras variables (rows [R, ...] or None).
+    residuals = [comp.residual(v) for v in model.trainable_weights]
     return {
         "weights": _replica_weights(strategy, model),
-        "residual": [
-            np.stack(local_copies(strategy, comp.residuals[k].storage))
-            if k in comp.residuals
-            else None
-            for k in keys
-        ],
+        "residual": [None if r is None else r.numpy() for r in residuals],
         "q": [local_copies(strategy, comp.q[k]) if k in comp.q else None for k in keys],
     }
 

@@ -256,6 +256,43 @@ class Compressor(tf.Module):
     def knows(self, var) -> bool:
         return self._built and var.ref() in self._index
 
+    def residual(self, variable) -> tf.Tensor | None:
+        """Every replica's residual for `variable`, stacked: `[R, *shape]`.
+
+        Row r is `e_r`, what replica r has computed but not yet sent, in the
+        shares' units (the mean's `g_r / R`; times the loss scale under one).
+        For studies of error feedback: its norm against the gradient's, say.
+
+        Call it outside `strategy.run`. Under `MultiWorkerMirroredStrategy`
+        every worker calls it: it gathers the rows. DiLoCo's outer compressor
+        (`opt.sync.outer_compression`) keeps residuals for the anchors
+        (`opt.sync.anchors`), not for the variables.
+
+        Args:
+            variable: One of the optimizer's variables (a Keras variable too).
+
+        Returns:
+            The residuals; None where nothing is kept: a variable that is not
+            compressed (not float32, or one the compressor leaves whole, as
+            PowerSGD does vectors) or `error_feedback=False`.
+
+        Raises:
+            ValueError: before the optimizer's first step (or `build`), or for
+                a variable it does not update.
+        """
+        if not isinstance(variable, tf.Variable):
+            # A Keras 3 variable wraps the tf.Variable that was built.
+            variable = getattr(variable, "value", variable)
+        if not isinstance(variable, tf.Variable) or not self.knows(variable):
+            state = "built for other variables" if self._built else "not built yet"
+            raise ValueError(
+                f"residual: {self.name} is {state}; pass one of the variables "
+                f"of the optimizer that uses it, after its build or first "
+                f"step, got {getattr(variable, 'name', variable)!r}."
+            )
+        rows = self.residuals.get(str(self._index[variable.ref()]))
+        return None if rows is None else rows.logical_value()
+
     def aggregate(self, reducer, strategy, shares, variables) -> list:
         """`sum_r` of the replicas' shares, compressed; stages the new state.
 
