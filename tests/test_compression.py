@@ -762,6 +762,46 @@ def test_diloco_compresses_its_outer_gradient():
     assert outer.residual(opt.sync.anchors[3]) is None
 
 
+@pytest.mark.parametrize(
+    "outer, compressor, warns",
+    [
+        (None, distopt.compression.TopK(0.1), True),  # Nesterov(0.7, 0.9)
+        ("momentum_0.5", distopt.compression.PowerSGD(), True),
+        ("gd", distopt.compression.TopK(0.1), False),
+        ("momentum_0", distopt.compression.TopK(0.1), False),
+        (None, distopt.compression.TopK(0.1, error_feedback=False), False),
+        (None, distopt.compression.TopK(0.1, error_feedback_decay=0.5), False),
+    ],
+)
+def test_diloco_warns_of_error_feedback_behind_outer_momentum(
+    outer, compressor, warns, caplog
+):
+    """Together they trained worse than either alone (README, "DiLoCo: error
+    feedback or outer momentum, not both"): said once, at build; each way
+    out (no momentum, no error feedback, a decayed residual) says nothing."""
+    outers = {
+        None: None,
+        "momentum_0.5": distopt.optimizers.Momentum(1.0, 0.5),
+        "gd": distopt.optimizers.GradientDescent(1.0),
+        "momentum_0": distopt.optimizers.Momentum(1.0, 0.0),
+    }
+    with M2.scope():
+        params = [tf.Variable(p) for p in initial_params()]
+        opt = make_optimizer(
+            compressor, sync=distopt.sync.DiLoCo(2, outer_optimizer=outers[outer])
+        )
+    with caplog.at_level(logging.WARNING, logger="absl"), M2.scope():
+        opt.build(params)
+    said = [r.getMessage() for r in caplog.records if "DiLoCo" in r.getMessage()]
+    assert len(said) == int(warns), said
+    if warns:
+        momentum = 0.9 if outer is None else 0.5
+        assert said[0].startswith(
+            f"DiLoCo with compression {compressor.name!r}: error feedback behind "
+            f"the outer optimizer's momentum ({momentum:g})"
+        ), said[0]
+
+
 def test_sparse_gradients_travel_uncompressed():
     # An embedding's IndexedSlices gradient goes in the sparse all-gather,
     # uncompressed, its residual left at zero; the dense one is compressed.

@@ -306,32 +306,23 @@ def test_compression_and_sharding_on_one_replica_say_they_do_nothing(tmp_path, c
 
 def test_diloco_with_error_feedback_and_outer_momentum_warns(tmp_path, caplog):
     # Together they trained worse than either alone (the README's table):
-    # the run says so once, and trains.
+    # the run says so once (the library's line, naming the flags too), and
+    # trains. The ways out: tests/test_compression.py.
     diloco = {"sync": "diloco", "sync_period": 2, "compression": "topk"}
     with caplog.at_level(logging.WARNING, logger="absl"):
         metrics = run_lib.train(_config(tmp_path, train_steps=4, **diloco))
     assert metrics["train_steps"] == 4
     said = [r.getMessage() for r in caplog.records if "outer" in r.getMessage()]
-    assert said == [
-        (
-            "--compression=topk under --sync=diloco: error feedback behind the "
-            "outer Nesterov momentum trained worse than either alone (see the "
-            "README); add --sync_args=outer_momentum=0.0,outer_learning_rate=1.0 "
-            "or --compression_args=error_feedback=false"
-        )
-    ], said
-    # Each way out, a decayed residual, or no DiLoCo: no warning.
-    for overrides in (
-        {"sync_args": {"outer_momentum": 0.0, "outer_learning_rate": 1.0}},
-        {"compression_args": {"error_feedback": False}},
-        {"compression_args": {"error_feedback_decay": 0.5}},
-        {"sync": "every_step", "sync_period": 8},
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "DiLoCo with compression 'topk': error feedback behind the outer "
+        "optimizer's momentum (0.9) trained worse than either alone"
+    ), said
+    for way_out in (
+        "--sync_args=outer_momentum=0.0,outer_learning_rate=1.0",
+        "--compression_args=error_feedback=false",
     ):
-        caplog.clear()
-        config = config_lib.TrainConfig(**{**diloco, **overrides})
-        with caplog.at_level(logging.WARNING, logger="absl"):
-            run_lib.warn_if_error_feedback_meets_outer_momentum(config)
-        assert not caplog.records, overrides
+        assert way_out in said[0]
 
 
 def test_a_line_with_no_timed_step_says_n_a_examples_per_second(tmp_path, caplog):

@@ -21,7 +21,7 @@ from distopt import checkpoints as checkpoints_lib
 from distopt import data as data_lib
 from distopt import distribute, quiet, trainer_faults
 from distopt import models as models_lib
-from distopt.trainer import checkpointing, factories, inputs, summaries
+from distopt.trainer import checkpointing, inputs, summaries
 from distopt.trainer import config as config_lib
 from distopt.trainer import step as step_lib
 from distopt.trainer.checkpointing import (
@@ -157,7 +157,6 @@ def setup(config, strategy, start_time, signals) -> Run:
     called = time.time()
     config_lib.validate_config(config)
     _check_storage(config.model_dir)
-    warn_if_error_feedback_meets_outer_momentum(config)
     _seed_everything(config.seed)
     if strategy is None:
         # First TF device use: virtual devices must be configured before it.
@@ -309,32 +308,6 @@ def resume(run: Run) -> None:
         "resuming at" if latest else "starting at",
         run.start_step,
         run.total_steps,
-    )
-
-
-def warn_if_error_feedback_meets_outer_momentum(config) -> None:
-    """Warns of DiLoCo's outer momentum behind a compressor's error feedback.
-
-    Together they trained worse than either alone (README, "DiLoCo: error
-    feedback or outer momentum": TopK 94.73% and PowerSGD rank 1 73.62%
-    against 97.16 uncompressed, MLP, 2026-12-06). Not refused: it trains,
-    and ``error_feedback_decay`` (set: no warning) is the user's own tuning.
-    """
-    args = config.compression_args
-    if (
-        config.sync != "diloco"
-        or not config.compression
-        or not args.get("error_feedback", True)
-        or "error_feedback_decay" in args
-        or not config.sync_args.get("outer_momentum", factories.OUTER_MOMENTUM)
-    ):
-        return
-    logging.warning(
-        "--compression=%s under --sync=diloco: error feedback behind the outer "
-        "Nesterov momentum trained worse than either alone (see the README); "
-        "add --sync_args=outer_momentum=0.0,outer_learning_rate=1.0 or "
-        "--compression_args=error_feedback=false",
-        config.compression,
     )
 
 
