@@ -377,8 +377,40 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
+def _import_tfds():
+    """TensorFlow Datasets, or a DataError with the reason it did not load.
+
+    A broken install does not fail at `import tensorflow_datasets`: TFDS logs
+    the traceback and leaves a module without `builder`, which read as a
+    download's AttributeError ("check the network"). Seen (2026-12-07) with
+    TensorFlow 2.16 to 2.19: tensorflow-metadata 1.21 is generated for
+    protobuf 6.31 and does not say so, and those TensorFlows cap protobuf
+    below 6.
+    """
     import tensorflow_datasets as tfds  # Lazy: ~0.5 s of start-up we rarely need.
+
+    if hasattr(tfds, "builder"):
+        return tfds
+    try:
+        import tensorflow_datasets.core  # noqa: F401 (its error is the reason)
+
+        reason = "its `builder` is missing"
+    except Exception as e:  # noqa: BLE001 (any import error is the answer)
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+    hint = "reinstall tensorflow-datasets"
+    if "tensorflow_metadata" in reason and "protobuf" in reason.lower():
+        hint = (
+            f"tensorflow-metadata needs a newer protobuf than TensorFlow "
+            f"{tf.__version__} allows: pip install 'tensorflow-metadata<1.21'"
+        )
+    raise DataError(
+        f"TensorFlow Datasets could not be imported ({reason}); {hint}. "
+        f"MNIST needs none of it (the bundled files, --data_source=bundled)."
+    )
+
+
+def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
+    tfds = _import_tfds()
 
     if download:
         logging.info(

@@ -2352,6 +2352,20 @@ MUTANTS = [
         "pass",
         "tests/test_keras_wrap.py -k compression_inside_fit",
     ),
+    Mutant(
+        "tfds_broken_import_unchecked",
+        "distopt/data.py",
+        'if hasattr(tfds, "builder"):',
+        "if True:",
+        "tests/test_data.py -k does_not_import",
+    ),
+    Mutant(
+        "tfds_protobuf_hint_dropped",
+        "distopt/data.py",
+        'if "tensorflow_metadata" in reason and "protobuf" in reason.lower():',
+        "if False:",
+        "tests/test_data.py -k does_not_import",
+    ),
 ]
 
 

@@ -211,6 +211,52 @@ def test_tfds_path_with_mock_data(tmp_path):
         )
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_tfds_that_does_not_import_is_named_with_the_fix(monkeypatch, download):
+    # TFDS with tensorflow-metadata 1.21 on TensorFlow 2.16-2.19 (12-07):
+    # `import tensorflow_datasets` logs the protobuf error and leaves a module
+    # without `builder`; distopt said "Downloading ... failed (AttributeError
+    # ...). Check the network". The import error itself is the answer.
+    import builtins
+    import sys
+    import types
+
+    broken = types.ModuleType("tensorflow_datasets")  # no `builder`
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", broken)
+    # `import tensorflow_datasets.core` then fails as TFDS's own import did.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets.core", None)
+    with pytest.raises(data.DataError) as e:
+        data.load_source("fashion_mnist", download=download)
+    message = str(e.value)
+    assert message.startswith("TensorFlow Datasets could not be imported (")
+    assert "ModuleNotFoundError" in message and "reinstall" in message
+    assert "Check the network" not in message and "\n" not in message
+
+    class VersionError(Exception):
+        pass
+
+    def fail(name, *args, **kwargs):
+        if name == "tensorflow_datasets.core":
+            raise VersionError(
+                "Detected incompatible Protobuf Gencode/Runtime versions when "
+                "loading tensorflow_metadata/proto/v0/schema.proto: gencode "
+                "6.31.1 runtime 5.29.6."
+            )
+        return real_import(name, *args, **kwargs)
+
+    real_import = builtins.__import__
+    monkeypatch.delitem(sys.modules, "tensorflow_datasets.core")
+    monkeypatch.setattr("builtins.__import__", fail)
+    with pytest.raises(data.DataError) as e:
+        data.load_source("fashion_mnist", download=download)
+    message = str(e.value)
+    assert "VersionError: Detected incompatible Protobuf" in message
+    assert message.endswith(
+        "pip install 'tensorflow-metadata<1.21'. MNIST needs none of it (the "
+        "bundled files, --data_source=bundled)."
+    ), message
+
+
 def test_auto_picks_tfds_when_data_dir_holds_prepared_data(tmp_path):
     import tensorflow_datasets as tfds
 
