@@ -34,7 +34,10 @@ import shlex
 import shutil
 import subprocess
 import time
-from typing import Self
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11's; distopt supports 3.10.
+    from typing import Self
 
 #: The rate units accepted, in bits per second (SI, as tc's: 1kbit = 1000 bit/s).
 RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
