@@ -405,7 +405,7 @@ def _import_tfds():
         )
     raise DataError(
         f"TensorFlow Datasets could not be imported ({reason}); {hint}. "
-        f"MNIST needs none of it (the bundled files, --data_source=bundled)."
+        "MNIST needs none of it (the bundled files, --data_source=bundled)."
     )
 
 
