@@ -33,6 +33,7 @@ import logging as std_logging
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -409,6 +410,32 @@ def _import_tfds():
     )
 
 
+def _tfds_builder(tfds, name: str, data_dir: str | None):
+    """``tfds.builder(name, data_dir=data_dir)``, leaving no empty directory.
+
+    A builder of a dataset not prepared in ``data_dir`` fetches its metadata
+    into ``tempfile.mkdtemp("tfds")`` (TFDS 4.9's
+    ``DatasetInfo.initialize_from_bucket``) and never removes it: offline it
+    stays empty, one in the temporary directory per failed run (the suite left
+    about 470 in a day). Here they are made in a directory of distopt's own
+    (``tempfile.tempdir`` for the call: the public way to move ``mkdtemp``),
+    and empty ones are removed after, with it. One that holds files (the
+    metadata, fetched online) is left: the builder may read it later.
+    """
+    saved = tempfile.tempdir  # Before mkdtemp, which caches the default in it.
+    parent = tempfile.mkdtemp(prefix="distopt-tfds-")
+    tempfile.tempdir = parent
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    finally:
+        tempfile.tempdir = saved
+        for entry in os.scandir(parent):
+            with contextlib.suppress(OSError):  # Not empty, or not a directory.
+                os.rmdir(entry.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)
+
+
 def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
     tfds = _import_tfds()
 
@@ -419,7 +446,7 @@ def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
             data_dir or tfds_default_data_dir(),
         )
         try:
-            builder = tfds.builder(name, data_dir=data_dir)
+            builder = _tfds_builder(tfds, name, data_dir)
             with _fail_fast_downloads():
                 builder.download_and_prepare()
         except Exception as e:  # Network, disk or TFDS errors: all fatal here.
@@ -433,7 +460,7 @@ def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:
     splits = ("train", "test")
     try:
         if not download:
-            builder = tfds.builder(name, data_dir=data_dir)
+            builder = _tfds_builder(tfds, name, data_dir)
         info = builder.info
         image_shape = tuple(info.features["image"].shape)
         num_classes = info.features["label"].num_classes

@@ -2366,6 +2366,36 @@ MUTANTS = [
         "if False:",
         "tests/test_data.py -k does_not_import",
     ),
+    Mutant(
+        "tfds_builder_tempdir_not_moved",
+        "distopt/data.py",
+        "    tempfile.tempdir = parent\n",
+        "",
+        "tests/test_data.py -k no_empty_temporary",
+    ),
+    Mutant(
+        "tfds_builder_tempdir_not_restored",
+        "distopt/data.py",
+        "        tempfile.tempdir = saved\n",
+        "",
+        "tests/test_data.py -k no_empty_temporary",
+    ),
+    Mutant(
+        "tfds_builder_saved_after_mkdtemp",
+        "distopt/data.py",
+        "    saved = tempfile.tempdir  # Before mkdtemp, which caches the default in it.\n"
+        '    parent = tempfile.mkdtemp(prefix="distopt-tfds-")\n',
+        '    parent = tempfile.mkdtemp(prefix="distopt-tfds-")\n'
+        "    saved = tempfile.tempdir\n",
+        "tests/test_data.py -k no_empty_temporary",
+    ),
+    Mutant(
+        "tfds_builder_removes_full_dirs",
+        "distopt/data.py",
+        "                os.rmdir(entry.path)",
+        '                __import__("shutil").rmtree(entry.path)',
+        "tests/test_data.py -k no_empty_temporary",
+    ),
 ]
 
 

@@ -1,7 +1,9 @@
 """Tests of distopt.data: bundled MNIST, checksums, TFDS, the input pipeline."""
 
+import glob
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -192,7 +194,7 @@ def test_tfds_path_with_mock_data(tmp_path):
     # What --download reads before any network access: the dataset's URLs and
     # checksums, through importlib_resources (which TFDS 4.9.10 imports
     # without declaring it; mock_data never gets this far).
-    urls = tfds.builder("fashion_mnist", data_dir=str(tmp_path)).url_infos
+    urls = data._tfds_builder(tfds, "fashion_mnist", str(tmp_path)).url_infos
     assert len(urls) == 4 and all(info.checksum for info in urls.values())
     with tfds.testing.mock_data(num_examples=40):
         source = data.load_source("fashion_mnist")
@@ -255,6 +257,44 @@ def test_a_tfds_that_does_not_import_is_named_with_the_fix(monkeypatch, download
         "pip install 'tensorflow-metadata<1.21'. MNIST needs none of it (the "
         "bundled files, --data_source=bundled)."
     ), message
+
+
+def test_a_tfds_builder_leaves_no_empty_temporary_directory(tmp_path, monkeypatch):
+    # TFDS's builder of a dataset not prepared in data_dir makes
+    # `mkdtemp("tfds")` for metadata from GCS and never removes it: offline it
+    # stays empty, one per failed run (about 470 in /tmp after a day of suites).
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # Python's default: unset.
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="not available through TensorFlow"):
+        data.load_source("fashion_mnist", data_dir=str(empty))
+    assert os.listdir(scratch) == []
+    assert tempfile.tempdir is None  # As it was: TMPDIR is read again later.
+
+    # One with files (the metadata, when online) is kept; an empty one is not,
+    # also when the builder then fails.
+    made = []
+
+    class Tfds:
+        @staticmethod
+        def builder(name, data_dir):
+            made.extend(tempfile.mkdtemp("tfds") for _ in range(2))
+            with open(os.path.join(made[-2], "dataset_info.json"), "w") as f:
+                f.write("{}")
+            if name == "fails":
+                raise RuntimeError("no such dataset")
+            return name
+
+    assert data._tfds_builder(Tfds, "x", None) == "x"
+    with pytest.raises(RuntimeError, match="no such dataset"):
+        data._tfds_builder(Tfds, "fails", None)
+    assert tempfile.tempdir is None
+    kept = sorted(glob.glob(f"{scratch}/*/*"))
+    assert kept == sorted(made[0::2]) and all(str(scratch) in d for d in made)
+    assert all(os.listdir(d) == ["dataset_info.json"] for d in kept)
 
 
 def test_auto_picks_tfds_when_data_dir_holds_prepared_data(tmp_path):
