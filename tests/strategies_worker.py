@@ -187,16 +187,19 @@ def hardware_checks():
     return [{"key": r.key, "passed": r.passed, "detail": r.detail} for r in rows]
 
 
+def sharded():
+    """Sharded optimizer state, eagerly (tests/sharded_harness.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return sharded_harness.eager_scenario(default_ops(), tmp)
+
+
 SCENARIOS = {
     "callback_warning": callback_warning,
     "sync_callback": sync_callback,
     "snapshot": snapshot,
     "restore": restore,
     "hardware_checks": hardware_checks,
-    # Sharded optimizer state, eagerly (tests/sharded_harness.py).
-    "sharded": lambda: sharded_harness.eager_scenario(
-        default_ops(), tempfile.mkdtemp()
-    ),
+    "sharded": sharded,
 }
 
 

@@ -113,7 +113,7 @@ def test_time_to_first_step_counts_from_the_interpreter_not_the_shell(tmp_path):
 # then twice on strategies with collectives of their own.
 _SESSION = textwrap.dedent(
     """
-    import tempfile
+    import sys
     from distopt import quiet
     quiet.import_tensorflow()
     import keras
@@ -129,7 +129,7 @@ _SESSION = textwrap.dedent(
         model.compile("sgd", "mse")
     model.fit(tf.ones([64, 4]), tf.ones([64, 2]), batch_size=16, verbose=0)
 
-    root = tempfile.mkdtemp()
+    root = sys.argv[1]
     for i, strategy in enumerate([
         None,
         distribute.make_strategy("mirrored", devices=devices, cross_device_ops="default"),
@@ -148,10 +148,11 @@ _SESSION = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_the_entry_point_again_after_a_keras_fit_in_the_same_process():
+def test_the_entry_point_again_after_a_keras_fit_in_the_same_process(tmp_path):
     # Forked (see forkserver.py): the session is what one process does after
     # `import tensorflow`; no TensorFlow runtime exists before it starts.
-    proc = run_python("-c", _SESSION, timeout=600, forked=True)
+    # Its runs go to tmp_path (each ~63 MB; a mkdtemp() left 187 MB in /tmp).
+    proc = run_python("-c", _SESSION, str(tmp_path), timeout=600, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [
         "run 0 completed 2",
