@@ -9,6 +9,7 @@ import logging as std_logging
 import os
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -71,6 +72,20 @@ def _log_levels_restored():
     yield
     for logger, level in zip(loggers, levels):
         logger.setLevel(level)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_pytests_base(tmp_path_factory):
+    """``TMPDIR``, for this process and all it starts, in pytest's base.
+
+    A process killed on purpose (the fault tests' SIGKILLs) never runs
+    TensorFlow's ``atexit`` removal of its autograph files: about 36 were left
+    in /tmp by each run of the suite (2026-12-08). pytest removes its bases
+    after three runs.
+    """
+    path = tmp_path_factory.mktemp("tmpdir", numbered=False)
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # Read from TMPDIR again.
 
 
 @pytest.fixture(params=["default", "one_device", "mirrored2", "mirrored4"])

@@ -133,6 +133,7 @@ def _fork_child(conn, listener, selector, wake_r, wake_w):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # As a new interpreter: TMPDIR read when needed.
     return 0, request["argv"]
 
 
