@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from distopt import distribute
+from distopt import distribute, made_dirs
 
 BUNDLED_DATASET = "mnist"
 SOURCES = ("auto", "bundled", "tfds")
@@ -430,10 +430,8 @@ def _tfds_builder(tfds, name: str, data_dir: str | None):
     finally:
         tempfile.tempdir = saved
         for entry in os.scandir(parent):
-            with contextlib.suppress(OSError):  # Not empty, or not a directory.
-                os.rmdir(entry.path)
-        with contextlib.suppress(OSError):
-            os.rmdir(parent)
+            made_dirs.remove_if_empty([entry.path])
+        made_dirs.remove_if_empty([parent])
 
 
 def _tfds_source(name: str, data_dir: str | None, download: bool) -> Source:

@@ -2392,8 +2392,8 @@ MUTANTS = [
     Mutant(
         "tfds_builder_removes_full_dirs",
         "distopt/data.py",
-        "                os.rmdir(entry.path)",
-        '                __import__("shutil").rmtree(entry.path)',
+        "            made_dirs.remove_if_empty([entry.path])",
+        '            __import__("shutil").rmtree(entry.path)',
         "tests/test_data.py -k no_empty_temporary",
     ),
 ]
