@@ -49,20 +49,33 @@ print(f"TEARDOWN {time.perf_counter() - start:.3f}")
 
 def measure(kind: str, life: float) -> float:
     """Seconds to delete one iterator of ``kind``, in a fresh process."""
-    out = subprocess.run(
+    child = subprocess.run(
         [sys.executable, "-c", _CHILD, kind, str(life)],
         capture_output=True,
+        check=False,  # a failure is reported with the child's stderr
         text=True,
-        check=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    ).stdout
-    return float(out.split("TEARDOWN")[1])
+    )
+    if child.returncode or "TEARDOWN" not in child.stdout:
+        sys.exit(f"error: the {kind} child failed:\n{child.stderr[-2000:]}")
+    return float(child.stdout.split("TEARDOWN")[1])
+
+
+def _positive(cast):
+    def parse(text: str):
+        value = cast(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse: "invalid float value"
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--life", type=float, default=25.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--life", type=_positive(float), default=25.0)
+    parser.add_argument("--repeats", type=_positive(int), default=5)
     args = parser.parse_args()
     kinds = ("plain", "mirrored")
     times = {kind: [] for kind in kinds}
